@@ -1,0 +1,4 @@
+//! Shared code for mesh's eBPF programs. The programs themselves live in `main.rs`.
+#![no_std]
+
+pub mod parse;

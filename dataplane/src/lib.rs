@@ -1,0 +1,6 @@
+//! The node side of mesh: loads the eBPF programs, pins their maps under a
+//! per-node bpffs directory, and reads them back. `meshd` is built from here.
+
+pub mod bpffs;
+pub mod ebpf;
+pub mod stats;

@@ -1,0 +1,11 @@
+//! Test harness for mesh's privileged tiers.
+//!
+//! - [`skip`]: the guard every privileged test starts with; skips are printed
+//!   and recorded so `cargo xtask test` can count them.
+//! - [`netns`]: network namespaces, hosts and the underlay topology builder.
+
+pub mod netns;
+pub mod skip;
+
+pub use netns::{ChildGuard, Host, Netns, Topology};
+pub use skip::{Skip, require_root};
