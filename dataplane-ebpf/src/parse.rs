@@ -344,7 +344,8 @@ fn parse_ipv6<C: Packet>(ctx: &C, mut p: Parsed, off: usize, frame_len: usize) -
                     return p.end(outcome::TRUNCATED);
                 };
                 // SAFETY: bounds checked by ptr_at.
-                let (next, frag_off) = unsafe { ((*frag).nexthdr, u16::from_be((*frag).frag_off_be)) };
+                let (next, frag_off) =
+                    unsafe { ((*frag).nexthdr, u16::from_be((*frag).frag_off_be)) };
                 nexthdr = next;
                 if frag_off & 0xfff8 != 0 {
                     p.frag = FRAG_LATER;
@@ -388,8 +389,14 @@ fn parse_l4<C: Packet>(ctx: &C, mut p: Parsed, off: usize, l3_end: usize) -> Par
                 return truncated_l4(p);
             };
             // SAFETY: bounds checked by ptr_at.
-            let (sport, dport, doff_res, flags) =
-                unsafe { ((*tcp).source_be, (*tcp).dest_be, (*tcp).doff_res, (*tcp).flags) };
+            let (sport, dport, doff_res, flags) = unsafe {
+                (
+                    (*tcp).source_be,
+                    (*tcp).dest_be,
+                    (*tcp).doff_res,
+                    (*tcp).flags,
+                )
+            };
             let doff = ((doff_res >> 4) as usize) * 4;
             if off + size_of::<TcpHdr>() > l3_end {
                 return truncated_l4(p);
@@ -410,8 +417,13 @@ fn parse_l4<C: Packet>(ctx: &C, mut p: Parsed, off: usize, l3_end: usize) -> Par
                 return truncated_l4(p);
             };
             // SAFETY: bounds checked by ptr_at.
-            let (sport, dport, len) =
-                unsafe { ((*udp).source_be, (*udp).dest_be, u16::from_be((*udp).len_be) as usize) };
+            let (sport, dport, len) = unsafe {
+                (
+                    (*udp).source_be,
+                    (*udp).dest_be,
+                    u16::from_be((*udp).len_be) as usize,
+                )
+            };
             if off + size_of::<UdpHdr>() > l3_end {
                 return truncated_l4(p);
             }

@@ -17,7 +17,7 @@ pub enum LoadError {
     Object {
         pin_dir: Option<PathBuf>,
         #[source]
-        source: EbpfError,
+        source: Box<EbpfError>,
     },
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
@@ -26,14 +26,14 @@ pub enum LoadError {
         program: &'static str,
         operation: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("attaching {program} to interface {interface}")]
     Attach {
         program: &'static str,
         interface: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
 }
 
@@ -58,13 +58,13 @@ impl Datapath {
         }
         let mut ebpf = loader.load(OBJECT).map_err(|source| LoadError::Object {
             pin_dir: pin_dir.map(Path::to_owned),
-            source,
+            source: Box::new(source),
         })?;
         let xdp = xdp_mut(&mut ebpf, programs::XDP_PARSE)?;
         xdp.load().map_err(|source| LoadError::Program {
             program: programs::XDP_PARSE,
             operation: "verifier/load",
-            source,
+            source: Box::new(source),
         })?;
         Ok(Datapath { ebpf })
     }
@@ -77,7 +77,7 @@ impl Datapath {
             .map_err(|source| LoadError::Attach {
                 program: programs::XDP_PARSE,
                 interface: interface.to_owned(),
-                source,
+                source: Box::new(source),
             })?;
         Ok(())
     }
@@ -99,7 +99,7 @@ fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Lo
     program.try_into().map_err(|source| LoadError::Program {
         program: name,
         operation: "expected an XDP program",
-        source,
+        source: Box::new(source),
     })
 }
 

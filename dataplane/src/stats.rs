@@ -94,7 +94,9 @@ fn sum_slots<const N: usize>(name: &'static str, map: &Map) -> Result<[Counter; 
     let mut out = [Counter::default(); N];
     for (index, slot) in out.iter_mut().enumerate() {
         let per_cpu = array.get(&(index as u32), 0).map_err(read)?;
-        *slot = per_cpu.iter().fold(Counter::default(), |acc, c| acc.add(*c));
+        *slot = per_cpu
+            .iter()
+            .fold(Counter::default(), |acc, c| acc.add(*c));
     }
     Ok(out)
 }

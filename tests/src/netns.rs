@@ -184,7 +184,9 @@ impl Default for Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let out = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let out = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
         match out {
             Ok(o) if o.status.success() => {}
             Ok(o) => eprintln!(
@@ -417,7 +419,20 @@ impl Topology {
         let u = self.underlay.name();
         let h = ns.name();
         let port = format!("p{index}");
-        ip(&["-n", u, "link", "add", &port, "type", "veth", "peer", "name", UNDERLAY_IFACE, "netns", h]);
+        ip(&[
+            "-n",
+            u,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            UNDERLAY_IFACE,
+            "netns",
+            h,
+        ]);
         ip(&["-n", u, "link", "set", &port, "master", "br0", "up"]);
         let cidr = format!("{addr}/{}", self.prefix_len);
         ip(&["-n", h, "addr", "add", &cidr, "dev", UNDERLAY_IFACE]);
@@ -468,7 +483,10 @@ pub fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -476,7 +494,7 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 /// Namespaces, pin directories and marked processes whose name starts with
 /// `prefix` (`mesh-` for every test run, `mesh-<pid>-` for one). Empty means clean.
 pub fn leftovers(prefix: &str) -> Vec<String> {
-    let mut found: Vec<String> = namespaces_with_prefix(&prefix)
+    let mut found: Vec<String> = namespaces_with_prefix(prefix)
         .into_iter()
         .map(|n| format!("namespace {n}"))
         .collect();
@@ -488,7 +506,11 @@ pub fn leftovers(prefix: &str) -> Vec<String> {
                 .map(|n| format!("pin directory {BPF_ROOT}/{n}")),
         );
     }
-    found.extend(marked_processes(prefix).into_iter().map(|p| format!("process {p}")));
+    found.extend(
+        marked_processes(prefix)
+            .into_iter()
+            .map(|p| format!("process {p}")),
+    );
     found
 }
 
@@ -516,8 +538,14 @@ mod tests {
 
     #[test]
     fn prefixes_are_parsed_and_masked() {
-        assert_eq!(parse_prefix("198.18.0.0/24"), Ok((Ipv4Addr::new(198, 18, 0, 0), 24)));
-        assert_eq!(parse_prefix("10.9.8.7/16"), Ok((Ipv4Addr::new(10, 9, 0, 0), 16)));
+        assert_eq!(
+            parse_prefix("198.18.0.0/24"),
+            Ok((Ipv4Addr::new(198, 18, 0, 0), 24))
+        );
+        assert_eq!(
+            parse_prefix("10.9.8.7/16"),
+            Ok((Ipv4Addr::new(10, 9, 0, 0), 16))
+        );
         assert!(parse_prefix("10.0.0.0").is_err());
         assert!(parse_prefix("10.0.0.0/30").is_err());
         assert!(parse_prefix("nonsense/24").is_err());

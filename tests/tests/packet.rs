@@ -137,21 +137,43 @@ fn v4(l4_proto: u8, l4: &[u8]) -> Vec<u8> {
 
 fn fixtures() -> Vec<Fixture> {
     use outcome::{FRAGMENT as FRAG, MALFORMED, PARSED, TRUNCATED};
-    use proto::{ICMP as P_ICMP, ICMPV6 as P_ICMPV6, IPV4, IPV6, NON_IP, OTHER_L4, TCP as P_TCP, UDP as P_UDP, VLAN};
+    use proto::{
+        ICMP as P_ICMP, ICMPV6 as P_ICMPV6, IPV4, IPV6, NON_IP, OTHER_L4, TCP as P_TCP,
+        UDP as P_UDP, VLAN,
+    };
     let syn = tcp(40000, 80, 0x02);
     let dgram = udp(40000, 53, 12);
     let mut f = vec![
         fixture("ipv4 tcp syn", v4(TCP, &syn), &[IPV4, P_TCP], PARSED),
         fixture("ipv4 udp", v4(UDP, &dgram), &[IPV4, P_UDP], PARSED),
-        fixture("ipv4 icmp echo", v4(ICMP, &icmp_echo(8)), &[IPV4, P_ICMP], PARSED),
+        fixture(
+            "ipv4 icmp echo",
+            v4(ICMP, &icmp_echo(8)),
+            &[IPV4, P_ICMP],
+            PARSED,
+        ),
         fixture(
             "ipv4 with 12 bytes of options",
-            cat(&[&eth(ETH_IP), &ipv4(TCP, syn.len(), &[0x94, 4, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0], 0), &syn]),
+            cat(&[
+                &eth(ETH_IP),
+                &ipv4(TCP, syn.len(), &[0x94, 4, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0], 0),
+                &syn,
+            ]),
             &[IPV4, P_TCP],
             PARSED,
         ),
-        fixture("arp is parsed as non-ip", cat(&[&eth(ETH_ARP), &[0u8; 28]]), &[NON_IP], PARSED),
-        fixture("ipv6 tcp", cat(&[&eth(ETH_IPV6), &ipv6(TCP, syn.len()), &syn]), &[IPV6, P_TCP], PARSED),
+        fixture(
+            "arp is parsed as non-ip",
+            cat(&[&eth(ETH_ARP), &[0u8; 28]]),
+            &[NON_IP],
+            PARSED,
+        ),
+        fixture(
+            "ipv6 tcp",
+            cat(&[&eth(ETH_IPV6), &ipv6(TCP, syn.len()), &syn]),
+            &[IPV6, P_TCP],
+            PARSED,
+        ),
         fixture(
             "ipv6 icmpv6 echo",
             cat(&[&eth(ETH_IPV6), &ipv6(ICMPV6, 8), &icmp_echo(128)]),
@@ -160,92 +182,186 @@ fn fixtures() -> Vec<Fixture> {
         ),
         fixture(
             "ipv6 hop-by-hop + destination options + udp",
-            cat(&[&eth(ETH_IPV6), &ipv6(HOPOPTS, 8 + 16 + dgram.len()), &ext(DSTOPTS, 0), &ext(UDP, 1), &dgram]),
+            cat(&[
+                &eth(ETH_IPV6),
+                &ipv6(HOPOPTS, 8 + 16 + dgram.len()),
+                &ext(DSTOPTS, 0),
+                &ext(UDP, 1),
+                &dgram,
+            ]),
             &[IPV6, P_UDP],
             PARSED,
         ),
-        fixture("802.1q tagged udp", {
-            let mut fr = eth(ETH_8021Q);
-            vlan(&mut fr, 100, ETH_IP);
-            cat(&[&fr, &ipv4(UDP, dgram.len(), &[], 0), &dgram])
-        }, &[IPV4, P_UDP, VLAN], PARSED),
-        fixture("qinq tagged tcp", {
-            let mut fr = eth(ETH_8021AD);
-            vlan(&mut fr, 10, ETH_8021Q);
-            vlan(&mut fr, 20, ETH_IP);
-            cat(&[&fr, &ipv4(TCP, syn.len(), &[], 0), &syn])
-        }, &[IPV4, P_TCP, VLAN], PARSED),
-        fixture("three vlan tags are not walked", {
-            let mut fr = eth(ETH_8021AD);
-            vlan(&mut fr, 10, ETH_8021Q);
-            vlan(&mut fr, 20, ETH_8021Q);
-            vlan(&mut fr, 30, ETH_IP);
-            cat(&[&fr, &ipv4(TCP, syn.len(), &[], 0), &syn])
-        }, &[NON_IP, VLAN], MALFORMED),
+        fixture(
+            "802.1q tagged udp",
+            {
+                let mut fr = eth(ETH_8021Q);
+                vlan(&mut fr, 100, ETH_IP);
+                cat(&[&fr, &ipv4(UDP, dgram.len(), &[], 0), &dgram])
+            },
+            &[IPV4, P_UDP, VLAN],
+            PARSED,
+        ),
+        fixture(
+            "qinq tagged tcp",
+            {
+                let mut fr = eth(ETH_8021AD);
+                vlan(&mut fr, 10, ETH_8021Q);
+                vlan(&mut fr, 20, ETH_IP);
+                cat(&[&fr, &ipv4(TCP, syn.len(), &[], 0), &syn])
+            },
+            &[IPV4, P_TCP, VLAN],
+            PARSED,
+        ),
+        fixture(
+            "three vlan tags are not walked",
+            {
+                let mut fr = eth(ETH_8021AD);
+                vlan(&mut fr, 10, ETH_8021Q);
+                vlan(&mut fr, 20, ETH_8021Q);
+                vlan(&mut fr, 30, ETH_IP);
+                cat(&[&fr, &ipv4(TCP, syn.len(), &[], 0), &syn])
+            },
+            &[NON_IP, VLAN],
+            MALFORMED,
+        ),
         // Truncation.
         // BPF_PROG_TEST_RUN refuses XDP frames shorter than an Ethernet header
         // (EINVAL), so the shortest frame we can feed is a bare Ethernet header.
-        fixture("bare ethernet header announcing ipv4", eth(ETH_IP), &[IPV4], TRUNCATED),
-        fixture("truncated ipv4 header", v4(TCP, &syn)[..14 + 12].to_vec(), &[IPV4], TRUNCATED),
-        fixture("ipv4 total length beyond the frame", v4(TCP, &syn)[..14 + 20 + 10].to_vec(), &[IPV4, P_TCP], TRUNCATED),
-        fixture("ipv4 options beyond the frame", {
-            let full = cat(&[&eth(ETH_IP), &ipv4(TCP, 0, &[1; 40], 0)]);
-            full[..14 + 30].to_vec()
-        }, &[IPV4, P_TCP], TRUNCATED),
-        fixture("zero-length l4: tcp announced, frame padded to 60 bytes", {
-            let mut fr = cat(&[&eth(ETH_IP), &ipv4(TCP, 0, &[], 0)]);
-            fr.resize(60, 0x11); // Ethernet padding must not be read as a TCP header
-            fr
-        }, &[IPV4, P_TCP], TRUNCATED),
-        fixture("zero-length l4: udp", cat(&[&eth(ETH_IP), &ipv4(UDP, 0, &[], 0)]), &[IPV4, P_UDP], TRUNCATED),
-        fixture("tcp header cut short", {
-            let fr = v4(TCP, &syn);
-            let mut fr = fr[..fr.len() - 8].to_vec();
-            let total = (20 + 12u16).to_be_bytes();
-            fr[16..18].copy_from_slice(&total);
-            fr
-        }, &[IPV4, P_TCP], TRUNCATED),
+        fixture(
+            "bare ethernet header announcing ipv4",
+            eth(ETH_IP),
+            &[IPV4],
+            TRUNCATED,
+        ),
+        fixture(
+            "truncated ipv4 header",
+            v4(TCP, &syn)[..14 + 12].to_vec(),
+            &[IPV4],
+            TRUNCATED,
+        ),
+        fixture(
+            "ipv4 total length beyond the frame",
+            v4(TCP, &syn)[..14 + 20 + 10].to_vec(),
+            &[IPV4, P_TCP],
+            TRUNCATED,
+        ),
+        fixture(
+            "ipv4 options beyond the frame",
+            {
+                let full = cat(&[&eth(ETH_IP), &ipv4(TCP, 0, &[1; 40], 0)]);
+                full[..14 + 30].to_vec()
+            },
+            &[IPV4, P_TCP],
+            TRUNCATED,
+        ),
+        fixture(
+            "zero-length l4: tcp announced, frame padded to 60 bytes",
+            {
+                let mut fr = cat(&[&eth(ETH_IP), &ipv4(TCP, 0, &[], 0)]);
+                fr.resize(60, 0x11); // Ethernet padding must not be read as a TCP header
+                fr
+            },
+            &[IPV4, P_TCP],
+            TRUNCATED,
+        ),
+        fixture(
+            "zero-length l4: udp",
+            cat(&[&eth(ETH_IP), &ipv4(UDP, 0, &[], 0)]),
+            &[IPV4, P_UDP],
+            TRUNCATED,
+        ),
+        fixture(
+            "tcp header cut short",
+            {
+                let fr = v4(TCP, &syn);
+                let mut fr = fr[..fr.len() - 8].to_vec();
+                let total = (20 + 12u16).to_be_bytes();
+                fr[16..18].copy_from_slice(&total);
+                fr
+            },
+            &[IPV4, P_TCP],
+            TRUNCATED,
+        ),
         fixture(
             "ipv6 hop-by-hop header longer than the packet",
-            cat(&[&eth(ETH_IPV6), &ipv6(HOPOPTS, 8), &ext(UDP, 0)[..2], &[0u8; 6]]).into_iter().enumerate()
-                .map(|(i, b)| if i == 14 + 40 + 1 { 2 } else { b }).collect(),
+            cat(&[
+                &eth(ETH_IPV6),
+                &ipv6(HOPOPTS, 8),
+                &ext(UDP, 0)[..2],
+                &[0u8; 6],
+            ])
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| if i == 14 + 40 + 1 { 2 } else { b })
+            .collect(),
             &[IPV6, P_UDP],
             TRUNCATED,
         ),
         // Malformed headers.
-        fixture("ipv4 ihl 3", {
-            let mut fr = v4(TCP, &syn);
-            fr[14] = 0x43;
-            fr
-        }, &[IPV4, P_TCP], MALFORMED),
-        fixture("ipv4 ethertype with version 6", {
-            let mut fr = v4(TCP, &syn);
-            fr[14] = 0x65;
-            fr
-        }, &[IPV4, P_TCP], MALFORMED),
-        fixture("ipv4 total length shorter than ihl", {
-            let mut fr = v4(TCP, &syn);
-            fr[16..18].copy_from_slice(&12u16.to_be_bytes());
-            fr
-        }, &[IPV4, P_TCP], MALFORMED),
-        fixture("tcp data offset 4", {
-            let mut fr = v4(TCP, &syn);
-            fr[14 + 20 + 12] = 4 << 4;
-            fr
-        }, &[IPV4, P_TCP], MALFORMED),
-        fixture("udp length 7", {
-            let mut fr = v4(UDP, &dgram);
-            fr[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&7u16.to_be_bytes());
-            fr
-        }, &[IPV4, P_UDP], MALFORMED),
-        fixture("ipv6 with seven extension headers", {
-            let mut fr = cat(&[&eth(ETH_IPV6), &ipv6(DSTOPTS, 7 * 8 + dgram.len())]);
-            for i in 0..7 {
-                fr.extend(ext(if i == 6 { UDP } else { DSTOPTS }, 0));
-            }
-            fr.extend(&dgram);
-            fr
-        }, &[IPV6, OTHER_L4], MALFORMED), // the walk stops before the upper layer is known
+        fixture(
+            "ipv4 ihl 3",
+            {
+                let mut fr = v4(TCP, &syn);
+                fr[14] = 0x43;
+                fr
+            },
+            &[IPV4, P_TCP],
+            MALFORMED,
+        ),
+        fixture(
+            "ipv4 ethertype with version 6",
+            {
+                let mut fr = v4(TCP, &syn);
+                fr[14] = 0x65;
+                fr
+            },
+            &[IPV4, P_TCP],
+            MALFORMED,
+        ),
+        fixture(
+            "ipv4 total length shorter than ihl",
+            {
+                let mut fr = v4(TCP, &syn);
+                fr[16..18].copy_from_slice(&12u16.to_be_bytes());
+                fr
+            },
+            &[IPV4, P_TCP],
+            MALFORMED,
+        ),
+        fixture(
+            "tcp data offset 4",
+            {
+                let mut fr = v4(TCP, &syn);
+                fr[14 + 20 + 12] = 4 << 4;
+                fr
+            },
+            &[IPV4, P_TCP],
+            MALFORMED,
+        ),
+        fixture(
+            "udp length 7",
+            {
+                let mut fr = v4(UDP, &dgram);
+                fr[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&7u16.to_be_bytes());
+                fr
+            },
+            &[IPV4, P_UDP],
+            MALFORMED,
+        ),
+        fixture(
+            "ipv6 with seven extension headers",
+            {
+                let mut fr = cat(&[&eth(ETH_IPV6), &ipv6(DSTOPTS, 7 * 8 + dgram.len())]);
+                for i in 0..7 {
+                    fr.extend(ext(if i == 6 { UDP } else { DSTOPTS }, 0));
+                }
+                fr.extend(&dgram);
+                fr
+            },
+            &[IPV6, OTHER_L4],
+            MALFORMED,
+        ), // the walk stops before the upper layer is known
         // Fragments.
         fixture(
             "ipv4 non-first fragment",
@@ -255,19 +371,33 @@ fn fixtures() -> Vec<Fixture> {
         ),
         fixture(
             "ipv4 first fragment (more fragments set)",
-            cat(&[&eth(ETH_IP), &ipv4(UDP, dgram.len(), &[], 0x2000), &udp(40000, 53, 100)[..dgram.len()]]),
+            cat(&[
+                &eth(ETH_IP),
+                &ipv4(UDP, dgram.len(), &[], 0x2000),
+                &udp(40000, 53, 100)[..dgram.len()],
+            ]),
             &[IPV4, P_UDP],
             FRAG,
         ),
         fixture(
             "ipv6 non-first fragment",
-            cat(&[&eth(ETH_IPV6), &ipv6(FRAGMENT, 8 + 16), &[UDP, 0, 0x05, 0xc8, 0, 0, 0, 7], &[0xcd; 16]]),
+            cat(&[
+                &eth(ETH_IPV6),
+                &ipv6(FRAGMENT, 8 + 16),
+                &[UDP, 0, 0x05, 0xc8, 0, 0, 0, 7],
+                &[0xcd; 16],
+            ]),
             &[IPV6, P_UDP],
             FRAG,
         ),
         fixture(
             "ipv6 first fragment",
-            cat(&[&eth(ETH_IPV6), &ipv6(FRAGMENT, 8 + dgram.len()), &[UDP, 0, 0, 1, 0, 0, 0, 7], &dgram]),
+            cat(&[
+                &eth(ETH_IPV6),
+                &ipv6(FRAGMENT, 8 + dgram.len()),
+                &[UDP, 0, 0, 1, 0, 0, 0, 7],
+                &dgram,
+            ]),
             &[IPV6, P_UDP],
             FRAG,
         ),
@@ -275,7 +405,12 @@ fn fixtures() -> Vec<Fixture> {
     // A frame with trailing Ethernet padding after a complete datagram parses fine.
     let mut padded = v4(UDP, &udp(1, 2, 0));
     padded.resize(60, 0);
-    f.push(fixture("udp with ethernet padding", padded, &[IPV4, P_UDP], PARSED));
+    f.push(fixture(
+        "udp with ethernet padding",
+        padded,
+        &[IPV4, P_UDP],
+        PARSED,
+    ));
     f
 }
 
@@ -317,18 +452,33 @@ fn parser_fixtures() {
         out.truncate(result.data_size_out as usize);
         let want_out = fx.output.as_ref().unwrap_or(&fx.input);
         if result.return_value != fx.verdict {
-            failures.push(format!("{}: verdict {} != {}", fx.name, result.return_value, fx.verdict));
+            failures.push(format!(
+                "{}: verdict {} != {}",
+                fx.name, result.return_value, fx.verdict
+            ));
         }
         if &out != want_out {
-            failures.push(format!("{}: output bytes differ\n got  {out:02x?}\n want {want_out:02x?}", fx.name));
+            failures.push(format!(
+                "{}: output bytes differ\n got  {out:02x?}\n want {want_out:02x?}",
+                fx.name
+            ));
         }
         let got = after.since(&before);
         let want = expected_delta(fx);
         if got != want {
-            failures.push(format!("{}: counter deltas differ\n got  {got:?}\n want {want:?}", fx.name));
+            failures.push(format!(
+                "{}: counter deltas differ\n got  {got:?}\n want {want:?}",
+                fx.name
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} of {} fixtures failed:\n{}", failures.len(), fixtures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} fixtures failed:\n{}",
+        failures.len(),
+        fixtures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -338,8 +488,15 @@ fn every_map_name_resolves_in_the_object() {
     };
     let dp = Datapath::load(None).expect("load eBPF object");
     for name in maps::ALL {
-        assert!(dp.ebpf().map(name).is_some(), "map {name} missing from the object");
+        assert!(
+            dp.ebpf().map(name).is_some(),
+            "map {name} missing from the object"
+        );
     }
     let names: Vec<&str> = dp.ebpf().maps().map(|(n, _)| n).collect();
-    assert_eq!(names.len(), maps::ALL.len(), "object has maps {names:?} not listed in maps::ALL");
+    assert_eq!(
+        names.len(),
+        maps::ALL.len(),
+        "object has maps {names:?} not listed in maps::ALL"
+    );
 }

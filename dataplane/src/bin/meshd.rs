@@ -78,8 +78,9 @@ fn main() -> Result<()> {
         } => run(node, &underlay, xdp_mode),
         Command::Stats { node } => {
             let dir = bpffs::node_dir(&node.bpf_root, &node.node)?;
-            let stats = ParserStats::read_pinned(&dir)
-                .with_context(|| format!("is meshd running (or has it run) on node {}?", node.node))?;
+            let stats = ParserStats::read_pinned(&dir).with_context(|| {
+                format!("is meshd running (or has it run) on node {}?", node.node)
+            })?;
             print!("{stats}");
             Ok(())
         }
