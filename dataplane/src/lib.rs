@@ -3,4 +3,5 @@
 
 pub mod bpffs;
 pub mod ebpf;
+pub mod maglev;
 pub mod stats;
