@@ -491,7 +491,7 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Namespaces, pin directories and marked processes whose name starts with
+/// Namespaces, pin directories, root-namespace links and marked processes whose name starts with
 /// `prefix` (`mesh-` for every test run, `mesh-<pid>-` for one). Empty means clean.
 pub fn leftovers(prefix: &str) -> Vec<String> {
     let mut found: Vec<String> = namespaces_with_prefix(prefix)
@@ -504,6 +504,15 @@ pub fn leftovers(prefix: &str) -> Vec<String> {
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .filter(|n| n.starts_with(prefix))
                 .map(|n| format!("pin directory {BPF_ROOT}/{n}")),
+        );
+    }
+    // We never create links in the root namespace; check that none appeared.
+    if let Ok(dir) = std::fs::read_dir("/sys/class/net") {
+        found.extend(
+            dir.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .map(|n| format!("root-namespace link {n}")),
         );
     }
     found.extend(
