@@ -2,7 +2,10 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action, macros::map, macros::xdp, maps::PerCpuArray, programs::XdpContext,
+    bindings::{TC_ACT_OK, xdp_action},
+    macros::{classifier, map, xdp},
+    maps::PerCpuArray,
+    programs::{TcContext, XdpContext},
 };
 use dataplane_common::{Counter, outcome, proto};
 use dataplane_ebpf::parse;
@@ -41,6 +44,13 @@ pub fn xdp_parse(ctx: XdpContext) -> u32 {
     }
     bump(&OUTCOME_STATS, parsed.outcome, bytes);
     xdp_action::XDP_PASS
+}
+
+/// The L4 load balancer; see `dataplane_ebpf::lb`. Internal errors pass the
+/// packet on untouched rather than dropping it.
+#[classifier]
+pub fn tc_lb(ctx: TcContext) -> i32 {
+    dataplane_ebpf::lb::try_lb(&ctx).unwrap_or(TC_ACT_OK)
 }
 
 #[cfg(not(test))]

@@ -3,5 +3,6 @@
 
 pub mod bpffs;
 pub mod ebpf;
+pub mod lb;
 pub mod maglev;
 pub mod stats;

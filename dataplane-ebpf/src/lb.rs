@@ -1,0 +1,327 @@
+//! The L4 load balancer (TC ingress): published ports and frontends, Maglev
+//! backend choice, conntrack, DNAT + SNAT, and reverse NAT of replies.
+//!
+//! Forward path (client -> frontend):
+//!   conntrack hit with a live backend -> reuse it; otherwise Maglev picks.
+//!   DNAT to backend:port, SNAT to (LB_CONFIG.nat_addr, a port from the SNAT
+//!   range), record CONNTRACK and REVNAT, redirect to the route's device.
+//! Reverse path (backend -> nat_addr:nat_port):
+//!   REVNAT hit -> source becomes the frontend, destination the client.
+//! Anything else, and every packet the parser did not fully parse
+//! (truncated, malformed, fragments), passes through untouched.
+
+use aya_ebpf::{
+    bindings::{BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams},
+    btf_maps::{Array, ArrayOfMaps},
+    helpers::{bpf_ktime_get_ns, generated::{bpf_fib_lookup, bpf_redirect_neigh}},
+    macros::{btf_map, map},
+    maps::{Array as LegacyArray, HashMap, LruHashMap, PerCpuArray},
+    programs::TcContext,
+};
+use dataplane_common::{
+    Backend, CT_F_CLOSING, CtEntry, FAMILY_V4, FlowKey, Frontend, FrontendKey, LbConfig, LbCounter, RevNat, limits,
+    outcome,
+};
+
+use crate::parse::{self, IPPROTO_TCP, IPPROTO_UDP, Parsed};
+
+#[map(name = "FRONTENDS")]
+static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::with_max_entries(limits::MAX_FRONTENDS, 0);
+
+#[map(name = "BACKENDS")]
+static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(limits::MAX_BACKENDS, 0);
+
+/// BPF_F_INNER_MAP: inner tables may be smaller than the template.
+const BPF_F_INNER_MAP: usize = 1 << 12;
+
+#[btf_map]
+static MAGLEV: ArrayOfMaps<Array<u32, { limits::MAGLEV_MAX as usize }, BPF_F_INNER_MAP>, { limits::MAX_FRONTENDS as usize }> =
+    ArrayOfMaps::new();
+
+#[map(name = "CONNTRACK")]
+static CONNTRACK: LruHashMap<FlowKey, CtEntry> = LruHashMap::with_max_entries(limits::CONNTRACK_MAX, 0);
+
+#[map(name = "REVNAT")]
+static REVNAT: LruHashMap<FlowKey, RevNat> = LruHashMap::with_max_entries(limits::CONNTRACK_MAX, 0);
+
+#[map(name = "NODE_ADDRS")]
+static NODE_ADDRS: HashMap<[u32; 4], u32> = HashMap::with_max_entries(limits::NODE_ADDRS_MAX, 0);
+
+#[map(name = "LB_CONFIG")]
+static LB_CONFIG: LegacyArray<LbConfig> = LegacyArray::with_max_entries(1, 0);
+
+#[map(name = "FRONTEND_STATS")]
+static FRONTEND_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(limits::MAX_FRONTENDS, 0);
+
+#[map(name = "BACKEND_STATS")]
+static BACKEND_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(limits::MAX_BACKENDS, 0);
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+const AF_INET: u8 = 2;
+/// Tries at finding a free SNAT port before giving up on a new flow.
+const NAT_PORT_TRIES: u32 = 8;
+const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+
+#[inline(always)]
+fn bump(map: &PerCpuArray<LbCounter>, index: u32, bytes: u64, new_flow: bool) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, valid for the program's run.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            if new_flow {
+                (*c).new_flows += 1;
+            }
+        }
+    }
+}
+
+/// A flow hash that is the same on every node and in every process.
+#[inline(always)]
+fn flow_hash(k: &FlowKey) -> u32 {
+    let mut h: u32 = 0x9e37_79b9;
+    h = mix(h, k.saddr_be[0]);
+    h = mix(h, k.saddr_be[1]);
+    h = mix(h, k.saddr_be[2]);
+    h = mix(h, k.saddr_be[3]);
+    h = mix(h, k.daddr_be[0]);
+    h = mix(h, k.daddr_be[1]);
+    h = mix(h, k.daddr_be[2]);
+    h = mix(h, k.daddr_be[3]);
+    h = mix(h, (u32::from(k.sport_be) << 16) | u32::from(k.dport_be));
+    h = mix(h, u32::from(k.proto));
+    // murmur3 fmix32
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[inline(always)]
+fn mix(h: u32, v: u32) -> u32 {
+    (h ^ v).wrapping_mul(0x0100_0193).rotate_left(13)
+}
+
+pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
+    let p = parse::parse(ctx);
+    if p.outcome != outcome::PARSED
+        || p.ethertype != parse::ETH_P_IP
+        || (p.ip_proto != IPPROTO_TCP && p.ip_proto != IPPROTO_UDP)
+    {
+        return Ok(TC_ACT_OK);
+    }
+    let Some(cfg) = LB_CONFIG.get(0) else {
+        return Ok(TC_ACT_OK);
+    };
+    if cfg.nat_addr_be[0] == 0 {
+        return Ok(TC_ACT_OK);
+    }
+    let flow = FlowKey {
+        saddr_be: [p.saddr[0], 0, 0, 0],
+        daddr_be: [p.daddr[0], 0, 0, 0],
+        sport_be: p.sport_be,
+        dport_be: p.dport_be,
+        proto: p.ip_proto,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    };
+    let bytes = u64::from(ctx.len());
+    let closing = p.ip_proto == IPPROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    // Replies to our SNAT address from a backend.
+    let dport = u16::from_be(p.dport_be);
+    if p.daddr[0] == cfg.nat_addr_be[0]
+        && dport >= cfg.nat_port_min
+        && u32::from(dport) < u32::from(cfg.nat_port_min) + u32::from(cfg.nat_port_count)
+    {
+        if let Some(rev) = REVNAT.get_ptr_mut(&flow) {
+            // SAFETY: map value pointer, valid for the program's run.
+            let rev = unsafe { &mut *rev };
+            rev.last_seen_ns = now;
+            if closing {
+                rev.flags |= CT_F_CLOSING;
+            }
+            let (client, client_port) = (rev.client_addr_be[0], rev.client_port_be);
+            let (front, front_port) = (rev.frontend_addr_be[0], rev.frontend_port_be);
+            rewrite_v4(ctx, &p, front, front_port, client, client_port)?;
+            return Ok(forward(ctx, front, client));
+        }
+    }
+
+    // Client -> frontend.
+    let mut key = FrontendKey {
+        addr_be: [p.daddr[0], 0, 0, 0],
+        port_be: p.dport_be,
+        proto: p.ip_proto,
+        family: FAMILY_V4,
+    };
+    let frontend = match unsafe { FRONTENDS.get(&key) } {
+        Some(f) => *f,
+        None => {
+            if unsafe { NODE_ADDRS.get(&key.addr_be) }.is_none() {
+                return Ok(TC_ACT_OK);
+            }
+            key.addr_be = [0; 4];
+            match unsafe { FRONTENDS.get(&key) } {
+                Some(f) => *f,
+                None => return Ok(TC_ACT_OK),
+            }
+        }
+    };
+
+    let mut new_flow = false;
+    let mut ct = match CONNTRACK.get_ptr_mut(&flow) {
+        // SAFETY: map value pointer, valid for the program's run.
+        Some(ct) => unsafe { *ct },
+        None => CtEntry::default(),
+    };
+    let known = ct.last_seen_ns != 0 && unsafe { BACKENDS.get(&ct.backend_id) }.is_some();
+    if !known {
+        // New flow, or its backend was removed: re-steer at once.
+        if frontend.backend_count == 0 || frontend.table_size == 0 {
+            bump(&FRONTEND_STATS, frontend.id, bytes, false);
+            return Ok(TC_ACT_SHOT);
+        }
+        let slot = flow_hash(&flow) % frontend.table_size;
+        let Some(backend_id) = MAGLEV.get_value(frontend.id, &slot) else {
+            return Ok(TC_ACT_SHOT);
+        };
+        ct.backend_id = *backend_id;
+        ct.frontend_id = frontend.id;
+        new_flow = true;
+    }
+    let Some(backend) = (unsafe { BACKENDS.get(&ct.backend_id) }).copied() else {
+        return Ok(TC_ACT_SHOT);
+    };
+    if new_flow || ct.nat_addr_be[0] != cfg.nat_addr_be[0] {
+        ct.nat_addr_be = cfg.nat_addr_be;
+        let Some(port) = claim_nat_port(&p, &backend, cfg, now) else {
+            bump(&FRONTEND_STATS, frontend.id, bytes, false);
+            return Ok(TC_ACT_SHOT);
+        };
+        ct.nat_port_be = port;
+        ct.flags = 0;
+    }
+    ct.last_seen_ns = now;
+    if closing {
+        ct.flags |= CT_F_CLOSING;
+    }
+    CONNTRACK.insert(&flow, &ct, 0)?;
+    bump(&FRONTEND_STATS, frontend.id, bytes, new_flow);
+    bump(&BACKEND_STATS, ct.backend_id, bytes, new_flow);
+    rewrite_v4(ctx, &p, ct.nat_addr_be[0], ct.nat_port_be, backend.addr_be[0], backend.port_be)?;
+    Ok(forward(ctx, ct.nat_addr_be[0], backend.addr_be[0]))
+}
+
+/// Reserves a SNAT port for this client flow towards `backend` and records the
+/// reverse mapping. A port already mapped to this same client flow is reused.
+#[inline(always)]
+fn claim_nat_port(p: &Parsed, backend: &Backend, cfg: &LbConfig, now: u64) -> Option<u16> {
+    let count = u32::from(cfg.nat_port_count);
+    if count == 0 {
+        return None;
+    }
+    let rev = RevNat {
+        client_addr_be: [p.saddr[0], 0, 0, 0],
+        frontend_addr_be: [p.daddr[0], 0, 0, 0],
+        client_port_be: p.sport_be,
+        frontend_port_be: p.dport_be,
+        flags: 0,
+        last_seen_ns: now,
+    };
+    let seed = mix(mix(p.saddr[0], u32::from(p.sport_be)), backend.addr_be[0]);
+    let mut key = FlowKey {
+        saddr_be: backend.addr_be,
+        daddr_be: cfg.nat_addr_be,
+        sport_be: backend.port_be,
+        dport_be: 0,
+        proto: p.ip_proto,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    };
+    let mut i = 0;
+    while i < NAT_PORT_TRIES {
+        let port = (u32::from(cfg.nat_port_min) + (seed.wrapping_add(i.wrapping_mul(7919)) % count)) as u16;
+        key.dport_be = port.to_be();
+        if REVNAT.insert(&key, &rev, u64::from(BPF_NOEXIST)).is_ok() {
+            return Some(key.dport_be);
+        }
+        if let Some(existing) = unsafe { REVNAT.get(&key) }
+            && existing.client_addr_be[0] == rev.client_addr_be[0]
+            && existing.client_port_be == rev.client_port_be
+            && existing.frontend_addr_be[0] == rev.frontend_addr_be[0]
+            && existing.frontend_port_be == rev.frontend_port_be
+        {
+            return Some(key.dport_be);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Rewrites source and destination of an IPv4 TCP/UDP packet, fixing the IP
+/// and L4 checksums incrementally.
+#[inline(always)]
+fn rewrite_v4(ctx: &TcContext, p: &Parsed, saddr: u32, sport: u16, daddr: u32, dport: u16) -> Result<(), i64> {
+    let l3 = p.l3_off as usize;
+    let l4 = p.l4_off as usize;
+    let (csum_off, mangle) = if p.ip_proto == IPPROTO_TCP {
+        (l4 + 16, 0)
+    } else {
+        // A zero UDP checksum means "none": leave it so; never produce 0.
+        (l4 + 6, BPF_F_MARK_MANGLED_0)
+    };
+    let old_saddr = p.saddr[0];
+    let old_daddr = p.daddr[0];
+    if old_saddr != saddr {
+        ctx.l4_csum_replace(csum_off, u64::from(old_saddr), u64::from(saddr), u64::from(BPF_F_PSEUDO_HDR) | mangle | 4)?;
+        ctx.l3_csum_replace(l3 + 10, u64::from(old_saddr), u64::from(saddr), 4)?;
+        ctx.store(l3 + 12, &saddr, 0)?;
+    }
+    if old_daddr != daddr {
+        ctx.l4_csum_replace(csum_off, u64::from(old_daddr), u64::from(daddr), u64::from(BPF_F_PSEUDO_HDR) | mangle | 4)?;
+        ctx.l3_csum_replace(l3 + 10, u64::from(old_daddr), u64::from(daddr), 4)?;
+        ctx.store(l3 + 16, &daddr, 0)?;
+    }
+    if p.sport_be != sport {
+        ctx.l4_csum_replace(csum_off, u64::from(p.sport_be), u64::from(sport), mangle | 2)?;
+        ctx.store(l4, &sport, 0)?;
+    }
+    if p.dport_be != dport {
+        ctx.l4_csum_replace(csum_off, u64::from(p.dport_be), u64::from(dport), mangle | 2)?;
+        ctx.store(l4 + 2, &dport, 0)?;
+    }
+    Ok(())
+}
+
+/// Sends the rewritten packet out of the device the route to `daddr` uses,
+/// resolving the next hop's MAC in the kernel (bpf_redirect_neigh).
+#[inline(always)]
+fn forward(ctx: &TcContext, saddr: u32, daddr: u32) -> i32 {
+    // SAFETY: a zeroed bpf_fib_lookup is a valid request skeleton.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    // SAFETY: the skb pointer is the program's context.
+    fib.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    fib.__bindgen_anon_3.ipv4_src = saddr;
+    fib.__bindgen_anon_4.ipv4_dst = daddr;
+    // SAFETY: fib lives on our stack for the helper call.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: NULL params: the kernel resolves the neighbour on that device.
+    unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}

@@ -1,0 +1,748 @@
+//! Load-balancer state: the desired frontends and backends as plain Rust
+//! values, and a sync engine that writes only the difference into the maps.
+//!
+//! Granularity: a backend entry is written when it is new; a frontend's
+//! Maglev table is rebuilt and swapped in (one atomic map-of-maps update) only
+//! when that frontend's backend set, weights or table size changed; unchanged
+//! frontends cost nothing. Applying the same state twice makes no map writes.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use dataplane_common::{Backend, FAMILY_V4, Frontend, FrontendKey, LbConfig, limits};
+use serde::{Deserialize, Serialize};
+
+use crate::maglev::{self, MaglevError, NO_BACKEND, Weighted};
+
+/// Default SNAT range: above Linux's default ephemeral range (32768-60999),
+/// so NATed flows never collide with the node's own outgoing connections.
+pub const DEFAULT_NAT_PORT_MIN: u16 = 61000;
+pub const DEFAULT_NAT_PORT_COUNT: u16 = 4536;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
+    pub const fn from_number(n: u8) -> Option<Protocol> {
+        match n {
+            6 => Some(Protocol::Tcp),
+            17 => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// Where a service answers. `address: None` publishes the port on every
+/// node address (Swarm's ingress routing mesh).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FrontendSpec {
+    #[serde(default)]
+    pub address: Option<Ipv4Addr>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BackendSpec {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub id: u32,
+    pub name: String,
+    pub frontends: Vec<FrontendSpec>,
+    pub backends: Vec<BackendSpec>,
+    #[serde(default = "default_table_size")]
+    pub table_size: u32,
+}
+
+fn default_table_size() -> u32 {
+    maglev::DEFAULT_TABLE_SIZE
+}
+
+/// Everything the load balancer needs on one node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbSpec {
+    /// Source address for NATed flows: the node's mesh address.
+    pub nat_address: Ipv4Addr,
+    /// Addresses a published port answers on.
+    pub node_addresses: Vec<Ipv4Addr>,
+    #[serde(default = "default_nat_port_min")]
+    pub nat_port_min: u16,
+    #[serde(default = "default_nat_port_count")]
+    pub nat_port_count: u16,
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+}
+
+fn default_nat_port_min() -> u16 {
+    DEFAULT_NAT_PORT_MIN
+}
+
+fn default_nat_port_count() -> u16 {
+    DEFAULT_NAT_PORT_COUNT
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("service {service}: {source}")]
+    Maglev {
+        service: String,
+        #[source]
+        source: MaglevError,
+    },
+    #[error("frontend {address}:{port}/{protocol:?} is claimed by both service {first} and service {second}")]
+    DuplicateFrontend {
+        address: String,
+        port: u16,
+        protocol: Protocol,
+        first: String,
+        second: String,
+    },
+    #[error("service {service}: port 0 is not a valid {what} port")]
+    ZeroPort { service: String, what: &'static str },
+    #[error("service ids must be unique: {0} is used twice")]
+    DuplicateServiceId(u32),
+    #[error("too many {what}: {count} (at most {max})")]
+    TooMany { what: &'static str, count: usize, max: u32 },
+    #[error("nat_port_count must be at least 1, and nat_port_min + nat_port_count must not pass 65536")]
+    NatRange,
+    #[error("nat_address must not be 0.0.0.0")]
+    NatAddress,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("{operation}: {message}")]
+    Map { operation: &'static str, message: String },
+}
+
+impl LbSpec {
+    /// Checks the whole spec before anything is written, so a bad spec
+    /// changes nothing.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.nat_address.is_unspecified() {
+            return Err(SpecError::NatAddress);
+        }
+        if self.nat_port_count == 0 || u32::from(self.nat_port_min) + u32::from(self.nat_port_count) > 65536 {
+            return Err(SpecError::NatRange);
+        }
+        if self.node_addresses.len() > limits::NODE_ADDRS_MAX as usize {
+            return Err(SpecError::TooMany {
+                what: "node addresses",
+                count: self.node_addresses.len(),
+                max: limits::NODE_ADDRS_MAX,
+            });
+        }
+        let mut ids = BTreeSet::new();
+        let mut seen: BTreeMap<FrontendKey, &str> = BTreeMap::new();
+        let mut backends = BTreeSet::new();
+        for svc in &self.services {
+            if !ids.insert(svc.id) {
+                return Err(SpecError::DuplicateServiceId(svc.id));
+            }
+            maglev::validate_size(svc.table_size).map_err(|source| SpecError::Maglev {
+                service: svc.name.clone(),
+                source,
+            })?;
+            let live = svc.backends.iter().filter(|b| b.weight > 0).count();
+            if live >= svc.table_size as usize {
+                return Err(SpecError::Maglev {
+                    service: svc.name.clone(),
+                    source: MaglevError::TooSmall {
+                        size: svc.table_size,
+                        backends: live,
+                    },
+                });
+            }
+            for f in &svc.frontends {
+                if f.port == 0 {
+                    return Err(SpecError::ZeroPort {
+                        service: svc.name.clone(),
+                        what: "frontend",
+                    });
+                }
+                if let Some(first) = seen.insert(frontend_key(f), &svc.name) {
+                    return Err(SpecError::DuplicateFrontend {
+                        address: f.address.map_or("*".into(), |a| a.to_string()),
+                        port: f.port,
+                        protocol: f.protocol,
+                        first: first.to_owned(),
+                        second: svc.name.clone(),
+                    });
+                }
+                for b in &svc.backends {
+                    if b.port == 0 {
+                        return Err(SpecError::ZeroPort {
+                            service: svc.name.clone(),
+                            what: "backend",
+                        });
+                    }
+                    backends.insert(backend_key(b, f.protocol));
+                }
+            }
+        }
+        if seen.len() > limits::MAX_FRONTENDS as usize {
+            return Err(SpecError::TooMany {
+                what: "frontends",
+                count: seen.len(),
+                max: limits::MAX_FRONTENDS,
+            });
+        }
+        if backends.len() > limits::MAX_BACKENDS as usize {
+            return Err(SpecError::TooMany {
+                what: "backends",
+                count: backends.len(),
+                max: limits::MAX_BACKENDS,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Identity of a backend in the maps: address, port, protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendKey {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl BackendKey {
+    /// The bytes Maglev hashes: identical on every node.
+    fn maglev_key(&self) -> [u8; 7] {
+        let a = self.address.octets();
+        let p = self.port.to_be_bytes();
+        [a[0], a[1], a[2], a[3], p[0], p[1], self.protocol.number()]
+    }
+
+    fn to_map(self) -> Backend {
+        Backend {
+            addr_be: [u32::from_ne_bytes(self.address.octets()), 0, 0, 0],
+            port_be: self.port.to_be(),
+            family: FAMILY_V4,
+            _pad: 0,
+            flags: 0,
+        }
+    }
+
+    pub fn from_map(b: &Backend, protocol: Protocol) -> BackendKey {
+        BackendKey {
+            address: Ipv4Addr::from(b.addr_be[0].to_ne_bytes()),
+            port: u16::from_be(b.port_be),
+            protocol,
+        }
+    }
+}
+
+fn backend_key(b: &BackendSpec, protocol: Protocol) -> BackendKey {
+    BackendKey {
+        address: b.address,
+        port: b.port,
+        protocol,
+    }
+}
+
+pub fn frontend_key(f: &FrontendSpec) -> FrontendKey {
+    FrontendKey {
+        addr_be: [f.address.map_or(0, |a| u32::from_ne_bytes(a.octets())), 0, 0, 0],
+        port_be: f.port.to_be(),
+        proto: f.protocol.number(),
+        family: FAMILY_V4,
+    }
+}
+
+/// The map operations the sync engine needs; the kernel implementation lives
+/// in `crate::ebpf`, and tests use an in-memory one.
+pub trait LbMaps {
+    fn set_config(&mut self, config: &LbConfig) -> Result<(), SyncError>;
+    fn add_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), SyncError>;
+    fn remove_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), SyncError>;
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), SyncError>;
+    fn remove_backend(&mut self, id: u32) -> Result<(), SyncError>;
+    /// Installs a complete new table for `frontend_id` in one atomic swap.
+    fn swap_table(&mut self, frontend_id: u32, table: &[u32]) -> Result<(), SyncError>;
+    fn set_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> Result<(), SyncError>;
+    fn remove_frontend(&mut self, key: &FrontendKey) -> Result<(), SyncError>;
+}
+
+/// Map writes made by one `apply`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub config_writes: usize,
+    pub node_addr_writes: usize,
+    pub backend_writes: usize,
+    pub backend_removals: usize,
+    pub table_swaps: usize,
+    pub frontend_writes: usize,
+    pub frontend_removals: usize,
+}
+
+impl ApplyReport {
+    pub fn total(&self) -> usize {
+        self.config_writes
+            + self.node_addr_writes
+            + self.backend_writes
+            + self.backend_removals
+            + self.table_swaps
+            + self.frontend_writes
+            + self.frontend_removals
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct InstalledFrontend {
+    id: u32,
+    service_id: u32,
+    /// `None` after a restart: contents unknown, so the next apply rewrites
+    /// the (deterministic, hence identical) table once.
+    backends: Option<Vec<(BackendKey, u32)>>,
+    table_size: u32,
+}
+
+/// What is in the maps now, as far as this process knows.
+#[derive(Debug, Default)]
+pub struct LbSync {
+    config: Option<LbConfig>,
+    node_addrs: BTreeSet<Ipv4Addr>,
+    frontends: BTreeMap<FrontendKey, InstalledFrontend>,
+    backends: BTreeMap<BackendKey, u32>,
+    next_backend_id: u32,
+}
+
+impl LbSync {
+    pub fn new() -> LbSync {
+        LbSync::default()
+    }
+
+    /// Rebuilds the sync state from what an earlier meshd left in the maps, so
+    /// ids (and with them every conntrack entry) stay valid across restarts.
+    pub fn recover(
+        config: Option<LbConfig>,
+        node_addrs: impl IntoIterator<Item = Ipv4Addr>,
+        frontends: impl IntoIterator<Item = (FrontendKey, Frontend)>,
+        backends: impl IntoIterator<Item = (u32, BackendKey)>,
+    ) -> LbSync {
+        let backends: BTreeMap<BackendKey, u32> = backends.into_iter().map(|(id, k)| (k, id)).collect();
+        let next_backend_id = backends.values().max().map_or(0, |m| (m + 1) % limits::MAX_BACKENDS);
+        LbSync {
+            config,
+            node_addrs: node_addrs.into_iter().collect(),
+            frontends: frontends
+                .into_iter()
+                .map(|(k, f)| {
+                    let installed = InstalledFrontend {
+                        id: f.id,
+                        service_id: f.service_id,
+                        backends: None,
+                        table_size: f.table_size,
+                    };
+                    (k, installed)
+                })
+                .collect(),
+            backends,
+            next_backend_id,
+        }
+    }
+
+    /// Makes the maps match `spec`, writing only what differs. The spec is
+    /// validated first: an invalid spec changes nothing.
+    pub fn apply(&mut self, spec: &LbSpec, maps: &mut impl LbMaps) -> Result<ApplyReport, SyncError> {
+        spec.validate()?;
+        let mut report = ApplyReport::default();
+
+        let config = LbConfig {
+            nat_addr_be: [u32::from_ne_bytes(spec.nat_address.octets()), 0, 0, 0],
+            nat_port_min: spec.nat_port_min,
+            nat_port_count: spec.nat_port_count,
+            _pad: 0,
+        };
+        if self.config != Some(config) {
+            maps.set_config(&config)?;
+            self.config = Some(config);
+            report.config_writes += 1;
+        }
+
+        let want_addrs: BTreeSet<Ipv4Addr> = spec.node_addresses.iter().copied().collect();
+        for addr in want_addrs.difference(&self.node_addrs.clone()) {
+            maps.add_node_addr(*addr)?;
+            self.node_addrs.insert(*addr);
+            report.node_addr_writes += 1;
+        }
+        for addr in self.node_addrs.clone().difference(&want_addrs) {
+            maps.remove_node_addr(*addr)?;
+            self.node_addrs.remove(addr);
+            report.node_addr_writes += 1;
+        }
+
+        // Desired frontends with their backend lists (sorted: order-independent).
+        let mut want: BTreeMap<FrontendKey, (u32, Vec<(BackendKey, u32)>, u32)> = BTreeMap::new();
+        for svc in &spec.services {
+            for f in &svc.frontends {
+                let mut backends: Vec<(BackendKey, u32)> = svc
+                    .backends
+                    .iter()
+                    .map(|b| (backend_key(b, f.protocol), b.weight))
+                    .collect();
+                backends.sort();
+                backends.dedup_by_key(|(k, _)| *k);
+                want.insert(frontend_key(f), (svc.id, backends, svc.table_size));
+            }
+        }
+
+        // 1. New backends first, so new tables only name existing entries.
+        let want_backends: BTreeSet<BackendKey> = want
+            .values()
+            .flat_map(|(_, bs, _)| bs.iter().map(|(k, _)| *k))
+            .collect();
+        for key in &want_backends {
+            if !self.backends.contains_key(key) {
+                let id = self.allocate_backend_id()?;
+                maps.set_backend(id, &key.to_map())?;
+                self.backends.insert(*key, id);
+                report.backend_writes += 1;
+            }
+        }
+
+        // 2. Frontends whose table changed: new table, then the frontend entry.
+        let used_frontend_ids: BTreeSet<u32> = self.frontends.values().map(|f| f.id).collect();
+        let mut free_ids = (0..limits::MAX_FRONTENDS).filter(|id| !used_frontend_ids.contains(id));
+        for (key, (service_id, backends, table_size)) in &want {
+            let current = self.frontends.get(key);
+            let unchanged = current.is_some_and(|c| {
+                c.backends.as_ref() == Some(backends) && c.table_size == *table_size && c.service_id == *service_id
+            });
+            if unchanged {
+                continue;
+            }
+            let id = match current {
+                Some(c) => c.id,
+                None => free_ids.next().ok_or(SpecError::TooMany {
+                    what: "frontends",
+                    count: want.len(),
+                    max: limits::MAX_FRONTENDS,
+                })?,
+            };
+            let table = self.build_table(backends, *table_size)?;
+            maps.swap_table(id, &table)?;
+            report.table_swaps += 1;
+            let live = backends.iter().filter(|(_, w)| *w > 0).count() as u32;
+            let entry = Frontend {
+                id,
+                service_id: *service_id,
+                backend_count: live,
+                table_size: *table_size,
+                flags: 0,
+                _pad: 0,
+            };
+            maps.set_frontend(key, &entry)?;
+            report.frontend_writes += 1;
+            self.frontends.insert(
+                *key,
+                InstalledFrontend {
+                    id,
+                    service_id: *service_id,
+                    backends: Some(backends.clone()),
+                    table_size: *table_size,
+                },
+            );
+        }
+
+        // 3. Frontends no longer wanted.
+        let gone: Vec<FrontendKey> = self.frontends.keys().filter(|k| !want.contains_key(k)).copied().collect();
+        for key in gone {
+            let installed = self.frontends.remove(&key).expect("listed above");
+            maps.remove_frontend(&key)?;
+            // Release the old table's memory; the id is unreachable now.
+            maps.swap_table(installed.id, &[NO_BACKEND])?;
+            report.frontend_removals += 1;
+        }
+
+        // 4. Backends no table names any more. Their conntrack entries now
+        // miss in BACKENDS, so those flows are re-steered at once.
+        let gone: Vec<BackendKey> = self
+            .backends
+            .keys()
+            .filter(|k| !want_backends.contains(k))
+            .copied()
+            .collect();
+        for key in gone {
+            let id = self.backends.remove(&key).expect("listed above");
+            maps.remove_backend(id)?;
+            report.backend_removals += 1;
+        }
+        Ok(report)
+    }
+
+    fn build_table(&self, backends: &[(BackendKey, u32)], size: u32) -> Result<Vec<u32>, SyncError> {
+        let keys: Vec<[u8; 7]> = backends.iter().map(|(k, _)| k.maglev_key()).collect();
+        let weighted: Vec<Weighted<'_>> = keys
+            .iter()
+            .zip(backends)
+            .map(|(key, (_, weight))| Weighted { key, weight: *weight })
+            .collect();
+        let table = maglev::build(&weighted, size).map_err(|e| SyncError::Map {
+            operation: "building a Maglev table",
+            message: e.to_string(),
+        })?;
+        Ok(table
+            .into_iter()
+            .map(|i| if i == NO_BACKEND { NO_BACKEND } else { self.backends[&backends[i as usize].0] })
+            .collect())
+    }
+
+    /// Backend ids are handed out round-robin, not lowest-free: a freed id is
+    /// reused only after the whole space wraps, so a stale conntrack entry
+    /// never finds a *different* backend under its old id.
+    fn allocate_backend_id(&mut self) -> Result<u32, SyncError> {
+        let used: BTreeSet<u32> = self.backends.values().copied().collect();
+        for _ in 0..limits::MAX_BACKENDS {
+            let id = self.next_backend_id;
+            self.next_backend_id = (self.next_backend_id + 1) % limits::MAX_BACKENDS;
+            if !used.contains(&id) {
+                return Ok(id);
+            }
+        }
+        Err(SpecError::TooMany {
+            what: "backends",
+            count: used.len() + 1,
+            max: limits::MAX_BACKENDS,
+        }
+        .into())
+    }
+
+    /// Backend id of `key`, if installed.
+    pub fn backend_id(&self, key: &BackendKey) -> Option<u32> {
+        self.backends.get(key).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// In-memory maps that count every write.
+    #[derive(Default)]
+    struct FakeMaps {
+        config: Option<LbConfig>,
+        addrs: BTreeSet<Ipv4Addr>,
+        backends: BTreeMap<u32, Backend>,
+        tables: BTreeMap<u32, Vec<u32>>,
+        frontends: BTreeMap<FrontendKey, Frontend>,
+        writes: usize,
+    }
+
+    impl LbMaps for FakeMaps {
+        fn set_config(&mut self, c: &LbConfig) -> Result<(), SyncError> {
+            self.writes += 1;
+            self.config = Some(*c);
+            Ok(())
+        }
+        fn add_node_addr(&mut self, a: Ipv4Addr) -> Result<(), SyncError> {
+            self.writes += 1;
+            self.addrs.insert(a);
+            Ok(())
+        }
+        fn remove_node_addr(&mut self, a: Ipv4Addr) -> Result<(), SyncError> {
+            self.writes += 1;
+            self.addrs.remove(&a);
+            Ok(())
+        }
+        fn set_backend(&mut self, id: u32, b: &Backend) -> Result<(), SyncError> {
+            self.writes += 1;
+            self.backends.insert(id, *b);
+            Ok(())
+        }
+        fn remove_backend(&mut self, id: u32) -> Result<(), SyncError> {
+            self.writes += 1;
+            self.backends.remove(&id);
+            Ok(())
+        }
+        fn swap_table(&mut self, id: u32, t: &[u32]) -> Result<(), SyncError> {
+            self.writes += 1;
+            self.tables.insert(id, t.to_vec());
+            Ok(())
+        }
+        fn set_frontend(&mut self, k: &FrontendKey, f: &Frontend) -> Result<(), SyncError> {
+            self.writes += 1;
+            self.frontends.insert(*k, *f);
+            Ok(())
+        }
+        fn remove_frontend(&mut self, k: &FrontendKey) -> Result<(), SyncError> {
+            self.writes += 1;
+            self.frontends.remove(k);
+            Ok(())
+        }
+    }
+
+    fn service(id: u32, port: u16, backends: &[(u8, u32)]) -> ServiceSpec {
+        ServiceSpec {
+            id,
+            name: format!("svc{id}"),
+            frontends: vec![FrontendSpec {
+                address: None,
+                port,
+                protocol: Protocol::Tcp,
+            }],
+            backends: backends
+                .iter()
+                .map(|&(last, weight)| BackendSpec {
+                    address: Ipv4Addr::new(10, 0, 0, last),
+                    port: 80,
+                    weight,
+                })
+                .collect(),
+            table_size: 251,
+        }
+    }
+
+    fn spec(services: Vec<ServiceSpec>) -> LbSpec {
+        LbSpec {
+            nat_address: Ipv4Addr::new(198, 18, 0, 1),
+            node_addresses: vec![Ipv4Addr::new(198, 18, 0, 1)],
+            nat_port_min: DEFAULT_NAT_PORT_MIN,
+            nat_port_count: DEFAULT_NAT_PORT_COUNT,
+            services,
+        }
+    }
+
+    #[test]
+    fn applying_the_same_state_twice_writes_nothing() {
+        let s = spec(vec![service(1, 8080, &[(1, 1), (2, 1)]), service(2, 9090, &[(3, 1)])]);
+        let mut maps = FakeMaps::default();
+        let mut sync = LbSync::new();
+        let first = sync.apply(&s, &mut maps).unwrap();
+        assert_eq!(first.table_swaps, 2);
+        assert_eq!(first.backend_writes, 3);
+        assert_eq!(sync.apply(&s, &mut maps).unwrap().total(), 0);
+        assert_eq!(maps.frontends.len(), 2);
+        // Every table slot names an installed backend.
+        for t in maps.tables.values() {
+            assert!(t.iter().all(|id| maps.backends.contains_key(id)));
+        }
+    }
+
+    #[test]
+    fn changing_one_service_touches_only_that_service() {
+        let mut services: Vec<ServiceSpec> = (1..=50).map(|i| service(i, 8000 + i as u16, &[(i as u8, 1)])).collect();
+        let mut maps = FakeMaps::default();
+        let mut sync = LbSync::new();
+        sync.apply(&spec(services.clone()), &mut maps).unwrap();
+        services[7] = service(8, 8008, &[(8, 1), (200, 1)]);
+        let report = sync.apply(&spec(services), &mut maps).unwrap();
+        assert_eq!(
+            report,
+            ApplyReport {
+                backend_writes: 1,
+                table_swaps: 1,
+                frontend_writes: 1,
+                ..ApplyReport::default()
+            }
+        );
+    }
+
+    #[test]
+    fn removed_backends_and_frontends_are_deleted_after_tables_stop_naming_them() {
+        let mut maps = FakeMaps::default();
+        let mut sync = LbSync::new();
+        sync.apply(&spec(vec![service(1, 8080, &[(1, 1), (2, 1)])]), &mut maps).unwrap();
+        let r = sync.apply(&spec(vec![service(1, 8080, &[(1, 1)])]), &mut maps).unwrap();
+        assert_eq!((r.table_swaps, r.backend_removals), (1, 1));
+        assert_eq!(maps.backends.len(), 1);
+        let only = *maps.backends.keys().next().unwrap();
+        assert!(maps.tables.values().next().unwrap().iter().all(|id| *id == only));
+        let r = sync.apply(&spec(vec![]), &mut maps).unwrap();
+        assert_eq!((r.frontend_removals, r.backend_removals), (1, 1));
+        assert!(maps.frontends.is_empty() && maps.backends.is_empty());
+    }
+
+    #[test]
+    fn backend_ids_are_not_reused_immediately() {
+        let mut maps = FakeMaps::default();
+        let mut sync = LbSync::new();
+        sync.apply(&spec(vec![service(1, 8080, &[(1, 1)])]), &mut maps).unwrap();
+        let first: Vec<u32> = maps.backends.keys().copied().collect();
+        sync.apply(&spec(vec![service(1, 8080, &[(2, 1)])]), &mut maps).unwrap();
+        let second: Vec<u32> = maps.backends.keys().copied().collect();
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn invalid_specs_change_nothing() {
+        let mut maps = FakeMaps::default();
+        let mut sync = LbSync::new();
+        let good = spec(vec![service(1, 8080, &[(1, 1)])]);
+        sync.apply(&good, &mut maps).unwrap();
+        let writes = maps.writes;
+        let mut dup = spec(vec![service(1, 8080, &[(1, 1)]), service(2, 8080, &[(2, 1)])]);
+        assert!(matches!(sync.apply(&dup, &mut maps), Err(SyncError::Spec(SpecError::DuplicateFrontend { .. }))));
+        dup.services[1].frontends[0].port = 0;
+        assert!(matches!(sync.apply(&dup, &mut maps), Err(SyncError::Spec(SpecError::ZeroPort { .. }))));
+        let mut bad_size = good.clone();
+        bad_size.services[0].table_size = 100;
+        assert!(sync.apply(&bad_size, &mut maps).is_err());
+        let mut bad_nat = good.clone();
+        bad_nat.nat_port_count = 0;
+        assert!(sync.apply(&bad_nat, &mut maps).is_err());
+        assert_eq!(maps.writes, writes, "a rejected spec wrote to the maps");
+    }
+
+    #[test]
+    fn recovery_keeps_ids_and_rewrites_each_table_once() {
+        let s = spec(vec![service(1, 8080, &[(1, 1), (2, 1)])]);
+        let mut maps = FakeMaps::default();
+        let mut sync = LbSync::new();
+        sync.apply(&s, &mut maps).unwrap();
+        let tables = maps.tables.clone();
+        let backends = maps.backends.clone();
+        let mut again = LbSync::recover(
+            maps.config,
+            maps.addrs.clone(),
+            maps.frontends.clone(),
+            maps.backends.iter().map(|(id, b)| (*id, BackendKey::from_map(b, Protocol::Tcp))),
+        );
+        let r = again.apply(&s, &mut maps).unwrap();
+        assert_eq!(r.backend_writes, 0, "backend ids survive a restart");
+        assert_eq!(r.table_swaps, 1);
+        assert_eq!(maps.tables, tables, "the rebuilt table is identical");
+        assert_eq!(maps.backends, backends);
+        assert_eq!(again.apply(&s, &mut maps).unwrap().total(), 0);
+    }
+
+    #[test]
+    fn spec_parses_from_json() {
+        let json = r#"{"nat_address":"198.18.0.1","node_addresses":["198.18.0.1"],
+            "services":[{"id":1,"name":"web","frontends":[{"port":8080,"protocol":"tcp"}],
+            "backends":[{"address":"198.19.1.2","port":80}]}]}"#;
+        let s: LbSpec = serde_json::from_str(json).unwrap();
+        assert_eq!(s.services[0].backends[0].weight, 1);
+        assert_eq!(s.services[0].table_size, maglev::DEFAULT_TABLE_SIZE);
+        assert_eq!(s.services[0].frontends[0].address, None);
+        s.validate().unwrap();
+        let err = serde_json::from_str::<LbSpec>(r#"{"nat_address":"nope"}"#).unwrap_err();
+        assert!(err.to_string().contains("invalid IPv4 address"), "{err}");
+    }
+}
