@@ -170,7 +170,8 @@ pub struct Backend {
     pub addr_be: [u32; 4],
     pub port_be: u16,
     pub family: u8,
-    pub _pad: u8,
+    /// IPPROTO_TCP or IPPROTO_UDP (the frontends' protocol).
+    pub proto: u8,
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);

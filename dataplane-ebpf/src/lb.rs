@@ -307,7 +307,7 @@ fn forward(ctx: &TcContext, saddr: u32, daddr: u32) -> i32 {
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     // SAFETY: the skb pointer is the program's context.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     fib.__bindgen_anon_3.ipv4_src = saddr;
     fib.__bindgen_anon_4.ipv4_dst = daddr;
     // SAFETY: fib lives on our stack for the helper call.

@@ -1,15 +1,32 @@
-//! Loading mesh's eBPF object and attaching its programs.
+//! Loading mesh's eBPF object, attaching its programs through pinned links
+//! (so the data path keeps running while meshd restarts), and the kernel
+//! implementation of the load balancer's map operations.
 
-use std::path::{Path, PathBuf};
+use std::{
+    io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    programs::{ProgramError, Xdp, XdpMode},
+    maps::{Array, ArrayOfMaps, HashMap, MapData, MapError},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, LinkOrder, PinnedLink},
+        tc::{self, SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+    },
 };
-use dataplane_common::{maps, programs};
+use dataplane_common::{Backend, Frontend, FrontendKey, LbConfig, maps, programs};
+
+use crate::lb::{BackendKey, LbMaps, LbSync, SyncError};
 
 /// The eBPF object built from `dataplane-ebpf` by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
+
+/// BPF_F_INNER_MAP: lets each Maglev table be sized to its frontend.
+const BPF_F_INNER_MAP: u32 = 1 << 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -35,17 +52,23 @@ pub enum LoadError {
         #[source]
         source: Box<ProgramError>,
     },
+    #[error("{operation} link {path}: {message}")]
+    Link {
+        operation: &'static str,
+        path: PathBuf,
+        message: String,
+    },
 }
 
-/// The loaded object: every program verified and loaded, none attached yet.
+/// The loaded object: every program verified and loaded.
 pub struct Datapath {
     ebpf: Ebpf,
 }
 
 impl Datapath {
     /// Loads the object. With `pin_dir`, every map is pinned there by name, and
-    /// maps already pinned there (by an earlier meshd) are reused, so counters
-    /// and tables survive a daemon restart.
+    /// maps already pinned there (by an earlier meshd) are reused, so counters,
+    /// tables and conntrack survive a daemon restart.
     pub fn load(pin_dir: Option<&Path>) -> Result<Self, LoadError> {
         raise_memlock();
         let pins: Vec<(&str, PathBuf)> = match pin_dir {
@@ -60,25 +83,84 @@ impl Datapath {
             pin_dir: pin_dir.map(Path::to_owned),
             source: Box::new(source),
         })?;
-        let xdp = xdp_mut(&mut ebpf, programs::XDP_PARSE)?;
-        xdp.load().map_err(|source| LoadError::Program {
-            program: programs::XDP_PARSE,
-            operation: "verifier/load",
-            source: Box::new(source),
-        })?;
+        let load_err = |program| {
+            move |source| LoadError::Program {
+                program,
+                operation: "verifier/load",
+                source: Box::new(source),
+            }
+        };
+        xdp_mut(&mut ebpf, programs::XDP_PARSE)?
+            .load()
+            .map_err(load_err(programs::XDP_PARSE))?;
+        tc_mut(&mut ebpf, programs::TC_LB)?
+            .load()
+            .map_err(load_err(programs::TC_LB))?;
         Ok(Datapath { ebpf })
     }
 
     /// Attaches the parser to `interface` (in the caller's network namespace).
-    /// The attachment is a bpf_link owned by this value: dropping it detaches.
-    pub fn attach_parser(&mut self, interface: &str, mode: XdpMode) -> Result<(), LoadError> {
-        self.parser()?
-            .attach(interface, mode)
-            .map_err(|source| LoadError::Attach {
-                program: programs::XDP_PARSE,
-                interface: interface.to_owned(),
-                source: Box::new(source),
-            })?;
+    /// With `link_pin`, the link is pinned there; if a pinned link already
+    /// exists, its program is replaced atomically instead.
+    pub fn attach_parser(
+        &mut self,
+        interface: &str,
+        mode: XdpMode,
+        link_pin: Option<&Path>,
+    ) -> Result<(), LoadError> {
+        let program = programs::XDP_PARSE;
+        let xdp = self.parser()?;
+        let attach_err = |source| LoadError::Attach {
+            program,
+            interface: interface.to_owned(),
+            source: Box::new(source),
+        };
+        let Some(pin) = link_pin else {
+            xdp.attach(interface, mode).map_err(attach_err)?;
+            return Ok(());
+        };
+        if let Some(old) = open_pinned_link(pin)? {
+            let link = XdpLink::try_from(old).map_err(|e| link_err("reuse", pin, e))?;
+            xdp.attach_to_link(link).map_err(attach_err)?;
+            return Ok(());
+        }
+        let id = xdp.attach(interface, mode).map_err(attach_err)?;
+        let link = xdp.take_link(id).map_err(attach_err)?;
+        let fd = FdLink::try_from(link).map_err(|e| link_err("pin", pin, e))?;
+        fd.pin(pin).map_err(|e| link_err("pin", pin, e))?;
+        Ok(())
+    }
+
+    /// Attaches the load balancer at TC ingress of `interface` (TCX link),
+    /// pinned like [`Datapath::attach_parser`].
+    pub fn attach_lb(&mut self, interface: &str, link_pin: Option<&Path>) -> Result<(), LoadError> {
+        let program = programs::TC_LB;
+        let tc = tc_mut(&mut self.ebpf, program)?;
+        let attach_err = |source| LoadError::Attach {
+            program,
+            interface: interface.to_owned(),
+            source: Box::new(source),
+        };
+        let options = TcAttachOptions::TcxOrder(LinkOrder::default());
+        if let Some(pin) = link_pin
+            && let Some(old) = open_pinned_link(pin)?
+        {
+            let link = SchedClassifierLink::try_from(old).map_err(|e| link_err("reuse", pin, e))?;
+            tc.attach_to_link(link).map_err(attach_err)?;
+            return Ok(());
+        }
+        // TCX needs no qdisc; the legacy fallback does. "Exists" is fine.
+        if let Err(e) = tc::qdisc_add_clsact(interface) {
+            tracing::debug!(%interface, error = %e, "clsact qdisc not added");
+        }
+        let id = tc
+            .attach_with_options(interface, TcAttachType::Ingress, options)
+            .map_err(attach_err)?;
+        if let Some(pin) = link_pin {
+            let link = tc.take_link(id).map_err(attach_err)?;
+            let fd = FdLink::try_from(link).map_err(|e| link_err("pin", pin, e))?;
+            fd.pin(pin).map_err(|e| link_err("pin", pin, e))?;
+        }
         Ok(())
     }
 
@@ -87,18 +169,182 @@ impl Datapath {
         xdp_mut(&mut self.ebpf, programs::XDP_PARSE)
     }
 
+    /// The load-balancer program, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn lb(&mut self) -> Result<&mut SchedClassifier, LoadError> {
+        tc_mut(&mut self.ebpf, programs::TC_LB)
+    }
+
     pub fn ebpf(&self) -> &Ebpf {
         &self.ebpf
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Map access for [`LbSync`].
+    pub fn lb_maps(&mut self) -> KernelLbMaps<'_> {
+        KernelLbMaps { ebpf: &mut self.ebpf }
+    }
+
+    /// Rebuilds [`LbSync`] from the (possibly pinned, pre-existing) maps.
+    pub fn recover_lb(&mut self) -> Result<LbSync, SyncError> {
+        let e = &self.ebpf;
+        let config = {
+            let m: Array<&MapData, LbConfig> = typed(e, maps::LB_CONFIG)?;
+            let c = m.get(&0, 0).map_err(map_err("read LB_CONFIG"))?;
+            (c.nat_addr_be[0] != 0).then_some(c)
+        };
+        let addrs: HashMap<&MapData, [u32; 4], u32> = typed(e, maps::NODE_ADDRS)?;
+        let addrs: Vec<Ipv4Addr> = addrs
+            .keys()
+            .map(|k| k.map(|k| Ipv4Addr::from(k[0].to_ne_bytes())))
+            .collect::<Result<_, _>>()
+            .map_err(map_err("read NODE_ADDRS"))?;
+        let fronts: HashMap<&MapData, FrontendKey, Frontend> = typed(e, maps::FRONTENDS)?;
+        let fronts: Vec<(FrontendKey, Frontend)> = fronts
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("read FRONTENDS"))?;
+        let backs: HashMap<&MapData, u32, Backend> = typed(e, maps::BACKENDS)?;
+        let backs: Vec<(u32, Backend)> = backs
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("read BACKENDS"))?;
+        let backends = backs
+            .iter()
+            .filter_map(|(id, b)| Some((*id, BackendKey::from_map(b)?)));
+        Ok(LbSync::recover(config, addrs, fronts, backends))
+    }
+}
+
+fn typed<'a, T: TryFrom<&'a aya::maps::Map, Error = MapError>>(
+    ebpf: &'a Ebpf,
+    name: &'static str,
+) -> Result<T, SyncError> {
+    let map = ebpf.map(name).ok_or(SyncError::Map {
+        operation: "find map",
+        message: format!("{name} is missing from the eBPF object"),
+    })?;
+    T::try_from(map).map_err(map_err("open map"))
+}
+
+fn typed_mut<'a, T: TryFrom<&'a mut aya::maps::Map, Error = MapError>>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<T, SyncError> {
+    let map = ebpf.map_mut(name).ok_or(SyncError::Map {
+        operation: "find map",
+        message: format!("{name} is missing from the eBPF object"),
+    })?;
+    T::try_from(map).map_err(map_err("open map"))
+}
+
+fn map_err(operation: &'static str) -> impl Fn(MapError) -> SyncError {
+    move |e| SyncError::Map {
+        operation,
+        message: e.to_string(),
+    }
+}
+
+fn link_err(operation: &'static str, path: &Path, e: impl std::fmt::Display) -> LoadError {
+    LoadError::Link {
+        operation,
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Opens a pinned link, or `None` if nothing is pinned at `path`.
+fn open_pinned_link(path: &Path) -> Result<Option<FdLink>, LoadError> {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => Ok(Some(FdLink::from(link))),
+        Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(link_err("open pinned", path, e)),
+    }
+}
+
+/// The kernel maps behind [`LbMaps`].
+pub struct KernelLbMaps<'a> {
+    ebpf: &'a mut Ebpf,
+}
+
+impl LbMaps for KernelLbMaps<'_> {
+    fn set_config(&mut self, config: &LbConfig) -> Result<(), SyncError> {
+        let mut m: Array<&mut MapData, LbConfig> = typed_mut(self.ebpf, maps::LB_CONFIG)?;
+        m.set(0, config, 0).map_err(map_err("write LB_CONFIG"))
+    }
+
+    fn add_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), SyncError> {
+        let mut m: HashMap<&mut MapData, [u32; 4], u32> = typed_mut(self.ebpf, maps::NODE_ADDRS)?;
+        m.insert([u32::from_ne_bytes(addr.octets()), 0, 0, 0], 1, 0)
+            .map_err(map_err("write NODE_ADDRS"))
+    }
+
+    fn remove_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), SyncError> {
+        let mut m: HashMap<&mut MapData, [u32; 4], u32> = typed_mut(self.ebpf, maps::NODE_ADDRS)?;
+        ignore_missing(m.remove(&[u32::from_ne_bytes(addr.octets()), 0, 0, 0]))
+            .map_err(map_err("delete from NODE_ADDRS"))
+    }
+
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), SyncError> {
+        let mut m: HashMap<&mut MapData, u32, Backend> = typed_mut(self.ebpf, maps::BACKENDS)?;
+        m.insert(id, backend, 0).map_err(map_err("write BACKENDS"))
+    }
+
+    fn remove_backend(&mut self, id: u32) -> Result<(), SyncError> {
+        let mut m: HashMap<&mut MapData, u32, Backend> = typed_mut(self.ebpf, maps::BACKENDS)?;
+        ignore_missing(m.remove(&id)).map_err(map_err("delete from BACKENDS"))
+    }
+
+    fn swap_table(&mut self, frontend_id: u32, table: &[u32]) -> Result<(), SyncError> {
+        // Fill a fresh inner map completely, then swap it in with one update:
+        // a packet sees either the old table or the new one, never a mix.
+        let mut inner = Array::<MapData, u32>::create(table.len() as u32, BPF_F_INNER_MAP)
+            .map_err(map_err("create Maglev table"))?;
+        for (slot, backend) in table.iter().enumerate() {
+            inner
+                .set(slot as u32, backend, 0)
+                .map_err(map_err("fill Maglev table"))?;
+        }
+        let mut outer: ArrayOfMaps<&mut MapData, Array<MapData, u32>> = typed_mut(self.ebpf, maps::MAGLEV)?;
+        outer
+            .set(frontend_id, &inner, 0)
+            .map_err(map_err("swap Maglev table"))
+    }
+
+    fn set_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> Result<(), SyncError> {
+        let mut m: HashMap<&mut MapData, FrontendKey, Frontend> = typed_mut(self.ebpf, maps::FRONTENDS)?;
+        m.insert(key, frontend, 0).map_err(map_err("write FRONTENDS"))
+    }
+
+    fn remove_frontend(&mut self, key: &FrontendKey) -> Result<(), SyncError> {
+        let mut m: HashMap<&mut MapData, FrontendKey, Frontend> = typed_mut(self.ebpf, maps::FRONTENDS)?;
+        ignore_missing(m.remove(key)).map_err(map_err("delete from FRONTENDS"))
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
     }
 }
 
 fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoadError> {
-    let program = ebpf
-        .program_mut(name)
-        .ok_or(LoadError::MissingProgram(name))?;
+    let program = ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
     program.try_into().map_err(|source| LoadError::Program {
         program: name,
         operation: "expected an XDP program",
+        source: Box::new(source),
+    })
+}
+
+fn tc_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, LoadError> {
+    let program = ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
+    program.try_into().map_err(|source| LoadError::Program {
+        program: name,
+        operation: "expected a TC classifier",
         source: Box::new(source),
     })
 }

@@ -244,17 +244,19 @@ impl BackendKey {
             addr_be: [u32::from_ne_bytes(self.address.octets()), 0, 0, 0],
             port_be: self.port.to_be(),
             family: FAMILY_V4,
-            _pad: 0,
+            proto: self.protocol.number(),
             flags: 0,
         }
     }
 
-    pub fn from_map(b: &Backend, protocol: Protocol) -> BackendKey {
-        BackendKey {
+    /// The key of a backend read back from the maps; `None` for a protocol we
+    /// never write.
+    pub fn from_map(b: &Backend) -> Option<BackendKey> {
+        Some(BackendKey {
             address: Ipv4Addr::from(b.addr_be[0].to_ne_bytes()),
             port: u16::from_be(b.port_be),
-            protocol,
-        }
+            protocol: Protocol::from_number(b.proto)?,
+        })
     }
 }
 
@@ -722,7 +724,7 @@ mod tests {
             maps.config,
             maps.addrs.clone(),
             maps.frontends.clone(),
-            maps.backends.iter().map(|(id, b)| (*id, BackendKey::from_map(b, Protocol::Tcp))),
+            maps.backends.iter().map(|(id, b)| (*id, BackendKey::from_map(b).unwrap())),
         );
         let r = again.apply(&s, &mut maps).unwrap();
         assert_eq!(r.backend_writes, 0, "backend ids survive a restart");

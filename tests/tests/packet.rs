@@ -33,107 +33,7 @@ fn fixture(name: &'static str, input: Vec<u8>, protos: &'static [u32], outcome: 
     }
 }
 
-// ---- frame builders ----
-
-const ETH_IP: u16 = 0x0800;
-const ETH_IPV6: u16 = 0x86dd;
-const ETH_ARP: u16 = 0x0806;
-const ETH_8021Q: u16 = 0x8100;
-const ETH_8021AD: u16 = 0x88a8;
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const ICMP: u8 = 1;
-const ICMPV6: u8 = 58;
-const HOPOPTS: u8 = 0;
-const DSTOPTS: u8 = 60;
-const FRAGMENT: u8 = 44;
-
-fn eth(ethertype: u16) -> Vec<u8> {
-    let mut f = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
-    f.extend(ethertype.to_be_bytes());
-    f
-}
-
-fn vlan(frame: &mut Vec<u8>, vid: u16, inner: u16) {
-    frame.extend(vid.to_be_bytes());
-    frame.extend(inner.to_be_bytes());
-}
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// An IPv4 header with `options` (a multiple of 4 bytes) and a valid checksum.
-fn ipv4(protocol: u8, l4_len: usize, options: &[u8], frag_off: u16) -> Vec<u8> {
-    assert_eq!(options.len() % 4, 0);
-    let ihl = 5 + options.len() / 4;
-    let total = (ihl * 4 + l4_len) as u16;
-    let mut h = vec![(4 << 4) | ihl as u8, 0];
-    h.extend(total.to_be_bytes());
-    h.extend([0x12, 0x34]);
-    h.extend(frag_off.to_be_bytes());
-    h.extend([64, protocol, 0, 0]);
-    h.extend([198, 18, 0, 1, 198, 18, 0, 2]);
-    h.extend(options);
-    let c = checksum(&h);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h
-}
-
-fn ipv6(nexthdr: u8, payload_len: usize) -> Vec<u8> {
-    let mut h = vec![0x60, 0, 0, 0];
-    h.extend((payload_len as u16).to_be_bytes());
-    h.extend([nexthdr, 64]);
-    h.extend([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
-    h.extend([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
-    h
-}
-
-/// An IPv6 extension header (hop-by-hop/destination options) of 8 * (1 + hdrlen) bytes.
-fn ext(nexthdr: u8, hdrlen: u8) -> Vec<u8> {
-    let mut h = vec![nexthdr, hdrlen, 1, 4, 0, 0, 0, 0]; // PadN option fills the rest
-    h.resize(8 * (1 + hdrlen as usize), 0);
-    h
-}
-
-fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mut h = Vec::new();
-    h.extend(sport.to_be_bytes());
-    h.extend(dport.to_be_bytes());
-    h.extend(1u32.to_be_bytes());
-    h.extend(0u32.to_be_bytes());
-    h.extend([5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    h
-}
-
-fn udp(sport: u16, dport: u16, payload: usize) -> Vec<u8> {
-    let mut h = Vec::new();
-    h.extend(sport.to_be_bytes());
-    h.extend(dport.to_be_bytes());
-    h.extend(((8 + payload) as u16).to_be_bytes());
-    h.extend([0, 0]);
-    h.resize(8 + payload, 0xab);
-    h
-}
-
-fn icmp_echo(kind: u8) -> Vec<u8> {
-    vec![kind, 0, 0, 0, 0x42, 0x42, 0, 1]
-}
-
-fn cat(parts: &[&[u8]]) -> Vec<u8> {
-    parts.concat()
-}
-
-fn v4(l4_proto: u8, l4: &[u8]) -> Vec<u8> {
-    cat(&[&eth(ETH_IP), &ipv4(l4_proto, l4.len(), &[], 0), l4])
-}
+use mesh_tests::frames::*;
 
 fn fixtures() -> Vec<Fixture> {
     use outcome::{FRAGMENT as FRAG, MALFORMED, PARSED, TRUNCATED};
@@ -499,4 +399,302 @@ fn every_map_name_resolves_in_the_object() {
         maps::ALL.len(),
         "object has maps {names:?} not listed in maps::ALL"
     );
+}
+
+// ---- load balancer (tc_lb) ----
+
+mod lb {
+    use std::net::Ipv4Addr;
+
+    use aya::maps::{HashMap, MapData};
+    use aya::programs::{TestRun as _, TestRunOptions};
+    use dataplane::ebpf::Datapath;
+    use dataplane::lb::{BackendSpec, FrontendSpec, LbSpec, LbSync, Protocol, ServiceSpec};
+    use dataplane_common::{Backend, CtEntry, FAMILY_V4, FlowKey, maps};
+    use mesh_tests::{Netns, frames::*, require_root};
+
+    const TC_ACT_OK: u32 = 0;
+    const TC_ACT_REDIRECT: u32 = 7;
+    const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+    const WEB_PORT: u16 = 8080;
+    const DNS_PORT: u16 = 5353;
+
+    fn backend(i: u8) -> BackendSpec {
+        BackendSpec {
+            address: Ipv4Addr::new(198, 19, i, 2),
+            port: 80,
+            weight: 1,
+        }
+    }
+
+    fn spec(backends: &[u8]) -> LbSpec {
+        let backends: Vec<BackendSpec> = backends.iter().map(|i| backend(*i)).collect();
+        LbSpec {
+            nat_address: NODE,
+            node_addresses: vec![NODE],
+            nat_port_min: 61000,
+            nat_port_count: 4536,
+            services: vec![
+                ServiceSpec {
+                    id: 1,
+                    name: "web".into(),
+                    frontends: vec![FrontendSpec {
+                        address: None,
+                        port: WEB_PORT,
+                        protocol: Protocol::Tcp,
+                    }],
+                    backends: backends.clone(),
+                    table_size: 251,
+                },
+                ServiceSpec {
+                    id: 2,
+                    name: "dns".into(),
+                    frontends: vec![FrontendSpec {
+                        address: None,
+                        port: DNS_PORT,
+                        protocol: Protocol::Udp,
+                    }],
+                    backends: backends.iter().map(|b| BackendSpec { port: 53, ..b.clone() }).collect(),
+                    table_size: 251,
+                },
+            ],
+        }
+    }
+
+    /// A namespace with a routed underlay, the program loaded and a spec applied.
+    struct Env {
+        ns: Netns,
+        dp: Datapath,
+        sync: LbSync,
+        ifindex: u32,
+    }
+
+    impl Env {
+        fn new(backends: &[u8]) -> Env {
+            let ns = Netns::new();
+            let n = ns.name().to_owned();
+            for args in [
+                vec!["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+                vec!["addr", "add", "198.18.0.1/24", "dev", "v0"],
+                vec!["link", "set", "v0", "up"],
+                vec!["link", "set", "v1", "up"],
+                vec!["route", "add", "198.19.0.0/16", "via", "198.18.0.2", "dev", "v0"],
+            ] {
+                let mut full = vec!["-n", n.as_str()];
+                full.extend(args);
+                let out = std::process::Command::new("ip").args(&full).output().unwrap();
+                assert!(out.status.success(), "ip {full:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            // The LB forwards (bpf_fib_lookup refuses when forwarding is off), as meshd sets up.
+            ns.write_sysctl("net/ipv4/conf/all/forwarding", "1");
+            let ifindex = ns.enter(|| nix_ifindex("v0"));
+            let mut dp = Datapath::load(None).expect("load");
+            let mut sync = LbSync::new();
+            sync.apply(&spec(backends), &mut dp.lb_maps()).expect("apply");
+            Env { ns, dp, sync, ifindex }
+        }
+
+        fn apply(&mut self, backends: &[u8]) {
+            self.sync.apply(&spec(backends), &mut self.dp.lb_maps()).expect("apply");
+        }
+
+        /// Runs tc_lb on `frame` as if it arrived on v0; returns (verdict, output).
+        fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+            let mut ctx = [0u8; 192];
+            ctx[40..44].copy_from_slice(&self.ifindex.to_ne_bytes()); // __sk_buff.ifindex
+            let prog = self.dp.lb().expect("tc_lb");
+            let (rv, out) = self.ns.enter(|| {
+                let mut out = vec![0u8; frame.len() + 256];
+                let r = prog
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        data_out: Some(&mut out),
+                        ctx_in: Some(&ctx),
+                        ..TestRunOptions::default()
+                    })
+                    .expect("BPF_PROG_TEST_RUN");
+                out.truncate(r.data_size_out as usize);
+                (r.return_value, out)
+            });
+            (rv, out)
+        }
+
+        fn conntrack(&self, client: (Ipv4Addr, u16), port: u16, proto: u8) -> Option<CtEntry> {
+            let ct: HashMap<&MapData, FlowKey, CtEntry> =
+                HashMap::try_from(self.dp.ebpf().map(maps::CONNTRACK).unwrap()).unwrap();
+            ct.get(&flow(client, (NODE, port), proto), 0).ok()
+        }
+
+        fn backend_of(&self, ct: &CtEntry) -> Ipv4Addr {
+            let b: HashMap<&MapData, u32, Backend> =
+                HashMap::try_from(self.dp.ebpf().map(maps::BACKENDS).unwrap()).unwrap();
+            let b = b.get(&ct.backend_id, 0).expect("backend of a conntrack entry");
+            Ipv4Addr::from(b.addr_be[0].to_ne_bytes())
+        }
+    }
+
+    fn nix_ifindex(name: &str) -> u32 {
+        let c = std::ffi::CString::new(name).unwrap();
+        // SAFETY: valid C string.
+        let i = unsafe { libc_if_nametoindex(c.as_ptr()) };
+        assert_ne!(i, 0, "no interface {name}");
+        i
+    }
+
+    unsafe extern "C" {
+        #[link_name = "if_nametoindex"]
+        fn libc_if_nametoindex(name: *const std::ffi::c_char) -> u32;
+    }
+
+    fn flow(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8) -> FlowKey {
+        FlowKey {
+            saddr_be: [u32::from_ne_bytes(src.0.octets()), 0, 0, 0],
+            daddr_be: [u32::from_ne_bytes(dst.0.octets()), 0, 0, 0],
+            sport_be: src.1.to_be(),
+            dport_be: dst.1.to_be(),
+            proto,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        }
+    }
+
+    /// Sends `frame` (client -> node) and checks it comes out DNATed to the
+    /// conntrack entry's backend and SNATed to the node, byte for byte.
+    /// Returns (backend, nat port).
+    fn expect_forward(env: &mut Env, frame: &[u8], client: (Ipv4Addr, u16), port: u16, proto: u8) -> (Ipv4Addr, u16) {
+        let (rv, out) = env.run(frame);
+        assert_eq!(rv, TC_ACT_REDIRECT, "forward verdict; in {frame:02x?} out {out:02x?}");
+        let ct = env.conntrack(client, port, proto).expect("conntrack entry created");
+        let backend = env.backend_of(&ct);
+        let nat_port = u16::from_be(ct.nat_port_be);
+        assert!((61000..65536u32).contains(&u32::from(nat_port)), "nat port {nat_port}");
+        let backend_port = if proto == TCP { 80 } else { 53 };
+        let mut want = frame.to_vec();
+        set_v4_endpoints(&mut want, (NODE, nat_port), (backend, backend_port));
+        assert_eq!(out, want, "forward rewrite");
+        assert!(v4_checksums_ok(&out), "checksums after DNAT/SNAT");
+        (backend, nat_port)
+    }
+
+    #[test]
+    fn syn_to_published_port_and_its_reply_are_translated() {
+        let Some(_root) = require_root("packet::lb::syn_to_published_port_and_its_reply_are_translated") else {
+            return;
+        };
+        let mut env = Env::new(&[1, 2, 3]);
+        let client = (CLIENT, 40000);
+        let syn = v4_flow(TCP, client, (NODE, WEB_PORT), 0x02, 0);
+        let (backend, nat_port) = expect_forward(&mut env, &syn, client, WEB_PORT, TCP);
+
+        let syn_ack = v4_flow(TCP, (backend, 80), (NODE, nat_port), 0x12, 0);
+        let (rv, out) = env.run(&syn_ack);
+        assert_eq!(rv, TC_ACT_REDIRECT, "reply verdict");
+        let want = v4_flow(TCP, (NODE, WEB_PORT), client, 0x12, 0);
+        assert_eq!(out, want, "reply reverse-NATed to the client");
+        assert!(v4_checksums_ok(&out));
+    }
+
+    #[test]
+    fn udp_request_and_reply_are_translated() {
+        let Some(_root) = require_root("packet::lb::udp_request_and_reply_are_translated") else {
+            return;
+        };
+        let mut env = Env::new(&[1, 2]);
+        let client = (CLIENT, 33333);
+        let query = v4_flow(UDP, client, (NODE, DNS_PORT), 0, 40);
+        let (backend, nat_port) = expect_forward(&mut env, &query, client, DNS_PORT, UDP);
+        let answer = v4_flow(UDP, (backend, 53), (NODE, nat_port), 0, 90);
+        let (rv, out) = env.run(&answer);
+        assert_eq!(rv, TC_ACT_REDIRECT);
+        assert_eq!(out, v4_flow(UDP, (NODE, DNS_PORT), client, 0, 90));
+    }
+
+    #[test]
+    fn ipv4_options_are_kept_and_checksums_stay_valid() {
+        let Some(_root) = require_root("packet::lb::ipv4_options_are_kept_and_checksums_stay_valid") else {
+            return;
+        };
+        let mut env = Env::new(&[1, 2, 3]);
+        let client = (CLIENT, 40001);
+        let syn = tcp(client.1, WEB_PORT, 0x02);
+        let mut frame = cat(&[&eth(ETH_IP), &ipv4(TCP, syn.len(), &[0x94, 4, 0, 0, 1, 1, 1, 0], 0), &syn]);
+        set_v4_endpoints(&mut frame, client, (NODE, WEB_PORT));
+        expect_forward(&mut env, &frame, client, WEB_PORT, TCP);
+    }
+
+    #[test]
+    fn traffic_that_is_not_for_a_frontend_is_untouched() {
+        let Some(_root) = require_root("packet::lb::traffic_that_is_not_for_a_frontend_is_untouched") else {
+            return;
+        };
+        let mut env = Env::new(&[1, 2]);
+        let client = (CLIENT, 40002);
+        let mut cases = vec![
+            ("non-matching port", v4_flow(TCP, client, (NODE, 9999), 0x02, 0)),
+            ("udp to the tcp frontend's port", v4_flow(UDP, client, (NODE, WEB_PORT), 0, 8)),
+            ("address that is not the node's", v4_flow(TCP, client, (Ipv4Addr::new(198, 18, 0, 7), WEB_PORT), 0x02, 0)),
+        ];
+        let good = v4_flow(TCP, client, (NODE, WEB_PORT), 0x02, 0);
+        let mut truncated = good[..good.len() - 6].to_vec();
+        let ip_len = (truncated.len() - 14) as u16;
+        truncated[16..18].copy_from_slice(&ip_len.to_be_bytes());
+        cases.push(("truncated tcp header", truncated));
+        let mut bad_ihl = good.clone();
+        bad_ihl[14] = 0x44;
+        cases.push(("ihl 4", bad_ihl));
+        let mut bad_doff = good.clone();
+        bad_doff[14 + 20 + 12] = 0x30;
+        cases.push(("tcp data offset 3", bad_doff));
+        let mut later_fragment = v4_flow(UDP, client, (NODE, DNS_PORT), 0, 32);
+        later_fragment[20..22].copy_from_slice(&100u16.to_be_bytes());
+        cases.push(("non-first fragment", later_fragment));
+        let mut first_fragment = v4_flow(UDP, client, (NODE, DNS_PORT), 0, 32);
+        first_fragment[20..22].copy_from_slice(&0x2000u16.to_be_bytes());
+        cases.push(("first fragment", first_fragment));
+        for (what, frame) in cases {
+            let (rv, out) = env.run(&frame);
+            assert_eq!(rv, TC_ACT_OK, "{what}: verdict");
+            assert_eq!(out, frame, "{what}: must pass unchanged");
+        }
+        assert!(env.conntrack(client, WEB_PORT, TCP).is_none(), "no flow was created");
+        assert!(env.conntrack(client, DNS_PORT, UDP).is_none(), "no flow was created");
+    }
+
+    #[test]
+    fn an_established_flow_keeps_its_backend_when_others_change() {
+        let Some(_root) = require_root("packet::lb::an_established_flow_keeps_its_backend_when_others_change") else {
+            return;
+        };
+        let mut env = Env::new(&[1, 2]);
+        let client = (CLIENT, 40003);
+        let syn = v4_flow(TCP, client, (NODE, WEB_PORT), 0x02, 0);
+        let (backend, nat_port) = expect_forward(&mut env, &syn, client, WEB_PORT, TCP);
+        let keep = backend.octets()[2];
+        let others: Vec<u8> = [1u8, 2].into_iter().filter(|b| *b != keep).collect();
+        // Add five backends and remove the other original one.
+        let mut changed = vec![keep, 10, 11, 12, 13, 14];
+        changed.retain(|b| !others.contains(b));
+        env.apply(&changed);
+        let ack = v4_flow(TCP, client, (NODE, WEB_PORT), 0x10, 100);
+        let (again, again_port) = expect_forward(&mut env, &ack, client, WEB_PORT, TCP);
+        assert_eq!((again, again_port), (backend, nat_port), "conntrack hit keeps backend and NAT port");
+    }
+
+    #[test]
+    fn a_udp_flow_to_a_removed_backend_is_resteered_at_once() {
+        let Some(_root) = require_root("packet::lb::a_udp_flow_to_a_removed_backend_is_resteered_at_once") else {
+            return;
+        };
+        let mut env = Env::new(&[1, 2, 3]);
+        let client = (CLIENT, 40004);
+        let q = v4_flow(UDP, client, (NODE, DNS_PORT), 0, 20);
+        let (backend, _) = expect_forward(&mut env, &q, client, DNS_PORT, UDP);
+        let gone = backend.octets()[2];
+        let rest: Vec<u8> = [1u8, 2, 3].into_iter().filter(|b| *b != gone).collect();
+        env.apply(&rest);
+        let (next, _) = expect_forward(&mut env, &q, client, DNS_PORT, UDP);
+        assert_ne!(next, backend, "the next datagram must not go to the removed backend");
+        assert!(rest.contains(&next.octets()[2]));
+    }
 }

@@ -90,7 +90,7 @@ fn main() -> Result<()> {
 fn run(node: NodeArgs, underlay: &str, mode: Mode) -> Result<()> {
     let pin_dir = bpffs::prepare_node_dir(&node.bpf_root, &node.node)?;
     let mut datapath = Datapath::load(Some(&pin_dir))?;
-    datapath.attach_parser(underlay, mode.into())?;
+    datapath.attach_parser(underlay, mode.into(), None)?;
     tracing::info!(node = %node.node, %underlay, pins = %pin_dir.display(), "data plane attached");
 
     let rt = tokio::runtime::Builder::new_current_thread()
