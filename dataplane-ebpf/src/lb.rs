@@ -11,22 +11,28 @@
 //! (truncated, malformed, fragments), passes through untouched.
 
 use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams},
+    bindings::{
+        BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+    },
     btf_maps::{Array, ArrayOfMaps},
-    helpers::{bpf_ktime_get_ns, generated::{bpf_fib_lookup, bpf_redirect_neigh}},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_fib_lookup, bpf_redirect_neigh},
+    },
     macros::{btf_map, map},
     maps::{Array as LegacyArray, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use dataplane_common::{
-    Backend, CT_F_CLOSING, CtEntry, FAMILY_V4, FlowKey, Frontend, FrontendKey, LbConfig, LbCounter, RevNat, limits,
-    outcome,
+    Backend, CT_F_CLOSING, CtEntry, FAMILY_V4, FlowKey, Frontend, FrontendKey, LbConfig, LbCounter,
+    RevNat, limits, outcome,
 };
 
 use crate::parse::{self, IPPROTO_TCP, IPPROTO_UDP, Parsed};
 
 #[map(name = "FRONTENDS")]
-static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::with_max_entries(limits::MAX_FRONTENDS, 0);
+static FRONTENDS: HashMap<FrontendKey, Frontend> =
+    HashMap::with_max_entries(limits::MAX_FRONTENDS, 0);
 
 #[map(name = "BACKENDS")]
 static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(limits::MAX_BACKENDS, 0);
@@ -35,11 +41,14 @@ static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(limits::MAX_B
 const BPF_F_INNER_MAP: usize = 1 << 12;
 
 #[btf_map]
-static MAGLEV: ArrayOfMaps<Array<u32, { limits::MAGLEV_MAX as usize }, BPF_F_INNER_MAP>, { limits::MAX_FRONTENDS as usize }> =
-    ArrayOfMaps::new();
+static MAGLEV: ArrayOfMaps<
+    Array<u32, { limits::MAGLEV_MAX as usize }, BPF_F_INNER_MAP>,
+    { limits::MAX_FRONTENDS as usize },
+> = ArrayOfMaps::new();
 
 #[map(name = "CONNTRACK")]
-static CONNTRACK: LruHashMap<FlowKey, CtEntry> = LruHashMap::with_max_entries(limits::CONNTRACK_MAX, 0);
+static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
+    LruHashMap::with_max_entries(limits::CONNTRACK_MAX, 0);
 
 #[map(name = "REVNAT")]
 static REVNAT: LruHashMap<FlowKey, RevNat> = LruHashMap::with_max_entries(limits::CONNTRACK_MAX, 0);
@@ -51,10 +60,12 @@ static NODE_ADDRS: HashMap<[u32; 4], u32> = HashMap::with_max_entries(limits::NO
 static LB_CONFIG: LegacyArray<LbConfig> = LegacyArray::with_max_entries(1, 0);
 
 #[map(name = "FRONTEND_STATS")]
-static FRONTEND_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(limits::MAX_FRONTENDS, 0);
+static FRONTEND_STATS: PerCpuArray<LbCounter> =
+    PerCpuArray::with_max_entries(limits::MAX_FRONTENDS, 0);
 
 #[map(name = "BACKEND_STATS")]
-static BACKEND_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(limits::MAX_BACKENDS, 0);
+static BACKEND_STATS: PerCpuArray<LbCounter> =
+    PerCpuArray::with_max_entries(limits::MAX_BACKENDS, 0);
 
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
@@ -214,7 +225,14 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
     CONNTRACK.insert(&flow, &ct, 0)?;
     bump(&FRONTEND_STATS, frontend.id, bytes, new_flow);
     bump(&BACKEND_STATS, ct.backend_id, bytes, new_flow);
-    rewrite_v4(ctx, &p, ct.nat_addr_be[0], ct.nat_port_be, backend.addr_be[0], backend.port_be)?;
+    rewrite_v4(
+        ctx,
+        &p,
+        ct.nat_addr_be[0],
+        ct.nat_port_be,
+        backend.addr_be[0],
+        backend.port_be,
+    )?;
     Ok(forward(ctx, ct.nat_addr_be[0], backend.addr_be[0]))
 }
 
@@ -246,7 +264,8 @@ fn claim_nat_port(p: &Parsed, backend: &Backend, cfg: &LbConfig, now: u64) -> Op
     };
     let mut i = 0;
     while i < NAT_PORT_TRIES {
-        let port = (u32::from(cfg.nat_port_min) + (seed.wrapping_add(i.wrapping_mul(7919)) % count)) as u16;
+        let port = (u32::from(cfg.nat_port_min) + (seed.wrapping_add(i.wrapping_mul(7919)) % count))
+            as u16;
         key.dport_be = port.to_be();
         if REVNAT.insert(&key, &rev, u64::from(BPF_NOEXIST)).is_ok() {
             return Some(key.dport_be);
@@ -267,7 +286,14 @@ fn claim_nat_port(p: &Parsed, backend: &Backend, cfg: &LbConfig, now: u64) -> Op
 /// Rewrites source and destination of an IPv4 TCP/UDP packet, fixing the IP
 /// and L4 checksums incrementally.
 #[inline(always)]
-fn rewrite_v4(ctx: &TcContext, p: &Parsed, saddr: u32, sport: u16, daddr: u32, dport: u16) -> Result<(), i64> {
+fn rewrite_v4(
+    ctx: &TcContext,
+    p: &Parsed,
+    saddr: u32,
+    sport: u16,
+    daddr: u32,
+    dport: u16,
+) -> Result<(), i64> {
     let l3 = p.l3_off as usize;
     let l4 = p.l4_off as usize;
     let (csum_off, mangle) = if p.ip_proto == IPPROTO_TCP {
@@ -279,21 +305,41 @@ fn rewrite_v4(ctx: &TcContext, p: &Parsed, saddr: u32, sport: u16, daddr: u32, d
     let old_saddr = p.saddr[0];
     let old_daddr = p.daddr[0];
     if old_saddr != saddr {
-        ctx.l4_csum_replace(csum_off, u64::from(old_saddr), u64::from(saddr), u64::from(BPF_F_PSEUDO_HDR) | mangle | 4)?;
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_saddr),
+            u64::from(saddr),
+            u64::from(BPF_F_PSEUDO_HDR) | mangle | 4,
+        )?;
         ctx.l3_csum_replace(l3 + 10, u64::from(old_saddr), u64::from(saddr), 4)?;
         ctx.store(l3 + 12, &saddr, 0)?;
     }
     if old_daddr != daddr {
-        ctx.l4_csum_replace(csum_off, u64::from(old_daddr), u64::from(daddr), u64::from(BPF_F_PSEUDO_HDR) | mangle | 4)?;
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_daddr),
+            u64::from(daddr),
+            u64::from(BPF_F_PSEUDO_HDR) | mangle | 4,
+        )?;
         ctx.l3_csum_replace(l3 + 10, u64::from(old_daddr), u64::from(daddr), 4)?;
         ctx.store(l3 + 16, &daddr, 0)?;
     }
     if p.sport_be != sport {
-        ctx.l4_csum_replace(csum_off, u64::from(p.sport_be), u64::from(sport), mangle | 2)?;
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(p.sport_be),
+            u64::from(sport),
+            mangle | 2,
+        )?;
         ctx.store(l4, &sport, 0)?;
     }
     if p.dport_be != dport {
-        ctx.l4_csum_replace(csum_off, u64::from(p.dport_be), u64::from(dport), mangle | 2)?;
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(p.dport_be),
+            u64::from(dport),
+            mangle | 2,
+        )?;
         ctx.store(l4 + 2, &dport, 0)?;
     }
     Ok(())

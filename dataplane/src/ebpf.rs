@@ -184,7 +184,9 @@ impl Datapath {
 
     /// Map access for [`LbSync`].
     pub fn lb_maps(&mut self) -> KernelLbMaps<'_> {
-        KernelLbMaps { ebpf: &mut self.ebpf }
+        KernelLbMaps {
+            ebpf: &mut self.ebpf,
+        }
     }
 
     /// Rebuilds [`LbSync`] from the (possibly pinned, pre-existing) maps.
@@ -307,19 +309,23 @@ impl LbMaps for KernelLbMaps<'_> {
                 .set(slot as u32, backend, 0)
                 .map_err(map_err("fill Maglev table"))?;
         }
-        let mut outer: ArrayOfMaps<&mut MapData, Array<MapData, u32>> = typed_mut(self.ebpf, maps::MAGLEV)?;
+        let mut outer: ArrayOfMaps<&mut MapData, Array<MapData, u32>> =
+            typed_mut(self.ebpf, maps::MAGLEV)?;
         outer
             .set(frontend_id, &inner, 0)
             .map_err(map_err("swap Maglev table"))
     }
 
     fn set_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> Result<(), SyncError> {
-        let mut m: HashMap<&mut MapData, FrontendKey, Frontend> = typed_mut(self.ebpf, maps::FRONTENDS)?;
-        m.insert(key, frontend, 0).map_err(map_err("write FRONTENDS"))
+        let mut m: HashMap<&mut MapData, FrontendKey, Frontend> =
+            typed_mut(self.ebpf, maps::FRONTENDS)?;
+        m.insert(key, frontend, 0)
+            .map_err(map_err("write FRONTENDS"))
     }
 
     fn remove_frontend(&mut self, key: &FrontendKey) -> Result<(), SyncError> {
-        let mut m: HashMap<&mut MapData, FrontendKey, Frontend> = typed_mut(self.ebpf, maps::FRONTENDS)?;
+        let mut m: HashMap<&mut MapData, FrontendKey, Frontend> =
+            typed_mut(self.ebpf, maps::FRONTENDS)?;
         ignore_missing(m.remove(key)).map_err(map_err("delete from FRONTENDS"))
     }
 }
@@ -332,7 +338,9 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoadError> {
-    let program = ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?;
     program.try_into().map_err(|source| LoadError::Program {
         program: name,
         operation: "expected an XDP program",
@@ -340,8 +348,13 @@ fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Lo
     })
 }
 
-fn tc_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, LoadError> {
-    let program = ebpf.program_mut(name).ok_or(LoadError::MissingProgram(name))?;
+fn tc_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoadError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?;
     program.try_into().map_err(|source| LoadError::Program {
         program: name,
         operation: "expected a TC classifier",
@@ -362,5 +375,100 @@ fn raise_memlock() {
             error = %std::io::Error::last_os_error(),
             "cannot raise RLIMIT_MEMLOCK; relying on cgroup accounting"
         );
+    }
+}
+
+/// What one conntrack sweep removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub flows_seen: usize,
+    pub flows_expired: usize,
+    pub revnat_expired: usize,
+}
+
+/// Current CLOCK_MONOTONIC in ns: the clock bpf_ktime_get_ns() reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the struct we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Datapath {
+    /// Garbage-collects idle flows. A flow's age is that of its most recent
+    /// packet in either direction (conntrack for client->backend, reverse NAT
+    /// for replies); when it is past its timeout both entries go.
+    pub fn sweep_conntrack(
+        &mut self,
+        now_ns: u64,
+        timeouts: &crate::lb::Timeouts,
+    ) -> Result<SweepReport, SyncError> {
+        use dataplane_common::{CT_F_CLOSING, CtEntry, FAMILY_V4, FlowKey, RevNat};
+        let mut report = SweepReport::default();
+        let (ct_entries, rev_entries) = {
+            let ct: HashMap<&MapData, FlowKey, CtEntry> = typed(&self.ebpf, maps::CONNTRACK)?;
+            let rev: HashMap<&MapData, FlowKey, RevNat> = typed(&self.ebpf, maps::REVNAT)?;
+            // Entries can vanish mid-walk (LRU eviction); skip what fails to read.
+            let cts: std::collections::HashMap<FlowKey, CtEntry> =
+                ct.iter().filter_map(Result::ok).collect();
+            let revs: Vec<(FlowKey, RevNat)> = rev.iter().filter_map(Result::ok).collect();
+            (cts, revs)
+        };
+        report.flows_seen = ct_entries.len();
+        let mut expired_ct = Vec::new();
+        let mut expired_rev = Vec::new();
+        let mut live_ct = std::collections::HashSet::new();
+        for (rev_key, rev) in &rev_entries {
+            let ct_key = FlowKey {
+                saddr_be: rev.client_addr_be,
+                daddr_be: rev.frontend_addr_be,
+                sport_be: rev.client_port_be,
+                dport_be: rev.frontend_port_be,
+                proto: rev_key.proto,
+                family: FAMILY_V4,
+                _pad: [0; 2],
+            };
+            let ct = ct_entries.get(&ct_key);
+            let last = rev.last_seen_ns.max(ct.map_or(0, |c| c.last_seen_ns));
+            let closing = (rev.flags | ct.map_or(0, |c| c.flags)) & CT_F_CLOSING != 0;
+            if timeouts.expired(rev_key.proto, closing, last, now_ns) {
+                expired_rev.push(*rev_key);
+                if ct.is_some() {
+                    expired_ct.push(ct_key);
+                }
+            } else {
+                live_ct.insert(ct_key);
+            }
+        }
+        // Conntrack entries without a reverse entry age on their own.
+        for (key, ct) in &ct_entries {
+            if !live_ct.contains(key)
+                && !expired_ct.contains(key)
+                && timeouts.expired(
+                    key.proto,
+                    ct.flags & CT_F_CLOSING != 0,
+                    ct.last_seen_ns,
+                    now_ns,
+                )
+            {
+                expired_ct.push(*key);
+            }
+        }
+        let mut ct: HashMap<&mut MapData, FlowKey, CtEntry> =
+            typed_mut(&mut self.ebpf, maps::CONNTRACK)?;
+        for key in &expired_ct {
+            ignore_missing(ct.remove(key)).map_err(map_err("delete from CONNTRACK"))?;
+        }
+        report.flows_expired = expired_ct.len();
+        let mut rev: HashMap<&mut MapData, FlowKey, RevNat> =
+            typed_mut(&mut self.ebpf, maps::REVNAT)?;
+        for key in &expired_rev {
+            ignore_missing(rev.remove(key)).map_err(map_err("delete from REVNAT"))?;
+        }
+        report.revnat_expired = expired_rev.len();
+        Ok(report)
     }
 }

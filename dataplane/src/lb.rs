@@ -112,7 +112,9 @@ pub enum SpecError {
         #[source]
         source: MaglevError,
     },
-    #[error("frontend {address}:{port}/{protocol:?} is claimed by both service {first} and service {second}")]
+    #[error(
+        "frontend {address}:{port}/{protocol:?} is claimed by both service {first} and service {second}"
+    )]
     DuplicateFrontend {
         address: String,
         port: u16,
@@ -125,8 +127,14 @@ pub enum SpecError {
     #[error("service ids must be unique: {0} is used twice")]
     DuplicateServiceId(u32),
     #[error("too many {what}: {count} (at most {max})")]
-    TooMany { what: &'static str, count: usize, max: u32 },
-    #[error("nat_port_count must be at least 1, and nat_port_min + nat_port_count must not pass 65536")]
+    TooMany {
+        what: &'static str,
+        count: usize,
+        max: u32,
+    },
+    #[error(
+        "nat_port_count must be at least 1, and nat_port_min + nat_port_count must not pass 65536"
+    )]
     NatRange,
     #[error("nat_address must not be 0.0.0.0")]
     NatAddress,
@@ -137,7 +145,10 @@ pub enum SyncError {
     #[error(transparent)]
     Spec(#[from] SpecError),
     #[error("{operation}: {message}")]
-    Map { operation: &'static str, message: String },
+    Map {
+        operation: &'static str,
+        message: String,
+    },
 }
 
 impl LbSpec {
@@ -147,7 +158,9 @@ impl LbSpec {
         if self.nat_address.is_unspecified() {
             return Err(SpecError::NatAddress);
         }
-        if self.nat_port_count == 0 || u32::from(self.nat_port_min) + u32::from(self.nat_port_count) > 65536 {
+        if self.nat_port_count == 0
+            || u32::from(self.nat_port_min) + u32::from(self.nat_port_count) > 65536
+        {
             return Err(SpecError::NatRange);
         }
         if self.node_addresses.len() > limits::NODE_ADDRS_MAX as usize {
@@ -270,7 +283,12 @@ fn backend_key(b: &BackendSpec, protocol: Protocol) -> BackendKey {
 
 pub fn frontend_key(f: &FrontendSpec) -> FrontendKey {
     FrontendKey {
-        addr_be: [f.address.map_or(0, |a| u32::from_ne_bytes(a.octets())), 0, 0, 0],
+        addr_be: [
+            f.address.map_or(0, |a| u32::from_ne_bytes(a.octets())),
+            0,
+            0,
+            0,
+        ],
         port_be: f.port.to_be(),
         proto: f.protocol.number(),
         family: FAMILY_V4,
@@ -348,8 +366,12 @@ impl LbSync {
         frontends: impl IntoIterator<Item = (FrontendKey, Frontend)>,
         backends: impl IntoIterator<Item = (u32, BackendKey)>,
     ) -> LbSync {
-        let backends: BTreeMap<BackendKey, u32> = backends.into_iter().map(|(id, k)| (k, id)).collect();
-        let next_backend_id = backends.values().max().map_or(0, |m| (m + 1) % limits::MAX_BACKENDS);
+        let backends: BTreeMap<BackendKey, u32> =
+            backends.into_iter().map(|(id, k)| (k, id)).collect();
+        let next_backend_id = backends
+            .values()
+            .max()
+            .map_or(0, |m| (m + 1) % limits::MAX_BACKENDS);
         LbSync {
             config,
             node_addrs: node_addrs.into_iter().collect(),
@@ -372,7 +394,11 @@ impl LbSync {
 
     /// Makes the maps match `spec`, writing only what differs. The spec is
     /// validated first: an invalid spec changes nothing.
-    pub fn apply(&mut self, spec: &LbSpec, maps: &mut impl LbMaps) -> Result<ApplyReport, SyncError> {
+    pub fn apply(
+        &mut self,
+        spec: &LbSpec,
+        maps: &mut impl LbMaps,
+    ) -> Result<ApplyReport, SyncError> {
         spec.validate()?;
         let mut report = ApplyReport::default();
 
@@ -435,7 +461,9 @@ impl LbSync {
         for (key, (service_id, backends, table_size)) in &want {
             let current = self.frontends.get(key);
             let unchanged = current.is_some_and(|c| {
-                c.backends.as_ref() == Some(backends) && c.table_size == *table_size && c.service_id == *service_id
+                c.backends.as_ref() == Some(backends)
+                    && c.table_size == *table_size
+                    && c.service_id == *service_id
             });
             if unchanged {
                 continue;
@@ -474,7 +502,12 @@ impl LbSync {
         }
 
         // 3. Frontends no longer wanted.
-        let gone: Vec<FrontendKey> = self.frontends.keys().filter(|k| !want.contains_key(k)).copied().collect();
+        let gone: Vec<FrontendKey> = self
+            .frontends
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
         for key in gone {
             let installed = self.frontends.remove(&key).expect("listed above");
             maps.remove_frontend(&key)?;
@@ -499,12 +532,19 @@ impl LbSync {
         Ok(report)
     }
 
-    fn build_table(&self, backends: &[(BackendKey, u32)], size: u32) -> Result<Vec<u32>, SyncError> {
+    fn build_table(
+        &self,
+        backends: &[(BackendKey, u32)],
+        size: u32,
+    ) -> Result<Vec<u32>, SyncError> {
         let keys: Vec<[u8; 7]> = backends.iter().map(|(k, _)| k.maglev_key()).collect();
         let weighted: Vec<Weighted<'_>> = keys
             .iter()
             .zip(backends)
-            .map(|(key, (_, weight))| Weighted { key, weight: *weight })
+            .map(|(key, (_, weight))| Weighted {
+                key,
+                weight: *weight,
+            })
             .collect();
         let table = maglev::build(&weighted, size).map_err(|e| SyncError::Map {
             operation: "building a Maglev table",
@@ -512,7 +552,13 @@ impl LbSync {
         })?;
         Ok(table
             .into_iter()
-            .map(|i| if i == NO_BACKEND { NO_BACKEND } else { self.backends[&backends[i as usize].0] })
+            .map(|i| {
+                if i == NO_BACKEND {
+                    NO_BACKEND
+                } else {
+                    self.backends[&backends[i as usize].0]
+                }
+            })
             .collect())
     }
 
@@ -633,7 +679,10 @@ mod tests {
 
     #[test]
     fn applying_the_same_state_twice_writes_nothing() {
-        let s = spec(vec![service(1, 8080, &[(1, 1), (2, 1)]), service(2, 9090, &[(3, 1)])]);
+        let s = spec(vec![
+            service(1, 8080, &[(1, 1), (2, 1)]),
+            service(2, 9090, &[(3, 1)]),
+        ]);
         let mut maps = FakeMaps::default();
         let mut sync = LbSync::new();
         let first = sync.apply(&s, &mut maps).unwrap();
@@ -649,7 +698,9 @@ mod tests {
 
     #[test]
     fn changing_one_service_touches_only_that_service() {
-        let mut services: Vec<ServiceSpec> = (1..=50).map(|i| service(i, 8000 + i as u16, &[(i as u8, 1)])).collect();
+        let mut services: Vec<ServiceSpec> = (1..=50)
+            .map(|i| service(i, 8000 + i as u16, &[(i as u8, 1)]))
+            .collect();
         let mut maps = FakeMaps::default();
         let mut sync = LbSync::new();
         sync.apply(&spec(services.clone()), &mut maps).unwrap();
@@ -670,12 +721,22 @@ mod tests {
     fn removed_backends_and_frontends_are_deleted_after_tables_stop_naming_them() {
         let mut maps = FakeMaps::default();
         let mut sync = LbSync::new();
-        sync.apply(&spec(vec![service(1, 8080, &[(1, 1), (2, 1)])]), &mut maps).unwrap();
-        let r = sync.apply(&spec(vec![service(1, 8080, &[(1, 1)])]), &mut maps).unwrap();
+        sync.apply(&spec(vec![service(1, 8080, &[(1, 1), (2, 1)])]), &mut maps)
+            .unwrap();
+        let r = sync
+            .apply(&spec(vec![service(1, 8080, &[(1, 1)])]), &mut maps)
+            .unwrap();
         assert_eq!((r.table_swaps, r.backend_removals), (1, 1));
         assert_eq!(maps.backends.len(), 1);
         let only = *maps.backends.keys().next().unwrap();
-        assert!(maps.tables.values().next().unwrap().iter().all(|id| *id == only));
+        assert!(
+            maps.tables
+                .values()
+                .next()
+                .unwrap()
+                .iter()
+                .all(|id| *id == only)
+        );
         let r = sync.apply(&spec(vec![]), &mut maps).unwrap();
         assert_eq!((r.frontend_removals, r.backend_removals), (1, 1));
         assert!(maps.frontends.is_empty() && maps.backends.is_empty());
@@ -685,9 +746,11 @@ mod tests {
     fn backend_ids_are_not_reused_immediately() {
         let mut maps = FakeMaps::default();
         let mut sync = LbSync::new();
-        sync.apply(&spec(vec![service(1, 8080, &[(1, 1)])]), &mut maps).unwrap();
+        sync.apply(&spec(vec![service(1, 8080, &[(1, 1)])]), &mut maps)
+            .unwrap();
         let first: Vec<u32> = maps.backends.keys().copied().collect();
-        sync.apply(&spec(vec![service(1, 8080, &[(2, 1)])]), &mut maps).unwrap();
+        sync.apply(&spec(vec![service(1, 8080, &[(2, 1)])]), &mut maps)
+            .unwrap();
         let second: Vec<u32> = maps.backends.keys().copied().collect();
         assert_ne!(first, second);
     }
@@ -699,10 +762,19 @@ mod tests {
         let good = spec(vec![service(1, 8080, &[(1, 1)])]);
         sync.apply(&good, &mut maps).unwrap();
         let writes = maps.writes;
-        let mut dup = spec(vec![service(1, 8080, &[(1, 1)]), service(2, 8080, &[(2, 1)])]);
-        assert!(matches!(sync.apply(&dup, &mut maps), Err(SyncError::Spec(SpecError::DuplicateFrontend { .. }))));
+        let mut dup = spec(vec![
+            service(1, 8080, &[(1, 1)]),
+            service(2, 8080, &[(2, 1)]),
+        ]);
+        assert!(matches!(
+            sync.apply(&dup, &mut maps),
+            Err(SyncError::Spec(SpecError::DuplicateFrontend { .. }))
+        ));
         dup.services[1].frontends[0].port = 0;
-        assert!(matches!(sync.apply(&dup, &mut maps), Err(SyncError::Spec(SpecError::ZeroPort { .. }))));
+        assert!(matches!(
+            sync.apply(&dup, &mut maps),
+            Err(SyncError::Spec(SpecError::ZeroPort { .. }))
+        ));
         let mut bad_size = good.clone();
         bad_size.services[0].table_size = 100;
         assert!(sync.apply(&bad_size, &mut maps).is_err());
@@ -724,7 +796,9 @@ mod tests {
             maps.config,
             maps.addrs.clone(),
             maps.frontends.clone(),
-            maps.backends.iter().map(|(id, b)| (*id, BackendKey::from_map(b).unwrap())),
+            maps.backends
+                .iter()
+                .map(|(id, b)| (*id, BackendKey::from_map(b).unwrap())),
         );
         let r = again.apply(&s, &mut maps).unwrap();
         assert_eq!(r.backend_writes, 0, "backend ids survive a restart");
@@ -746,5 +820,79 @@ mod tests {
         s.validate().unwrap();
         let err = serde_json::from_str::<LbSpec>(r#"{"nat_address":"nope"}"#).unwrap_err();
         assert!(err.to_string().contains("invalid IPv4 address"), "{err}");
+    }
+}
+
+/// Idle timeouts for the userspace conntrack sweeper.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeouts {
+    /// Established TCP. Swarm's IPVS cut idle flows at 900 s (moby #31208);
+    /// we default to 2 h, like the kernel's own conntrack.
+    #[serde(default = "default_tcp_idle")]
+    pub tcp_idle_s: u64,
+    /// TCP after a FIN or RST was seen.
+    #[serde(default = "default_tcp_closing")]
+    pub tcp_closing_s: u64,
+    #[serde(default = "default_udp_idle")]
+    pub udp_idle_s: u64,
+}
+
+fn default_tcp_idle() -> u64 {
+    7200
+}
+fn default_tcp_closing() -> u64 {
+    10
+}
+fn default_udp_idle() -> u64 {
+    60
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            tcp_idle_s: default_tcp_idle(),
+            tcp_closing_s: default_tcp_closing(),
+            udp_idle_s: default_udp_idle(),
+        }
+    }
+}
+
+impl Timeouts {
+    /// Whether a flow last seen at `last_seen_ns` (CLOCK_MONOTONIC, as
+    /// bpf_ktime_get_ns) is idle past its timeout at `now_ns`.
+    pub fn expired(&self, proto: u8, closing: bool, last_seen_ns: u64, now_ns: u64) -> bool {
+        let timeout_s = match (Protocol::from_number(proto), closing) {
+            (Some(Protocol::Tcp), false) => self.tcp_idle_s,
+            (Some(Protocol::Tcp), true) => self.tcp_closing_s,
+            _ => self.udp_idle_s,
+        };
+        now_ns.saturating_sub(last_seen_ns) > timeout_s.saturating_mul(1_000_000_000)
+    }
+}
+
+#[cfg(test)]
+mod timeout_tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn idle_tcp_survives_swarms_900_seconds() {
+        let t = Timeouts::default();
+        assert!(!t.expired(6, false, 0, 901 * S), "cut at Swarm's 900 s");
+        assert!(!t.expired(6, false, 0, 7200 * S));
+        assert!(t.expired(6, false, 0, 7201 * S));
+    }
+
+    #[test]
+    fn closing_tcp_and_udp_expire_sooner() {
+        let t = Timeouts::default();
+        assert!(t.expired(6, true, 100 * S, 111 * S));
+        assert!(!t.expired(17, false, 100 * S, 159 * S));
+        assert!(t.expired(17, false, 100 * S, 161 * S));
+        assert!(
+            !t.expired(6, false, 500 * S, 100 * S),
+            "a clock behind last_seen never expires"
+        );
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod bpffs;
 pub mod ebpf;
+pub mod inspect;
 pub mod lb;
 pub mod maglev;
 pub mod stats;

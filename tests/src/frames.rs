@@ -102,7 +102,6 @@ pub fn v4(l4_proto: u8, l4: &[u8]) -> Vec<u8> {
     cat(&[&eth(ETH_IP), &ipv4(l4_proto, l4.len(), &[], 0), l4])
 }
 
-
 /// A TCP/UDP frame between two IPv4 endpoints with valid IP and L4 checksums.
 /// `tcp_flags` is used for TCP; UDP carries `payload` bytes.
 pub fn v4_flow(
@@ -126,7 +125,11 @@ pub fn v4_flow(
 
 /// Rewrites an untagged IPv4 TCP/UDP frame's addresses and ports, recomputing
 /// both checksums from scratch (the reference a NAT's incremental update must match).
-pub fn set_v4_endpoints(frame: &mut [u8], src: (std::net::Ipv4Addr, u16), dst: (std::net::Ipv4Addr, u16)) {
+pub fn set_v4_endpoints(
+    frame: &mut [u8],
+    src: (std::net::Ipv4Addr, u16),
+    dst: (std::net::Ipv4Addr, u16),
+) {
     let ihl = usize::from(frame[14] & 0x0f) * 4;
     frame[26..30].copy_from_slice(&src.0.octets());
     frame[30..34].copy_from_slice(&dst.0.octets());

@@ -70,6 +70,13 @@ fn start_meshd(host: &Host) -> ChildGuard {
     child
 }
 
+fn meshd_down(host: &Host) {
+    host.exec_ok(
+        meshd_bin().to_str().unwrap(),
+        &["down", "--node", host.node_name(), "--bpf-root", BPF_ROOT],
+    );
+}
+
 fn stats(host: &Host) -> ParserStats {
     ParserStats::read_pinned(&host.pin_dir())
         .unwrap_or_else(|e| panic!("{}: read pinned counters: {e:?}", host.label()))
@@ -180,7 +187,8 @@ fn three_hosts_count_exactly_what_crossed_their_underlay() {
         );
     }
 
-    // A clean stop detaches the program; the pins outlive the daemon.
+    // Stopping meshd leaves the data path attached (so restarts do not break
+    // flows); `meshd down` detaches it and removes the pins.
     for (host, daemon) in topo.hosts().iter().zip(daemons) {
         let status = daemon.stop();
         assert!(
@@ -188,15 +196,21 @@ fn three_hosts_count_exactly_what_crossed_their_underlay() {
             "{}: meshd exited with {status}",
             host.label()
         );
+        assert!(
+            host.xdp_prog_id(UNDERLAY_IFACE).is_some(),
+            "{}: XDP detached by a stop",
+            host.label()
+        );
+        meshd_down(host);
         assert_eq!(
             host.xdp_prog_id(UNDERLAY_IFACE),
             None,
-            "{}: XDP still attached",
+            "{}: XDP still attached after down",
             host.label()
         );
         assert!(
-            host.pin_dir().exists(),
-            "{}: pins removed by meshd",
+            !host.pin_dir().exists(),
+            "{}: pins left after down",
             host.label()
         );
     }

@@ -455,7 +455,13 @@ mod lb {
                         port: DNS_PORT,
                         protocol: Protocol::Udp,
                     }],
-                    backends: backends.iter().map(|b| BackendSpec { port: 53, ..b.clone() }).collect(),
+                    backends: backends
+                        .iter()
+                        .map(|b| BackendSpec {
+                            port: 53,
+                            ..b.clone()
+                        })
+                        .collect(),
                     table_size: 251,
                 },
             ],
@@ -479,24 +485,47 @@ mod lb {
                 vec!["addr", "add", "198.18.0.1/24", "dev", "v0"],
                 vec!["link", "set", "v0", "up"],
                 vec!["link", "set", "v1", "up"],
-                vec!["route", "add", "198.19.0.0/16", "via", "198.18.0.2", "dev", "v0"],
+                vec![
+                    "route",
+                    "add",
+                    "198.19.0.0/16",
+                    "via",
+                    "198.18.0.2",
+                    "dev",
+                    "v0",
+                ],
             ] {
                 let mut full = vec!["-n", n.as_str()];
                 full.extend(args);
-                let out = std::process::Command::new("ip").args(&full).output().unwrap();
-                assert!(out.status.success(), "ip {full:?}: {}", String::from_utf8_lossy(&out.stderr));
+                let out = std::process::Command::new("ip")
+                    .args(&full)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "ip {full:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             // The LB forwards (bpf_fib_lookup refuses when forwarding is off), as meshd sets up.
             ns.write_sysctl("net/ipv4/conf/all/forwarding", "1");
             let ifindex = ns.enter(|| nix_ifindex("v0"));
             let mut dp = Datapath::load(None).expect("load");
             let mut sync = LbSync::new();
-            sync.apply(&spec(backends), &mut dp.lb_maps()).expect("apply");
-            Env { ns, dp, sync, ifindex }
+            sync.apply(&spec(backends), &mut dp.lb_maps())
+                .expect("apply");
+            Env {
+                ns,
+                dp,
+                sync,
+                ifindex,
+            }
         }
 
         fn apply(&mut self, backends: &[u8]) {
-            self.sync.apply(&spec(backends), &mut self.dp.lb_maps()).expect("apply");
+            self.sync
+                .apply(&spec(backends), &mut self.dp.lb_maps())
+                .expect("apply");
         }
 
         /// Runs tc_lb on `frame` as if it arrived on v0; returns (verdict, output).
@@ -529,7 +558,9 @@ mod lb {
         fn backend_of(&self, ct: &CtEntry) -> Ipv4Addr {
             let b: HashMap<&MapData, u32, Backend> =
                 HashMap::try_from(self.dp.ebpf().map(maps::BACKENDS).unwrap()).unwrap();
-            let b = b.get(&ct.backend_id, 0).expect("backend of a conntrack entry");
+            let b = b
+                .get(&ct.backend_id, 0)
+                .expect("backend of a conntrack entry");
             Ipv4Addr::from(b.addr_be[0].to_ne_bytes())
         }
     }
@@ -562,13 +593,27 @@ mod lb {
     /// Sends `frame` (client -> node) and checks it comes out DNATed to the
     /// conntrack entry's backend and SNATed to the node, byte for byte.
     /// Returns (backend, nat port).
-    fn expect_forward(env: &mut Env, frame: &[u8], client: (Ipv4Addr, u16), port: u16, proto: u8) -> (Ipv4Addr, u16) {
+    fn expect_forward(
+        env: &mut Env,
+        frame: &[u8],
+        client: (Ipv4Addr, u16),
+        port: u16,
+        proto: u8,
+    ) -> (Ipv4Addr, u16) {
         let (rv, out) = env.run(frame);
-        assert_eq!(rv, TC_ACT_REDIRECT, "forward verdict; in {frame:02x?} out {out:02x?}");
-        let ct = env.conntrack(client, port, proto).expect("conntrack entry created");
+        assert_eq!(
+            rv, TC_ACT_REDIRECT,
+            "forward verdict; in {frame:02x?} out {out:02x?}"
+        );
+        let ct = env
+            .conntrack(client, port, proto)
+            .expect("conntrack entry created");
         let backend = env.backend_of(&ct);
         let nat_port = u16::from_be(ct.nat_port_be);
-        assert!((61000..65536u32).contains(&u32::from(nat_port)), "nat port {nat_port}");
+        assert!(
+            (61000..65536u32).contains(&u32::from(nat_port)),
+            "nat port {nat_port}"
+        );
         let backend_port = if proto == TCP { 80 } else { 53 };
         let mut want = frame.to_vec();
         set_v4_endpoints(&mut want, (NODE, nat_port), (backend, backend_port));
@@ -579,7 +624,9 @@ mod lb {
 
     #[test]
     fn syn_to_published_port_and_its_reply_are_translated() {
-        let Some(_root) = require_root("packet::lb::syn_to_published_port_and_its_reply_are_translated") else {
+        let Some(_root) =
+            require_root("packet::lb::syn_to_published_port_and_its_reply_are_translated")
+        else {
             return;
         };
         let mut env = Env::new(&[1, 2, 3]);
@@ -612,28 +659,51 @@ mod lb {
 
     #[test]
     fn ipv4_options_are_kept_and_checksums_stay_valid() {
-        let Some(_root) = require_root("packet::lb::ipv4_options_are_kept_and_checksums_stay_valid") else {
+        let Some(_root) =
+            require_root("packet::lb::ipv4_options_are_kept_and_checksums_stay_valid")
+        else {
             return;
         };
         let mut env = Env::new(&[1, 2, 3]);
         let client = (CLIENT, 40001);
         let syn = tcp(client.1, WEB_PORT, 0x02);
-        let mut frame = cat(&[&eth(ETH_IP), &ipv4(TCP, syn.len(), &[0x94, 4, 0, 0, 1, 1, 1, 0], 0), &syn]);
+        let mut frame = cat(&[
+            &eth(ETH_IP),
+            &ipv4(TCP, syn.len(), &[0x94, 4, 0, 0, 1, 1, 1, 0], 0),
+            &syn,
+        ]);
         set_v4_endpoints(&mut frame, client, (NODE, WEB_PORT));
         expect_forward(&mut env, &frame, client, WEB_PORT, TCP);
     }
 
     #[test]
     fn traffic_that_is_not_for_a_frontend_is_untouched() {
-        let Some(_root) = require_root("packet::lb::traffic_that_is_not_for_a_frontend_is_untouched") else {
+        let Some(_root) =
+            require_root("packet::lb::traffic_that_is_not_for_a_frontend_is_untouched")
+        else {
             return;
         };
         let mut env = Env::new(&[1, 2]);
         let client = (CLIENT, 40002);
         let mut cases = vec![
-            ("non-matching port", v4_flow(TCP, client, (NODE, 9999), 0x02, 0)),
-            ("udp to the tcp frontend's port", v4_flow(UDP, client, (NODE, WEB_PORT), 0, 8)),
-            ("address that is not the node's", v4_flow(TCP, client, (Ipv4Addr::new(198, 18, 0, 7), WEB_PORT), 0x02, 0)),
+            (
+                "non-matching port",
+                v4_flow(TCP, client, (NODE, 9999), 0x02, 0),
+            ),
+            (
+                "udp to the tcp frontend's port",
+                v4_flow(UDP, client, (NODE, WEB_PORT), 0, 8),
+            ),
+            (
+                "address that is not the node's",
+                v4_flow(
+                    TCP,
+                    client,
+                    (Ipv4Addr::new(198, 18, 0, 7), WEB_PORT),
+                    0x02,
+                    0,
+                ),
+            ),
         ];
         let good = v4_flow(TCP, client, (NODE, WEB_PORT), 0x02, 0);
         let mut truncated = good[..good.len() - 6].to_vec();
@@ -657,13 +727,21 @@ mod lb {
             assert_eq!(rv, TC_ACT_OK, "{what}: verdict");
             assert_eq!(out, frame, "{what}: must pass unchanged");
         }
-        assert!(env.conntrack(client, WEB_PORT, TCP).is_none(), "no flow was created");
-        assert!(env.conntrack(client, DNS_PORT, UDP).is_none(), "no flow was created");
+        assert!(
+            env.conntrack(client, WEB_PORT, TCP).is_none(),
+            "no flow was created"
+        );
+        assert!(
+            env.conntrack(client, DNS_PORT, UDP).is_none(),
+            "no flow was created"
+        );
     }
 
     #[test]
     fn an_established_flow_keeps_its_backend_when_others_change() {
-        let Some(_root) = require_root("packet::lb::an_established_flow_keeps_its_backend_when_others_change") else {
+        let Some(_root) =
+            require_root("packet::lb::an_established_flow_keeps_its_backend_when_others_change")
+        else {
             return;
         };
         let mut env = Env::new(&[1, 2]);
@@ -678,12 +756,18 @@ mod lb {
         env.apply(&changed);
         let ack = v4_flow(TCP, client, (NODE, WEB_PORT), 0x10, 100);
         let (again, again_port) = expect_forward(&mut env, &ack, client, WEB_PORT, TCP);
-        assert_eq!((again, again_port), (backend, nat_port), "conntrack hit keeps backend and NAT port");
+        assert_eq!(
+            (again, again_port),
+            (backend, nat_port),
+            "conntrack hit keeps backend and NAT port"
+        );
     }
 
     #[test]
     fn a_udp_flow_to_a_removed_backend_is_resteered_at_once() {
-        let Some(_root) = require_root("packet::lb::a_udp_flow_to_a_removed_backend_is_resteered_at_once") else {
+        let Some(_root) =
+            require_root("packet::lb::a_udp_flow_to_a_removed_backend_is_resteered_at_once")
+        else {
             return;
         };
         let mut env = Env::new(&[1, 2, 3]);
@@ -694,7 +778,10 @@ mod lb {
         let rest: Vec<u8> = [1u8, 2, 3].into_iter().filter(|b| *b != gone).collect();
         env.apply(&rest);
         let (next, _) = expect_forward(&mut env, &q, client, DNS_PORT, UDP);
-        assert_ne!(next, backend, "the next datagram must not go to the removed backend");
+        assert_ne!(
+            next, backend,
+            "the next datagram must not go to the removed backend"
+        );
         assert!(rest.contains(&next.octets()[2]));
     }
 }

@@ -1,11 +1,22 @@
 //! meshd: the mesh node daemon.
 
-use std::path::PathBuf;
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use aya::programs::XdpMode;
 use clap::{Parser, Subcommand, ValueEnum};
-use dataplane::{bpffs, ebpf::Datapath, stats::ParserStats};
+use dataplane::{
+    bpffs,
+    ebpf::{Datapath, monotonic_ns},
+    inspect::{LbTable, read_lb},
+    lb::{LbSpec, LbSync, Timeouts},
+    stats::ParserStats,
+};
+use serde::Deserialize;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
@@ -19,18 +30,47 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the data plane on this node and serve until SIGINT/SIGTERM.
+    /// SIGHUP re-reads --config. On exit the data path stays attached (pinned
+    /// links), so a restart does not break established flows; `meshd down`
+    /// removes it.
     Run {
         #[command(flatten)]
         node: NodeArgs,
         /// The underlay interface (the one other nodes and clients reach us on).
         #[arg(long)]
         underlay: String,
-        /// XDP attach mode.
+        /// XDP attach mode for the packet counters.
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         xdp_mode: Mode,
+        /// Node config (JSON): load-balancer frontends/backends, local endpoint
+        /// interfaces, conntrack timeouts. Without it the LB answers nothing.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Seconds between conntrack sweeps.
+        #[arg(long, default_value_t = 10)]
+        sweep_interval: u64,
     },
-    /// Print this node's data-plane counters, read from its pinned maps.
+    /// Print this node's packet counters, read from its pinned maps.
     Stats {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Load-balancer state read from the pinned maps.
+    Lb {
+        #[command(subcommand)]
+        command: LbCommand,
+    },
+    /// Detach the data path and remove this node's pins (after `run` has exited).
+    Down {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum LbCommand {
+    /// Frontends -> backends with their Maglev slots and counters.
+    Ls {
         #[command(flatten)]
         node: NodeArgs,
     },
@@ -38,12 +78,18 @@ enum Command {
 
 #[derive(clap::Args)]
 struct NodeArgs {
-    /// Node name; its maps are pinned under <bpf-root>/<node>.
+    /// Node name; its maps and links are pinned under <bpf-root>/<node>.
     #[arg(long)]
     node: String,
     /// Root of the bpffs mesh pins under (mounted if needed).
     #[arg(long, default_value = bpffs::DEFAULT_ROOT)]
     bpf_root: PathBuf,
+}
+
+impl NodeArgs {
+    fn dir(&self) -> Result<PathBuf> {
+        Ok(bpffs::node_dir(&self.bpf_root, &self.node)?)
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -64,34 +110,97 @@ impl From<Mode> for XdpMode {
     }
 }
 
+/// The `--config` file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeConfig {
+    /// Host-side interfaces of local task endpoints: replies from local
+    /// backends enter here and must be reverse-NATed.
+    #[serde(default)]
+    endpoint_interfaces: Vec<String>,
+    #[serde(default)]
+    timeouts: Timeouts,
+    lb: LbSpec,
+}
+
+fn read_config(path: &Path) -> Result<NodeConfig> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let config: NodeConfig = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a valid meshd config", path.display()))?;
+    config
+        .lb
+        .validate()
+        .with_context(|| format!("{}: invalid load-balancer spec", path.display()))?;
+    Ok(config)
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    match cli.command {
+    match Cli::parse().command {
         Command::Run {
             node,
             underlay,
             xdp_mode,
-        } => run(node, &underlay, xdp_mode),
+            config,
+            sweep_interval,
+        } => run(node, &underlay, xdp_mode, config.as_deref(), sweep_interval),
         Command::Stats { node } => {
-            let dir = bpffs::node_dir(&node.bpf_root, &node.node)?;
-            let stats = ParserStats::read_pinned(&dir).with_context(|| {
+            let stats = ParserStats::read_pinned(&node.dir()?).with_context(|| {
                 format!("is meshd running (or has it run) on node {}?", node.node)
             })?;
             print!("{stats}");
             Ok(())
         }
+        Command::Lb {
+            command: LbCommand::Ls { node },
+        } => {
+            let views = read_lb(&node.dir()?).with_context(|| {
+                format!("is meshd running (or has it run) on node {}?", node.node)
+            })?;
+            print!("{}", LbTable(&views));
+            Ok(())
+        }
+        Command::Down { node } => down(&node),
     }
 }
 
-fn run(node: NodeArgs, underlay: &str, mode: Mode) -> Result<()> {
+fn link_pin(dir: &Path, kind: &str, iface: &str) -> PathBuf {
+    dir.join(format!("link_{kind}_{iface}"))
+}
+
+fn run(
+    node: NodeArgs,
+    underlay: &str,
+    mode: Mode,
+    config_path: Option<&Path>,
+    sweep_every: u64,
+) -> Result<()> {
+    // Read the config before touching the kernel: a bad file changes nothing.
+    let mut config = config_path.map(read_config).transpose()?;
     let pin_dir = bpffs::prepare_node_dir(&node.bpf_root, &node.node)?;
+    // The LB routes NATed packets; bpf_fib_lookup refuses unless forwarding is on.
+    fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").context("enabling IPv4 forwarding")?;
+
     let mut datapath = Datapath::load(Some(&pin_dir))?;
-    datapath.attach_parser(underlay, mode.into(), None)?;
+    datapath.attach_parser(
+        underlay,
+        mode.into(),
+        Some(&link_pin(&pin_dir, "xdp", underlay)),
+    )?;
+    datapath.attach_lb(underlay, Some(&link_pin(&pin_dir, "tc", underlay)))?;
+    let mut sync = datapath
+        .recover_lb()
+        .context("reading the pinned load-balancer state")?;
+    let mut timeouts = Timeouts::default();
+    if let Some(c) = &config {
+        apply_config(&mut datapath, &mut sync, c, &pin_dir)?;
+        timeouts = c.timeouts;
+    }
     tracing::info!(node = %node.node, %underlay, pins = %pin_dir.display(), "data plane attached");
+    println!("meshd: ready");
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -99,13 +208,79 @@ fn run(node: NodeArgs, underlay: &str, mode: Mode) -> Result<()> {
         .context("starting the tokio runtime")?;
     rt.block_on(async {
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
-            _ = term.recv() => {}
+        let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+        let mut sweep = tokio::time::interval(Duration::from_secs(sweep_every.max(1)));
+        loop {
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => { r.context("waiting for SIGINT")?; break; }
+                _ = term.recv() => break,
+                _ = hup.recv() => {
+                    let Some(path) = config_path else {
+                        tracing::warn!("SIGHUP without --config: nothing to reload");
+                        continue;
+                    };
+                    match read_config(path).and_then(|c| {
+                        apply_config(&mut datapath, &mut sync, &c, &pin_dir)?;
+                        Ok(c)
+                    }) {
+                        Ok(c) => { timeouts = c.timeouts; config = Some(c); }
+                        Err(e) => tracing::error!(error = format!("{e:#}"), "config reload failed; keeping the previous state"),
+                    }
+                }
+                _ = sweep.tick() => {
+                    match datapath.sweep_conntrack(monotonic_ns(), &timeouts) {
+                        Ok(r) if r.flows_expired + r.revnat_expired > 0 => tracing::info!(?r, "conntrack sweep"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "conntrack sweep failed"),
+                    }
+                }
+            }
         }
         anyhow::Ok(())
     })?;
-    tracing::info!(node = %node.node, "shutting down; maps stay pinned for the next start");
-    drop(datapath);
+    drop(config);
+    tracing::info!(node = %node.node, "exiting; the data path stays attached for the next start");
+    Ok(())
+}
+
+fn apply_config(
+    datapath: &mut Datapath,
+    sync: &mut LbSync,
+    config: &NodeConfig,
+    pin_dir: &Path,
+) -> Result<()> {
+    for iface in &config.endpoint_interfaces {
+        datapath
+            .attach_lb(iface, Some(&link_pin(pin_dir, "tc", iface)))
+            .with_context(|| {
+                format!("attaching the load balancer to endpoint interface {iface}")
+            })?;
+    }
+    let report = sync.apply(&config.lb, &mut datapath.lb_maps())?;
+    tracing::info!(
+        ?report,
+        writes = report.total(),
+        "load-balancer state applied"
+    );
+    Ok(())
+}
+
+fn down(node: &NodeArgs) -> Result<()> {
+    let dir = node.dir()?;
+    if !dir.exists() {
+        bail!(
+            "node {} has no pins under {}",
+            node.node,
+            node.bpf_root.display()
+        );
+    }
+    // Unpinning the links detaches the programs (no process holds them once
+    // meshd has exited); unpinning the maps frees them.
+    fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    println!(
+        "meshd: node {} is down (pins removed from {})",
+        node.node,
+        dir.display()
+    );
     Ok(())
 }
