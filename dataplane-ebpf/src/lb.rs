@@ -117,7 +117,21 @@ fn mix(h: u32, v: u32) -> u32 {
     (h ^ v).wrapping_mul(0x0100_0193).rotate_left(13)
 }
 
+/// Bytes of headers the parser may need in the linear area (Ethernet, two
+/// VLAN tags, IPv4 with options, TCP with options).
+const HEADERS_MAX: u32 = 14 + 8 + 60 + 60;
+
 pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
+    // Locally generated and GRO'd skbs carry their payload in page fragments;
+    // make sure the headers are linear before parsing.
+    let want = if ctx.len() < HEADERS_MAX {
+        ctx.len()
+    } else {
+        HEADERS_MAX
+    };
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        ctx.pull_data(want)?;
+    }
     let p = parse::parse(ctx);
     if p.outcome != outcome::PARSED
         || p.ethertype != parse::ETH_P_IP

@@ -13,8 +13,13 @@ use dataplane_common::{outcome, proto};
 
 /// A program context that exposes linear packet data.
 pub trait Packet {
+    /// Start of the linear (directly readable) data.
     fn data(&self) -> usize;
+    /// End of the linear data; headers must lie before it.
     fn data_end(&self) -> usize;
+    /// Length of the whole frame, including data beyond `data_end` (an skb's
+    /// paged fragments). IP lengths are checked against this.
+    fn frame_len(&self) -> usize;
 }
 
 impl Packet for XdpContext {
@@ -26,6 +31,10 @@ impl Packet for XdpContext {
     fn data_end(&self) -> usize {
         XdpContext::data_end(self)
     }
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        XdpContext::data_end(self) - XdpContext::data(self)
+    }
 }
 
 impl Packet for TcContext {
@@ -36,6 +45,10 @@ impl Packet for TcContext {
     #[inline(always)]
     fn data_end(&self) -> usize {
         TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.len() as usize
     }
 }
 
@@ -244,7 +257,7 @@ pub fn parse<C: Packet>(ctx: &C) -> Parsed {
     }
     p.ethertype = ethertype;
     p.l3_off = off as u16;
-    let frame_len = ctx.data_end() - ctx.data();
+    let frame_len = ctx.frame_len();
     match ethertype {
         ETH_P_IP => parse_ipv4(ctx, p, off, frame_len),
         ETH_P_IPV6 => parse_ipv6(ctx, p, off, frame_len),

@@ -6,7 +6,8 @@
 
 pub mod frames;
 pub mod netns;
+pub mod services;
 pub mod skip;
 
-pub use netns::{ChildGuard, Host, Netns, Topology};
+pub use netns::{ChildGuard, Host, Netns, Task, Topology};
 pub use skip::{Skip, require_root};

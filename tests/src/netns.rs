@@ -225,6 +225,12 @@ impl ChildGuard {
         terminate(child, &self.what)
     }
 
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the child, by PID.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: the pid is our own unreaped child, so it cannot have been reused.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
     /// Panics if the child has already exited (it was expected to be serving).
     pub fn assert_running(&mut self) {
         let child = self.child.as_mut().expect("child");
@@ -282,11 +288,97 @@ pub struct Host {
     label: String,
     addr: Ipv4Addr,
     prefix_len: u8,
+    /// 1-based position in the topology; names this host's task subnet.
+    index: u8,
+}
+
+/// A task ("container"): its own namespace behind a veth pair from its host.
+/// Task k on host h is 198.19.h.(4k+2)/30, its host side 198.19.h.(4k+1).
+pub struct Task {
+    ns: Netns,
+    addr: Ipv4Addr,
+    host_iface: String,
+}
+
+impl Task {
+    pub fn ns(&self) -> &Netns {
+        &self.ns
+    }
+
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    /// The host-side interface (where replies from this task enter the host).
+    pub fn host_iface(&self) -> &str {
+        &self.host_iface
+    }
+}
+
+/// The /24 that holds host `index`'s tasks.
+pub fn task_subnet(index: u8) -> String {
+    format!("198.19.{index}.0/24")
 }
 
 impl Host {
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Creates task `k` (0..63) on this host: a namespace with `eth0`
+    /// 198.19.<host>.(4k+2)/30 and a default route to the host side `t<k>`.
+    pub fn add_task(&self, k: u8) -> Task {
+        assert!(k < 63, "task index {k} out of range");
+        let ns = Netns::new();
+        let (h, t) = (self.ns.name(), ns.name());
+        let host_iface = format!("t{k}");
+        let host_side = Ipv4Addr::new(198, 19, self.index, 4 * k + 1);
+        let addr = Ipv4Addr::new(198, 19, self.index, 4 * k + 2);
+        ip(&[
+            "-n",
+            h,
+            "link",
+            "add",
+            &host_iface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            t,
+        ]);
+        ip(&[
+            "-n",
+            h,
+            "addr",
+            "add",
+            &format!("{host_side}/30"),
+            "dev",
+            &host_iface,
+        ]);
+        ip(&["-n", h, "link", "set", &host_iface, "up"]);
+        ip(&["-n", t, "addr", "add", &format!("{addr}/30"), "dev", "eth0"]);
+        ip(&["-n", t, "link", "set", "eth0", "up"]);
+        ip(&["-n", t, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            t,
+            "route",
+            "add",
+            "default",
+            "via",
+            &host_side.to_string(),
+        ]);
+        Task {
+            ns,
+            addr,
+            host_iface,
+        }
     }
 
     pub fn addr(&self) -> Ipv4Addr {
@@ -443,8 +535,30 @@ impl Topology {
             label: label.to_owned(),
             addr,
             prefix_len: self.prefix_len,
+            index: index as u8,
         });
         self.hosts.last().expect("just pushed")
+    }
+
+    /// Routes every host's task subnet via that host's underlay address on
+    /// every other host (what the overlay will do later).
+    pub fn route_tasks_via_underlay(&self) {
+        for h in &self.hosts {
+            for other in &self.hosts {
+                if other.index != h.index {
+                    let via = other.addr.to_string();
+                    ip(&[
+                        "-n",
+                        h.ns.name(),
+                        "route",
+                        "add",
+                        &task_subnet(other.index),
+                        "via",
+                        &via,
+                    ]);
+                }
+            }
+        }
     }
 
     pub fn hosts(&self) -> &[Host] {

@@ -250,3 +250,262 @@ fn a_panicking_test_still_removes_its_namespaces_and_pins() {
         assert!(left.is_empty(), "left behind after a panic: {left:?}");
     }
 }
+
+mod lb {
+    use std::{
+        collections::BTreeMap,
+        net::{Ipv4Addr, SocketAddr, UdpSocket},
+        path::PathBuf,
+        process::Stdio,
+        time::Duration,
+    };
+
+    use dataplane::inspect::read_lb;
+    use mesh_tests::{
+        ChildGuard, Host, Task, Topology,
+        netns::{BPF_ROOT, UNDERLAY_IFACE, wait_for},
+        require_root,
+        services::{self, Server, Session},
+    };
+
+    const WEB: u16 = 8080;
+    const DNS: u16 = 5353;
+    const T: Duration = Duration::from_secs(5);
+
+    /// A meshd config file, removed on Drop.
+    struct ConfigFile(PathBuf);
+
+    impl Drop for ConfigFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn write_config(host: &Host, local: &[&Task], backends: &[&Task]) -> ConfigFile {
+        let path = std::env::temp_dir().join(format!("{}.json", host.node_name()));
+        let list = |port: u16| -> Vec<serde_json::Value> {
+            backends
+                .iter()
+                .map(|t| serde_json::json!({"address": t.addr().to_string(), "port": port}))
+                .collect()
+        };
+        let config = serde_json::json!({
+            "endpoint_interfaces": local.iter().map(|t| t.host_iface()).collect::<Vec<_>>(),
+            "lb": {
+                "nat_address": host.addr().to_string(),
+                "node_addresses": [host.addr().to_string()],
+                "services": [
+                    {"id": 1, "name": "web", "frontends": [{"port": WEB, "protocol": "tcp"}], "backends": list(80)},
+                    {"id": 2, "name": "dns", "frontends": [{"port": DNS, "protocol": "udp"}], "backends": list(53)},
+                ]
+            }
+        });
+        std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        ConfigFile(path)
+    }
+
+    fn start(host: &Host, config: &ConfigFile) -> ChildGuard {
+        let mut cmd = host.command(super::meshd_bin());
+        cmd.args([
+            "run",
+            "--node",
+            host.node_name(),
+            "--underlay",
+            UNDERLAY_IFACE,
+            "--bpf-root",
+            BPF_ROOT,
+        ])
+        .arg("--config")
+        .arg(&config.0)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+        let mut child = host.spawn(&mut cmd);
+        wait_for(&format!("meshd on {}", host.label()), T * 4, || {
+            child.assert_running();
+            read_lb(&host.pin_dir()).is_ok_and(|v| v.len() == 2)
+        });
+        child
+    }
+
+    /// Waits until `host`'s web frontend names exactly `want` as backends.
+    fn wait_backends(host: &Host, want: &[&Task]) {
+        let mut want: Vec<Ipv4Addr> = want.iter().map(|t| t.addr()).collect();
+        want.sort();
+        wait_for(
+            &format!("{} to load backends {want:?}", host.label()),
+            T * 2,
+            || {
+                read_lb(&host.pin_dir()).is_ok_and(|views| {
+                    views.iter().all(|v| {
+                        let mut got: Vec<Ipv4Addr> = v.backends.iter().map(|b| b.address).collect();
+                        got.sort();
+                        got == want
+                    })
+                })
+            },
+        );
+    }
+
+    #[test]
+    fn published_ports_answer_on_every_node_and_balance_across_hosts() {
+        let Some(_root) = require_root(
+            "netns::lb::published_ports_answer_on_every_node_and_balance_across_hosts",
+        ) else {
+            return;
+        };
+        let mut topo = Topology::new(3);
+        topo.route_tasks_via_underlay();
+        topo.add_host("client");
+        let (h1, h2, h3, client) = (topo.host(0), topo.host(1), topo.host(2), topo.host(3));
+        // b1 on host1; b2, b3 on host2; b4 (added later) on host3.
+        let tasks = [
+            h1.add_task(0),
+            h2.add_task(0),
+            h2.add_task(1),
+            h3.add_task(0),
+        ];
+        let names = ["b1", "b2", "b3", "b4"];
+        let servers: Vec<(Server, Server)> = tasks
+            .iter()
+            .zip(names)
+            .map(|(t, n)| {
+                (
+                    services::tcp_echo(t.ns(), SocketAddr::from((t.addr(), 80)), n),
+                    services::udp_echo(t.ns(), SocketAddr::from((t.addr(), 53)), n),
+                )
+            })
+            .collect();
+        let hosts = [h1, h2, h3];
+        let local = |h: usize| -> Vec<&Task> {
+            match h {
+                0 => vec![&tasks[0]],
+                1 => vec![&tasks[1], &tasks[2]],
+                _ => vec![&tasks[3]],
+            }
+        };
+        let mut backends: Vec<&Task> = vec![&tasks[0], &tasks[1], &tasks[2]];
+        let configs: Vec<ConfigFile> = (0..3)
+            .map(|i| write_config(hosts[i], &local(i), &backends))
+            .collect();
+        let mut daemons: Vec<ChildGuard> = (0..3).map(|i| start(hosts[i], &configs[i])).collect();
+        let reconfigure = |backends: &[&Task], daemons: &[ChildGuard]| {
+            for i in 0..3 {
+                let c = write_config(hosts[i], &local(i), backends);
+                std::mem::forget(c); // same path as configs[i], which removes it
+                daemons[i].signal(libc::SIGHUP);
+            }
+            for h in hosts {
+                wait_backends(h, backends);
+            }
+        };
+
+        // 300 connections through each node's address: all succeed, all backends share.
+        for h in hosts {
+            let front = SocketAddr::from((h.addr(), WEB));
+            let tally: BTreeMap<String, usize> = client.enter(|| {
+                let mut tally = BTreeMap::new();
+                for i in 0..300 {
+                    let who = services::tcp_ask(front, T).unwrap_or_else(|e| {
+                        let lb = read_lb(&h.pin_dir())
+                            .map(|v| dataplane::inspect::LbTable(&v).to_string());
+                        panic!("connection {i} via {front}: {e}\n{lb:?}")
+                    });
+                    *tally.entry(who).or_default() += 1;
+                }
+                tally
+            });
+            assert_eq!(tally.values().sum::<usize>(), 300);
+            for n in ["b1", "b2", "b3"] {
+                let got = tally.get(n).copied().unwrap_or(0);
+                assert!(
+                    got >= 45,
+                    "via {}: {n} got {got} of 300 (< 15%): {tally:?}",
+                    h.label()
+                );
+            }
+        }
+
+        // UDP request/response through every node.
+        for h in hosts {
+            let to = SocketAddr::from((h.addr(), DNS));
+            let who = client.enter(|| {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(T)).unwrap();
+                services::udp_ask(&s, to, "query")
+            });
+            let who = who.unwrap_or_else(|e| panic!("udp via {}: {e}", h.label()));
+            assert!(["b1", "b2", "b3"].contains(&who.as_str()), "{who}");
+        }
+
+        // A long-lived connection survives adding and removing other backends.
+        let mut session = client
+            .enter(|| Session::open(SocketAddr::from((h3.addr(), WEB)), T))
+            .expect("session");
+        let owner = session.ask("first").expect("first answer");
+        backends.push(&tasks[3]);
+        reconfigure(&backends, &daemons);
+        assert_eq!(session.ask("after add").expect("answer after add"), owner);
+        let victim = ["b1", "b2", "b3"].iter().position(|n| *n != owner).unwrap();
+        backends.retain(|t| t.addr() != tasks[victim].addr());
+        reconfigure(&backends, &daemons);
+        assert_eq!(
+            session.ask("after remove").expect("answer after remove"),
+            owner
+        );
+
+        // The removed backend gets no new flow.
+        let before = servers[victim].0.served();
+        for h in hosts {
+            let front = SocketAddr::from((h.addr(), WEB));
+            let answers: Vec<String> = client.enter(|| {
+                (0..100)
+                    .map(|_| services::tcp_ask(front, T).expect("connect"))
+                    .collect()
+            });
+            assert!(
+                !answers.iter().any(|a| a == names[victim]),
+                "{} still answered via {}",
+                names[victim],
+                h.label()
+            );
+        }
+        assert_eq!(
+            servers[victim].0.served(),
+            before,
+            "the removed backend accepted a connection"
+        );
+
+        // A daemon restart during an open connection does not break it.
+        let mut held = client
+            .enter(|| Session::open(SocketAddr::from((h1.addr(), WEB)), T))
+            .expect("session");
+        let who = held.ask("before restart").expect("answer");
+        let status = daemons.remove(0).stop();
+        assert!(status.success(), "meshd exited with {status}");
+        assert_eq!(
+            held.ask("while down").expect("answer while meshd is down"),
+            who
+        );
+        daemons.insert(0, start(h1, &configs[0]));
+        assert_eq!(
+            held.ask("after restart").expect("answer after restart"),
+            who
+        );
+        let front = SocketAddr::from((h1.addr(), WEB));
+        client
+            .enter(|| services::tcp_ask(front, T))
+            .expect("new connection after restart");
+        assert_eq!(
+            session
+                .ask("still there")
+                .expect("first session survives it all"),
+            owner
+        );
+
+        drop(daemons);
+        for h in hosts {
+            super::meshd_down(h);
+        }
+    }
+}
