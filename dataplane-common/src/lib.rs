@@ -63,6 +63,8 @@ pub mod limits {
 pub mod programs {
     /// XDP: parses every packet, counts it, passes it.
     pub const XDP_PARSE: &str = "xdp_parse";
+    /// XDP: returns XDP_PASS and nothing else; the benchmark baseline.
+    pub const XDP_PASS: &str = "xdp_pass";
     /// TC ingress: the L4 load balancer (published ports, NAT, conntrack).
     pub const TC_LB: &str = "tc_lb";
 }

@@ -72,6 +72,8 @@ const TCP_RST: u8 = 0x04;
 const AF_INET: u8 = 2;
 /// Tries at finding a free SNAT port before giving up on a new flow.
 const NAT_PORT_TRIES: u32 = 8;
+/// How long a closed flow's SNAT port stays reserved (late FINs/ACKs).
+const CLOSED_REUSE_NS: u64 = 1_000_000_000;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
@@ -284,13 +286,21 @@ fn claim_nat_port(p: &Parsed, backend: &Backend, cfg: &LbConfig, now: u64) -> Op
         if REVNAT.insert(&key, &rev, u64::from(BPF_NOEXIST)).is_ok() {
             return Some(key.dport_be);
         }
-        if let Some(existing) = unsafe { REVNAT.get(&key) }
-            && existing.client_addr_be[0] == rev.client_addr_be[0]
-            && existing.client_port_be == rev.client_port_be
-            && existing.frontend_addr_be[0] == rev.frontend_addr_be[0]
-            && existing.frontend_port_be == rev.frontend_port_be
-        {
-            return Some(key.dport_be);
+        if let Some(existing) = REVNAT.get_ptr_mut(&key) {
+            // SAFETY: map value pointer, valid for the program's run.
+            let existing = unsafe { &mut *existing };
+            let same_flow = existing.client_addr_be[0] == rev.client_addr_be[0]
+                && existing.client_port_be == rev.client_port_be
+                && existing.frontend_addr_be[0] == rev.frontend_addr_be[0]
+                && existing.frontend_port_be == rev.frontend_port_be;
+            // A port whose flow closed (FIN/RST seen) and went quiet may be
+            // reused before the sweeper collects it.
+            let reusable = existing.flags & CT_F_CLOSING != 0
+                && now.saturating_sub(existing.last_seen_ns) > CLOSED_REUSE_NS;
+            if same_flow || reusable {
+                *existing = rev;
+                return Some(key.dport_be);
+            }
         }
         i += 1;
     }

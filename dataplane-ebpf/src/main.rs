@@ -46,6 +46,12 @@ pub fn xdp_parse(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Does nothing: the baseline `cargo xtask bench` measures against.
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 /// The L4 load balancer; see `dataplane_ebpf::lb`. Internal errors pass the
 /// packet on untouched rather than dropping it.
 #[classifier]

@@ -90,9 +90,9 @@ impl Datapath {
                 source: Box::new(source),
             }
         };
-        xdp_mut(&mut ebpf, programs::XDP_PARSE)?
-            .load()
-            .map_err(load_err(programs::XDP_PARSE))?;
+        for xdp in [programs::XDP_PARSE, programs::XDP_PASS] {
+            xdp_mut(&mut ebpf, xdp)?.load().map_err(load_err(xdp))?;
+        }
         tc_mut(&mut ebpf, programs::TC_LB)?
             .load()
             .map_err(load_err(programs::TC_LB))?;
@@ -167,6 +167,11 @@ impl Datapath {
     /// The parser program, e.g. for `BPF_PROG_TEST_RUN`.
     pub fn parser(&mut self) -> Result<&mut Xdp, LoadError> {
         xdp_mut(&mut self.ebpf, programs::XDP_PARSE)
+    }
+
+    /// The no-op XDP program (benchmark baseline).
+    pub fn noop(&mut self) -> Result<&mut Xdp, LoadError> {
+        xdp_mut(&mut self.ebpf, programs::XDP_PASS)
     }
 
     /// The load-balancer program, e.g. for `BPF_PROG_TEST_RUN`.

@@ -581,6 +581,41 @@ impl Topology {
     }
 }
 
+/// A namespace set up for running the load balancer with BPF_PROG_TEST_RUN:
+/// `v0` (198.18.0.1/24, the packets' "ingress" device) with a veth peer, a
+/// route to the task range 198.19.0.0/16 via 198.18.0.2, and forwarding on
+/// (bpf_fib_lookup refuses to route otherwise, as on a real node).
+/// Returns the namespace and v0's ifindex.
+pub fn lb_test_namespace() -> (Netns, u32) {
+    let ns = Netns::new();
+    let n = ns.name().to_owned();
+    for args in [
+        &["link", "add", "v0", "type", "veth", "peer", "name", "v1"][..],
+        &["addr", "add", "198.18.0.1/24", "dev", "v0"],
+        &["link", "set", "v0", "up"],
+        &["link", "set", "v1", "up"],
+        &[
+            "route",
+            "add",
+            "198.19.0.0/16",
+            "via",
+            "198.18.0.2",
+            "dev",
+            "v0",
+        ],
+    ] {
+        let mut full = vec!["-n", n.as_str()];
+        full.extend(args);
+        ip(&full);
+    }
+    ns.write_sysctl("net/ipv4/conf/all/forwarding", "1");
+    let name = std::ffi::CString::new("v0").expect("no NUL");
+    // SAFETY: valid C string; the lookup runs inside the namespace.
+    let ifindex = ns.enter(|| unsafe { libc::if_nametoindex(name.as_ptr()) });
+    assert_ne!(ifindex, 0, "no v0 in {n}");
+    (ns, ifindex)
+}
+
 /// Names of existing namespaces starting with `prefix`.
 pub fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
     match std::fs::read_dir("/run/netns") {

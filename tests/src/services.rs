@@ -46,9 +46,9 @@ pub fn tcp_echo(ns: &Netns, addr: SocketAddr, name: &str) -> Server {
     let listener = ns
         .enter(|| TcpListener::bind(addr))
         .unwrap_or_else(|e| panic!("{}: bind tcp {addr}: {e}", ns.name()));
-    listener
-        .set_nonblocking(true)
-        .expect("nonblocking listener");
+    // Blocking accept that wakes every 100 ms to check `stop` (Linux honours
+    // SO_RCVTIMEO on accept): no polling delay on the connection path.
+    set_recv_timeout(&listener, Duration::from_millis(100));
     let stop = Arc::new(AtomicBool::new(false));
     let accepted = Arc::new(AtomicUsize::new(0));
     let (s, a, n) = (stop.clone(), accepted.clone(), name.to_owned());
@@ -61,9 +61,11 @@ pub fn tcp_echo(ns: &Netns, addr: SocketAddr, name: &str) -> Server {
                     let s = s.clone();
                     std::thread::spawn(move || serve_lines(conn, &n, &s));
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
                 Err(_) => std::thread::sleep(Duration::from_millis(2)),
             }
         }
@@ -75,6 +77,30 @@ pub fn tcp_echo(ns: &Netns, addr: SocketAddr, name: &str) -> Server {
         addr,
         name: name.to_owned(),
     }
+}
+
+fn set_recv_timeout(listener: &TcpListener, timeout: Duration) {
+    use std::os::fd::AsRawFd as _;
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: valid socket fd and a timeval of the size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "SO_RCVTIMEO on listener: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 fn serve_lines(conn: TcpStream, name: &str, stop: &AtomicBool) {

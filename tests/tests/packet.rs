@@ -411,7 +411,7 @@ mod lb {
     use dataplane::ebpf::Datapath;
     use dataplane::lb::{BackendSpec, FrontendSpec, LbSpec, LbSync, Protocol, ServiceSpec};
     use dataplane_common::{Backend, CtEntry, FAMILY_V4, FlowKey, maps};
-    use mesh_tests::{Netns, frames::*, require_root};
+    use mesh_tests::{Netns, frames::*, netns::lb_test_namespace, require_root};
 
     const TC_ACT_OK: u32 = 0;
     const TC_ACT_REDIRECT: u32 = 7;
@@ -478,38 +478,7 @@ mod lb {
 
     impl Env {
         fn new(backends: &[u8]) -> Env {
-            let ns = Netns::new();
-            let n = ns.name().to_owned();
-            for args in [
-                vec!["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
-                vec!["addr", "add", "198.18.0.1/24", "dev", "v0"],
-                vec!["link", "set", "v0", "up"],
-                vec!["link", "set", "v1", "up"],
-                vec![
-                    "route",
-                    "add",
-                    "198.19.0.0/16",
-                    "via",
-                    "198.18.0.2",
-                    "dev",
-                    "v0",
-                ],
-            ] {
-                let mut full = vec!["-n", n.as_str()];
-                full.extend(args);
-                let out = std::process::Command::new("ip")
-                    .args(&full)
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "ip {full:?}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            // The LB forwards (bpf_fib_lookup refuses when forwarding is off), as meshd sets up.
-            ns.write_sysctl("net/ipv4/conf/all/forwarding", "1");
-            let ifindex = ns.enter(|| nix_ifindex("v0"));
+            let (ns, ifindex) = lb_test_namespace();
             let mut dp = Datapath::load(None).expect("load");
             let mut sync = LbSync::new();
             sync.apply(&spec(backends), &mut dp.lb_maps())
@@ -563,19 +532,6 @@ mod lb {
                 .expect("backend of a conntrack entry");
             Ipv4Addr::from(b.addr_be[0].to_ne_bytes())
         }
-    }
-
-    fn nix_ifindex(name: &str) -> u32 {
-        let c = std::ffi::CString::new(name).unwrap();
-        // SAFETY: valid C string.
-        let i = unsafe { libc_if_nametoindex(c.as_ptr()) };
-        assert_ne!(i, 0, "no interface {name}");
-        i
-    }
-
-    unsafe extern "C" {
-        #[link_name = "if_nametoindex"]
-        fn libc_if_nametoindex(name: *const std::ffi::c_char) -> u32;
     }
 
     fn flow(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8) -> FlowKey {
