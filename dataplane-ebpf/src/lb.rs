@@ -165,19 +165,18 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
     if p.daddr[0] == cfg.nat_addr_be[0]
         && dport >= cfg.nat_port_min
         && u32::from(dport) < u32::from(cfg.nat_port_min) + u32::from(cfg.nat_port_count)
+        && let Some(rev) = REVNAT.get_ptr_mut(flow)
     {
-        if let Some(rev) = REVNAT.get_ptr_mut(&flow) {
-            // SAFETY: map value pointer, valid for the program's run.
-            let rev = unsafe { &mut *rev };
-            rev.last_seen_ns = now;
-            if closing {
-                rev.flags |= CT_F_CLOSING;
-            }
-            let (client, client_port) = (rev.client_addr_be[0], rev.client_port_be);
-            let (front, front_port) = (rev.frontend_addr_be[0], rev.frontend_port_be);
-            rewrite_v4(ctx, &p, front, front_port, client, client_port)?;
-            return Ok(forward(ctx, front, client));
+        // SAFETY: map value pointer, valid for the program's run.
+        let rev = unsafe { &mut *rev };
+        rev.last_seen_ns = now;
+        if closing {
+            rev.flags |= CT_F_CLOSING;
         }
+        let (client, client_port) = (rev.client_addr_be[0], rev.client_port_be);
+        let (front, front_port) = (rev.frontend_addr_be[0], rev.frontend_port_be);
+        rewrite_v4(ctx, &p, front, front_port, client, client_port)?;
+        return Ok(forward(ctx, front, client));
     }
 
     // Client -> frontend.
@@ -187,14 +186,14 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
         proto: p.ip_proto,
         family: FAMILY_V4,
     };
-    let frontend = match unsafe { FRONTENDS.get(&key) } {
+    let frontend = match unsafe { FRONTENDS.get(key) } {
         Some(f) => *f,
         None => {
-            if unsafe { NODE_ADDRS.get(&key.addr_be) }.is_none() {
+            if unsafe { NODE_ADDRS.get(key.addr_be) }.is_none() {
                 return Ok(TC_ACT_OK);
             }
             key.addr_be = [0; 4];
-            match unsafe { FRONTENDS.get(&key) } {
+            match unsafe { FRONTENDS.get(key) } {
                 Some(f) => *f,
                 None => return Ok(TC_ACT_OK),
             }
@@ -202,12 +201,12 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
     };
 
     let mut new_flow = false;
-    let mut ct = match CONNTRACK.get_ptr_mut(&flow) {
+    let mut ct = match CONNTRACK.get_ptr_mut(flow) {
         // SAFETY: map value pointer, valid for the program's run.
         Some(ct) => unsafe { *ct },
         None => CtEntry::default(),
     };
-    let known = ct.last_seen_ns != 0 && unsafe { BACKENDS.get(&ct.backend_id) }.is_some();
+    let known = ct.last_seen_ns != 0 && unsafe { BACKENDS.get(ct.backend_id) }.is_some();
     if !known {
         // New flow, or its backend was removed: re-steer at once.
         if frontend.backend_count == 0 || frontend.table_size == 0 {
@@ -222,7 +221,7 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
         ct.frontend_id = frontend.id;
         new_flow = true;
     }
-    let Some(backend) = (unsafe { BACKENDS.get(&ct.backend_id) }).copied() else {
+    let Some(backend) = (unsafe { BACKENDS.get(ct.backend_id) }).copied() else {
         return Ok(TC_ACT_SHOT);
     };
     if new_flow || ct.nat_addr_be[0] != cfg.nat_addr_be[0] {
@@ -238,7 +237,7 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
     if closing {
         ct.flags |= CT_F_CLOSING;
     }
-    CONNTRACK.insert(&flow, &ct, 0)?;
+    CONNTRACK.insert(flow, ct, 0)?;
     bump(&FRONTEND_STATS, frontend.id, bytes, new_flow);
     bump(&BACKEND_STATS, ct.backend_id, bytes, new_flow);
     rewrite_v4(
@@ -283,10 +282,10 @@ fn claim_nat_port(p: &Parsed, backend: &Backend, cfg: &LbConfig, now: u64) -> Op
         let port = (u32::from(cfg.nat_port_min) + (seed.wrapping_add(i.wrapping_mul(7919)) % count))
             as u16;
         key.dport_be = port.to_be();
-        if REVNAT.insert(&key, &rev, u64::from(BPF_NOEXIST)).is_ok() {
+        if REVNAT.insert(key, rev, u64::from(BPF_NOEXIST)).is_ok() {
             return Some(key.dport_be);
         }
-        if let Some(existing) = REVNAT.get_ptr_mut(&key) {
+        if let Some(existing) = REVNAT.get_ptr_mut(key) {
             // SAFETY: map value pointer, valid for the program's run.
             let existing = unsafe { &mut *existing };
             let same_flow = existing.client_addr_be[0] == rev.client_addr_be[0]

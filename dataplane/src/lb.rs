@@ -333,6 +333,14 @@ impl ApplyReport {
     }
 }
 
+/// What the spec asks of one frontend.
+struct Desired {
+    service_id: u32,
+    /// Sorted by key, so order in the spec does not matter.
+    backends: Vec<(BackendKey, u32)>,
+    table_size: u32,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct InstalledFrontend {
     id: u32,
@@ -427,7 +435,7 @@ impl LbSync {
         }
 
         // Desired frontends with their backend lists (sorted: order-independent).
-        let mut want: BTreeMap<FrontendKey, (u32, Vec<(BackendKey, u32)>, u32)> = BTreeMap::new();
+        let mut want: BTreeMap<FrontendKey, Desired> = BTreeMap::new();
         for svc in &spec.services {
             for f in &svc.frontends {
                 let mut backends: Vec<(BackendKey, u32)> = svc
@@ -437,14 +445,21 @@ impl LbSync {
                     .collect();
                 backends.sort();
                 backends.dedup_by_key(|(k, _)| *k);
-                want.insert(frontend_key(f), (svc.id, backends, svc.table_size));
+                want.insert(
+                    frontend_key(f),
+                    Desired {
+                        service_id: svc.id,
+                        backends,
+                        table_size: svc.table_size,
+                    },
+                );
             }
         }
 
         // 1. New backends first, so new tables only name existing entries.
         let want_backends: BTreeSet<BackendKey> = want
             .values()
-            .flat_map(|(_, bs, _)| bs.iter().map(|(k, _)| *k))
+            .flat_map(|d| d.backends.iter().map(|(k, _)| *k))
             .collect();
         for key in &want_backends {
             if !self.backends.contains_key(key) {
@@ -458,7 +473,8 @@ impl LbSync {
         // 2. Frontends whose table changed: new table, then the frontend entry.
         let used_frontend_ids: BTreeSet<u32> = self.frontends.values().map(|f| f.id).collect();
         let mut free_ids = (0..limits::MAX_FRONTENDS).filter(|id| !used_frontend_ids.contains(id));
-        for (key, (service_id, backends, table_size)) in &want {
+        for (key, d) in &want {
+            let (service_id, backends, table_size) = (&d.service_id, &d.backends, &d.table_size);
             let current = self.frontends.get(key);
             let unchanged = current.is_some_and(|c| {
                 c.backends.as_ref() == Some(backends)
