@@ -27,6 +27,8 @@ enum Task {
     Test,
     /// Bring up a 3-host cluster in network namespaces and show the data plane at work.
     Demo,
+    /// Measure the data plane against its baselines; writes docs/BENCHMARKS.md.
+    Bench,
 }
 
 fn main() -> Result<()> {
@@ -34,7 +36,21 @@ fn main() -> Result<()> {
         Task::Setup => setup::run(),
         Task::Test => test::run(),
         Task::Demo => demo::run(),
+        Task::Bench => bench(),
     }
+}
+
+fn bench() -> Result<()> {
+    if !is_root() {
+        bail!("the benchmark creates network namespaces and loads eBPF: run it as root");
+    }
+    setup::run()?;
+    run_ok(cargo().args(["build", "--package", "dataplane", "--bins"]))?;
+    run_ok(
+        cargo()
+            .args(["bench", "--package", "mesh-tests", "--bench", "dataplane"])
+            .env("MESHD", target_dir().join("debug/meshd")),
+    )
 }
 
 /// The workspace root (xtask lives one level below it).

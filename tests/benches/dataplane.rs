@@ -1,0 +1,359 @@
+//! `cargo xtask bench`: the data plane measured side by side with baselines
+//! in one run, written to docs/BENCHMARKS.md.
+//!
+//! (a) ns per packet through BPF_PROG_TEST_RUN: no-op XDP, the parser, and the
+//!     load balancer's miss, conntrack-hit and new-flow (Maglev) paths.
+//! (b) TCP connections/s and requests/s from a client namespace: straight to
+//!     the backends, through a mesh published port, and through nftables DNAT
+//!     (numgen + masquerade, like kube-proxy's nft mode), same topology.
+
+use std::{
+    fmt::Write as _,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::PathBuf,
+    process::Stdio,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use dataplane::{
+    ebpf::Datapath,
+    inspect::read_lb,
+    lb::{BackendSpec, FrontendSpec, LbSpec, LbSync, Protocol, ServiceSpec, Timeouts},
+};
+use mesh_tests::{
+    ChildGuard, Host, Topology,
+    frames::{TCP, v4_flow},
+    netns::{BPF_ROOT, UNDERLAY_IFACE, lb_test_namespace, wait_for},
+    require_root,
+    services::{self, Server},
+};
+
+const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const RUNS: u32 = 1_000_000;
+
+fn main() {
+    let Some(_root) = require_root("bench") else {
+        std::process::exit(1);
+    };
+    let mut md = String::new();
+    writeln!(md, "# Benchmarks\n").unwrap();
+    writeln!(md, "Written by `cargo xtask bench`; every number below comes from one run on this machine.\n").unwrap();
+    writeln!(md, "- kernel: {}", uname()).unwrap();
+    writeln!(md, "- CPUs: {}", std::thread::available_parallelism().map_or(0, |n| n.get())).unwrap();
+    writeln!(md, "- date: {}\n", date()).unwrap();
+    per_packet(&mut md);
+    throughput(&mut md);
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/BENCHMARKS.md");
+    std::fs::write(&out, &md).expect("write docs/BENCHMARKS.md");
+    println!("{md}\nwritten to {}", out.display());
+}
+
+fn uname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(|_| "?".into(), |s| s.trim().to_owned())
+}
+
+fn date() -> String {
+    std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map_or_else(|_| "?".into(), |o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+}
+
+fn lb_spec(nat_port_count: u16) -> LbSpec {
+    LbSpec {
+        nat_address: NODE,
+        node_addresses: vec![NODE],
+        nat_port_min: 1024,
+        nat_port_count,
+        services: vec![ServiceSpec {
+            id: 1,
+            name: "web".into(),
+            frontends: vec![FrontendSpec {
+                address: None,
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+            backends: (1..=4)
+                .map(|i| BackendSpec {
+                    address: Ipv4Addr::new(198, 19, i, 2),
+                    port: 80,
+                    weight: 1,
+                })
+                .collect(),
+            table_size: 16381,
+        }],
+    }
+}
+
+/// Mean ns per run of `frames` (cycled) over `RUNS` single-run calls: the
+/// kernel times each call's program run, so syscall cost is excluded.
+fn ns_per_packet(run: &mut dyn FnMut(&[u8]) -> Duration, frames: &dyn Fn(u32) -> Vec<u8>) -> f64 {
+    let mut total = Duration::ZERO;
+    for i in 0..RUNS {
+        total += run(&frames(i));
+    }
+    total.as_nanos() as f64 / f64::from(RUNS)
+}
+
+fn per_packet(md: &mut String) {
+    let (ns, ifindex) = lb_test_namespace();
+    let mut dp = Datapath::load(None).expect("load");
+    let mut sync = LbSync::new();
+    sync.apply(&lb_spec(64000), &mut dp.lb_maps()).expect("apply");
+    let mut ctx = [0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let client = |i: u32| (Ipv4Addr::from(0xc612_0100 + (i >> 14)), 10000 + (i & 0x3fff) as u16);
+    let syn = |i: u32| v4_flow(TCP, client(i), (NODE, 8080), 0x02, 0);
+    let ack_same = |_: u32| v4_flow(TCP, (Ipv4Addr::new(198, 18, 0, 100), 40000), (NODE, 8080), 0x10, 64);
+    let miss = |i: u32| v4_flow(TCP, client(i), (NODE, 9999), 0x02, 0);
+
+    let mut rows: Vec<(&str, f64)> = Vec::new();
+    ns.enter(|| {
+        let run_xdp = |prog: &mut aya::programs::Xdp, frame: &[u8]| {
+            let mut out = vec![0u8; frame.len() + 64];
+            prog.test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .expect("test_run")
+            .duration
+        };
+        let noop = ns_per_packet(&mut |f| run_xdp(dp.noop().unwrap(), f), &syn);
+        rows.push(("no-op XDP (baseline)", noop));
+        let parse = ns_per_packet(&mut |f| run_xdp(dp.parser().unwrap(), f), &syn);
+        rows.push(("XDP parser + counters", parse));
+        let mut run_tc = |f: &[u8]| {
+            let mut out = vec![0u8; f.len() + 64];
+            dp.lb()
+                .unwrap()
+                .test_run(TestRunOptions {
+                    data_in: Some(f),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    ..TestRunOptions::default()
+                })
+                .expect("test_run")
+                .duration
+        };
+        rows.push(("tc_lb miss (no frontend)", ns_per_packet(&mut run_tc, &miss)));
+        // One SYN creates the flow; then the same flow's segments hit conntrack.
+        run_tc(&v4_flow(TCP, (Ipv4Addr::new(198, 18, 0, 100), 40000), (NODE, 8080), 0x02, 0));
+        rows.push(("tc_lb conntrack hit (DNAT+SNAT, redirect)", ns_per_packet(&mut run_tc, &ack_same)));
+        // Every run a new flow: Maglev pick, SNAT port claim, two map inserts.
+        rows.push(("tc_lb new flow (Maglev, NAT claim)", ns_per_packet(&mut run_tc, &syn)));
+    });
+
+    writeln!(md, "## (a) Per packet, BPF_PROG_TEST_RUN\n").unwrap();
+    writeln!(
+        md,
+        "{RUNS} single-packet runs per row (mean of the kernel-timed program runs; the syscall is not included). \
+         The LB runs as a TC program on a routed veth inside a test namespace; new flows use {RUNS} distinct \
+         client address/port pairs. The kernel's per-run timer adds a constant that every row, the no-op \
+         included, pays.\n"
+    )
+    .unwrap();
+    writeln!(md, "| path | ns/packet | vs no-op |\n|---|---:|---:|").unwrap();
+    let base = rows[0].1;
+    for (name, v) in &rows {
+        writeln!(md, "| {name} | {v:.1} | {:.2}x |", v / base).unwrap();
+    }
+    writeln!(md).unwrap();
+}
+
+/// Counts completed operations from `threads` client threads for `secs`.
+fn load(client: &Host, threads: usize, secs: u64, op: impl Fn(&mut Option<ConnState>) -> bool + Sync) -> f64 {
+    let done = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                client.enter(|| {
+                    let mut state = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        if op(&mut state) {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            state = None;
+                        }
+                    }
+                })
+            });
+        }
+        std::thread::sleep(Duration::from_secs(secs));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let f = failed.load(Ordering::Relaxed);
+    if f > 0 {
+        eprintln!("warning: {f} failed operations");
+    }
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+struct ConnState {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+fn request(state: &mut Option<ConnState>, target: SocketAddr) -> bool {
+    if state.is_none() {
+        let Ok(c) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) else {
+            return false;
+        };
+        let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = c.set_nodelay(true);
+        let Ok(w) = c.try_clone() else { return false };
+        *state = Some(ConnState {
+            reader: BufReader::new(c),
+            writer: w,
+        });
+    }
+    let st = state.as_mut().expect("just set");
+    let mut line = String::new();
+    st.writer.write_all(b"ping\n").is_ok() && st.reader.read_line(&mut line).is_ok_and(|n| n > 0)
+}
+
+fn meshd_bin() -> PathBuf {
+    std::env::var_os("MESHD").map(PathBuf::from).expect("MESHD (set by cargo xtask bench)")
+}
+
+fn throughput(md: &mut String) {
+    let mut topo = Topology::new(2);
+    topo.route_tasks_via_underlay();
+    topo.add_host("client");
+    let (h1, h2, client) = (topo.host(0), topo.host(1), topo.host(2));
+    client.exec_ok("sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"]);
+    for (h, net) in [(h1, "198.19.1.0/24"), (h2, "198.19.2.0/24")] {
+        client.exec_ok("ip", &["route", "add", net, "via", &h.addr().to_string()]);
+    }
+    let tasks = [h1.add_task(0), h2.add_task(0)];
+    let _servers: Vec<Server> = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| services::tcp_echo(t.ns(), SocketAddr::from((t.addr(), 80)), &format!("b{i}")))
+        .collect();
+
+    // mesh on both hosts; host1 is the entry point.
+    let mut daemons: Vec<ChildGuard> = Vec::new();
+    let mut configs = Vec::new();
+    for (i, h) in [h1, h2].into_iter().enumerate() {
+        let cfg = serde_json::json!({
+            "endpoint_interfaces": [tasks[i].host_iface()],
+            "timeouts": Timeouts::default(),
+            "lb": {
+                "nat_address": h.addr().to_string(), "node_addresses": [h.addr().to_string()],
+                "services": [{"id": 1, "name": "web", "frontends": [{"port": 8080, "protocol": "tcp"}],
+                    "backends": tasks.iter().map(|t| serde_json::json!({"address": t.addr().to_string(), "port": 80})).collect::<Vec<_>>()}]
+            }
+        });
+        let path = std::env::temp_dir().join(format!("{}.json", h.node_name()));
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let mut cmd = h.command(meshd_bin());
+        cmd.args(["run", "--node", h.node_name(), "--underlay", UNDERLAY_IFACE, "--bpf-root", BPF_ROOT, "--config"])
+            .arg(&path)
+            .arg("--sweep-interval")
+            .arg("2")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null());
+        let mut child = h.spawn(&mut cmd);
+        wait_for("meshd", Duration::from_secs(20), || {
+            child.assert_running();
+            read_lb(&h.pin_dir()).is_ok_and(|v| !v.is_empty())
+        });
+        daemons.push(child);
+        configs.push(path);
+    }
+
+    let direct_targets: Vec<SocketAddr> = tasks.iter().map(|t| SocketAddr::from((t.addr(), 80))).collect();
+    let mesh_target = SocketAddr::from((h1.addr(), 8080));
+    let nft_target = SocketAddr::from((h1.addr(), 8081));
+    let threads = 2;
+    let secs = 3;
+    let rr = AtomicU64::new(0);
+    let direct_pick = || direct_targets[(rr.fetch_add(1, Ordering::Relaxed) % 2) as usize];
+
+    let measure = |target: &(dyn Fn() -> SocketAddr + Sync)| -> (f64, f64) {
+        let conns = load(client, threads, secs, |st| {
+            let ok = request(st, target());
+            *st = None;
+            ok
+        });
+        let reqs = load(client, threads, secs, |st| {
+            if st.is_none() {
+                // Keep-alive: one connection per thread, opened once.
+                return request(st, target());
+            }
+            request(st, SocketAddr::from(([0, 0, 0, 0], 0)))
+        });
+        (conns, reqs)
+    };
+
+    let mut results: Vec<(&str, Vec<(f64, f64)>)> = vec![("direct to the backends", vec![]), ("mesh published port", vec![])];
+    for _ in 0..3 {
+        results[0].1.push(measure(&direct_pick));
+        results[1].1.push(measure(&|| mesh_target));
+    }
+    // nftables last: its NAT hooks turn on kernel conntrack in host1's namespace.
+    let nft = format!(
+        "table ip meshbench {{
+           chain pre {{ type nat hook prerouting priority dstnat; tcp dport 8081 dnat to numgen inc mod 2 map {{ 0 : {}, 1 : {} }} : 80 }}
+           chain post {{ type nat hook postrouting priority srcnat; ip daddr 198.19.0.0/16 masquerade }}
+         }}",
+        tasks[0].addr(),
+        tasks[1].addr()
+    );
+    let nft_file = std::env::temp_dir().join(format!("{}-nft.conf", h1.node_name()));
+    std::fs::write(&nft_file, nft).unwrap();
+    h1.exec_ok("nft", &["-f", nft_file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&nft_file);
+    results.push(("nftables DNAT (numgen + masquerade)", vec![]));
+    for _ in 0..3 {
+        results[2].1.push(measure(&|| nft_target));
+    }
+    drop(daemons);
+    for h in [h1, h2] {
+        h.exec_ok(meshd_bin().to_str().unwrap(), &["down", "--node", h.node_name(), "--bpf-root", BPF_ROOT]);
+    }
+    for c in configs {
+        let _ = std::fs::remove_file(c);
+    }
+
+    let median = |v: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
+        let mut xs: Vec<f64> = v.iter().map(pick).collect();
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    };
+    writeln!(md, "## (b) Through a published port, real TCP\n").unwrap();
+    writeln!(
+        md,
+        "Client namespace -> host1 on the underlay bridge; two backends (a task on host1, a task on host2), \
+         each a thread-per-connection line-echo server. {threads} client threads, {secs} s per measurement, \
+         median of 3. `conn/s`: connect, one request/response, close. `req/s`: request/response on kept-alive \
+         connections. Same topology and backends for every row; direct alternates between the two backends.\n"
+    )
+    .unwrap();
+    writeln!(md, "| path | conn/s | req/s |\n|---|---:|---:|").unwrap();
+    let mut med = Vec::new();
+    for (name, v) in &results {
+        let (c, r) = (median(v, |x| x.0), median(v, |x| x.1));
+        med.push((c, r));
+        writeln!(md, "| {name} | {c:.0} | {r:.0} |").unwrap();
+    }
+    let (direct, mesh, nftm) = (med[0], med[1], med[2]);
+    writeln!(
+        md,
+        "\nRatios: mesh/nftables = {:.2}x conn/s, {:.2}x req/s; mesh/direct = {:.2}x conn/s, {:.2}x req/s.\n",
+        mesh.0 / nftm.0,
+        mesh.1 / nftm.1,
+        mesh.0 / direct.0,
+        mesh.1 / direct.1
+    )
+    .unwrap();
+}
