@@ -69,6 +69,8 @@ static BACKEND_STATS: PerCpuArray<LbCounter> =
 
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 const AF_INET: u8 = 2;
 /// Tries at finding a free SNAT port before giving up on a new flow.
 const NAT_PORT_TRIES: u32 = 8;
@@ -206,7 +208,10 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
         Some(ct) => unsafe { *ct },
         None => CtEntry::default(),
     };
-    let known = ct.last_seen_ns != 0 && unsafe { BACKENDS.get(ct.backend_id) }.is_some();
+    // A bare SYN on a closed flow's entry is a new connection reusing the
+    // client port (TIME_WAIT reuse): it gets a fresh pick and SNAT port.
+    let reopened = p.ip_proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && ct.flags & CT_F_CLOSING != 0;
+    let known = ct.last_seen_ns != 0 && !reopened && unsafe { BACKENDS.get(ct.backend_id) }.is_some();
     if !known {
         // New flow, or its backend was removed: re-steer at once.
         if frontend.backend_count == 0 || frontend.table_size == 0 {

@@ -89,11 +89,20 @@ fn lb_spec(nat_port_count: u16) -> LbSpec {
     }
 }
 
-/// Mean ns per run of `frames` (cycled) over `RUNS` single-run calls: the
-/// kernel times each call's program run, so syscall cost is excluded.
-fn ns_per_packet(run: &mut dyn FnMut(&[u8]) -> Duration, frames: &dyn Fn(u32) -> Vec<u8>) -> f64 {
+/// Mean ns per run of `frames(i)` over `RUNS` single-run calls: the kernel
+/// times each call's program run, so syscall cost is excluded. `between` runs
+/// untimed every 50k calls (the new-flow row empties the flow tables there,
+/// so it measures inserts into a live table, not LRU eviction of a full one).
+fn ns_per_packet(
+    run: &mut dyn FnMut(&[u8]) -> Duration,
+    frames: &dyn Fn(u32) -> Vec<u8>,
+    between: &mut dyn FnMut(),
+) -> f64 {
     let mut total = Duration::ZERO;
     for i in 0..RUNS {
+        if i % 50_000 == 0 {
+            between();
+        }
         total += run(&frames(i));
     }
     total.as_nanos() as f64 / f64::from(RUNS)
@@ -123,13 +132,15 @@ fn per_packet(md: &mut String) {
             .expect("test_run")
             .duration
         };
-        let noop = ns_per_packet(&mut |f| run_xdp(dp.noop().unwrap(), f), &syn);
+        let noop = ns_per_packet(&mut |f| run_xdp(dp.noop().unwrap(), f), &syn, &mut || {});
         rows.push(("no-op XDP (baseline)", noop));
-        let parse = ns_per_packet(&mut |f| run_xdp(dp.parser().unwrap(), f), &syn);
+        let parse = ns_per_packet(&mut |f| run_xdp(dp.parser().unwrap(), f), &syn, &mut || {});
         rows.push(("XDP parser + counters", parse));
-        let mut run_tc = |f: &[u8]| {
+        let dp = std::cell::RefCell::new(dp);
+        let run_tc = |f: &[u8]| {
             let mut out = vec![0u8; f.len() + 64];
-            dp.lb()
+            dp.borrow_mut()
+                .lb()
                 .unwrap()
                 .test_run(TestRunOptions {
                     data_in: Some(f),
@@ -140,12 +151,17 @@ fn per_packet(md: &mut String) {
                 .expect("test_run")
                 .duration
         };
-        rows.push(("tc_lb miss (no frontend)", ns_per_packet(&mut run_tc, &miss)));
+        let mut run_tc = run_tc;
+        rows.push(("tc_lb miss (no frontend)", ns_per_packet(&mut run_tc, &miss, &mut || {})));
         // One SYN creates the flow; then the same flow's segments hit conntrack.
         run_tc(&v4_flow(TCP, (Ipv4Addr::new(198, 18, 0, 100), 40000), (NODE, 8080), 0x02, 0));
-        rows.push(("tc_lb conntrack hit (DNAT+SNAT, redirect)", ns_per_packet(&mut run_tc, &ack_same)));
+        rows.push(("tc_lb conntrack hit (DNAT+SNAT, redirect)", ns_per_packet(&mut run_tc, &ack_same, &mut || {})));
         // Every run a new flow: Maglev pick, SNAT port claim, two map inserts.
-        rows.push(("tc_lb new flow (Maglev, NAT claim)", ns_per_packet(&mut run_tc, &syn)));
+        let flush = Timeouts { tcp_idle_s: 0, tcp_closing_s: 0, udp_idle_s: 0 };
+        let mut empty_tables = || {
+            dp.borrow_mut().sweep_conntrack(u64::MAX, &flush).expect("sweep");
+        };
+        rows.push(("tc_lb new flow (Maglev, NAT claim)", ns_per_packet(&mut run_tc, &syn, &mut empty_tables)));
     });
 
     writeln!(md, "## (a) Per packet, BPF_PROG_TEST_RUN\n").unwrap();
@@ -204,9 +220,17 @@ struct ConnState {
 
 fn request(state: &mut Option<ConnState>, target: SocketAddr) -> bool {
     if state.is_none() {
-        let Ok(c) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) else {
-            return false;
+        let t0 = Instant::now();
+        let c = match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("connect {target}: {e} after {:?}", t0.elapsed());
+                return false;
+            }
         };
+        if t0.elapsed() > Duration::from_millis(500) {
+            eprintln!("slow connect {target}: {:?}", t0.elapsed());
+        }
         let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
         let _ = c.set_nodelay(true);
         let Ok(w) = c.try_clone() else { return false };
@@ -217,7 +241,11 @@ fn request(state: &mut Option<ConnState>, target: SocketAddr) -> bool {
     }
     let st = state.as_mut().expect("just set");
     let mut line = String::new();
-    st.writer.write_all(b"ping\n").is_ok() && st.reader.read_line(&mut line).is_ok_and(|n| n > 0)
+    let ok = st.writer.write_all(b"ping\n").is_ok() && st.reader.read_line(&mut line).is_ok_and(|n| n > 0);
+    if !ok {
+        eprintln!("request on {:?} failed", st.writer.peer_addr());
+    }
+    ok
 }
 
 fn meshd_bin() -> PathBuf {
@@ -303,8 +331,8 @@ fn throughput(md: &mut String) {
     // nftables last: its NAT hooks turn on kernel conntrack in host1's namespace.
     let nft = format!(
         "table ip meshbench {{
-           chain pre {{ type nat hook prerouting priority dstnat; tcp dport 8081 dnat to numgen inc mod 2 map {{ 0 : {}, 1 : {} }} : 80 }}
-           chain post {{ type nat hook postrouting priority srcnat; ip daddr 198.19.0.0/16 masquerade }}
+           chain pre {{ type nat hook prerouting priority dstnat; tcp dport 8081 dnat to numgen inc mod 2 map {{ 0 : {}, 1 : {} }} : 80; }}
+           chain post {{ type nat hook postrouting priority srcnat; ip daddr 198.19.0.0/16 masquerade; }}
          }}",
         tasks[0].addr(),
         tasks[1].addr()
