@@ -16,7 +16,7 @@ use aya_ebpf::{
     },
     btf_maps::{Array, ArrayOfMaps},
     helpers::{
-        bpf_ktime_get_ns,
+        bpf_get_prandom_u32, bpf_ktime_get_ns,
         generated::{bpf_fib_lookup, bpf_redirect_neigh},
     },
     macros::{btf_map, map},
@@ -210,8 +210,11 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
     };
     // A bare SYN on a closed flow's entry is a new connection reusing the
     // client port (TIME_WAIT reuse): it gets a fresh pick and SNAT port.
-    let reopened = p.ip_proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && ct.flags & CT_F_CLOSING != 0;
-    let known = ct.last_seen_ns != 0 && !reopened && unsafe { BACKENDS.get(ct.backend_id) }.is_some();
+    let reopened = p.ip_proto == IPPROTO_TCP
+        && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && ct.flags & CT_F_CLOSING != 0;
+    let known =
+        ct.last_seen_ns != 0 && !reopened && unsafe { BACKENDS.get(ct.backend_id) }.is_some();
     if !known {
         // New flow, or its backend was removed: re-steer at once.
         if frontend.backend_count == 0 || frontend.table_size == 0 {
@@ -272,7 +275,9 @@ fn claim_nat_port(p: &Parsed, backend: &Backend, cfg: &LbConfig, now: u64) -> Op
         flags: 0,
         last_seen_ns: now,
     };
-    let seed = mix(mix(p.saddr[0], u32::from(p.sport_be)), backend.addr_be[0]);
+    // Random start: a client reusing its port (TIME_WAIT reuse) must not land
+    // on the 4-tuple its previous connection left in the backend's stack.
+    let seed = unsafe { bpf_get_prandom_u32() };
     let mut key = FlowKey {
         saddr_be: backend.addr_be,
         daddr_be: cfg.nat_addr_be,

@@ -16,10 +16,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::maglev::{self, MaglevError, NO_BACKEND, Weighted};
 
-/// Default SNAT range: above Linux's default ephemeral range (32768-60999),
-/// so NATed flows never collide with the node's own outgoing connections.
-pub const DEFAULT_NAT_PORT_MIN: u16 = 61000;
-pub const DEFAULT_NAT_PORT_COUNT: u16 = 4536;
+/// Default SNAT range 10000-32767: below Linux's ephemeral range
+/// (32768-60999), so NATed flows never collide with the node's own outgoing
+/// connections, and large enough that closed flows' ports (held about a
+/// second after their FIN) do not run out at ~10k new connections/s per
+/// backend. A 4.5k-port range ran out at ~2k/s (see docs/BENCHMARKS.md).
+pub const DEFAULT_NAT_PORT_MIN: u16 = 10000;
+pub const DEFAULT_NAT_PORT_COUNT: u16 = 22768;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
