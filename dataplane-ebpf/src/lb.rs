@@ -73,7 +73,7 @@ const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 const AF_INET: u8 = 2;
 /// Tries at finding a free SNAT port before giving up on a new flow.
-const NAT_PORT_TRIES: u32 = 8;
+const NAT_PORT_TRIES: u32 = 32;
 /// How long a closed flow's SNAT port stays reserved (late FINs/ACKs).
 const CLOSED_REUSE_NS: u64 = 1_000_000_000;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
