@@ -640,41 +640,50 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Namespaces, pin directories, root-namespace links and marked processes whose name starts with
-/// `prefix` (`mesh-` for every test run, `mesh-<pid>-` for one). Empty means clean.
+/// Namespaces, pin directories, root-namespace links and marked processes
+/// whose name starts with `prefix` (`mesh-` for every test run). Empty means clean.
 pub fn leftovers(prefix: &str) -> Vec<String> {
-    let mut found: Vec<String> = namespaces_with_prefix(prefix)
+    leftovers_matching(&|name| name.starts_with(prefix))
+}
+
+/// The same check for names that `owned` accepts (e.g. one exact namespace).
+pub fn leftovers_matching(owned: &dyn Fn(&str) -> bool) -> Vec<String> {
+    let names_in = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| owned(n))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut found: Vec<String> = names_in("/run/netns")
         .into_iter()
         .map(|n| format!("namespace {n}"))
         .collect();
-    if let Ok(dir) = std::fs::read_dir(BPF_ROOT) {
-        found.extend(
-            dir.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(prefix))
-                .map(|n| format!("pin directory {BPF_ROOT}/{n}")),
-        );
-    }
-    // We never create links in the root namespace; check that none appeared.
-    if let Ok(dir) = std::fs::read_dir("/sys/class/net") {
-        found.extend(
-            dir.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(prefix))
-                .map(|n| format!("root-namespace link {n}")),
-        );
-    }
     found.extend(
-        marked_processes(prefix)
+        names_in(BPF_ROOT)
+            .into_iter()
+            .map(|n| format!("pin directory {BPF_ROOT}/{n}")),
+    );
+    // We never create links in the root namespace; check that none appeared.
+    found.extend(
+        names_in("/sys/class/net")
+            .into_iter()
+            .map(|n| format!("root-namespace link {n}")),
+    );
+    found.extend(
+        marked_processes(owned)
             .into_iter()
             .map(|p| format!("process {p}")),
     );
     found
 }
 
-/// PIDs of live processes whose environment carries our child mark with `prefix`.
-pub fn marked_processes(prefix: &str) -> Vec<u32> {
-    let needle = format!("{CHILD_MARK_ENV}={prefix}");
+/// PIDs of live processes whose child mark names a namespace `owned` accepts.
+pub fn marked_processes(owned: &dyn Fn(&str) -> bool) -> Vec<u32> {
+    let key = format!("{CHILD_MARK_ENV}=");
     let Ok(proc_dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -683,8 +692,10 @@ pub fn marked_processes(prefix: &str) -> Vec<u32> {
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
-                env.split(|b| *b == 0)
-                    .any(|kv| kv.starts_with(needle.as_bytes()))
+                env.split(|b| *b == 0).any(|kv| {
+                    kv.strip_prefix(key.as_bytes())
+                        .is_some_and(|v| owned(&String::from_utf8_lossy(v)))
+                })
             })
         })
         .collect()

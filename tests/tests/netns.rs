@@ -13,7 +13,7 @@ use dataplane::stats::ParserStats;
 use dataplane_common::{outcome, proto};
 use mesh_tests::{
     ChildGuard, Host, Topology,
-    netns::{BPF_ROOT, UNDERLAY_IFACE, leftovers, namespaces_with_prefix, wait_for},
+    netns::{BPF_ROOT, UNDERLAY_IFACE, leftovers_matching, wait_for},
     require_root,
 };
 
@@ -56,7 +56,8 @@ fn start_meshd(host: &Host) -> ChildGuard {
         BPF_ROOT,
     ])
     .env("RUST_LOG", "warn")
-    .stdin(Stdio::null());
+    .stdin(Stdio::null())
+    .stdout(Stdio::null());
     let mut child = host.spawn(&mut cmd);
     let pin = host.pin_dir().join(dataplane_common::maps::OUTCOME_STATS);
     wait_for(
@@ -217,15 +218,8 @@ fn three_hosts_count_exactly_what_crossed_their_underlay() {
 
     drop(topo);
     for name in &names {
-        assert!(
-            namespaces_with_prefix(name).iter().all(|n| n != name),
-            "namespace {name} left behind"
-        );
-        let left = leftovers(name);
-        assert!(
-            left.iter().all(|l| !l.ends_with(name)),
-            "left behind: {left:?}"
-        );
+        let left = leftovers_matching(&|n| n == name);
+        assert!(left.is_empty(), "left behind: {left:?}");
     }
 }
 
@@ -246,7 +240,7 @@ fn a_panicking_test_still_removes_its_namespaces_and_pins() {
     assert!(result.is_err());
     assert_eq!(names.len(), 3);
     for name in &names {
-        let left = leftovers(name);
+        let left = leftovers_matching(&|n| n == name);
         assert!(left.is_empty(), "left behind after a panic: {left:?}");
     }
 }
@@ -282,6 +276,15 @@ mod lb {
     }
 
     fn write_config(host: &Host, local: &[&Task], backends: &[&Task]) -> ConfigFile {
+        write_config_with(host, local, backends, serde_json::json!({}))
+    }
+
+    fn write_config_with(
+        host: &Host,
+        local: &[&Task],
+        backends: &[&Task],
+        timeouts: serde_json::Value,
+    ) -> ConfigFile {
         let path = std::env::temp_dir().join(format!("{}.json", host.node_name()));
         let list = |port: u16| -> Vec<serde_json::Value> {
             backends
@@ -291,6 +294,7 @@ mod lb {
         };
         let config = serde_json::json!({
             "endpoint_interfaces": local.iter().map(|t| t.host_iface()).collect::<Vec<_>>(),
+            "timeouts": timeouts,
             "lb": {
                 "nat_address": host.addr().to_string(),
                 "node_addresses": [host.addr().to_string()],
@@ -305,6 +309,10 @@ mod lb {
     }
 
     fn start(host: &Host, config: &ConfigFile) -> ChildGuard {
+        start_with(host, config, "10")
+    }
+
+    fn start_with(host: &Host, config: &ConfigFile, sweep_interval: &str) -> ChildGuard {
         let mut cmd = host.command(super::meshd_bin());
         cmd.args([
             "run",
@@ -317,6 +325,7 @@ mod lb {
         ])
         .arg("--config")
         .arg(&config.0)
+        .args(["--sweep-interval", sweep_interval])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null());
@@ -507,5 +516,67 @@ mod lb {
         for h in hosts {
             super::meshd_down(h);
         }
+    }
+
+    fn conntrack_entries(host: &Host, proto: u8) -> usize {
+        use aya::maps::{HashMap, Map, MapData};
+        use dataplane_common::{CtEntry, FlowKey, maps};
+        let map = MapData::from_pin(host.pin_dir().join(maps::CONNTRACK))
+            .and_then(Map::from_map_data)
+            .expect("pinned CONNTRACK");
+        let ct: HashMap<&MapData, FlowKey, CtEntry> =
+            HashMap::try_from(&map).expect("CONNTRACK type");
+        ct.keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.proto == proto)
+            .count()
+    }
+
+    #[test]
+    fn the_sweeper_expires_idle_udp_but_keeps_idle_tcp() {
+        let Some(_root) =
+            require_root("netns::lb::the_sweeper_expires_idle_udp_but_keeps_idle_tcp")
+        else {
+            return;
+        };
+        let mut topo = Topology::new(1);
+        topo.add_host("client");
+        let (h1, client) = (topo.host(0), topo.host(1));
+        let task = h1.add_task(0);
+        let _tcp = services::tcp_echo(task.ns(), SocketAddr::from((task.addr(), 80)), "b1");
+        let _udp = services::udp_echo(task.ns(), SocketAddr::from((task.addr(), 53)), "b1");
+        // UDP idles out after 1 s; TCP keeps the default (2 h).
+        let config =
+            write_config_with(h1, &[&task], &[&task], serde_json::json!({"udp_idle_s": 1}));
+        let daemon = start_with(h1, &config, "1");
+
+        let mut session = client
+            .enter(|| Session::open(SocketAddr::from((h1.addr(), WEB)), T))
+            .expect("tcp session");
+        assert_eq!(session.ask("hi").expect("tcp answer"), "b1");
+        let to = SocketAddr::from((h1.addr(), DNS));
+        let answer = client.enter(|| {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(T)).unwrap();
+            services::udp_ask(&s, to, "q")
+        });
+        assert_eq!(answer.expect("udp answer"), "b1");
+        assert_eq!(conntrack_entries(h1, 17), 1, "one UDP flow tracked");
+        assert_eq!(conntrack_entries(h1, 6), 1, "one TCP flow tracked");
+
+        wait_for("the idle UDP flow to be swept", T * 2, || {
+            conntrack_entries(h1, 17) == 0
+        });
+        // Several sweeps later the idle TCP flow is still there, and still works.
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(conntrack_entries(h1, 6), 1, "idle TCP flow was swept");
+        assert_eq!(
+            session
+                .ask("still here")
+                .expect("idle tcp flow still works"),
+            "b1"
+        );
+        drop(daemon);
+        super::meshd_down(h1);
     }
 }
