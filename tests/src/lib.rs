@@ -5,6 +5,7 @@
 //! - [`netns`]: network namespaces, hosts and the underlay topology builder.
 
 pub mod frames;
+pub mod meshd;
 pub mod netns;
 pub mod services;
 pub mod skip;

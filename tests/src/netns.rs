@@ -225,6 +225,11 @@ impl ChildGuard {
         terminate(child, &self.what)
     }
 
+    /// Takes the child's stdout, if it was piped.
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut().and_then(|c| c.stdout.take())
+    }
+
     /// Sends `signal` (e.g. `libc::SIGHUP`) to the child, by PID.
     pub fn signal(&self, signal: i32) {
         // SAFETY: the pid is our own unreaped child, so it cannot have been reused.

@@ -4,16 +4,14 @@
 use std::{
     io::ErrorKind,
     net::{SocketAddr, TcpStream, UdpSocket},
-    path::PathBuf,
-    process::Stdio,
     time::Duration,
 };
 
 use dataplane::stats::ParserStats;
 use dataplane_common::{outcome, proto};
 use mesh_tests::{
-    ChildGuard, Host, Topology,
-    netns::{BPF_ROOT, UNDERLAY_IFACE, leftovers_matching, wait_for},
+    ChildGuard, Host, Topology, meshd,
+    netns::{UNDERLAY_IFACE, leftovers_matching},
     require_root,
 };
 
@@ -25,57 +23,14 @@ const SYNS: u64 = 3;
 const PING_FRAME: u64 = 14 + 20 + 8 + 56;
 const UDP_FRAME: u64 = 14 + 20 + 8 + UDP_PAYLOAD as u64;
 
-fn meshd_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("MESHD") {
-        return path.into();
-    }
-    // target/<profile>/deps/netns-<hash> -> target/<profile>/meshd
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("meshd");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (`cargo build -p dataplane --bins`, which `cargo xtask test` does) or set MESHD",
-        bin.display()
-    );
-    bin
-}
-
 fn start_meshd(host: &Host) -> ChildGuard {
-    let mut cmd = host.command(meshd_bin());
-    cmd.args([
-        "run",
-        "--node",
-        host.node_name(),
-        "--underlay",
-        UNDERLAY_IFACE,
-        "--bpf-root",
-        BPF_ROOT,
-    ])
-    .env("RUST_LOG", "warn")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null());
-    let mut child = host.spawn(&mut cmd);
-    let pin = host.pin_dir().join(dataplane_common::maps::OUTCOME_STATS);
-    wait_for(
-        &format!("meshd on {} to attach", host.label()),
-        Duration::from_secs(20),
-        || {
-            child.assert_running();
-            pin.exists() && host.xdp_prog_id(UNDERLAY_IFACE).is_some()
-        },
+    let child = meshd::start(host, None, &[]);
+    assert!(
+        host.xdp_prog_id(UNDERLAY_IFACE).is_some(),
+        "{}: ready but XDP not attached",
+        host.label()
     );
     child
-}
-
-fn meshd_down(host: &Host) {
-    host.exec_ok(
-        meshd_bin().to_str().unwrap(),
-        &["down", "--node", host.node_name(), "--bpf-root", BPF_ROOT],
-    );
 }
 
 fn stats(host: &Host) -> ParserStats {
@@ -202,7 +157,7 @@ fn three_hosts_count_exactly_what_crossed_their_underlay() {
             "{}: XDP detached by a stop",
             host.label()
         );
-        meshd_down(host);
+        meshd::down(host);
         assert_eq!(
             host.xdp_prog_id(UNDERLAY_IFACE),
             None,
@@ -249,15 +204,14 @@ mod lb {
     use std::{
         collections::BTreeMap,
         net::{Ipv4Addr, SocketAddr, UdpSocket},
-        path::PathBuf,
-        process::Stdio,
         time::Duration,
     };
 
     use dataplane::inspect::read_lb;
     use mesh_tests::{
         ChildGuard, Host, Task, Topology,
-        netns::{BPF_ROOT, UNDERLAY_IFACE, wait_for},
+        meshd::{self, ConfigFile, Published},
+        netns::wait_for,
         require_root,
         services::{self, Server, Session},
     };
@@ -265,15 +219,6 @@ mod lb {
     const WEB: u16 = 8080;
     const DNS: u16 = 5353;
     const T: Duration = Duration::from_secs(5);
-
-    /// A meshd config file, removed on Drop.
-    struct ConfigFile(PathBuf);
-
-    impl Drop for ConfigFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
 
     fn write_config(host: &Host, local: &[&Task], backends: &[&Task]) -> ConfigFile {
         write_config_with(host, local, backends, serde_json::json!({}))
@@ -285,56 +230,29 @@ mod lb {
         backends: &[&Task],
         timeouts: serde_json::Value,
     ) -> ConfigFile {
-        let path = std::env::temp_dir().join(format!("{}.json", host.node_name()));
-        let list = |port: u16| -> Vec<serde_json::Value> {
-            backends
-                .iter()
-                .map(|t| serde_json::json!({"address": t.addr().to_string(), "port": port}))
-                .collect()
+        let ifaces: Vec<&str> = local.iter().map(|t| t.host_iface()).collect();
+        let addrs: Vec<Ipv4Addr> = backends.iter().map(|t| t.addr()).collect();
+        let service = |id, name, port, protocol, target_port| Published {
+            id,
+            name,
+            port,
+            protocol,
+            target_port,
+            backends: &addrs,
         };
-        let config = serde_json::json!({
-            "endpoint_interfaces": local.iter().map(|t| t.host_iface()).collect::<Vec<_>>(),
-            "timeouts": timeouts,
-            "lb": {
-                "nat_address": host.addr().to_string(),
-                "node_addresses": [host.addr().to_string()],
-                "services": [
-                    {"id": 1, "name": "web", "frontends": [{"port": WEB, "protocol": "tcp"}], "backends": list(80)},
-                    {"id": 2, "name": "dns", "frontends": [{"port": DNS, "protocol": "udp"}], "backends": list(53)},
-                ]
-            }
-        });
-        std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-        ConfigFile(path)
+        ConfigFile::write(
+            host,
+            &ifaces,
+            timeouts,
+            &[
+                service(1, "web", WEB, "tcp", 80),
+                service(2, "dns", DNS, "udp", 53),
+            ],
+        )
     }
 
     fn start(host: &Host, config: &ConfigFile) -> ChildGuard {
-        start_with(host, config, "10")
-    }
-
-    fn start_with(host: &Host, config: &ConfigFile, sweep_interval: &str) -> ChildGuard {
-        let mut cmd = host.command(super::meshd_bin());
-        cmd.args([
-            "run",
-            "--node",
-            host.node_name(),
-            "--underlay",
-            UNDERLAY_IFACE,
-            "--bpf-root",
-            BPF_ROOT,
-        ])
-        .arg("--config")
-        .arg(&config.0)
-        .args(["--sweep-interval", sweep_interval])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-        let mut child = host.spawn(&mut cmd);
-        wait_for(&format!("meshd on {}", host.label()), T * 4, || {
-            child.assert_running();
-            read_lb(&host.pin_dir()).is_ok_and(|v| v.len() == 2)
-        });
-        child
+        meshd::start(host, Some(config), &[])
     }
 
     /// Waits until `host`'s web frontend names exactly `want` as backends.
@@ -514,7 +432,7 @@ mod lb {
 
         drop(daemons);
         for h in hosts {
-            super::meshd_down(h);
+            meshd::down(h);
         }
     }
 
@@ -548,7 +466,7 @@ mod lb {
         // UDP idles out after 1 s; TCP keeps the default (2 h).
         let config =
             write_config_with(h1, &[&task], &[&task], serde_json::json!({"udp_idle_s": 1}));
-        let daemon = start_with(h1, &config, "1");
+        let daemon = meshd::start(h1, Some(&config), &["--sweep-interval", "1"]);
 
         let mut session = client
             .enter(|| Session::open(SocketAddr::from((h1.addr(), WEB)), T))
@@ -577,6 +495,6 @@ mod lb {
             "b1"
         );
         drop(daemon);
-        super::meshd_down(h1);
+        meshd::down(h1);
     }
 }

@@ -1,0 +1,144 @@
+//! Running real `meshd` processes on test hosts: config files and a spawn
+//! helper that waits for meshd's readiness line.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::mpsc,
+    time::Duration,
+};
+
+use crate::{
+    ChildGuard, Host,
+    netns::{BPF_ROOT, UNDERLAY_IFACE},
+};
+
+/// The line meshd prints on stdout once its data plane and config are in place.
+pub const READY_LINE: &str = "meshd: ready";
+
+/// Where the meshd binary is: `$MESHD`, else next to the running test binary
+/// (`target/<profile>/deps/x` -> `target/<profile>/meshd`), else target/debug.
+pub fn meshd_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("MESHD") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let candidates = [
+        exe.parent().and_then(Path::parent).map(|d| d.join("meshd")),
+        exe.parent().map(|d| d.join("meshd")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!("meshd not found next to {}: build it (`cargo build -p dataplane --bins`) or set MESHD", exe.display())
+        })
+}
+
+/// A published service for a config file: `port` answers on every node and
+/// balances to `backends` on `target_port`.
+pub struct Published<'a> {
+    pub id: u32,
+    pub name: &'a str,
+    pub port: u16,
+    pub protocol: &'a str,
+    pub target_port: u16,
+    pub backends: &'a [Ipv4Addr],
+}
+
+/// A meshd `--config` file for `host`, removed on Drop.
+pub struct ConfigFile(pub PathBuf);
+
+impl ConfigFile {
+    /// Writes (or rewrites) the config of `host`: its endpoint interfaces,
+    /// timeouts (`{}` for defaults) and published services.
+    pub fn write(
+        host: &Host,
+        endpoint_interfaces: &[&str],
+        timeouts: serde_json::Value,
+        services: &[Published<'_>],
+    ) -> ConfigFile {
+        let path = std::env::temp_dir().join(format!("{}.json", host.node_name()));
+        let services: Vec<serde_json::Value> = services
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "id": s.id, "name": s.name,
+                    "frontends": [{"port": s.port, "protocol": s.protocol}],
+                    "backends": s.backends.iter()
+                        .map(|a| serde_json::json!({"address": a.to_string(), "port": s.target_port}))
+                        .collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let config = serde_json::json!({
+            "endpoint_interfaces": endpoint_interfaces,
+            "timeouts": timeouts,
+            "lb": {
+                "nat_address": host.addr().to_string(),
+                "node_addresses": [host.addr().to_string()],
+                "services": services,
+            }
+        });
+        std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json"))
+            .expect("write config");
+        ConfigFile(path)
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Starts `meshd run` on `host` (with `config`, if any) and waits for its
+/// ready line. `extra` is appended to the command line.
+pub fn start(host: &Host, config: Option<&ConfigFile>, extra: &[&str]) -> ChildGuard {
+    let mut cmd = host.command(meshd_bin());
+    cmd.args([
+        "run",
+        "--node",
+        host.node_name(),
+        "--underlay",
+        UNDERLAY_IFACE,
+        "--bpf-root",
+        BPF_ROOT,
+    ])
+    .args(extra)
+    .env("RUST_LOG", "warn")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped());
+    if let Some(c) = config {
+        cmd.arg("--config").arg(&c.0);
+    }
+    let mut guard = host.spawn(&mut cmd);
+    let stdout = guard.take_stdout().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    // Reads meshd's stdout to the end, so meshd never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line == READY_LINE {
+                let _ = tx.send(());
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(()) => guard,
+        Err(_) => {
+            guard.assert_running();
+            panic!("meshd on {} did not become ready in 30 s", host.label());
+        }
+    }
+}
+
+/// `meshd down`: detaches the data path and removes the host's pins.
+pub fn down(host: &Host) {
+    host.exec_ok(
+        meshd_bin().to_str().expect("utf-8 path"),
+        &["down", "--node", host.node_name(), "--bpf-root", BPF_ROOT],
+    );
+}
