@@ -12,7 +12,6 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::PathBuf,
-    process::Stdio,
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
@@ -20,13 +19,13 @@ use std::{
 use aya::programs::{TestRun as _, TestRunOptions};
 use dataplane::{
     ebpf::Datapath,
-    inspect::read_lb,
     lb::{BackendSpec, FrontendSpec, LbSpec, LbSync, Protocol, ServiceSpec, Timeouts},
 };
 use mesh_tests::{
     ChildGuard, Host, Topology,
     frames::{TCP, v4_flow},
-    netns::{BPF_ROOT, UNDERLAY_IFACE, lb_test_namespace, wait_for},
+    meshd::{self, ConfigFile, Published},
+    netns::lb_test_namespace,
     require_root,
     services::{self, Server},
 };
@@ -304,12 +303,6 @@ fn request(state: &mut Option<ConnState>, target: SocketAddr) -> bool {
     st.writer.write_all(b"ping\n").is_ok() && st.reader.read_line(&mut line).is_ok_and(|n| n > 0)
 }
 
-fn meshd_bin() -> PathBuf {
-    std::env::var_os("MESHD")
-        .map(PathBuf::from)
-        .expect("MESHD (set by cargo xtask bench)")
-}
-
 fn throughput(md: &mut String) {
     let mut topo = Topology::new(2);
     topo.route_tasks_via_underlay();
@@ -329,44 +322,32 @@ fn throughput(md: &mut String) {
         .collect();
 
     // mesh on both hosts; host1 is the entry point.
-    let mut daemons: Vec<ChildGuard> = Vec::new();
-    let mut configs = Vec::new();
-    for (i, h) in [h1, h2].into_iter().enumerate() {
-        let cfg = serde_json::json!({
-            "endpoint_interfaces": [tasks[i].host_iface()],
-            "timeouts": Timeouts::default(),
-            "lb": {
-                "nat_address": h.addr().to_string(), "node_addresses": [h.addr().to_string()],
-                "services": [{"id": 1, "name": "web", "frontends": [{"port": 8080, "protocol": "tcp"}],
-                    "backends": tasks.iter().map(|t| serde_json::json!({"address": t.addr().to_string(), "port": 80})).collect::<Vec<_>>()}]
-            }
-        });
-        let path = std::env::temp_dir().join(format!("{}.json", h.node_name()));
-        std::fs::write(&path, cfg.to_string()).unwrap();
-        let mut cmd = h.command(meshd_bin());
-        cmd.args([
-            "run",
-            "--node",
-            h.node_name(),
-            "--underlay",
-            UNDERLAY_IFACE,
-            "--bpf-root",
-            BPF_ROOT,
-            "--config",
-        ])
-        .arg(&path)
-        .arg("--sweep-interval")
-        .arg("2")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null());
-        let mut child = h.spawn(&mut cmd);
-        wait_for("meshd", Duration::from_secs(20), || {
-            child.assert_running();
-            read_lb(&h.pin_dir()).is_ok_and(|v| !v.is_empty())
-        });
-        daemons.push(child);
-        configs.push(path);
-    }
+    let addrs: Vec<Ipv4Addr> = tasks.iter().map(|t| t.addr()).collect();
+    let web = Published {
+        id: 1,
+        name: "web",
+        port: 8080,
+        protocol: "tcp",
+        target_port: 80,
+        backends: &addrs,
+    };
+    let configs: Vec<ConfigFile> = [h1, h2]
+        .iter()
+        .zip(&tasks)
+        .map(|(h, t)| {
+            ConfigFile::write(
+                h,
+                &[t.host_iface()],
+                serde_json::json!({}),
+                std::slice::from_ref(&web),
+            )
+        })
+        .collect();
+    let daemons: Vec<ChildGuard> = [h1, h2]
+        .iter()
+        .zip(&configs)
+        .map(|(h, c)| meshd::start(h, Some(c), &["--sweep-interval", "2"]))
+        .collect();
 
     let direct_targets: Vec<SocketAddr> = tasks
         .iter()
@@ -426,14 +407,9 @@ fn throughput(md: &mut String) {
         results[2].1.push(measure(&|| nft_target));
     }
     drop(daemons);
+    drop(configs);
     for h in [h1, h2] {
-        h.exec_ok(
-            meshd_bin().to_str().unwrap(),
-            &["down", "--node", h.node_name(), "--bpf-root", BPF_ROOT],
-        );
-    }
-    for c in configs {
-        let _ = std::fs::remove_file(c);
+        meshd::down(h);
     }
 
     let median = |v: &[Sample], pick: fn(&Sample) -> f64| {
