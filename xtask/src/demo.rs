@@ -1,23 +1,20 @@
-//! `cargo xtask demo`: three hosts in network namespaces on one underlay
-//! bridge, meshd on each, real traffic between them, and each host's
-//! data-plane counters as meshd reports them.
+//! `cargo xtask demo`: Swarm's routing mesh on three hosts in network
+//! namespaces. A "web" service has three tasks on two of the hosts; its
+//! published port answers on every host, the third included, and spreads
+//! connections over all tasks wherever they run.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use mesh_tests::{
-    ChildGuard, Host, Topology,
-    netns::{BPF_ROOT, UNDERLAY_IFACE, wait_for},
+    Task, Topology,
+    meshd::{self, ConfigFile, Published},
+    netns::{BPF_ROOT, UNDERLAY_IFACE},
+    services,
 };
 
-const HOSTS: usize = 3;
-const TCP_BYTES: usize = 256 * 1024;
-const HTTP_PORT: u16 = 8080;
+const WEB_PORT: u16 = 8080;
+const REQUESTS: usize = 30;
 
 pub fn run() -> Result<()> {
     if !crate::is_root() {
@@ -25,137 +22,137 @@ pub fn run() -> Result<()> {
     }
     crate::setup::run()?;
     crate::run_ok(crate::cargo().args(["build", "--package", "dataplane", "--bins"]))?;
-    let meshd = crate::target_dir().join("debug/meshd");
+    let meshd_bin = crate::target_dir().join("debug/meshd");
+    // SAFETY: set before any thread of ours reads the environment.
+    unsafe { std::env::set_var("MESHD", &meshd_bin) };
 
-    println!("\n== underlay: bridge br0 in its own namespace, {HOSTS} hosts attached by veth");
-    let topo = Topology::new(HOSTS);
+    println!(
+        "\n== underlay: bridge br0 in its own namespace; 3 hosts and a client attached by veth"
+    );
+    let mut topo = Topology::new(3);
+    topo.route_tasks_via_underlay();
+    topo.add_host("client");
     for h in topo.hosts() {
         println!(
-            "   {:<6} {}/{}  netns {}",
+            "   {:<7} {}/{}  netns {}",
             h.label(),
             h.addr(),
             h.prefix_len(),
             h.ns().name()
         );
     }
+    let (h1, h2, h3, client) = (topo.host(0), topo.host(1), topo.host(2), topo.host(3));
 
     println!(
-        "\n== starting meshd on every host (XDP parser on {UNDERLAY_IFACE}, maps pinned under {BPF_ROOT}/<node>)"
+        "\n== service web: 3 tasks (web.1 on host1, web.2 and web.3 on host2), published on port {WEB_PORT}"
     );
-    let _daemons: Vec<ChildGuard> = topo
-        .hosts()
+    let tasks: Vec<(&str, Task)> = vec![
+        ("web.1", h1.add_task(0)),
+        ("web.2", h2.add_task(0)),
+        ("web.3", h2.add_task(1)),
+    ];
+    let _servers: Vec<services::Server> = tasks
         .iter()
-        .map(|h| start_meshd(h, &meshd))
-        .collect::<Result<_>>()?;
-    for h in topo.hosts() {
-        println!(
-            "   {:<6} XDP program id {}",
-            h.label(),
-            h.xdp_prog_id(UNDERLAY_IFACE).unwrap_or(0)
-        );
+        .map(|(name, t)| services::tcp_echo(t.ns(), SocketAddr::from((t.addr(), 80)), name))
+        .collect();
+    for (name, t) in &tasks {
+        println!("   {name:<6} {}:80", t.addr());
     }
+    let backends: Vec<_> = tasks.iter().map(|(_, t)| t.addr()).collect();
+    let web = Published {
+        id: 1,
+        name: "web",
+        port: WEB_PORT,
+        protocol: "tcp",
+        target_port: 80,
+        backends: &backends,
+    };
+    let local_ifaces = |h: &mesh_tests::Host| -> Vec<&str> {
+        tasks
+            .iter()
+            .filter(|(_, t)| t.addr().octets()[2] == h.index())
+            .map(|(_, t)| t.host_iface())
+            .collect()
+    };
 
-    println!("\n== traffic");
-    let server = topo.host(0);
-    let listener = server
-        .enter(|| TcpListener::bind(SocketAddr::from((server.addr(), HTTP_PORT))))
-        .context("bind the demo service")?;
-    let serve = std::thread::spawn(move || serve(listener, HOSTS - 1));
-    for client in &topo.hosts()[1..] {
-        let reply = http_get(client, server)?;
-        println!(
-            "   {} -> {} GET /: {reply} ({TCP_BYTES} bytes)",
-            client.label(),
-            server.label()
-        );
-    }
-    serve.join().expect("server thread")?;
-    for (i, h) in topo.hosts().iter().enumerate() {
-        let peer = topo.host((i + 1) % HOSTS);
-        let out = h.exec_ok(
-            "ping",
-            &["-q", "-c", "5", "-i", "0.05", &peer.addr().to_string()],
-        );
-        let summary = out
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .unwrap_or("")
-            .trim();
-        println!("   {} -> {} ping: {summary}", h.label(), peer.label());
-    }
-
-    println!("\n== counters per host (`meshd stats --node <netns>`)");
-    for h in topo.hosts() {
-        let out = Command::new(&meshd)
-            .args(["stats", "--node", h.node_name(), "--bpf-root", BPF_ROOT])
-            .stderr(Stdio::inherit())
-            .output()
-            .context("meshd stats")?;
-        if !out.status.success() {
-            bail!("meshd stats failed on {}", h.label());
-        }
-        println!("-- {} ({})", h.label(), h.addr());
-        print!("{}", String::from_utf8_lossy(&out.stdout));
-    }
-    println!("\n== tearing down (namespaces, pins and daemons are removed)");
-    Ok(())
-}
-
-fn start_meshd(host: &Host, meshd: &std::path::Path) -> Result<ChildGuard> {
-    let mut cmd = host.command(meshd);
-    cmd.args([
-        "run",
-        "--node",
-        host.node_name(),
-        "--underlay",
-        UNDERLAY_IFACE,
-        "--bpf-root",
-        BPF_ROOT,
-    ])
-    .env("RUST_LOG", "warn")
-    .stdin(Stdio::null());
-    let mut child = host.spawn(&mut cmd);
-    wait_for(
-        &format!("meshd on {}", host.label()),
-        Duration::from_secs(20),
-        || {
-            child.assert_running();
-            host.xdp_prog_id(UNDERLAY_IFACE).is_some()
-        },
+    println!(
+        "\n== meshd on every host (XDP counters + TC load balancer on {UNDERLAY_IFACE}, maps pinned under {BPF_ROOT}/<node>)"
     );
-    Ok(child)
-}
+    let configs: Vec<ConfigFile> = [h1, h2, h3]
+        .iter()
+        .map(|h| {
+            ConfigFile::write(
+                h,
+                &local_ifaces(h),
+                serde_json::json!({}),
+                std::slice::from_ref(&web),
+            )
+        })
+        .collect();
+    let daemons: Vec<_> = [h1, h2, h3]
+        .iter()
+        .zip(&configs)
+        .map(|(h, c)| meshd::start(h, Some(c), &[]))
+        .collect();
+    println!("   ready on host1, host2, host3");
 
-/// A minimal HTTP/1.0 service: answers `clients` requests with TCP_BYTES of body.
-fn serve(listener: TcpListener, clients: usize) -> Result<()> {
-    for _ in 0..clients {
-        let (mut conn, _) = listener.accept()?;
-        let mut req = [0u8; 1024];
-        let _ = conn.read(&mut req)?;
-        let body = vec![b'm'; TCP_BYTES];
-        write!(
-            conn,
-            "HTTP/1.0 200 OK\r\nContent-Length: {TCP_BYTES}\r\n\r\n"
-        )?;
-        conn.write_all(&body)?;
+    println!("\n== {REQUESTS} connections from the client to each host's published port");
+    for h in [h1, h2, h3] {
+        let front = SocketAddr::from((h.addr(), WEB_PORT));
+        let tally = client.enter(|| -> Result<BTreeMap<String, usize>> {
+            let mut tally = BTreeMap::new();
+            for _ in 0..REQUESTS {
+                let who = services::tcp_ask(front, Duration::from_secs(5))
+                    .with_context(|| format!("request to {front}"))?;
+                *tally.entry(who).or_default() += 1;
+            }
+            Ok(tally)
+        })?;
+        let spread: Vec<String> = tally.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let note = if local_ifaces(h).is_empty() {
+            "  (no task runs here)"
+        } else {
+            ""
+        };
+        println!(
+            "   via {:<5} {front:<20} -> {}{note}",
+            h.label(),
+            spread.join(", ")
+        );
+    }
+
+    println!("\n== `meshd lb ls --node <host3>`: frontends, Maglev slots and counters");
+    print!(
+        "{}",
+        meshd_output(
+            &meshd_bin,
+            &["lb", "ls", "--node", h3.node_name(), "--bpf-root", BPF_ROOT]
+        )?
+    );
+    println!("\n== `meshd stats --node <host1>`: what the XDP parser counted on host1's underlay");
+    print!(
+        "{}",
+        meshd_output(
+            &meshd_bin,
+            &["stats", "--node", h1.node_name(), "--bpf-root", BPF_ROOT]
+        )?
+    );
+
+    println!("\n== tearing down (meshd stopped, `meshd down` on every host, namespaces removed)");
+    drop(daemons);
+    for h in [h1, h2, h3] {
+        meshd::down(h);
     }
     Ok(())
 }
 
-fn http_get(client: &Host, server: &Host) -> Result<String> {
-    let addr = SocketAddr::from((server.addr(), HTTP_PORT));
-    let mut conn = client.enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))?;
-    conn.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-    let mut resp = Vec::new();
-    conn.read_to_end(&mut resp)?;
-    let head = String::from_utf8_lossy(&resp[..resp.len().min(64)]);
-    let status = head.lines().next().unwrap_or("").to_owned();
-    if resp.len() < TCP_BYTES {
-        bail!(
-            "short response from {}: {} bytes",
-            server.label(),
-            resp.len()
-        );
+fn meshd_output(meshd: &std::path::Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(meshd)
+        .args(args)
+        .output()
+        .context("running meshd")?;
+    if !out.status.success() {
+        bail!("meshd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok(status)
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
