@@ -4,10 +4,13 @@
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::Path};
 
-use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray};
 use dataplane_common::{Backend, Frontend, FrontendKey, LbCounter, maps};
 
-use crate::{lb::Protocol, stats::StatsError};
+use crate::{
+    lb::Protocol,
+    stats::{StatsError, open_pinned as open},
+};
 
 #[derive(Clone, Debug)]
 pub struct BackendView {
@@ -25,16 +28,6 @@ pub struct FrontendView {
     pub frontend: Frontend,
     pub stats: LbCounter,
     pub backends: Vec<BackendView>,
-}
-
-fn open(pin_dir: &Path, name: &'static str) -> Result<Map, StatsError> {
-    let path = pin_dir.join(name);
-    MapData::from_pin(&path)
-        .and_then(Map::from_map_data)
-        .map_err(|source| StatsError::Pin {
-            path: path.display().to_string(),
-            source,
-        })
 }
 
 fn read_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> StatsError {

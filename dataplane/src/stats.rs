@@ -52,18 +52,12 @@ impl ParserStats {
 
     /// Reads the counters a running (or stopped) meshd pinned under `pin_dir`.
     pub fn read_pinned(pin_dir: &Path) -> Result<Self, StatsError> {
-        let open = |name: &'static str| -> Result<Map, StatsError> {
-            let path = pin_dir.join(name);
-            MapData::from_pin(&path)
-                .and_then(Map::from_map_data)
-                .map_err(|source| StatsError::Pin {
-                    path: path.display().to_string(),
-                    source,
-                })
-        };
         Ok(ParserStats {
-            proto: sum_slots(maps::PROTO_STATS, &open(maps::PROTO_STATS)?)?,
-            outcome: sum_slots(maps::OUTCOME_STATS, &open(maps::OUTCOME_STATS)?)?,
+            proto: sum_slots(maps::PROTO_STATS, &open_pinned(pin_dir, maps::PROTO_STATS)?)?,
+            outcome: sum_slots(
+                maps::OUTCOME_STATS,
+                &open_pinned(pin_dir, maps::OUTCOME_STATS)?,
+            )?,
         })
     }
 
@@ -86,6 +80,17 @@ impl ParserStats {
             outcome: std::array::from_fn(|i| sub(self.outcome[i], before.outcome[i])),
         }
     }
+}
+
+/// Opens the map meshd pinned as `<pin_dir>/<name>`.
+pub fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<Map, StatsError> {
+    let path = pin_dir.join(name);
+    MapData::from_pin(&path)
+        .and_then(Map::from_map_data)
+        .map_err(|source| StatsError::Pin {
+            path: path.display().to_string(),
+            source,
+        })
 }
 
 fn sum_slots<const N: usize>(name: &'static str, map: &Map) -> Result<[Counter; N], StatsError> {

@@ -49,10 +49,7 @@ pub fn tcp_echo(ns: &Netns, addr: SocketAddr, name: &str) -> Server {
     // Blocking accept that wakes every 100 ms to check `stop` (Linux honours
     // SO_RCVTIMEO on accept): no polling delay on the connection path.
     set_recv_timeout(&listener, Duration::from_millis(100));
-    let stop = Arc::new(AtomicBool::new(false));
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let (s, a, n) = (stop.clone(), accepted.clone(), name.to_owned());
-    let thread = std::thread::spawn(move || {
+    spawn_server(addr, name, move |s, a, n| {
         while !s.load(Ordering::SeqCst) {
             match listener.accept() {
                 Ok((conn, _)) => {
@@ -69,7 +66,19 @@ pub fn tcp_echo(ns: &Netns, addr: SocketAddr, name: &str) -> Server {
                 Err(_) => std::thread::sleep(Duration::from_millis(2)),
             }
         }
-    });
+    })
+}
+
+/// Runs `serve(stop, served, name)` on a thread owned by the returned Server.
+fn spawn_server(
+    addr: SocketAddr,
+    name: &str,
+    serve: impl FnOnce(Arc<AtomicBool>, Arc<AtomicUsize>, String) + Send + 'static,
+) -> Server {
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (s, a, n) = (stop.clone(), accepted.clone(), name.to_owned());
+    let thread = std::thread::spawn(move || serve(s, a, n));
     Server {
         stop,
         accepted,
@@ -151,10 +160,7 @@ pub fn udp_echo(ns: &Netns, addr: SocketAddr, name: &str) -> Server {
     socket
         .set_read_timeout(Some(Duration::from_millis(50)))
         .expect("timeout");
-    let stop = Arc::new(AtomicBool::new(false));
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let (s, a, n) = (stop.clone(), accepted.clone(), name.to_owned());
-    let thread = std::thread::spawn(move || {
+    spawn_server(addr, name, move |s, a, n| {
         let mut buf = [0u8; 2048];
         while !s.load(Ordering::SeqCst) {
             if let Ok((len, peer)) = socket.recv_from(&mut buf) {
@@ -164,14 +170,7 @@ pub fn udp_echo(ns: &Netns, addr: SocketAddr, name: &str) -> Server {
                 let _ = socket.send_to(&reply, peer);
             }
         }
-    });
-    Server {
-        stop,
-        accepted,
-        thread: Some(thread),
-        addr,
-        name: name.to_owned(),
-    }
+    })
 }
 
 /// One request/response over a fresh connection: returns the server's name.

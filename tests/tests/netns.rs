@@ -437,10 +437,9 @@ mod lb {
     }
 
     fn conntrack_entries(host: &Host, proto: u8) -> usize {
-        use aya::maps::{HashMap, Map, MapData};
+        use aya::maps::{HashMap, MapData};
         use dataplane_common::{CtEntry, FlowKey, maps};
-        let map = MapData::from_pin(host.pin_dir().join(maps::CONNTRACK))
-            .and_then(Map::from_map_data)
+        let map = dataplane::stats::open_pinned(&host.pin_dir(), maps::CONNTRACK)
             .expect("pinned CONNTRACK");
         let ct: HashMap<&MapData, FlowKey, CtEntry> =
             HashMap::try_from(&map).expect("CONNTRACK type");
