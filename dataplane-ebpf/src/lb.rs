@@ -202,21 +202,23 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
         }
     };
 
-    let mut new_flow = false;
-    let mut ct = match CONNTRACK.get_ptr_mut(flow) {
-        // SAFETY: map value pointer, valid for the program's run.
-        Some(ct) => unsafe { *ct },
-        None => CtEntry::default(),
-    };
+    let ct_ptr = CONNTRACK.get_ptr_mut(flow);
+    // SAFETY: map value pointer, valid for the program's run.
+    let mut ct = ct_ptr.map_or(CtEntry::default(), |c| unsafe { *c });
     // A bare SYN on a closed flow's entry is a new connection reusing the
     // client port (TIME_WAIT reuse): it gets a fresh pick and SNAT port.
     let reopened = p.ip_proto == IPPROTO_TCP
         && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
         && ct.flags & CT_F_CLOSING != 0;
-    let known =
-        ct.last_seen_ns != 0 && !reopened && unsafe { BACKENDS.get(ct.backend_id) }.is_some();
-    if !known {
-        // New flow, or its backend was removed: re-steer at once.
+    let tracked = ct_ptr.is_some() && !reopened;
+    let mut backend = if tracked {
+        unsafe { BACKENDS.get(ct.backend_id) }.copied()
+    } else {
+        None
+    };
+    // No entry, or its backend was removed: (re-)steer with Maglev at once.
+    let new_flow = backend.is_none();
+    if new_flow {
         if frontend.backend_count == 0 || frontend.table_size == 0 {
             bump(&FRONTEND_STATS, frontend.id, bytes, false);
             return Ok(TC_ACT_SHOT);
@@ -227,25 +229,34 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
         };
         ct.backend_id = *backend_id;
         ct.frontend_id = frontend.id;
-        new_flow = true;
+        backend = unsafe { BACKENDS.get(ct.backend_id) }.copied();
     }
-    let Some(backend) = (unsafe { BACKENDS.get(ct.backend_id) }).copied() else {
+    let Some(backend) = backend else {
         return Ok(TC_ACT_SHOT);
     };
-    if new_flow || ct.nat_addr_be[0] != cfg.nat_addr_be[0] {
-        ct.nat_addr_be = cfg.nat_addr_be;
-        let Some(port) = claim_nat_port(&p, &backend, cfg, now) else {
-            bump(&FRONTEND_STATS, frontend.id, bytes, false);
-            return Ok(TC_ACT_SHOT);
-        };
-        ct.nat_port_be = port;
-        ct.flags = 0;
+    match ct_ptr {
+        // The hot path: an established flow, same NAT address; touch it in place.
+        Some(entry) if !new_flow && ct.nat_addr_be[0] == cfg.nat_addr_be[0] => {
+            // SAFETY: map value pointer, valid for the program's run.
+            unsafe {
+                (*entry).last_seen_ns = now;
+                if closing {
+                    (*entry).flags |= CT_F_CLOSING;
+                }
+            }
+        }
+        _ => {
+            ct.nat_addr_be = cfg.nat_addr_be;
+            let Some(port) = claim_nat_port(&p, &backend, cfg, now) else {
+                bump(&FRONTEND_STATS, frontend.id, bytes, false);
+                return Ok(TC_ACT_SHOT);
+            };
+            ct.nat_port_be = port;
+            ct.flags = if closing { CT_F_CLOSING } else { 0 };
+            ct.last_seen_ns = now;
+            CONNTRACK.insert(flow, ct, 0)?;
+        }
     }
-    ct.last_seen_ns = now;
-    if closing {
-        ct.flags |= CT_F_CLOSING;
-    }
-    CONNTRACK.insert(flow, ct, 0)?;
     bump(&FRONTEND_STATS, frontend.id, bytes, new_flow);
     bump(&BACKEND_STATS, ct.backend_id, bytes, new_flow);
     rewrite_v4(
@@ -260,7 +271,8 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
 }
 
 /// Reserves a SNAT port for this client flow towards `backend` and records the
-/// reverse mapping. A port already mapped to this same client flow is reused.
+/// reverse mapping. A port already mapped to this same client flow, or one
+/// whose flow closed and went quiet, may be taken.
 #[inline(always)]
 fn claim_nat_port(p: &Parsed, backend: &Backend, cfg: &LbConfig, now: u64) -> Option<u16> {
     let count = u32::from(cfg.nat_port_count);
