@@ -1,4 +1,5 @@
-//! The manager side of mesh (Raft, state model, API, PKI, allocator,
-//! orchestrator, scheduler, dispatcher). Nothing lives here yet: the crate
-//! exists so the dependency direction `dataplane -> control` is fixed from the
-//! start. See docs/architecture.md for what lands here and when.
+//! The manager side of mesh. So far: `allocator` (subnets, VNIs, task
+//! addresses). Raft, the state model, the API, PKI, the orchestrator,
+//! scheduler and dispatcher land here with the control-plane issues.
+
+pub mod allocator;
