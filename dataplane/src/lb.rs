@@ -337,6 +337,7 @@ impl ApplyReport {
 }
 
 /// What the spec asks of one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Desired {
     service_id: u32,
     /// Sorted by key, so order in the spec does not matter.
@@ -347,11 +348,10 @@ struct Desired {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct InstalledFrontend {
     id: u32,
-    service_id: u32,
-    /// `None` after a restart: contents unknown, so the next apply rewrites
-    /// the (deterministic, hence identical) table once.
-    backends: Option<Vec<(BackendKey, u32)>>,
-    table_size: u32,
+    /// What was last written; `None` after a restart (the maps do not hold
+    /// the weights), so the next apply rewrites the deterministic, hence
+    /// identical, table once.
+    installed: Option<Desired>,
 }
 
 /// What is in the maps now, as far as this process knows.
@@ -389,13 +389,13 @@ impl LbSync {
             frontends: frontends
                 .into_iter()
                 .map(|(k, f)| {
-                    let installed = InstalledFrontend {
-                        id: f.id,
-                        service_id: f.service_id,
-                        backends: None,
-                        table_size: f.table_size,
-                    };
-                    (k, installed)
+                    (
+                        k,
+                        InstalledFrontend {
+                            id: f.id,
+                            installed: None,
+                        },
+                    )
                 })
                 .collect(),
             backends,
@@ -426,14 +426,16 @@ impl LbSync {
         }
 
         let want_addrs: BTreeSet<Ipv4Addr> = spec.node_addresses.iter().copied().collect();
-        for addr in want_addrs.difference(&self.node_addrs.clone()) {
-            maps.add_node_addr(*addr)?;
-            self.node_addrs.insert(*addr);
+        let added: Vec<Ipv4Addr> = want_addrs.difference(&self.node_addrs).copied().collect();
+        let removed: Vec<Ipv4Addr> = self.node_addrs.difference(&want_addrs).copied().collect();
+        for addr in added {
+            maps.add_node_addr(addr)?;
+            self.node_addrs.insert(addr);
             report.node_addr_writes += 1;
         }
-        for addr in self.node_addrs.clone().difference(&want_addrs) {
-            maps.remove_node_addr(*addr)?;
-            self.node_addrs.remove(addr);
+        for addr in removed {
+            maps.remove_node_addr(addr)?;
+            self.node_addrs.remove(&addr);
             report.node_addr_writes += 1;
         }
 
@@ -477,14 +479,8 @@ impl LbSync {
         let used_frontend_ids: BTreeSet<u32> = self.frontends.values().map(|f| f.id).collect();
         let mut free_ids = (0..limits::MAX_FRONTENDS).filter(|id| !used_frontend_ids.contains(id));
         for (key, d) in &want {
-            let (service_id, backends, table_size) = (&d.service_id, &d.backends, &d.table_size);
             let current = self.frontends.get(key);
-            let unchanged = current.is_some_and(|c| {
-                c.backends.as_ref() == Some(backends)
-                    && c.table_size == *table_size
-                    && c.service_id == *service_id
-            });
-            if unchanged {
+            if current.is_some_and(|c| c.installed.as_ref() == Some(d)) {
                 continue;
             }
             let id = match current {
@@ -495,15 +491,14 @@ impl LbSync {
                     max: limits::MAX_FRONTENDS,
                 })?,
             };
-            let table = self.build_table(backends, *table_size)?;
+            let table = self.build_table(&d.backends, d.table_size)?;
             maps.swap_table(id, &table)?;
             report.table_swaps += 1;
-            let live = backends.iter().filter(|(_, w)| *w > 0).count() as u32;
             let entry = Frontend {
                 id,
-                service_id: *service_id,
-                backend_count: live,
-                table_size: *table_size,
+                service_id: d.service_id,
+                backend_count: d.backends.iter().filter(|(_, w)| *w > 0).count() as u32,
+                table_size: d.table_size,
                 flags: 0,
                 _pad: 0,
             };
@@ -513,9 +508,7 @@ impl LbSync {
                 *key,
                 InstalledFrontend {
                     id,
-                    service_id: *service_id,
-                    backends: Some(backends.clone()),
-                    table_size: *table_size,
+                    installed: Some(d.clone()),
                 },
             );
         }

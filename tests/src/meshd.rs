@@ -53,15 +53,28 @@ pub struct Published<'a> {
 pub struct ConfigFile(pub PathBuf);
 
 impl ConfigFile {
-    /// Writes (or rewrites) the config of `host`: its endpoint interfaces,
-    /// timeouts (`{}` for defaults) and published services.
+    /// Writes the config of `host` (see [`ConfigFile::overwrite`]); the file
+    /// is removed when the returned value drops.
     pub fn write(
         host: &Host,
         endpoint_interfaces: &[&str],
         timeouts: serde_json::Value,
         services: &[Published<'_>],
     ) -> ConfigFile {
-        let path = std::env::temp_dir().join(format!("{}.json", host.node_name()));
+        let file = ConfigFile(std::env::temp_dir().join(format!("{}.json", host.node_name())));
+        file.overwrite(host, endpoint_interfaces, timeouts, services);
+        file
+    }
+
+    /// Replaces the contents: `host`'s endpoint interfaces, timeouts (`{}`
+    /// for defaults) and published services. Send meshd SIGHUP to apply.
+    pub fn overwrite(
+        &self,
+        host: &Host,
+        endpoint_interfaces: &[&str],
+        timeouts: serde_json::Value,
+        services: &[Published<'_>],
+    ) {
         let services: Vec<serde_json::Value> = services
             .iter()
             .map(|s| {
@@ -83,9 +96,8 @@ impl ConfigFile {
                 "services": services,
             }
         });
-        std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json"))
+        std::fs::write(&self.0, serde_json::to_vec_pretty(&config).expect("json"))
             .expect("write config");
-        ConfigFile(path)
     }
 }
 

@@ -220,16 +220,13 @@ mod lb {
     const DNS: u16 = 5353;
     const T: Duration = Duration::from_secs(5);
 
-    fn write_config(host: &Host, local: &[&Task], backends: &[&Task]) -> ConfigFile {
-        write_config_with(host, local, backends, serde_json::json!({}))
-    }
-
-    fn write_config_with(
-        host: &Host,
+    /// Calls `f` with `local`'s host-side interfaces and the web (tcp 8080 -> 80)
+    /// and dns (udp 5353 -> 53) services balanced over `backends`.
+    fn with_services<R>(
         local: &[&Task],
         backends: &[&Task],
-        timeouts: serde_json::Value,
-    ) -> ConfigFile {
+        f: impl FnOnce(&[&str], &[Published<'_>]) -> R,
+    ) -> R {
         let ifaces: Vec<&str> = local.iter().map(|t| t.host_iface()).collect();
         let addrs: Vec<Ipv4Addr> = backends.iter().map(|t| t.addr()).collect();
         let service = |id, name, port, protocol, target_port| Published {
@@ -240,15 +237,28 @@ mod lb {
             target_port,
             backends: &addrs,
         };
-        ConfigFile::write(
-            host,
+        f(
             &ifaces,
-            timeouts,
             &[
                 service(1, "web", WEB, "tcp", 80),
                 service(2, "dns", DNS, "udp", 53),
             ],
         )
+    }
+
+    fn write_config(host: &Host, local: &[&Task], backends: &[&Task]) -> ConfigFile {
+        write_config_with(host, local, backends, serde_json::json!({}))
+    }
+
+    fn write_config_with(
+        host: &Host,
+        local: &[&Task],
+        backends: &[&Task],
+        timeouts: serde_json::Value,
+    ) -> ConfigFile {
+        with_services(local, backends, |ifaces, services| {
+            ConfigFile::write(host, ifaces, timeouts, services)
+        })
     }
 
     fn start(host: &Host, config: &ConfigFile) -> ChildGuard {
@@ -318,8 +328,9 @@ mod lb {
         let mut daemons: Vec<ChildGuard> = (0..3).map(|i| start(hosts[i], &configs[i])).collect();
         let reconfigure = |backends: &[&Task], daemons: &[ChildGuard]| {
             for i in 0..3 {
-                let c = write_config(hosts[i], &local(i), backends);
-                std::mem::forget(c); // same path as configs[i], which removes it
+                with_services(&local(i), backends, |ifaces, services| {
+                    configs[i].overwrite(hosts[i], ifaces, serde_json::json!({}), services)
+                });
                 daemons[i].signal(libc::SIGHUP);
             }
             for h in hosts {

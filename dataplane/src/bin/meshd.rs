@@ -179,7 +179,7 @@ fn run(
     sweep_every: u64,
 ) -> Result<()> {
     // Read the config before touching the kernel: a bad file changes nothing.
-    let mut config = config_path.map(read_config).transpose()?;
+    let config = config_path.map(read_config).transpose()?;
     let pin_dir = bpffs::prepare_node_dir(&node.bpf_root, &node.node)?;
     // The LB routes NATed packets; bpf_fib_lookup refuses unless forwarding is on.
     fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").context("enabling IPv4 forwarding")?;
@@ -223,7 +223,7 @@ fn run(
                         apply_config(&mut datapath, &mut sync, &c, &pin_dir)?;
                         Ok(c)
                     }) {
-                        Ok(c) => { timeouts = c.timeouts; config = Some(c); }
+                        Ok(c) => timeouts = c.timeouts,
                         Err(e) => tracing::error!(error = format!("{e:#}"), "config reload failed; keeping the previous state"),
                     }
                 }
@@ -238,7 +238,6 @@ fn run(
         }
         anyhow::Ok(())
     })?;
-    drop(config);
     tracing::info!(node = %node.node, "exiting; the data path stays attached for the next start");
     Ok(())
 }
