@@ -347,45 +347,26 @@ fn rewrite_v4(
         // A zero UDP checksum means "none": leave it so; never produce 0.
         (l4 + 6, BPF_F_MARK_MANGLED_0)
     };
-    let old_saddr = p.saddr[0];
-    let old_daddr = p.daddr[0];
-    if old_saddr != saddr {
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(old_saddr),
-            u64::from(saddr),
-            u64::from(BPF_F_PSEUDO_HDR) | mangle | 4,
-        )?;
-        ctx.l3_csum_replace(l3 + 10, u64::from(old_saddr), u64::from(saddr), 4)?;
-        ctx.store(l3 + 12, &saddr, 0)?;
-    }
-    if old_daddr != daddr {
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(old_daddr),
-            u64::from(daddr),
-            u64::from(BPF_F_PSEUDO_HDR) | mangle | 4,
-        )?;
-        ctx.l3_csum_replace(l3 + 10, u64::from(old_daddr), u64::from(daddr), 4)?;
-        ctx.store(l3 + 16, &daddr, 0)?;
-    }
-    if p.sport_be != sport {
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(p.sport_be),
-            u64::from(sport),
-            mangle | 2,
-        )?;
-        ctx.store(l4, &sport, 0)?;
-    }
-    if p.dport_be != dport {
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(p.dport_be),
-            u64::from(dport),
-            mangle | 2,
-        )?;
-        ctx.store(l4 + 2, &dport, 0)?;
+    let pseudo = u64::from(BPF_F_PSEUDO_HDR);
+    // (old, new, offset in the frame, size, part of the pseudo header)
+    let fields: [(u32, u32, usize, u64, bool); 4] = [
+        (p.saddr[0], saddr, l3 + 12, 4, true),
+        (p.daddr[0], daddr, l3 + 16, 4, true),
+        (u32::from(p.sport_be), u32::from(sport), l4, 2, false),
+        (u32::from(p.dport_be), u32::from(dport), l4 + 2, 2, false),
+    ];
+    for (old, new, off, size, in_pseudo) in fields {
+        if old == new {
+            continue;
+        }
+        let flags = mangle | size | if in_pseudo { pseudo } else { 0 };
+        ctx.l4_csum_replace(csum_off, u64::from(old), u64::from(new), flags)?;
+        if in_pseudo {
+            ctx.l3_csum_replace(l3 + 10, u64::from(old), u64::from(new), 4)?;
+            ctx.store(off, &new, 0)?;
+        } else {
+            ctx.store(off, &(new as u16), 0)?;
+        }
     }
     Ok(())
 }
