@@ -66,8 +66,10 @@ pub enum AllocError {
     VniExhausted,
 }
 
-/// An IPv4 network: address (host bits zero) and prefix length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// An IPv4 network: address (host bits zero) and prefix length. Serialized
+/// as its text form, `10.0.1.0/24`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Subnet {
     network: u32,
     prefix: u8,
@@ -107,6 +109,13 @@ impl Subnet {
         u32::from(addr) & mask(self.prefix) == self.network
     }
 
+    /// Whether `addr` is a host address of this subnet: inside it, and neither
+    /// the network nor (for prefixes up to /30) the broadcast address.
+    pub fn is_host(&self, addr: Ipv4Addr) -> bool {
+        let a = u32::from(addr);
+        self.contains(addr) && (self.prefix >= 31 || (a != self.network && a != self.last()))
+    }
+
     pub fn overlaps(&self, other: &Subnet) -> bool {
         self.network <= other.last() && other.network <= self.last()
     }
@@ -137,6 +146,20 @@ fn mask(prefix: u8) -> u32 {
 impl fmt::Display for Subnet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.network(), self.prefix)
+    }
+}
+
+impl From<Subnet> for String {
+    fn from(subnet: Subnet) -> String {
+        subnet.to_string()
+    }
+}
+
+impl TryFrom<String> for Subnet {
+    type Error = AllocError;
+
+    fn try_from(text: String) -> Result<Subnet, AllocError> {
+        text.parse()
     }
 }
 

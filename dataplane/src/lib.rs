@@ -6,4 +6,6 @@ pub mod ebpf;
 pub mod inspect;
 pub mod lb;
 pub mod maglev;
+pub mod netlink;
+pub mod overlay;
 pub mod stats;

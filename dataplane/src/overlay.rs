@@ -1,0 +1,1028 @@
+//! VXLAN overlay networks, reconciled from a table: no gossip, no flooding,
+//! no learning.
+//!
+//! Per network, in the node's namespace:
+//! - a bridge `mbr-<vni>` with no address (the host has no L3 presence on an
+//!   overlay, so nothing can route from one overlay to another through it);
+//! - a VXLAN device `mvx-<vni>` on that bridge: UDP 4789, the node's underlay
+//!   address as source, `nolearning`, ARP answered locally from its neighbour
+//!   table (`proxy`), DF set on the outer header;
+//! - per local endpoint, a veth `mve-<hash>` on the bridge whose peer is the
+//!   endpoint's interface (`eth0`) in the task namespace, with its IP, MAC and
+//!   the overlay MTU (underlay − 50);
+//! - per remote endpoint, a static FDB entry (MAC → the node's underlay
+//!   address) and a permanent neighbour entry (IP → MAC) on the VXLAN device.
+//!   With no all-zeros FDB entry, a frame for an unknown MAC is dropped, never
+//!   flooded to every node.
+//!
+//! [`Overlay::apply`] diffs the new table against the last one it applied and
+//! touches only what changed, so one endpoint change costs the same few
+//! netlink calls whatever the table size. [`Overlay::reconcile`] re-reads the
+//! kernel and repairs drift (an entry deleted by hand, a link set down); the
+//! first apply, and any apply after an error, is such a full pass.
+//! [`Overlay::teardown`] removes everything mesh created, going on past
+//! errors and reporting them all.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    fs::File,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
+
+use control::allocator::Subnet;
+use serde::{Deserialize, Serialize};
+
+use crate::netlink::{
+    Link, LinkKind, Mac, Netlink, NetlinkError, VethPeer, VxlanSpec, check_ifname,
+};
+
+/// Bytes VXLAN adds on an IPv4 underlay: outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8.
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// The smallest MTU IPv4 allows on a link.
+pub const MIN_MTU: u32 = 68;
+
+const BRIDGE_PREFIX: &str = "mbr-";
+const VXLAN_PREFIX: &str = "mvx-";
+const VETH_PREFIX: &str = "mve-";
+
+/// Everything the overlay should look like on this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverlaySpec {
+    /// This node's address on the underlay: the VXLAN source address. The
+    /// interface holding it carries the encapsulated traffic. Required when
+    /// there are networks.
+    #[serde(default)]
+    pub underlay: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub networks: Vec<NetworkSpec>,
+}
+
+/// One overlay network and its endpoints as this node sees them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    pub id: String,
+    pub vni: u32,
+    pub subnet: Subnet,
+    /// Reserved in the subnet (never an endpoint address).
+    pub gateway: Ipv4Addr,
+    /// Defaults to the underlay interface's MTU minus [`VXLAN_OVERHEAD`].
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// Endpoints of tasks on this node.
+    #[serde(default)]
+    pub local: Vec<LocalEndpoint>,
+    /// Endpoints of tasks on other nodes.
+    #[serde(default)]
+    pub remote: Vec<RemoteEndpoint>,
+}
+
+/// A task on this node attached to the network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalEndpoint {
+    /// Unique within the network (the task id); names the host-side veth.
+    pub id: String,
+    /// The task's network namespace: `/run/netns/NAME` or `/proc/PID/ns/net`.
+    pub netns: PathBuf,
+    pub ip: Ipv4Addr,
+    pub mac: Mac,
+    /// The interface name inside the task namespace.
+    #[serde(default = "default_interface")]
+    pub interface: String,
+}
+
+fn default_interface() -> String {
+    "eth0".into()
+}
+
+/// A task on another node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteEndpoint {
+    pub ip: Ipv4Addr,
+    pub mac: Mac,
+    /// The underlay address of the node it runs on.
+    pub node: Ipv4Addr,
+}
+
+/// The bridge of the network with this VNI.
+pub fn bridge_name(vni: u32) -> String {
+    format!("{BRIDGE_PREFIX}{vni}")
+}
+
+/// The VXLAN device of the network with this VNI.
+pub fn vxlan_name(vni: u32) -> String {
+    format!("{VXLAN_PREFIX}{vni}")
+}
+
+/// The host side of a local endpoint's veth: stable across restarts, unique
+/// per (network, endpoint), 14 bytes.
+pub fn veth_name(network: &str, endpoint: &str) -> String {
+    // FNV-1a: fixed, so the name survives a restart of meshd.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in network.bytes().chain([0]).chain(endpoint.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{VETH_PREFIX}{:010x}", h & 0xff_ffff_ffff)
+}
+
+fn is_owned(name: &str) -> bool {
+    [BRIDGE_PREFIX, VXLAN_PREFIX, VETH_PREFIX]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+impl OverlaySpec {
+    /// Every problem in the spec, checked before anything touches the kernel.
+    pub fn validate(&self) -> Result<(), OverlayError> {
+        let mut problems = Vec::new();
+        if !self.networks.is_empty() && self.underlay.is_none() {
+            problems.push("\"underlay\" (this node's underlay address) is required when there are networks".into());
+        }
+        let mut ids = BTreeSet::new();
+        let mut vnis = BTreeMap::new();
+        let mut interfaces = BTreeMap::new();
+        let mut veths = BTreeMap::new();
+        for net in &self.networks {
+            let n = &net.id;
+            if n.is_empty() {
+                problems.push("a network has an empty id".into());
+            }
+            if !ids.insert(n.as_str()) {
+                problems.push(format!("network {n} is listed twice"));
+            }
+            if !(1..(1 << 24)).contains(&net.vni) {
+                problems.push(format!("network {n}: VNI {} is outside 1..=16777215", net.vni));
+            } else if let Some(other) = vnis.insert(net.vni, n) {
+                problems.push(format!("networks {other} and {n} both use VNI {}", net.vni));
+            }
+            if net.subnet.prefix() > 30 {
+                problems.push(format!(
+                    "network {n}: subnet {} leaves no room for a gateway and endpoints; use /30 or larger",
+                    net.subnet
+                ));
+            }
+            if !net.subnet.is_host(net.gateway) {
+                problems.push(format!(
+                    "network {n}: gateway {} is not a host address in {}",
+                    net.gateway, net.subnet
+                ));
+            }
+            if let Some(mtu) = net.mtu
+                && !(MIN_MTU..=65535 - VXLAN_OVERHEAD).contains(&mtu)
+            {
+                problems.push(format!("network {n}: MTU {mtu} is outside {MIN_MTU}..={}", 65535 - VXLAN_OVERHEAD));
+            }
+            let mut ips = BTreeMap::new();
+            let mut macs = BTreeMap::new();
+            let mut endpoint_ids = BTreeSet::new();
+            let endpoints = net
+                .local
+                .iter()
+                .map(|e| (format!("local endpoint {}", e.id), e.ip, e.mac))
+                .chain(net.remote.iter().map(|e| {
+                    (format!("remote endpoint {} on {}", e.ip, e.node), e.ip, e.mac)
+                }));
+            for (what, ip, mac) in endpoints {
+                if !net.subnet.is_host(ip) || ip == net.gateway {
+                    problems.push(format!(
+                        "network {n}: {what}: {ip} is not a usable address in {} (gateway {})",
+                        net.subnet, net.gateway
+                    ));
+                }
+                if let Some(other) = ips.insert(ip, what.clone()) {
+                    problems.push(format!("network {n}: {what} and {other} both have address {ip}"));
+                }
+                if !mac.is_unicast() {
+                    problems.push(format!("network {n}: {what}: {mac} is not a unicast MAC"));
+                }
+                if let Some(other) = macs.insert(mac, what.clone()) {
+                    problems.push(format!("network {n}: {what} and {other} both have MAC {mac}"));
+                }
+            }
+            for e in &net.remote {
+                if Some(e.node) == self.underlay {
+                    problems.push(format!(
+                        "network {n}: remote endpoint {} is on this node ({}); list it as local",
+                        e.ip, e.node
+                    ));
+                }
+                if e.node.is_unspecified() || e.node.is_multicast() || e.node.is_broadcast() {
+                    problems.push(format!(
+                        "network {n}: remote endpoint {}: {} is not a node address",
+                        e.ip, e.node
+                    ));
+                }
+            }
+            for e in &net.local {
+                if e.id.is_empty() {
+                    problems.push(format!("network {n}: a local endpoint has an empty id"));
+                }
+                if !endpoint_ids.insert(e.id.as_str()) {
+                    problems.push(format!("network {n}: local endpoint {} is listed twice", e.id));
+                }
+                if let Err(err) = check_ifname(&e.interface) {
+                    problems.push(format!("network {n}: local endpoint {}: {err}", e.id));
+                }
+                if !e.netns.is_absolute() {
+                    problems.push(format!(
+                        "network {n}: local endpoint {}: netns {} must be an absolute path",
+                        e.id,
+                        e.netns.display()
+                    ));
+                }
+                let key = (e.netns.clone(), e.interface.clone());
+                if let Some(other) = interfaces.insert(key, format!("{n}/{}", e.id)) {
+                    problems.push(format!(
+                        "local endpoints {other} and {n}/{} both want {} in {}",
+                        e.id,
+                        e.interface,
+                        e.netns.display()
+                    ));
+                }
+                if let Some(other) = veths.insert(veth_name(n, &e.id), format!("{n}/{}", e.id)) {
+                    problems.push(format!(
+                        "local endpoints {other} and {n}/{} hash to the same interface name; rename one",
+                        e.id
+                    ));
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(OverlayError::Invalid(problems))
+        }
+    }
+}
+
+/// Why an apply did not fully succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    /// The spec is wrong; nothing was changed.
+    #[error("invalid overlay spec:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+    /// Some kernel changes failed; the rest were made. The next apply
+    /// re-reads the kernel.
+    #[error("{} overlay change(s) failed ({changes} made):\n  {}", errors.len(), errors.join("\n  "))]
+    Kernel { changes: u64, errors: Vec<String> },
+}
+
+/// What a successful pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    /// Netlink changes made, in every namespace.
+    pub changes: u64,
+    /// Whether the kernel was re-read (a full reconcile) or only the
+    /// difference from the last applied table was written.
+    pub full: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Underlay {
+    addr: Ipv4Addr,
+    index: u32,
+    mtu: u32,
+}
+
+/// The parts of a network that decide its links; a change in any of them is
+/// handled by re-reading that network's links from the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Header {
+    vni: u32,
+    mtu: u32,
+    underlay: Underlay,
+}
+
+struct AppliedNetwork {
+    header: Header,
+    bridge: Link,
+    vxlan: Link,
+    remotes: Vec<RemoteEndpoint>,
+    /// Local endpoints by id, with their host-side veth.
+    locals: BTreeMap<String, (LocalEndpoint, Link)>,
+}
+
+impl AppliedNetwork {
+    fn links(&self) -> impl Iterator<Item = &Link> {
+        self.locals
+            .values()
+            .map(|(_, l)| l)
+            .chain([&self.vxlan, &self.bridge])
+    }
+}
+
+/// The overlay reconciler for one node namespace.
+pub struct Overlay {
+    nl: Netlink,
+    desired: OverlaySpec,
+    /// What the last successful pass left in the kernel, by network id.
+    /// `None`: unknown, so the next pass re-reads the kernel.
+    applied: Option<BTreeMap<String, AppliedNetwork>>,
+}
+
+/// Problems collected during a pass; it goes on past each one.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn push(&mut self, context: impl fmt::Display, e: impl fmt::Display) {
+        self.0.push(format!("{context}: {e}"));
+    }
+
+    fn check<T>(&mut self, context: impl fmt::Display, r: Result<T, NetlinkError>) -> Option<T> {
+        r.map_err(|e| self.push(context, e)).ok()
+    }
+}
+
+/// Where link lookups come from: a full pass dumps them once; an incremental
+/// pass asks for the few it needs by name.
+enum Links {
+    Dump(HashMap<String, Link>),
+    Lookup,
+}
+
+impl Links {
+    async fn get(&self, nl: &Netlink, name: &str) -> Result<Option<Link>, NetlinkError> {
+        match self {
+            Links::Dump(map) => Ok(map.get(name).cloned()),
+            Links::Lookup => nl.link(name).await,
+        }
+    }
+}
+
+impl Overlay {
+    /// A reconciler working through `nl` (a handle in the node's namespace).
+    pub fn new(nl: Netlink) -> Overlay {
+        Overlay {
+            nl,
+            desired: OverlaySpec::default(),
+            applied: None,
+        }
+    }
+
+    /// The last table given to [`apply`](Self::apply).
+    pub fn desired(&self) -> &OverlaySpec {
+        &self.desired
+    }
+
+    /// Makes the kernel match `spec`. An invalid spec changes nothing.
+    pub async fn apply(&mut self, spec: OverlaySpec) -> Result<Report, OverlayError> {
+        spec.validate()?;
+        self.desired = spec;
+        let full = self.applied.is_none();
+        self.sync(full).await
+    }
+
+    /// Re-reads the kernel and repairs any drift from the last applied table.
+    pub async fn reconcile(&mut self) -> Result<Report, OverlayError> {
+        self.sync(true).await
+    }
+
+    /// Removes every link mesh created in this namespace (and with them their
+    /// FDB and neighbour entries and the peers in task namespaces), including
+    /// ones left by an earlier run. Goes on past errors and reports them all.
+    pub async fn teardown(&mut self) -> Result<Report, OverlayError> {
+        self.desired = OverlaySpec::default();
+        self.sync(true).await
+    }
+
+    async fn sync(&mut self, full: bool) -> Result<Report, OverlayError> {
+        let start = self.nl.changes();
+        let mut problems = Problems::default();
+        let mut prev = if full {
+            BTreeMap::new()
+        } else {
+            self.applied.take().unwrap_or_default()
+        };
+        let links = if full {
+            match self.nl.links().await {
+                Ok(all) => Links::Dump(all.into_iter().map(|l| (l.name.clone(), l)).collect()),
+                Err(e) => {
+                    self.applied = None;
+                    return Err(OverlayError::Kernel {
+                        changes: 0,
+                        errors: vec![e.to_string()],
+                    });
+                }
+            }
+        } else {
+            Links::Lookup
+        };
+
+        let mut applied = BTreeMap::new();
+        let underlay = match self.desired.underlay {
+            Some(addr) if !self.desired.networks.is_empty() => {
+                match self.underlay(addr, &prev, &links).await {
+                    Ok(u) => Some(u),
+                    Err(e) => {
+                        problems.push(format!("underlay {addr}"), e);
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+
+        let desired = std::mem::take(&mut self.desired);
+        if let Some(underlay) = underlay {
+            for net in &desired.networks {
+                let mtu = net.mtu.unwrap_or(underlay.mtu.saturating_sub(VXLAN_OVERHEAD));
+                if mtu + VXLAN_OVERHEAD > underlay.mtu || mtu < MIN_MTU {
+                    problems.push(
+                        format!("network {}", net.id),
+                        format_args!(
+                            "MTU {mtu} does not fit the underlay: at most {} - {VXLAN_OVERHEAD} = {} (and at least {MIN_MTU})",
+                            underlay.mtu,
+                            underlay.mtu.saturating_sub(VXLAN_OVERHEAD)
+                        ),
+                    );
+                    continue;
+                }
+                let header = Header {
+                    vni: net.vni,
+                    mtu,
+                    underlay,
+                };
+                let result = match prev.remove(&net.id) {
+                    Some(p) if p.header == header => {
+                        Some(self.update_network(net, p, &mut problems).await)
+                    }
+                    other => {
+                        if let Some(p) = other {
+                            self.remove_network(&p, Some(net.vni), &mut problems).await;
+                        }
+                        self.build_network(net, header, &links, &mut problems).await
+                    }
+                };
+                if let Some(a) = result {
+                    applied.insert(net.id.clone(), a);
+                }
+            }
+        }
+        // Networks no longer wanted.
+        for p in prev.values() {
+            self.remove_network(p, None, &mut problems).await;
+        }
+        if let Links::Dump(all) = &links {
+            self.collect_strays(all, &applied, &mut problems).await;
+        }
+        self.desired = desired;
+
+        let changes = self.nl.changes() - start;
+        if problems.0.is_empty() {
+            self.applied = Some(applied);
+            Ok(Report { changes, full })
+        } else {
+            self.applied = None;
+            Err(OverlayError::Kernel {
+                changes,
+                errors: problems.0,
+            })
+        }
+    }
+
+    async fn underlay(
+        &self,
+        addr: Ipv4Addr,
+        prev: &BTreeMap<String, AppliedNetwork>,
+        links: &Links,
+    ) -> Result<Underlay, String> {
+        if matches!(links, Links::Lookup)
+            && let Some(p) = prev.values().next()
+            && p.header.underlay.addr == addr
+        {
+            return Ok(p.header.underlay);
+        }
+        let index = self
+            .nl
+            .link_with_address(IpAddr::V4(addr))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "no interface in netns {} has this address; give the node's underlay address",
+                    self.nl.namespace()
+                )
+            })?;
+        let link = self
+            .nl
+            .link_by_index(index)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("interface {index} vanished"))?;
+        Ok(Underlay {
+            addr,
+            index,
+            mtu: link.mtu,
+        })
+    }
+
+    /// Creates or repairs a network's links and entries from what the kernel has.
+    async fn build_network(
+        &self,
+        net: &NetworkSpec,
+        header: Header,
+        links: &Links,
+        problems: &mut Problems,
+    ) -> Option<AppliedNetwork> {
+        let ctx = format!("network {}", net.id);
+        let bridge = problems.check(
+            &ctx,
+            self.ensure_bridge(&bridge_name(net.vni), header.mtu, links).await,
+        )?;
+        let vx_name = vxlan_name(net.vni);
+        let spec = VxlanSpec {
+            name: &vx_name,
+            vni: net.vni,
+            local: header.underlay.addr,
+            dev: header.underlay.index,
+            mtu: header.mtu,
+            controller: bridge.index,
+        };
+        let vxlan = problems.check(&ctx, self.ensure_vxlan(&spec, links).await)?;
+
+        // Remote endpoints: compare with the entries the kernel has.
+        let observed = async {
+            let fdb = self.nl.fdb(vxlan.index).await?;
+            let neigh = self.nl.neighbours(vxlan.index).await?;
+            Ok::<_, NetlinkError>(Observed {
+                fdb: fdb
+                    .into_iter()
+                    .filter(|e| e.on_device)
+                    .map(|e| {
+                        let dst = match (e.permanent, e.dst) {
+                            (true, Some(IpAddr::V4(d))) => d,
+                            // Not ours to keep as is: replace or delete it.
+                            _ => Ipv4Addr::UNSPECIFIED,
+                        };
+                        (e.mac, dst)
+                    })
+                    .collect(),
+                neigh: neigh
+                    .into_iter()
+                    .filter_map(|n| match (n.ip, n.permanent, n.mac) {
+                        (IpAddr::V4(ip), true, Some(mac)) => Some((ip, mac)),
+                        _ => None,
+                    })
+                    .collect(),
+            })
+        }
+        .await;
+        let observed = problems.check(&ctx, observed)?;
+        self.sync_remotes(&vxlan, &net.remote, observed, &ctx, problems)
+            .await;
+
+        let mut locals = BTreeMap::new();
+        for ep in &net.local {
+            let ctx = format!("network {} endpoint {}", net.id, ep.id);
+            let r = self.ensure_local(net, ep, &bridge, header.mtu, links).await;
+            if let Some(host) = problems.check(ctx, r) {
+                locals.insert(ep.id.clone(), (ep.clone(), host));
+            }
+        }
+        Some(AppliedNetwork {
+            header,
+            bridge,
+            vxlan,
+            remotes: net.remote.clone(),
+            locals,
+        })
+    }
+
+    /// Applies only the difference from what the last pass left.
+    async fn update_network(
+        &self,
+        net: &NetworkSpec,
+        mut prev: AppliedNetwork,
+        problems: &mut Problems,
+    ) -> AppliedNetwork {
+        let ctx = format!("network {}", net.id);
+        if prev.remotes != net.remote {
+            let observed = Observed {
+                fdb: prev.remotes.iter().map(|r| (r.mac, r.node)).collect(),
+                neigh: prev.remotes.iter().map(|r| (r.ip, r.mac)).collect(),
+            };
+            self.sync_remotes(&prev.vxlan, &net.remote, observed, &ctx, problems)
+                .await;
+            prev.remotes = net.remote.clone();
+        }
+
+        let wanted: BTreeMap<&str, &LocalEndpoint> =
+            net.local.iter().map(|e| (e.id.as_str(), e)).collect();
+        let mut locals = BTreeMap::new();
+        for (id, (old, host)) in std::mem::take(&mut prev.locals) {
+            if wanted.get(id.as_str()) == Some(&&old) {
+                locals.insert(id, (old, host));
+            } else {
+                let ctx = format!("network {} endpoint {id}", net.id);
+                let r = self.nl.del_link(&host).await;
+                if let Err(e) = r
+                    && !e.is_not_found()
+                {
+                    problems.push(ctx, e);
+                }
+            }
+        }
+        for ep in &net.local {
+            if locals.contains_key(&ep.id) {
+                continue;
+            }
+            let ctx = format!("network {} endpoint {}", net.id, ep.id);
+            let r = self
+                .ensure_local(net, ep, &prev.bridge, prev.header.mtu, &Links::Lookup)
+                .await;
+            if let Some(host) = problems.check(ctx, r) {
+                locals.insert(ep.id.clone(), (ep.clone(), host));
+            }
+        }
+        prev.locals = locals;
+        prev
+    }
+
+    /// Deletes a network's links (veths, then the VXLAN device, then the
+    /// bridge). With `keep_vni`, links named for that VNI stay: the network
+    /// is being rebuilt under the same names.
+    async fn remove_network(&self, p: &AppliedNetwork, keep_vni: Option<u32>, problems: &mut Problems) {
+        for link in p.links() {
+            if keep_vni == Some(p.header.vni) && !link.name.starts_with(VETH_PREFIX) {
+                continue;
+            }
+            if let Err(e) = self.nl.del_link(link).await
+                && !e.is_not_found()
+            {
+                problems.push("removing network", e);
+            }
+        }
+    }
+
+    /// In a full pass: deletes links with mesh's prefixes that no desired
+    /// network owns (left by a crash, or by an earlier table).
+    async fn collect_strays(
+        &self,
+        all: &HashMap<String, Link>,
+        applied: &BTreeMap<String, AppliedNetwork>,
+        problems: &mut Problems,
+    ) {
+        let keep: BTreeSet<&str> = applied
+            .values()
+            .flat_map(|a| a.links().map(|l| l.name.as_str()))
+            .collect();
+        let mut strays: Vec<&Link> = all
+            .values()
+            .filter(|l| is_owned(&l.name) && !keep.contains(l.name.as_str()))
+            .collect();
+        // Veths first, bridges last: a port goes before its bridge.
+        strays.sort_by_key(|l| {
+            (
+                match l.kind {
+                    LinkKind::Veth => 0,
+                    LinkKind::Vxlan => 1,
+                    _ => 2,
+                },
+                l.name.clone(),
+            )
+        });
+        for link in strays {
+            if let Err(e) = self.nl.del_link(link).await
+                && !e.is_not_found()
+            {
+                problems.push("removing stray link", e);
+            }
+        }
+    }
+
+    async fn ensure_bridge(&self, name: &str, mtu: u32, links: &Links) -> Result<Link, NetlinkError> {
+        if let Some(l) = links.get(&self.nl, name).await? {
+            if l.kind == LinkKind::Bridge {
+                if l.mtu != mtu {
+                    self.nl.set_mtu(&l, mtu).await?;
+                }
+                if !l.up {
+                    self.nl.set_up(&l).await?;
+                }
+                return Ok(l);
+            }
+            self.nl.del_link(&l).await?;
+        }
+        self.nl.add_bridge(name, mtu).await?;
+        self.created(name).await
+    }
+
+    async fn ensure_vxlan(&self, spec: &VxlanSpec<'_>, links: &Links) -> Result<Link, NetlinkError> {
+        if let Some(l) = links.get(&self.nl, spec.name).await? {
+            if l.kind == LinkKind::Vxlan && l.vxlan.as_ref() == Some(&spec.info()) {
+                if l.mtu != spec.mtu {
+                    self.nl.set_mtu(&l, spec.mtu).await?;
+                }
+                if l.controller != Some(spec.controller) {
+                    self.nl.set_controller(&l, spec.controller).await?;
+                }
+                if !l.up {
+                    self.nl.set_up(&l).await?;
+                }
+                return Ok(l);
+            }
+            // VNI, address, port or flags differ: these need a new device.
+            self.nl.del_link(&l).await?;
+        }
+        self.nl.add_vxlan(spec).await?;
+        self.created(spec.name).await
+    }
+
+    async fn created(&self, name: &str) -> Result<Link, NetlinkError> {
+        self.nl.link(name).await?.ok_or_else(|| NetlinkError {
+            op: "find new link",
+            object: name.into(),
+            ns: self.nl.namespace().into(),
+            source: std::io::Error::from_raw_os_error(libc::ENODEV),
+        })
+    }
+
+    /// Writes FDB and neighbour entries so that the VXLAN device holds
+    /// exactly `desired`, given what it holds now.
+    async fn sync_remotes(
+        &self,
+        vxlan: &Link,
+        desired: &[RemoteEndpoint],
+        observed: Observed,
+        ctx: &str,
+        problems: &mut Problems,
+    ) {
+        let want_fdb: BTreeMap<Mac, Ipv4Addr> = desired.iter().map(|r| (r.mac, r.node)).collect();
+        let want_neigh: BTreeMap<Ipv4Addr, Mac> = desired.iter().map(|r| (r.ip, r.mac)).collect();
+        // Withdraw first, neighbour before FDB: a removed endpoint stops
+        // resolving before its forwarding entry goes.
+        for ip in observed.neigh.keys().filter(|ip| !want_neigh.contains_key(ip)) {
+            let r = self.nl.del_neighbour(vxlan, IpAddr::V4(*ip)).await;
+            if let Err(e) = r
+                && !e.is_not_found()
+            {
+                problems.push(ctx, e);
+            }
+        }
+        for mac in observed.fdb.keys().filter(|m| !want_fdb.contains_key(m)) {
+            let r = self.nl.del_fdb(vxlan, *mac).await;
+            if let Err(e) = r
+                && !e.is_not_found()
+            {
+                problems.push(ctx, e);
+            }
+        }
+        // Then add, FDB before neighbour: an address resolves only once its
+        // MAC is reachable.
+        for (mac, node) in &want_fdb {
+            if observed.fdb.get(mac) != Some(node) {
+                let r = self.nl.set_fdb(vxlan, *mac, *node).await;
+                problems.check(ctx, r);
+            }
+        }
+        for (ip, mac) in &want_neigh {
+            if observed.neigh.get(ip) != Some(mac) {
+                let r = self.nl.set_neighbour(vxlan, IpAddr::V4(*ip), *mac).await;
+                problems.check(ctx, r);
+            }
+        }
+    }
+
+    /// Creates or repairs one local endpoint: the veth pair, the task side's
+    /// name, MAC, MTU, address and state, and the task's loopback. Returns
+    /// the host side.
+    async fn ensure_local(
+        &self,
+        net: &NetworkSpec,
+        ep: &LocalEndpoint,
+        bridge: &Link,
+        mtu: u32,
+        links: &Links,
+    ) -> Result<Link, NetlinkError> {
+        let name = veth_name(&net.id, &ep.id);
+        let host = links.get(&self.nl, &name).await?;
+        let task = self.nl.enter(&ep.netns)?;
+        let peer = task.link(&ep.interface).await?;
+        let paired = match (&host, &peer) {
+            (Some(h), Some(p)) => {
+                h.kind == LinkKind::Veth && p.kind == LinkKind::Veth && p.link == Some(h.index)
+            }
+            _ => false,
+        };
+        let (host, peer) = if paired {
+            let (h, p) = (host.expect("paired"), peer.expect("paired"));
+            if h.controller != Some(bridge.index) {
+                self.nl.set_controller(&h, bridge.index).await?;
+            }
+            if h.mtu != mtu {
+                self.nl.set_mtu(&h, mtu).await?;
+            }
+            if !h.up {
+                self.nl.set_up(&h).await?;
+            }
+            if p.mac != Some(ep.mac) {
+                task.set_mac(&p, ep.mac).await?;
+            }
+            if p.mtu != mtu {
+                task.set_mtu(&p, mtu).await?;
+            }
+            (h, p)
+        } else {
+            if let Some(p) = peer {
+                return Err(NetlinkError {
+                    op: "create endpoint",
+                    object: format!("{} ({})", ep.interface, p.index),
+                    ns: task.namespace().into(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        "the task namespace already has an interface of that name that mesh did not create for this endpoint",
+                    ),
+                });
+            }
+            if let Some(h) = host {
+                self.nl.del_link(&h).await?;
+            }
+            let netns = File::open(&ep.netns).map_err(|source| NetlinkError {
+                op: "open namespace",
+                object: ep.netns.display().to_string(),
+                ns: self.nl.namespace().into(),
+                source,
+            })?;
+            self.nl
+                .add_veth(
+                    &name,
+                    mtu,
+                    bridge.index,
+                    &VethPeer {
+                        name: &ep.interface,
+                        netns: &netns,
+                        mac: ep.mac,
+                        mtu,
+                    },
+                )
+                .await?;
+            let h = self.created(&name).await?;
+            let p = task.link(&ep.interface).await?.ok_or_else(|| NetlinkError {
+                op: "find new link",
+                object: ep.interface.clone(),
+                ns: task.namespace().into(),
+                source: std::io::Error::from_raw_os_error(libc::ENODEV),
+            })?;
+            (h, p)
+        };
+
+        // The address: exactly ours among the IPv4 ones (IPv6 link-local stays).
+        let want = (IpAddr::V4(ep.ip), net.subnet.prefix());
+        let have = task.addresses(peer.index).await?;
+        for (ip, prefix) in have.iter().filter(|(ip, _)| ip.is_ipv4()) {
+            if (*ip, *prefix) != want {
+                task.del_address(&peer, *ip, *prefix).await?;
+            }
+        }
+        if !have.contains(&want) {
+            task.add_address(&peer, want.0, want.1).await?;
+        }
+        if !peer.up {
+            task.set_up(&peer).await?;
+        }
+        if let Some(lo) = task.link("lo").await?
+            && !lo.up
+        {
+            task.set_up(&lo).await?;
+        }
+        Ok(host)
+    }
+}
+
+/// FDB (MAC → node) and neighbour (IP → MAC) entries as they are now.
+struct Observed {
+    fdb: BTreeMap<Mac, Ipv4Addr>,
+    neigh: BTreeMap<Ipv4Addr, Mac>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(id: &str, vni: u32, subnet: &str) -> NetworkSpec {
+        let subnet: Subnet = subnet.parse().unwrap();
+        NetworkSpec {
+            id: id.into(),
+            vni,
+            gateway: subnet.gateway(),
+            subnet,
+            mtu: None,
+            local: vec![],
+            remote: vec![],
+        }
+    }
+
+    fn remote(ip: &str, node: &str) -> RemoteEndpoint {
+        let ip: Ipv4Addr = ip.parse().unwrap();
+        RemoteEndpoint {
+            ip,
+            mac: Mac::from_ipv4(ip),
+            node: node.parse().unwrap(),
+        }
+    }
+
+    fn local(id: &str, ip: &str, netns: &str) -> LocalEndpoint {
+        let ip: Ipv4Addr = ip.parse().unwrap();
+        LocalEndpoint {
+            id: id.into(),
+            netns: netns.into(),
+            ip,
+            mac: Mac::from_ipv4(ip),
+            interface: "eth0".into(),
+        }
+    }
+
+    fn problems(spec: &OverlaySpec) -> Vec<String> {
+        match spec.validate() {
+            Ok(()) => vec![],
+            Err(OverlayError::Invalid(p)) => p,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+
+    #[test]
+    fn a_good_spec_validates_and_round_trips_through_json() {
+        let mut a = net("front", 4096, "10.0.1.0/24");
+        a.remote.push(remote("10.0.1.3", "198.18.0.3"));
+        a.local.push(local("t1", "10.0.1.2", "/run/netns/t1"));
+        let spec = OverlaySpec {
+            underlay: Some("198.18.0.2".parse().unwrap()),
+            networks: vec![a, net("back", 4097, "10.0.2.0/24")],
+        };
+        assert_eq!(problems(&spec), Vec::<String>::new());
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(json.contains("\"10.0.1.0/24\"") && json.contains("\"02:42:0a:00:01:03\""), "{json}");
+        assert_eq!(serde_json::from_str::<OverlaySpec>(&json).unwrap(), spec);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let mut a = net("front", 4096, "10.0.1.0/24");
+        a.remote.push(remote("10.0.1.1", "198.18.0.3")); // the gateway
+        a.remote.push(remote("10.0.2.9", "198.18.0.3")); // outside the subnet
+        a.remote.push(remote("10.0.1.5", "198.18.0.2")); // on this node
+        let mut dup = remote("10.0.1.6", "198.18.0.4");
+        dup.mac = Mac::from_ipv4("10.0.1.5".parse().unwrap());
+        a.remote.push(dup); // same MAC as the previous one
+        a.local.push(local("t1", "10.0.1.7", "relative/path"));
+        let mut b = net("front", 4096, "10.0.3.0/24"); // same id, same VNI
+        b.mtu = Some(20);
+        let spec = OverlaySpec {
+            underlay: Some("198.18.0.2".parse().unwrap()),
+            networks: vec![a, b],
+        };
+        let p = problems(&spec);
+        let expect = [
+            "10.0.1.1 is not a usable address",
+            "10.0.2.9 is not a usable address",
+            "is on this node (198.18.0.2); list it as local",
+            "both have MAC 02:42:0a:00:01:05",
+            "must be an absolute path",
+            "network front is listed twice",
+            "both use VNI 4096",
+            "MTU 20 is outside",
+        ];
+        for e in expect {
+            assert!(p.iter().any(|x| x.contains(e)), "missing {e:?} in {p:#?}");
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+    }
+
+    #[test]
+    fn networks_need_an_underlay_and_unknown_fields_are_refused() {
+        let spec = OverlaySpec {
+            underlay: None,
+            networks: vec![net("a", 4096, "10.0.1.0/24")],
+        };
+        assert!(problems(&spec)[0].contains("\"underlay\""));
+        let err = serde_json::from_str::<OverlaySpec>(r#"{"networks":[],"extra":1}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `extra`"), "{err}");
+        let err = serde_json::from_str::<NetworkSpec>(
+            r#"{"id":"a","vni":1,"subnet":"10.0.1.0/33","gateway":"10.0.1.1"}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("is not an IPv4 subnet"), "{err}");
+    }
+
+    #[test]
+    fn link_names_are_short_stable_and_distinct() {
+        assert_eq!(bridge_name(16_777_215), "mbr-16777215");
+        assert_eq!(vxlan_name(4096), "mvx-4096");
+        let v = veth_name("front", "t1");
+        assert_eq!(v, veth_name("front", "t1"));
+        assert_ne!(v, veth_name("front", "t2"));
+        assert_ne!(veth_name("ab", "c"), veth_name("a", "bc"));
+        for n in [bridge_name(16_777_215), vxlan_name(16_777_215), v] {
+            check_ifname(&n).unwrap();
+            assert!(is_owned(&n));
+        }
+        assert!(!is_owned("eth0"));
+    }
+}
