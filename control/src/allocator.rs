@@ -68,7 +68,9 @@ pub enum AllocError {
 
 /// An IPv4 network: address (host bits zero) and prefix length. Serialized
 /// as its text form, `10.0.1.0/24`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct Subnet {
     network: u32,

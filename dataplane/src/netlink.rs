@@ -162,7 +162,10 @@ pub fn check_ifname(name: &str) -> Result<(), String> {
             "interface name {name:?} must be 1 to {IFNAME_MAX} bytes"
         ));
     }
-    if name == "." || name == ".." || name.contains(['/', ':']) || name.contains(char::is_whitespace)
+    if name == "."
+        || name == ".."
+        || name.contains(['/', ':'])
+        || name.contains(char::is_whitespace)
     {
         return Err(format!(
             "interface name {name:?} may not contain '/', ':' or whitespace"
@@ -371,9 +374,18 @@ impl Netlink {
     }
 
     /// A handle whose socket is opened inside the namespace at `path`
-    /// (`/run/netns/NAME`, `/proc/PID/ns/net`), usable from here. It counts
-    /// into this handle's change counter.
+    /// (`/run/netns/NAME`, `/proc/PID/ns/net`), usable from anywhere.
+    pub fn open(path: &Path) -> Result<Netlink> {
+        Self::open_in(path, Arc::default())
+    }
+
+    /// Like [`open`](Self::open), counting into this handle's change counter:
+    /// for a reconciler that works in several namespaces.
     pub fn enter(&self, path: &Path) -> Result<Netlink> {
+        Self::open_in(path, self.changes.clone())
+    }
+
+    fn open_in(path: &Path, changes: Arc<AtomicU64>) -> Result<Netlink> {
         let label: Arc<str> = path.display().to_string().into();
         let err = |op, source| NetlinkError {
             op,
@@ -403,7 +415,7 @@ impl Netlink {
         Ok(Netlink {
             handle,
             ns: label,
-            changes: self.changes.clone(),
+            changes,
         })
     }
 
@@ -418,7 +430,11 @@ impl Netlink {
         self.changes.load(Ordering::Relaxed)
     }
 
-    fn fail(&self, op: &'static str, object: impl fmt::Display) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    fn fail(
+        &self,
+        op: &'static str,
+        object: impl fmt::Display,
+    ) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
         let ns = self.ns.to_string();
         let object = object.to_string();
         move |e| NetlinkError {
@@ -429,11 +445,28 @@ impl Netlink {
         }
     }
 
-    fn changed<T>(&self, r: Result<T>) -> Result<T> {
-        if r.is_ok() {
-            self.changes.fetch_add(1, Ordering::Relaxed);
+    /// Runs one mutating request, counting it (and logging it at debug) if
+    /// the kernel accepted it.
+    async fn change(
+        &self,
+        op: &'static str,
+        object: impl fmt::Display,
+        request: impl Future<Output = Result<(), rtnetlink::Error>>,
+    ) -> Result<()> {
+        let object = object.to_string();
+        match request.await {
+            Ok(()) => {
+                self.changes.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(ns = %self.ns, op, %object, "netlink change");
+                Ok(())
+            }
+            Err(e) => Err(NetlinkError {
+                op,
+                object,
+                ns: self.ns.to_string(),
+                source: to_io(e),
+            }),
         }
-        r
     }
 
     // ----- links -----
@@ -489,14 +522,8 @@ impl Netlink {
     }
 
     async fn add_link(&self, msg: LinkMessage, what: String) -> Result<()> {
-        let r = self
-            .handle
-            .link()
-            .add(msg)
-            .execute()
+        self.change("add", what, self.handle.link().add(msg).execute())
             .await
-            .map_err(self.fail("add", what));
-        self.changed(r)
     }
 
     /// A bridge, up. It gets no address: the host has no L3 presence on an
@@ -554,14 +581,8 @@ impl Netlink {
     }
 
     async fn set_link(&self, msg: LinkMessage, op: &'static str, what: &str) -> Result<()> {
-        let r = self
-            .handle
-            .link()
-            .set(msg)
-            .execute()
+        self.change(op, what, self.handle.link().set(msg).execute())
             .await
-            .map_err(self.fail(op, what));
-        self.changed(r)
     }
 
     pub async fn set_up(&self, link: &Link) -> Result<()> {
@@ -598,14 +619,12 @@ impl Netlink {
     }
 
     pub async fn del_link(&self, link: &Link) -> Result<()> {
-        let r = self
-            .handle
-            .link()
-            .del(link.index)
-            .execute()
-            .await
-            .map_err(self.fail("delete link", &link.name));
-        self.changed(r)
+        self.change(
+            "delete link",
+            &link.name,
+            self.handle.link().del(link.index).execute(),
+        )
+        .await
     }
 
     // ----- addresses -----
@@ -656,14 +675,12 @@ impl Netlink {
     }
 
     pub async fn add_address(&self, link: &Link, ip: IpAddr, prefix: u8) -> Result<()> {
-        let r = self
-            .handle
-            .address()
-            .add(link.index, ip, prefix)
-            .execute()
-            .await
-            .map_err(self.fail("add address", format!("{ip}/{prefix} on {}", link.name)));
-        self.changed(r)
+        self.change(
+            "add address",
+            format!("{ip}/{prefix} on {}", link.name),
+            self.handle.address().add(link.index, ip, prefix).execute(),
+        )
+        .await
     }
 
     pub async fn del_address(&self, link: &Link, ip: IpAddr, prefix: u8) -> Result<()> {
@@ -676,14 +693,12 @@ impl Netlink {
         msg.header.prefix_len = prefix;
         msg.attributes.push(AddressAttribute::Local(ip));
         msg.attributes.push(AddressAttribute::Address(ip));
-        let r = self
-            .handle
-            .address()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(self.fail("delete address", format!("{ip}/{prefix} on {}", link.name)));
-        self.changed(r)
+        self.change(
+            "delete address",
+            format!("{ip}/{prefix} on {}", link.name),
+            self.handle.address().del(msg).execute(),
+        )
+        .await
     }
 
     // ----- routes -----
@@ -700,32 +715,37 @@ impl Netlink {
 
     fn route_name(route: &Route) -> String {
         match route.gateway {
-            Some(gw) => format!("{}/{} via {gw} (oif {})", route.dst, route.prefix, route.oif),
+            Some(gw) => format!(
+                "{}/{} via {gw} (oif {})",
+                route.dst, route.prefix, route.oif
+            ),
             None => format!("{}/{} (oif {})", route.dst, route.prefix, route.oif),
         }
     }
 
     pub async fn add_route(&self, route: &Route) -> Result<()> {
-        let r = self
-            .handle
-            .route()
-            .add(Self::route_message(route))
-            .replace()
-            .execute()
-            .await
-            .map_err(self.fail("add route", Self::route_name(route)));
-        self.changed(r)
+        self.change(
+            "add route",
+            Self::route_name(route),
+            self.handle
+                .route()
+                .add(Self::route_message(route))
+                .replace()
+                .execute(),
+        )
+        .await
     }
 
     pub async fn del_route(&self, route: &Route) -> Result<()> {
-        let r = self
-            .handle
-            .route()
-            .del(Self::route_message(route))
-            .execute()
-            .await
-            .map_err(self.fail("delete route", Self::route_name(route)));
-        self.changed(r)
+        self.change(
+            "delete route",
+            Self::route_name(route),
+            self.handle
+                .route()
+                .del(Self::route_message(route))
+                .execute(),
+        )
+        .await
     }
 
     // ----- FDB (bridge family) -----
@@ -758,6 +778,19 @@ impl Netlink {
                         NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
                             dst = Some(IpAddr::V6(*ip))
                         }
+                        // Bridge-family messages carry the VXLAN remote as
+                        // raw bytes: 4 for IPv4, 16 for IPv6.
+                        NeighbourAttribute::Destination(NeighbourAddress::Other(raw)) => {
+                            dst = match raw.len() {
+                                4 => <[u8; 4]>::try_from(raw.as_slice())
+                                    .ok()
+                                    .map(IpAddr::from),
+                                16 => <[u8; 16]>::try_from(raw.as_slice())
+                                    .ok()
+                                    .map(IpAddr::from),
+                                _ => None,
+                            }
+                        }
                         _ => {}
                     }
                 }
@@ -774,18 +807,19 @@ impl Netlink {
     /// Adds or replaces the static entry sending frames for `mac` to `dst`
     /// (`bridge fdb replace MAC dev DEV dst DST self permanent`).
     pub async fn set_fdb(&self, link: &Link, mac: Mac, dst: Ipv4Addr) -> Result<()> {
-        let r = self
-            .handle
-            .neighbours()
-            .add_bridge(link.index, &mac.0)
-            .destination(IpAddr::V4(dst))
-            .flags(NeighbourFlags::Own)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(self.fail("set fdb", format!("{mac} dst {dst} on {}", link.name)));
-        self.changed(r)
+        self.change(
+            "set fdb",
+            format!("{mac} dst {dst} on {}", link.name),
+            self.handle
+                .neighbours()
+                .add_bridge(link.index, &mac.0)
+                .destination(IpAddr::V4(dst))
+                .flags(NeighbourFlags::Own)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute(),
+        )
+        .await
     }
 
     pub async fn del_fdb(&self, link: &Link, mac: Mac) -> Result<()> {
@@ -797,14 +831,12 @@ impl Netlink {
         msg.header.kind = RouteType::Unspec;
         msg.attributes
             .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
-        let r = self
-            .handle
-            .neighbours()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(self.fail("delete fdb", format!("{mac} on {}", link.name)));
-        self.changed(r)
+        self.change(
+            "delete fdb",
+            format!("{mac} on {}", link.name),
+            self.handle.neighbours().del(msg).execute(),
+        )
+        .await
     }
 
     // ----- neighbours (ARP/ND) -----
@@ -848,17 +880,18 @@ impl Netlink {
 
     /// Adds or replaces a permanent neighbour entry `ip` -> `mac`.
     pub async fn set_neighbour(&self, link: &Link, ip: IpAddr, mac: Mac) -> Result<()> {
-        let r = self
-            .handle
-            .neighbours()
-            .add(link.index, ip)
-            .link_layer_address(&mac.0)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(self.fail("set neighbour", format!("{ip} lladdr {mac} on {}", link.name)));
-        self.changed(r)
+        self.change(
+            "set neighbour",
+            format!("{ip} lladdr {mac} on {}", link.name),
+            self.handle
+                .neighbours()
+                .add(link.index, ip)
+                .link_layer_address(&mac.0)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute(),
+        )
+        .await
     }
 
     pub async fn del_neighbour(&self, link: &Link, ip: IpAddr) -> Result<()> {
@@ -874,14 +907,12 @@ impl Netlink {
                 IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
                 IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
             }));
-        let r = self
-            .handle
-            .neighbours()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(self.fail("delete neighbour", format!("{ip} on {}", link.name)));
-        self.changed(r)
+        self.change(
+            "delete neighbour",
+            format!("{ip} on {}", link.name),
+            self.handle.neighbours().del(msg).execute(),
+        )
+        .await
     }
 }
 
@@ -897,7 +928,13 @@ mod tests {
         assert!(m.is_unicast());
         assert!(!"01:00:5e:00:00:01".parse::<Mac>().unwrap().is_unicast());
         assert!(!"00:00:00:00:00:00".parse::<Mac>().unwrap().is_unicast());
-        for bad in ["02:42:0a:00:01", "02:42:0a:00:01:02:03", "2:42:0a:00:01:02", "zz:42:0a:00:01:02", ""] {
+        for bad in [
+            "02:42:0a:00:01",
+            "02:42:0a:00:01:02:03",
+            "2:42:0a:00:01:02",
+            "zz:42:0a:00:01:02",
+            "",
+        ] {
             let err = bad.parse::<Mac>().unwrap_err();
             assert!(err.contains("is not a MAC address"), "{err}");
         }

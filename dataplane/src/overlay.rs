@@ -142,7 +142,10 @@ impl OverlaySpec {
     pub fn validate(&self) -> Result<(), OverlayError> {
         let mut problems = Vec::new();
         if !self.networks.is_empty() && self.underlay.is_none() {
-            problems.push("\"underlay\" (this node's underlay address) is required when there are networks".into());
+            problems.push(
+                "\"underlay\" (this node's underlay address) is required when there are networks"
+                    .into(),
+            );
         }
         let mut ids = BTreeSet::new();
         let mut vnis = BTreeMap::new();
@@ -157,7 +160,10 @@ impl OverlaySpec {
                 problems.push(format!("network {n} is listed twice"));
             }
             if !(1..(1 << 24)).contains(&net.vni) {
-                problems.push(format!("network {n}: VNI {} is outside 1..=16777215", net.vni));
+                problems.push(format!(
+                    "network {n}: VNI {} is outside 1..=16777215",
+                    net.vni
+                ));
             } else if let Some(other) = vnis.insert(net.vni, n) {
                 problems.push(format!("networks {other} and {n} both use VNI {}", net.vni));
             }
@@ -176,7 +182,10 @@ impl OverlaySpec {
             if let Some(mtu) = net.mtu
                 && !(MIN_MTU..=65535 - VXLAN_OVERHEAD).contains(&mtu)
             {
-                problems.push(format!("network {n}: MTU {mtu} is outside {MIN_MTU}..={}", 65535 - VXLAN_OVERHEAD));
+                problems.push(format!(
+                    "network {n}: MTU {mtu} is outside {MIN_MTU}..={}",
+                    65535 - VXLAN_OVERHEAD
+                ));
             }
             let mut ips = BTreeMap::new();
             let mut macs = BTreeMap::new();
@@ -186,7 +195,11 @@ impl OverlaySpec {
                 .iter()
                 .map(|e| (format!("local endpoint {}", e.id), e.ip, e.mac))
                 .chain(net.remote.iter().map(|e| {
-                    (format!("remote endpoint {} on {}", e.ip, e.node), e.ip, e.mac)
+                    (
+                        format!("remote endpoint {} on {}", e.ip, e.node),
+                        e.ip,
+                        e.mac,
+                    )
                 }));
             for (what, ip, mac) in endpoints {
                 if !net.subnet.is_host(ip) || ip == net.gateway {
@@ -196,13 +209,17 @@ impl OverlaySpec {
                     ));
                 }
                 if let Some(other) = ips.insert(ip, what.clone()) {
-                    problems.push(format!("network {n}: {what} and {other} both have address {ip}"));
+                    problems.push(format!(
+                        "network {n}: {what} and {other} both have address {ip}"
+                    ));
                 }
                 if !mac.is_unicast() {
                     problems.push(format!("network {n}: {what}: {mac} is not a unicast MAC"));
                 }
                 if let Some(other) = macs.insert(mac, what.clone()) {
-                    problems.push(format!("network {n}: {what} and {other} both have MAC {mac}"));
+                    problems.push(format!(
+                        "network {n}: {what} and {other} both have MAC {mac}"
+                    ));
                 }
             }
             for e in &net.remote {
@@ -224,7 +241,10 @@ impl OverlaySpec {
                     problems.push(format!("network {n}: a local endpoint has an empty id"));
                 }
                 if !endpoint_ids.insert(e.id.as_str()) {
-                    problems.push(format!("network {n}: local endpoint {} is listed twice", e.id));
+                    problems.push(format!(
+                        "network {n}: local endpoint {} is listed twice",
+                        e.id
+                    ));
                 }
                 if let Err(err) = check_ifname(&e.interface) {
                     problems.push(format!("network {n}: local endpoint {}: {err}", e.id));
@@ -432,7 +452,9 @@ impl Overlay {
         let desired = std::mem::take(&mut self.desired);
         if let Some(underlay) = underlay {
             for net in &desired.networks {
-                let mtu = net.mtu.unwrap_or(underlay.mtu.saturating_sub(VXLAN_OVERHEAD));
+                let mtu = net
+                    .mtu
+                    .unwrap_or(underlay.mtu.saturating_sub(VXLAN_OVERHEAD));
                 if mtu + VXLAN_OVERHEAD > underlay.mtu || mtu < MIN_MTU {
                     problems.push(
                         format!("network {}", net.id),
@@ -534,7 +556,8 @@ impl Overlay {
         let ctx = format!("network {}", net.id);
         let bridge = problems.check(
             &ctx,
-            self.ensure_bridge(&bridge_name(net.vni), header.mtu, links).await,
+            self.ensure_bridge(&bridge_name(net.vni), header.mtu, links)
+                .await,
         )?;
         let vx_name = vxlan_name(net.vni);
         let spec = VxlanSpec {
@@ -648,7 +671,12 @@ impl Overlay {
     /// Deletes a network's links (veths, then the VXLAN device, then the
     /// bridge). With `keep_vni`, links named for that VNI stay: the network
     /// is being rebuilt under the same names.
-    async fn remove_network(&self, p: &AppliedNetwork, keep_vni: Option<u32>, problems: &mut Problems) {
+    async fn remove_network(
+        &self,
+        p: &AppliedNetwork,
+        keep_vni: Option<u32>,
+        problems: &mut Problems,
+    ) {
         for link in p.links() {
             if keep_vni == Some(p.header.vni) && !link.name.starts_with(VETH_PREFIX) {
                 continue;
@@ -697,7 +725,12 @@ impl Overlay {
         }
     }
 
-    async fn ensure_bridge(&self, name: &str, mtu: u32, links: &Links) -> Result<Link, NetlinkError> {
+    async fn ensure_bridge(
+        &self,
+        name: &str,
+        mtu: u32,
+        links: &Links,
+    ) -> Result<Link, NetlinkError> {
         if let Some(l) = links.get(&self.nl, name).await? {
             if l.kind == LinkKind::Bridge {
                 if l.mtu != mtu {
@@ -714,7 +747,11 @@ impl Overlay {
         self.created(name).await
     }
 
-    async fn ensure_vxlan(&self, spec: &VxlanSpec<'_>, links: &Links) -> Result<Link, NetlinkError> {
+    async fn ensure_vxlan(
+        &self,
+        spec: &VxlanSpec<'_>,
+        links: &Links,
+    ) -> Result<Link, NetlinkError> {
         if let Some(l) = links.get(&self.nl, spec.name).await? {
             if l.kind == LinkKind::Vxlan && l.vxlan.as_ref() == Some(&spec.info()) {
                 if l.mtu != spec.mtu {
@@ -758,7 +795,11 @@ impl Overlay {
         let want_neigh: BTreeMap<Ipv4Addr, Mac> = desired.iter().map(|r| (r.ip, r.mac)).collect();
         // Withdraw first, neighbour before FDB: a removed endpoint stops
         // resolving before its forwarding entry goes.
-        for ip in observed.neigh.keys().filter(|ip| !want_neigh.contains_key(ip)) {
+        for ip in observed
+            .neigh
+            .keys()
+            .filter(|ip| !want_neigh.contains_key(ip))
+        {
             let r = self.nl.del_neighbour(vxlan, IpAddr::V4(*ip)).await;
             if let Err(e) = r
                 && !e.is_not_found()
@@ -864,12 +905,15 @@ impl Overlay {
                 )
                 .await?;
             let h = self.created(&name).await?;
-            let p = task.link(&ep.interface).await?.ok_or_else(|| NetlinkError {
-                op: "find new link",
-                object: ep.interface.clone(),
-                ns: task.namespace().into(),
-                source: std::io::Error::from_raw_os_error(libc::ENODEV),
-            })?;
+            let p = task
+                .link(&ep.interface)
+                .await?
+                .ok_or_else(|| NetlinkError {
+                    op: "find new link",
+                    object: ep.interface.clone(),
+                    ns: task.namespace().into(),
+                    source: std::io::Error::from_raw_os_error(libc::ENODEV),
+                })?;
             (h, p)
         };
 
@@ -958,7 +1002,10 @@ mod tests {
         };
         assert_eq!(problems(&spec), Vec::<String>::new());
         let json = serde_json::to_string(&spec).unwrap();
-        assert!(json.contains("\"10.0.1.0/24\"") && json.contains("\"02:42:0a:00:01:03\""), "{json}");
+        assert!(
+            json.contains("\"10.0.1.0/24\"") && json.contains("\"02:42:0a:00:01:03\""),
+            "{json}"
+        );
         assert_eq!(serde_json::from_str::<OverlaySpec>(&json).unwrap(), spec);
     }
 

@@ -4,6 +4,7 @@
 //!   and recorded so `cargo xtask test` can count them.
 //! - [`netns`]: network namespaces, hosts and the underlay topology builder.
 
+pub mod capture;
 pub mod frames;
 pub mod meshd;
 pub mod netns;

@@ -77,6 +77,11 @@ impl Netns {
         ns
     }
 
+    /// `/run/netns/<name>`: what a reconciler is given to find this namespace.
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -15,6 +15,9 @@ use mesh_tests::{
     require_root,
 };
 
+#[path = "netns/overlay.rs"]
+mod overlay;
+
 const PINGS: u64 = 4;
 const DATAGRAMS: u64 = 5;
 const UDP_PAYLOAD: usize = 100;
