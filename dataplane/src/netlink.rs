@@ -782,12 +782,8 @@ impl Netlink {
                         // raw bytes: 4 for IPv4, 16 for IPv6.
                         NeighbourAttribute::Destination(NeighbourAddress::Other(raw)) => {
                             dst = match raw.len() {
-                                4 => <[u8; 4]>::try_from(raw.as_slice())
-                                    .ok()
-                                    .map(IpAddr::from),
-                                16 => <[u8; 16]>::try_from(raw.as_slice())
-                                    .ok()
-                                    .map(IpAddr::from),
+                                4 => <[u8; 4]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
+                                16 => <[u8; 16]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
                                 _ => None,
                             }
                         }

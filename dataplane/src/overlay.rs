@@ -140,41 +140,221 @@ fn is_owned(name: &str) -> bool {
 impl OverlaySpec {
     /// Every problem in the spec, checked before anything touches the kernel.
     pub fn validate(&self) -> Result<(), OverlayError> {
-        let mut problems = Vec::new();
-        if !self.networks.is_empty() && self.underlay.is_none() {
-            problems.push(
+        Desired::build(self.clone()).map(|_| ())
+    }
+}
+
+/// One change to the endpoint table, for [`Overlay::apply_changes`]: what
+/// the control plane pushes as deltas. Networks themselves come and go with
+/// a whole table ([`Overlay::apply`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Change {
+    /// Adds a remote endpoint, or updates the one with this IP.
+    UpsertRemote {
+        network: String,
+        endpoint: RemoteEndpoint,
+    },
+    /// Removes the remote endpoint with this IP (nothing if there is none).
+    RemoveRemote { network: String, ip: Ipv4Addr },
+    /// Adds a local endpoint, or updates the one with this id.
+    UpsertLocal {
+        network: String,
+        endpoint: LocalEndpoint,
+    },
+    /// Removes the local endpoint with this id (nothing if there is none).
+    RemoveLocal { network: String, id: String },
+}
+
+impl Change {
+    fn network(&self) -> &str {
+        match self {
+            Change::UpsertRemote { network, .. }
+            | Change::RemoveRemote { network, .. }
+            | Change::UpsertLocal { network, .. }
+            | Change::RemoveLocal { network, .. } => network,
+        }
+    }
+}
+
+/// Who holds an address in a network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Owner {
+    Local(String),
+    Remote,
+}
+
+/// The desired table, indexed so that one change is checked and applied in
+/// constant time.
+#[derive(Default)]
+struct Desired {
+    underlay: Option<Ipv4Addr>,
+    networks: BTreeMap<String, DesiredNetwork>,
+}
+
+struct DesiredNetwork {
+    /// id, VNI, subnet, gateway, MTU; its endpoint lists stay empty.
+    spec: NetworkSpec,
+    local: BTreeMap<String, LocalEndpoint>,
+    remote: HashMap<Ipv4Addr, RemoteEndpoint>,
+    owners: HashMap<Ipv4Addr, Owner>,
+    macs: HashMap<Mac, Ipv4Addr>,
+}
+
+/// An endpoint, named in messages (formatted only when there is a problem).
+enum What<'a> {
+    Remote(&'a RemoteEndpoint),
+    Local(&'a str),
+}
+
+impl fmt::Display for What<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            What::Remote(e) => write!(f, "remote endpoint {} on {}", e.ip, e.node),
+            What::Local(id) => write!(f, "local endpoint {id}"),
+        }
+    }
+}
+
+/// How to take back one staged change.
+enum Undo {
+    Remote(String, Ipv4Addr, Option<RemoteEndpoint>),
+    Local(String, String, Option<LocalEndpoint>),
+}
+
+impl DesiredNetwork {
+    fn new(mut spec: NetworkSpec) -> DesiredNetwork {
+        spec.local.clear();
+        spec.remote.clear();
+        DesiredNetwork {
+            spec,
+            local: BTreeMap::new(),
+            remote: HashMap::new(),
+            owners: HashMap::new(),
+            macs: HashMap::new(),
+        }
+    }
+
+    fn set_remote(&mut self, ip: Ipv4Addr, new: Option<RemoteEndpoint>) -> Option<RemoteEndpoint> {
+        let old = match new {
+            Some(e) => {
+                self.owners.insert(ip, Owner::Remote);
+                self.remote.insert(ip, e)
+            }
+            None => {
+                let old = self.remote.remove(&ip);
+                if old.is_some() {
+                    self.owners.remove(&ip);
+                }
+                old
+            }
+        };
+        if let Some(o) = &old {
+            self.macs.remove(&o.mac);
+        }
+        if let Some(e) = self.remote.get(&ip) {
+            self.macs.insert(e.mac, ip);
+        }
+        old
+    }
+
+    fn set_local(&mut self, id: &str, new: Option<LocalEndpoint>) -> Option<LocalEndpoint> {
+        let old = match new {
+            Some(e) => self.local.insert(id.to_owned(), e),
+            None => self.local.remove(id),
+        };
+        if let Some(o) = &old {
+            self.owners.remove(&o.ip);
+            self.macs.remove(&o.mac);
+        }
+        if let Some(e) = self.local.get(id) {
+            self.owners.insert(e.ip, Owner::Local(id.to_owned()));
+            self.macs.insert(e.mac, e.ip);
+        }
+        old
+    }
+
+    /// Problems with an endpoint's address and MAC, given who holds what now.
+    fn check_address(
+        &self,
+        what: &What<'_>,
+        ip: Ipv4Addr,
+        mac: Mac,
+        me: &Owner,
+        p: &mut Vec<String>,
+    ) {
+        let (n, net) = (&self.spec.id, &self.spec);
+        if !net.subnet.is_host(ip) || ip == net.gateway {
+            p.push(format!(
+                "network {n}: {what}: {ip} is not a usable address in {} (gateway {})",
+                net.subnet, net.gateway
+            ));
+        }
+        if let Some(owner) = self.owners.get(&ip)
+            && owner != me
+        {
+            let other = match owner {
+                Owner::Local(id) => format!("local endpoint {id}"),
+                Owner::Remote => "a remote endpoint".into(),
+            };
+            p.push(format!(
+                "network {n}: {what}: address {ip} is already held by {other}"
+            ));
+        }
+        if !mac.is_unicast() {
+            p.push(format!("network {n}: {what}: {mac} is not a unicast MAC"));
+        }
+        if let Some(holder) = self.macs.get(&mac) {
+            let same = match me {
+                Owner::Remote => *holder == ip,
+                Owner::Local(id) => self.local.get(id).is_some_and(|l| l.ip == *holder),
+            };
+            if !same {
+                p.push(format!(
+                    "network {n}: {what}: MAC {mac} is already held by {holder}"
+                ));
+            }
+        }
+    }
+}
+
+impl Desired {
+    /// Checks a whole table and indexes it; every problem is reported.
+    fn build(spec: OverlaySpec) -> Result<Desired, OverlayError> {
+        let mut p = Vec::new();
+        if !spec.networks.is_empty() && spec.underlay.is_none() {
+            p.push(
                 "\"underlay\" (this node's underlay address) is required when there are networks"
                     .into(),
             );
         }
-        let mut ids = BTreeSet::new();
+        let mut d = Desired {
+            underlay: spec.underlay,
+            networks: BTreeMap::new(),
+        };
         let mut vnis = BTreeMap::new();
-        let mut interfaces = BTreeMap::new();
-        let mut veths = BTreeMap::new();
-        for net in &self.networks {
-            let n = &net.id;
+        let mut staged = Vec::new();
+        for mut net in spec.networks {
+            let n = net.id.clone();
             if n.is_empty() {
-                problems.push("a network has an empty id".into());
-            }
-            if !ids.insert(n.as_str()) {
-                problems.push(format!("network {n} is listed twice"));
+                p.push("a network has an empty id".into());
             }
             if !(1..(1 << 24)).contains(&net.vni) {
-                problems.push(format!(
+                p.push(format!(
                     "network {n}: VNI {} is outside 1..=16777215",
                     net.vni
                 ));
-            } else if let Some(other) = vnis.insert(net.vni, n) {
-                problems.push(format!("networks {other} and {n} both use VNI {}", net.vni));
+            } else if let Some(other) = vnis.insert(net.vni, n.clone()) {
+                p.push(format!("networks {other} and {n} both use VNI {}", net.vni));
             }
             if net.subnet.prefix() > 30 {
-                problems.push(format!(
+                p.push(format!(
                     "network {n}: subnet {} leaves no room for a gateway and endpoints; use /30 or larger",
                     net.subnet
                 ));
             }
             if !net.subnet.is_host(net.gateway) {
-                problems.push(format!(
+                p.push(format!(
                     "network {n}: gateway {} is not a host address in {}",
                     net.gateway, net.subnet
                 ));
@@ -182,101 +362,169 @@ impl OverlaySpec {
             if let Some(mtu) = net.mtu
                 && !(MIN_MTU..=65535 - VXLAN_OVERHEAD).contains(&mtu)
             {
-                problems.push(format!(
+                p.push(format!(
                     "network {n}: MTU {mtu} is outside {MIN_MTU}..={}",
                     65535 - VXLAN_OVERHEAD
                 ));
             }
-            let mut ips = BTreeMap::new();
-            let mut macs = BTreeMap::new();
-            let mut endpoint_ids = BTreeSet::new();
-            let endpoints = net
-                .local
-                .iter()
-                .map(|e| (format!("local endpoint {}", e.id), e.ip, e.mac))
-                .chain(net.remote.iter().map(|e| {
-                    (
-                        format!("remote endpoint {} on {}", e.ip, e.node),
-                        e.ip,
-                        e.mac,
-                    )
-                }));
-            for (what, ip, mac) in endpoints {
-                if !net.subnet.is_host(ip) || ip == net.gateway {
-                    problems.push(format!(
-                        "network {n}: {what}: {ip} is not a usable address in {} (gateway {})",
-                        net.subnet, net.gateway
-                    ));
-                }
-                if let Some(other) = ips.insert(ip, what.clone()) {
-                    problems.push(format!(
-                        "network {n}: {what} and {other} both have address {ip}"
-                    ));
-                }
-                if !mac.is_unicast() {
-                    problems.push(format!("network {n}: {what}: {mac} is not a unicast MAC"));
-                }
-                if let Some(other) = macs.insert(mac, what.clone()) {
-                    problems.push(format!(
-                        "network {n}: {what} and {other} both have MAC {mac}"
-                    ));
-                }
+            if d.networks.contains_key(&n) {
+                p.push(format!("network {n} is listed twice"));
+                continue;
             }
-            for e in &net.remote {
-                if Some(e.node) == self.underlay {
-                    problems.push(format!(
-                        "network {n}: remote endpoint {} is on this node ({}); list it as local",
-                        e.ip, e.node
-                    ));
+            let local = std::mem::take(&mut net.local);
+            let remote = std::mem::take(&mut net.remote);
+            d.networks.insert(n.clone(), DesiredNetwork::new(net));
+            staged.extend(local.into_iter().map(|endpoint| Change::UpsertLocal {
+                network: n.clone(),
+                endpoint,
+            }));
+            staged.extend(remote.into_iter().map(|endpoint| Change::UpsertRemote {
+                network: n.clone(),
+                endpoint,
+            }));
+        }
+        for c in &staged {
+            match d.stage(c) {
+                // In a whole table, an upsert that replaces is a duplicate.
+                Ok(Undo::Remote(n, ip, Some(_))) => {
+                    p.push(format!("network {n}: remote endpoint {ip} is listed twice"))
                 }
-                if e.node.is_unspecified() || e.node.is_multicast() || e.node.is_broadcast() {
-                    problems.push(format!(
-                        "network {n}: remote endpoint {}: {} is not a node address",
-                        e.ip, e.node
-                    ));
+                Ok(Undo::Local(n, id, Some(_))) => {
+                    p.push(format!("network {n}: local endpoint {id} is listed twice"))
                 }
+                Ok(_) => {}
+                Err(e) => p.extend(e),
             }
-            for e in &net.local {
-                if e.id.is_empty() {
-                    problems.push(format!("network {n}: a local endpoint has an empty id"));
-                }
-                if !endpoint_ids.insert(e.id.as_str()) {
-                    problems.push(format!(
-                        "network {n}: local endpoint {} is listed twice",
-                        e.id
-                    ));
-                }
-                if let Err(err) = check_ifname(&e.interface) {
-                    problems.push(format!("network {n}: local endpoint {}: {err}", e.id));
-                }
-                if !e.netns.is_absolute() {
-                    problems.push(format!(
-                        "network {n}: local endpoint {}: netns {} must be an absolute path",
-                        e.id,
-                        e.netns.display()
-                    ));
-                }
-                let key = (e.netns.clone(), e.interface.clone());
-                if let Some(other) = interfaces.insert(key, format!("{n}/{}", e.id)) {
-                    problems.push(format!(
-                        "local endpoints {other} and {n}/{} both want {} in {}",
+        }
+        if p.is_empty() {
+            Ok(d)
+        } else {
+            Err(OverlayError::Invalid(p))
+        }
+    }
+
+    /// Checks one change against the table as it stands and makes it; the
+    /// returned undo takes it back.
+    fn stage(&mut self, c: &Change) -> Result<Undo, Vec<String>> {
+        let mut p = Vec::new();
+        let name = c.network();
+        if !self.networks.contains_key(name) {
+            return Err(vec![format!(
+                "network {name} is not in the table (networks are added with a whole table)"
+            )]);
+        }
+        if let Change::UpsertLocal { endpoint: e, .. } = c {
+            // The task interface and the host-side veth name are unique
+            // across every network on the node.
+            let veth = veth_name(name, &e.id);
+            for (other_net, other) in self
+                .networks
+                .values()
+                .flat_map(|n| n.local.values().map(move |l| (&n.spec.id, l)))
+                .filter(|(n, l)| !(*n == name && l.id == e.id))
+            {
+                if other.netns == e.netns && other.interface == e.interface {
+                    p.push(format!(
+                        "network {name}: local endpoint {}: {} in {} is already used by {other_net}/{}",
                         e.id,
                         e.interface,
-                        e.netns.display()
+                        e.netns.display(),
+                        other.id
                     ));
                 }
-                if let Some(other) = veths.insert(veth_name(n, &e.id), format!("{n}/{}", e.id)) {
-                    problems.push(format!(
-                        "local endpoints {other} and {n}/{} hash to the same interface name; rename one",
-                        e.id
+                if veth_name(other_net, &other.id) == veth {
+                    p.push(format!(
+                        "network {name}: local endpoints {} and {other_net}/{} hash to the same interface name; rename one",
+                        e.id, other.id
                     ));
                 }
             }
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(OverlayError::Invalid(problems))
+        let underlay = self.underlay;
+        let net = self.networks.get_mut(name).expect("checked above");
+        let n = name.to_owned();
+        match c {
+            Change::UpsertRemote { endpoint: e, .. } => {
+                let what = What::Remote(e);
+                net.check_address(&what, e.ip, e.mac, &Owner::Remote, &mut p);
+                if Some(e.node) == underlay {
+                    p.push(format!(
+                        "network {n}: {what} is on this node; list it as local"
+                    ));
+                }
+                if e.node.is_unspecified() || e.node.is_multicast() || e.node.is_broadcast() {
+                    p.push(format!(
+                        "network {n}: {what}: {} is not a node address",
+                        e.node
+                    ));
+                }
+                if p.is_empty() {
+                    return Ok(Undo::Remote(n, e.ip, net.set_remote(e.ip, Some(e.clone()))));
+                }
+            }
+            Change::RemoveRemote { ip, .. } => {
+                return Ok(Undo::Remote(n, *ip, net.set_remote(*ip, None)));
+            }
+            Change::UpsertLocal { endpoint: e, .. } => {
+                let what = What::Local(&e.id);
+                if e.id.is_empty() {
+                    p.push(format!("network {n}: a local endpoint has an empty id"));
+                }
+                net.check_address(&what, e.ip, e.mac, &Owner::Local(e.id.clone()), &mut p);
+                if let Err(err) = check_ifname(&e.interface) {
+                    p.push(format!("network {n}: {what}: {err}"));
+                }
+                if !e.netns.is_absolute() {
+                    p.push(format!(
+                        "network {n}: {what}: netns {} must be an absolute path",
+                        e.netns.display()
+                    ));
+                }
+                if p.is_empty() {
+                    return Ok(Undo::Local(
+                        n,
+                        e.id.clone(),
+                        net.set_local(&e.id, Some(e.clone())),
+                    ));
+                }
+            }
+            Change::RemoveLocal { id, .. } => {
+                return Ok(Undo::Local(n, id.clone(), net.set_local(id, None)));
+            }
+        }
+        Err(p)
+    }
+
+    fn undo(&mut self, u: Undo) {
+        match u {
+            Undo::Remote(n, ip, old) => {
+                if let Some(net) = self.networks.get_mut(&n) {
+                    net.set_remote(ip, old);
+                }
+            }
+            Undo::Local(n, id, old) => {
+                if let Some(net) = self.networks.get_mut(&n) {
+                    net.set_local(&id, old);
+                }
+            }
+        }
+    }
+
+    fn to_spec(&self) -> OverlaySpec {
+        OverlaySpec {
+            underlay: self.underlay,
+            networks: self
+                .networks
+                .values()
+                .map(|n| {
+                    let mut spec = n.spec.clone();
+                    spec.local = n.local.values().cloned().collect();
+                    let mut remote: Vec<_> = n.remote.values().cloned().collect();
+                    remote.sort_by_key(|r| r.ip);
+                    spec.remote = remote;
+                    spec
+                })
+                .collect(),
         }
     }
 }
@@ -323,7 +571,7 @@ struct AppliedNetwork {
     header: Header,
     bridge: Link,
     vxlan: Link,
-    remotes: Vec<RemoteEndpoint>,
+    remotes: HashMap<Ipv4Addr, RemoteEndpoint>,
     /// Local endpoints by id, with their host-side veth.
     locals: BTreeMap<String, (LocalEndpoint, Link)>,
 }
@@ -340,7 +588,7 @@ impl AppliedNetwork {
 /// The overlay reconciler for one node namespace.
 pub struct Overlay {
     nl: Netlink,
-    desired: OverlaySpec,
+    desired: Desired,
     /// What the last successful pass left in the kernel, by network id.
     /// `None`: unknown, so the next pass re-reads the kernel.
     applied: Option<BTreeMap<String, AppliedNetwork>>,
@@ -381,22 +629,112 @@ impl Overlay {
     pub fn new(nl: Netlink) -> Overlay {
         Overlay {
             nl,
-            desired: OverlaySpec::default(),
+            desired: Desired::default(),
             applied: None,
         }
     }
 
-    /// The last table given to [`apply`](Self::apply).
-    pub fn desired(&self) -> &OverlaySpec {
-        &self.desired
+    /// The table as last given, with the changes applied since.
+    pub fn table(&self) -> OverlaySpec {
+        self.desired.to_spec()
     }
 
-    /// Makes the kernel match `spec`. An invalid spec changes nothing.
+    /// Makes the kernel match a whole table. Only what differs from the last
+    /// applied table is written (the first time, the kernel is read). An
+    /// invalid table changes nothing.
     pub async fn apply(&mut self, spec: OverlaySpec) -> Result<Report, OverlayError> {
-        spec.validate()?;
-        self.desired = spec;
+        self.desired = Desired::build(spec)?;
         let full = self.applied.is_none();
         self.sync(full).await
+    }
+
+    /// Applies endpoint changes in order: each is checked against the table
+    /// as the earlier ones leave it and, if all are valid, written with a
+    /// few netlink calls each, whatever the table's size. If any is invalid,
+    /// none is applied.
+    pub async fn apply_changes(&mut self, changes: &[Change]) -> Result<Report, OverlayError> {
+        let mut undo = Vec::with_capacity(changes.len());
+        let mut problems = Vec::new();
+        for (i, c) in changes.iter().enumerate() {
+            match self.desired.stage(c) {
+                Ok(u) => undo.push(u),
+                Err(p) => problems.extend(p.into_iter().map(|p| format!("change {}: {p}", i + 1))),
+            }
+        }
+        if !problems.is_empty() {
+            for u in undo.into_iter().rev() {
+                self.desired.undo(u);
+            }
+            return Err(OverlayError::Invalid(problems));
+        }
+        let Some(mut applied) = self.applied.take() else {
+            // The kernel state is unknown: a full pass brings it to the table.
+            return self.sync(true).await;
+        };
+        let start = self.nl.changes();
+        let mut problems = Problems::default();
+        for (c, u) in changes.iter().zip(&undo) {
+            let Some(a) = applied.get_mut(c.network()) else {
+                continue; // the network failed to build; the next full pass retries it
+            };
+            let ctx = format!("network {}", c.network());
+            match (c, u) {
+                (Change::UpsertRemote { endpoint, .. }, Undo::Remote(_, _, old)) => {
+                    a.remotes.insert(endpoint.ip, endpoint.clone());
+                    self.change_remote(&a.vxlan, old.as_ref(), Some(endpoint), &ctx, &mut problems)
+                        .await;
+                }
+                (Change::RemoveRemote { ip, .. }, Undo::Remote(_, _, old)) => {
+                    a.remotes.remove(ip);
+                    self.change_remote(&a.vxlan, old.as_ref(), None, &ctx, &mut problems)
+                        .await;
+                }
+                (Change::UpsertLocal { endpoint, .. }, _) => {
+                    if let Some((_, host)) = a.locals.remove(&endpoint.id) {
+                        self.remove_local(&host, &ctx, &mut problems).await;
+                    }
+                    let spec = &self.desired.networks[c.network()].spec;
+                    let ctx = format!("network {} endpoint {}", c.network(), endpoint.id);
+                    let r = self
+                        .ensure_local(spec, endpoint, &a.bridge, a.header.mtu, &Links::Lookup)
+                        .await;
+                    if let Some(host) = problems.check(ctx, r) {
+                        a.locals
+                            .insert(endpoint.id.clone(), (endpoint.clone(), host));
+                    }
+                }
+                (Change::RemoveLocal { id, .. }, _) => {
+                    if let Some((_, host)) = a.locals.remove(id) {
+                        self.remove_local(&host, &ctx, &mut problems).await;
+                    }
+                }
+                _ => unreachable!("stage() pairs each change with its own kind of undo"),
+            }
+        }
+        self.finish(start, false, applied, problems)
+    }
+
+    /// Records the outcome of a pass: on success the applied state is kept
+    /// for the next incremental pass; on any error it is dropped, so the
+    /// next pass re-reads the kernel.
+    fn finish(
+        &mut self,
+        start: u64,
+        full: bool,
+        applied: BTreeMap<String, AppliedNetwork>,
+        problems: Problems,
+    ) -> Result<Report, OverlayError> {
+        let changes = self.nl.changes() - start;
+        if problems.0.is_empty() {
+            self.applied = Some(applied);
+            Ok(Report { changes, full })
+        } else {
+            self.applied = None;
+            Err(OverlayError::Kernel {
+                changes,
+                errors: problems.0,
+            })
+        }
     }
 
     /// Re-reads the kernel and repairs any drift from the last applied table.
@@ -408,7 +746,7 @@ impl Overlay {
     /// FDB and neighbour entries and the peers in task namespaces), including
     /// ones left by an earlier run. Goes on past errors and reports them all.
     pub async fn teardown(&mut self) -> Result<Report, OverlayError> {
-        self.desired = OverlaySpec::default();
+        self.desired = Desired::default();
         self.sync(true).await
     }
 
@@ -449,42 +787,38 @@ impl Overlay {
             _ => None,
         };
 
-        let desired = std::mem::take(&mut self.desired);
-        if let Some(underlay) = underlay {
-            for net in &desired.networks {
-                let mtu = net
-                    .mtu
-                    .unwrap_or(underlay.mtu.saturating_sub(VXLAN_OVERHEAD));
-                if mtu + VXLAN_OVERHEAD > underlay.mtu || mtu < MIN_MTU {
-                    problems.push(
-                        format!("network {}", net.id),
-                        format_args!(
-                            "MTU {mtu} does not fit the underlay: at most {} - {VXLAN_OVERHEAD} = {} (and at least {MIN_MTU})",
-                            underlay.mtu,
-                            underlay.mtu.saturating_sub(VXLAN_OVERHEAD)
-                        ),
-                    );
-                    continue;
+        for net in self.desired.networks.values() {
+            let Some(underlay) = underlay else { break };
+            let (id, vni) = (&net.spec.id, net.spec.vni);
+            let mtu = net
+                .spec
+                .mtu
+                .unwrap_or(underlay.mtu.saturating_sub(VXLAN_OVERHEAD));
+            if mtu + VXLAN_OVERHEAD > underlay.mtu || mtu < MIN_MTU {
+                problems.push(
+                    format!("network {id}"),
+                    format_args!(
+                        "MTU {mtu} does not fit the underlay: at most {} - {VXLAN_OVERHEAD} = {} (and at least {MIN_MTU})",
+                        underlay.mtu,
+                        underlay.mtu.saturating_sub(VXLAN_OVERHEAD)
+                    ),
+                );
+                continue;
+            }
+            let header = Header { vni, mtu, underlay };
+            let result = match prev.remove(id) {
+                Some(p) if p.header == header => {
+                    Some(self.update_network(net, p, &mut problems).await)
                 }
-                let header = Header {
-                    vni: net.vni,
-                    mtu,
-                    underlay,
-                };
-                let result = match prev.remove(&net.id) {
-                    Some(p) if p.header == header => {
-                        Some(self.update_network(net, p, &mut problems).await)
+                other => {
+                    if let Some(p) = other {
+                        self.remove_network(&p, Some(vni), &mut problems).await;
                     }
-                    other => {
-                        if let Some(p) = other {
-                            self.remove_network(&p, Some(net.vni), &mut problems).await;
-                        }
-                        self.build_network(net, header, &links, &mut problems).await
-                    }
-                };
-                if let Some(a) = result {
-                    applied.insert(net.id.clone(), a);
+                    self.build_network(net, header, &links, &mut problems).await
                 }
+            };
+            if let Some(a) = result {
+                applied.insert(id.clone(), a);
             }
         }
         // Networks no longer wanted.
@@ -494,19 +828,7 @@ impl Overlay {
         if let Links::Dump(all) = &links {
             self.collect_strays(all, &applied, &mut problems).await;
         }
-        self.desired = desired;
-
-        let changes = self.nl.changes() - start;
-        if problems.0.is_empty() {
-            self.applied = Some(applied);
-            Ok(Report { changes, full })
-        } else {
-            self.applied = None;
-            Err(OverlayError::Kernel {
-                changes,
-                errors: problems.0,
-            })
-        }
+        self.finish(start, full, applied, problems)
     }
 
     async fn underlay(
@@ -548,21 +870,22 @@ impl Overlay {
     /// Creates or repairs a network's links and entries from what the kernel has.
     async fn build_network(
         &self,
-        net: &NetworkSpec,
+        net: &DesiredNetwork,
         header: Header,
         links: &Links,
         problems: &mut Problems,
     ) -> Option<AppliedNetwork> {
-        let ctx = format!("network {}", net.id);
+        let (id, vni) = (&net.spec.id, net.spec.vni);
+        let ctx = format!("network {id}");
         let bridge = problems.check(
             &ctx,
-            self.ensure_bridge(&bridge_name(net.vni), header.mtu, links)
+            self.ensure_bridge(&bridge_name(vni), header.mtu, links)
                 .await,
         )?;
-        let vx_name = vxlan_name(net.vni);
+        let vx_name = vxlan_name(vni);
         let spec = VxlanSpec {
             name: &vx_name,
-            vni: net.vni,
+            vni,
             local: header.underlay.addr,
             dev: header.underlay.index,
             mtu: header.mtu,
@@ -602,9 +925,11 @@ impl Overlay {
             .await;
 
         let mut locals = BTreeMap::new();
-        for ep in &net.local {
-            let ctx = format!("network {} endpoint {}", net.id, ep.id);
-            let r = self.ensure_local(net, ep, &bridge, header.mtu, links).await;
+        for ep in net.local.values() {
+            let ctx = format!("network {id} endpoint {}", ep.id);
+            let r = self
+                .ensure_local(&net.spec, ep, &bridge, header.mtu, links)
+                .await;
             if let Some(host) = problems.check(ctx, r) {
                 locals.insert(ep.id.clone(), (ep.clone(), host));
             }
@@ -621,44 +946,38 @@ impl Overlay {
     /// Applies only the difference from what the last pass left.
     async fn update_network(
         &self,
-        net: &NetworkSpec,
+        net: &DesiredNetwork,
         mut prev: AppliedNetwork,
         problems: &mut Problems,
     ) -> AppliedNetwork {
-        let ctx = format!("network {}", net.id);
+        let id = &net.spec.id;
+        let ctx = format!("network {id}");
         if prev.remotes != net.remote {
             let observed = Observed {
-                fdb: prev.remotes.iter().map(|r| (r.mac, r.node)).collect(),
-                neigh: prev.remotes.iter().map(|r| (r.ip, r.mac)).collect(),
+                fdb: prev.remotes.values().map(|r| (r.mac, r.node)).collect(),
+                neigh: prev.remotes.values().map(|r| (r.ip, r.mac)).collect(),
             };
             self.sync_remotes(&prev.vxlan, &net.remote, observed, &ctx, problems)
                 .await;
             prev.remotes = net.remote.clone();
         }
 
-        let wanted: BTreeMap<&str, &LocalEndpoint> =
-            net.local.iter().map(|e| (e.id.as_str(), e)).collect();
         let mut locals = BTreeMap::new();
-        for (id, (old, host)) in std::mem::take(&mut prev.locals) {
-            if wanted.get(id.as_str()) == Some(&&old) {
-                locals.insert(id, (old, host));
+        for (ep_id, (old, host)) in std::mem::take(&mut prev.locals) {
+            if net.local.get(&ep_id) == Some(&old) {
+                locals.insert(ep_id, (old, host));
             } else {
-                let ctx = format!("network {} endpoint {id}", net.id);
-                let r = self.nl.del_link(&host).await;
-                if let Err(e) = r
-                    && !e.is_not_found()
-                {
-                    problems.push(ctx, e);
-                }
+                self.remove_local(&host, &format!("{ctx} endpoint {ep_id}"), problems)
+                    .await;
             }
         }
-        for ep in &net.local {
+        for ep in net.local.values() {
             if locals.contains_key(&ep.id) {
                 continue;
             }
-            let ctx = format!("network {} endpoint {}", net.id, ep.id);
+            let ctx = format!("network {id} endpoint {}", ep.id);
             let r = self
-                .ensure_local(net, ep, &prev.bridge, prev.header.mtu, &Links::Lookup)
+                .ensure_local(&net.spec, ep, &prev.bridge, prev.header.mtu, &Links::Lookup)
                 .await;
             if let Some(host) = problems.check(ctx, r) {
                 locals.insert(ep.id.clone(), (ep.clone(), host));
@@ -666,6 +985,56 @@ impl Overlay {
         }
         prev.locals = locals;
         prev
+    }
+
+    /// Deletes a local endpoint's veth (its peer in the task goes with it).
+    async fn remove_local(&self, host: &Link, ctx: &str, problems: &mut Problems) {
+        if let Err(e) = self.nl.del_link(host).await
+            && !e.is_not_found()
+        {
+            problems.push(ctx, e);
+        }
+    }
+
+    /// One remote endpoint changes from `old` to `new`: at most one FDB and
+    /// one neighbour write, plus deleting the old MAC's entry if it changed.
+    async fn change_remote(
+        &self,
+        vxlan: &Link,
+        old: Option<&RemoteEndpoint>,
+        new: Option<&RemoteEndpoint>,
+        ctx: &str,
+        problems: &mut Problems,
+    ) {
+        let ignore_missing = |r: Result<(), NetlinkError>| match r {
+            Err(e) if e.is_not_found() => Ok(()),
+            r => r,
+        };
+        match (old, new) {
+            (None, None) => {}
+            (Some(o), None) => {
+                let r = self.nl.del_neighbour(vxlan, IpAddr::V4(o.ip)).await;
+                problems.check(ctx, ignore_missing(r));
+                let r = self.nl.del_fdb(vxlan, o.mac).await;
+                problems.check(ctx, ignore_missing(r));
+            }
+            (o, Some(n)) => {
+                if o.is_none_or(|o| (o.mac, o.node) != (n.mac, n.node)) {
+                    let r = self.nl.set_fdb(vxlan, n.mac, n.node).await;
+                    problems.check(ctx, r);
+                }
+                if o.is_none_or(|o| o.mac != n.mac) {
+                    let r = self.nl.set_neighbour(vxlan, IpAddr::V4(n.ip), n.mac).await;
+                    problems.check(ctx, r);
+                }
+                if let Some(o) = o
+                    && o.mac != n.mac
+                {
+                    let r = self.nl.del_fdb(vxlan, o.mac).await;
+                    problems.check(ctx, ignore_missing(r));
+                }
+            }
+        }
     }
 
     /// Deletes a network's links (veths, then the VXLAN device, then the
@@ -786,13 +1155,13 @@ impl Overlay {
     async fn sync_remotes(
         &self,
         vxlan: &Link,
-        desired: &[RemoteEndpoint],
+        desired: &HashMap<Ipv4Addr, RemoteEndpoint>,
         observed: Observed,
         ctx: &str,
         problems: &mut Problems,
     ) {
-        let want_fdb: BTreeMap<Mac, Ipv4Addr> = desired.iter().map(|r| (r.mac, r.node)).collect();
-        let want_neigh: BTreeMap<Ipv4Addr, Mac> = desired.iter().map(|r| (r.ip, r.mac)).collect();
+        let want_fdb: BTreeMap<Mac, Ipv4Addr> = desired.values().map(|r| (r.mac, r.node)).collect();
+        let want_neigh: BTreeMap<Ipv4Addr, Mac> = desired.values().map(|r| (r.ip, r.mac)).collect();
         // Withdraw first, neighbour before FDB: a removed endpoint stops
         // resolving before its forwarding entry goes.
         for ip in observed
@@ -1015,9 +1384,11 @@ mod tests {
         a.remote.push(remote("10.0.1.1", "198.18.0.3")); // the gateway
         a.remote.push(remote("10.0.2.9", "198.18.0.3")); // outside the subnet
         a.remote.push(remote("10.0.1.5", "198.18.0.2")); // on this node
+        a.remote.push(remote("10.0.1.8", "198.18.0.4"));
         let mut dup = remote("10.0.1.6", "198.18.0.4");
-        dup.mac = Mac::from_ipv4("10.0.1.5".parse().unwrap());
+        dup.mac = Mac::from_ipv4("10.0.1.8".parse().unwrap());
         a.remote.push(dup); // same MAC as the previous one
+        a.remote.push(remote("10.0.1.8", "198.18.0.3")); // same address
         a.local.push(local("t1", "10.0.1.7", "relative/path"));
         let mut b = net("front", 4096, "10.0.3.0/24"); // same id, same VNI
         b.mtu = Some(20);
@@ -1029,8 +1400,9 @@ mod tests {
         let expect = [
             "10.0.1.1 is not a usable address",
             "10.0.2.9 is not a usable address",
-            "is on this node (198.18.0.2); list it as local",
-            "both have MAC 02:42:0a:00:01:05",
+            "remote endpoint 10.0.1.5 on 198.18.0.2 is on this node; list it as local",
+            "MAC 02:42:0a:00:01:08 is already held by 10.0.1.8",
+            "remote endpoint 10.0.1.8 is listed twice",
             "must be an absolute path",
             "network front is listed twice",
             "both use VNI 4096",
@@ -1056,6 +1428,110 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("is not an IPv4 subnet"), "{err}");
+    }
+
+    #[test]
+    fn changes_are_checked_in_order_and_all_or_nothing() {
+        let mut a = net("front", 4096, "10.0.1.0/24");
+        a.remote.push(remote("10.0.1.3", "198.18.0.3"));
+        a.local.push(local("t1", "10.0.1.2", "/run/netns/t1"));
+        let spec = OverlaySpec {
+            underlay: Some("198.18.0.2".parse().unwrap()),
+            networks: vec![a],
+        };
+        let mut d = Desired::build(spec.clone()).unwrap();
+        let stage_all = |d: &mut Desired, changes: &[Change]| -> Result<(), Vec<String>> {
+            let mut undo = Vec::new();
+            for c in changes {
+                match d.stage(c) {
+                    Ok(u) => undo.push(u),
+                    Err(p) => {
+                        for u in undo.into_iter().rev() {
+                            d.undo(u);
+                        }
+                        return Err(p);
+                    }
+                }
+            }
+            Ok(())
+        };
+        let network = "front".to_string();
+        // A MAC may pass from one endpoint to another within one batch...
+        let mut moved = remote("10.0.1.4", "198.18.0.4");
+        moved.mac = Mac::from_ipv4("10.0.1.3".parse().unwrap());
+        stage_all(
+            &mut d,
+            &[
+                Change::RemoveRemote {
+                    network: network.clone(),
+                    ip: "10.0.1.3".parse().unwrap(),
+                },
+                Change::UpsertRemote {
+                    network: network.clone(),
+                    endpoint: moved.clone(),
+                },
+            ],
+        )
+        .unwrap();
+        assert_eq!(d.to_spec().networks[0].remote, vec![moved.clone()]);
+        // ...but a batch with one bad change leaves the table as it was.
+        let before = d.to_spec();
+        let err = stage_all(
+            &mut d,
+            &[
+                Change::UpsertRemote {
+                    network: network.clone(),
+                    endpoint: remote("10.0.1.9", "198.18.0.3"),
+                },
+                Change::UpsertLocal {
+                    network: network.clone(),
+                    endpoint: local("t2", "10.0.1.4", "/run/netns/t2"),
+                },
+            ],
+        )
+        .unwrap_err();
+        assert!(
+            err[0].contains("address 10.0.1.4 is already held by a remote endpoint"),
+            "{err:?}"
+        );
+        assert_eq!(d.to_spec(), before);
+        // Unknown networks, duplicate task interfaces, and updates in place.
+        let err = stage_all(
+            &mut d,
+            &[Change::RemoveLocal {
+                network: "nope".into(),
+                id: "t1".into(),
+            }],
+        )
+        .unwrap_err();
+        assert!(
+            err[0].contains("network nope is not in the table"),
+            "{err:?}"
+        );
+        let mut second = net("back", 4097, "10.0.2.0/24");
+        second.local.push(local("t9", "10.0.2.2", "/run/netns/t1"));
+        let err = Desired::build(OverlaySpec {
+            networks: vec![spec.networks[0].clone(), second],
+            ..spec.clone()
+        })
+        .err()
+        .expect("eth0 twice in one namespace");
+        assert!(
+            err.to_string()
+                .contains("eth0 in /run/netns/t1 is already used by front/t1"),
+            "{err}"
+        );
+        let mut t1 = local("t1", "10.0.1.20", "/run/netns/t1");
+        t1.mac = Mac::from_ipv4("10.0.1.2".parse().unwrap()); // keeps its own MAC
+        stage_all(
+            &mut d,
+            &[Change::UpsertLocal {
+                network,
+                endpoint: t1.clone(),
+            }],
+        )
+        .unwrap();
+        assert_eq!(d.to_spec().networks[0].local, vec![t1]);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use control::allocator::Subnet;
 use dataplane::{
     netlink::{Mac, Netlink},
     overlay::{
-        LocalEndpoint, NetworkSpec, Overlay, OverlayError, OverlaySpec, RemoteEndpoint,
+        Change, LocalEndpoint, NetworkSpec, Overlay, OverlayError, OverlaySpec, RemoteEndpoint,
         bridge_name, vxlan_name,
     },
 };
@@ -156,6 +156,13 @@ impl Cluster {
     fn apply(&mut self, host: usize, spec: OverlaySpec) -> Result<u64, OverlayError> {
         let o = &mut self.overlays[host];
         self.rt.block_on(o.apply(spec)).map(|r| r.changes)
+    }
+
+    fn changes(&mut self, host: usize, changes: &[Change]) -> Result<u64, OverlayError> {
+        let o = &mut self.overlays[host];
+        self.rt
+            .block_on(o.apply_changes(changes))
+            .map(|r| r.changes)
     }
 
     fn reconcile(&mut self, host: usize) -> u64 {
@@ -391,8 +398,88 @@ fn reconcile_is_idempotent_repairs_drift_removes_endpoints_and_tears_down() {
         .host(0)
         .exec_ok("bridge", &["fdb", "show", "dev", &vx]);
     assert!(!fdb.contains(&Mac::from_ipv4(r2).to_string()), "{fdb}");
-    // Adding it back: two changes.
-    assert_eq!(c.apply(0, c.spec(0)).unwrap(), 2);
+    // Adding it back as a delta: two changes.
+    let back = c.spec(0).networks[red]
+        .remote
+        .iter()
+        .find(|r| r.ip == r2)
+        .cloned()
+        .unwrap();
+    let upsert = Change::UpsertRemote {
+        network: "red".into(),
+        endpoint: back.clone(),
+    };
+    assert_eq!(c.changes(0, &[upsert]).unwrap(), 2);
+    assert!(c.task(red, 0).reaches(r2));
+    // Moving it to the wrong node is one FDB write, and cuts it off; back again.
+    let mut moved = back.clone();
+    moved.node = c.topo.host(1).addr();
+    let to = |e: &RemoteEndpoint| Change::UpsertRemote {
+        network: "red".into(),
+        endpoint: e.clone(),
+    };
+    assert_eq!(c.changes(0, &[to(&moved)]).unwrap(), 1);
+    assert!(
+        !c.task(red, 0).reaches(r2),
+        "reached through the wrong node"
+    );
+    assert_eq!(c.changes(0, &[to(&back)]).unwrap(), 1);
+    assert!(c.task(red, 0).reaches(r2));
+    assert_eq!(
+        c.apply(0, c.spec(0)).unwrap(),
+        0,
+        "deltas and the table agree"
+    );
+
+    // A new task on host 0, added and removed as deltas on both ends.
+    let extra = Netns::new();
+    let ip: Ipv4Addr = "10.10.1.50".parse().unwrap();
+    let ep = LocalEndpoint {
+        id: "red.extra".into(),
+        netns: extra.path(),
+        ip,
+        mac: Mac::from_ipv4(ip),
+        interface: "eth0".into(),
+    };
+    let add_local = Change::UpsertLocal {
+        network: "red".into(),
+        endpoint: ep.clone(),
+    };
+    let remote_view = RemoteEndpoint {
+        ip,
+        mac: ep.mac,
+        node: c.topo.host(0).addr(),
+    };
+    assert!(
+        c.changes(0, &[add_local]).unwrap() >= 3,
+        "veth, address, link up"
+    );
+    assert_eq!(c.changes(1, &[to(&remote_view)]).unwrap(), 2);
+    assert!(c.task(red, 1).reaches(ip), "red.1 -> the new task");
+    let gone = Change::RemoveLocal {
+        network: "red".into(),
+        id: "red.extra".into(),
+    };
+    assert_eq!(c.changes(0, &[gone]).unwrap(), 1, "one veth deletion");
+    assert_eq!(Cluster::links(&extra), vec!["lo"]);
+    let gone = Change::RemoveRemote {
+        network: "red".into(),
+        ip,
+    };
+    assert_eq!(c.changes(1, &[gone]).unwrap(), 2);
+    // A batch with one bad change applies none of it.
+    let bad = [
+        to(&moved),
+        Change::UpsertRemote {
+            network: "red".into(),
+            endpoint: RemoteEndpoint {
+                ip: "10.10.9.9".parse().unwrap(),
+                ..back.clone()
+            },
+        },
+    ];
+    assert!(matches!(c.changes(0, &bad), Err(OverlayError::Invalid(_))));
+    assert_eq!(c.reconcile(0), 0, "a refused batch was half-applied");
     assert!(c.task(red, 0).reaches(r2));
 
     // A bad spec changes nothing.
