@@ -66,6 +66,19 @@ impl ConfigFile {
         file
     }
 
+    /// A config file with exactly `config` in it.
+    pub fn json(host: &Host, config: &serde_json::Value) -> ConfigFile {
+        let file = ConfigFile(std::env::temp_dir().join(format!("{}.json", host.node_name())));
+        file.replace(config);
+        file
+    }
+
+    /// Replaces the contents with `config`. Send meshd SIGHUP to apply.
+    pub fn replace(&self, config: &serde_json::Value) {
+        std::fs::write(&self.0, serde_json::to_vec_pretty(config).expect("json"))
+            .expect("write config");
+    }
+
     /// Replaces the contents: `host`'s endpoint interfaces, timeouts (`{}`
     /// for defaults) and published services. Send meshd SIGHUP to apply.
     pub fn overwrite(
@@ -96,8 +109,7 @@ impl ConfigFile {
                 "services": services,
             }
         });
-        std::fs::write(&self.0, serde_json::to_vec_pretty(&config).expect("json"))
-            .expect("write config");
+        self.replace(&config);
     }
 }
 

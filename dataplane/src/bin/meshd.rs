@@ -14,6 +14,8 @@ use dataplane::{
     ebpf::{Datapath, monotonic_ns},
     inspect::{LbTable, read_lb},
     lb::{LbSpec, LbSync, Timeouts},
+    netlink::Netlink,
+    overlay::{Overlay, OverlaySpec},
     stats::ParserStats,
 };
 use serde::Deserialize;
@@ -49,6 +51,10 @@ enum Command {
         /// Seconds between conntrack sweeps.
         #[arg(long, default_value_t = 10)]
         sweep_interval: u64,
+        /// Seconds between full overlay reconciles (re-reading the kernel
+        /// and repairing drift, such as an FDB entry deleted by hand).
+        #[arg(long, default_value_t = 30)]
+        resync_interval: u64,
     },
     /// Print this node's packet counters, read from its pinned maps.
     Stats {
@@ -60,7 +66,8 @@ enum Command {
         #[command(subcommand)]
         command: LbCommand,
     },
-    /// Detach the data path and remove this node's pins (after `run` has exited).
+    /// Detach the data path, remove this node's pins and its overlay links
+    /// (after `run` has exited).
     Down {
         #[command(flatten)]
         node: NodeArgs,
@@ -120,17 +127,27 @@ struct NodeConfig {
     endpoint_interfaces: Vec<String>,
     #[serde(default)]
     timeouts: Timeouts,
-    lb: LbSpec,
+    /// Frontends and backends; without it the load-balancer maps are left
+    /// as they are.
+    #[serde(default)]
+    lb: Option<LbSpec>,
+    /// Overlay networks and their endpoints (an empty table removes them).
+    #[serde(default)]
+    overlay: OverlaySpec,
 }
 
 fn read_config(path: &Path) -> Result<NodeConfig> {
     let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let config: NodeConfig = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a valid meshd config", path.display()))?;
+    if let Some(lb) = &config.lb {
+        lb.validate()
+            .with_context(|| format!("{}: invalid load-balancer spec", path.display()))?;
+    }
     config
-        .lb
+        .overlay
         .validate()
-        .with_context(|| format!("{}: invalid load-balancer spec", path.display()))?;
+        .with_context(|| format!("{}: invalid overlay spec", path.display()))?;
     Ok(config)
 }
 
@@ -146,7 +163,17 @@ fn main() -> Result<()> {
             xdp_mode,
             config,
             sweep_interval,
-        } => run(node, &underlay, xdp_mode, config.as_deref(), sweep_interval),
+            resync_interval,
+        } => run(
+            node,
+            &underlay,
+            xdp_mode,
+            config.as_deref(),
+            Intervals {
+                sweep: sweep_interval,
+                resync: resync_interval,
+            },
+        ),
         Command::Stats { node } => {
             let stats = ParserStats::read_pinned(&node.dir()?).with_context(|| {
                 format!("is meshd running (or has it run) on node {}?", node.node)
@@ -171,12 +198,24 @@ fn link_pin(dir: &Path, kind: &str, iface: &str) -> PathBuf {
     dir.join(format!("link_{kind}_{iface}"))
 }
 
+struct Intervals {
+    sweep: u64,
+    resync: u64,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
 fn run(
     node: NodeArgs,
     underlay: &str,
     mode: Mode,
     config_path: Option<&Path>,
-    sweep_every: u64,
+    every: Intervals,
 ) -> Result<()> {
     // Read the config before touching the kernel: a bad file changes nothing.
     let config = config_path.map(read_config).transpose()?;
@@ -199,17 +238,21 @@ fn run(
         apply_config(&mut datapath, &mut sync, c, &pin_dir)?;
         timeouts = c.timeouts;
     }
-    tracing::info!(node = %node.node, %underlay, pins = %pin_dir.display(), "data plane attached");
-    println!("meshd: ready");
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
+    let rt = runtime()?;
     rt.block_on(async {
+        let mut overlay = Overlay::new(Netlink::current()?);
+        if let Some(c) = &config {
+            apply_overlay(&mut overlay, c.overlay.clone()).await;
+        }
+        tracing::info!(node = %node.node, %underlay, pins = %pin_dir.display(), "data plane attached");
+        println!("meshd: ready");
+
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-        let mut sweep = tokio::time::interval(Duration::from_secs(sweep_every.max(1)));
+        let mut sweep = tokio::time::interval(Duration::from_secs(every.sweep.max(1)));
+        let mut resync = tokio::time::interval(Duration::from_secs(every.resync.max(1)));
+        resync.reset(); // the first full pass just happened
         loop {
             tokio::select! {
                 r = tokio::signal::ctrl_c() => { r.context("waiting for SIGINT")?; break; }
@@ -223,8 +266,18 @@ fn run(
                         apply_config(&mut datapath, &mut sync, &c, &pin_dir)?;
                         Ok(c)
                     }) {
-                        Ok(c) => timeouts = c.timeouts,
+                        Ok(c) => {
+                            timeouts = c.timeouts;
+                            apply_overlay(&mut overlay, c.overlay).await;
+                        }
                         Err(e) => tracing::error!(error = format!("{e:#}"), "config reload failed; keeping the previous state"),
+                    }
+                }
+                _ = resync.tick() => {
+                    match overlay.reconcile().await {
+                        Ok(r) if r.changes > 0 => tracing::warn!(changes = r.changes, "overlay drift repaired"),
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %e, "overlay reconcile"),
                     }
                 }
                 _ = sweep.tick() => {
@@ -255,20 +308,43 @@ fn apply_config(
                 format!("attaching the load balancer to endpoint interface {iface}")
             })?;
     }
-    let report = sync.apply(&config.lb, &mut datapath.lb_maps())?;
-    tracing::info!(
-        ?report,
-        writes = report.total(),
-        "load-balancer state applied"
-    );
+    if let Some(lb) = &config.lb {
+        let report = sync.apply(lb, &mut datapath.lb_maps())?;
+        tracing::info!(
+            ?report,
+            writes = report.total(),
+            "load-balancer state applied"
+        );
+    }
     Ok(())
 }
 
+/// Applies an overlay table. A kernel error is logged, not fatal: the rest
+/// of the table is in place, and every resync retries what failed.
+async fn apply_overlay(overlay: &mut Overlay, spec: OverlaySpec) {
+    match overlay.apply(spec).await {
+        Ok(r) => tracing::info!(changes = r.changes, full = r.full, "overlay applied"),
+        Err(e) => tracing::error!(error = %e, "overlay apply"),
+    }
+}
+
 fn down(node: &NodeArgs) -> Result<()> {
+    // The overlay links live in this namespace, whatever the pins say.
+    let report = runtime()?.block_on(async {
+        let mut overlay = Overlay::new(Netlink::current()?);
+        overlay
+            .teardown()
+            .await
+            .context("removing the overlay links")
+    })?;
     let dir = node.dir()?;
     if !dir.exists() {
+        if report.changes > 0 {
+            println!("meshd: removed {} overlay link(s)", report.changes);
+            return Ok(());
+        }
         bail!(
-            "node {} has no pins under {}",
+            "node {} has no pins under {} and no overlay links",
             node.node,
             node.bpf_root.display()
         );

@@ -17,8 +17,10 @@ use dataplane::{
     },
 };
 use mesh_tests::{
-    Netns, Topology,
+    ChildGuard, Netns, Topology,
     capture::{Capture, vxlan_frames},
+    meshd::{self, ConfigFile},
+    netns::wait_for,
     require_root,
     services::{tcp_ask, tcp_echo},
 };
@@ -637,4 +639,81 @@ fn netlink_errors_name_the_operation_and_the_object() {
         assert_eq!(nl.changes(), 8);
         assert_eq!(there.changes(), 0);
     });
+}
+
+#[test]
+fn meshd_applies_its_overlay_config_repairs_drift_and_removes_it_on_down() {
+    let Some(_) = require_root("overlay::meshd_applies_its_overlay_config") else {
+        return;
+    };
+    let c = Cluster::new();
+    let red = 0;
+    let configs: Vec<ConfigFile> = (0..HOSTS)
+        .map(|h| {
+            let spec = serde_json::to_value(c.spec(h)).expect("spec as json");
+            ConfigFile::json(c.topo.host(h), &serde_json::json!({ "overlay": spec }))
+        })
+        .collect();
+    let daemons: Vec<ChildGuard> = (0..HOSTS)
+        .map(|h| {
+            meshd::start(
+                c.topo.host(h),
+                Some(&configs[h]),
+                &["--resync-interval", "1"],
+            )
+        })
+        .collect();
+    let (r1, r2) = (c.task(red, 1).ip, c.task(red, 2).ip);
+    assert!(c.task(red, 0).reaches(r1), "overlay from meshd's config");
+
+    // Drift is repaired by the periodic resync, without a reload.
+    let vx = vxlan_name(NETS[red].1);
+    let mac1 = c.task(red, 1).mac().to_string();
+    c.topo
+        .host(0)
+        .exec_ok("bridge", &["fdb", "del", &mac1, "dev", &vx, "self"]);
+    wait_for(
+        "meshd to restore the FDB entry",
+        Duration::from_secs(5),
+        || {
+            c.topo
+                .host(0)
+                .exec_ok("bridge", &["fdb", "show", "dev", &vx])
+                .lines()
+                // The VXLAN's own entry, not one the bridge learned.
+                .any(|l| l.starts_with(&mac1) && l.contains(" dst "))
+        },
+    );
+    assert!(c.task(red, 0).reaches(r1));
+
+    // SIGHUP applies a changed table; a broken one is refused and the old kept.
+    configs[0].replace(&serde_json::json!({ "overlay": { "underlay": "198.18.0.1", "networks": [{"id": "x", "vni": 0, "subnet": "10.0.0.0/24", "gateway": "10.0.0.1"}] } }));
+    daemons[0].signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(c.task(red, 0).reaches(r2), "an invalid config was applied");
+    let mut spec = c.spec(0);
+    spec.networks[red].remote.retain(|r| r.ip != r2);
+    configs[0].replace(&serde_json::json!({ "overlay": spec }));
+    daemons[0].signal(libc::SIGHUP);
+    wait_for("meshd to withdraw red.2", Duration::from_secs(5), || {
+        !c.task(red, 0).reaches(r2)
+    });
+
+    // Stopping meshd leaves the overlay up (tasks keep talking); `down` removes it.
+    drop(daemons);
+    assert!(
+        c.task(red, 0).reaches(r1),
+        "the overlay went down with meshd"
+    );
+    for h in 0..HOSTS {
+        meshd::down(c.topo.host(h));
+        let left: Vec<String> = Cluster::links(c.topo.host(h).ns())
+            .into_iter()
+            .filter(|n| n.starts_with("mbr-") || n.starts_with("mvx-") || n.starts_with("mve-"))
+            .collect();
+        assert!(left.is_empty(), "host {h} kept {left:?} after meshd down");
+    }
+    for t in &c.tasks {
+        assert_eq!(Cluster::links(&t.ns), vec!["lo"], "task {}", t.id());
+    }
 }
