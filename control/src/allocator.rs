@@ -371,6 +371,21 @@ mod tests {
     }
 
     #[test]
+    fn host_addresses_exclude_network_and_broadcast_and_subnets_are_json_strings() {
+        let net = s("10.0.1.0/24");
+        assert!(net.is_host("10.0.1.1".parse().unwrap()));
+        assert!(net.is_host("10.0.1.254".parse().unwrap()));
+        for not_host in ["10.0.1.0", "10.0.1.255", "10.0.2.1"] {
+            assert!(!net.is_host(not_host.parse().unwrap()), "{not_host}");
+        }
+        let json = serde_json::to_string(&net).unwrap();
+        assert_eq!(json, "\"10.0.1.0/24\"");
+        assert_eq!(serde_json::from_str::<Subnet>(&json).unwrap(), net);
+        let err = serde_json::from_str::<Subnet>("\"10.0.1.7/24\"").unwrap_err();
+        assert!(err.to_string().contains("is not an IPv4 subnet"), "{err}");
+    }
+
+    #[test]
     fn subnets_parse_and_refuse_host_bits() {
         assert_eq!(s("10.0.1.0/24").to_string(), "10.0.1.0/24");
         for bad in [
