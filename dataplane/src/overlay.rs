@@ -690,6 +690,12 @@ impl Overlay {
                         .await;
                 }
                 (Change::UpsertLocal { endpoint, .. }, _) => {
+                    if a.locals
+                        .get(&endpoint.id)
+                        .is_some_and(|(e, _)| e == endpoint)
+                    {
+                        continue; // unchanged: leave the task's interface alone
+                    }
                     if let Some((_, host)) = a.locals.remove(&endpoint.id) {
                         self.remove_local(&host, &ctx, &mut problems).await;
                     }
@@ -811,8 +817,11 @@ impl Overlay {
                     Some(self.update_network(net, p, &mut problems).await)
                 }
                 other => {
+                    // The MTU or underlay changed (links are fixed in place,
+                    // task interfaces included), or the VNI did (new names:
+                    // the old links go).
                     if let Some(p) = other {
-                        self.remove_network(&p, Some(vni), &mut problems).await;
+                        self.remove_network(&p, Some(net), &mut problems).await;
                     }
                     self.build_network(net, header, &links, &mut problems).await
                 }
@@ -1038,16 +1047,26 @@ impl Overlay {
     }
 
     /// Deletes a network's links (veths, then the VXLAN device, then the
-    /// bridge). With `keep_vni`, links named for that VNI stay: the network
-    /// is being rebuilt under the same names.
+    /// bridge). When the network is being rebuilt under the same VNI
+    /// (`rebuilt`), its bridge, VXLAN device and still-wanted veths stay.
     async fn remove_network(
         &self,
         p: &AppliedNetwork,
-        keep_vni: Option<u32>,
+        rebuilt: Option<&DesiredNetwork>,
         problems: &mut Problems,
     ) {
+        let keep = |link: &Link| match rebuilt {
+            Some(net) if net.spec.vni == p.header.vni => {
+                link.index == p.bridge.index
+                    || link.index == p.vxlan.index
+                    || p.locals
+                        .iter()
+                        .any(|(id, (_, l))| l.index == link.index && net.local.contains_key(id))
+            }
+            _ => false,
+        };
         for link in p.links() {
-            if keep_vni == Some(p.header.vni) && !link.name.starts_with(VETH_PREFIX) {
+            if keep(link) {
                 continue;
             }
             if let Err(e) = self.nl.del_link(link).await

@@ -363,6 +363,38 @@ fn reconcile_is_idempotent_repairs_drift_removes_endpoints_and_tears_down() {
         "adopting existing state changed something"
     );
 
+    // A network's MTU changes in place: the same task interface, the new MTU
+    // on bridge, VXLAN device, host veth and task eth0 (four changes).
+    let index = |t: &TaskNs| {
+        t.ns.exec_ok("ip", &["-o", "link", "show", "eth0"])
+            .split(':')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let before = index(c.task(red, 0));
+    for mtu in [1400, 1450] {
+        let mut spec = c.spec(0);
+        spec.networks[red].mtu = Some(mtu);
+        assert_eq!(c.apply(0, spec).unwrap(), 4, "MTU {mtu}");
+        assert_eq!(link_mtu(&c.task(red, 0).ns, "eth0"), mtu);
+        assert_eq!(
+            link_mtu(c.topo.host(0).ns(), &bridge_name(NETS[red].1)),
+            mtu
+        );
+        assert_eq!(
+            index(c.task(red, 0)),
+            before,
+            "the task's interface was recreated"
+        );
+    }
+    assert!(c.task(red, 0).reaches(r1));
+    assert_eq!(
+        c.apply(0, c.spec(0)).unwrap(),
+        0,
+        "1450 is the default for this underlay"
+    );
+
     // Drift: an FDB entry deleted by hand cuts red.0 off from red.1, and the
     // next reconcile restores exactly that entry.
     let t0 = c.task(red, 0);
