@@ -340,6 +340,33 @@ pub struct Route {
     pub gateway: Option<Ipv4Addr>,
 }
 
+/// NDA_DST and NDA_LLADDR of a neighbour or FDB message.
+fn neighbour_addresses(m: &NeighbourMessage) -> (Option<IpAddr>, Option<Mac>) {
+    let mut dst = None;
+    let mut mac = None;
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::try_from(l.as_slice()).ok(),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                dst = Some(IpAddr::V4(*ip))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
+                dst = Some(IpAddr::V6(*ip))
+            }
+            // Bridge-family messages carry a VXLAN remote as raw bytes.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(raw)) => {
+                dst = match raw.len() {
+                    4 => <[u8; 4]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
+                    16 => <[u8; 16]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
+                    _ => None,
+                }
+            }
+            _ => {}
+        }
+    }
+    (dst, mac)
+}
+
 /// An rtnetlink handle bound to one network namespace, counting the changes
 /// it makes.
 #[derive(Clone)]
@@ -485,35 +512,27 @@ impl Netlink {
 
     /// The link called `name`, if there is one.
     pub async fn link(&self, name: &str) -> Result<Option<Link>> {
-        let r: Result<Vec<Link>> = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_owned())
-            .execute()
-            .map_ok(Link::from_message)
-            .try_collect()
-            .await
-            .map_err(self.fail("get link", name));
-        match r {
-            Ok(mut v) => Ok(v.pop()),
-            Err(e) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e),
-        }
+        let req = self.handle.link().get().match_name(name.to_owned());
+        self.one_link(req, name).await
     }
 
     /// The link with this index, if there is one.
     pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>> {
-        let r: Result<Vec<Link>> = self
-            .handle
-            .link()
-            .get()
-            .match_index(index)
+        let req = self.handle.link().get().match_index(index);
+        self.one_link(req, index).await
+    }
+
+    async fn one_link(
+        &self,
+        req: rtnetlink::LinkGetRequest,
+        object: impl fmt::Display,
+    ) -> Result<Option<Link>> {
+        let r: Result<Vec<Link>> = req
             .execute()
             .map_ok(Link::from_message)
             .try_collect()
             .await
-            .map_err(self.fail("get link", index));
+            .map_err(self.fail("get link", object));
         match r {
             Ok(mut v) => Ok(v.pop()),
             Err(e) if e.is_not_found() => Ok(None),
@@ -750,46 +769,37 @@ impl Netlink {
 
     // ----- FDB (bridge family) -----
 
-    /// The FDB entries of device `index` (a VXLAN device or bridge port).
-    pub async fn fdb(&self, index: u32) -> Result<Vec<FdbEntry>> {
+    /// The neighbour-table messages of one family on device `index`.
+    async fn neighbour_dump(
+        &self,
+        family: AddressFamily,
+        index: u32,
+        op: &'static str,
+    ) -> Result<Vec<NeighbourMessage>> {
         let msgs: Vec<NeighbourMessage> = self
             .handle
             .neighbours()
             .get()
-            .set_address_family(AddressFamily::Bridge)
+            .set_address_family(family)
             .execute()
             .try_collect()
             .await
-            .map_err(self.fail("list fdb of link", index))?;
+            .map_err(self.fail(op, index))?;
         Ok(msgs
             .into_iter()
             .filter(|m| m.header.ifindex == index)
+            .collect())
+    }
+
+    /// The FDB entries of device `index` (a VXLAN device or bridge port).
+    pub async fn fdb(&self, index: u32) -> Result<Vec<FdbEntry>> {
+        let msgs = self
+            .neighbour_dump(AddressFamily::Bridge, index, "list fdb of link")
+            .await?;
+        Ok(msgs
+            .into_iter()
             .filter_map(|m| {
-                let mut mac = None;
-                let mut dst = None;
-                for a in &m.attributes {
-                    match a {
-                        NeighbourAttribute::LinkLayerAddress(l) => {
-                            mac = Mac::try_from(l.as_slice()).ok()
-                        }
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
-                            dst = Some(IpAddr::V4(*ip))
-                        }
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
-                            dst = Some(IpAddr::V6(*ip))
-                        }
-                        // Bridge-family messages carry the VXLAN remote as
-                        // raw bytes: 4 for IPv4, 16 for IPv6.
-                        NeighbourAttribute::Destination(NeighbourAddress::Other(raw)) => {
-                            dst = match raw.len() {
-                                4 => <[u8; 4]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
-                                16 => <[u8; 16]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
-                                _ => None,
-                            }
-                        }
-                        _ => {}
-                    }
-                }
+                let (dst, mac) = neighbour_addresses(&m);
                 Some(FdbEntry {
                     mac: mac?,
                     dst,
@@ -839,32 +849,13 @@ impl Netlink {
 
     /// The IPv4 neighbour entries on device `index`.
     pub async fn neighbours(&self, index: u32) -> Result<Vec<Neighbour>> {
-        let msgs: Vec<NeighbourMessage> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(self.fail("list neighbours of link", index))?;
+        let msgs = self
+            .neighbour_dump(AddressFamily::Inet, index, "list neighbours of link")
+            .await?;
         Ok(msgs
             .into_iter()
-            .filter(|m| m.header.ifindex == index)
             .filter_map(|m| {
-                let mut ip = None;
-                let mut mac = None;
-                for a in &m.attributes {
-                    match a {
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
-                            ip = Some(IpAddr::V4(*v4))
-                        }
-                        NeighbourAttribute::LinkLayerAddress(l) => {
-                            mac = Mac::try_from(l.as_slice()).ok()
-                        }
-                        _ => {}
-                    }
-                }
+                let (ip, mac) = neighbour_addresses(&m);
                 Some(Neighbour {
                     ip: ip?,
                     mac,

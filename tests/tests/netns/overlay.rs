@@ -185,6 +185,25 @@ impl Cluster {
         }
     }
 
+    /// No mesh link in any host namespace, nothing but `lo` in any task.
+    fn assert_nothing_left(&self, after: &str) {
+        for (h, host) in self.topo.hosts().iter().enumerate() {
+            let left: Vec<String> = Cluster::links(host.ns())
+                .into_iter()
+                .filter(|n| n.starts_with("mbr-") || n.starts_with("mvx-") || n.starts_with("mve-"))
+                .collect();
+            assert!(left.is_empty(), "host {h} kept {left:?} after {after}");
+        }
+        for t in &self.tasks {
+            assert_eq!(
+                Cluster::links(&t.ns),
+                vec!["lo"],
+                "task {} after {after}",
+                t.id()
+            );
+        }
+    }
+
     /// Names of links in a namespace (`ip -o link`).
     fn links(ns: &Netns) -> Vec<String> {
         ns.exec_ok("ip", &["-o", "link", "show"])
@@ -557,15 +576,8 @@ fn reconcile_is_idempotent_repairs_drift_removes_endpoints_and_tears_down() {
         let o = &mut c.overlays[h];
         c.rt.block_on(o.teardown())
             .unwrap_or_else(|e| panic!("teardown host {h}: {e}"));
-        let left: Vec<String> = Cluster::links(c.topo.host(h).ns())
-            .into_iter()
-            .filter(|n| n.starts_with("mbr-") || n.starts_with("mvx-") || n.starts_with("mve-"))
-            .collect();
-        assert!(left.is_empty(), "host {h} kept {left:?}");
     }
-    for t in &c.tasks {
-        assert_eq!(Cluster::links(&t.ns), vec!["lo"], "task {}", t.id());
-    }
+    c.assert_nothing_left("teardown");
     assert_eq!(
         c.rt.block_on(fresh.teardown()).unwrap().changes,
         0,
@@ -739,13 +751,6 @@ fn meshd_applies_its_overlay_config_repairs_drift_and_removes_it_on_down() {
     );
     for h in 0..HOSTS {
         meshd::down(c.topo.host(h));
-        let left: Vec<String> = Cluster::links(c.topo.host(h).ns())
-            .into_iter()
-            .filter(|n| n.starts_with("mbr-") || n.starts_with("mvx-") || n.starts_with("mve-"))
-            .collect();
-        assert!(left.is_empty(), "host {h} kept {left:?} after meshd down");
     }
-    for t in &c.tasks {
-        assert_eq!(Cluster::links(&t.ns), vec!["lo"], "task {}", t.id());
-    }
+    c.assert_nothing_left("meshd down");
 }
