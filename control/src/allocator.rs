@@ -58,6 +58,16 @@ pub enum AllocError {
     },
     #[error("address {address} in network {network} is already in use")]
     AddressInUse { network: String, address: Ipv4Addr },
+    #[error("published port {port}/{protocol} is already used by service {owner}")]
+    PortInUse {
+        port: u16,
+        protocol: String,
+        owner: String,
+    },
+    #[error(
+        "no free port left in {PORT_AUTO_MIN}..={PORT_AUTO_MAX} for {protocol} (service {service}); publish an explicit port"
+    )]
+    PortsExhausted { protocol: String, service: String },
     #[error("VNI {0} is outside {VNI_MIN}..={VNI_MAX}")]
     VniOutOfRange(u32),
     #[error("VNI {0} is already in use")]
@@ -255,6 +265,58 @@ impl SubnetPool {
     }
 }
 
+/// First port handed out when a service publishes without a number (Swarm's range).
+pub const PORT_AUTO_MIN: u16 = 30000;
+/// Last auto-assigned port.
+pub const PORT_AUTO_MAX: u16 = 32767;
+
+/// Published ports, cluster-wide: a port published in ingress mode answers on
+/// every node, so it can belong to one service only (per protocol).
+#[derive(Debug, Clone, Default)]
+pub struct PortAllocator {
+    /// (protocol, port) -> owning service name.
+    used: BTreeMap<(String, u16), String>,
+}
+
+impl PortAllocator {
+    /// Takes an explicit port for `service`.
+    pub fn reserve(&mut self, protocol: &str, port: u16, service: &str) -> Result<(), AllocError> {
+        let key = (protocol.to_owned(), port);
+        match self.used.get(&key) {
+            Some(owner) if owner != service => Err(AllocError::PortInUse {
+                port,
+                protocol: protocol.to_owned(),
+                owner: owner.clone(),
+            }),
+            _ => {
+                self.used.insert(key, service.to_owned());
+                Ok(())
+            }
+        }
+    }
+
+    /// The lowest free port in the auto range for `service`.
+    pub fn allocate(&mut self, protocol: &str, service: &str) -> Result<u16, AllocError> {
+        let free = (PORT_AUTO_MIN..=PORT_AUTO_MAX)
+            .find(|p| !self.used.contains_key(&(protocol.to_owned(), *p)));
+        match free {
+            Some(port) => {
+                self.used
+                    .insert((protocol.to_owned(), port), service.to_owned());
+                Ok(port)
+            }
+            None => Err(AllocError::PortsExhausted {
+                protocol: protocol.to_owned(),
+                service: service.to_owned(),
+            }),
+        }
+    }
+
+    pub fn release(&mut self, protocol: &str, port: u16) {
+        self.used.remove(&(protocol.to_owned(), port));
+    }
+}
+
 /// Hands out VNIs in `VNI_MIN..=VNI_MAX`.
 #[derive(Debug, Clone, Default)]
 pub struct VniAllocator {
@@ -433,6 +495,29 @@ mod tests {
         assert!(matches!(err, AllocError::PoolExhausted { .. }));
         assert!(err.to_string().contains("network c"), "{err}");
         assert!(SubnetPool::new(s("10.0.0.0/16"), 8).is_err());
+    }
+
+    #[test]
+    fn ports_are_explicit_or_auto_and_never_shared() {
+        let mut ports = PortAllocator::default();
+        ports.reserve("tcp", 8080, "web").unwrap();
+        ports.reserve("tcp", 8080, "web").unwrap(); // the owner may re-reserve
+        ports.reserve("udp", 8080, "dns").unwrap(); // other protocol, other port
+        let err = ports.reserve("tcp", 8080, "api").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "published port 8080/tcp is already used by service web"
+        );
+        assert_eq!(ports.allocate("tcp", "api").unwrap(), PORT_AUTO_MIN);
+        ports.reserve("tcp", PORT_AUTO_MIN + 1, "x").unwrap();
+        assert_eq!(ports.allocate("tcp", "api").unwrap(), PORT_AUTO_MIN + 2);
+        ports.release("tcp", PORT_AUTO_MIN);
+        assert_eq!(ports.allocate("tcp", "b").unwrap(), PORT_AUTO_MIN);
+        for p in PORT_AUTO_MIN..=PORT_AUTO_MAX {
+            let _ = ports.reserve("sctp", p, "all");
+        }
+        let err = ports.allocate("sctp", "late").unwrap_err().to_string();
+        assert!(err.contains("publish an explicit port"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,1717 @@
+//! The cluster state that Raft replicates: nodes, networks, services, tasks.
+//!
+//! [`State::apply`] is the state machine. It is deterministic: ids come in
+//! the command (the proposer picks them), and every allocation (subnet, VNI,
+//! VIP, port, task address) takes the lowest free value, so every replica
+//! that applies the same log ends with the same state. A command is checked
+//! completely before anything changes; when an allocation fails halfway,
+//! what was taken is given back, so a refused command leaves no trace.
+//!
+//! Allocator state is not stored: it is derived from the entities
+//! ([`State::reindex`]) after a snapshot is loaded.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::allocator::{AddressPool, AllocError, PortAllocator, Subnet, SubnetPool, VniAllocator};
+
+/// The network every service that publishes ports in ingress mode joins.
+pub const INGRESS: &str = "ingress";
+
+/// Why a command was refused. The text is what the user sees.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{kind} {name} not found")]
+    NotFound { kind: &'static str, name: String },
+    #[error("{kind} name {name} is already in use")]
+    NameInUse { kind: &'static str, name: String },
+    #[error(
+        "{kind} {name} was changed since you read it (version {current}, you sent {given}); read it again and retry"
+    )]
+    Conflict {
+        kind: &'static str,
+        name: String,
+        current: u64,
+        given: u64,
+    },
+    #[error("network {network} is in use by service(s) {services}; remove them first")]
+    NetworkInUse { network: String, services: String },
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+}
+
+fn invalid(msg: impl Into<String>) -> StateError {
+    StateError::Invalid(msg.into())
+}
+
+/// Checks a name against RFC 1123 label rules, so it can be a DNS name.
+pub fn check_name(kind: &str, name: &str) -> Result<(), StateError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{kind} name {name:?} is not DNS-safe: use 1 to 63 lowercase letters, digits and '-', \
+             starting and ending with a letter or digit"
+        )))
+    }
+}
+
+// ----- nodes -----
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Manager,
+    Worker,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Availability {
+    Active,
+    Pause,
+    Drain,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    Ready,
+    Down,
+}
+
+/// What an operator may change about a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    pub role: Role,
+    pub availability: Availability,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: String,
+    pub version: u64,
+    pub hostname: String,
+    /// The node's underlay address (its VXLAN source).
+    pub addr: Ipv4Addr,
+    pub spec: NodeSpec,
+    pub status: NodeStatus,
+}
+
+// ----- networks -----
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NetworkSpec {
+    pub name: String,
+    /// Taken from the pool when not given.
+    #[serde(default)]
+    pub subnet: Option<Subnet>,
+    #[serde(default)]
+    pub encrypted: bool,
+    #[serde(default)]
+    pub internal: bool,
+    #[serde(default)]
+    pub attachable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub id: String,
+    pub spec: NetworkSpec,
+    pub vni: u32,
+    pub subnet: Subnet,
+    pub gateway: Ipv4Addr,
+    /// The routing-mesh network created at init.
+    pub ingress: bool,
+}
+
+// ----- services -----
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// Through the routing mesh, on every node.
+    #[default]
+    Ingress,
+    /// Only on the nodes that run a task, straight to it.
+    Host,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortConfig {
+    pub protocol: Protocol,
+    pub target: u16,
+    /// Auto-assigned from 30000-32767 when absent (ingress mode).
+    #[serde(default)]
+    pub published: Option<u16>,
+    #[serde(default)]
+    pub mode: PublishMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    #[default]
+    Vip,
+    Dnsrr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct EndpointSpec {
+    #[serde(default)]
+    pub mode: EndpointMode,
+    #[serde(default)]
+    pub ports: Vec<PortConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "mode")]
+pub enum ServiceMode {
+    Replicated { replicas: u32 },
+    Global,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkAttachment {
+    /// Network name or id.
+    pub target: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartCondition {
+    #[default]
+    Any,
+    OnFailure,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    #[serde(default)]
+    pub condition: RestartCondition,
+    #[serde(default)]
+    pub delay_ms: u64,
+    /// 0: unlimited.
+    #[serde(default)]
+    pub max_attempts: u32,
+    #[serde(default)]
+    pub window_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TaskTemplate {
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub networks: Vec<NetworkAttachment>,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureAction {
+    #[default]
+    Pause,
+    Continue,
+    Rollback,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateOrder {
+    #[default]
+    StopFirst,
+    StartFirst,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateConfig {
+    pub parallelism: u32,
+    pub delay_ms: u64,
+    pub monitor_ms: u64,
+    pub failure_action: FailureAction,
+    pub order: UpdateOrder,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        // Swarm's defaults.
+        UpdateConfig {
+            parallelism: 1,
+            delay_ms: 0,
+            monitor_ms: 5000,
+            failure_action: FailureAction::Pause,
+            order: UpdateOrder::StopFirst,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub mode: ServiceMode,
+    pub task: TaskTemplate,
+    #[serde(default)]
+    pub endpoint: EndpointSpec,
+    #[serde(default)]
+    pub update: UpdateConfig,
+    #[serde(default)]
+    pub rollback: UpdateConfig,
+}
+
+/// A virtual IP of a service on one network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vip {
+    pub network: String,
+    pub addr: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub id: String,
+    /// Bumped by every update; an update must name the version it read.
+    pub version: u64,
+    pub spec: ServiceSpec,
+    /// The spec before the last update (for rollback).
+    pub previous: Option<ServiceSpec>,
+    /// One per attached network (network ids), ingress included when the
+    /// service publishes in ingress mode; none in dnsrr mode.
+    pub vips: Vec<Vip>,
+    /// The ports as published: `published` always set.
+    pub ports: Vec<PortConfig>,
+}
+
+impl Service {
+    /// Network ids the service's tasks attach to.
+    pub fn network_ids(&self, state: &State) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .spec
+            .task
+            .networks
+            .iter()
+            .filter_map(|a| state.network_by_ref(&a.target).map(|n| n.id.clone()))
+            .collect();
+        if self.ports.iter().any(|p| p.mode == PublishMode::Ingress)
+            && let Some(ingress) = state.ingress()
+            && !ids.contains(&ingress.id)
+        {
+            ids.push(ingress.id.clone());
+        }
+        ids
+    }
+}
+
+// ----- tasks -----
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    New,
+    Assigned,
+    Starting,
+    Running,
+    Complete,
+    Shutdown,
+    Failed,
+    Rejected,
+}
+
+/// A task's address on one network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskAttachment {
+    pub network: String,
+    pub addr: Ipv4Addr,
+    pub mac: [u8; 6],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    pub service: String,
+    pub slot: u32,
+    pub node: String,
+    pub desired: TaskState,
+    pub observed: TaskState,
+    pub attachments: Vec<TaskAttachment>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+// ----- the state and its commands -----
+
+/// Cluster-wide settings fixed at init.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSettings {
+    /// Pool for network subnets and the size each network gets.
+    pub address_pool: Subnet,
+    pub subnet_size: u8,
+    /// The ingress network's subnet.
+    pub ingress_subnet: Subnet,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            address_pool: "10.0.0.0/8".parse().expect("valid"),
+            subnet_size: 24,
+            // Swarm's ingress default.
+            ingress_subnet: "10.0.0.0/24".parse().expect("valid"),
+        }
+    }
+}
+
+/// One entry of the replicated log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "command")]
+pub enum Command {
+    /// The first entry: settings and the ingress network.
+    Init {
+        cluster_id: String,
+        ingress_id: String,
+        settings: ClusterSettings,
+    },
+    AddNode {
+        id: String,
+        hostname: String,
+        addr: Ipv4Addr,
+        role: Role,
+    },
+    UpdateNode {
+        id: String,
+        version: u64,
+        spec: NodeSpec,
+    },
+    SetNodeStatus {
+        id: String,
+        status: NodeStatus,
+    },
+    RemoveNode {
+        id: String,
+        force: bool,
+    },
+    CreateNetwork {
+        id: String,
+        spec: NetworkSpec,
+    },
+    RemoveNetwork {
+        target: String,
+    },
+    CreateService {
+        id: String,
+        spec: ServiceSpec,
+    },
+    UpdateService {
+        target: String,
+        version: u64,
+        spec: ServiceSpec,
+    },
+    RemoveService {
+        target: String,
+    },
+    CreateTask {
+        id: String,
+        service: String,
+        slot: u32,
+        node: String,
+    },
+    RemoveTask {
+        id: String,
+    },
+}
+
+/// What a command produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Done,
+    Node(Node),
+    Network(Network),
+    Service(Box<Service>),
+    Task(Task),
+}
+
+/// Allocations derived from the entities; rebuilt by [`State::reindex`].
+#[derive(Debug, Clone, Default)]
+struct Allocations {
+    subnets: SubnetPool,
+    vnis: VniAllocator,
+    addresses: BTreeMap<String, AddressPool>,
+    ports: PortAllocator,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    pub cluster_id: Option<String>,
+    pub settings: Option<ClusterSettings>,
+    pub nodes: BTreeMap<String, Node>,
+    pub networks: BTreeMap<String, Network>,
+    pub services: BTreeMap<String, Service>,
+    pub tasks: BTreeMap<String, Task>,
+    #[serde(skip)]
+    alloc: Allocations,
+}
+
+impl PartialEq for State {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            &self.cluster_id,
+            &self.settings,
+            &self.nodes,
+            &self.networks,
+            &self.services,
+            &self.tasks,
+        ) == (
+            &other.cluster_id,
+            &other.settings,
+            &other.nodes,
+            &other.networks,
+            &other.services,
+            &other.tasks,
+        )
+    }
+}
+
+impl State {
+    pub fn network_by_ref(&self, target: &str) -> Option<&Network> {
+        self.networks
+            .get(target)
+            .or_else(|| self.networks.values().find(|n| n.spec.name == target))
+    }
+
+    pub fn service_by_ref(&self, target: &str) -> Option<&Service> {
+        self.services
+            .get(target)
+            .or_else(|| self.services.values().find(|s| s.spec.name == target))
+    }
+
+    pub fn ingress(&self) -> Option<&Network> {
+        self.networks.values().find(|n| n.ingress)
+    }
+
+    /// Rebuilds the allocators from the entities (after loading a snapshot).
+    pub fn reindex(&mut self) -> Result<(), StateError> {
+        let settings = self.settings.clone().unwrap_or_default();
+        let mut alloc = Allocations {
+            subnets: SubnetPool::new(settings.address_pool, settings.subnet_size)?,
+            ..Allocations::default()
+        };
+        for n in self.networks.values() {
+            alloc.subnets.reserve(&n.spec.name, n.subnet)?;
+            alloc.vnis.reserve(n.vni)?;
+            alloc
+                .addresses
+                .insert(n.id.clone(), AddressPool::new(&n.spec.name, n.subnet));
+        }
+        for s in self.services.values() {
+            for v in &s.vips {
+                if let Some(pool) = alloc.addresses.get_mut(&v.network) {
+                    pool.reserve(v.addr)?;
+                }
+            }
+            for p in s.ports.iter().filter(|p| p.mode == PublishMode::Ingress) {
+                let port = p.published.expect("stored ports are resolved");
+                alloc
+                    .ports
+                    .reserve(&p.protocol.to_string(), port, &s.spec.name)?;
+            }
+        }
+        for t in self.tasks.values() {
+            for a in &t.attachments {
+                if let Some(pool) = alloc.addresses.get_mut(&a.network) {
+                    pool.reserve(a.addr)?;
+                }
+            }
+        }
+        self.alloc = alloc;
+        Ok(())
+    }
+
+    /// Applies one command: all of it, or (with an error) none of it.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Outcome, StateError> {
+        if self.settings.is_none() && !matches!(cmd, Command::Init { .. }) {
+            return Err(invalid("the cluster is not initialized"));
+        }
+        match cmd {
+            Command::Init {
+                cluster_id,
+                ingress_id,
+                settings,
+            } => self.init(cluster_id, ingress_id, settings),
+            Command::AddNode {
+                id,
+                hostname,
+                addr,
+                role,
+            } => self.add_node(id, hostname, *addr, *role),
+            Command::UpdateNode { id, version, spec } => self.update_node(id, *version, spec),
+            Command::SetNodeStatus { id, status } => {
+                let node = self.node_mut(id)?;
+                if node.status != *status {
+                    node.status = *status;
+                    node.version += 1;
+                }
+                Ok(Outcome::Node(node.clone()))
+            }
+            Command::RemoveNode { id, force } => self.remove_node(id, *force),
+            Command::CreateNetwork { id, spec } => self.create_network(id, spec, false),
+            Command::RemoveNetwork { target } => self.remove_network(target),
+            Command::CreateService { id, spec } => self.create_service(id, spec),
+            Command::UpdateService {
+                target,
+                version,
+                spec,
+            } => self.update_service(target, *version, spec),
+            Command::RemoveService { target } => self.remove_service(target),
+            Command::CreateTask {
+                id,
+                service,
+                slot,
+                node,
+            } => self.create_task(id, service, *slot, node),
+            Command::RemoveTask { id } => self.remove_task(id),
+        }
+    }
+
+    fn init(
+        &mut self,
+        cluster_id: &str,
+        ingress_id: &str,
+        settings: &ClusterSettings,
+    ) -> Result<Outcome, StateError> {
+        if self.settings.is_some() {
+            return Err(invalid("the cluster is already initialized"));
+        }
+        self.alloc.subnets = SubnetPool::new(settings.address_pool, settings.subnet_size)?;
+        self.settings = Some(settings.clone());
+        self.cluster_id = Some(cluster_id.to_owned());
+        let spec = NetworkSpec {
+            name: INGRESS.into(),
+            subnet: Some(settings.ingress_subnet),
+            ..NetworkSpec::default()
+        };
+        self.create_network(ingress_id, &spec, true)
+    }
+
+    fn node_mut(&mut self, id: &str) -> Result<&mut Node, StateError> {
+        let found = self
+            .nodes
+            .values()
+            .find(|n| n.id == id || n.hostname == id)
+            .map(|n| n.id.clone());
+        match found {
+            Some(id) => Ok(self.nodes.get_mut(&id).expect("found")),
+            None => Err(StateError::NotFound {
+                kind: "node",
+                name: id.to_owned(),
+            }),
+        }
+    }
+
+    fn add_node(
+        &mut self,
+        id: &str,
+        hostname: &str,
+        addr: Ipv4Addr,
+        role: Role,
+    ) -> Result<Outcome, StateError> {
+        if self.nodes.contains_key(id) {
+            return Err(StateError::NameInUse {
+                kind: "node id",
+                name: id.to_owned(),
+            });
+        }
+        if let Some(other) = self.nodes.values().find(|n| n.addr == addr) {
+            return Err(invalid(format!(
+                "node address {addr} is already used by node {}",
+                other.hostname
+            )));
+        }
+        let node = Node {
+            id: id.to_owned(),
+            version: 1,
+            hostname: hostname.to_owned(),
+            addr,
+            spec: NodeSpec {
+                role,
+                availability: Availability::Active,
+                labels: BTreeMap::new(),
+            },
+            status: NodeStatus::Ready,
+        };
+        self.nodes.insert(id.to_owned(), node.clone());
+        Ok(Outcome::Node(node))
+    }
+
+    fn managers(&self) -> usize {
+        self.nodes
+            .values()
+            .filter(|n| n.spec.role == Role::Manager)
+            .count()
+    }
+
+    fn update_node(
+        &mut self,
+        id: &str,
+        version: u64,
+        spec: &NodeSpec,
+    ) -> Result<Outcome, StateError> {
+        let managers = self.managers();
+        let node = self.node_mut(id)?;
+        if node.version != version {
+            return Err(StateError::Conflict {
+                kind: "node",
+                name: node.hostname.clone(),
+                current: node.version,
+                given: version,
+            });
+        }
+        if node.spec.role == Role::Manager && spec.role == Role::Worker && managers == 1 {
+            return Err(invalid(format!(
+                "node {} is the last manager; promote another node before demoting it",
+                node.hostname
+            )));
+        }
+        for key in spec.labels.keys() {
+            if key.is_empty() || key.contains(char::is_whitespace) {
+                return Err(invalid(format!(
+                    "node label {key:?} must be a non-empty word"
+                )));
+            }
+        }
+        node.spec = spec.clone();
+        node.version += 1;
+        Ok(Outcome::Node(node.clone()))
+    }
+
+    fn remove_node(&mut self, id: &str, force: bool) -> Result<Outcome, StateError> {
+        let node = self.node_mut(id)?.clone();
+        if node.spec.role == Role::Manager {
+            return Err(invalid(format!(
+                "node {} is a manager; demote it before removing it",
+                node.hostname
+            )));
+        }
+        if node.status == NodeStatus::Ready && !force {
+            return Err(invalid(format!(
+                "node {} is not down and can't be removed; stop it, or use --force",
+                node.hostname
+            )));
+        }
+        let tasks: Vec<String> = self
+            .tasks
+            .values()
+            .filter(|t| t.node == node.id)
+            .map(|t| t.id.clone())
+            .collect();
+        for t in tasks {
+            self.remove_task(&t)?;
+        }
+        self.nodes.remove(&node.id);
+        Ok(Outcome::Done)
+    }
+
+    fn create_network(
+        &mut self,
+        id: &str,
+        spec: &NetworkSpec,
+        ingress: bool,
+    ) -> Result<Outcome, StateError> {
+        check_name("network", &spec.name)?;
+        if !ingress && spec.name == INGRESS {
+            return Err(StateError::NameInUse {
+                kind: "network",
+                name: spec.name.clone(),
+            });
+        }
+        if self.network_by_ref(&spec.name).is_some() {
+            return Err(StateError::NameInUse {
+                kind: "network",
+                name: spec.name.clone(),
+            });
+        }
+        if self.networks.contains_key(id) {
+            return Err(invalid(format!("network id {id} is already in use")));
+        }
+        let subnet = match spec.subnet {
+            Some(s) => {
+                if s.prefix() > 29 {
+                    return Err(invalid(format!(
+                        "subnet {s} for network {} is too small; use /29 or larger",
+                        spec.name
+                    )));
+                }
+                self.alloc.subnets.reserve(&spec.name, s)?;
+                s
+            }
+            None => self.alloc.subnets.allocate(&spec.name)?,
+        };
+        let vni = match self.alloc.vnis.allocate() {
+            Ok(v) => v,
+            Err(e) => {
+                self.alloc.subnets.release(&subnet);
+                return Err(e.into());
+            }
+        };
+        let network = Network {
+            id: id.to_owned(),
+            spec: NetworkSpec {
+                subnet: Some(subnet),
+                ..spec.clone()
+            },
+            vni,
+            subnet,
+            gateway: subnet.gateway(),
+            ingress,
+        };
+        self.alloc
+            .addresses
+            .insert(id.to_owned(), AddressPool::new(&spec.name, subnet));
+        self.networks.insert(id.to_owned(), network.clone());
+        Ok(Outcome::Network(network))
+    }
+
+    fn remove_network(&mut self, target: &str) -> Result<Outcome, StateError> {
+        let network = self
+            .network_by_ref(target)
+            .cloned()
+            .ok_or_else(|| StateError::NotFound {
+                kind: "network",
+                name: target.to_owned(),
+            })?;
+        let users: Vec<&str> = self
+            .services
+            .values()
+            .filter(|s| s.network_ids(self).contains(&network.id))
+            .map(|s| s.spec.name.as_str())
+            .collect();
+        if !users.is_empty() {
+            return Err(StateError::NetworkInUse {
+                network: network.spec.name.clone(),
+                services: users.join(", "),
+            });
+        }
+        self.networks.remove(&network.id);
+        self.alloc.addresses.remove(&network.id);
+        self.alloc.subnets.release(&network.subnet);
+        self.alloc.vnis.release(network.vni);
+        Ok(Outcome::Done)
+    }
+
+    /// Everything about a service spec that does not need allocation.
+    fn check_service(&self, spec: &ServiceSpec, own_id: Option<&str>) -> Result<(), StateError> {
+        check_name("service", &spec.name)?;
+        if let Some(other) = self.service_by_ref(&spec.name)
+            && Some(other.id.as_str()) != own_id
+        {
+            return Err(StateError::NameInUse {
+                kind: "service",
+                name: spec.name.clone(),
+            });
+        }
+        if spec.task.command.is_empty() || spec.task.command[0].is_empty() {
+            return Err(invalid(format!(
+                "service {}: a command is required",
+                spec.name
+            )));
+        }
+        for e in &spec.task.env {
+            match e.split_once('=') {
+                Some((k, _)) if !k.is_empty() && !k.contains(char::is_whitespace) => {}
+                _ => {
+                    return Err(invalid(format!(
+                        "service {}: environment entry {e:?} must look like KEY=VALUE",
+                        spec.name
+                    )));
+                }
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for a in &spec.task.networks {
+            let n = self
+                .network_by_ref(&a.target)
+                .ok_or_else(|| StateError::NotFound {
+                    kind: "network",
+                    name: a.target.clone(),
+                })?;
+            if n.ingress {
+                return Err(invalid(format!(
+                    "service {}: the ingress network is joined by publishing a port, not attached by hand",
+                    spec.name
+                )));
+            }
+            if !seen.insert(&n.id) {
+                return Err(invalid(format!(
+                    "service {}: network {} is attached twice",
+                    spec.name, n.spec.name
+                )));
+            }
+            for alias in &a.aliases {
+                check_name("alias", alias)?;
+            }
+        }
+        let mut ports = BTreeSet::new();
+        for p in &spec.endpoint.ports {
+            if p.target == 0 {
+                return Err(invalid(format!(
+                    "service {}: target port must be 1-65535",
+                    spec.name
+                )));
+            }
+            if p.published == Some(0) {
+                return Err(invalid(format!(
+                    "service {}: published port must be 1-65535 (leave it out to get one from 30000-32767)",
+                    spec.name
+                )));
+            }
+            if p.mode == PublishMode::Ingress && spec.endpoint.mode == EndpointMode::Dnsrr {
+                return Err(invalid(format!(
+                    "service {}: a port published in ingress mode needs endpoint mode vip, not dnsrr; use mode=host",
+                    spec.name
+                )));
+            }
+            if let Some(port) = p.published
+                && !ports.insert((p.protocol, port))
+            {
+                return Err(invalid(format!(
+                    "service {}: port {port}/{} is published twice",
+                    spec.name, p.protocol
+                )));
+            }
+        }
+        if let ServiceMode::Replicated { replicas } = spec.mode
+            && replicas > 10_000
+        {
+            return Err(invalid(format!(
+                "service {}: {replicas} replicas is more than this cluster supports (10000)",
+                spec.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Publishes ports and takes VIPs for `spec`, keeping what `old` already
+    /// had where it still applies. On error, everything taken is given back.
+    fn allocate_endpoint(
+        &mut self,
+        spec: &ServiceSpec,
+        old: Option<&Service>,
+    ) -> Result<(Vec<PortConfig>, Vec<Vip>), StateError> {
+        let name = &spec.name;
+        let mut taken_ports: Vec<(String, u16)> = Vec::new();
+        let mut taken_vips: Vec<Vip> = Vec::new();
+        let result = (|| {
+            let mut ports = Vec::new();
+            for p in &spec.endpoint.ports {
+                let proto = p.protocol.to_string();
+                let published = match (p.mode, p.published) {
+                    (PublishMode::Host, Some(port)) => port,
+                    (PublishMode::Host, None) => p.target,
+                    (PublishMode::Ingress, Some(port)) => {
+                        let held = old.is_some_and(|o| {
+                            o.ports.iter().any(|q| {
+                                q.mode == PublishMode::Ingress
+                                    && q.protocol == p.protocol
+                                    && q.published == Some(port)
+                            })
+                        });
+                        if !held {
+                            self.alloc.ports.reserve(&proto, port, name)?;
+                            taken_ports.push((proto, port));
+                        }
+                        port
+                    }
+                    (PublishMode::Ingress, None) => {
+                        // Keep the port an unchanged auto-published target had.
+                        let kept = old.and_then(|o| {
+                            let i = o.spec.endpoint.ports.iter().position(|q| {
+                                q.published.is_none()
+                                    && q.target == p.target
+                                    && q.protocol == p.protocol
+                                    && q.mode == PublishMode::Ingress
+                            })?;
+                            o.ports[i].published
+                        });
+                        match kept {
+                            Some(port) => port,
+                            None => {
+                                let port = self.alloc.ports.allocate(&proto, name)?;
+                                taken_ports.push((proto, port));
+                                port
+                            }
+                        }
+                    }
+                };
+                ports.push(PortConfig {
+                    published: Some(published),
+                    ..p.clone()
+                });
+            }
+            let mut vips = Vec::new();
+            if spec.endpoint.mode == EndpointMode::Vip {
+                let mut nets: Vec<String> = spec
+                    .task
+                    .networks
+                    .iter()
+                    .filter_map(|a| self.network_by_ref(&a.target).map(|n| n.id.clone()))
+                    .collect();
+                if ports.iter().any(|p| p.mode == PublishMode::Ingress)
+                    && let Some(i) = self.ingress()
+                {
+                    nets.push(i.id.clone());
+                }
+                for net in nets {
+                    if let Some(v) = old.and_then(|o| o.vips.iter().find(|v| v.network == net)) {
+                        vips.push(v.clone());
+                        continue;
+                    }
+                    let pool = self.alloc.addresses.get_mut(&net).expect("indexed");
+                    let addr = pool.allocate()?;
+                    let vip = Vip { network: net, addr };
+                    taken_vips.push(vip.clone());
+                    vips.push(vip);
+                }
+            }
+            Ok((ports, vips))
+        })();
+        if result.is_err() {
+            for (proto, port) in taken_ports {
+                self.alloc.ports.release(&proto, port);
+            }
+            for v in taken_vips {
+                if let Some(pool) = self.alloc.addresses.get_mut(&v.network) {
+                    pool.release(v.addr);
+                }
+            }
+        }
+        result
+    }
+
+    /// Gives back what `old` held and `new` (if any) no longer does.
+    fn release_endpoint(&mut self, old: &Service, new: Option<(&[PortConfig], &[Vip])>) {
+        for p in old.ports.iter().filter(|p| p.mode == PublishMode::Ingress) {
+            let still = new.is_some_and(|(ports, _)| {
+                ports.iter().any(|q| {
+                    q.mode == PublishMode::Ingress
+                        && q.protocol == p.protocol
+                        && q.published == p.published
+                })
+            });
+            if !still {
+                self.alloc
+                    .ports
+                    .release(&p.protocol.to_string(), p.published.expect("resolved"));
+            }
+        }
+        for v in &old.vips {
+            if !new.is_some_and(|(_, vips)| vips.contains(v))
+                && let Some(pool) = self.alloc.addresses.get_mut(&v.network)
+            {
+                pool.release(v.addr);
+            }
+        }
+    }
+
+    fn create_service(&mut self, id: &str, spec: &ServiceSpec) -> Result<Outcome, StateError> {
+        self.check_service(spec, None)?;
+        if self.services.contains_key(id) {
+            return Err(invalid(format!("service id {id} is already in use")));
+        }
+        let (ports, vips) = self.allocate_endpoint(spec, None)?;
+        let service = Service {
+            id: id.to_owned(),
+            version: 1,
+            spec: spec.clone(),
+            previous: None,
+            vips,
+            ports,
+        };
+        self.services.insert(id.to_owned(), service.clone());
+        Ok(Outcome::Service(Box::new(service)))
+    }
+
+    fn update_service(
+        &mut self,
+        target: &str,
+        version: u64,
+        spec: &ServiceSpec,
+    ) -> Result<Outcome, StateError> {
+        let old = self
+            .service_by_ref(target)
+            .cloned()
+            .ok_or_else(|| StateError::NotFound {
+                kind: "service",
+                name: target.to_owned(),
+            })?;
+        if old.version != version {
+            return Err(StateError::Conflict {
+                kind: "service",
+                name: old.spec.name.clone(),
+                current: old.version,
+                given: version,
+            });
+        }
+        self.check_service(spec, Some(&old.id))?;
+        // Ports the service gives up must not block ports it takes, and the
+        // old ones come back if the new ones cannot be had.
+        let (ports, vips) = self.allocate_endpoint(spec, Some(&old))?;
+        self.release_endpoint(&old, Some((&ports, &vips)));
+        let service = Service {
+            id: old.id.clone(),
+            version: old.version + 1,
+            spec: spec.clone(),
+            previous: Some(old.spec.clone()),
+            vips,
+            ports,
+        };
+        self.services.insert(old.id.clone(), service.clone());
+        Ok(Outcome::Service(Box::new(service)))
+    }
+
+    fn remove_service(&mut self, target: &str) -> Result<Outcome, StateError> {
+        let old = self
+            .service_by_ref(target)
+            .cloned()
+            .ok_or_else(|| StateError::NotFound {
+                kind: "service",
+                name: target.to_owned(),
+            })?;
+        let tasks: Vec<String> = self
+            .tasks
+            .values()
+            .filter(|t| t.service == old.id)
+            .map(|t| t.id.clone())
+            .collect();
+        for t in tasks {
+            self.remove_task(&t)?;
+        }
+        self.release_endpoint(&old, None);
+        self.services.remove(&old.id);
+        Ok(Outcome::Done)
+    }
+
+    fn create_task(
+        &mut self,
+        id: &str,
+        service: &str,
+        slot: u32,
+        node: &str,
+    ) -> Result<Outcome, StateError> {
+        if self.tasks.contains_key(id) {
+            return Err(invalid(format!("task id {id} is already in use")));
+        }
+        let svc = self
+            .service_by_ref(service)
+            .cloned()
+            .ok_or_else(|| StateError::NotFound {
+                kind: "service",
+                name: service.to_owned(),
+            })?;
+        let node = self
+            .nodes
+            .get(node)
+            .cloned()
+            .ok_or_else(|| StateError::NotFound {
+                kind: "node",
+                name: node.to_owned(),
+            })?;
+        let mut attachments = Vec::new();
+        for net in svc.network_ids(self) {
+            let pool = self.alloc.addresses.get_mut(&net).expect("indexed");
+            match pool.allocate() {
+                Ok(addr) => {
+                    let [a, b, c, d] = addr.octets();
+                    attachments.push(TaskAttachment {
+                        network: net,
+                        addr,
+                        mac: [0x02, 0x42, a, b, c, d],
+                    });
+                }
+                Err(e) => {
+                    for a in attachments {
+                        if let Some(pool) = self.alloc.addresses.get_mut(&a.network) {
+                            pool.release(a.addr);
+                        }
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        let task = Task {
+            id: id.to_owned(),
+            service: svc.id,
+            slot,
+            node: node.id,
+            desired: TaskState::Running,
+            observed: TaskState::New,
+            attachments,
+            error: None,
+        };
+        self.tasks.insert(id.to_owned(), task.clone());
+        Ok(Outcome::Task(task))
+    }
+
+    fn remove_task(&mut self, id: &str) -> Result<Outcome, StateError> {
+        let task = self.tasks.remove(id).ok_or_else(|| StateError::NotFound {
+            kind: "task",
+            name: id.to_owned(),
+        })?;
+        for a in &task.attachments {
+            if let Some(pool) = self.alloc.addresses.get_mut(&a.network) {
+                pool.release(a.addr);
+            }
+        }
+        Ok(Outcome::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn init() -> State {
+        let mut s = State::default();
+        s.apply(&Command::Init {
+            cluster_id: "c1".into(),
+            ingress_id: "ing".into(),
+            settings: ClusterSettings::default(),
+        })
+        .unwrap();
+        s
+    }
+
+    fn network(s: &mut State, id: &str, name: &str) -> Result<Network, StateError> {
+        match s.apply(&Command::CreateNetwork {
+            id: id.into(),
+            spec: NetworkSpec {
+                name: name.into(),
+                ..NetworkSpec::default()
+            },
+        })? {
+            Outcome::Network(n) => Ok(n),
+            o => panic!("unexpected {o:?}"),
+        }
+    }
+
+    fn spec(name: &str, networks: &[&str], ports: &[(u16, Option<u16>)]) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            mode: ServiceMode::Replicated { replicas: 3 },
+            task: TaskTemplate {
+                command: vec!["/bin/web".into()],
+                env: vec!["A=1".into()],
+                networks: networks
+                    .iter()
+                    .map(|n| NetworkAttachment {
+                        target: (*n).into(),
+                        aliases: vec![],
+                    })
+                    .collect(),
+                restart: RestartPolicy::default(),
+            },
+            endpoint: EndpointSpec {
+                mode: EndpointMode::Vip,
+                ports: ports
+                    .iter()
+                    .map(|(target, published)| PortConfig {
+                        protocol: Protocol::Tcp,
+                        target: *target,
+                        published: *published,
+                        mode: PublishMode::Ingress,
+                    })
+                    .collect(),
+            },
+            update: UpdateConfig::default(),
+            rollback: UpdateConfig::default(),
+        }
+    }
+
+    fn create(s: &mut State, id: &str, spec: ServiceSpec) -> Result<Service, StateError> {
+        match s.apply(&Command::CreateService {
+            id: id.into(),
+            spec,
+        })? {
+            Outcome::Service(svc) => Ok(*svc),
+            o => panic!("unexpected {o:?}"),
+        }
+    }
+
+    #[test]
+    fn init_creates_ingress_once_and_nothing_runs_before_it() {
+        let mut empty = State::default();
+        let err = network(&mut empty, "n1", "front").unwrap_err();
+        assert_eq!(err.to_string(), "the cluster is not initialized");
+        let mut s = init();
+        let ingress = s.ingress().unwrap().clone();
+        assert_eq!(
+            (
+                ingress.spec.name.as_str(),
+                ingress.subnet.to_string(),
+                ingress.vni
+            ),
+            ("ingress", "10.0.0.0/24".into(), 4096)
+        );
+        let again = s.apply(&Command::Init {
+            cluster_id: "c2".into(),
+            ingress_id: "i2".into(),
+            settings: ClusterSettings::default(),
+        });
+        assert_eq!(
+            again.unwrap_err().to_string(),
+            "the cluster is already initialized"
+        );
+    }
+
+    #[test]
+    fn networks_get_names_subnets_and_vnis_and_refuse_clashes() {
+        let mut s = init();
+        let front = network(&mut s, "n1", "front").unwrap();
+        assert_eq!(
+            (front.subnet.to_string(), front.vni),
+            ("10.0.1.0/24".into(), 4097)
+        );
+        assert_eq!(front.gateway, Ipv4Addr::new(10, 0, 1, 1));
+        let err = network(&mut s, "n2", "Front_1").unwrap_err().to_string();
+        assert!(err.contains("is not DNS-safe"), "{err}");
+        assert_eq!(
+            network(&mut s, "n2", "front").unwrap_err().to_string(),
+            "network name front is already in use"
+        );
+        let err = s
+            .apply(&Command::CreateNetwork {
+                id: "n3".into(),
+                spec: NetworkSpec {
+                    name: "back".into(),
+                    subnet: Some("10.0.1.128/25".parse().unwrap()),
+                    ..NetworkSpec::default()
+                },
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("overlaps 10.0.1.0/24, used by network front"),
+            "{err}"
+        );
+        // In use: refused; free: removed, and its subnet and VNI come back.
+        create(&mut s, "s1", spec("web", &["front"], &[])).unwrap();
+        let err = s
+            .apply(&Command::RemoveNetwork {
+                target: "front".into(),
+            })
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "network front is in use by service(s) web; remove them first"
+        );
+        s.apply(&Command::RemoveService {
+            target: "web".into(),
+        })
+        .unwrap();
+        s.apply(&Command::RemoveNetwork {
+            target: "front".into(),
+        })
+        .unwrap();
+        let again = network(&mut s, "n4", "again").unwrap();
+        assert_eq!((again.subnet, again.vni), (front.subnet, front.vni));
+    }
+
+    #[test]
+    fn services_get_vips_and_ports_and_conflicts_leave_no_trace() {
+        let mut s = init();
+        network(&mut s, "n1", "front").unwrap();
+        let web = create(
+            &mut s,
+            "s1",
+            spec("web", &["front"], &[(80, Some(8080)), (443, None)]),
+        )
+        .unwrap();
+        let published: Vec<_> = web.ports.iter().map(|p| p.published.unwrap()).collect();
+        assert_eq!(published, vec![8080, 30000]);
+        assert_eq!(
+            web.vips,
+            vec![
+                Vip {
+                    network: "n1".into(),
+                    addr: Ipv4Addr::new(10, 0, 1, 2)
+                },
+                Vip {
+                    network: "ing".into(),
+                    addr: Ipv4Addr::new(10, 0, 0, 2)
+                },
+            ]
+        );
+        // 9090 is free, 8080 is not: refused, and 9090 is not kept.
+        let err = create(
+            &mut s,
+            "s2",
+            spec("api", &["front"], &[(1, Some(9090)), (2, Some(8080))]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "published port 8080/tcp is already used by service web"
+        );
+        assert!(s.service_by_ref("api").is_none());
+        let api = create(&mut s, "s3", spec("api", &["front"], &[(1, Some(9090))])).unwrap();
+        assert_eq!(
+            api.vips[0].addr,
+            Ipv4Addr::new(10, 0, 1, 3),
+            "the refused service's VIP was given back"
+        );
+        // Other refusals, each with the reason.
+        let cases: Vec<(ServiceSpec, &str)> = vec![
+            (spec("web", &[], &[]), "service name web is already in use"),
+            (spec("x", &["nope"], &[]), "network nope not found"),
+            (spec("x", &["ingress"], &[]), "joined by publishing a port"),
+            (spec("x", &["front", "n1"], &[]), "attached twice"),
+            (
+                spec("x", &[], &[(80, Some(7000)), (81, Some(7000))]),
+                "port 7000/tcp is published twice",
+            ),
+            (spec("x", &[], &[(0, None)]), "target port must be 1-65535"),
+            (
+                spec("x", &[], &[(80, Some(0))]),
+                "published port must be 1-65535",
+            ),
+            (
+                ServiceSpec {
+                    endpoint: EndpointSpec {
+                        mode: EndpointMode::Dnsrr,
+                        ..spec("x", &[], &[(80, None)]).endpoint
+                    },
+                    ..spec("x", &[], &[])
+                },
+                "needs endpoint mode vip",
+            ),
+            (
+                ServiceSpec {
+                    task: TaskTemplate {
+                        env: vec!["NOEQUALS".into()],
+                        ..spec("x", &[], &[]).task
+                    },
+                    ..spec("x", &[], &[])
+                },
+                "must look like KEY=VALUE",
+            ),
+            (
+                ServiceSpec {
+                    task: TaskTemplate {
+                        command: vec![],
+                        ..spec("x", &[], &[]).task
+                    },
+                    ..spec("x", &[], &[])
+                },
+                "a command is required",
+            ),
+        ];
+        let before = s.clone();
+        for (spec, want) in cases {
+            let err = create(&mut s, "sx", spec).unwrap_err().to_string();
+            assert!(err.contains(want), "{err:?} lacks {want:?}");
+        }
+        assert_eq!(s, before, "a refused create changed the state");
+    }
+
+    #[test]
+    fn updates_need_the_current_version_and_keep_what_still_applies() {
+        let mut s = init();
+        network(&mut s, "n1", "front").unwrap();
+        network(&mut s, "n2", "back").unwrap();
+        let web = create(
+            &mut s,
+            "s1",
+            spec("web", &["front"], &[(80, Some(8080)), (443, None)]),
+        )
+        .unwrap();
+        create(&mut s, "s2", spec("db", &["back"], &[(5432, Some(5432))])).unwrap();
+        let update = |s: &mut State, version, spec| {
+            s.apply(&Command::UpdateService {
+                target: "web".into(),
+                version,
+                spec,
+            })
+        };
+        // A stale version is refused with both numbers.
+        let err = update(&mut s, 0, spec("web", &["front"], &[])).unwrap_err();
+        assert!(err.to_string().contains("(version 1, you sent 0)"), "{err}");
+        // Moving 8080 to 8081, adding a network: the auto port and the front VIP stay.
+        let Outcome::Service(v2) = update(
+            &mut s,
+            1,
+            spec("web", &["front", "back"], &[(80, Some(8081)), (443, None)]),
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(v2.version, 2);
+        assert_eq!(
+            v2.ports
+                .iter()
+                .map(|p| p.published.unwrap())
+                .collect::<Vec<_>>(),
+            vec![8081, 30000]
+        );
+        assert_eq!(v2.vips[0], web.vips[0]);
+        assert_eq!(v2.previous.as_ref().unwrap(), &web.spec);
+        // 8080 is free again; a clash with db's port is refused and changes nothing.
+        create(&mut s, "s3", spec("other", &[], &[(1, Some(8080))])).unwrap();
+        let before = s.clone();
+        let err = update(&mut s, 2, spec("web", &["front"], &[(80, Some(5432))])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "published port 5432/tcp is already used by service db"
+        );
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn tasks_get_an_address_and_mac_per_network_and_release_them() {
+        let mut s = init();
+        network(&mut s, "n1", "front").unwrap();
+        s.apply(&Command::AddNode {
+            id: "node1".into(),
+            hostname: "h1".into(),
+            addr: Ipv4Addr::new(198, 18, 0, 1),
+            role: Role::Manager,
+        })
+        .unwrap();
+        create(&mut s, "s1", spec("web", &["front"], &[(80, Some(8080))])).unwrap();
+        let Outcome::Task(t) = s
+            .apply(&Command::CreateTask {
+                id: "t1".into(),
+                service: "web".into(),
+                slot: 1,
+                node: "node1".into(),
+            })
+            .unwrap()
+        else {
+            panic!()
+        };
+        let got: Vec<_> = t
+            .attachments
+            .iter()
+            .map(|a| (a.network.as_str(), a.addr, a.mac))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("n1", Ipv4Addr::new(10, 0, 1, 3), [2, 0x42, 10, 0, 1, 3]),
+                ("ing", Ipv4Addr::new(10, 0, 0, 3), [2, 0x42, 10, 0, 0, 3]),
+            ]
+        );
+        // Removing the service removes its tasks and frees every address.
+        s.apply(&Command::RemoveService {
+            target: "web".into(),
+        })
+        .unwrap();
+        assert!(s.tasks.is_empty());
+        let again = create(&mut s, "s2", spec("web2", &["front"], &[(80, None)])).unwrap();
+        assert_eq!(again.vips[0].addr, Ipv4Addr::new(10, 0, 1, 2));
+    }
+
+    #[test]
+    fn nodes_are_versioned_and_guarded() {
+        let mut s = init();
+        s.apply(&Command::AddNode {
+            id: "m1".into(),
+            hostname: "mgr".into(),
+            addr: Ipv4Addr::new(198, 18, 0, 1),
+            role: Role::Manager,
+        })
+        .unwrap();
+        s.apply(&Command::AddNode {
+            id: "w1".into(),
+            hostname: "wrk".into(),
+            addr: Ipv4Addr::new(198, 18, 0, 2),
+            role: Role::Worker,
+        })
+        .unwrap();
+        let err = s
+            .apply(&Command::AddNode {
+                id: "w2".into(),
+                hostname: "dup".into(),
+                addr: Ipv4Addr::new(198, 18, 0, 2),
+                role: Role::Worker,
+            })
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "node address 198.18.0.2 is already used by node wrk"
+        );
+        let demote = NodeSpec {
+            role: Role::Worker,
+            availability: Availability::Active,
+            labels: BTreeMap::new(),
+        };
+        let err = s
+            .apply(&Command::UpdateNode {
+                id: "mgr".into(),
+                version: 1,
+                spec: demote.clone(),
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("is the last manager"), "{err}");
+        let drain = NodeSpec {
+            availability: Availability::Drain,
+            ..demote.clone()
+        };
+        s.apply(&Command::UpdateNode {
+            id: "wrk".into(),
+            version: 1,
+            spec: drain.clone(),
+        })
+        .unwrap();
+        let err = s
+            .apply(&Command::UpdateNode {
+                id: "wrk".into(),
+                version: 1,
+                spec: drain,
+            })
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StateError::Conflict {
+                    current: 2,
+                    given: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = s
+            .apply(&Command::RemoveNode {
+                id: "mgr".into(),
+                force: true,
+            })
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("demote it before removing it"),
+            "{err}"
+        );
+        let err = s
+            .apply(&Command::RemoveNode {
+                id: "wrk".into(),
+                force: false,
+            })
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("is not down and can't be removed"),
+            "{err}"
+        );
+        s.apply(&Command::SetNodeStatus {
+            id: "w1".into(),
+            status: NodeStatus::Down,
+        })
+        .unwrap();
+        s.apply(&Command::RemoveNode {
+            id: "wrk".into(),
+            force: false,
+        })
+        .unwrap();
+        assert_eq!(s.nodes.len(), 1);
+    }
+
+    #[test]
+    fn replicas_and_snapshots_agree() {
+        let log = vec![
+            Command::Init {
+                cluster_id: "c".into(),
+                ingress_id: "ing".into(),
+                settings: ClusterSettings::default(),
+            },
+            Command::AddNode {
+                id: "n".into(),
+                hostname: "h".into(),
+                addr: Ipv4Addr::new(198, 18, 0, 1),
+                role: Role::Manager,
+            },
+            Command::CreateNetwork {
+                id: "n1".into(),
+                spec: NetworkSpec {
+                    name: "front".into(),
+                    ..NetworkSpec::default()
+                },
+            },
+            Command::CreateService {
+                id: "s1".into(),
+                spec: spec("web", &["front"], &[(80, None)]),
+            },
+            Command::CreateTask {
+                id: "t1".into(),
+                service: "s1".into(),
+                slot: 1,
+                node: "n".into(),
+            },
+            Command::CreateService {
+                id: "s2".into(),
+                spec: spec("api", &["front"], &[(81, None)]),
+            },
+            Command::RemoveService {
+                target: "web".into(),
+            },
+        ];
+        let mut a = State::default();
+        let mut b = State::default();
+        for c in &log {
+            assert_eq!(a.apply(c), b.apply(c));
+        }
+        assert_eq!(a, b);
+        // A snapshot round trip, then the same next command on both.
+        let mut restored: State =
+            serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
+        restored.reindex().unwrap();
+        assert_eq!(restored, a);
+        let next = Command::CreateService {
+            id: "s3".into(),
+            spec: spec("new", &["front"], &[(82, None)]),
+        };
+        let (x, y) = (a.apply(&next).unwrap(), restored.apply(&next).unwrap());
+        assert_eq!(
+            x, y,
+            "the restored allocators hand out what the originals do"
+        );
+        let Outcome::Service(svc) = x else { panic!() };
+        assert_eq!(
+            svc.ports[0].published,
+            Some(30000),
+            "web's port was freed and is reused"
+        );
+    }
+}
