@@ -5,3 +5,4 @@
 
 pub mod allocator;
 pub mod state;
+pub mod store;

@@ -1,0 +1,536 @@
+//! The durable Raft store: the log, the vote and the committed index in a
+//! redb file, the state machine ([`State`]) in memory, rebuilt at start from
+//! the last snapshot (also in redb) plus the committed log after it.
+//!
+//! redb because it is pure Rust (no C++ toolchain, unlike RocksDB), ACID with
+//! an fsync per committed write transaction, and one file per manager.
+//! Every `append` is one write transaction, committed before openraft is
+//! told the entries are durable.
+
+// openraft's StorageError is large, and its traits fix it as the error type.
+#![allow(clippy::result_large_err)]
+
+use std::{
+    fmt::Debug,
+    io::Cursor,
+    ops::RangeBounds,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+    storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot},
+};
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{Command, Outcome, State};
+
+/// What a committed command answered: the outcome, or the refusal as the
+/// user should read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response(pub Result<Outcome, String>);
+
+openraft::declare_raft_types!(
+    /// mesh's Raft types: log entries carry [`Command`]s.
+    pub TypeConfig: D = Command, R = Response
+);
+
+pub type NodeId = u64;
+type StoreError = StorageError<NodeId>;
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const PURGED: &str = "last_purged";
+const SNAPSHOT: &str = "snapshot";
+
+fn any(e: impl std::fmt::Display) -> AnyError {
+    AnyError::error(e.to_string())
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StorageIOError::write(any(e)).into())
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StorageIOError::read(any(e)).into())
+}
+
+/// Opens (or creates) the store in `path`: the log store and the state
+/// machine share one redb file.
+pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+    let db = Database::create(path).map_err(|e| StorageIOError::read(any(e)))?;
+    let db = Arc::new(db);
+    let tx = db
+        .begin_write()
+        .map_err(|e| StorageIOError::write(any(e)))?;
+    {
+        tx.open_table(LOG)
+            .map_err(|e| StorageIOError::write(any(e)))?;
+        tx.open_table(META)
+            .map_err(|e| StorageIOError::write(any(e)))?;
+    }
+    tx.commit().map_err(|e| StorageIOError::write(any(e)))?;
+    let logs = LogStore { db: db.clone() };
+    let sm = StateMachineStore::load(db)?;
+    Ok((logs, sm))
+}
+
+fn meta_get<T: for<'de> Deserialize<'de>>(
+    db: &Database,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    let tx = db.begin_read().map_err(|e| StorageIOError::read(any(e)))?;
+    let table = tx
+        .open_table(META)
+        .map_err(|e| StorageIOError::read(any(e)))?;
+    match table.get(key).map_err(|e| StorageIOError::read(any(e)))? {
+        Some(v) => decode(v.value()).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn meta_put<T: Serialize>(db: &Database, key: &str, v: &T) -> Result<(), StoreError> {
+    let bytes = encode(v)?;
+    let tx = db
+        .begin_write()
+        .map_err(|e| StorageIOError::write(any(e)))?;
+    {
+        let mut table = tx
+            .open_table(META)
+            .map_err(|e| StorageIOError::write(any(e)))?;
+        table
+            .insert(key, bytes.as_slice())
+            .map_err(|e| StorageIOError::write(any(e)))?;
+    }
+    tx.commit()
+        .map_err(|e| StorageIOError::write(any(e)).into())
+}
+
+/// The Raft log, vote and committed index.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StoreError> {
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StorageIOError::read_logs(any(e)))?;
+        let table = tx
+            .open_table(LOG)
+            .map_err(|e| StorageIOError::read_logs(any(e)))?;
+        let mut out = Vec::new();
+        for item in table
+            .range(range)
+            .map_err(|e| StorageIOError::read_logs(any(e)))?
+        {
+            let (_, v) = item.map_err(|e| StorageIOError::read_logs(any(e)))?;
+            out.push(decode(v.value())?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StoreError> {
+        let last_purged: Option<LogId<NodeId>> = meta_get(&self.db, PURGED)?;
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StorageIOError::read_logs(any(e)))?;
+        let table = tx
+            .open_table(LOG)
+            .map_err(|e| StorageIOError::read_logs(any(e)))?;
+        let last = match table
+            .last()
+            .map_err(|e| StorageIOError::read_logs(any(e)))?
+        {
+            Some((_, v)) => Some(decode::<Entry<TypeConfig>>(v.value())?.log_id),
+            None => None,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last.or(last_purged),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StoreError> {
+        meta_put(&self.db, VOTE, vote)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StoreError> {
+        meta_get(&self.db, VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StoreError> {
+        meta_put(&self.db, COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StoreError> {
+        Ok(meta_get::<Option<LogId<NodeId>>>(&self.db, COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StoreError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let tx = self
+            .db
+            .begin_write()
+            .map_err(|e| StorageIOError::write_logs(any(e)))?;
+        {
+            let mut table = tx
+                .open_table(LOG)
+                .map_err(|e| StorageIOError::write_logs(any(e)))?;
+            for entry in entries {
+                let bytes = encode(&entry)?;
+                table
+                    .insert(entry.log_id.index, bytes.as_slice())
+                    .map_err(|e| StorageIOError::write_logs(any(e)))?;
+            }
+        }
+        // redb's default durability fsyncs on commit.
+        let r = tx.commit();
+        let done = r
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| std::io::Error::other(e.to_string()));
+        callback.log_io_completed(done);
+        r.map_err(|e| StorageIOError::write_logs(any(e)).into())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StoreError> {
+        self.delete_range(log_id.index..)
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StoreError> {
+        meta_put(&self.db, PURGED, &log_id)?;
+        self.delete_range(..=log_id.index)
+    }
+}
+
+impl LogStore {
+    fn delete_range(&self, range: impl RangeBounds<u64>) -> Result<(), StoreError> {
+        let tx = self
+            .db
+            .begin_write()
+            .map_err(|e| StorageIOError::write_logs(any(e)))?;
+        {
+            let mut table = tx
+                .open_table(LOG)
+                .map_err(|e| StorageIOError::write_logs(any(e)))?;
+            let keys: Vec<u64> = table
+                .range(range)
+                .map_err(|e| StorageIOError::write_logs(any(e)))?
+                .map(|item| item.map(|(k, _)| k.value()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| StorageIOError::write_logs(any(e)))?;
+            for k in keys {
+                table
+                    .remove(k)
+                    .map_err(|e| StorageIOError::write_logs(any(e)))?;
+            }
+        }
+        tx.commit()
+            .map_err(|e| StorageIOError::write_logs(any(e)).into())
+    }
+}
+
+/// A snapshot as stored: its metadata and the serialized state.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    data: Vec<u8>,
+}
+
+/// What the state machine has applied.
+#[derive(Default, Serialize, Deserialize)]
+struct Applied {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, openraft::BasicNode>,
+    state: State,
+}
+
+/// The cluster state as a Raft state machine.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    db: Arc<Database>,
+    applied: Arc<Mutex<Applied>>,
+    snapshot_seq: Arc<Mutex<u64>>,
+}
+
+impl StateMachineStore {
+    fn load(db: Arc<Database>) -> Result<StateMachineStore, StoreError> {
+        let mut applied = Applied::default();
+        if let Some(snap) = meta_get::<StoredSnapshot>(&db, SNAPSHOT)? {
+            applied = decode(&snap.data)?;
+            applied
+                .state
+                .reindex()
+                .map_err(|e| StorageIOError::read_state_machine(any(e)))?;
+        }
+        Ok(StateMachineStore {
+            db,
+            applied: Arc::new(Mutex::new(applied)),
+            snapshot_seq: Arc::default(),
+        })
+    }
+
+    /// A copy of the current cluster state.
+    pub fn state(&self) -> State {
+        self.applied.lock().expect("state lock").state.clone()
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StoreError> {
+        let (data, last_applied, membership) = {
+            let a = self.applied.lock().expect("state lock");
+            (encode(&*a)?, a.last_applied, a.membership.clone())
+        };
+        let seq = {
+            let mut s = self.snapshot_seq.lock().expect("seq lock");
+            *s += 1;
+            *s
+        };
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
+            None => format!("--{seq}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        meta_put(
+            &self.db,
+            SNAPSHOT,
+            &StoredSnapshot {
+                meta: meta.clone(),
+                data: data.clone(),
+            },
+        )?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<
+        (
+            Option<LogId<NodeId>>,
+            StoredMembership<NodeId, openraft::BasicNode>,
+        ),
+        StoreError,
+    > {
+        let a = self.applied.lock().expect("state lock");
+        Ok((a.last_applied, a.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StoreError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut a = self.applied.lock().expect("state lock");
+        let mut out = Vec::new();
+        for entry in entries {
+            a.last_applied = Some(entry.log_id);
+            let r = match entry.payload {
+                EntryPayload::Blank => Response(Ok(Outcome::Done)),
+                EntryPayload::Normal(cmd) => {
+                    Response(a.state.apply(&cmd).map_err(|e| e.to_string()))
+                }
+                EntryPayload::Membership(m) => {
+                    a.membership = StoredMembership::new(Some(entry.log_id), m);
+                    Response(Ok(Outcome::Done))
+                }
+            };
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StoreError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StoreError> {
+        let data = snapshot.into_inner();
+        let mut new: Applied = decode(&data)?;
+        new.state
+            .reindex()
+            .map_err(|e| StorageIOError::write_state_machine(any(e)))?;
+        new.last_applied = meta.last_log_id;
+        new.membership = meta.last_membership.clone();
+        meta_put(
+            &self.db,
+            SNAPSHOT,
+            &StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            },
+        )?;
+        *self.applied.lock().expect("state lock") = new;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StoreError> {
+        Ok(
+            meta_get::<StoredSnapshot>(&self.db, SNAPSHOT)?.map(|s| Snapshot {
+                meta: s.meta,
+                snapshot: Box::new(Cursor::new(s.data)),
+            }),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        path::PathBuf,
+        sync::atomic::{AtomicU32, Ordering},
+    };
+
+    use openraft::{
+        storage::RaftLogStorageExt,
+        testing::{StoreBuilder, Suite},
+    };
+
+    use super::*;
+
+    /// A directory under the system temp dir, removed on Drop.
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub fn new() -> TempDir {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "mesh-store-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for Builder {
+        async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StoreError> {
+            let dir = TempDir::new();
+            let (log, sm) = open(&dir.0.join("raft.redb"))?;
+            Ok((dir, log, sm))
+        }
+    }
+
+    fn entry(index: u64, cmd: Command) -> Entry<TypeConfig> {
+        Entry {
+            log_id: openraft::testing::log_id(1, 1, index),
+            payload: EntryPayload::Normal(cmd),
+        }
+    }
+
+    #[test]
+    fn a_reopened_store_has_its_vote_log_and_state() {
+        let dir = TempDir::new();
+        let path = dir.0.join("raft.redb");
+        let init = Command::Init {
+            cluster_id: "c".into(),
+            ingress_id: "ing".into(),
+            settings: Default::default(),
+        };
+        let net = Command::CreateNetwork {
+            id: "n1".into(),
+            spec: crate::state::NetworkSpec {
+                name: "front".into(),
+                ..Default::default()
+            },
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let expected = rt.block_on(async {
+            let (mut log, mut sm) = open(&path).unwrap();
+            let vote = Vote::new(3, 1);
+            log.save_vote(&vote).await.unwrap();
+            let entries = vec![entry(1, init), entry(2, net)];
+            log.blocking_append(entries.clone()).await.unwrap();
+            let answers = sm.apply(entries.clone()).await.unwrap();
+            assert!(answers.iter().all(|r| r.0.is_ok()), "{answers:?}");
+            sm.get_snapshot_builder()
+                .await
+                .build_snapshot()
+                .await
+                .unwrap();
+            // One more entry after the snapshot: it must come back from the log.
+            let more = entry(
+                3,
+                Command::RemoveNetwork {
+                    target: "nope".into(),
+                },
+            );
+            log.blocking_append([more.clone()]).await.unwrap();
+            let answer = sm.apply([more]).await.unwrap();
+            assert_eq!(answer[0].0, Err("network nope not found".to_string()));
+            sm.state()
+        });
+        let (mut log, mut sm) = open(&path).unwrap();
+        rt.block_on(async {
+            assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
+            let state = log.get_log_state().await.unwrap();
+            assert_eq!(state.last_log_id.map(|l| l.index), Some(3));
+            let (applied, _) = sm.applied_state().await.unwrap();
+            assert_eq!(applied.map(|l| l.index), Some(2), "the snapshot's point");
+            assert_eq!(sm.state(), expected, "the snapshot's state");
+            assert!(sm.state().network_by_ref("front").is_some());
+        });
+    }
+
+    #[test]
+    fn openraft_storage_conformance_suite_passes() {
+        Suite::test_all(Builder).unwrap();
+    }
+}
