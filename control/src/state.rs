@@ -734,15 +734,7 @@ impl State {
                 node.hostname
             )));
         }
-        let tasks: Vec<String> = self
-            .tasks
-            .values()
-            .filter(|t| t.node == node.id)
-            .map(|t| t.id.clone())
-            .collect();
-        for t in tasks {
-            self.remove_task(&t)?;
-        }
+        self.remove_tasks_where(|t| t.node == node.id);
         self.nodes.remove(&node.id);
         Ok(Outcome::Done)
     }
@@ -1112,15 +1104,7 @@ impl State {
                 kind: "service",
                 name: target.to_owned(),
             })?;
-        let tasks: Vec<String> = self
-            .tasks
-            .values()
-            .filter(|t| t.service == old.id)
-            .map(|t| t.id.clone())
-            .collect();
-        for t in tasks {
-            self.remove_task(&t)?;
-        }
+        self.remove_tasks_where(|t| t.service == old.id);
         self.release_endpoint(&old, None);
         self.services.remove(&old.id);
         Ok(Outcome::Done)
@@ -1185,6 +1169,19 @@ impl State {
         };
         self.tasks.insert(id.to_owned(), task.clone());
         Ok(Outcome::Task(task))
+    }
+
+    /// Removes the tasks matching `which`, giving back their addresses.
+    fn remove_tasks_where(&mut self, which: impl Fn(&Task) -> bool) {
+        let ids: Vec<String> = self
+            .tasks
+            .values()
+            .filter(|t| which(t))
+            .map(|t| t.id.clone())
+            .collect();
+        for id in ids {
+            let _ = self.remove_task(&id); // listed just now, so present
+        }
     }
 
     fn remove_task(&mut self, id: &str) -> Result<Outcome, StateError> {
@@ -1615,26 +1612,18 @@ mod tests {
             ),
             "{err}"
         );
-        let err = s
-            .apply(&Command::RemoveNode {
-                id: "mgr".into(),
-                force: true,
+        let remove = |s: &mut State, id: &str, force| {
+            s.apply(&Command::RemoveNode {
+                id: id.into(),
+                force,
             })
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("demote it before removing it"),
-            "{err}"
-        );
-        let err = s
-            .apply(&Command::RemoveNode {
-                id: "wrk".into(),
-                force: false,
-            })
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("is not down and can't be removed"),
-            "{err}"
-        );
+            .unwrap_err()
+            .to_string()
+        };
+        let err = remove(&mut s, "mgr", true);
+        assert!(err.contains("demote it before removing it"), "{err}");
+        let err = remove(&mut s, "wrk", false);
+        assert!(err.contains("is not down and can't be removed"), "{err}");
         s.apply(&Command::SetNodeStatus {
             id: "w1".into(),
             status: NodeStatus::Down,

@@ -195,29 +195,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let tx = self
-            .db
-            .begin_write()
-            .map_err(|e| StorageIOError::write_logs(any(e)))?;
-        {
-            let mut table = tx
-                .open_table(LOG)
-                .map_err(|e| StorageIOError::write_logs(any(e)))?;
+        let r = write_log(&self.db, |table| {
             for entry in entries {
                 let bytes = encode(&entry)?;
                 table
                     .insert(entry.log_id.index, bytes.as_slice())
                     .map_err(|e| StorageIOError::write_logs(any(e)))?;
             }
-        }
-        // redb's default durability fsyncs on commit.
-        let r = tx.commit();
+            Ok(())
+        });
+        // Durable (committed and fsynced) before openraft hears so.
         let done = r
             .as_ref()
             .map(|_| ())
             .map_err(|e| std::io::Error::other(e.to_string()));
         callback.log_io_completed(done);
-        r.map_err(|e| StorageIOError::write_logs(any(e)).into())
+        r
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StoreError> {
@@ -232,14 +225,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
 impl LogStore {
     fn delete_range(&self, range: impl RangeBounds<u64>) -> Result<(), StoreError> {
-        let tx = self
-            .db
-            .begin_write()
-            .map_err(|e| StorageIOError::write_logs(any(e)))?;
-        {
-            let mut table = tx
-                .open_table(LOG)
-                .map_err(|e| StorageIOError::write_logs(any(e)))?;
+        write_log(&self.db, |table| {
             let keys: Vec<u64> = table
                 .range(range)
                 .map_err(|e| StorageIOError::write_logs(any(e)))?
@@ -251,10 +237,28 @@ impl LogStore {
                     .remove(k)
                     .map_err(|e| StorageIOError::write_logs(any(e)))?;
             }
-        }
-        tx.commit()
-            .map_err(|e| StorageIOError::write_logs(any(e)).into())
+            Ok(())
+        })
     }
+}
+
+/// Runs `f` on the log table in one write transaction and commits it
+/// (redb's default durability: fsync on commit).
+fn write_log(
+    db: &Database,
+    f: impl FnOnce(&mut redb::Table<u64, &[u8]>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let tx = db
+        .begin_write()
+        .map_err(|e| StorageIOError::write_logs(any(e)))?;
+    {
+        let mut table = tx
+            .open_table(LOG)
+            .map_err(|e| StorageIOError::write_logs(any(e)))?;
+        f(&mut table)?;
+    }
+    tx.commit()
+        .map_err(|e| StorageIOError::write_logs(any(e)).into())
 }
 
 /// A snapshot as stored: its metadata and the serialized state.
