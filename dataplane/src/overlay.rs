@@ -1085,13 +1085,21 @@ impl Overlay {
         applied: &BTreeMap<String, AppliedNetwork>,
         problems: &mut Problems,
     ) {
-        let keep: BTreeSet<&str> = applied
+        // Keep whatever a desired network would use, even if building it
+        // failed this pass (underlay address missing, MTU out of range):
+        // a transient problem must not tear down working task networking.
+        let mut keep: BTreeSet<String> = applied
             .values()
-            .flat_map(|a| a.links().map(|l| l.name.as_str()))
+            .flat_map(|a| a.links().map(|l| l.name.clone()))
             .collect();
+        for net in self.desired.networks.values() {
+            keep.insert(bridge_name(net.spec.vni));
+            keep.insert(vxlan_name(net.spec.vni));
+            keep.extend(net.local.keys().map(|ep| veth_name(&net.spec.id, ep)));
+        }
         let mut strays: Vec<&Link> = all
             .values()
-            .filter(|l| is_owned(&l.name) && !keep.contains(l.name.as_str()))
+            .filter(|l| is_owned(&l.name) && !keep.contains(&l.name))
             .collect();
         // Veths first, bridges last: a port goes before its bridge.
         strays.sort_by_key(|l| {

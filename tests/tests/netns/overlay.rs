@@ -437,6 +437,33 @@ fn reconcile_is_idempotent_repairs_drift_removes_endpoints_and_tears_down() {
     assert!(c.task(red, 0).reaches(r1), "drift not repaired");
     assert_eq!(c.reconcile(0), 0);
 
+    // The underlay address vanishing (an interface flap, an operator's
+    // mistake) is an error, and the networks stay as they are.
+    let underlay = format!("{}/{}", c.topo.host(0).addr(), c.topo.host(0).prefix_len());
+    c.topo
+        .host(0)
+        .exec_ok("ip", &["addr", "del", &underlay, "dev", "eth0"]);
+    let o = &mut c.overlays[0];
+    let err = c.rt.block_on(o.reconcile()).unwrap_err().to_string();
+    assert!(
+        err.contains("no interface in netns") && err.contains("has this address"),
+        "{err}"
+    );
+    assert!(
+        Cluster::links(c.topo.host(0).ns()).contains(&br),
+        "a network was torn down: {err}"
+    );
+    assert_eq!(Cluster::links(&c.task(red, 0).ns), vec!["lo", "eth0"]);
+    c.topo
+        .host(0)
+        .exec_ok("ip", &["addr", "add", &underlay, "dev", "eth0"]);
+    assert_eq!(
+        c.reconcile(0),
+        0,
+        "nothing to rebuild once the address is back"
+    );
+    assert!(c.task(red, 0).reaches(r1));
+
     // Removing a remote endpoint: two changes (neighbour + FDB), and it is gone.
     let mut spec = c.spec(0);
     spec.networks[red].remote.retain(|r| r.ip != r2);
