@@ -4,5 +4,6 @@
 //! dispatcher land here with the control-plane issues.
 
 pub mod allocator;
+pub mod seal;
 pub mod state;
 pub mod store;

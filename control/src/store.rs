@@ -26,7 +26,10 @@ use openraft::{
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Command, Outcome, State};
+use crate::{
+    seal::Key,
+    state::{Command, Outcome, State},
+};
 
 /// What a committed command answered: the outcome, or the refusal as the
 /// user should read it.
@@ -52,19 +55,39 @@ fn any(e: impl std::fmt::Display) -> AnyError {
     AnyError::error(e.to_string())
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(v).map_err(|e| StorageIOError::write(any(e)).into())
+/// Serializes and seals a record for `slot`.
+fn encode<T: Serialize>(key: &Key, slot: &str, v: &T) -> Result<Vec<u8>, StoreError> {
+    let plain = serde_json::to_vec(v).map_err(|e| StorageIOError::write(any(e)))?;
+    key.seal(slot.as_bytes(), &plain)
+        .map_err(|e| StorageIOError::write(any(e)).into())
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StorageIOError::read(any(e)).into())
+fn log_slot(index: u64) -> String {
+    format!("log:{index}")
 }
 
-/// Opens (or creates) the store in `path`: the log store and the state
-/// machine share one redb file.
-pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+fn meta_slot(name: &str) -> String {
+    format!("meta:{name}")
+}
+
+/// Opens and deserializes the record sealed for `slot`.
+fn decode<T: for<'de> Deserialize<'de>>(
+    key: &Key,
+    slot: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    let plain = key
+        .open(slot.as_bytes(), bytes)
+        .map_err(|e| StorageIOError::read(any(e)))?;
+    serde_json::from_slice(&plain).map_err(|e| StorageIOError::read(any(e)).into())
+}
+
+/// Opens (or creates) the store at `path` (one redb file shared by the log
+/// and the state machine), every record sealed with `key`.
+pub fn open(path: &Path, key: Key) -> Result<(LogStore, StateMachineStore), StoreError> {
     let db = Database::create(path).map_err(|e| StorageIOError::read(any(e)))?;
     let db = Arc::new(db);
+    let key = Arc::new(key);
     let tx = db
         .begin_write()
         .map_err(|e| StorageIOError::write(any(e)))?;
@@ -75,13 +98,17 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
             .map_err(|e| StorageIOError::write(any(e)))?;
     }
     tx.commit().map_err(|e| StorageIOError::write(any(e)))?;
-    let logs = LogStore { db: db.clone() };
-    let sm = StateMachineStore::load(db)?;
+    let logs = LogStore {
+        db: db.clone(),
+        key: key.clone(),
+    };
+    let sm = StateMachineStore::load(db, key)?;
     Ok((logs, sm))
 }
 
 fn meta_get<T: for<'de> Deserialize<'de>>(
     db: &Database,
+    seal: &Key,
     key: &str,
 ) -> Result<Option<T>, StoreError> {
     let tx = db.begin_read().map_err(|e| StorageIOError::read(any(e)))?;
@@ -89,13 +116,13 @@ fn meta_get<T: for<'de> Deserialize<'de>>(
         .open_table(META)
         .map_err(|e| StorageIOError::read(any(e)))?;
     match table.get(key).map_err(|e| StorageIOError::read(any(e)))? {
-        Some(v) => decode(v.value()).map(Some),
+        Some(v) => decode(seal, &meta_slot(key), v.value()).map(Some),
         None => Ok(None),
     }
 }
 
-fn meta_put<T: Serialize>(db: &Database, key: &str, v: &T) -> Result<(), StoreError> {
-    let bytes = encode(v)?;
+fn meta_put<T: Serialize>(db: &Database, seal: &Key, key: &str, v: &T) -> Result<(), StoreError> {
+    let bytes = encode(seal, &meta_slot(key), v)?;
     let tx = db
         .begin_write()
         .map_err(|e| StorageIOError::write(any(e)))?;
@@ -115,6 +142,7 @@ fn meta_put<T: Serialize>(db: &Database, key: &str, v: &T) -> Result<(), StoreEr
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    key: Arc<Key>,
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -134,8 +162,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             .range(range)
             .map_err(|e| StorageIOError::read_logs(any(e)))?
         {
-            let (_, v) = item.map_err(|e| StorageIOError::read_logs(any(e)))?;
-            out.push(decode(v.value())?);
+            let (k, v) = item.map_err(|e| StorageIOError::read_logs(any(e)))?;
+            out.push(decode(&self.key, &log_slot(k.value()), v.value())?);
         }
         Ok(out)
     }
@@ -145,7 +173,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StoreError> {
-        let last_purged: Option<LogId<NodeId>> = meta_get(&self.db, PURGED)?;
+        let last_purged: Option<LogId<NodeId>> = meta_get(&self.db, &self.key, PURGED)?;
         let tx = self
             .db
             .begin_read()
@@ -157,7 +185,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .last()
             .map_err(|e| StorageIOError::read_logs(any(e)))?
         {
-            Some((_, v)) => Some(decode::<Entry<TypeConfig>>(v.value())?.log_id),
+            Some((k, v)) => Some(
+                decode::<Entry<TypeConfig>>(&self.key, &log_slot(k.value()), v.value())?.log_id,
+            ),
             None => None,
         };
         Ok(LogState {
@@ -171,19 +201,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StoreError> {
-        meta_put(&self.db, VOTE, vote)
+        meta_put(&self.db, &self.key, VOTE, vote)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StoreError> {
-        meta_get(&self.db, VOTE)
+        meta_get(&self.db, &self.key, VOTE)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StoreError> {
-        meta_put(&self.db, COMMITTED, &committed)
+        meta_put(&self.db, &self.key, COMMITTED, &committed)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StoreError> {
-        Ok(meta_get::<Option<LogId<NodeId>>>(&self.db, COMMITTED)?.flatten())
+        Ok(meta_get::<Option<LogId<NodeId>>>(&self.db, &self.key, COMMITTED)?.flatten())
     }
 
     async fn append<I>(
@@ -197,7 +227,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let r = write_log(&self.db, |table| {
             for entry in entries {
-                let bytes = encode(&entry)?;
+                let bytes = encode(&self.key, &log_slot(entry.log_id.index), &entry)?;
                 table
                     .insert(entry.log_id.index, bytes.as_slice())
                     .map_err(|e| StorageIOError::write_logs(any(e)))?;
@@ -218,7 +248,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StoreError> {
-        meta_put(&self.db, PURGED, &log_id)?;
+        meta_put(&self.db, &self.key, PURGED, &log_id)?;
         self.delete_range(..=log_id.index)
     }
 }
@@ -280,15 +310,17 @@ struct Applied {
 #[derive(Clone)]
 pub struct StateMachineStore {
     db: Arc<Database>,
+    key: Arc<Key>,
     applied: Arc<Mutex<Applied>>,
     snapshot_seq: Arc<Mutex<u64>>,
 }
 
 impl StateMachineStore {
-    fn load(db: Arc<Database>) -> Result<StateMachineStore, StoreError> {
+    fn load(db: Arc<Database>, key: Arc<Key>) -> Result<StateMachineStore, StoreError> {
         let mut applied = Applied::default();
-        if let Some(snap) = meta_get::<StoredSnapshot>(&db, SNAPSHOT)? {
-            applied = decode(&snap.data)?;
+        if let Some(snap) = meta_get::<StoredSnapshot>(&db, &key, SNAPSHOT)? {
+            applied = serde_json::from_slice(&snap.data)
+                .map_err(|e| StorageIOError::read_state_machine(any(e)))?;
             applied
                 .state
                 .reindex()
@@ -296,6 +328,7 @@ impl StateMachineStore {
         }
         Ok(StateMachineStore {
             db,
+            key,
             applied: Arc::new(Mutex::new(applied)),
             snapshot_seq: Arc::default(),
         })
@@ -311,7 +344,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StoreError> {
         let (data, last_applied, membership) = {
             let a = self.applied.lock().expect("state lock");
-            (encode(&*a)?, a.last_applied, a.membership.clone())
+            (
+                serde_json::to_vec(&*a).map_err(|e| StorageIOError::write_state_machine(any(e)))?,
+                a.last_applied,
+                a.membership.clone(),
+            )
         };
         let seq = {
             let mut s = self.snapshot_seq.lock().expect("seq lock");
@@ -329,6 +366,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         };
         meta_put(
             &self.db,
+            &self.key,
             SNAPSHOT,
             &StoredSnapshot {
                 meta: meta.clone(),
@@ -396,7 +434,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StoreError> {
         let data = snapshot.into_inner();
-        let mut new: Applied = decode(&data)?;
+        let mut new: Applied = serde_json::from_slice(&data)
+            .map_err(|e| StorageIOError::read_state_machine(any(e)))?;
         new.state
             .reindex()
             .map_err(|e| StorageIOError::write_state_machine(any(e)))?;
@@ -404,6 +443,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         new.membership = meta.last_membership.clone();
         meta_put(
             &self.db,
+            &self.key,
             SNAPSHOT,
             &StoredSnapshot {
                 meta: meta.clone(),
@@ -416,7 +456,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StoreError> {
         Ok(
-            meta_get::<StoredSnapshot>(&self.db, SNAPSHOT)?.map(|s| Snapshot {
+            meta_get::<StoredSnapshot>(&self.db, &self.key, SNAPSHOT)?.map(|s| Snapshot {
                 meta: s.meta,
                 snapshot: Box::new(Cursor::new(s.data)),
             }),
@@ -425,9 +465,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::{
-        path::PathBuf,
+        path::{Path, PathBuf},
         sync::atomic::{AtomicU32, Ordering},
     };
 
@@ -452,6 +492,10 @@ mod tests {
             std::fs::create_dir_all(&dir).expect("temp dir");
             TempDir(dir)
         }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
     }
 
     impl Drop for TempDir {
@@ -460,12 +504,16 @@ mod tests {
         }
     }
 
+    fn test_key() -> Key {
+        Key::from_bytes(&[9; 32])
+    }
+
     struct Builder;
 
     impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for Builder {
         async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StoreError> {
             let dir = TempDir::new();
-            let (log, sm) = open(&dir.0.join("raft.redb"))?;
+            let (log, sm) = open(&dir.0.join("raft.redb"), test_key())?;
             Ok((dir, log, sm))
         }
     }
@@ -497,7 +545,7 @@ mod tests {
             .build()
             .unwrap();
         let expected = rt.block_on(async {
-            let (mut log, mut sm) = open(&path).unwrap();
+            let (mut log, mut sm) = open(&path, test_key()).unwrap();
             let vote = Vote::new(3, 1);
             log.save_vote(&vote).await.unwrap();
             let entries = vec![entry(1, init), entry(2, net)];
@@ -521,7 +569,7 @@ mod tests {
             assert_eq!(answer[0].0, Err("network nope not found".to_string()));
             sm.state()
         });
-        let (mut log, mut sm) = open(&path).unwrap();
+        let (mut log, mut sm) = open(&path, test_key()).unwrap();
         rt.block_on(async {
             assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
             let state = log.get_log_state().await.unwrap();
@@ -531,6 +579,94 @@ mod tests {
             assert_eq!(sm.state(), expected, "the snapshot's state");
             assert!(sm.state().network_by_ref("front").is_some());
         });
+    }
+
+    /// Every file under `dir`, as raw bytes.
+    fn all_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.extend(all_bytes(&path));
+            } else {
+                out.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn no_service_name_or_secret_is_stored_in_plaintext() {
+        let dir = TempDir::new();
+        let keys = crate::seal::DataKeys::create(dir.path(), false).unwrap();
+        let (name, secret) = ("zebra-unique-svc", "hunter2-xyzzy-secret");
+        let mut spec = crate::state::ServiceSpec {
+            name: name.into(),
+            mode: crate::state::ServiceMode::Replicated { replicas: 1 },
+            task: Default::default(),
+            endpoint: Default::default(),
+            update: Default::default(),
+            rollback: Default::default(),
+        };
+        spec.task.command = vec!["/bin/app".into()];
+        spec.task.env = vec![format!("PASSWORD={secret}")];
+        let entries = vec![
+            entry(
+                1,
+                Command::Init {
+                    cluster_id: "c".into(),
+                    ingress_id: "ing".into(),
+                    settings: Default::default(),
+                },
+            ),
+            entry(
+                2,
+                Command::CreateService {
+                    id: "s1".into(),
+                    spec,
+                },
+            ),
+        ];
+        let plain = serde_json::to_vec(&entries).unwrap();
+        assert!(
+            plain.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the check itself works"
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (mut log, mut sm) = open(&dir.path().join("raft.redb"), keys.data).unwrap();
+            log.save_vote(&Vote::new(1, 1)).await.unwrap();
+            log.blocking_append(entries.clone()).await.unwrap();
+            let r = sm.apply(entries).await.unwrap();
+            assert!(r.iter().all(|r| r.0.is_ok()), "{r:?}");
+            sm.get_snapshot_builder()
+                .await
+                .build_snapshot()
+                .await
+                .unwrap();
+            assert!(sm.state().service_by_ref(name).is_some());
+        });
+        let files = all_bytes(dir.path());
+        assert!(
+            files
+                .iter()
+                .any(|(p, b)| p.ends_with("raft.redb") && b.len() > 4096)
+        );
+        for (path, bytes) in &files {
+            for needle in [name, secret] {
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                    "{needle:?} in plaintext in {}",
+                    path.display()
+                );
+            }
+        }
+        // And it reads back with the keys from the data dir.
+        let keys = crate::seal::DataKeys::load(dir.path(), None).unwrap();
+        let (_, sm) = open(&dir.path().join("raft.redb"), keys.data).unwrap();
+        assert!(sm.state().service_by_ref(name).is_some());
     }
 
     #[test]
