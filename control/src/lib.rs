@@ -4,6 +4,7 @@
 //! dispatcher land here with the control-plane issues.
 
 pub mod allocator;
+pub mod pki;
 pub mod seal;
 pub mod state;
 pub mod store;

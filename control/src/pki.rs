@@ -1,0 +1,392 @@
+//! The cluster PKI, as in Swarm: a P-256 root CA created at init, node
+//! certificates carrying the node id (CN), its role (OU) and the cluster id
+//! (O), and join tokens `MESH-1-<CA digest>-<secret>`.
+//!
+//! The digest in a token pins the CA: a joining node checks the CA
+//! certificate the manager presents against it before sending anything, so
+//! a token is useless against a different (impostor) cluster. Managers keep
+//! only a hash of each token's secret.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use ring::{
+    digest::{SHA256, digest},
+    rand::{SecureRandom, SystemRandom},
+};
+use time::OffsetDateTime;
+
+use crate::state::Role;
+
+/// Default certificate lifetime (Swarm's is 90 days too).
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
+const TOKEN_PREFIX: &str = "MESH-1-";
+const OU_MANAGER: &str = "mesh-manager";
+const OU_WORKER: &str = "mesh-worker";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{0}")]
+    Cert(String),
+    #[error("{0:?} is not a join token: it looks like MESH-1-<64 hex digits>-<secret>")]
+    BadToken(String),
+    #[error(
+        "the manager's CA (digest {presented}) is not the one in the token ({expected}): wrong token, wrong address, or someone in between"
+    )]
+    CaMismatch { expected: String, presented: String },
+    #[error("the join token is not valid for this cluster (wrong or rotated)")]
+    TokenRefused,
+    #[error("certificate is not a mesh node certificate: {0}")]
+    NotANode(String),
+    #[error("the system random source failed")]
+    Random,
+}
+
+fn cert_err(e: impl fmt::Display) -> PkiError {
+    PkiError::Cert(e.to_string())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of a certificate's DER, in hex: what join tokens pin.
+pub fn ca_digest(ca_cert_pem: &str) -> Result<String, PkiError> {
+    let der = pem_to_der(ca_cert_pem)?;
+    Ok(hex(digest(&SHA256, &der).as_ref()))
+}
+
+fn pem_to_der(pem: &str) -> Result<Vec<u8>, PkiError> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(cert_err)?;
+    Ok(p.contents)
+}
+
+/// The cluster's root CA.
+#[derive(Clone)]
+pub struct Ca {
+    pub cert_pem: String,
+    key_pem: String,
+}
+
+impl fmt::Debug for Ca {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ca").finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// A new self-signed P-256 root for `cluster_id`, valid 20 years.
+    pub fn create(cluster_id: &str) -> Result<Ca, PkiError> {
+        let key = KeyPair::generate().map_err(cert_err)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "mesh root CA");
+        dn.push(DnType::OrganizationName, cluster_id);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(20 * 365);
+        let cert = params.self_signed(&key).map_err(cert_err)?;
+        Ok(Ca {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// A CA from its stored certificate and key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Ca {
+        Ca {
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+        }
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    pub fn digest(&self) -> Result<String, PkiError> {
+        ca_digest(&self.cert_pem)
+    }
+
+    /// Signs a node's CSR: the certificate names `node_id`, its role and
+    /// the cluster, whatever the CSR asked for.
+    pub fn issue(
+        &self,
+        csr_pem: &str,
+        cluster_id: &str,
+        node_id: &str,
+        role: Role,
+        lifetime: Duration,
+    ) -> Result<String, PkiError> {
+        let key = KeyPair::from_pem(&self.key_pem).map_err(cert_err)?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, key).map_err(cert_err)?;
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::Cert(format!("bad certificate request: {e}")))?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, node_id);
+        dn.push(
+            DnType::OrganizationalUnitName,
+            match role {
+                Role::Manager => OU_MANAGER,
+                Role::Worker => OU_WORKER,
+            },
+        );
+        dn.push(DnType::OrganizationName, cluster_id);
+        let p = &mut csr.params;
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        // SANs: the node id, so TLS clients can verify a peer by its id.
+        p.subject_alt_names = vec![rcgen::SanType::DnsName(
+            node_id.try_into().map_err(cert_err)?,
+        )];
+        let now = OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::minutes(5);
+        p.not_after = now + time::Duration::try_from(lifetime).map_err(cert_err)?;
+        let cert = csr.signed_by(&issuer).map_err(cert_err)?;
+        Ok(cert.pem())
+    }
+}
+
+/// A node's new key and its certificate request.
+pub fn node_key_and_csr() -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate().map_err(cert_err)?;
+    let csr = CertificateParams::default()
+        .serialize_request(&key)
+        .map_err(cert_err)?;
+    Ok((key.serialize_pem(), csr.pem().map_err(cert_err)?))
+}
+
+/// Who a node certificate says it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub node_id: String,
+    pub role: Role,
+    pub cluster_id: String,
+    /// Seconds since the epoch.
+    pub not_after: i64,
+}
+
+/// Reads and checks a node certificate: signed by `ca_cert_pem`, within its
+/// validity, with a mesh role.
+pub fn identity(cert_pem: &str, ca_cert_pem: &str, now: i64) -> Result<Identity, PkiError> {
+    let der = pem_to_der(cert_pem)?;
+    let ca_der = pem_to_der(ca_cert_pem)?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::NotANode(e.to_string()))?;
+    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).map_err(cert_err)?;
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|_| PkiError::NotANode("not signed by this cluster's CA".into()))?;
+    let v = cert.validity();
+    if now < v.not_before.timestamp() || now > v.not_after.timestamp() {
+        return Err(PkiError::NotANode("expired or not yet valid".into()));
+    }
+    let first = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
+        it.next().and_then(|a| a.as_str().ok()).map(str::to_owned)
+    };
+    let subject = cert.subject();
+    let node_id =
+        first(&mut subject.iter_common_name()).ok_or_else(|| PkiError::NotANode("no CN".into()))?;
+    let role = match first(&mut subject.iter_organizational_unit()).as_deref() {
+        Some(OU_MANAGER) => Role::Manager,
+        Some(OU_WORKER) => Role::Worker,
+        other => return Err(PkiError::NotANode(format!("role {other:?}"))),
+    };
+    let cluster_id =
+        first(&mut subject.iter_organization()).ok_or_else(|| PkiError::NotANode("no O".into()))?;
+    Ok(Identity {
+        node_id,
+        role,
+        cluster_id,
+        not_after: v.not_after.timestamp(),
+    })
+}
+
+/// Whether a certificate should be renewed: in the last third of its life.
+pub fn needs_renewal(not_after: i64, now: i64, lifetime: Duration) -> bool {
+    not_after - now < (lifetime.as_secs() / 3) as i64
+}
+
+/// A join token as the operator handles it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    pub ca_digest: String,
+    pub secret: String,
+}
+
+impl JoinToken {
+    /// A new token for the CA with this digest.
+    pub fn generate(ca_digest: &str) -> Result<JoinToken, PkiError> {
+        let mut raw = [0u8; 16];
+        SystemRandom::new()
+            .fill(&mut raw)
+            .map_err(|_| PkiError::Random)?;
+        Ok(JoinToken {
+            ca_digest: ca_digest.to_owned(),
+            secret: hex(&raw),
+        })
+    }
+
+    /// What the managers store instead of the secret.
+    pub fn secret_hash(&self) -> String {
+        hex(digest(&SHA256, self.secret.as_bytes()).as_ref())
+    }
+
+    /// Checks the secret against a stored hash, in constant time.
+    pub fn check(&self, stored_hash: &str) -> Result<(), PkiError> {
+        let ours = self.secret_hash();
+        let same = ours.len() == stored_hash.len()
+            && ours
+                .bytes()
+                .zip(stored_hash.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            Ok(())
+        } else {
+            Err(PkiError::TokenRefused)
+        }
+    }
+
+    /// Checks the CA a manager presented against the token's digest.
+    pub fn check_ca(&self, ca_cert_pem: &str) -> Result<(), PkiError> {
+        let presented = ca_digest(ca_cert_pem)?;
+        if presented == self.ca_digest {
+            Ok(())
+        } else {
+            Err(PkiError::CaMismatch {
+                expected: self.ca_digest.clone(),
+                presented,
+            })
+        }
+    }
+}
+
+impl fmt::Display for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{TOKEN_PREFIX}{}-{}", self.ca_digest, self.secret)
+    }
+}
+
+impl fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JoinToken({TOKEN_PREFIX}{}-…)", self.ca_digest)
+    }
+}
+
+impl FromStr for JoinToken {
+    type Err = PkiError;
+
+    fn from_str(s: &str) -> Result<JoinToken, PkiError> {
+        let bad = || PkiError::BadToken(s.to_owned());
+        let rest = s.trim().strip_prefix(TOKEN_PREFIX).ok_or_else(bad)?;
+        let (digest, secret) = rest.split_once('-').ok_or_else(bad)?;
+        let is_hex = |t: &str| t.bytes().all(|b| b.is_ascii_hexdigit());
+        if digest.len() != 64 || !is_hex(digest) || secret.len() < 16 || !is_hex(secret) {
+            return Err(bad());
+        }
+        Ok(JoinToken {
+            ca_digest: digest.to_ascii_lowercase(),
+            secret: secret.to_ascii_lowercase(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> i64 {
+        OffsetDateTime::now_utc().unix_timestamp()
+    }
+
+    #[test]
+    fn a_node_certificate_carries_id_role_and_cluster() {
+        let ca = Ca::create("cluster-1").unwrap();
+        let (_key, csr) = node_key_and_csr().unwrap();
+        let cert = ca
+            .issue(
+                &csr,
+                "cluster-1",
+                "node-abc",
+                Role::Worker,
+                DEFAULT_CERT_LIFETIME,
+            )
+            .unwrap();
+        let id = identity(&cert, &ca.cert_pem, now()).unwrap();
+        assert_eq!(
+            (id.node_id.as_str(), id.role, id.cluster_id.as_str()),
+            ("node-abc", Role::Worker, "cluster-1")
+        );
+        let days = (id.not_after - now()) / 86400;
+        assert!((89..=90).contains(&days), "{days} days");
+        assert!(!needs_renewal(id.not_after, now(), DEFAULT_CERT_LIFETIME));
+        assert!(needs_renewal(
+            id.not_after,
+            now() + 61 * 86400,
+            DEFAULT_CERT_LIFETIME
+        ));
+        // Another cluster's CA does not vouch for it; nor is it valid after expiry.
+        let other = Ca::create("cluster-2").unwrap();
+        let err = identity(&cert, &other.cert_pem, now())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not signed by this cluster's CA"), "{err}");
+        let err = identity(&cert, &ca.cert_pem, now() + 91 * 86400)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expired"), "{err}");
+        let err = ca
+            .issue("garbage", "c", "n", Role::Worker, DEFAULT_CERT_LIFETIME)
+            .unwrap_err();
+        assert!(err.to_string().contains("bad certificate request"), "{err}");
+    }
+
+    #[test]
+    fn tokens_pin_the_ca_and_only_their_secret_passes() {
+        let ca = Ca::create("c").unwrap();
+        let token = JoinToken::generate(&ca.digest().unwrap()).unwrap();
+        let text = token.to_string();
+        assert!(
+            text.starts_with("MESH-1-") && text.len() == 7 + 64 + 1 + 32,
+            "{text}"
+        );
+        let parsed: JoinToken = text.parse().unwrap();
+        assert_eq!(parsed, token);
+        assert!(
+            !format!("{token:?}").contains(&token.secret),
+            "Debug leaks the secret"
+        );
+        parsed.check_ca(&ca.cert_pem).unwrap();
+        parsed.check(&token.secret_hash()).unwrap();
+        // A rotated token: new secret, the old hash no longer matches.
+        let rotated = JoinToken::generate(&token.ca_digest).unwrap();
+        assert!(matches!(
+            token.check(&rotated.secret_hash()),
+            Err(PkiError::TokenRefused)
+        ));
+        // An impostor CA.
+        let impostor = Ca::create("c").unwrap();
+        let err = parsed.check_ca(&impostor.cert_pem).unwrap_err().to_string();
+        assert!(err.contains("is not the one in the token"), "{err}");
+        for bad in [
+            "",
+            "MESH-1-abc-def",
+            "SWMTKN-1-x-y",
+            &format!("MESH-1-{}-short", "a".repeat(64)),
+        ] {
+            let err = bad.parse::<JoinToken>().unwrap_err().to_string();
+            assert!(err.contains("is not a join token"), "{err}");
+        }
+    }
+}
