@@ -793,6 +793,39 @@ impl Overlay {
             _ => None,
         };
 
+        // Phase 1: take away what is no longer wanted before building
+        // anything, so that a VNI, or a task interface moving from one
+        // network to another, is free by the time it is needed.
+        let mut kept = BTreeMap::new();
+        for (id, mut p) in std::mem::take(&mut prev) {
+            match self.desired.networks.get(&id) {
+                Some(net) if net.spec.vni == p.header.vni => {
+                    let stale: Vec<String> = p
+                        .locals
+                        .iter()
+                        .filter(|(ep, (old, _))| net.local.get(*ep) != Some(old))
+                        .map(|(ep, _)| ep.clone())
+                        .collect();
+                    for ep in stale {
+                        if let Some((_, host)) = p.locals.remove(&ep) {
+                            let ctx = format!("network {id} endpoint {ep}");
+                            self.remove_local(&host, &ctx, &mut problems).await;
+                        }
+                    }
+                    kept.insert(id, p);
+                }
+                // Gone, or under a new VNI (new link names): its links go.
+                _ => self.remove_network(&p, &mut problems).await,
+            }
+        }
+        let mut prev = kept;
+        if let Links::Dump(all) = &links {
+            self.collect_strays(all, &mut problems).await;
+        }
+
+        // Phase 2: build or update every wanted network. One that cannot be
+        // built now (no underlay address, an MTU that does not fit) keeps its
+        // links as they are and is retried by the next pass.
         for net in self.desired.networks.values() {
             let Some(underlay) = underlay else { break };
             let (id, vni) = (&net.spec.id, net.spec.vni);
@@ -816,26 +849,13 @@ impl Overlay {
                 Some(p) if p.header == header => {
                     Some(self.update_network(net, p, &mut problems).await)
                 }
-                other => {
-                    // The MTU or underlay changed (links are fixed in place,
-                    // task interfaces included), or the VNI did (new names:
-                    // the old links go).
-                    if let Some(p) = other {
-                        self.remove_network(&p, Some(net), &mut problems).await;
-                    }
-                    self.build_network(net, header, &links, &mut problems).await
-                }
+                // New, or its MTU or underlay changed: links are created or
+                // fixed in place (task interfaces included).
+                _ => self.build_network(net, header, &links, &mut problems).await,
             };
             if let Some(a) = result {
                 applied.insert(id.clone(), a);
             }
-        }
-        // Networks no longer wanted.
-        for p in prev.values() {
-            self.remove_network(p, None, &mut problems).await;
-        }
-        if let Links::Dump(all) = &links {
-            self.collect_strays(all, &applied, &mut problems).await;
         }
         self.finish(start, full, applied, problems)
     }
@@ -971,15 +991,8 @@ impl Overlay {
             prev.remotes = net.remote.clone();
         }
 
-        let mut locals = BTreeMap::new();
-        for (ep_id, (old, host)) in std::mem::take(&mut prev.locals) {
-            if net.local.get(&ep_id) == Some(&old) {
-                locals.insert(ep_id, (old, host));
-            } else {
-                self.remove_local(&host, &format!("{ctx} endpoint {ep_id}"), problems)
-                    .await;
-            }
-        }
+        // Stale endpoints went in phase 1; add the missing ones.
+        let mut locals = std::mem::take(&mut prev.locals);
         for ep in net.local.values() {
             if locals.contains_key(&ep.id) {
                 continue;
@@ -1046,29 +1059,9 @@ impl Overlay {
         }
     }
 
-    /// Deletes a network's links (veths, then the VXLAN device, then the
-    /// bridge). When the network is being rebuilt under the same VNI
-    /// (`rebuilt`), its bridge, VXLAN device and still-wanted veths stay.
-    async fn remove_network(
-        &self,
-        p: &AppliedNetwork,
-        rebuilt: Option<&DesiredNetwork>,
-        problems: &mut Problems,
-    ) {
-        let keep = |link: &Link| match rebuilt {
-            Some(net) if net.spec.vni == p.header.vni => {
-                link.index == p.bridge.index
-                    || link.index == p.vxlan.index
-                    || p.locals
-                        .iter()
-                        .any(|(id, (_, l))| l.index == link.index && net.local.contains_key(id))
-            }
-            _ => false,
-        };
+    /// Deletes a network's links: veths, then the VXLAN device, then the bridge.
+    async fn remove_network(&self, p: &AppliedNetwork, problems: &mut Problems) {
         for link in p.links() {
-            if keep(link) {
-                continue;
-            }
             if let Err(e) = self.nl.del_link(link).await
                 && !e.is_not_found()
             {
@@ -1079,19 +1072,11 @@ impl Overlay {
 
     /// In a full pass: deletes links with mesh's prefixes that no desired
     /// network owns (left by a crash, or by an earlier table).
-    async fn collect_strays(
-        &self,
-        all: &HashMap<String, Link>,
-        applied: &BTreeMap<String, AppliedNetwork>,
-        problems: &mut Problems,
-    ) {
+    async fn collect_strays(&self, all: &HashMap<String, Link>, problems: &mut Problems) {
         // Keep whatever a desired network would use, even if building it
         // failed this pass (underlay address missing, MTU out of range):
         // a transient problem must not tear down working task networking.
-        let mut keep: BTreeSet<String> = applied
-            .values()
-            .flat_map(|a| a.links().map(|l| l.name.clone()))
-            .collect();
+        let mut keep = BTreeSet::new();
         for net in self.desired.networks.values() {
             keep.insert(bridge_name(net.spec.vni));
             keep.insert(vxlan_name(net.spec.vni));
@@ -1244,7 +1229,12 @@ impl Overlay {
         let peer = task.link(&ep.interface).await?;
         let paired = match (&host, &peer) {
             (Some(h), Some(p)) => {
-                h.kind == LinkKind::Veth && p.kind == LinkKind::Veth && p.link == Some(h.index)
+                // Each side names the other (indexes are per namespace, so
+                // one direction alone could match a stranger's veth).
+                h.kind == LinkKind::Veth
+                    && p.kind == LinkKind::Veth
+                    && p.link == Some(h.index)
+                    && h.link == Some(p.index)
             }
             _ => false,
         };

@@ -464,6 +464,32 @@ fn reconcile_is_idempotent_repairs_drift_removes_endpoints_and_tears_down() {
     );
     assert!(c.task(red, 0).reaches(r1));
 
+    // An MTU that no longer fits, in an incremental apply: reported, and the
+    // network keeps working as it was.
+    let mut spec = c.spec(0);
+    spec.networks[red].mtu = Some(9000);
+    let err = c.apply(0, spec).unwrap_err().to_string();
+    assert!(err.contains("MTU 9000 does not fit the underlay"), "{err}");
+    assert_eq!(Cluster::links(&c.task(red, 0).ns), vec!["lo", "eth0"]);
+    assert!(c.task(red, 0).reaches(r1));
+    assert_eq!(c.apply(0, c.spec(0)).unwrap(), 0, "nothing was torn down");
+
+    // One table that drops `red` and creates `green` on the same VNI, with
+    // red.0's namespace now attached to green: the old links and the task's
+    // old eth0 go first, then green is built and talks to red.1 (same VNI).
+    let mut spec = c.spec(0);
+    let mut green = spec.networks[red].clone();
+    green.id = "green".into();
+    for ep in &mut green.local {
+        ep.id = ep.id.replace("red", "green");
+    }
+    spec.networks[red] = green;
+    assert!(c.apply(0, spec).unwrap() > 0);
+    assert!(c.task(red, 0).reaches(r1), "green.0 -> red.1 over VNI 4096");
+    assert!(c.apply(0, c.spec(0)).unwrap() > 0, "and back to red");
+    assert!(c.task(red, 0).reaches(r1));
+    assert_eq!(c.reconcile(0), 0);
+
     // Removing a remote endpoint: two changes (neighbour + FDB), and it is gone.
     let mut spec = c.spec(0);
     spec.networks[red].remote.retain(|r| r.ip != r2);
