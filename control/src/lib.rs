@@ -1,10 +1,13 @@
-//! The manager side of mesh. So far: `allocator` (subnets, VNIs, task
-//! addresses, published ports) and `state` (the replicated cluster state and
-//! its commands). Raft, the API, PKI, the orchestrator, scheduler and
-//! dispatcher land here with the control-plane issues.
+//! The manager side of mesh: the replicated state model and its allocator,
+//! the Raft store (sealed at rest), the PKI, mTLS, the manager (Raft over
+//! gRPC) with its write path, the gRPC API, and the daemon lifecycle. The
+//! orchestrator, scheduler and dispatcher land with later issues.
 
 pub mod allocator;
+pub mod api;
+pub mod manager;
 pub mod pki;
 pub mod seal;
 pub mod state;
 pub mod store;
+pub mod tls;

@@ -27,6 +27,18 @@ const TOKEN_PREFIX: &str = "MESH-1-";
 const OU_MANAGER: &str = "mesh-manager";
 const OU_WORKER: &str = "mesh-worker";
 
+/// The name a role has in certificates (OU and a DNS SAN). TLS clients
+/// connect to managers under [`MANAGER_SERVER_NAME`].
+pub fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Manager => OU_MANAGER,
+        Role::Worker => OU_WORKER,
+    }
+}
+
+/// The server name clients verify a manager's certificate against.
+pub const MANAGER_SERVER_NAME: &str = OU_MANAGER;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
     #[error("{0}")]
@@ -59,7 +71,7 @@ pub fn ca_digest(ca_cert_pem: &str) -> Result<String, PkiError> {
     Ok(hex(digest(&SHA256, &der).as_ref()))
 }
 
-fn pem_to_der(pem: &str) -> Result<Vec<u8>, PkiError> {
+pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, PkiError> {
     let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(cert_err)?;
     Ok(p.contents)
 }
@@ -130,13 +142,7 @@ impl Ca {
             .map_err(|e| PkiError::Cert(format!("bad certificate request: {e}")))?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, node_id);
-        dn.push(
-            DnType::OrganizationalUnitName,
-            match role {
-                Role::Manager => OU_MANAGER,
-                Role::Worker => OU_WORKER,
-            },
-        );
+        dn.push(DnType::OrganizationalUnitName, role_name(role));
         dn.push(DnType::OrganizationName, cluster_id);
         let p = &mut csr.params;
         p.distinguished_name = dn;
@@ -146,10 +152,13 @@ impl Ca {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        // SANs: the node id, so TLS clients can verify a peer by its id.
-        p.subject_alt_names = vec![rcgen::SanType::DnsName(
-            node_id.try_into().map_err(cert_err)?,
-        )];
+        // SANs: the node id, and the role name, which is what TLS clients
+        // verify a server by ("mesh-manager"): a worker's certificate can
+        // never pass as a manager's.
+        p.subject_alt_names = vec![
+            rcgen::SanType::DnsName(node_id.try_into().map_err(cert_err)?),
+            rcgen::SanType::DnsName(role_name(role).try_into().map_err(cert_err)?),
+        ];
         let now = OffsetDateTime::now_utc();
         p.not_before = now - time::Duration::minutes(5);
         p.not_after = now + time::Duration::try_from(lifetime).map_err(cert_err)?;
@@ -180,11 +189,14 @@ pub struct Identity {
 /// Reads and checks a node certificate: signed by `ca_cert_pem`, within its
 /// validity, with a mesh role.
 pub fn identity(cert_pem: &str, ca_cert_pem: &str, now: i64) -> Result<Identity, PkiError> {
-    let der = pem_to_der(cert_pem)?;
-    let ca_der = pem_to_der(ca_cert_pem)?;
+    identity_der(&pem_to_der(cert_pem)?, &pem_to_der(ca_cert_pem)?, now)
+}
+
+/// [`identity`] for DER certificates (as TLS hands them over).
+pub fn identity_der(der: &[u8], ca_der: &[u8], now: i64) -> Result<Identity, PkiError> {
     let (_, cert) =
-        x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::NotANode(e.to_string()))?;
-    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).map_err(cert_err)?;
+        x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::NotANode(e.to_string()))?;
+    let (_, ca) = x509_parser::parse_x509_certificate(ca_der).map_err(cert_err)?;
     cert.verify_signature(Some(ca.public_key()))
         .map_err(|_| PkiError::NotANode("not signed by this cluster's CA".into()))?;
     let v = cert.validity();

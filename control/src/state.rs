@@ -110,6 +110,9 @@ pub struct Node {
     pub hostname: String,
     /// The node's underlay address (its VXLAN source).
     pub addr: Ipv4Addr,
+    /// Where a manager serves Raft and the API (host:port).
+    #[serde(default)]
+    pub api_addr: Option<String>,
     pub spec: NodeSpec,
     pub status: NodeStatus,
 }
@@ -384,8 +387,46 @@ pub struct ClusterSettings {
     pub subnet_size: u8,
     /// The ingress network's subnet.
     pub ingress_subnet: Subnet,
+    /// Lifetime of node certificates; they renew in the last third.
+    #[serde(default = "default_cert_lifetime")]
+    pub cert_lifetime_secs: u64,
+    /// Whether managers' data keys are wrapped by an operator-held key.
+    #[serde(default)]
+    pub autolock: bool,
 }
 
+fn default_cert_lifetime() -> u64 {
+    crate::pki::DEFAULT_CERT_LIFETIME.as_secs()
+}
+
+/// The cluster's secrets. They live only in the Raft state, which is
+/// sealed at rest and replicated to managers only; no read API returns
+/// them except the token and unlock-key calls, to managers.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ClusterSecrets {
+    pub ca_cert: String,
+    pub ca_key: String,
+    pub worker_token: String,
+    pub manager_token: String,
+    /// Set with autolock: the key that wraps every manager's data key.
+    #[serde(default)]
+    pub unlock_key: Option<String>,
+}
+
+impl fmt::Debug for ClusterSecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClusterSecrets(..)")
+    }
+}
+
+impl ClusterSecrets {
+    pub fn token(&self, role: Role) -> &str {
+        match role {
+            Role::Manager => &self.manager_token,
+            Role::Worker => &self.worker_token,
+        }
+    }
+}
 impl Default for ClusterSettings {
     fn default() -> Self {
         ClusterSettings {
@@ -393,6 +434,8 @@ impl Default for ClusterSettings {
             subnet_size: 24,
             // Swarm's ingress default.
             ingress_subnet: "10.0.0.0/24".parse().expect("valid"),
+            cert_lifetime_secs: default_cert_lifetime(),
+            autolock: false,
         }
     }
 }
@@ -406,11 +449,20 @@ pub enum Command {
         cluster_id: String,
         ingress_id: String,
         settings: ClusterSettings,
+        #[serde(default)]
+        secrets: Option<ClusterSecrets>,
+    },
+    /// Replaces a join token (rotation): the old one is refused from then on.
+    SetJoinToken {
+        role: Role,
+        token: String,
     },
     AddNode {
         id: String,
         hostname: String,
         addr: Ipv4Addr,
+        #[serde(default)]
+        api_addr: Option<String>,
         role: Role,
     },
     UpdateNode {
@@ -480,7 +532,12 @@ struct Allocations {
 pub struct State {
     pub cluster_id: Option<String>,
     pub settings: Option<ClusterSettings>,
+    #[serde(default)]
+    pub secrets: Option<ClusterSecrets>,
     pub nodes: BTreeMap<String, Node>,
+    /// Ids of removed nodes: their certificates are refused from then on.
+    #[serde(default)]
+    pub removed: BTreeSet<String>,
     pub networks: BTreeMap<String, Network>,
     pub services: BTreeMap<String, Service>,
     pub tasks: BTreeMap<String, Task>,
@@ -573,13 +630,30 @@ impl State {
                 cluster_id,
                 ingress_id,
                 settings,
-            } => self.init(cluster_id, ingress_id, settings),
+                secrets,
+            } => {
+                let out = self.init(cluster_id, ingress_id, settings)?;
+                self.secrets = secrets.clone();
+                Ok(out)
+            }
+            Command::SetJoinToken { role, token } => {
+                let secrets = self
+                    .secrets
+                    .as_mut()
+                    .ok_or_else(|| invalid("this cluster has no join tokens"))?;
+                match role {
+                    Role::Manager => secrets.manager_token = token.clone(),
+                    Role::Worker => secrets.worker_token = token.clone(),
+                }
+                Ok(Outcome::Done)
+            }
             Command::AddNode {
                 id,
                 hostname,
                 addr,
+                api_addr,
                 role,
-            } => self.add_node(id, hostname, *addr, *role),
+            } => self.add_node(id, hostname, *addr, api_addr.clone(), *role),
             Command::UpdateNode { id, version, spec } => self.update_node(id, *version, spec),
             Command::SetNodeStatus { id, status } => {
                 let node = self.node_mut(id)?;
@@ -649,9 +723,10 @@ impl State {
         id: &str,
         hostname: &str,
         addr: Ipv4Addr,
+        api_addr: Option<String>,
         role: Role,
     ) -> Result<Outcome, StateError> {
-        if self.nodes.contains_key(id) {
+        if self.nodes.contains_key(id) || self.removed.contains(id) {
             return Err(StateError::NameInUse {
                 kind: "node id",
                 name: id.to_owned(),
@@ -668,6 +743,7 @@ impl State {
             version: 1,
             hostname: hostname.to_owned(),
             addr,
+            api_addr,
             spec: NodeSpec {
                 role,
                 availability: Availability::Active,
@@ -736,6 +812,7 @@ impl State {
         }
         self.remove_tasks_where(|t| t.node == node.id);
         self.nodes.remove(&node.id);
+        self.removed.insert(node.id);
         Ok(Outcome::Done)
     }
 
@@ -1208,6 +1285,7 @@ mod tests {
             cluster_id: "c1".into(),
             ingress_id: "ing".into(),
             settings: ClusterSettings::default(),
+            secrets: None,
         })
         .unwrap();
         s
@@ -1288,6 +1366,7 @@ mod tests {
             cluster_id: "c2".into(),
             ingress_id: "i2".into(),
             settings: ClusterSettings::default(),
+            secrets: None,
         });
         assert_eq!(
             again.unwrap_err().to_string(),
@@ -1505,6 +1584,7 @@ mod tests {
             id: "node1".into(),
             hostname: "h1".into(),
             addr: Ipv4Addr::new(198, 18, 0, 1),
+            api_addr: None,
             role: Role::Manager,
         })
         .unwrap();
@@ -1549,6 +1629,7 @@ mod tests {
             id: "m1".into(),
             hostname: "mgr".into(),
             addr: Ipv4Addr::new(198, 18, 0, 1),
+            api_addr: None,
             role: Role::Manager,
         })
         .unwrap();
@@ -1556,6 +1637,7 @@ mod tests {
             id: "w1".into(),
             hostname: "wrk".into(),
             addr: Ipv4Addr::new(198, 18, 0, 2),
+            api_addr: None,
             role: Role::Worker,
         })
         .unwrap();
@@ -1564,6 +1646,7 @@ mod tests {
                 id: "w2".into(),
                 hostname: "dup".into(),
                 addr: Ipv4Addr::new(198, 18, 0, 2),
+                api_addr: None,
                 role: Role::Worker,
             })
             .unwrap_err();
@@ -1644,11 +1727,13 @@ mod tests {
                 cluster_id: "c".into(),
                 ingress_id: "ing".into(),
                 settings: ClusterSettings::default(),
+                secrets: None,
             },
             Command::AddNode {
                 id: "n".into(),
                 hostname: "h".into(),
                 addr: Ipv4Addr::new(198, 18, 0, 1),
+                api_addr: None,
                 role: Role::Manager,
             },
             Command::CreateNetwork {

@@ -334,6 +334,11 @@ impl StateMachineStore {
         })
     }
 
+    /// Reads the current cluster state in place.
+    pub fn with_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.applied.lock().expect("state lock").state)
+    }
+
     /// A copy of the current cluster state.
     pub fn state(&self) -> State {
         self.applied.lock().expect("state lock").state.clone()
@@ -533,6 +538,7 @@ pub(crate) mod tests {
             cluster_id: "c".into(),
             ingress_id: "ing".into(),
             settings: Default::default(),
+            secrets: None,
         };
         let net = Command::CreateNetwork {
             id: "n1".into(),
@@ -617,6 +623,7 @@ pub(crate) mod tests {
                     cluster_id: "c".into(),
                     ingress_id: "ing".into(),
                     settings: Default::default(),
+                    secrets: None,
                 },
             ),
             entry(

@@ -1,0 +1,711 @@
+//! The gRPC services a node serves: Raft, Join, Node and Cluster.
+//!
+//! Authorization is per call, from the caller's certificate (the TLS layer
+//! accepts connections without one, because joining needs none):
+//! - no certificate: only `Join`;
+//! - a certificate must be signed by this cluster's CA, be within its
+//!   validity, name this cluster, and name a node that was not removed;
+//! - `Raft` and `Cluster` need a manager certificate, and a node the state
+//!   still lists as a manager.
+
+use std::{
+    net::Ipv4Addr,
+    sync::{Arc, RwLock},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use proto::{
+    AddManagerRequest, Blob, Empty, JoinRequest, JoinResponse, JoinTokenRequest,
+    JoinTokenResponse, Ref, Remove, RenewRequest, RenewResponse, SetRoleRequest,
+    UnlockKeyResponse, Update, cluster_client::ClusterClient, cluster_server, join_server,
+    node_server, raft_server,
+};
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    manager::{Manager, ManagerStatus, NOT_LEADER, WriteError, raft_id},
+    pki::{self, Ca, Identity, JoinToken},
+    state::{Command, Network, Node, NodeSpec, Outcome, Role, Service, State},
+    tls::Credentials,
+};
+
+/// What every service needs: who this node is, and its manager (if any).
+pub struct Ctx {
+    pub node_id: String,
+    pub cluster_id: String,
+    pub ca_der: Vec<u8>,
+    pub api_addr: String,
+    pub creds: Arc<RwLock<Credentials>>,
+    pub manager: RwLock<Option<Arc<Manager>>>,
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Response<Blob>, Status> {
+    serde_json::to_vec(v)
+        .map(|json| Response::new(Blob { json }))
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, Status> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Status::invalid_argument(format!("invalid {what}: {e}")))
+}
+
+fn parse_role(role: &str) -> Result<Role, Status> {
+    match role {
+        "manager" => Ok(Role::Manager),
+        "worker" => Ok(Role::Worker),
+        other => Err(Status::invalid_argument(format!(
+            "unknown role {other:?}: use worker or manager"
+        ))),
+    }
+}
+
+/// A new random id: 25 characters of [0-9a-z], like Swarm's.
+pub fn new_id() -> String {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut raw = [0u8; 25];
+    SystemRandom::new().fill(&mut raw).expect("system random");
+    raw.iter()
+        .map(|b| char::from(b"0123456789abcdefghijklmnopqrstuvwxyz"[(*b % 36) as usize]))
+        .collect()
+}
+
+/// A new node id: 16 hex digits, which are also its Raft id.
+pub fn new_node_id() -> String {
+    use ring::rand::{SecureRandom, SystemRandom};
+    loop {
+        let mut raw = [0u8; 8];
+        SystemRandom::new().fill(&mut raw).expect("system random");
+        let n = u64::from_be_bytes(raw);
+        if n != 0 {
+            return format!("{n:016x}");
+        }
+    }
+}
+
+impl Ctx {
+    pub fn manager(&self) -> Result<Arc<Manager>, Status> {
+        self.manager.read().expect("manager lock").clone().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "node {} is not a manager: worker nodes can't view or modify cluster state; \
+                 use a manager's address",
+                self.node_id
+            ))
+        })
+    }
+
+    /// The caller's identity, from its certificate.
+    fn identify<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
+        let certs = req.peer_certs().filter(|c| !c.is_empty()).ok_or_else(|| {
+            Status::unauthenticated(
+                "no client certificate: this call needs a mesh node certificate \
+                 (meshctl on a manager uses the one in its data dir; elsewhere pass --cert and --key)",
+            )
+        })?;
+        let id = pki::identity_der(&certs[0], &self.ca_der, now())
+            .map_err(|e| Status::unauthenticated(format!("client certificate refused: {e}")))?;
+        if id.cluster_id != self.cluster_id {
+            return Err(Status::unauthenticated(format!(
+                "client certificate is for cluster {}, not this one ({})",
+                id.cluster_id, self.cluster_id
+            )));
+        }
+        if let Some(m) = self.manager.read().expect("manager lock").as_ref()
+            && m.with_state(|s| s.removed.contains(&id.node_id))
+        {
+            return Err(Status::permission_denied(format!(
+                "node {} has been removed from the cluster; its certificate is no longer accepted. \
+                 To come back it must join again with a token",
+                id.node_id
+            )));
+        }
+        Ok(id)
+    }
+
+    /// The caller, who must hold a manager certificate; and our manager.
+    fn require_manager<T>(&self, req: &Request<T>) -> Result<(Identity, Arc<Manager>), Status> {
+        let id = self.identify(req)?;
+        if id.role != Role::Manager {
+            return Err(Status::permission_denied(format!(
+                "node {} holds a worker certificate: worker nodes can't view or modify cluster \
+                 state; run this against a manager, or promote the node first",
+                id.node_id
+            )));
+        }
+        let m = self.manager()?;
+        let demoted = m.with_state(|s| {
+            s.nodes
+                .get(&id.node_id)
+                .is_some_and(|n| n.spec.role == Role::Worker)
+        });
+        if demoted {
+            return Err(Status::permission_denied(format!(
+                "node {} has been demoted to worker; its manager certificate is no longer accepted",
+                id.node_id
+            )));
+        }
+        Ok((id, m))
+    }
+
+    /// Runs `f` against the leader's Cluster API with this node's
+    /// certificate (for calls that only the leader can serve).
+    async fn on_leader<T, F, Fut>(&self, m: &Manager, f: F) -> Result<T, Status>
+    where
+        F: FnOnce(ClusterClient<tonic::transport::Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let (_, addr) = m.leader(std::time::Duration::from_secs(3)).await?;
+        let channel = m.peers.channel(&addr)?;
+        f(ClusterClient::new(channel)).await.map(Response::into_inner)
+    }
+}
+
+// ----- Raft -----
+
+pub struct RaftService(pub Arc<Ctx>);
+
+impl RaftService {
+    fn manager<T>(&self, req: &Request<T>) -> Result<Arc<Manager>, Status> {
+        let id = self.0.identify(req)?;
+        if id.role != Role::Manager {
+            return Err(Status::permission_denied(format!(
+                "node {} holds a worker certificate and cannot take part in Raft",
+                id.node_id
+            )));
+        }
+        self.0.manager()
+    }
+}
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    async fn append_entries(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let m = self.manager(&req)?;
+        let rpc = parse("append-entries request", &req.into_inner().json)?;
+        json(&m.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let m = self.manager(&req)?;
+        let rpc = parse("vote request", &req.into_inner().json)?;
+        json(&m.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let m = self.manager(&req)?;
+        let rpc = parse("install-snapshot request", &req.into_inner().json)?;
+        json(&m.raft.install_snapshot(rpc).await)
+    }
+}
+
+// ----- Join -----
+
+pub struct JoinService(pub Arc<Ctx>);
+
+/// Which role a presented token grants, comparing in constant time.
+fn token_role(token: &JoinToken, secrets: &crate::state::ClusterSecrets) -> Option<Role> {
+    [Role::Worker, Role::Manager].into_iter().find(|&role| {
+        secrets
+            .token(role)
+            .parse::<JoinToken>()
+            .is_ok_and(|stored| token.check(&stored.secret_hash()).is_ok())
+    })
+}
+
+#[tonic::async_trait]
+impl join_server::Join for JoinService {
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let m = self.0.manager()?;
+        let r = req.into_inner();
+        let token: JoinToken = r
+            .token
+            .parse()
+            .map_err(|e: pki::PkiError| Status::invalid_argument(e.to_string()))?;
+        let (secrets, settings, cluster_id) =
+            m.with_state(|s| (s.secrets.clone(), s.settings.clone(), s.cluster_id.clone()));
+        let (Some(secrets), Some(settings), Some(cluster_id)) = (secrets, settings, cluster_id)
+        else {
+            return Err(Status::unavailable(
+                "this manager has not received the cluster state yet; try again",
+            ));
+        };
+        token
+            .check_ca(&secrets.ca_cert)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        let role = token_role(&token, &secrets).ok_or_else(|| {
+            Status::permission_denied(
+                "the join token is not valid for this cluster: it is wrong, or it was rotated. \
+                 Get the current one with `meshctl swarm join-token worker|manager`",
+            )
+        })?;
+        let addr: Ipv4Addr = r.addr.parse().map_err(|_| {
+            Status::invalid_argument(format!("node address {:?} is not an IPv4 address", r.addr))
+        })?;
+        if r.hostname.is_empty() {
+            return Err(Status::invalid_argument("hostname is empty"));
+        }
+        if role == Role::Manager && r.api_addr.is_empty() {
+            return Err(Status::invalid_argument(
+                "a manager must give the address it serves the API on",
+            ));
+        }
+        let node_id = new_node_id();
+        let lifetime = std::time::Duration::from_secs(settings.cert_lifetime_secs);
+        // Sign first: a bad request must not leave a node record behind.
+        let cert = Ca::from_pem(&secrets.ca_cert, &secrets.ca_key)
+            .issue(&r.csr, &cluster_id, &node_id, role, lifetime)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        m.propose(Command::AddNode {
+            id: node_id.clone(),
+            hostname: r.hostname,
+            addr,
+            api_addr: (role == Role::Manager).then_some(r.api_addr),
+            role,
+        })
+        .await?;
+        let managers = m.with_state(manager_addrs);
+        Ok(Response::new(JoinResponse {
+            node_id,
+            role: pki::role_name(role).trim_start_matches("mesh-").into(),
+            cluster_id,
+            cert,
+            ca: secrets.ca_cert.clone(),
+            managers,
+            unlock_key: match role {
+                Role::Manager => secrets.unlock_key.clone().unwrap_or_default(),
+                Role::Worker => String::new(),
+            },
+        }))
+    }
+}
+
+/// The API addresses of the managers.
+pub fn manager_addrs(s: &State) -> Vec<String> {
+    s.nodes
+        .values()
+        .filter(|n| n.spec.role == Role::Manager)
+        .filter_map(|n| n.api_addr.clone())
+        .collect()
+}
+
+// ----- Node -----
+
+pub struct NodeService(pub Arc<Ctx>);
+
+/// What `Node/Whoami` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Whoami {
+    pub node: Node,
+    pub managers: Vec<String>,
+}
+
+#[tonic::async_trait]
+impl node_server::Node for NodeService {
+    async fn whoami(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
+        let id = self.0.identify(&req)?;
+        let m = self.0.manager()?;
+        let (node, managers) =
+            m.with_state(|s| (s.nodes.get(&id.node_id).cloned(), manager_addrs(s)));
+        let node = node.ok_or_else(|| {
+            Status::not_found(format!("node {} is not in the cluster state", id.node_id))
+        })?;
+        json(&Whoami { node, managers })
+    }
+
+    async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
+        let id = self.0.identify(&req)?;
+        let m = self.0.manager()?;
+        let (role, secrets, settings) = m.with_state(|s| {
+            (
+                s.nodes.get(&id.node_id).map(|n| n.spec.role),
+                s.secrets.clone(),
+                s.settings.clone(),
+            )
+        });
+        let role = role.ok_or_else(|| {
+            Status::not_found(format!("node {} is not in the cluster state", id.node_id))
+        })?;
+        let (Some(secrets), Some(settings)) = (secrets, settings) else {
+            return Err(Status::unavailable("the cluster state is not replicated here yet"));
+        };
+        let cert = Ca::from_pem(&secrets.ca_cert, &secrets.ca_key)
+            .issue(
+                &req.into_inner().csr,
+                &id.cluster_id,
+                &id.node_id,
+                role,
+                std::time::Duration::from_secs(settings.cert_lifetime_secs),
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(RenewResponse {
+            cert,
+            role: role_str(role).into(),
+        }))
+    }
+}
+
+pub fn role_str(role: Role) -> &'static str {
+    match role {
+        Role::Manager => "manager",
+        Role::Worker => "worker",
+    }
+}
+
+// ----- Cluster -----
+
+pub struct ClusterService(pub Arc<Ctx>);
+
+/// A node with its Raft standing, as `node ls/inspect` show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeView {
+    #[serde(flatten)]
+    pub node: Node,
+    pub manager_status: Option<ManagerStatus>,
+    /// Whether this is the manager that answered.
+    pub is_self: bool,
+}
+
+/// What `Cluster/Info` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Info {
+    pub cluster_id: String,
+    pub node_id: String,
+    pub leader: Option<String>,
+    pub term: u64,
+    pub last_applied: Option<u64>,
+    pub managers: usize,
+    pub nodes: usize,
+    pub services: usize,
+    pub networks: usize,
+}
+
+fn node_view(ctx: &Ctx, m: &Manager, node: &Node) -> NodeView {
+    NodeView {
+        manager_status: raft_id(&node.id).and_then(|id| m.manager_status(id)),
+        is_self: node.id == ctx.node_id,
+        node: node.clone(),
+    }
+}
+
+fn find_node<'a>(s: &'a State, target: &str) -> Result<&'a Node, Status> {
+    let matches: Vec<&Node> = s
+        .nodes
+        .values()
+        .filter(|n| n.id == target || n.hostname == target)
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok(one),
+        [] => {
+            let by_prefix: Vec<&Node> = s
+                .nodes
+                .values()
+                .filter(|n| !target.is_empty() && n.id.starts_with(target))
+                .collect();
+            match by_prefix.as_slice() {
+                [one] => Ok(one),
+                [] => Err(Status::not_found(format!("node {target} not found"))),
+                _ => Err(Status::invalid_argument(format!(
+                    "node {target} is ambiguous ({} nodes match); give more of the id",
+                    by_prefix.len()
+                ))),
+            }
+        }
+        _ => Err(Status::invalid_argument(format!(
+            "{} nodes are named {target}; use the node id",
+            matches.len()
+        ))),
+    }
+}
+
+fn outcome_service(o: Outcome) -> Result<Response<Blob>, Status> {
+    match o {
+        Outcome::Service(s) => json(&*s),
+        Outcome::Network(n) => json(&n),
+        Outcome::Node(n) => json(&n),
+        other => json(&other),
+    }
+}
+
+#[tonic::async_trait]
+impl cluster_server::Cluster for ClusterService {
+    async fn info(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let metrics = m.metrics();
+        let info = m.with_state(|s| Info {
+            cluster_id: self.0.cluster_id.clone(),
+            node_id: self.0.node_id.clone(),
+            leader: metrics.current_leader.map(|l| format!("{l:016x}")),
+            term: metrics.current_term,
+            last_applied: metrics.last_applied.map(|l| l.index),
+            managers: s
+                .nodes
+                .values()
+                .filter(|n| n.spec.role == Role::Manager)
+                .count(),
+            nodes: s.nodes.len(),
+            services: s.services.len(),
+            networks: s.networks.len(),
+        });
+        json(&info)
+    }
+
+    async fn list_nodes(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let views: Vec<NodeView> = m.with_state(|s| {
+            s.nodes
+                .values()
+                .map(|n| node_view(&self.0, &m, n))
+                .collect()
+        });
+        json(&views)
+    }
+
+    async fn inspect_node(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let target = req.into_inner().target;
+        let view = m.with_state(|s| find_node(s, &target).map(|n| node_view(&self.0, &m, n)))?;
+        json(&view)
+    }
+
+    async fn update_node(&self, req: Request<Update>) -> Result<Response<Blob>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let u = req.into_inner();
+        let spec: NodeSpec = parse("node spec", &u.spec)?;
+        let (id, role) = m.with_state(|s| find_node(s, &u.target).map(|n| (n.id.clone(), n.spec.role)))?;
+        if spec.role != role {
+            return Err(Status::invalid_argument(
+                "a node's role changes with `meshctl node promote` or `meshctl node demote`",
+            ));
+        }
+        let out = m
+            .propose(Command::UpdateNode {
+                id,
+                version: u.version,
+                spec,
+            })
+            .await?;
+        outcome_service(out)
+    }
+
+    async fn set_role(&self, req: Request<SetRoleRequest>) -> Result<Response<Blob>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let r = req.into_inner();
+        let role = parse_role(&r.role)?;
+        if !m.is_leader() {
+            let reply = self
+                .0
+                .on_leader(&m, |mut c| async move { c.set_role(r).await })
+                .await?;
+            return Ok(Response::new(reply));
+        }
+        let node = m.with_state(|s| find_node(s, &r.target).cloned())?;
+        if node.spec.role == role {
+            return json(&node);
+        }
+        if role == Role::Manager && node.api_addr.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "node {} has no API address; restart its meshd with --listen-addr so it can serve Raft",
+                node.hostname
+            )));
+        }
+        let mut spec = node.spec.clone();
+        spec.role = role;
+        if role == Role::Worker {
+            // Out of the voters first, so the Raft membership never counts
+            // a node the state calls a worker.
+            if let Some(id) = raft_id(&node.id) {
+                m.remove_voter(id).await?;
+            }
+        }
+        let out = m
+            .propose(Command::UpdateNode {
+                id: node.id.clone(),
+                version: node.version,
+                spec,
+            })
+            .await?;
+        outcome_service(out)
+    }
+
+    async fn remove_node(&self, req: Request<Remove>) -> Result<Response<Empty>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let r = req.into_inner();
+        let id = m.with_state(|s| find_node(s, &r.target).map(|n| n.id.clone()))?;
+        m.propose(Command::RemoveNode { id, force: r.force })
+            .await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn create_network(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let spec = parse("network spec", &req.into_inner().json)?;
+        let out = m
+            .propose(Command::CreateNetwork { id: new_id(), spec })
+            .await?;
+        outcome_service(out)
+    }
+
+    async fn list_networks(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let nets: Vec<Network> = m.with_state(|s| s.networks.values().cloned().collect());
+        json(&nets)
+    }
+
+    async fn inspect_network(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let target = req.into_inner().target;
+        let net = m
+            .with_state(|s| s.network_by_ref(&target).cloned())
+            .ok_or_else(|| Status::not_found(format!("network {target} not found")))?;
+        json(&net)
+    }
+
+    async fn remove_network(&self, req: Request<Remove>) -> Result<Response<Empty>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        m.propose(Command::RemoveNetwork {
+            target: req.into_inner().target,
+        })
+        .await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn create_service(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let spec = parse("service spec", &req.into_inner().json)?;
+        let out = m
+            .propose(Command::CreateService { id: new_id(), spec })
+            .await?;
+        outcome_service(out)
+    }
+
+    async fn list_services(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let svcs: Vec<Service> = m.with_state(|s| s.services.values().cloned().collect());
+        json(&svcs)
+    }
+
+    async fn inspect_service(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let target = req.into_inner().target;
+        let svc = m
+            .with_state(|s| s.service_by_ref(&target).cloned())
+            .ok_or_else(|| Status::not_found(format!("service {target} not found")))?;
+        json(&svc)
+    }
+
+    async fn update_service(&self, req: Request<Update>) -> Result<Response<Blob>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let u = req.into_inner();
+        let spec = parse("service spec", &u.spec)?;
+        let out = m
+            .propose(Command::UpdateService {
+                target: u.target,
+                version: u.version,
+                spec,
+            })
+            .await?;
+        outcome_service(out)
+    }
+
+    async fn remove_service(&self, req: Request<Remove>) -> Result<Response<Empty>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        m.propose(Command::RemoveService {
+            target: req.into_inner().target,
+        })
+        .await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn join_token(
+        &self,
+        req: Request<JoinTokenRequest>,
+    ) -> Result<Response<JoinTokenResponse>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let r = req.into_inner();
+        let role = parse_role(&r.role)?;
+        let secrets = m
+            .with_state(|s| s.secrets.clone())
+            .ok_or_else(|| Status::unavailable("the cluster state is not replicated here yet"))?;
+        if !r.rotate {
+            return Ok(Response::new(JoinTokenResponse {
+                token: secrets.token(role).to_owned(),
+            }));
+        }
+        let digest = pki::ca_digest(&secrets.ca_cert).map_err(|e| Status::internal(e.to_string()))?;
+        let token = JoinToken::generate(&digest)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .to_string();
+        m.propose(Command::SetJoinToken {
+            role,
+            token: token.clone(),
+        })
+        .await?;
+        Ok(Response::new(JoinTokenResponse { token }))
+    }
+
+    async fn unlock_key(&self, req: Request<Empty>) -> Result<Response<UnlockKeyResponse>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let key = m
+            .with_state(|s| s.secrets.as_ref().and_then(|s| s.unlock_key.clone()))
+            .ok_or_else(|| {
+                Status::failed_precondition(
+                    "autolock is not enabled on this cluster: managers keep their key-encrypting \
+                     key in their data dir (start the cluster with `meshd init --autolock` to change that)",
+                )
+            })?;
+        Ok(Response::new(UnlockKeyResponse { key }))
+    }
+
+    async fn propose(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let cmd: Command = parse("command", &req.into_inner().json)?;
+        match m.write_local(cmd).await {
+            Ok(out) => json(&Ok::<_, String>(out)),
+            Err(WriteError::Refused(msg)) => json(&Err::<Outcome, _>(msg)),
+            Err(WriteError::Internal(msg)) if msg.starts_with(NOT_LEADER) => {
+                Err(Status::unavailable(msg))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn add_manager(&self, req: Request<AddManagerRequest>) -> Result<Response<Empty>, Status> {
+        let (caller, m) = self.0.require_manager(&req)?;
+        let r = req.into_inner();
+        if caller.node_id != r.node_id {
+            return Err(Status::permission_denied(format!(
+                "node {} may only add itself as a manager, not {}",
+                caller.node_id, r.node_id
+            )));
+        }
+        if !m.is_leader() {
+            self.0
+                .on_leader(&m, |mut c| async move { c.add_manager(r).await })
+                .await?;
+            return Ok(Response::new(Empty {}));
+        }
+        let is_manager = m.with_state(|s| {
+            s.nodes
+                .get(&r.node_id)
+                .is_some_and(|n| n.spec.role == Role::Manager)
+        });
+        if !is_manager {
+            return Err(Status::permission_denied(format!(
+                "node {} is not a manager in the cluster state",
+                r.node_id
+            )));
+        }
+        let id = raft_id(&r.node_id)
+            .ok_or_else(|| Status::invalid_argument(format!("bad node id {}", r.node_id)))?;
+        m.add_voter(id, &r.api_addr).await?;
+        Ok(Response::new(Empty {}))
+    }
+}

@@ -1,0 +1,509 @@
+//! A manager: a Raft member (openraft over gRPC/mTLS) with the durable
+//! store, and the write path every API call goes through.
+//!
+//! Writes are [`Command`]s. The leader commits them; a follower forwards
+//! them to the leader (`Cluster/Propose`, authenticated with its own
+//! manager certificate). A manager that cannot reach a quorum refuses the
+//! write with a "no quorum" error instead of queueing it: a leader checks
+//! that a quorum acknowledged it recently before it appends anything.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::Path,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use openraft::{
+    BasicNode, ChangeMembers, Config, RaftNetwork, RaftNetworkFactory, ServerState, SnapshotPolicy,
+    error::{
+        ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
+        Unreachable,
+    },
+    network::RPCOption,
+    raft::{
+        AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
+        InstallSnapshotResponse, VoteRequest, VoteResponse,
+    },
+};
+use proto::{Blob, cluster_client::ClusterClient, raft_client::RaftClient};
+use serde::{Serialize, de::DeserializeOwned};
+use tonic::{Code, transport::Channel};
+
+use crate::{
+    seal::Key,
+    state::{Command, Outcome, State},
+    store::{self, NodeId, StateMachineStore, TypeConfig},
+    tls::{self, Credentials, Trust},
+};
+
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Raft timing. Election timeouts of 0.75–1.5 s with 150 ms heartbeats:
+/// a dead leader is replaced in about 2 s on a loaded 2-core machine.
+pub fn raft_config() -> Config {
+    Config {
+        cluster_name: "mesh".into(),
+        heartbeat_interval: 150,
+        election_timeout_min: 750,
+        election_timeout_max: 1500,
+        // Compaction: snapshot every 10k entries, keep 1k behind it for
+        // followers that lag a little.
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        max_payload_entries: 1_000,
+        ..Config::default()
+    }
+}
+
+/// How long a leader may go without a quorum's acknowledgement before it
+/// refuses writes.
+const QUORUM_STALE: Duration = Duration::from_millis(1500);
+/// RPC timeout between managers.
+const RPC_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why a write did not happen.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// The state machine refused the command; the text is for the user.
+    #[error("{0}")]
+    Refused(String),
+    #[error("no quorum: {0}")]
+    NoQuorum(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<WriteError> for tonic::Status {
+    fn from(e: WriteError) -> tonic::Status {
+        match e {
+            WriteError::Refused(m) => tonic::Status::failed_precondition(m),
+            e @ WriteError::NoQuorum(_) => tonic::Status::unavailable(e.to_string()),
+            WriteError::Internal(m) => tonic::Status::internal(m),
+        }
+    }
+}
+
+/// Last successful contact with each peer, as this manager saw it.
+pub type Contacts = Arc<Mutex<HashMap<NodeId, Instant>>>;
+
+/// Opens gRPC clients to peers; one channel per address, reused.
+#[derive(Clone)]
+pub struct Peers {
+    trust: Trust,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    pub contacts: Contacts,
+}
+
+impl Peers {
+    pub fn new(creds: Arc<RwLock<Credentials>>) -> Peers {
+        Peers {
+            trust: Trust::Node(creds),
+            channels: Arc::default(),
+            contacts: Arc::default(),
+        }
+    }
+
+    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::Status> {
+        let mut map = self.channels.lock().expect("channels lock");
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = tls::channel(addr, self.trust.clone(), RPC_TIMEOUT)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        map.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// Drops cached channels (after a certificate renewal).
+    pub fn reset(&self) {
+        self.channels.lock().expect("channels lock").clear();
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Peers {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            target,
+            client: self.channel(&node.addr).map(RaftClient::new),
+            contacts: self.contacts.clone(),
+        }
+    }
+}
+
+pub struct PeerClient {
+    target: NodeId,
+    client: Result<RaftClient<Channel>, tonic::Status>,
+    contacts: Contacts,
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
+
+impl PeerClient {
+    async fn call<Req: Serialize, Resp: DeserializeOwned, E>(
+        &mut self,
+        kind: &'static str,
+        req: &Req,
+    ) -> Result<Resp, RpcErr<E>>
+    where
+        E: std::error::Error + DeserializeOwned,
+    {
+        let client = self
+            .client
+            .as_mut()
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&*e)))?;
+        let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let request = Blob { json: body };
+        let reply = match kind {
+            "append" => client.append_entries(request).await,
+            "vote" => client.vote(request).await,
+            _ => client.install_snapshot(request).await,
+        };
+        let reply = reply.map_err(|s| {
+            if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded) {
+                RPCError::Unreachable(Unreachable::new(&s))
+            } else {
+                RPCError::Network(NetworkError::new(&s))
+            }
+        })?;
+        self.contacts
+            .lock()
+            .expect("contacts lock")
+            .insert(self.target, Instant::now());
+        let r: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&reply.into_inner().json)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        self.call("append", &rpc).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        self.call("snapshot", &rpc).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcErr> {
+        self.call("vote", &rpc).await
+    }
+}
+
+/// The Raft id of a node id (16 hex digits).
+pub fn raft_id(node_id: &str) -> Option<NodeId> {
+    u64::from_str_radix(node_id, 16).ok().filter(|&n| n != 0)
+}
+
+/// How a manager sees another, for `node ls`'s MANAGER STATUS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub enum ManagerStatus {
+    Leader,
+    Reachable,
+    Unreachable,
+}
+
+pub struct Manager {
+    pub raft_id: NodeId,
+    pub raft: Raft,
+    pub sm: StateMachineStore,
+    pub peers: Peers,
+}
+
+impl Manager {
+    /// Opens the store under `dir` and starts the Raft member.
+    pub async fn start(
+        raft_id: NodeId,
+        dir: &Path,
+        key: Key,
+        creds: Arc<RwLock<Credentials>>,
+    ) -> Result<Arc<Manager>, String> {
+        let (log, sm) = store::open(&dir.join("raft.redb"), key)
+            .map_err(|e| format!("opening the Raft store in {}: {e}", dir.display()))?;
+        let config = raft_config().validate().map_err(|e| e.to_string())?;
+        let peers = Peers::new(creds);
+        let raft = Raft::new(raft_id, Arc::new(config), peers.clone(), log, sm.clone())
+            .await
+            .map_err(|e| format!("starting Raft: {e}"))?;
+        Ok(Arc::new(Manager {
+            raft_id,
+            raft,
+            sm,
+            peers,
+        }))
+    }
+
+    /// Makes this manager the only voter of a new cluster.
+    pub async fn bootstrap(&self, api_addr: &str) -> Result<(), String> {
+        let members = BTreeMap::from([(
+            self.raft_id,
+            BasicNode {
+                addr: api_addr.to_owned(),
+            },
+        )]);
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| format!("initializing Raft: {e}"))
+    }
+
+    pub fn with_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        self.sm.with_state(f)
+    }
+
+    pub fn metrics(&self) -> openraft::RaftMetrics<NodeId, BasicNode> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.metrics().state == ServerState::Leader
+    }
+
+    /// The leader's Raft id and API address, waiting up to `wait` for an
+    /// election to finish.
+    pub async fn leader(&self, wait: Duration) -> Result<(NodeId, String), WriteError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let m = self.metrics();
+            if let Some(id) = m.current_leader
+                && let Some(node) = m.membership_config.membership().get_node(&id)
+            {
+                return Ok((id, node.addr.clone()));
+            }
+            if Instant::now() >= deadline {
+                let voters = m.membership_config.membership().voter_ids().count();
+                return Err(WriteError::NoQuorum(format!(
+                    "no leader is elected: this manager cannot reach a majority of the {voters} managers"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Fails unless this leader heard from a quorum recently.
+    fn check_quorum(&self) -> Result<(), WriteError> {
+        let m = self.metrics();
+        let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+        if voters.len() <= 1 {
+            return Ok(());
+        }
+        match m.millis_since_quorum_ack {
+            Some(ms) if ms <= QUORUM_STALE.as_millis() as u64 => Ok(()),
+            other => {
+                let contacts = self.peers.contacts.lock().expect("contacts lock");
+                let reachable = voters
+                    .iter()
+                    .filter(|&&v| {
+                        v == self.raft_id
+                            || contacts.get(&v).is_some_and(|t| t.elapsed() < QUORUM_STALE)
+                    })
+                    .count();
+                Err(WriteError::NoQuorum(format!(
+                    "this manager reaches {reachable} of {} managers (a majority is {}); last acknowledged by a quorum {}",
+                    voters.len(),
+                    voters.len() / 2 + 1,
+                    match other {
+                        Some(ms) => format!("{ms} ms ago"),
+                        None => "never in this term".into(),
+                    }
+                )))
+            }
+        }
+    }
+
+    /// Commits a command: here if this is the leader, else on the leader.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, WriteError> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (leader, addr) = self.leader(deadline.saturating_duration_since(Instant::now())).await?;
+            let result = if leader == self.raft_id {
+                self.write_local(cmd.clone()).await
+            } else {
+                self.forward(&addr, &cmd).await
+            };
+            match result {
+                // The leader changed under us: look again.
+                Err(WriteError::Internal(m)) if m.starts_with(NOT_LEADER) => {}
+                other => return other,
+            }
+            if Instant::now() >= deadline {
+                return Err(WriteError::NoQuorum(
+                    "the leader kept changing; try again".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Commits on this node, which must be the leader.
+    pub async fn write_local(&self, cmd: Command) -> Result<Outcome, WriteError> {
+        if !self.is_leader() {
+            return Err(WriteError::Internal(format!("{NOT_LEADER} {}", self.raft_id)));
+        }
+        self.check_quorum()?;
+        match tokio::time::timeout(Duration::from_secs(5), self.raft.client_write(cmd)).await {
+            Ok(Ok(resp)) => resp.data.0.map_err(WriteError::Refused),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Err(WriteError::Internal(format!("{NOT_LEADER} {}", self.raft_id)))
+            }
+            Ok(Err(e)) => Err(WriteError::Internal(format!("write failed: {e}"))),
+            Err(_) => Err(WriteError::NoQuorum(
+                "the write was not committed within 5 s; a majority of managers is not answering"
+                    .into(),
+            )),
+        }
+    }
+
+    async fn forward(&self, addr: &str, cmd: &Command) -> Result<Outcome, WriteError> {
+        let channel = self
+            .peers
+            .channel(addr)
+            .map_err(|s| WriteError::Internal(s.message().to_owned()))?;
+        let body = serde_json::to_vec(cmd).map_err(|e| WriteError::Internal(e.to_string()))?;
+        match ClusterClient::new(channel).propose(Blob { json: body }).await {
+            Ok(reply) => {
+                let r: Result<Outcome, String> = serde_json::from_slice(&reply.into_inner().json)
+                    .map_err(|e| WriteError::Internal(format!("bad reply from the leader: {e}")))?;
+                r.map_err(WriteError::Refused)
+            }
+            Err(s) if s.code() == Code::Unavailable && s.message().starts_with("no quorum: ") => {
+                Err(WriteError::NoQuorum(
+                    s.message().trim_start_matches("no quorum: ").to_owned(),
+                ))
+            }
+            Err(s) if s.message().starts_with(NOT_LEADER) => {
+                Err(WriteError::Internal(s.message().to_owned()))
+            }
+            Err(s) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded) => {
+                Err(WriteError::NoQuorum(format!(
+                    "cannot reach the leader at {addr}: {}",
+                    s.message()
+                )))
+            }
+            Err(s) => Err(WriteError::Internal(format!(
+                "the leader at {addr} answered: {}",
+                s.message()
+            ))),
+        }
+    }
+
+    /// Adds a manager as a voter: first as a learner that catches up, then
+    /// into the voter set. Leader only.
+    pub async fn add_voter(&self, id: NodeId, api_addr: &str) -> Result<(), WriteError> {
+        if !self.is_leader() {
+            return Err(WriteError::Internal(format!("{NOT_LEADER} {}", self.raft_id)));
+        }
+        self.check_quorum()?;
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        if membership.voter_ids().any(|v| v == id) {
+            return Ok(());
+        }
+        let node = BasicNode {
+            addr: api_addr.to_owned(),
+        };
+        let change = async {
+            self.raft
+                .add_learner(id, node, true)
+                .await
+                .map_err(|e| WriteError::Internal(format!("adding learner {id:016x}: {e}")))?;
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| WriteError::Internal(format!("adding voter {id:016x}: {e}")))
+        };
+        tokio::time::timeout(Duration::from_secs(30), change)
+            .await
+            .map_err(|_| {
+                WriteError::NoQuorum(format!(
+                    "manager {id:016x} at {api_addr} did not catch up within 30 s"
+                ))
+            })??;
+        Ok(())
+    }
+
+    /// Removes a manager from the voters (demotion). Leader only.
+    pub async fn remove_voter(&self, id: NodeId) -> Result<(), WriteError> {
+        if !self.is_leader() {
+            return Err(WriteError::Internal(format!("{NOT_LEADER} {}", self.raft_id)));
+        }
+        self.check_quorum()?;
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        if !membership.voter_ids().any(|v| v == id) && membership.get_node(&id).is_none() {
+            return Ok(());
+        }
+        let change = async {
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| WriteError::Internal(format!("removing voter {id:016x}: {e}")))?;
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| WriteError::Internal(format!("removing node {id:016x}: {e}")))
+        };
+        tokio::time::timeout(Duration::from_secs(10), change)
+            .await
+            .map_err(|_| WriteError::NoQuorum("the membership change did not commit".into()))??;
+        Ok(())
+    }
+
+    /// MANAGER STATUS of a Raft member, as this manager sees it.
+    pub fn manager_status(&self, id: NodeId) -> Option<ManagerStatus> {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        if !membership.voter_ids().any(|v| v == id) {
+            return None;
+        }
+        if m.current_leader == Some(id) {
+            return Some(ManagerStatus::Leader);
+        }
+        if id == self.raft_id {
+            return Some(if m.current_leader.is_some() {
+                ManagerStatus::Reachable
+            } else {
+                ManagerStatus::Unreachable
+            });
+        }
+        let fresh = self
+            .peers
+            .contacts
+            .lock()
+            .expect("contacts lock")
+            .get(&id)
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(3));
+        Some(if fresh || m.state != ServerState::Leader {
+            // Followers only talk to the leader; they report voters as
+            // reachable and leave liveness to the leader's view.
+            if fresh || m.current_leader.is_some() {
+                ManagerStatus::Reachable
+            } else {
+                ManagerStatus::Unreachable
+            }
+        } else {
+            ManagerStatus::Unreachable
+        })
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
+    }
+}
+
+/// Prefix of the error a non-leader gives to a forwarded write.
+pub const NOT_LEADER: &str = "not the leader:";
