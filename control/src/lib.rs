@@ -5,6 +5,7 @@
 
 pub mod allocator;
 pub mod api;
+pub mod daemon;
 pub mod manager;
 pub mod pki;
 pub mod seal;

@@ -164,10 +164,20 @@ impl DataKeys {
     /// Creates the keys of a new data dir. With `autolock`, the KEK is
     /// returned in `unlock` and not written.
     pub fn create(dir: &Path, autolock: bool) -> Result<DataKeys, SealError> {
+        let kek: [u8; KEY_LEN] = random()?;
+        Self::create_inner(dir, kek, autolock)
+    }
+
+    /// Creates the keys of a new data dir in an autolocked cluster, whose
+    /// unlock key the operator (and the cluster) already has.
+    pub fn create_locked_by(dir: &Path, unlock: &UnlockKey) -> Result<DataKeys, SealError> {
+        Self::create_inner(dir, unlock.0, true)
+    }
+
+    fn create_inner(dir: &Path, kek: [u8; KEY_LEN], autolock: bool) -> Result<DataKeys, SealError> {
         let keys = keys_dir(dir);
         fs::create_dir_all(&keys).map_err(io_err(&keys))?;
         let dek: [u8; KEY_LEN] = random()?;
-        let kek: [u8; KEY_LEN] = random()?;
         let sealed = Key::from_bytes(&kek).seal(DATA_KEY_SLOT, &dek)?;
         write_private(&keys.join("data.sealed"), &sealed)?;
         if !autolock {

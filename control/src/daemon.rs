@@ -1,0 +1,700 @@
+//! The control side of `meshd`: `init`, `join` and `run` on a data dir,
+//! the gRPC server, and the node's upkeep loop (certificate renewal, role
+//! changes, joining the Raft voters).
+//!
+//! Data dir layout:
+//! - `node.json`: who this node is (ids, addresses, last known managers);
+//!   written last by init/join, so its presence means "part of a cluster";
+//! - `certs/ca.crt`, `certs/node.crt`, `certs/node.key` (0600);
+//! - managers only: `keys/` (the data key, wrapped; [`crate::seal`]) and
+//!   `raft.redb` (log, vote, snapshots; every record sealed).
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use proto::{
+    AddManagerRequest, Empty, JoinRequest, RenewRequest, cluster_client::ClusterClient,
+    cluster_server::ClusterServer, join_client::JoinClient, join_server::JoinServer,
+    node_client::NodeClient, node_server::NodeServer, raft_server::RaftServer,
+};
+use serde::{Deserialize, Serialize};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+use crate::{
+    api::{self, ClusterService, Ctx, JoinService, NodeService, RaftService, Whoami},
+    manager::{Manager, raft_id},
+    pki::{self, Ca, JoinToken},
+    seal::{DataKeys, SealError, UnlockKey},
+    state::{ClusterSecrets, ClusterSettings, Command, Role},
+    tls::{self, Credentials, Trust},
+};
+
+/// Largest gRPC message (Raft batches and snapshots).
+pub const MAX_MESSAGE: usize = 64 << 20;
+const NODE_FILE: &str = "node.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Msg(String),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+}
+
+fn msg(m: impl Into<String>) -> DaemonError {
+    DaemonError::Msg(m.into())
+}
+
+/// Who this node is; `node.json` in the data dir.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeFile {
+    pub node_id: String,
+    pub cluster_id: String,
+    pub hostname: String,
+    pub addr: Ipv4Addr,
+    pub listen_addr: SocketAddr,
+    /// Where other nodes reach this node's gRPC server.
+    pub api_addr: String,
+    /// Last known managers' API addresses.
+    pub managers: Vec<String>,
+}
+
+impl NodeFile {
+    pub fn load(dir: &Path) -> Result<NodeFile, DaemonError> {
+        let path = dir.join(NODE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            msg(format!(
+                "{}: {e} (is this node part of a cluster? start one with `meshd init` or join with `meshd join`)",
+                path.display()
+            ))
+        })?;
+        serde_json::from_str(&text).map_err(|e| msg(format!("{}: {e}", path.display())))
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), DaemonError> {
+        let path = dir.join(NODE_FILE);
+        let tmp = dir.join(".node.json.tmp");
+        let text = serde_json::to_string_pretty(self).expect("serializable");
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| msg(format!("{}: {e}", path.display())))
+    }
+}
+
+pub fn certs_dir(dir: &Path) -> PathBuf {
+    dir.join("certs")
+}
+
+/// Where a node listens and what it tells others.
+#[derive(Debug, Clone)]
+pub struct Addresses {
+    pub hostname: String,
+    /// Underlay IPv4 address (VXLAN source).
+    pub addr: Ipv4Addr,
+    pub listen_addr: SocketAddr,
+    /// Advertised gRPC address; defaults to addr:listen-port.
+    pub api_addr: String,
+}
+
+fn fresh_dir(dir: &Path) -> Result<(), DaemonError> {
+    if dir.join(NODE_FILE).exists() {
+        return Err(msg(format!(
+            "{} already holds a node of a cluster; start it with `meshd run`, or remove the data dir to start over",
+            dir.display()
+        )));
+    }
+    if dir.join("raft.redb").exists() {
+        return Err(msg(format!(
+            "{} holds a Raft store from an unfinished init or join; remove the data dir and try again",
+            dir.display()
+        )));
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| msg(format!("{}: {e}", dir.display())))
+}
+
+/// What `meshd init` reports.
+pub struct InitReport {
+    pub node_id: String,
+    pub worker_token: String,
+    pub manager_token: String,
+    pub unlock_key: Option<UnlockKey>,
+}
+
+/// Options of `meshd init`.
+pub struct InitOptions {
+    pub autolock: bool,
+    pub cert_lifetime: Duration,
+}
+
+/// A running node: its server and upkeep loop.
+pub struct Daemon {
+    pub ctx: Arc<Ctx>,
+    pub dir: PathBuf,
+    server: JoinHandle<()>,
+    upkeep: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+}
+
+/// Creates a cluster: CA, this node's manager certificate, join tokens,
+/// and the Raft state with the ingress network; then serves.
+pub async fn init(
+    dir: &Path,
+    at: &Addresses,
+    opts: &InitOptions,
+) -> Result<(Daemon, InitReport), DaemonError> {
+    fresh_dir(dir)?;
+    let result = init_inner(dir, at, opts).await;
+    if result.is_err() {
+        // Leave nothing half-made behind: init can simply be run again.
+        let _ = std::fs::remove_file(dir.join("raft.redb"));
+        let _ = std::fs::remove_dir_all(dir.join("keys"));
+        let _ = std::fs::remove_dir_all(certs_dir(dir));
+    }
+    result
+}
+
+async fn init_inner(
+    dir: &Path,
+    at: &Addresses,
+    opts: &InitOptions,
+) -> Result<(Daemon, InitReport), DaemonError> {
+    let cluster_id = api::new_id();
+    let node_id = api::new_node_id();
+    let ca = Ca::create(&cluster_id)?;
+    let (key, csr) = pki::node_key_and_csr()?;
+    let cert = ca.issue(&csr, &cluster_id, &node_id, Role::Manager, opts.cert_lifetime)?;
+    let creds = Credentials {
+        ca: ca.cert_pem.clone(),
+        cert,
+        key,
+    };
+    let digest = ca.digest()?;
+    let worker_token = JoinToken::generate(&digest)?.to_string();
+    let manager_token = JoinToken::generate(&digest)?.to_string();
+    let keys = DataKeys::create(dir, opts.autolock)?;
+    let unlock_key = keys.unlock.clone();
+    let creds_arc = Arc::new(RwLock::new(creds.clone()));
+    let id = raft_id(&node_id).expect("a fresh node id is a raft id");
+    let manager = Manager::start(id, dir, keys.data, creds_arc.clone())
+        .await
+        .map_err(msg)?;
+    let file = NodeFile {
+        node_id: node_id.clone(),
+        cluster_id: cluster_id.clone(),
+        hostname: at.hostname.clone(),
+        addr: at.addr,
+        listen_addr: at.listen_addr,
+        api_addr: at.api_addr.clone(),
+        managers: vec![at.api_addr.clone()],
+    };
+    let daemon = Daemon::serve(dir, &file, creds_arc, Some(manager.clone())).await?;
+    let setup = async {
+        manager.bootstrap(&at.api_addr).await.map_err(msg)?;
+        manager
+            .propose(Command::Init {
+                cluster_id: cluster_id.clone(),
+                ingress_id: api::new_id(),
+                settings: ClusterSettings {
+                    cert_lifetime_secs: opts.cert_lifetime.as_secs(),
+                    autolock: opts.autolock,
+                    ..ClusterSettings::default()
+                },
+                secrets: Some(ClusterSecrets {
+                    ca_cert: ca.cert_pem.clone(),
+                    ca_key: ca.key_pem().to_owned(),
+                    worker_token: worker_token.clone(),
+                    manager_token: manager_token.clone(),
+                    unlock_key: unlock_key.as_ref().map(ToString::to_string),
+                }),
+            })
+            .await
+            .map_err(|e| msg(format!("committing the cluster: {e}")))?;
+        manager
+            .propose(Command::AddNode {
+                id: node_id.clone(),
+                hostname: at.hostname.clone(),
+                addr: at.addr,
+                api_addr: Some(at.api_addr.clone()),
+                role: Role::Manager,
+            })
+            .await
+            .map_err(|e| msg(format!("adding this node: {e}")))?;
+        creds.save(&certs_dir(dir))?;
+        file.save(dir)
+    };
+    if let Err(e) = setup.await {
+        daemon.stop().await;
+        return Err(e);
+    }
+    Ok((
+        daemon,
+        InitReport {
+            node_id,
+            worker_token,
+            manager_token,
+            unlock_key,
+        },
+    ))
+}
+
+/// Joins the cluster `remote` (a manager's API address) with `token`, then
+/// serves. A manager token makes this node a Raft voter.
+pub async fn join(
+    dir: &Path,
+    at: &Addresses,
+    token: &str,
+    remote: &str,
+) -> Result<Daemon, DaemonError> {
+    let token: JoinToken = token.parse()?;
+    fresh_dir(dir)?;
+    let seen = Arc::new(Mutex::new(None));
+    let channel = tls::channel(
+        remote,
+        Trust::Pinned {
+            digest: token.ca_digest.clone(),
+            seen: seen.clone(),
+        },
+        Duration::from_secs(10),
+    )?;
+    let (key, csr) = pki::node_key_and_csr()?;
+    let reply = JoinClient::new(channel)
+        .join(JoinRequest {
+            token: token.to_string(),
+            csr,
+            hostname: at.hostname.clone(),
+            addr: at.addr.to_string(),
+            api_addr: at.api_addr.clone(),
+        })
+        .await;
+    let reply = match reply {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            if let Some(ca) = seen.lock().expect("seen lock").clone()
+                && ca.digest != token.ca_digest
+            {
+                return Err(pki::PkiError::CaMismatch {
+                    expected: token.ca_digest.clone(),
+                    presented: ca.digest,
+                }
+                .into());
+            }
+            return Err(msg(format!(
+                "joining through {remote} failed: {}",
+                status_text(&status)
+            )));
+        }
+    };
+    token.check_ca(&reply.ca)?;
+    let creds = Credentials {
+        ca: reply.ca,
+        cert: reply.cert,
+        key,
+    };
+    let role = match reply.role.as_str() {
+        "manager" => Role::Manager,
+        _ => Role::Worker,
+    };
+    let file = NodeFile {
+        node_id: reply.node_id.clone(),
+        cluster_id: reply.cluster_id,
+        hostname: at.hostname.clone(),
+        addr: at.addr,
+        listen_addr: at.listen_addr,
+        api_addr: at.api_addr.clone(),
+        managers: reply.managers,
+    };
+    let creds_arc = Arc::new(RwLock::new(creds.clone()));
+    let manager = if role == Role::Manager {
+        let keys = if reply.unlock_key.is_empty() {
+            DataKeys::create(dir, false)?
+        } else {
+            DataKeys::create_locked_by(dir, &reply.unlock_key.parse()?)?
+        };
+        let id = raft_id(&reply.node_id).ok_or_else(|| msg("the manager sent a bad node id"))?;
+        Some(
+            Manager::start(id, dir, keys.data, creds_arc.clone())
+                .await
+                .map_err(msg)?,
+        )
+    } else {
+        None
+    };
+    creds.save(&certs_dir(dir))?;
+    file.save(dir)?;
+    Daemon::serve(dir, &file, creds_arc, manager).await
+}
+
+/// How a locked data dir gets its unlock key.
+pub enum Unlock {
+    /// Given on the command line / stdin.
+    Key(UnlockKey),
+    /// Wait for `meshd unlock` on `<data-dir>/unlock.sock`.
+    Wait,
+}
+
+/// Starts a node from its data dir.
+pub async fn run(dir: &Path, unlock: Unlock) -> Result<Daemon, DaemonError> {
+    let file = NodeFile::load(dir)?;
+    let creds = Credentials::load(&certs_dir(dir))?;
+    let id = pki::identity(&creds.cert, &creds.ca, now())?;
+    let creds_arc = Arc::new(RwLock::new(creds));
+    let manager = if id.role == Role::Manager && dir.join("raft.redb").exists() {
+        let keys = open_keys(dir, unlock).await?;
+        let rid = raft_id(&file.node_id).ok_or_else(|| msg("node.json has a bad node id"))?;
+        Some(
+            Manager::start(rid, dir, keys.data, creds_arc.clone())
+                .await
+                .map_err(msg)?,
+        )
+    } else {
+        None
+    };
+    Daemon::serve(dir, &file, creds_arc, manager).await
+}
+
+pub fn unlock_socket(dir: &Path) -> PathBuf {
+    dir.join("unlock.sock")
+}
+
+async fn open_keys(dir: &Path, unlock: Unlock) -> Result<DataKeys, DaemonError> {
+    match unlock {
+        Unlock::Key(k) => Ok(DataKeys::load(dir, Some(&k))?),
+        Unlock::Wait => match DataKeys::load(dir, None) {
+            Err(SealError::Locked) => wait_for_unlock(dir).await,
+            other => Ok(other?),
+        },
+    }
+}
+
+/// Serves `<dir>/unlock.sock` until a client sends the right key.
+async fn wait_for_unlock(dir: &Path) -> Result<DataKeys, DaemonError> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let path = unlock_socket(dir);
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .map_err(|e| msg(format!("{}: {e}", path.display())))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+    tracing::warn!(
+        "this manager is locked (autolock): run `meshd unlock --data-dir {}` with the unlock key",
+        dir.display()
+    );
+    loop {
+        let (stream, _) = listener
+            .accept()
+            .await
+            .map_err(|e| msg(format!("{}: {e}", path.display())))?;
+        let (r, mut w) = stream.into_split();
+        let mut line = String::new();
+        if BufReader::new(r).read_line(&mut line).await.is_err() {
+            continue;
+        }
+        let answer = match line.trim().parse::<UnlockKey>() {
+            Err(e) => Err(e),
+            Ok(k) => DataKeys::load(dir, Some(&k)),
+        };
+        match answer {
+            Ok(keys) => {
+                let _ = w.write_all(b"ok\n").await;
+                let _ = std::fs::remove_file(&path);
+                return Ok(keys);
+            }
+            Err(e) => {
+                let _ = w.write_all(format!("error: {e}\n").as_bytes()).await;
+            }
+        }
+    }
+}
+
+/// Sends an unlock key to a waiting `meshd run` (`meshd unlock`).
+pub async fn send_unlock(dir: &Path, key: &str) -> Result<(), DaemonError> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let path = unlock_socket(dir);
+    let stream = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
+        msg(format!(
+            "{}: {e} (is meshd running and waiting to be unlocked?)",
+            path.display()
+        ))
+    })?;
+    let (r, mut w) = stream.into_split();
+    w.write_all(format!("{}\n", key.trim()).as_bytes())
+        .await
+        .map_err(|e| msg(e.to_string()))?;
+    let mut line = String::new();
+    BufReader::new(r)
+        .read_line(&mut line)
+        .await
+        .map_err(|e| msg(e.to_string()))?;
+    match line.trim() {
+        "ok" => Ok(()),
+        other => Err(msg(other.trim_start_matches("error: ").to_owned())),
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A status as users should read it: the message, with the code only when
+/// the message alone would not say what happened.
+pub fn status_text(s: &tonic::Status) -> String {
+    if s.message().is_empty() {
+        format!("{:?}", s.code())
+    } else if matches!(s.code(), tonic::Code::Unknown | tonic::Code::Unavailable)
+        && s.message().contains("transport error")
+    {
+        format!(
+            "{} ({})",
+            s.message(),
+            std::error::Error::source(s)
+                .map(tls::chain)
+                .unwrap_or_default()
+        )
+    } else {
+        s.message().to_owned()
+    }
+}
+
+impl Daemon {
+    async fn serve(
+        dir: &Path,
+        file: &NodeFile,
+        creds: Arc<RwLock<Credentials>>,
+        manager: Option<Arc<Manager>>,
+    ) -> Result<Daemon, DaemonError> {
+        let current = creds.read().expect("creds lock").clone();
+        let ctx = Arc::new(Ctx {
+            node_id: file.node_id.clone(),
+            cluster_id: file.cluster_id.clone(),
+            ca_der: current.ca_bytes()?,
+            api_addr: file.api_addr.clone(),
+            creds,
+            manager: RwLock::new(manager),
+        });
+        let tls = tls::Server::new(&current)?;
+        let listener = TcpListener::bind(file.listen_addr)
+            .await
+            .map_err(|e| msg(format!("listening on {}: {e}", file.listen_addr)))?;
+        let (stop, mut stopped) = watch::channel(false);
+        let incoming = tls.incoming(listener);
+        let router = tonic::transport::Server::builder()
+            .add_service(
+                RaftServer::new(RaftService(ctx.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE),
+            )
+            .add_service(JoinServer::new(JoinService(ctx.clone())))
+            .add_service(NodeServer::new(NodeService(ctx.clone())))
+            .add_service(
+                ClusterServer::new(ClusterService(ctx.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE),
+            );
+        let mut stop_server = stopped.clone();
+        let server = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop_server.wait_for(|s| *s).await;
+            };
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, shutdown).await {
+                tracing::error!("gRPC server: {e}");
+            }
+        });
+        let tls = Arc::new(tls);
+        let upkeep = {
+            let ctx = ctx.clone();
+            let dir = dir.to_owned();
+            let file = file.clone();
+            tokio::spawn(async move {
+                let mut u = Upkeep {
+                    ctx,
+                    dir,
+                    file,
+                    tls,
+                    next: 0,
+                };
+                loop {
+                    u.tick().await;
+                    tokio::select! {
+                        _ = stopped.wait_for(|s| *s) => return,
+                        () = tokio::time::sleep(UPKEEP_PERIOD) => {}
+                    }
+                }
+            })
+        };
+        Ok(Daemon {
+            ctx,
+            dir: dir.to_owned(),
+            server,
+            upkeep,
+            stop,
+        })
+    }
+
+    /// Stops serving and shuts Raft down.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.upkeep.await;
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.server).await;
+        let m = self.ctx.manager.write().expect("manager lock").take();
+        if let Some(m) = m {
+            m.shutdown().await;
+        }
+    }
+}
+
+/// How often a node checks its standing (role, certificate, membership).
+pub const UPKEEP_PERIOD: Duration = Duration::from_secs(2);
+
+struct Upkeep {
+    ctx: Arc<Ctx>,
+    dir: PathBuf,
+    file: NodeFile,
+    tls: Arc<tls::Server>,
+    /// Which manager to ask next (rotates on failure).
+    next: usize,
+}
+
+impl Upkeep {
+    fn managers(&self) -> Vec<String> {
+        let mut list = Vec::new();
+        if self.ctx.manager.read().expect("manager lock").is_some() {
+            list.push(self.file.api_addr.clone());
+        }
+        list.extend(self.file.managers.iter().cloned());
+        list.dedup();
+        list
+    }
+
+    fn channel(&mut self) -> Option<(String, tonic::transport::Channel)> {
+        let managers = self.managers();
+        if managers.is_empty() {
+            return None;
+        }
+        let addr = managers[self.next % managers.len()].clone();
+        tls::channel(&addr, Trust::Node(self.ctx.creds.clone()), Duration::from_secs(3))
+            .ok()
+            .map(|c| (addr, c))
+    }
+
+    async fn tick(&mut self) {
+        if let Err(e) = self.check().await {
+            tracing::warn!("upkeep: {e}");
+            self.next += 1;
+        }
+    }
+
+    async fn check(&mut self) -> Result<(), String> {
+        let Some((addr, channel)) = self.channel() else {
+            return Ok(());
+        };
+        let who: Whoami = match NodeClient::new(channel.clone()).whoami(Empty {}).await {
+            Ok(r) => serde_json::from_slice(&r.into_inner().json).map_err(|e| e.to_string())?,
+            Err(s) => return Err(format!("asking {addr} about this node: {}", status_text(&s))),
+        };
+        if who.managers != self.file.managers && !who.managers.is_empty() {
+            self.file.managers = who.managers.clone();
+            let _ = self.file.save(&self.dir);
+        }
+        let creds = self.ctx.creds.read().expect("creds lock").clone();
+        let me = pki::identity(&creds.cert, &creds.ca, now()).map_err(|e| e.to_string())?;
+        let lifetime = Duration::from_secs((me.not_after - now()).max(0) as u64);
+        let role_changed = me.role != who.node.spec.role;
+        let settings_lifetime = self.cert_lifetime().unwrap_or(lifetime);
+        if role_changed || pki::needs_renewal(me.not_after, now(), settings_lifetime) {
+            self.renew(channel.clone()).await?;
+        }
+        let role = who.node.spec.role;
+        let running = self.ctx.manager.read().expect("manager lock").clone();
+        match (role, running) {
+            (Role::Manager, None) => {
+                let keys = match DataKeys::load(&self.dir, None) {
+                    Ok(k) => k,
+                    Err(_) => DataKeys::create(&self.dir, false).map_err(|e| e.to_string())?,
+                };
+                let id = raft_id(&self.file.node_id).ok_or("bad node id")?;
+                let m = Manager::start(id, &self.dir, keys.data, self.ctx.creds.clone()).await?;
+                *self.ctx.manager.write().expect("manager lock") = Some(m);
+                tracing::info!("promoted: Raft started");
+            }
+            (Role::Worker, Some(m)) => {
+                // Demoted (and already out of the voters): stop Raft and
+                // drop the store, which a worker must not keep.
+                *self.ctx.manager.write().expect("manager lock") = None;
+                m.shutdown().await;
+                let _ = std::fs::remove_file(self.dir.join("raft.redb"));
+                tracing::info!("demoted: Raft stopped");
+            }
+            _ => {}
+        }
+        // A manager that is not yet a voter asks to become one.
+        let m = self.ctx.manager.read().expect("manager lock").clone();
+        if let Some(m) = m
+            && role == Role::Manager
+        {
+            let voter = m
+                .metrics()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == m.raft_id);
+            if !voter {
+                ClusterClient::new(channel)
+                    .add_manager(AddManagerRequest {
+                        node_id: self.file.node_id.clone(),
+                        api_addr: self.file.api_addr.clone(),
+                    })
+                    .await
+                    .map_err(|s| format!("joining the Raft voters: {}", status_text(&s)))?;
+                tracing::info!("added to the Raft voters");
+            }
+        }
+        Ok(())
+    }
+
+    fn cert_lifetime(&self) -> Option<Duration> {
+        let m = self.ctx.manager.read().expect("manager lock").clone()?;
+        m.with_state(|s| {
+            s.settings
+                .as_ref()
+                .map(|s| Duration::from_secs(s.cert_lifetime_secs))
+        })
+    }
+
+    async fn renew(&mut self, channel: tonic::transport::Channel) -> Result<(), String> {
+        let (key, csr) = pki::node_key_and_csr().map_err(|e| e.to_string())?;
+        let reply = NodeClient::new(channel)
+            .renew(RenewRequest { csr })
+            .await
+            .map_err(|s| format!("renewing the certificate: {}", status_text(&s)))?
+            .into_inner();
+        let mut creds = self.ctx.creds.read().expect("creds lock").clone();
+        creds.cert = reply.cert;
+        creds.key = key;
+        creds.save(&certs_dir(&self.dir)).map_err(|e| e.to_string())?;
+        self.tls.cert.set(&creds).map_err(|e| e.to_string())?;
+        *self.ctx.creds.write().expect("creds lock") = creds;
+        if let Some(m) = self.ctx.manager.read().expect("manager lock").as_ref() {
+            m.peers.reset();
+        }
+        tracing::info!("certificate renewed (role {})", reply.role);
+        Ok(())
+    }
+}
