@@ -252,9 +252,9 @@ impl join_server::Join for JoinService {
         if r.hostname.is_empty() {
             return Err(Status::invalid_argument("hostname is empty"));
         }
-        if role == Role::Manager && r.api_addr.is_empty() {
+        if r.api_addr.is_empty() {
             return Err(Status::invalid_argument(
-                "a manager must give the address it serves the API on",
+                "a joining node must give the address it serves gRPC on (--advertise-addr)",
             ));
         }
         let node_id = new_node_id();
@@ -267,7 +267,7 @@ impl join_server::Join for JoinService {
             id: node_id.clone(),
             hostname: r.hostname,
             addr,
-            api_addr: (role == Role::Manager).then_some(r.api_addr),
+            api_addr: Some(r.api_addr),
             role,
         })
         .await?;

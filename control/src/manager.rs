@@ -58,7 +58,9 @@ pub fn raft_config() -> Config {
 
 /// How long a leader may go without a quorum's acknowledgement before it
 /// refuses writes.
-const QUORUM_STALE: Duration = Duration::from_millis(1500);
+const QUORUM_STALE: Duration = Duration::from_millis(1000);
+/// How long a leader waits for a write to commit.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(3);
 /// RPC timeout between managers.
 const RPC_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -327,7 +329,7 @@ impl Manager {
 
     /// Commits a command: here if this is the leader, else on the leader.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, WriteError> {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(3);
         loop {
             let (leader, addr) = self.leader(deadline.saturating_duration_since(Instant::now())).await?;
             let result = if leader == self.raft_id {
@@ -355,16 +357,17 @@ impl Manager {
             return Err(WriteError::Internal(format!("{NOT_LEADER} {}", self.raft_id)));
         }
         self.check_quorum()?;
-        match tokio::time::timeout(Duration::from_secs(5), self.raft.client_write(cmd)).await {
+        match tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd)).await {
             Ok(Ok(resp)) => resp.data.0.map_err(WriteError::Refused),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
                 Err(WriteError::Internal(format!("{NOT_LEADER} {}", self.raft_id)))
             }
             Ok(Err(e)) => Err(WriteError::Internal(format!("write failed: {e}"))),
-            Err(_) => Err(WriteError::NoQuorum(
-                "the write was not committed within 5 s; a majority of managers is not answering"
-                    .into(),
-            )),
+            Err(_) => Err(WriteError::NoQuorum(format!(
+                "the write was not committed within {} s: a majority of managers is not answering \
+                 (it is in this manager's log and takes effect only if they come back while it leads)",
+                COMMIT_TIMEOUT.as_secs()
+            ))),
         }
     }
 

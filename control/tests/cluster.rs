@@ -1,0 +1,499 @@
+//! In-process clusters on loopback: managers elect, replicate and survive
+//! a leader change; every security refusal the control plane promises.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use control::{
+    daemon::{self, Addresses, Daemon, InitOptions, InitReport},
+    pki,
+    state::{EndpointSpec, NetworkSpec, Role, ServiceMode, ServiceSpec, TaskTemplate},
+    tls::{self, Credentials, Trust},
+};
+use proto::{Empty, JoinTokenRequest, Ref, Remove, SetRoleRequest, cluster_client::ClusterClient};
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "mesh-cluster-{tag}-{}-{}",
+            std::process::id(),
+            pki_free_suffix()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+fn pki_free_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn addresses(i: u8) -> Addresses {
+    let port = free_port();
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    Addresses {
+        hostname: format!("node-{i}"),
+        addr: Ipv4Addr::new(198, 18, 0, i),
+        listen_addr: listen,
+        api_addr: listen.to_string(),
+    }
+}
+
+fn opts() -> InitOptions {
+    InitOptions {
+        autolock: false,
+        cert_lifetime: pki::DEFAULT_CERT_LIFETIME,
+    }
+}
+
+fn service(name: &str) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        mode: ServiceMode::Replicated { replicas: 1 },
+        task: TaskTemplate {
+            command: vec!["/bin/true".into()],
+            ..TaskTemplate::default()
+        },
+        endpoint: EndpointSpec::default(),
+        update: Default::default(),
+        rollback: Default::default(),
+    }
+}
+
+/// A client of `addr` with the node credentials in `dir`.
+fn client(dir: &Path, addr: &str) -> ClusterClient<tonic::transport::Channel> {
+    let creds = Credentials::load(&daemon::certs_dir(dir)).unwrap();
+    let ch = tls::channel(addr, Trust::Node(Arc::new(RwLock::new(creds))), Duration::from_secs(10))
+        .unwrap();
+    ClusterClient::new(ch)
+}
+
+async fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn voters(d: &Daemon) -> usize {
+    d.ctx
+        .manager
+        .read()
+        .unwrap()
+        .as_ref()
+        .map(|m| m.metrics().membership_config.membership().voter_ids().count())
+        .unwrap_or(0)
+}
+
+fn services(d: &Daemon) -> Vec<String> {
+    d.ctx
+        .manager
+        .read()
+        .unwrap()
+        .as_ref()
+        .map(|m| m.with_state(|s| s.services.values().map(|s| s.spec.name.clone()).collect()))
+        .unwrap_or_default()
+}
+
+fn leader_of(d: &Daemon) -> Option<String> {
+    d.ctx
+        .manager
+        .read()
+        .unwrap()
+        .as_ref()
+        .and_then(|m| m.metrics().current_leader)
+        .map(|l| format!("{l:016x}"))
+}
+
+struct Cluster {
+    dirs: Vec<TempDir>,
+    nodes: Vec<Option<Daemon>>,
+    addrs: Vec<Addresses>,
+    report: InitReport,
+}
+
+impl Cluster {
+    /// One manager (init) plus `managers - 1` joined managers and
+    /// `workers` workers, all voters in place.
+    async fn start(tag: &str, managers: usize, workers: usize) -> Cluster {
+        let dirs: Vec<TempDir> = (0..managers + workers)
+            .map(|i| TempDir::new(&format!("{tag}{i}")))
+            .collect();
+        let addrs: Vec<Addresses> = (0..managers + workers).map(|i| addresses(i as u8 + 1)).collect();
+        let (first, report) = daemon::init(&dirs[0].0, &addrs[0], &opts()).await.unwrap();
+        let mut nodes = vec![Some(first)];
+        for i in 1..managers + workers {
+            let token = if i < managers {
+                &report.manager_token
+            } else {
+                &report.worker_token
+            };
+            let d = daemon::join(&dirs[i].0, &addrs[i], token, &addrs[0].api_addr)
+                .await
+                .unwrap();
+            nodes.push(Some(d));
+        }
+        let c = Cluster {
+            dirs,
+            nodes,
+            addrs,
+            report,
+        };
+        let first = c.nodes[0].as_ref().unwrap();
+        wait_for("all managers to be voters", Duration::from_secs(30), || {
+            (voters(first) == managers).then_some(())
+        })
+        .await;
+        c
+    }
+
+    fn node(&self, i: usize) -> &Daemon {
+        self.nodes[i].as_ref().unwrap()
+    }
+
+    fn api(&self, i: usize) -> &str {
+        &self.addrs[i].api_addr
+    }
+
+    fn index_of(&self, node_id: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.as_ref().is_some_and(|n| n.ctx.node_id == node_id))
+            .unwrap()
+    }
+
+    async fn stop(mut self) {
+        for n in self.nodes.iter_mut() {
+            if let Some(d) = n.take() {
+                d.stop().await;
+            }
+        }
+    }
+}
+
+async fn create_service(c: &mut ClusterClient<tonic::transport::Channel>, name: &str) {
+    c.create_service(proto::Blob {
+        json: serde_json::to_vec(&service(name)).unwrap(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("creating {name}: {}", e.message()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_managers_elect_replicate_and_survive_a_leader_change() {
+    let mut c = Cluster::start("elect", 3, 0).await;
+    // Writes through a follower are forwarded to the leader.
+    let leader = wait_for("a leader", Duration::from_secs(10), || leader_of(c.node(0))).await;
+    let follower = (0..3)
+        .find(|&i| c.node(i).ctx.node_id != leader)
+        .unwrap();
+    let mut api = client(&c.dirs[follower].0, c.api(follower));
+    for i in 0..10 {
+        create_service(&mut api, &format!("before-{i}")).await;
+    }
+    for i in 0..3 {
+        wait_for("replication to every manager", Duration::from_secs(10), || {
+            (services(c.node(i)).len() == 10).then_some(())
+        })
+        .await;
+    }
+
+    // Kill the leader: the others elect a new one and keep every write.
+    let li = c.index_of(&leader);
+    let started = Instant::now();
+    c.nodes[li].take().unwrap().stop().await;
+    let survivor = (0..3).find(|&i| i != li).unwrap();
+    let new_leader = wait_for("a new leader", Duration::from_secs(10), || {
+        leader_of(c.node(survivor)).filter(|l| *l != leader)
+    })
+    .await;
+    eprintln!(
+        "new leader {new_leader} elected {} ms after the old one stopped",
+        started.elapsed().as_millis()
+    );
+    let mut api = client(&c.dirs[survivor].0, c.api(survivor));
+    for i in 0..10 {
+        create_service(&mut api, &format!("after-{i}")).await;
+    }
+    for i in (0..3).filter(|&i| i != li) {
+        wait_for("20 services on the survivors", Duration::from_secs(10), || {
+            (services(c.node(i)).len() == 20).then_some(())
+        })
+        .await;
+    }
+
+    // The old leader comes back from its data dir and catches up.
+    let back = daemon::run(&c.dirs[li].0, daemon::Unlock::Wait).await.unwrap();
+    c.nodes[li] = Some(back);
+    wait_for("the restarted manager to catch up", Duration::from_secs(15), || {
+        (services(c.node(li)).len() == 20).then_some(())
+    })
+    .await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lone_manager_refuses_writes_with_no_quorum() {
+    let mut c = Cluster::start("quorum", 3, 0).await;
+    let leader = wait_for("a leader", Duration::from_secs(10), || leader_of(c.node(0))).await;
+    // Stop the two others (whichever they are): what is left has no quorum.
+    let keep = c.index_of(&leader);
+    for i in (0..3).filter(|&i| i != keep) {
+        c.nodes[i].take().unwrap().stop().await;
+    }
+    let mut api = client(&c.dirs[keep].0, c.api(keep));
+    let err = api
+        .create_service(proto::Blob {
+            json: serde_json::to_vec(&service("lonely")).unwrap(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().starts_with("no quorum"), "{}", err.message());
+    assert!(services(c.node(keep)).is_empty());
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joining_and_calling_are_refused_without_the_right_credentials() {
+    let mut c = Cluster::start("sec", 1, 1).await;
+    let mgr = c.api(0).to_owned();
+
+    // A client without a certificate.
+    let ca = Credentials::load(&daemon::certs_dir(&c.dirs[0].0)).unwrap().ca;
+    let anon = tls::channel(&mgr, Trust::Anonymous(ca), Duration::from_secs(5)).unwrap();
+    let err = ClusterClient::new(anon)
+        .list_nodes(Empty {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("no client certificate"), "{}", err.message());
+
+    // A worker's certificate on a manager API.
+    let err = client(&c.dirs[1].0, &mgr)
+        .list_nodes(Empty {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("worker certificate"), "{}", err.message());
+
+    // A wrong token (right CA, made-up secret).
+    let digest = pki::ca_digest(&Credentials::load(&daemon::certs_dir(&c.dirs[0].0)).unwrap().ca).unwrap();
+    let wrong = format!("MESH-1-{digest}-{}", "0".repeat(32));
+    let d = TempDir::new("wrong");
+    let err = daemon::join(&d.0, &addresses(50), &wrong, &mgr).await.err().unwrap();
+    assert!(err.to_string().contains("not valid for this cluster"), "{err}");
+    assert!(!d.0.join("node.json").exists());
+
+    // A token whose CA digest is not this cluster's.
+    let other = format!("MESH-1-{}-{}", "ab".repeat(32), "1".repeat(32));
+    let d = TempDir::new("digest");
+    let err = daemon::join(&d.0, &addresses(51), &other, &mgr).await.err().unwrap();
+    assert!(err.to_string().contains("is not the one in the token"), "{err}");
+
+    // A rotated token: the old one is refused, the new one works.
+    let mut admin = client(&c.dirs[0].0, &mgr);
+    let old = c.report.worker_token.clone();
+    let new = admin
+        .join_token(JoinTokenRequest {
+            role: "worker".into(),
+            rotate: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    assert_ne!(old, new);
+    let d = TempDir::new("rotated");
+    let err = daemon::join(&d.0, &addresses(52), &old, &mgr).await.err().unwrap();
+    assert!(err.to_string().contains("rotated"), "{err}");
+    let d2 = TempDir::new("fresh");
+    let joined = daemon::join(&d2.0, &addresses(53), &new, &mgr).await.unwrap();
+    joined.stop().await;
+
+    // A removed node reconnecting with its old certificate.
+    let worker_id = c.node(1).ctx.node_id.clone();
+    c.nodes[1].take().unwrap().stop().await;
+    admin
+        .remove_node(Remove {
+            target: worker_id.clone(),
+            force: true,
+        })
+        .await
+        .unwrap();
+    let err = NodeClientExt::whoami(&c.dirs[1].0, &mgr).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("has been removed"), "{}", err.message());
+    c.stop().await;
+}
+
+struct NodeClientExt;
+
+impl NodeClientExt {
+    async fn whoami(dir: &Path, addr: &str) -> Result<(), tonic::Status> {
+        let creds = Credentials::load(&daemon::certs_dir(dir)).unwrap();
+        let ch = tls::channel(addr, Trust::Node(Arc::new(RwLock::new(creds))), Duration::from_secs(10))
+            .unwrap();
+        proto::node_client::NodeClient::new(ch)
+            .whoami(Empty {})
+            .await
+            .map(|_| ())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn promote_demote_and_renewal() {
+    let c = Cluster::start("roles", 1, 1).await;
+    let mut admin = client(&c.dirs[0].0, c.api(0));
+    let worker = c.node(1).ctx.node_id.clone();
+    admin
+        .set_role(SetRoleRequest {
+            target: worker.clone(),
+            role: "manager".into(),
+        })
+        .await
+        .unwrap();
+    // The node notices, renews its certificate as a manager, starts Raft
+    // and joins the voters.
+    wait_for("the promoted node to be a voter", Duration::from_secs(30), || {
+        (voters(c.node(0)) == 2).then_some(())
+    })
+    .await;
+    wait_for("a manager certificate", Duration::from_secs(10), || {
+        let creds = Credentials::load(&daemon::certs_dir(&c.dirs[1].0)).ok()?;
+        let id = pki::identity(&creds.cert, &creds.ca, now()).ok()?;
+        (id.role == Role::Manager).then_some(())
+    })
+    .await;
+    // Its certificate now reaches the manager API.
+    client(&c.dirs[1].0, c.api(0)).list_nodes(Empty {}).await.unwrap();
+    let view = admin
+        .inspect_node(Ref {
+            target: worker.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let view: serde_json::Value = serde_json::from_slice(&view.json).unwrap();
+    assert_eq!(view["manager_status"], "Reachable");
+
+    admin
+        .set_role(SetRoleRequest {
+            target: worker.clone(),
+            role: "worker".into(),
+        })
+        .await
+        .unwrap();
+    wait_for("the demoted node to leave the voters", Duration::from_secs(20), || {
+        (voters(c.node(0)) == 1).then_some(())
+    })
+    .await;
+    wait_for("Raft to stop on the demoted node", Duration::from_secs(20), || {
+        c.node(1).ctx.manager.read().unwrap().is_none().then_some(())
+    })
+    .await;
+    let err = client(&c.dirs[1].0, c.api(0))
+        .list_nodes(Empty {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    c.stop().await;
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn short_lived_certificates_renew_before_expiry() {
+    let d = TempDir::new("renew");
+    let at = addresses(1);
+    let (node, _) = daemon::init(
+        &d.0,
+        &at,
+        &InitOptions {
+            autolock: false,
+            cert_lifetime: Duration::from_secs(9),
+        },
+    )
+    .await
+    .unwrap();
+    let first = Credentials::load(&daemon::certs_dir(&d.0)).unwrap().cert;
+    // Renewal starts in the last third (3 s before expiry); the upkeep
+    // loop looks every 2 s.
+    wait_for("a renewed certificate", Duration::from_secs(15), || {
+        let now_cert = Credentials::load(&daemon::certs_dir(&d.0)).ok()?.cert;
+        (now_cert != first).then_some(())
+    })
+    .await;
+    // 12 s after init the first certificate has expired; the API still
+    // answers with the renewed one.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    client(&d.0, &at.api_addr).list_nodes(Empty {}).await.unwrap();
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn validation_errors_reach_the_client_verbatim() {
+    let c = Cluster::start("valid", 1, 0).await;
+    let mut api = client(&c.dirs[0].0, c.api(0));
+    let err = api
+        .create_network(proto::Blob {
+            json: serde_json::to_vec(&NetworkSpec {
+                name: "Bad_Name".into(),
+                ..Default::default()
+            })
+            .unwrap(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("not DNS-safe"), "{}", err.message());
+    create_service(&mut api, "web").await;
+    let err = api
+        .create_service(proto::Blob {
+            json: serde_json::to_vec(&service("web")).unwrap(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("already in use"), "{}", err.message());
+    let err = api
+        .create_service(proto::Blob {
+            json: b"{\"name\": 3}".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().starts_with("invalid service spec"), "{}", err.message());
+    c.stop().await;
+}
