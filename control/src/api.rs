@@ -26,7 +26,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     manager::{Manager, ManagerStatus, NOT_LEADER, WriteError, raft_id},
     pki::{self, Ca, Identity, JoinToken},
-    state::{Command, Network, Node, NodeSpec, Outcome, Role, Service, State},
+    state::{Command, Network, Node, NodeSpec, Outcome, Role, Service, State, TaskState},
     tls::Credentials,
 };
 
@@ -373,6 +373,15 @@ pub struct NodeView {
     pub is_self: bool,
 }
 
+/// A service with its task count, as `service ls` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceView {
+    #[serde(flatten)]
+    pub service: Service,
+    /// Tasks observed running.
+    pub running: usize,
+}
+
 /// What `Cluster/Info` answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Info {
@@ -588,7 +597,19 @@ impl cluster_server::Cluster for ClusterService {
 
     async fn list_services(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
-        let svcs: Vec<Service> = m.with_state(|s| s.services.values().cloned().collect());
+        let svcs: Vec<ServiceView> = m.with_state(|s| {
+            s.services
+                .values()
+                .map(|svc| ServiceView {
+                    running: s
+                        .tasks
+                        .values()
+                        .filter(|t| t.service == svc.id && t.observed == TaskState::Running)
+                        .count(),
+                    service: svc.clone(),
+                })
+                .collect()
+        });
         json(&svcs)
     }
 

@@ -1,20 +1,959 @@
-//! meshctl: the mesh CLI. Cluster commands (node, service, network) talk gRPC
-//! to a manager and arrive with the control plane; until then this binary only
-//! answers --help/--version. Local data-plane counters: `meshd stats --node N`.
+//! meshctl: the mesh CLI. It talks gRPC over mTLS to a manager: on a
+//! manager it uses that node's credentials from the data dir; elsewhere
+//! `--host` and a client certificate (`--cert`, `--key`, `--ca`).
 
-use clap::Parser;
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use control::{
+    api::{Info, NodeView, ServiceView},
+    daemon::{self, NodeFile},
+    manager::ManagerStatus,
+    pki,
+    state::{
+        Availability, EndpointMode, EndpointSpec, Network, NetworkAttachment, NetworkSpec, Node,
+        NodeSpec, PortConfig, Protocol, PublishMode, Role, Service, ServiceMode,
+        ServiceSpec, TaskTemplate,
+    },
+    tls::{self, Credentials, Trust},
+};
+use proto::{
+    Blob, Empty, JoinTokenRequest, Ref, Remove, SetRoleRequest, Update,
+    cluster_client::ClusterClient,
+};
+use tonic::transport::Channel;
+
+mod table;
+use table::Table;
 
 #[derive(Parser)]
-#[command(
-    name = "meshctl",
-    version,
-    about = "mesh command-line client",
-    after_help = "No cluster commands exist yet. For this node's data-plane counters run `meshd stats --node NAME`."
-)]
-struct Cli {}
+#[command(name = "meshctl", version, about = "mesh command-line client")]
+struct Cli {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-fn main() {
-    Cli::parse();
-    eprintln!("meshctl: no command given; see `meshctl --help`");
-    std::process::exit(2);
+#[derive(Args)]
+struct Conn {
+    /// The local node's data dir: its credentials and manager addresses.
+    #[arg(long, global = true, default_value = "/var/lib/mesh", env = "MESH_DATA_DIR")]
+    data_dir: PathBuf,
+    /// A manager's API address (host:port); default: this node if it is a
+    /// manager, else the managers it knows.
+    #[arg(long, short = 'H', global = true, env = "MESH_HOST")]
+    host: Option<String>,
+    /// Client certificate (PEM), instead of the data dir's.
+    #[arg(long, global = true, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Client key (PEM).
+    #[arg(long, global = true, requires = "cert")]
+    key: Option<PathBuf>,
+    /// The cluster CA (PEM), instead of the data dir's.
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
+    /// Per-call timeout in seconds.
+    #[arg(long, global = true, default_value_t = 15)]
+    timeout: u64,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Manage nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Manage networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Manage services.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Manage the cluster: join tokens, the unlock key.
+    #[command(subcommand)]
+    Swarm(SwarmCmd),
+    /// Cluster-wide information from the manager answering.
+    Info {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// List nodes.
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Only ids.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Show nodes in detail (JSON).
+    Inspect {
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Make nodes managers.
+    Promote {
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Make managers workers.
+    Demote {
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Remove nodes from the cluster.
+    Rm {
+        /// Remove a node that is still up.
+        #[arg(long, short)]
+        force: bool,
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Change a node's availability or labels.
+    Update {
+        #[arg(long, value_enum)]
+        availability: Option<AvailabilityArg>,
+        /// Add or change a label (key=value).
+        #[arg(long = "label-add")]
+        label_add: Vec<String>,
+        /// Remove a label.
+        #[arg(long = "label-rm")]
+        label_rm: Vec<String>,
+        node: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AvailabilityArg {
+    Active,
+    Pause,
+    Drain,
+}
+
+#[derive(Subcommand)]
+enum NetworkCmd {
+    /// Create an overlay network.
+    Create {
+        /// Only "overlay" exists.
+        #[arg(long, short, default_value = "overlay")]
+        driver: String,
+        /// Subnet in CIDR form; default: the next free one from the pool.
+        #[arg(long)]
+        subnet: Option<String>,
+        /// Driver options; "encrypted" asks for IPsec between nodes.
+        #[arg(long = "opt", short = 'o')]
+        opts: Vec<String>,
+        /// No route out of the network.
+        #[arg(long)]
+        internal: bool,
+        #[arg(long)]
+        attachable: bool,
+        name: String,
+    },
+    /// List networks.
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Show networks in detail (JSON).
+    Inspect {
+        #[arg(required = true)]
+        networks: Vec<String>,
+    },
+    /// Remove networks (refused while a service uses them).
+    Rm {
+        #[arg(required = true)]
+        networks: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct ServiceOpts {
+    /// Number of tasks (replicated mode).
+    #[arg(long)]
+    replicas: Option<u32>,
+    /// Publish a port: published:target[/udp], or the long form
+    /// mode=host,published=8080,target=80,protocol=udp.
+    #[arg(long, short = 'p')]
+    publish: Vec<String>,
+    /// Attach to a network (name or id).
+    #[arg(long)]
+    network: Vec<String>,
+    /// vip (a virtual IP per network) or dnsrr (DNS round robin).
+    #[arg(long, value_enum)]
+    endpoint_mode: Option<EndpointModeArg>,
+    /// Environment variable (KEY=value).
+    #[arg(long, short = 'e')]
+    env: Vec<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EndpointModeArg {
+    Vip,
+    Dnsrr,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Replicated,
+    Global,
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Create a service: meshctl service create --name web -p 8080:80 -- CMD ARGS
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum, default_value_t = ModeArg::Replicated)]
+        mode: ModeArg,
+        #[command(flatten)]
+        opts: ServiceOpts,
+        /// The task's command and arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List services.
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Show services in detail (JSON).
+    Inspect {
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Change a service. Fields not given keep their value.
+    Update {
+        #[command(flatten)]
+        opts: ServiceOpts,
+        /// Replace the command and arguments.
+        #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+        args: Option<Vec<String>>,
+        service: String,
+    },
+    /// Remove services.
+    Rm {
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SwarmCmd {
+    /// Show (or rotate) the join token for a role.
+    JoinToken {
+        #[arg(value_enum)]
+        role: RoleArg,
+        /// Replace the token; the old one is refused from now on.
+        #[arg(long)]
+        rotate: bool,
+        /// Only the token.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Show the key that unlocks an autolocked manager.
+    UnlockKey {
+        #[arg(long, short)]
+        quiet: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Worker,
+    Manager,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Res<T = ()> = Result<T, String>;
+
+/// A status as the user should see it: the server's words.
+fn err(s: tonic::Status) -> String {
+    daemon::status_text(&s)
+}
+
+struct Client {
+    api: ClusterClient<Channel>,
+    addr: String,
+}
+
+fn read(path: &Path, what: &str) -> Res<String> {
+    std::fs::read_to_string(path).map_err(|e| format!("reading the {what} {}: {e}", path.display()))
+}
+
+impl Conn {
+    fn connect(&self) -> Res<Client> {
+        let from_dir = Credentials::load(&daemon::certs_dir(&self.data_dir));
+        let ca = match (&self.ca, &from_dir) {
+            (Some(p), _) => read(p, "CA certificate")?,
+            (None, Ok(c)) => c.ca.clone(),
+            (None, Err(e)) => {
+                return Err(format!(
+                    "no cluster credentials: {e}. On a node, pass --data-dir; elsewhere --host, --ca, --cert and --key"
+                ));
+            }
+        };
+        let trust = match (&self.cert, &self.key, from_dir) {
+            (Some(c), Some(k), _) => Trust::Node(Arc::new(RwLock::new(Credentials {
+                ca,
+                cert: read(c, "certificate")?,
+                key: read(k, "key")?,
+            }))),
+            (_, _, Ok(mut creds)) => {
+                creds.ca = ca;
+                Trust::Node(Arc::new(RwLock::new(creds)))
+            }
+            _ => Trust::Anonymous(ca),
+        };
+        let addr = match &self.host {
+            Some(h) => h.clone(),
+            None => self.local_manager()?,
+        };
+        let channel = tls::channel(&addr, trust, Duration::from_secs(self.timeout))
+            .map_err(|e| e.to_string())?;
+        Ok(Client {
+            api: ClusterClient::new(channel)
+                .max_decoding_message_size(daemon::MAX_MESSAGE)
+                .max_encoding_message_size(daemon::MAX_MESSAGE),
+            addr,
+        })
+    }
+
+    /// This node's API if it is a manager, else the first known manager.
+    fn local_manager(&self) -> Res<String> {
+        let file = NodeFile::load(&self.data_dir).map_err(|e| e.to_string())?;
+        let creds = Credentials::load(&daemon::certs_dir(&self.data_dir)).map_err(|e| e.to_string())?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let role = pki::identity(&creds.cert, &creds.ca, now)
+            .map(|i| i.role)
+            .unwrap_or(Role::Worker);
+        if role == Role::Manager {
+            return Ok(file.api_addr);
+        }
+        file.managers.first().cloned().ok_or_else(|| {
+            "this node knows no manager; pass --host".to_owned()
+        })
+    }
+}
+
+fn blob<T: serde::Serialize>(v: &T) -> Blob {
+    Blob {
+        json: serde_json::to_vec(v).expect("serializable"),
+    }
+}
+
+fn from_blob<T: for<'de> serde::Deserialize<'de>>(b: tonic::Response<Blob>) -> Res<T> {
+    serde_json::from_slice(&b.into_inner().json).map_err(|e| format!("bad reply: {e}"))
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+}
+
+async fn run(cli: Cli) -> Res {
+    let mut c = cli.conn.connect()?;
+    match cli.command {
+        Cmd::Node(cmd) => node(&mut c, cmd).await,
+        Cmd::Network(cmd) => network(&mut c, cmd).await,
+        Cmd::Service(cmd) => service(&mut c, cmd).await,
+        Cmd::Swarm(cmd) => swarm(&mut c, cmd).await,
+        Cmd::Info { format } => {
+            let info: Info = from_blob(c.api.info(Empty {}).await.map_err(err)?)?;
+            if format == Format::Json {
+                print_json(&info);
+            } else {
+                println!("Cluster ID: {}", info.cluster_id);
+                println!("Node ID: {}", info.node_id);
+                println!("Leader: {}", info.leader.as_deref().unwrap_or("(none)"));
+                println!("Raft term: {}", info.term);
+                println!("Managers: {}", info.managers);
+                println!("Nodes: {}", info.nodes);
+                println!("Networks: {}", info.networks);
+                println!("Services: {}", info.services);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn title<T: std::fmt::Debug>(v: T) -> String {
+    let s = format!("{v:?}");
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(f) => f.to_uppercase().chain(chars.map(|c| c.to_ascii_lowercase())).collect(),
+        None => s,
+    }
+}
+
+async fn node(c: &mut Client, cmd: NodeCmd) -> Res {
+    match cmd {
+        NodeCmd::Ls { format, quiet } => {
+            let mut nodes: Vec<NodeView> = from_blob(c.api.list_nodes(Empty {}).await.map_err(err)?)?;
+            nodes.sort_by(|a, b| a.node.hostname.cmp(&b.node.hostname).then(a.node.id.cmp(&b.node.id)));
+            if quiet {
+                nodes.iter().for_each(|n| println!("{}", n.node.id));
+            } else if format == Format::Json {
+                print_json(&nodes);
+            } else {
+                let mut t = Table::new(&["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS"]);
+                for n in &nodes {
+                    t.row(vec![
+                        if n.is_self {
+                            format!("{} *", n.node.id)
+                        } else {
+                            n.node.id.clone()
+                        },
+                        n.node.hostname.clone(),
+                        title(n.node.status),
+                        title(n.node.spec.availability),
+                        match n.manager_status {
+                            Some(ManagerStatus::Leader) => "Leader".into(),
+                            Some(ManagerStatus::Reachable) => "Reachable".into(),
+                            Some(ManagerStatus::Unreachable) => "Unreachable".into(),
+                            None => String::new(),
+                        },
+                    ]);
+                }
+                print!("{t}");
+            }
+            Ok(())
+        }
+        NodeCmd::Inspect { nodes } => {
+            let mut out = Vec::new();
+            for target in nodes {
+                let v: NodeView = from_blob(c.api.inspect_node(Ref { target }).await.map_err(err)?)?;
+                out.push(v);
+            }
+            print_json(&out);
+            Ok(())
+        }
+        NodeCmd::Promote { nodes } => set_role(c, nodes, Role::Manager).await,
+        NodeCmd::Demote { nodes } => set_role(c, nodes, Role::Worker).await,
+        NodeCmd::Rm { force, nodes } => {
+            for target in nodes {
+                c.api
+                    .remove_node(Remove {
+                        target: target.clone(),
+                        force,
+                    })
+                    .await
+                    .map_err(err)?;
+                println!("{target}");
+            }
+            Ok(())
+        }
+        NodeCmd::Update {
+            availability,
+            label_add,
+            label_rm,
+            node,
+        } => {
+            let view: NodeView = from_blob(
+                c.api
+                    .inspect_node(Ref {
+                        target: node.clone(),
+                    })
+                    .await
+                    .map_err(err)?,
+            )?;
+            let mut spec: NodeSpec = view.node.spec.clone();
+            if let Some(a) = availability {
+                spec.availability = match a {
+                    AvailabilityArg::Active => Availability::Active,
+                    AvailabilityArg::Pause => Availability::Pause,
+                    AvailabilityArg::Drain => Availability::Drain,
+                };
+            }
+            for l in label_add {
+                let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
+                spec.labels.insert(k.to_owned(), v.to_owned());
+            }
+            for k in label_rm {
+                if spec.labels.remove(&k).is_none() {
+                    return Err(format!("node {node} has no label {k:?}"));
+                }
+            }
+            c.api
+                .update_node(Update {
+                    target: view.node.id.clone(),
+                    version: view.node.version,
+                    spec: serde_json::to_vec(&spec).expect("serializable"),
+                })
+                .await
+                .map_err(err)?;
+            println!("{node}");
+            Ok(())
+        }
+    }
+}
+
+async fn set_role(c: &mut Client, nodes: Vec<String>, role: Role) -> Res {
+    for target in nodes {
+        let before: NodeView = from_blob(
+            c.api
+                .inspect_node(Ref {
+                    target: target.clone(),
+                })
+                .await
+                .map_err(err)?,
+        )?;
+        let word = if role == Role::Manager { "manager" } else { "worker" };
+        if before.node.spec.role == role {
+            println!("Node {target} is already a {word} in the swarm.");
+            continue;
+        }
+        let _: Node = from_blob(
+            c.api
+                .set_role(SetRoleRequest {
+                    target: target.clone(),
+                    role: word.into(),
+                })
+                .await
+                .map_err(err)?,
+        )?;
+        match role {
+            Role::Manager => println!("Node {target} promoted to a manager in the swarm."),
+            Role::Worker => println!("Manager {target} demoted in the swarm."),
+        }
+    }
+    Ok(())
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+async fn network(c: &mut Client, cmd: NetworkCmd) -> Res {
+    match cmd {
+        NetworkCmd::Create {
+            driver,
+            subnet,
+            opts,
+            internal,
+            attachable,
+            name,
+        } => {
+            if driver != "overlay" {
+                return Err(format!("driver {driver:?} is not supported: mesh networks are overlay networks"));
+            }
+            let mut spec = NetworkSpec {
+                name,
+                subnet: subnet
+                    .map(|s| s.parse().map_err(|e| format!("--subnet {s}: {e}")))
+                    .transpose()?,
+                internal,
+                attachable,
+                ..NetworkSpec::default()
+            };
+            for o in opts {
+                match o.as_str() {
+                    "encrypted" | "encrypted=true" | "encrypted=" => spec.encrypted = true,
+                    other => return Err(format!("unknown network option {other:?} (known: encrypted)")),
+                }
+            }
+            let n: Network = from_blob(c.api.create_network(blob(&spec)).await.map_err(err)?)?;
+            println!("{}", n.id);
+            Ok(())
+        }
+        NetworkCmd::Ls { format, quiet } => {
+            let mut nets: Vec<Network> = from_blob(c.api.list_networks(Empty {}).await.map_err(err)?)?;
+            nets.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+            if quiet {
+                nets.iter().for_each(|n| println!("{}", short(&n.id)));
+            } else if format == Format::Json {
+                print_json(&nets);
+            } else {
+                let mut t = Table::new(&["NETWORK ID", "NAME", "DRIVER", "SCOPE", "SUBNET", "VNI"]);
+                for n in &nets {
+                    t.row(vec![
+                        short(&n.id).into(),
+                        n.spec.name.clone(),
+                        "overlay".into(),
+                        "swarm".into(),
+                        n.subnet.to_string(),
+                        n.vni.to_string(),
+                    ]);
+                }
+                print!("{t}");
+            }
+            Ok(())
+        }
+        NetworkCmd::Inspect { networks } => {
+            let mut out = Vec::new();
+            for target in networks {
+                let n: Network = from_blob(c.api.inspect_network(Ref { target }).await.map_err(err)?)?;
+                out.push(n);
+            }
+            print_json(&out);
+            Ok(())
+        }
+        NetworkCmd::Rm { networks } => {
+            for target in networks {
+                c.api
+                    .remove_network(Remove {
+                        target: target.clone(),
+                        force: false,
+                    })
+                    .await
+                    .map_err(err)?;
+                println!("{target}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Parses --publish: `8080:80`, `8080:80/udp`, `80` (auto-assigned), or
+/// `mode=host,published=8080,target=80,protocol=udp`.
+fn parse_publish(s: &str) -> Res<PortConfig> {
+    let bad = |why: &str| format!("--publish {s:?}: {why}; use published:target[/udp] or mode=host,published=P,target=T");
+    let port = |v: &str, what: &str| -> Res<u16> {
+        v.parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| bad(&format!("{what} port {v:?} is not 1-65535")))
+    };
+    if s.contains('=') {
+        let mut p = PortConfig {
+            protocol: Protocol::Tcp,
+            target: 0,
+            published: None,
+            mode: PublishMode::Ingress,
+        };
+        for kv in s.split(',') {
+            let (k, v) = kv.split_once('=').ok_or_else(|| bad(&format!("{kv:?} is not key=value")))?;
+            match k {
+                "mode" => {
+                    p.mode = match v {
+                        "host" => PublishMode::Host,
+                        "ingress" => PublishMode::Ingress,
+                        _ => return Err(bad("mode is host or ingress")),
+                    }
+                }
+                "published" => p.published = Some(port(v, "published")?),
+                "target" => p.target = port(v, "target")?,
+                "protocol" => {
+                    p.protocol = match v {
+                        "tcp" => Protocol::Tcp,
+                        "udp" => Protocol::Udp,
+                        _ => return Err(bad("protocol is tcp or udp")),
+                    }
+                }
+                other => return Err(bad(&format!("unknown key {other:?}"))),
+            }
+        }
+        if p.target == 0 {
+            return Err(bad("target is missing"));
+        }
+        return Ok(p);
+    }
+    let (ports, proto) = match s.split_once('/') {
+        Some((p, "tcp")) => (p, Protocol::Tcp),
+        Some((p, "udp")) => (p, Protocol::Udp),
+        Some(_) => return Err(bad("protocol is tcp or udp")),
+        None => (s, Protocol::Tcp),
+    };
+    let (published, target) = match ports.split_once(':') {
+        Some((p, t)) => (Some(port(p, "published")?), port(t, "target")?),
+        None => (None, port(ports, "target")?),
+    };
+    Ok(PortConfig {
+        protocol: proto,
+        target,
+        published,
+        mode: PublishMode::Ingress,
+    })
+}
+
+fn apply_opts(spec: &mut ServiceSpec, o: ServiceOpts, creating: bool) -> Res {
+    if let Some(r) = o.replicas {
+        match &mut spec.mode {
+            ServiceMode::Replicated { replicas } => *replicas = r,
+            ServiceMode::Global => return Err("--replicas applies to replicated services only".into()),
+        }
+    }
+    if !o.publish.is_empty() {
+        let ports = o.publish.iter().map(|p| parse_publish(p)).collect::<Res<Vec<_>>>()?;
+        if creating {
+            spec.endpoint.ports = ports;
+        } else {
+            // Update: a port with the same target and protocol is replaced.
+            for p in ports {
+                spec.endpoint
+                    .ports
+                    .retain(|q| !(q.target == p.target && q.protocol == p.protocol));
+                spec.endpoint.ports.push(p);
+            }
+        }
+    }
+    if !o.network.is_empty() {
+        spec.task.networks = o
+            .network
+            .into_iter()
+            .map(|target| NetworkAttachment {
+                target,
+                aliases: Vec::new(),
+            })
+            .collect();
+    }
+    if let Some(m) = o.endpoint_mode {
+        spec.endpoint.mode = match m {
+            EndpointModeArg::Vip => EndpointMode::Vip,
+            EndpointModeArg::Dnsrr => EndpointMode::Dnsrr,
+        };
+    }
+    for e in o.env {
+        if !e.contains('=') {
+            return Err(format!("--env {e:?}: use KEY=value"));
+        }
+        let key = e.split('=').next().unwrap_or_default().to_owned();
+        spec.task.env.retain(|x| x.split('=').next() != Some(key.as_str()));
+        spec.task.env.push(e);
+    }
+    Ok(())
+}
+
+fn ports_column(s: &Service) -> String {
+    s.ports
+        .iter()
+        .map(|p| match p.mode {
+            PublishMode::Ingress => format!(
+                "*:{}->{}/{}",
+                p.published.unwrap_or_default(),
+                p.target,
+                p.protocol
+            ),
+            PublishMode::Host => format!(
+                "host:{}->{}/{}",
+                p.published.unwrap_or(p.target),
+                p.target,
+                p.protocol
+            ),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
+    match cmd {
+        ServiceCmd::Create {
+            name,
+            mode,
+            opts,
+            command,
+        } => {
+            let mut spec = ServiceSpec {
+                name,
+                mode: match mode {
+                    ModeArg::Replicated => ServiceMode::Replicated { replicas: 1 },
+                    ModeArg::Global => ServiceMode::Global,
+                },
+                task: TaskTemplate {
+                    command,
+                    ..TaskTemplate::default()
+                },
+                endpoint: EndpointSpec::default(),
+                update: Default::default(),
+                rollback: Default::default(),
+            };
+            if matches!(mode, ModeArg::Global) && opts.replicas.is_some() {
+                return Err("--replicas cannot be used with --mode global".into());
+            }
+            apply_opts(&mut spec, opts, true)?;
+            let s: Service = from_blob(c.api.create_service(blob(&spec)).await.map_err(err)?)?;
+            println!("{}", s.id);
+            Ok(())
+        }
+        ServiceCmd::Ls { format, quiet } => {
+            let mut svcs: Vec<ServiceView> = from_blob(c.api.list_services(Empty {}).await.map_err(err)?)?;
+            svcs.sort_by(|a, b| a.service.spec.name.cmp(&b.service.spec.name));
+            if quiet {
+                svcs.iter().for_each(|s| println!("{}", short(&s.service.id)));
+            } else if format == Format::Json {
+                print_json(&svcs);
+            } else {
+                let mut t = Table::new(&["ID", "NAME", "MODE", "REPLICAS", "COMMAND", "PORTS"]);
+                for v in &svcs {
+                    let s = &v.service;
+                    let (mode, desired) = match s.spec.mode {
+                        ServiceMode::Replicated { replicas } => ("replicated", replicas.to_string()),
+                        ServiceMode::Global => ("global", "-".into()),
+                    };
+                    t.row(vec![
+                        short(&s.id).into(),
+                        s.spec.name.clone(),
+                        mode.into(),
+                        format!("{}/{desired}", v.running),
+                        s.spec.task.command.join(" "),
+                        ports_column(s),
+                    ]);
+                }
+                print!("{t}");
+            }
+            Ok(())
+        }
+        ServiceCmd::Inspect { services } => {
+            let mut out = Vec::new();
+            for target in services {
+                let s: Service = from_blob(c.api.inspect_service(Ref { target }).await.map_err(err)?)?;
+                out.push(s);
+            }
+            print_json(&out);
+            Ok(())
+        }
+        ServiceCmd::Update {
+            opts,
+            args,
+            service,
+        } => {
+            let cur: Service = from_blob(
+                c.api
+                    .inspect_service(Ref {
+                        target: service.clone(),
+                    })
+                    .await
+                    .map_err(err)?,
+            )?;
+            let mut spec = cur.spec.clone();
+            apply_opts(&mut spec, opts, false)?;
+            if let Some(args) = args {
+                spec.task.command = args;
+            }
+            c.api
+                .update_service(Update {
+                    target: cur.id.clone(),
+                    version: cur.version,
+                    spec: serde_json::to_vec(&spec).expect("serializable"),
+                })
+                .await
+                .map_err(err)?;
+            println!("{service}");
+            Ok(())
+        }
+        ServiceCmd::Rm { services } => {
+            for target in services {
+                c.api
+                    .remove_service(Remove {
+                        target: target.clone(),
+                        force: false,
+                    })
+                    .await
+                    .map_err(err)?;
+                println!("{target}");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn swarm(c: &mut Client, cmd: SwarmCmd) -> Res {
+    match cmd {
+        SwarmCmd::JoinToken {
+            role,
+            rotate,
+            quiet,
+        } => {
+            let word = match role {
+                RoleArg::Worker => "worker",
+                RoleArg::Manager => "manager",
+            };
+            let token = c
+                .api
+                .join_token(JoinTokenRequest {
+                    role: word.into(),
+                    rotate,
+                })
+                .await
+                .map_err(err)?
+                .into_inner()
+                .token;
+            if quiet {
+                println!("{token}");
+            } else {
+                if rotate {
+                    println!("Successfully rotated {word} join token.\n");
+                }
+                println!("To add a {word} to this swarm, run the following command:\n");
+                println!("    meshd join --token {token} {}\n", c.addr);
+            }
+            Ok(())
+        }
+        SwarmCmd::UnlockKey { quiet } => {
+            let key = c.api.unlock_key(Empty {}).await.map_err(err)?.into_inner().key;
+            if quiet {
+                println!("{key}");
+            } else {
+                println!("To unlock a swarm manager after it restarts, run `meshd unlock` and provide the following key:\n");
+                println!("    {key}\n");
+                println!("Please remember to store this key in a password manager, since without it you will not be able to restart the manager.");
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use control::state::NodeStatus;
+
+    #[test]
+    fn publish_forms() {
+        let p = parse_publish("8080:80").unwrap();
+        assert_eq!((p.published, p.target, p.protocol), (Some(8080), 80, Protocol::Tcp));
+        let p = parse_publish("53:53/udp").unwrap();
+        assert_eq!(p.protocol, Protocol::Udp);
+        assert_eq!(parse_publish("80").unwrap().published, None);
+        let p = parse_publish("mode=host,published=8080,target=80").unwrap();
+        assert_eq!((p.mode, p.published, p.target), (PublishMode::Host, Some(8080), 80));
+        for bad in ["0:80", "80:x", "8080:80/sctp", "mode=host,published=1", "x=1,target=2", "70000:80"] {
+            let e = parse_publish(bad).unwrap_err();
+            assert!(e.contains("--publish"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn status_and_availability_read_like_docker() {
+        assert_eq!(title(NodeStatus::Ready), "Ready");
+        assert_eq!(title(Availability::Drain), "Drain");
+    }
 }

@@ -24,18 +24,75 @@ pub fn meshd_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("MESHD") {
         return path.into();
     }
+    beside_test("meshd", "cargo build -p dataplane --bins")
+}
+
+/// Where meshctl is: `$MESHCTL`, else next to meshd or the test binary.
+pub fn meshctl_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("MESHCTL") {
+        return path.into();
+    }
+    if let Some(beside) = std::env::var_os("MESHD")
+        .map(PathBuf::from)
+        .and_then(|m| m.parent().map(|d| d.join("meshctl")))
+        .filter(|p| p.exists())
+    {
+        return beside;
+    }
+    beside_test("meshctl", "cargo build -p meshctl")
+}
+
+fn beside_test(name: &str, build: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let candidates = [
-        exe.parent().and_then(Path::parent).map(|d| d.join("meshd")),
-        exe.parent().map(|d| d.join("meshd")),
+        exe.parent().and_then(Path::parent).map(|d| d.join(name)),
+        exe.parent().map(|d| d.join(name)),
     ];
     candidates
         .into_iter()
         .flatten()
         .find(|p| p.exists())
         .unwrap_or_else(|| {
-            panic!("meshd not found next to {}: build it (`cargo build -p dataplane --bins`) or set MESHD", exe.display())
+            panic!(
+                "{name} not found next to {}: build it (`{build}`) or set {}",
+                exe.display(),
+                name.to_uppercase()
+            )
         })
+}
+
+/// Starts a control-plane-only meshd on `host` (`args` after the binary,
+/// e.g. `init --data-dir D ...`), waits for its ready line, and returns it
+/// with everything it printed before that line.
+pub fn start_control(host: &Host, args: &[&str]) -> (ChildGuard, Vec<String>) {
+    let mut cmd = host.command(meshd_bin());
+    cmd.args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let mut guard = host.spawn(&mut cmd);
+    let stdout = guard.take_stdout().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut before = Vec::new();
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line == READY_LINE {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(std::mem::take(&mut before));
+                }
+            } else if tx.is_some() {
+                before.push(line);
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(lines) => (guard, lines),
+        Err(_) => {
+            guard.assert_running();
+            panic!("meshd {args:?} on {} did not become ready in 30 s", host.label());
+        }
+    }
 }
 
 /// A published service for a config file: `port` answers on every node and

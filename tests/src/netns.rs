@@ -230,6 +230,13 @@ impl ChildGuard {
         terminate(child, &self.what)
     }
 
+    /// SIGKILLs the child and reaps it: a crash, as far as it can tell.
+    pub fn kill(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("child present until dropped");
+        let _ = child.kill();
+        child.wait().expect("wait")
+    }
+
     /// Takes the child's stdout, if it was piped.
     pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
         self.child.as_mut().and_then(|c| c.stdout.take())

@@ -15,6 +15,8 @@ use mesh_tests::{
     require_root,
 };
 
+#[path = "netns/control.rs"]
+mod control;
 #[path = "netns/overlay.rs"]
 mod overlay;
 

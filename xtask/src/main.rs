@@ -45,7 +45,14 @@ fn bench() -> Result<()> {
         bail!("the benchmark creates network namespaces and loads eBPF: run it as root");
     }
     setup::run()?;
-    run_ok(cargo().args(["build", "--package", "dataplane", "--bins"]))?;
+    run_ok(cargo().args([
+        "build",
+        "--package",
+        "dataplane",
+        "--package",
+        "meshctl",
+        "--bins",
+    ]))?;
     run_ok(
         cargo()
             .args(["bench", "--package", "mesh-tests", "--bench", "dataplane"])

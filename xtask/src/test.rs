@@ -49,8 +49,16 @@ pub fn run() -> Result<()> {
     let setup_secs = setup_started.elapsed().as_secs_f64();
 
     let mut tiers = vec![lint()];
-    // meshd is what the namespace tier runs; build it before any test binary.
-    crate::run_ok(cargo().args(["build", "--package", "dataplane", "--bins"]))?;
+    // meshd and meshctl are what the namespace tier runs; build them before
+    // any test binary.
+    crate::run_ok(cargo().args([
+        "build",
+        "--package",
+        "dataplane",
+        "--package",
+        "meshctl",
+        "--bins",
+    ]))?;
     tiers.push(cargo_tier(
         "unit",
         false,
@@ -61,6 +69,9 @@ pub fn run() -> Result<()> {
             "dataplane-ebpf",
             "--lib",
             "--bins",
+            // control's in-process cluster (loopback, no root).
+            "--test",
+            "cluster",
         ],
     )?);
     tiers.push(cargo_tier(

@@ -2,6 +2,7 @@
 
 use std::{
     fs,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -9,6 +10,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::programs::XdpMode;
 use clap::{Parser, Subcommand, ValueEnum};
+use control::daemon::{self, Addresses, InitOptions, InitReport, Unlock};
 use dataplane::{
     bpffs,
     ebpf::{Datapath, monotonic_ns},
@@ -31,30 +33,61 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the data plane on this node and serve until SIGINT/SIGTERM.
-    /// SIGHUP re-reads --config. On exit the data path stays attached (pinned
-    /// links), so a restart does not break established flows; `meshd down`
-    /// removes it.
-    Run {
+    /// Start a new cluster with this node as its first manager (root CA,
+    /// join tokens, the ingress network), then serve as `run` does.
+    Init {
         #[command(flatten)]
-        node: NodeArgs,
-        /// The underlay interface (the one other nodes and clients reach us on).
+        ctl: ControlArgs,
+        #[command(flatten)]
+        at: AddrArgs,
+        /// Wrap the managers' data keys with a key the operator keeps
+        /// (`meshctl swarm unlock-key`); a restarted manager waits for
+        /// `meshd unlock`.
         #[arg(long)]
-        underlay: String,
-        /// XDP attach mode for the packet counters.
-        #[arg(long, value_enum, default_value_t = Mode::Auto)]
-        xdp_mode: Mode,
-        /// Node config (JSON): load-balancer frontends/backends, local endpoint
-        /// interfaces, conntrack timeouts. Without it the LB answers nothing.
+        autolock: bool,
+        /// Lifetime of node certificates (s, m, h or d suffix); they renew
+        /// in the last third.
+        #[arg(long, default_value = "90d", value_parser = parse_duration)]
+        cert_lifetime: Duration,
+        #[command(flatten)]
+        dp: DataplaneArgs,
+    },
+    /// Join a cluster through one of its managers, then serve as `run`
+    /// does. A manager token makes this node a manager.
+    Join {
+        #[command(flatten)]
+        ctl: ControlArgs,
+        #[command(flatten)]
+        at: AddrArgs,
+        /// MESH-1-<CA digest>-<secret>, from `meshctl swarm join-token`.
         #[arg(long)]
-        config: Option<PathBuf>,
-        /// Seconds between conntrack sweeps.
-        #[arg(long, default_value_t = 10)]
-        sweep_interval: u64,
-        /// Seconds between full overlay reconciles (re-reading the kernel
-        /// and repairing drift, such as an FDB entry deleted by hand).
-        #[arg(long, default_value_t = 30)]
-        resync_interval: u64,
+        token: String,
+        /// A manager's address (host:port).
+        manager: String,
+        #[command(flatten)]
+        dp: DataplaneArgs,
+    },
+    /// Serve until SIGINT/SIGTERM: the control plane from --data-dir (a
+    /// node that ran init or join) and/or the data plane (--node and
+    /// --underlay). SIGHUP re-reads --config. On exit the data path stays
+    /// attached (pinned links), so a restart does not break established
+    /// flows; `meshd down` removes it.
+    Run {
+        /// The node's data dir (from `meshd init` or `meshd join`).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Read the unlock key of an autolocked manager from this file
+        /// instead of waiting for `meshd unlock`.
+        #[arg(long, requires = "data_dir")]
+        unlock_key_file: Option<PathBuf>,
+        #[command(flatten)]
+        dp: DataplaneArgs,
+    },
+    /// Unlock an autolocked manager that `meshd run` started: reads the
+    /// unlock key from stdin.
+    Unlock {
+        #[command(flatten)]
+        ctl: ControlArgs,
     },
     /// Print this node's packet counters, read from its pinned maps.
     Stats {
@@ -71,6 +104,142 @@ enum Command {
     Down {
         #[command(flatten)]
         node: NodeArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// Where the node keeps its identity, certificates and (managers) the
+    /// Raft store.
+    #[arg(long, default_value = "/var/lib/mesh")]
+    data_dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct AddrArgs {
+    /// Where to serve gRPC (Raft, the API, joins).
+    #[arg(long, default_value = "0.0.0.0:2377")]
+    listen_addr: SocketAddr,
+    /// The address other nodes reach this one on (IP or IP:port); default:
+    /// the listen address, or --node-addr with the listen port.
+    #[arg(long)]
+    advertise_addr: Option<String>,
+    /// This node's underlay IPv4 address (its VXLAN source); default: the
+    /// advertised IP.
+    #[arg(long)]
+    node_addr: Option<Ipv4Addr>,
+    /// Node name shown by `meshctl node ls`; default: the host name.
+    #[arg(long)]
+    hostname: Option<String>,
+}
+
+impl AddrArgs {
+    fn resolve(&self) -> Result<Addresses> {
+        let port = self.listen_addr.port();
+        let listen_ip = match self.listen_addr.ip() {
+            std::net::IpAddr::V4(ip) if !ip.is_unspecified() => Some(ip),
+            _ => None,
+        };
+        let api_addr = match (&self.advertise_addr, listen_ip, self.node_addr) {
+            (Some(a), _, _) if a.parse::<SocketAddr>().is_ok() => a.clone(),
+            (Some(a), _, _) => {
+                let ip: Ipv4Addr = a.parse().with_context(|| {
+                    format!("--advertise-addr {a:?}: give an IPv4 address or IP:port")
+                })?;
+                format!("{ip}:{port}")
+            }
+            (None, Some(ip), _) | (None, None, Some(ip)) => format!("{ip}:{port}"),
+            (None, None, None) => bail!(
+                "cannot tell which address other nodes reach this one on: give --advertise-addr (or listen on a specific IP)"
+            ),
+        };
+        let node_addr = match self.node_addr {
+            Some(ip) => ip,
+            None => match api_addr.parse::<SocketAddr>().map(|a| a.ip()) {
+                Ok(std::net::IpAddr::V4(ip)) => ip,
+                _ => bail!("give --node-addr: the advertised address {api_addr} is not IPv4"),
+            },
+        };
+        let hostname = match &self.hostname {
+            Some(h) => h.clone(),
+            None => fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .context("reading the host name (or pass --hostname)")?,
+        };
+        Ok(Addresses {
+            hostname,
+            addr: node_addr,
+            listen_addr: self.listen_addr,
+            api_addr,
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct DataplaneArgs {
+    /// Node name for the data plane; its maps and links are pinned under
+    /// <bpf-root>/<node>.
+    #[arg(long)]
+    node: Option<String>,
+    /// Root of the bpffs mesh pins under (mounted if needed).
+    #[arg(long, default_value = bpffs::DEFAULT_ROOT)]
+    bpf_root: PathBuf,
+    /// The underlay interface (the one other nodes and clients reach us
+    /// on). Without it, no data plane is loaded.
+    #[arg(long, requires = "node")]
+    underlay: Option<String>,
+    /// XDP attach mode for the packet counters.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    xdp_mode: Mode,
+    /// Node config (JSON): load-balancer frontends/backends, local endpoint
+    /// interfaces, conntrack timeouts. Without it the LB answers nothing.
+    #[arg(long, requires = "underlay")]
+    config: Option<PathBuf>,
+    /// Seconds between conntrack sweeps.
+    #[arg(long, default_value_t = 10)]
+    sweep_interval: u64,
+    /// Seconds between full overlay reconciles (re-reading the kernel
+    /// and repairing drift, such as an FDB entry deleted by hand).
+    #[arg(long, default_value_t = 30)]
+    resync_interval: u64,
+}
+
+/// "90d", "12h", "30m", "45s" or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: use e.g. 90d, 12h, 30m or 45s"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    if secs < 6 {
+        return Err(format!("{s:?} is too short for a certificate lifetime (at least 6s)"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// How the control plane starts, if at all.
+enum Start {
+    None,
+    Init {
+        dir: PathBuf,
+        at: Addresses,
+        opts: InitOptions,
+    },
+    Join {
+        dir: PathBuf,
+        at: Addresses,
+        token: String,
+        manager: String,
+    },
+    Run {
+        dir: PathBuf,
+        unlock: Unlock,
     },
 }
 
@@ -157,23 +326,73 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run {
-            node,
-            underlay,
-            xdp_mode,
-            config,
-            sweep_interval,
-            resync_interval,
-        } => run(
-            node,
-            &underlay,
-            xdp_mode,
-            config.as_deref(),
-            Intervals {
-                sweep: sweep_interval,
-                resync: resync_interval,
+        Command::Init {
+            ctl,
+            at,
+            autolock,
+            cert_lifetime,
+            dp,
+        } => serve(
+            Start::Init {
+                dir: ctl.data_dir,
+                at: at.resolve()?,
+                opts: InitOptions {
+                    autolock,
+                    cert_lifetime,
+                },
             },
+            dp,
         ),
+        Command::Join {
+            ctl,
+            at,
+            token,
+            manager,
+            dp,
+        } => serve(
+            Start::Join {
+                dir: ctl.data_dir,
+                at: at.resolve()?,
+                token,
+                manager,
+            },
+            dp,
+        ),
+        Command::Run {
+            data_dir,
+            unlock_key_file,
+            dp,
+        } => {
+            let start = match data_dir {
+                Some(dir) => Start::Run {
+                    dir,
+                    unlock: match unlock_key_file {
+                        Some(f) => {
+                            let text = fs::read_to_string(&f)
+                                .with_context(|| format!("reading {}", f.display()))?;
+                            Unlock::Key(text.trim().parse().with_context(|| {
+                                format!("{}: not an unlock key", f.display())
+                            })?)
+                        }
+                        None => Unlock::Wait,
+                    },
+                },
+                None if dp.underlay.is_some() => Start::None,
+                None => bail!(
+                    "nothing to run: give --data-dir (the control plane of a node that ran init or join) and/or --node and --underlay (the data plane)"
+                ),
+            };
+            serve(start, dp)
+        }
+        Command::Unlock { ctl } => {
+            let mut key = String::new();
+            std::io::stdin()
+                .read_line(&mut key)
+                .context("reading the unlock key from stdin")?;
+            runtime()?.block_on(daemon::send_unlock(&ctl.data_dir, &key))?;
+            println!("meshd: unlocked");
+            Ok(())
+        }
         Command::Stats { node } => {
             let stats = ParserStats::read_pinned(&node.dir()?).with_context(|| {
                 format!("is meshd running (or has it run) on node {}?", node.node)
@@ -198,11 +417,6 @@ fn link_pin(dir: &Path, kind: &str, iface: &str) -> PathBuf {
     dir.join(format!("link_{kind}_{iface}"))
 }
 
-struct Intervals {
-    sweep: u64,
-    resync: u64,
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -210,89 +424,189 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
-fn run(
-    node: NodeArgs,
-    underlay: &str,
-    mode: Mode,
-    config_path: Option<&Path>,
-    every: Intervals,
-) -> Result<()> {
-    // Read the config before touching the kernel: a bad file changes nothing.
-    let config = config_path.map(read_config).transpose()?;
-    let pin_dir = bpffs::prepare_node_dir(&node.bpf_root, &node.node)?;
-    // The LB routes NATed packets; bpf_fib_lookup refuses unless forwarding is on.
-    fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").context("enabling IPv4 forwarding")?;
+/// The loaded data plane and what keeps it in shape.
+struct Dataplane {
+    node: String,
+    datapath: Datapath,
+    sync: LbSync,
+    overlay: Overlay,
+    timeouts: Timeouts,
+    pin_dir: PathBuf,
+    config_path: Option<PathBuf>,
+}
 
-    let mut datapath = Datapath::load(Some(&pin_dir))?;
-    datapath.attach_parser(
-        underlay,
-        mode.into(),
-        Some(&link_pin(&pin_dir, "xdp", underlay)),
-    )?;
-    datapath.attach_lb(underlay, Some(&link_pin(&pin_dir, "tc", underlay)))?;
-    let mut sync = datapath
-        .recover_lb()
-        .context("reading the pinned load-balancer state")?;
-    let mut timeouts = Timeouts::default();
-    if let Some(c) = &config {
-        apply_config(&mut datapath, &mut sync, c, &pin_dir)?;
-        timeouts = c.timeouts;
-    }
-
-    let rt = runtime()?;
-    rt.block_on(async {
+impl Dataplane {
+    async fn start(dp: &DataplaneArgs, underlay: &str, config: Option<NodeConfig>) -> Result<Dataplane> {
+        let node = dp.node.clone().context("--underlay needs --node")?;
+        let pin_dir = bpffs::prepare_node_dir(&dp.bpf_root, &node)?;
+        // The LB routes NATed packets; bpf_fib_lookup refuses unless forwarding is on.
+        fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
+            .context("enabling IPv4 forwarding")?;
+        let mut datapath = Datapath::load(Some(&pin_dir))?;
+        datapath.attach_parser(
+            underlay,
+            dp.xdp_mode.into(),
+            Some(&link_pin(&pin_dir, "xdp", underlay)),
+        )?;
+        datapath.attach_lb(underlay, Some(&link_pin(&pin_dir, "tc", underlay)))?;
+        let mut sync = datapath
+            .recover_lb()
+            .context("reading the pinned load-balancer state")?;
+        let mut timeouts = Timeouts::default();
+        if let Some(c) = &config {
+            apply_config(&mut datapath, &mut sync, c, &pin_dir)?;
+            timeouts = c.timeouts;
+        }
         let mut overlay = Overlay::new(Netlink::current()?);
         if let Some(c) = &config {
             apply_overlay(&mut overlay, c.overlay.clone()).await;
         }
-        tracing::info!(node = %node.node, %underlay, pins = %pin_dir.display(), "data plane attached");
+        tracing::info!(node = %node, %underlay, pins = %pin_dir.display(), "data plane attached");
+        Ok(Dataplane {
+            node,
+            datapath,
+            sync,
+            overlay,
+            timeouts,
+            pin_dir,
+            config_path: dp.config.clone(),
+        })
+    }
+
+    async fn reload(&mut self) {
+        let Some(path) = self.config_path.clone() else {
+            tracing::warn!("SIGHUP without --config: nothing to reload");
+            return;
+        };
+        match read_config(&path).and_then(|c| {
+            apply_config(&mut self.datapath, &mut self.sync, &c, &self.pin_dir)?;
+            Ok(c)
+        }) {
+            Ok(c) => {
+                self.timeouts = c.timeouts;
+                apply_overlay(&mut self.overlay, c.overlay).await;
+            }
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                "config reload failed; keeping the previous state"
+            ),
+        }
+    }
+
+    async fn resync(&mut self) {
+        match self.overlay.reconcile().await {
+            Ok(r) if r.changes > 0 => tracing::warn!(changes = r.changes, "overlay drift repaired"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "overlay reconcile"),
+        }
+    }
+
+    fn sweep(&mut self) {
+        match self.datapath.sweep_conntrack(monotonic_ns(), &self.timeouts) {
+            Ok(r) if r.flows_expired + r.revnat_expired > 0 => tracing::info!(?r, "conntrack sweep"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "conntrack sweep failed"),
+        }
+    }
+}
+
+fn print_init(report: &InitReport, at: &Addresses) {
+    println!(
+        "Swarm initialized: current node ({}) is now a manager.\n",
+        report.node_id
+    );
+    println!("To add a worker to this swarm, run the following command:\n");
+    println!(
+        "    meshd join --token {} {}\n",
+        report.worker_token, at.api_addr
+    );
+    println!("To add a manager to this swarm, run the following command:\n");
+    println!(
+        "    meshd join --token {} {}\n",
+        report.manager_token, at.api_addr
+    );
+    if let Some(key) = &report.unlock_key {
+        println!(
+            "To unlock a swarm manager after it restarts, run `meshd unlock` and provide the following key:\n\n    {key}\n"
+        );
+        println!(
+            "Please remember to store this key in a password manager, since without it you will not be able to restart the manager."
+        );
+    }
+}
+
+/// Starts the control plane (per `start`) and the data plane (with
+/// --underlay), then serves until SIGINT/SIGTERM.
+fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
+    // Read the config before touching anything: a bad file changes nothing.
+    let config = dp.config.as_deref().map(read_config).transpose()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async {
+        let daemon = match start {
+            Start::None => None,
+            Start::Init { dir, at, opts } => {
+                let (d, report) = daemon::init(&dir, &at, &opts).await?;
+                print_init(&report, &at);
+                Some(d)
+            }
+            Start::Join {
+                dir,
+                at,
+                token,
+                manager,
+            } => {
+                let d = daemon::join(&dir, &at, &token, &manager).await?;
+                let role = if d.ctx.manager.read().expect("lock").is_some() {
+                    "manager"
+                } else {
+                    "worker"
+                };
+                println!("This node joined a swarm as a {role}.");
+                Some(d)
+            }
+            Start::Run { dir, unlock } => Some(daemon::run(&dir, unlock).await?),
+        };
+        if let Some(d) = &daemon {
+            tracing::info!(node = %d.ctx.node_id, api = %d.ctx.api_addr, data_dir = %d.dir.display(), "control plane serving");
+        }
+        let mut dataplane = match &dp.underlay {
+            Some(underlay) => Some(Dataplane::start(&dp, underlay, config).await?),
+            None => None,
+        };
         println!("meshd: ready");
 
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-        let mut sweep = tokio::time::interval(Duration::from_secs(every.sweep.max(1)));
-        let mut resync = tokio::time::interval(Duration::from_secs(every.resync.max(1)));
+        let mut sweep = tokio::time::interval(Duration::from_secs(dp.sweep_interval.max(1)));
+        let mut resync = tokio::time::interval(Duration::from_secs(dp.resync_interval.max(1)));
         resync.reset(); // the first full pass just happened
         loop {
             tokio::select! {
                 r = tokio::signal::ctrl_c() => { r.context("waiting for SIGINT")?; break; }
                 _ = term.recv() => break,
                 _ = hup.recv() => {
-                    let Some(path) = config_path else {
-                        tracing::warn!("SIGHUP without --config: nothing to reload");
-                        continue;
-                    };
-                    match read_config(path).and_then(|c| {
-                        apply_config(&mut datapath, &mut sync, &c, &pin_dir)?;
-                        Ok(c)
-                    }) {
-                        Ok(c) => {
-                            timeouts = c.timeouts;
-                            apply_overlay(&mut overlay, c.overlay).await;
-                        }
-                        Err(e) => tracing::error!(error = format!("{e:#}"), "config reload failed; keeping the previous state"),
-                    }
+                    if let Some(d) = dataplane.as_mut() { d.reload().await }
                 }
-                _ = resync.tick() => {
-                    match overlay.reconcile().await {
-                        Ok(r) if r.changes > 0 => tracing::warn!(changes = r.changes, "overlay drift repaired"),
-                        Ok(_) => {}
-                        Err(e) => tracing::error!(error = %e, "overlay reconcile"),
-                    }
+                _ = resync.tick(), if dataplane.is_some() => {
+                    if let Some(d) = dataplane.as_mut() { d.resync().await }
                 }
-                _ = sweep.tick() => {
-                    match datapath.sweep_conntrack(monotonic_ns(), &timeouts) {
-                        Ok(r) if r.flows_expired + r.revnat_expired > 0 => tracing::info!(?r, "conntrack sweep"),
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "conntrack sweep failed"),
-                    }
+                _ = sweep.tick(), if dataplane.is_some() => {
+                    if let Some(d) = dataplane.as_mut() { d.sweep() }
                 }
             }
         }
+        if let Some(d) = daemon {
+            d.stop().await;
+        }
+        if let Some(d) = dataplane {
+            tracing::info!(node = %d.node, "exiting; the data path stays attached for the next start");
+        }
         anyhow::Ok(())
-    })?;
-    tracing::info!(node = %node.node, "exiting; the data path stays attached for the next start");
-    Ok(())
+    })
 }
 
 fn apply_config(

@@ -1,0 +1,423 @@
+//! The control plane as real processes: 3 managers and 2 workers, each a
+//! `meshd` in its own host namespace, driven with `meshctl`.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Output,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{ChildGuard, Host, Topology, meshd, require_root};
+
+/// A data dir under /tmp, removed on Drop.
+struct DataDir(PathBuf);
+
+impl DataDir {
+    fn new(tag: &str) -> DataDir {
+        use std::sync::atomic::AtomicU32;
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "mesh-data-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        DataDir(p)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("utf-8 path")
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Node<'a> {
+    host: &'a Host,
+    dir: DataDir,
+    meshd: Option<ChildGuard>,
+}
+
+impl Node<'_> {
+    fn api(&self) -> String {
+        format!("{}:2377", self.host.addr())
+    }
+
+    fn common_args(&self) -> Vec<String> {
+        vec![
+            "--data-dir".into(),
+            self.dir.path().into(),
+            "--listen-addr".into(),
+            self.api(),
+            "--hostname".into(),
+            self.host.label().into(),
+        ]
+    }
+
+    /// `meshctl` on this node with its own credentials.
+    fn meshctl(&self, args: &[&str]) -> Output {
+        self.host
+            .command(meshd::meshctl_bin())
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .arg("--timeout")
+            .arg("20")
+            .args(args)
+            .output()
+            .expect("run meshctl")
+    }
+
+    fn meshctl_ok(&self, args: &[&str]) -> String {
+        let out = self.meshctl(args);
+        assert!(
+            out.status.success(),
+            "meshctl {args:?} on {} failed: {}",
+            self.host.label(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    fn restart(&mut self) {
+        let (guard, _) = meshd::start_control(
+            self.host,
+            &["run", "--data-dir", self.dir.path()],
+        );
+        self.meshd = Some(guard);
+    }
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// The hostname of the leader, as `node` sees it (None if it sees none).
+fn leader(node: &Node<'_>) -> Option<String> {
+    let out = node.meshctl(&["node", "ls", "--format", "json"]);
+    if !out.status.success() {
+        return None;
+    }
+    json(&String::from_utf8_lossy(&out.stdout))
+        .as_array()?
+        .iter()
+        .find(|n| n["manager_status"] == "Leader")
+        .and_then(|n| n["hostname"].as_str().map(str::to_owned))
+}
+
+fn wait_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The token printed after "run the following command" for `role`.
+fn token_from(lines: &[String], role: &str) -> String {
+    let at = lines
+        .iter()
+        .position(|l| l.contains(&format!("To add a {role}")))
+        .unwrap_or_else(|| panic!("no {role} token in {lines:?}"));
+    lines[at + 1..]
+        .iter()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("meshd join --token ")
+                .map(|rest| rest.split_whitespace().next().expect("token").to_owned())
+        })
+        .expect("token line")
+}
+
+fn start_cluster(topo: &Topology) -> (Vec<Node<'_>>, String, String) {
+    let mut nodes: Vec<Node<'_>> = topo
+        .hosts()
+        .iter()
+        .map(|h| Node {
+            host: h,
+            dir: DataDir::new(h.label()),
+            meshd: None,
+        })
+        .collect();
+    let mut args = vec!["init".to_owned()];
+    args.extend(nodes[0].common_args());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (guard, lines) = meshd::start_control(nodes[0].host, &argv);
+    nodes[0].meshd = Some(guard);
+    let worker = token_from(&lines, "worker");
+    let manager = token_from(&lines, "manager");
+    let first = nodes[0].api();
+    for (i, n) in nodes.iter_mut().enumerate().skip(1) {
+        let token = if i < 3 { &manager } else { &worker };
+        let mut args = vec!["join".to_owned()];
+        args.extend(n.common_args());
+        args.extend(["--token".to_owned(), token.clone(), first.clone()]);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (guard, lines) = meshd::start_control(n.host, &argv);
+        let role = if i < 3 { "manager" } else { "worker" };
+        assert!(
+            lines.iter().any(|l| l.contains(&format!("joined a swarm as a {role}"))),
+            "{lines:?}"
+        );
+        n.meshd = Some(guard);
+    }
+    // Every manager is a voter and the leader sees the other two.
+    wait_until("3 managers (Leader + 2 Reachable)", Duration::from_secs(30), || {
+        let out = nodes[0].meshctl(&["node", "ls", "--format", "json"]);
+        let list = json(&String::from_utf8_lossy(&out.stdout));
+        let statuses: Vec<&str> = list
+            .as_array()?
+            .iter()
+            .filter_map(|n| n["manager_status"].as_str())
+            .collect();
+        (list.as_array()?.len() == 5
+            && statuses.iter().filter(|s| **s == "Leader").count() == 1
+            && statuses.iter().filter(|s| **s == "Reachable").count() == 2)
+            .then_some(())
+    });
+    (nodes, worker, manager)
+}
+
+#[test]
+fn managers_survive_leader_kills_restarts_and_a_partition() {
+    let Some(_root) = require_root("netns::control::managers_survive_leader_kills_restarts_and_a_partition") else {
+        return;
+    };
+    let topo = Topology::new(5);
+    let (mut nodes, worker_token, _) = start_cluster(&topo);
+
+    // node ls looks like docker's.
+    let table = nodes[0].meshctl_ok(&["node", "ls"]);
+    let header = table.lines().next().unwrap();
+    for col in ["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS"] {
+        assert!(header.contains(col), "{table}");
+    }
+    assert!(table.lines().any(|l| l.contains(" * ") && l.contains("host1")), "{table}");
+    assert_eq!(table.matches("Leader").count(), 1, "{table}");
+
+    // A secret and a name that must never reach the disk in plaintext.
+    let canary_secret = "canary-4c1d7e9f2b8a6053";
+    nodes[1].meshctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "plaintext-canary",
+        "--env",
+        &format!("DB_PASSWORD={canary_secret}"),
+        "-p",
+        "8080:80",
+        "--",
+        "/bin/server",
+    ]);
+
+    // A steady stream of writes, through whichever manager is up.
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let failed = Arc::new(Mutex::new(0u32));
+    let stop = Arc::new(AtomicBool::new(false));
+    let managers: Vec<(&Host, String)> = nodes[..3]
+        .iter()
+        .map(|n| (n.host, n.dir.path().to_owned()))
+        .collect();
+    let mut election_ms = Vec::new();
+    std::thread::scope(|s| {
+        {
+            let acked = acked.clone();
+            let failed = failed.clone();
+            let stop = stop.clone();
+            let managers = managers.clone();
+            s.spawn(move || {
+                let mut i = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let (host, dir) = &managers[i as usize % managers.len()];
+                    let name = format!("svc-{i}");
+                    let out = host
+                        .command(meshd::meshctl_bin())
+                        .args(["--data-dir", dir, "--timeout", "10"])
+                        .args(["service", "create", "--name", &name, "--", "/bin/true"])
+                        .output()
+                        .expect("meshctl");
+                    if out.status.success() {
+                        acked.lock().unwrap().insert(name);
+                    } else {
+                        *failed.lock().unwrap() += 1;
+                    }
+                    i += 1;
+                }
+            });
+        }
+        for round in 0..10 {
+            let name = wait_until("a leader", Duration::from_secs(15), || {
+                nodes[..3].iter().filter(|n| n.meshd.is_some()).find_map(leader)
+            });
+            let li = nodes.iter().position(|n| n.host.label() == name).unwrap();
+            let before = acked.lock().unwrap().len();
+            let killed = Instant::now();
+            nodes[li].meshd.take().unwrap().kill();
+            let new = wait_until("a new leader", Duration::from_secs(10), || {
+                nodes[..3]
+                    .iter()
+                    .filter(|n| n.meshd.is_some())
+                    .find_map(leader)
+                    .filter(|l| *l != name)
+            });
+            let ms = killed.elapsed().as_millis();
+            election_ms.push(ms);
+            eprintln!("round {round}: killed leader {name}; {new} leads after {ms} ms ({before} writes acked so far)");
+            nodes[li].restart();
+            // Back to three voters before the next kill.
+            wait_until("the restarted manager to be reachable", Duration::from_secs(30), || {
+                let out = nodes[..3]
+                    .iter()
+                    .filter(|n| n.host.label() == new)
+                    .map(|n| n.meshctl(&["node", "ls", "--format", "json"]))
+                    .next()?;
+                let list = json(&String::from_utf8_lossy(&out.stdout));
+                (list
+                    .as_array()?
+                    .iter()
+                    .filter(|n| n["manager_status"] == "Reachable" || n["manager_status"] == "Leader")
+                    .count()
+                    == 3)
+                    .then_some(())
+            });
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let acked = acked.lock().unwrap().clone();
+    eprintln!(
+        "leader elections after SIGKILL (ms): {election_ms:?}; writes acked {}, refused or failed {}",
+        acked.len(),
+        failed.lock().unwrap()
+    );
+    assert!(acked.len() >= 10, "too few writes went through: {}", acked.len());
+
+    // Every acknowledged write is there, on every manager.
+    let present = |n: &Node<'_>| -> BTreeSet<String> {
+        let list = json(&n.meshctl_ok(&["service", "ls", "--format", "json"]));
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["spec"]["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    for n in &nodes[..3] {
+        wait_until("every acked write on every manager", Duration::from_secs(10), || {
+            let have = present(n);
+            acked.is_subset(&have).then_some(())
+        });
+    }
+
+    // Nothing in plaintext at rest.
+    for n in &nodes[..3] {
+        for needle in ["plaintext-canary", canary_secret, &worker_token[worker_token.len() - 32..]] {
+            let hits = grep_dir(&n.dir.0, needle.as_bytes());
+            assert!(hits.is_empty(), "{needle:?} in plaintext in {hits:?}");
+        }
+    }
+
+    // Restart every manager from disk: the state is still there.
+    for n in nodes[..3].iter_mut() {
+        n.meshd.take().unwrap().stop();
+    }
+    for n in nodes[..3].iter_mut() {
+        n.restart();
+    }
+    let name = wait_until("a leader after a full restart", Duration::from_secs(20), || {
+        nodes[..3].iter().find_map(leader)
+    });
+    eprintln!("after restarting all managers, {name} leads");
+    for n in &nodes[..3] {
+        let have = present(n);
+        assert!(acked.is_subset(&have), "lost writes after restart on {}", n.host.label());
+        assert!(have.contains("plaintext-canary"));
+    }
+
+    // A manager cut off from the others refuses writes: "no quorum".
+    let cut = wait_until("a follower", Duration::from_secs(10), || {
+        let l = nodes[..3].iter().find_map(leader)?;
+        nodes[..3].iter().position(|n| n.host.label() != l)
+    });
+    let port = format!("p{}", nodes[cut].host.index());
+    let underlay = topo.underlay().name().to_owned();
+    let ip = |args: &[&str]| {
+        let st = std::process::Command::new("ip")
+            .args(["-n", &underlay])
+            .args(args)
+            .status()
+            .expect("ip");
+        assert!(st.success());
+    };
+    ip(&["link", "set", &port, "down"]);
+    let out = nodes[cut].meshctl(&["service", "create", "--name", "isolated", "--", "/bin/true"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a cut-off manager accepted a write");
+    assert!(err.contains("no quorum"), "{err}");
+    eprintln!("cut-off manager says: {}", err.trim());
+    // The majority side still takes writes.
+    let majority = (0..3).find(|&i| i != cut).unwrap();
+    nodes[majority].meshctl_ok(&["service", "create", "--name", "majority", "--", "/bin/true"]);
+    ip(&["link", "set", &port, "up"]);
+    wait_until("the cut-off manager to catch up", Duration::from_secs(20), || {
+        present(&nodes[cut]).contains("majority").then_some(())
+    });
+    assert!(!present(&nodes[cut]).contains("isolated"));
+
+    // Workers and strangers are refused.
+    let out = nodes[3].meshctl(&["node", "ls"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("worker"), "{err}");
+    let ca = nodes[0].dir.0.join("certs/ca.crt");
+    let out = nodes[3]
+        .host
+        .command(meshd::meshctl_bin())
+        .args(["--data-dir", "/nonexistent", "--host", &nodes[0].api()])
+        .arg("--ca")
+        .arg(&ca)
+        .args(["node", "ls"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no client certificate"), "{err}");
+    let stranger = DataDir::new("stranger");
+    let bad = format!("{}{}", &worker_token[..worker_token.len() - 32], "0".repeat(32));
+    let out = nodes[4]
+        .host
+        .command(meshd::meshd_bin())
+        .args(["join", "--data-dir", stranger.path(), "--listen-addr"])
+        .arg(format!("{}:2378", nodes[4].host.addr()))
+        .args(["--token", &bad, &nodes[0].api()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not valid for this cluster"), "{err}");
+}
+
+/// Files under `dir` whose raw bytes contain `needle`.
+fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                hits.push(p);
+            }
+        }
+    }
+    hits
+}
