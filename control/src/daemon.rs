@@ -456,20 +456,23 @@ fn now() -> i64 {
 /// A status as users should read it: the message, with the code only when
 /// the message alone would not say what happened.
 pub fn status_text(s: &tonic::Status) -> String {
-    if s.message().is_empty() {
-        format!("{:?}", s.code())
-    } else if matches!(s.code(), tonic::Code::Unknown | tonic::Code::Unavailable)
-        && s.message().contains("transport error")
-    {
-        format!(
-            "{} ({})",
-            s.message(),
-            std::error::Error::source(s)
-                .map(tls::chain)
-                .unwrap_or_default()
-        )
-    } else {
-        s.message().to_owned()
+    let msg = s.message();
+    match std::error::Error::source(s) {
+        Some(src) => {
+            let chain = tls::chain(src);
+            let detail = chain
+                .strip_prefix("transport error")
+                .map(|d| d.trim_start_matches(": "))
+                .unwrap_or(&chain);
+            match (msg, detail) {
+                ("" | "transport error", "") => "transport error".into(),
+                ("" | "transport error", d) => d.to_owned(),
+                (m, "") => m.to_owned(),
+                (m, d) => format!("{m}: {d}"),
+            }
+        }
+        None if msg.is_empty() => format!("{:?}", s.code()),
+        None => msg.to_owned(),
     }
 }
 
@@ -529,6 +532,7 @@ impl Daemon {
                     file,
                     tls,
                     next: 0,
+                    failures: 0,
                 };
                 loop {
                     u.tick().await;
@@ -570,16 +574,24 @@ struct Upkeep {
     tls: Arc<tls::Server>,
     /// Which manager to ask next (rotates on failure).
     next: usize,
+    /// Failed checks in a row.
+    failures: u32,
 }
 
 impl Upkeep {
+    /// Managers to ask, the others before this one: a manager that just
+    /// joined has no state to answer with yet.
     fn managers(&self) -> Vec<String> {
-        let mut list = Vec::new();
+        let mut list: Vec<String> = self
+            .file
+            .managers
+            .iter()
+            .filter(|a| **a != self.file.api_addr)
+            .cloned()
+            .collect();
         if self.ctx.manager.read().expect("manager lock").is_some() {
             list.push(self.file.api_addr.clone());
         }
-        list.extend(self.file.managers.iter().cloned());
-        list.dedup();
         list
     }
 
@@ -595,9 +607,19 @@ impl Upkeep {
     }
 
     async fn tick(&mut self) {
-        if let Err(e) = self.check().await {
-            tracing::warn!("upkeep: {e}");
-            self.next += 1;
+        match self.check().await {
+            Ok(()) => self.failures = 0,
+            Err(e) => {
+                // One manager restarting or catching up is routine; say so
+                // only when it goes on.
+                self.failures += 1;
+                if self.failures >= 3 {
+                    tracing::warn!("upkeep: {e}");
+                } else {
+                    tracing::debug!("upkeep: {e}");
+                }
+                self.next += 1;
+            }
         }
     }
 

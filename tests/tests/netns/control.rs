@@ -225,6 +225,7 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let failed = Arc::new(Mutex::new(0u32));
     let stop = Arc::new(AtomicBool::new(false));
+    let pause = Arc::new(AtomicBool::new(false));
     let managers: Vec<(&Host, String)> = nodes[..3]
         .iter()
         .map(|n| (n.host, n.dir.path().to_owned()))
@@ -235,10 +236,15 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
             let acked = acked.clone();
             let failed = failed.clone();
             let stop = stop.clone();
+            let pause = pause.clone();
             let managers = managers.clone();
             s.spawn(move || {
                 let mut i = 0u32;
                 while !stop.load(Ordering::Relaxed) {
+                    if pause.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
                     let (host, dir) = &managers[i as usize % managers.len()];
                     let name = format!("svc-{i}");
                     let out = host
@@ -256,10 +262,36 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
                 }
             });
         }
+        // However the rounds end (a failed assertion too), the writer stops.
+        struct StopOnDrop(Arc<AtomicBool>);
+        impl Drop for StopOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(stop.clone());
         for round in 0..10 {
-            let name = wait_until("a leader", Duration::from_secs(15), || {
-                nodes[..3].iter().filter(|n| n.meshd.is_some()).find_map(leader)
+            // Writes pause while we check that the cluster is steady, and
+            // run again during the kill.
+            pause.store(true, Ordering::Relaxed);
+            // A steady cluster: every manager names the same leader and
+            // has applied the same log.
+            let name = wait_until("the managers to agree", Duration::from_secs(15), || {
+                let views: BTreeSet<(Option<String>, String)> = nodes[..3]
+                    .iter()
+                    .map(|n| {
+                        let out = n.meshctl(&["info", "--format", "json"]);
+                        let applied = json(&String::from_utf8_lossy(&out.stdout))["last_applied"].to_string();
+                        (leader(n), applied)
+                    })
+                    .collect();
+                match views.into_iter().collect::<Vec<_>>().as_slice() {
+                    [(Some(l), _)] => Some(l.clone()),
+                    _ => None,
+                }
             });
+            pause.store(false, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(300));
             let li = nodes.iter().position(|n| n.host.label() == name).unwrap();
             let before = acked.lock().unwrap().len();
             let killed = Instant::now();
