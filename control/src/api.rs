@@ -38,6 +38,9 @@ pub struct Ctx {
     pub api_addr: String,
     pub creds: Arc<RwLock<Credentials>>,
     pub manager: RwLock<Option<Arc<Manager>>>,
+    /// Certificates already checked (signature, names), by their DER; the
+    /// validity window is still checked on every call.
+    pub checked: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Identity>>,
 }
 
 fn now() -> i64 {
@@ -110,8 +113,26 @@ impl Ctx {
                  (meshctl on a manager uses the one in its data dir; elsewhere pass --cert and --key)",
             )
         })?;
-        let id = pki::identity_der(&certs[0], &self.ca_der, now())
-            .map_err(|e| Status::unauthenticated(format!("client certificate refused: {e}")))?;
+        let cached = self
+            .checked
+            .lock()
+            .expect("checked lock")
+            .get(certs[0].as_ref())
+            .cloned();
+        let id = match cached {
+            Some(id) if id.not_after >= now() => id,
+            _ => {
+                let id = pki::identity_der(&certs[0], &self.ca_der, now()).map_err(|e| {
+                    Status::unauthenticated(format!("client certificate refused: {e}"))
+                })?;
+                let mut checked = self.checked.lock().expect("checked lock");
+                if checked.len() >= 4096 {
+                    checked.clear();
+                }
+                checked.insert(certs[0].to_vec(), id.clone());
+                id
+            }
+        };
         if id.cluster_id != self.cluster_id {
             return Err(Status::unauthenticated(format!(
                 "client certificate is for cluster {}, not this one ({})",

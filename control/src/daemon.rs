@@ -491,6 +491,7 @@ impl Daemon {
             api_addr: file.api_addr.clone(),
             creds,
             manager: RwLock::new(manager),
+            checked: Default::default(),
         });
         let tls = tls::Server::new(&current)?;
         let listener = TcpListener::bind(file.listen_addr)

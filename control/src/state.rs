@@ -526,6 +526,9 @@ struct Allocations {
     vnis: VniAllocator,
     addresses: BTreeMap<String, AddressPool>,
     ports: PortAllocator,
+    /// Service name -> id: name lookups and uniqueness checks stay O(log n)
+    /// with many services.
+    service_names: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -573,9 +576,18 @@ impl State {
     }
 
     pub fn service_by_ref(&self, target: &str) -> Option<&Service> {
-        self.services
-            .get(target)
-            .or_else(|| self.services.values().find(|s| s.spec.name == target))
+        if let Some(s) = self.services.get(target) {
+            return Some(s);
+        }
+        if self.alloc.service_names.len() == self.services.len() {
+            self.alloc
+                .service_names
+                .get(target)
+                .and_then(|id| self.services.get(id))
+        } else {
+            // Not indexed (a state deserialized without reindex).
+            self.services.values().find(|s| s.spec.name == target)
+        }
     }
 
     pub fn ingress(&self) -> Option<&Network> {
@@ -597,6 +609,7 @@ impl State {
                 .insert(n.id.clone(), AddressPool::new(&n.spec.name, n.subnet));
         }
         for s in self.services.values() {
+            alloc.service_names.insert(s.spec.name.clone(), s.id.clone());
             for v in &s.vips {
                 if let Some(pool) = alloc.addresses.get_mut(&v.network) {
                     pool.reserve(v.addr)?;
@@ -1132,6 +1145,9 @@ impl State {
             ports,
         };
         self.services.insert(id.to_owned(), service.clone());
+        self.alloc
+            .service_names
+            .insert(spec.name.clone(), id.to_owned());
         Ok(Outcome::Service(Box::new(service)))
     }
 
@@ -1170,6 +1186,10 @@ impl State {
             ports,
         };
         self.services.insert(old.id.clone(), service.clone());
+        self.alloc.service_names.remove(&old.spec.name);
+        self.alloc
+            .service_names
+            .insert(spec.name.clone(), old.id.clone());
         Ok(Outcome::Service(Box::new(service)))
     }
 
@@ -1184,6 +1204,7 @@ impl State {
         self.remove_tasks_where(|t| t.service == old.id);
         self.release_endpoint(&old, None);
         self.services.remove(&old.id);
+        self.alloc.service_names.remove(&old.spec.name);
         Ok(Outcome::Done)
     }
 

@@ -122,10 +122,23 @@ fn meta_get<T: for<'de> Deserialize<'de>>(
 }
 
 fn meta_put<T: Serialize>(db: &Database, seal: &Key, key: &str, v: &T) -> Result<(), StoreError> {
+    meta_put_with(db, seal, key, v, true)
+}
+
+fn meta_put_with<T: Serialize>(
+    db: &Database,
+    seal: &Key,
+    key: &str,
+    v: &T,
+    durable: bool,
+) -> Result<(), StoreError> {
     let bytes = encode(seal, &meta_slot(key), v)?;
-    let tx = db
+    let mut tx = db
         .begin_write()
         .map_err(|e| StorageIOError::write(any(e)))?;
+    if !durable {
+        tx.set_durability(redb::Durability::None);
+    }
     {
         let mut table = tx
             .open_table(META)
@@ -209,7 +222,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StoreError> {
-        meta_put(&self.db, &self.key, COMMITTED, &committed)
+        // Not fsynced: it only saves re-applying entries after a restart,
+        // and the next log append makes it durable anyway.
+        meta_put_with(&self.db, &self.key, COMMITTED, &committed, false)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StoreError> {

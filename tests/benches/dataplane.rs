@@ -42,6 +42,9 @@ const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const RUNS: u32 = 1_000_000;
 static SLOW_CONNECTS: AtomicU64 = AtomicU64::new(0);
 
+#[path = "control.rs"]
+mod control_bench;
+
 fn main() {
     let Some(_root) = require_root("bench") else {
         std::process::exit(1);
@@ -73,6 +76,9 @@ fn main() {
     }
     if wanted("c") {
         overlay(&mut md);
+    }
+    if wanted("d") {
+        control_bench::control_writes(&mut md);
     }
     if only.is_some() {
         println!("{md}");
