@@ -227,6 +227,87 @@ pub struct Manager {
     pub raft: Raft,
     pub sm: StateMachineStore,
     pub peers: Peers,
+    proposals: tokio::sync::mpsc::UnboundedSender<Proposal>,
+}
+
+/// A write waiting to be committed by the batcher.
+struct Proposal {
+    cmd: Command,
+    done: tokio::sync::oneshot::Sender<Result<Outcome, WriteError>>,
+}
+
+/// Batches in flight at once; while they are, new writes queue up and go
+/// out together as one log entry. Measured with 64 clients on 2 cores:
+/// 1 in flight gave 6.6k writes/s, 2 gave 5.8k, 4 gave 5.2k (bigger
+/// batches beat more of them; see docs/BENCHMARKS.md).
+const BATCHES_IN_FLIGHT: usize = 1;
+const MAX_BATCH: usize = 512;
+
+/// Commits queued writes: whatever has queued up goes out as one
+/// [`Command::Batch`] entry, with a few batches in flight.
+async fn batcher(raft: Raft, mut rx: tokio::sync::mpsc::UnboundedReceiver<Proposal>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            commit_batch(&raft, batch).await;
+        });
+    }
+}
+
+async fn commit_batch(raft: &Raft, mut batch: Vec<Proposal>) {
+    if batch.len() == 1 {
+        let p = batch.pop().expect("one");
+        let _ = p.done.send(commit(raft, p.cmd).await);
+        return;
+    }
+    let commands = batch.iter().map(|p| p.cmd.clone()).collect();
+    match commit(raft, Command::Batch { commands }).await {
+        Ok(Outcome::Batch(results)) if results.len() == batch.len() => {
+            for (p, r) in batch.into_iter().zip(results) {
+                let _ = p.done.send(r.map_err(WriteError::Refused));
+            }
+        }
+        Ok(other) => {
+            for p in batch {
+                let _ = p.done.send(Err(WriteError::Internal(format!(
+                    "a batch of writes answered {other:?}"
+                ))));
+            }
+        }
+        Err(e) => {
+            for p in batch {
+                let _ = p.done.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// One log entry through Raft, with a deadline.
+async fn commit(raft: &Raft, cmd: Command) -> Result<Outcome, WriteError> {
+    match tokio::time::timeout(COMMIT_TIMEOUT, raft.client_write(cmd)).await {
+        Ok(Ok(resp)) => resp.data.0.map_err(WriteError::Refused),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(
+            WriteError::Internal(format!("{NOT_LEADER} {:?}", f.leader_id)),
+        ),
+        Ok(Err(e)) => Err(WriteError::Internal(format!("write failed: {e}"))),
+        Err(_) => Err(WriteError::NoQuorum(format!(
+            "the write was not committed within {} s: a majority of managers is not answering \
+             (it is in this manager's log and takes effect only if they come back while it leads)",
+            COMMIT_TIMEOUT.as_secs()
+        ))),
+    }
 }
 
 impl Manager {
@@ -244,11 +325,14 @@ impl Manager {
         let raft = Raft::new(raft_id, Arc::new(config), peers.clone(), log, sm.clone())
             .await
             .map_err(|e| format!("starting Raft: {e}"))?;
+        let (proposals, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(batcher(raft.clone(), rx));
         Ok(Arc::new(Manager {
             raft_id,
             raft,
             sm,
             peers,
+            proposals,
         }))
     }
 
@@ -372,18 +456,12 @@ impl Manager {
             return Err(WriteError::Internal(format!("{NOT_LEADER} {}", self.raft_id)));
         }
         self.check_quorum().await?;
-        match tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd)).await {
-            Ok(Ok(resp)) => resp.data.0.map_err(WriteError::Refused),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                Err(WriteError::Internal(format!("{NOT_LEADER} {}", self.raft_id)))
-            }
-            Ok(Err(e)) => Err(WriteError::Internal(format!("write failed: {e}"))),
-            Err(_) => Err(WriteError::NoQuorum(format!(
-                "the write was not committed within {} s: a majority of managers is not answering \
-                 (it is in this manager's log and takes effect only if they come back while it leads)",
-                COMMIT_TIMEOUT.as_secs()
-            ))),
-        }
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.proposals
+            .send(Proposal { cmd, done })
+            .map_err(|_| WriteError::Internal("this manager is shutting down".into()))?;
+        rx.await
+            .map_err(|_| WriteError::Internal("this manager is shutting down".into()))?
     }
 
     async fn forward(&self, addr: &str, cmd: &Command) -> Result<Outcome, WriteError> {

@@ -506,6 +506,11 @@ pub enum Command {
     RemoveTask {
         id: String,
     },
+    /// Several commands in one log entry (the leader batches concurrent
+    /// writes). Each applies, or is refused, on its own.
+    Batch {
+        commands: Vec<Command>,
+    },
 }
 
 /// What a command produced.
@@ -517,6 +522,8 @@ pub enum Outcome {
     Network(Network),
     Service(Box<Service>),
     Task(Task),
+    /// One result per command of a [`Command::Batch`], in order.
+    Batch(Vec<Result<Outcome, String>>),
 }
 
 /// Allocations derived from the entities; rebuilt by [`State::reindex`].
@@ -693,6 +700,17 @@ impl State {
                 node,
             } => self.create_task(id, service, *slot, node),
             Command::RemoveTask { id } => self.remove_task(id),
+            Command::Batch { commands } => Ok(Outcome::Batch(
+                commands
+                    .iter()
+                    .map(|c| match c {
+                        Command::Batch { .. } | Command::Init { .. } => {
+                            Err("a batch holds only ordinary commands".to_owned())
+                        }
+                        c => self.apply(c).map_err(|e| e.to_string()),
+                    })
+                    .collect(),
+            )),
         }
     }
 
@@ -1366,6 +1384,54 @@ mod tests {
             Outcome::Service(svc) => Ok(*svc),
             o => panic!("unexpected {o:?}"),
         }
+    }
+
+    #[test]
+    fn a_batch_applies_each_command_on_its_own_and_renames_keep_the_name_index() {
+        let mut s = init();
+        let out = s
+            .apply(&Command::Batch {
+                commands: vec![
+                    Command::CreateService {
+                        id: "s1".into(),
+                        spec: spec("web", &[], &[(80, Some(8080))]),
+                    },
+                    // Same published port: refused, alone.
+                    Command::CreateService {
+                        id: "s2".into(),
+                        spec: spec("api", &[], &[(80, Some(8080))]),
+                    },
+                    Command::CreateService {
+                        id: "s3".into(),
+                        spec: spec("db", &[], &[]),
+                    },
+                    Command::Batch { commands: vec![] },
+                ],
+            })
+            .unwrap();
+        let Outcome::Batch(results) = out else {
+            panic!("{out:?}")
+        };
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        assert!(results[1].as_ref().unwrap_err().contains("8080"), "{results:?}");
+        assert!(results[3].is_err());
+        assert_eq!(s.services.len(), 2);
+        // The name index follows a rename, and a reindex rebuilds it.
+        let mut renamed = s.services["s3"].spec.clone();
+        renamed.name = "store".into();
+        s.apply(&Command::UpdateService {
+            target: "db".into(),
+            version: 1,
+            spec: renamed,
+        })
+        .unwrap();
+        assert!(s.service_by_ref("db").is_none());
+        assert_eq!(s.service_by_ref("store").unwrap().id, "s3");
+        let mut copy: State = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(copy.service_by_ref("store").unwrap().id, "s3");
+        copy.reindex().unwrap();
+        assert_eq!(copy.service_by_ref("web").unwrap().id, "s1");
+        assert!(create(&mut copy, "s4", spec("web", &[], &[])).is_err());
     }
 
     #[test]
