@@ -15,10 +15,9 @@ use std::{
 };
 
 use proto::{
-    AddManagerRequest, Blob, Empty, JoinRequest, JoinResponse, JoinTokenRequest,
-    JoinTokenResponse, Ref, Remove, RenewRequest, RenewResponse, SetRoleRequest,
-    UnlockKeyResponse, Update, cluster_client::ClusterClient, cluster_server, join_server,
-    node_server, raft_server,
+    AddManagerRequest, Blob, Empty, JoinRequest, JoinResponse, JoinTokenRequest, JoinTokenResponse,
+    Ref, Remove, RenewRequest, RenewResponse, SetRoleRequest, UnlockKeyResponse, Update,
+    cluster_client::ClusterClient, cluster_server, join_server, node_server, raft_server,
 };
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
@@ -96,13 +95,17 @@ pub fn new_node_id() -> String {
 
 impl Ctx {
     pub fn manager(&self) -> Result<Arc<Manager>, Status> {
-        self.manager.read().expect("manager lock").clone().ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "node {} is not a manager: worker nodes can't view or modify cluster state; \
+        self.manager
+            .read()
+            .expect("manager lock")
+            .clone()
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "node {} is not a manager: worker nodes can't view or modify cluster state; \
                  use a manager's address",
-                self.node_id
-            ))
-        })
+                    self.node_id
+                ))
+            })
     }
 
     /// The caller's identity, from its certificate.
@@ -162,12 +165,15 @@ impl Ctx {
             )));
         }
         let m = self.manager()?;
-        let demoted = m.with_state(|s| {
-            s.nodes
-                .get(&id.node_id)
-                .is_some_and(|n| n.spec.role == Role::Worker)
-        });
-        if demoted {
+        let role = m.with_state(|s| s.nodes.get(&id.node_id).map(|n| n.spec.role));
+        if role.is_none() {
+            return Err(Status::permission_denied(format!(
+                "node {} is not a member of this cluster as this manager sees it; if it has just \
+                 joined, retry in a moment",
+                id.node_id
+            )));
+        }
+        if role == Some(Role::Worker) {
             return Err(Status::permission_denied(format!(
                 "node {} has been demoted to worker; its manager certificate is no longer accepted",
                 id.node_id
@@ -185,7 +191,9 @@ impl Ctx {
     {
         let (_, addr) = m.leader(std::time::Duration::from_secs(3)).await?;
         let channel = m.peers.channel(&addr)?;
-        f(ClusterClient::new(channel)).await.map(Response::into_inner)
+        f(ClusterClient::new(channel))
+            .await
+            .map(Response::into_inner)
     }
 }
 
@@ -355,7 +363,9 @@ impl node_server::Node for NodeService {
             Status::not_found(format!("node {} is not in the cluster state", id.node_id))
         })?;
         let (Some(secrets), Some(settings)) = (secrets, settings) else {
-            return Err(Status::unavailable("the cluster state is not replicated here yet"));
+            return Err(Status::unavailable(
+                "the cluster state is not replicated here yet",
+            ));
         };
         let cert = Ca::from_pem(&secrets.ca_cert, &secrets.ca_key)
             .issue(
@@ -509,7 +519,8 @@ impl cluster_server::Cluster for ClusterService {
         let (_, m) = self.0.require_manager(&req)?;
         let u = req.into_inner();
         let spec: NodeSpec = parse("node spec", &u.spec)?;
-        let (id, role) = m.with_state(|s| find_node(s, &u.target).map(|n| (n.id.clone(), n.spec.role)))?;
+        let (id, role) =
+            m.with_state(|s| find_node(s, &u.target).map(|n| (n.id.clone(), n.spec.role)))?;
         if spec.role != role {
             return Err(Status::invalid_argument(
                 "a node's role changes with `meshctl node promote` or `meshctl node demote`",
@@ -681,7 +692,8 @@ impl cluster_server::Cluster for ClusterService {
                 token: secrets.token(role).to_owned(),
             }));
         }
-        let digest = pki::ca_digest(&secrets.ca_cert).map_err(|e| Status::internal(e.to_string()))?;
+        let digest =
+            pki::ca_digest(&secrets.ca_cert).map_err(|e| Status::internal(e.to_string()))?;
         let token = JoinToken::generate(&digest)
             .map_err(|e| Status::internal(e.to_string()))?
             .to_string();
@@ -719,7 +731,10 @@ impl cluster_server::Cluster for ClusterService {
         }
     }
 
-    async fn add_manager(&self, req: Request<AddManagerRequest>) -> Result<Response<Empty>, Status> {
+    async fn add_manager(
+        &self,
+        req: Request<AddManagerRequest>,
+    ) -> Result<Response<Empty>, Status> {
         let (caller, m) = self.0.require_manager(&req)?;
         let r = req.into_inner();
         if caller.node_id != r.node_id {

@@ -175,7 +175,13 @@ async fn init_inner(
     let node_id = api::new_node_id();
     let ca = Ca::create(&cluster_id)?;
     let (key, csr) = pki::node_key_and_csr()?;
-    let cert = ca.issue(&csr, &cluster_id, &node_id, Role::Manager, opts.cert_lifetime)?;
+    let cert = ca.issue(
+        &csr,
+        &cluster_id,
+        &node_id,
+        Role::Manager,
+        opts.cert_lifetime,
+    )?;
     let creds = Credentials {
         ca: ca.cert_pem.clone(),
         cert,
@@ -517,7 +523,10 @@ impl Daemon {
             let shutdown = async move {
                 let _ = stop_server.wait_for(|s| *s).await;
             };
-            if let Err(e) = router.serve_with_incoming_shutdown(incoming, shutdown).await {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+            {
                 tracing::error!("gRPC server: {e}");
             }
         });
@@ -602,9 +611,13 @@ impl Upkeep {
             return None;
         }
         let addr = managers[self.next % managers.len()].clone();
-        tls::channel(&addr, Trust::Node(self.ctx.creds.clone()), Duration::from_secs(3))
-            .ok()
-            .map(|c| (addr, c))
+        tls::channel(
+            &addr,
+            Trust::Node(self.ctx.creds.clone()),
+            Duration::from_secs(3),
+        )
+        .ok()
+        .map(|c| (addr, c))
     }
 
     async fn tick(&mut self) {
@@ -630,7 +643,12 @@ impl Upkeep {
         };
         let who: Whoami = match NodeClient::new(channel.clone()).whoami(Empty {}).await {
             Ok(r) => serde_json::from_slice(&r.into_inner().json).map_err(|e| e.to_string())?,
-            Err(s) => return Err(format!("asking {addr} about this node: {}", status_text(&s))),
+            Err(s) => {
+                return Err(format!(
+                    "asking {addr} about this node: {}",
+                    status_text(&s)
+                ));
+            }
         };
         if who.managers != self.file.managers && !who.managers.is_empty() {
             self.file.managers = who.managers.clone();
@@ -711,7 +729,9 @@ impl Upkeep {
         let mut creds = self.ctx.creds.read().expect("creds lock").clone();
         creds.cert = reply.cert;
         creds.key = key;
-        creds.save(&certs_dir(&self.dir)).map_err(|e| e.to_string())?;
+        creds
+            .save(&certs_dir(&self.dir))
+            .map_err(|e| e.to_string())?;
         self.tls.cert.set(&creds).map_err(|e| e.to_string())?;
         *self.ctx.creds.write().expect("creds lock") = creds;
         if let Some(m) = self.ctx.manager.read().expect("manager lock").as_ref() {

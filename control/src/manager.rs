@@ -177,8 +177,9 @@ impl PeerClient {
             .lock()
             .expect("contacts lock")
             .insert(self.target, Instant::now());
-        let r: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&reply.into_inner().json)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let r: Result<Resp, RaftError<NodeId, E>> =
+            serde_json::from_slice(&reply.into_inner().json)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -430,7 +431,9 @@ impl Manager {
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, WriteError> {
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
-            let (leader, addr) = self.leader(deadline.saturating_duration_since(Instant::now())).await?;
+            let (leader, addr) = self
+                .leader(deadline.saturating_duration_since(Instant::now()))
+                .await?;
             let result = if leader == self.raft_id {
                 self.write_local(cmd.clone()).await
             } else {
@@ -453,7 +456,10 @@ impl Manager {
     /// Commits on this node, which must be the leader.
     pub async fn write_local(&self, cmd: Command) -> Result<Outcome, WriteError> {
         if !self.is_leader() {
-            return Err(WriteError::Internal(format!("{NOT_LEADER} {}", self.raft_id)));
+            return Err(WriteError::Internal(format!(
+                "{NOT_LEADER} {}",
+                self.raft_id
+            )));
         }
         self.check_quorum().await?;
         let (done, rx) = tokio::sync::oneshot::channel();
@@ -470,10 +476,15 @@ impl Manager {
             .channel(addr)
             .map_err(|s| WriteError::Internal(s.message().to_owned()))?;
         let body = serde_json::to_vec(cmd).map_err(|e| WriteError::Internal(e.to_string()))?;
-        match ClusterClient::new(channel).propose(Blob { json: body }).await {
+        match ClusterClient::new(channel)
+            .propose(Blob { json: body })
+            .await
+        {
             Ok(reply) => {
                 let r: Result<Outcome, String> = serde_json::from_slice(&reply.into_inner().json)
-                    .map_err(|e| WriteError::Internal(format!("bad reply from the leader: {e}")))?;
+                    .map_err(|e| {
+                    WriteError::Internal(format!("bad reply from the leader: {e}"))
+                })?;
                 r.map_err(WriteError::Refused)
             }
             Err(s) if s.code() == Code::Unavailable && s.message().starts_with("no quorum: ") => {
@@ -506,7 +517,10 @@ impl Manager {
     /// into the voter set. Leader only.
     pub async fn add_voter(&self, id: NodeId, api_addr: &str) -> Result<(), WriteError> {
         if !self.is_leader() {
-            return Err(WriteError::Internal(format!("{NOT_LEADER} {}", self.raft_id)));
+            return Err(WriteError::Internal(format!(
+                "{NOT_LEADER} {}",
+                self.raft_id
+            )));
         }
         self.check_quorum().await?;
         let m = self.metrics();
@@ -540,7 +554,10 @@ impl Manager {
     /// Removes a manager from the voters (demotion). Leader only.
     pub async fn remove_voter(&self, id: NodeId) -> Result<(), WriteError> {
         if !self.is_leader() {
-            return Err(WriteError::Internal(format!("{NOT_LEADER} {}", self.raft_id)));
+            return Err(WriteError::Internal(format!(
+                "{NOT_LEADER} {}",
+                self.raft_id
+            )));
         }
         self.check_quorum().await?;
         let m = self.metrics();

@@ -616,7 +616,9 @@ impl State {
                 .insert(n.id.clone(), AddressPool::new(&n.spec.name, n.subnet));
         }
         for s in self.services.values() {
-            alloc.service_names.insert(s.spec.name.clone(), s.id.clone());
+            alloc
+                .service_names
+                .insert(s.spec.name.clone(), s.id.clone());
             for v in &s.vips {
                 if let Some(pool) = alloc.addresses.get_mut(&v.network) {
                     pool.reserve(v.addr)?;
@@ -1413,7 +1415,10 @@ mod tests {
             panic!("{out:?}")
         };
         assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
-        assert!(results[1].as_ref().unwrap_err().contains("8080"), "{results:?}");
+        assert!(
+            results[1].as_ref().unwrap_err().contains("8080"),
+            "{results:?}"
+        );
         assert!(results[3].is_err());
         assert_eq!(s.services.len(), 2);
         // The name index follows a rename, and a reindex rebuilds it.

@@ -276,7 +276,9 @@ fn flush(
         // replaced since (a truncation followed by new appends).
         let mut p = pending.lock().expect("pending lock");
         for entry in batch.iter().flat_map(|(e, _)| e) {
-            if p.get(&entry.log_id.index).is_some_and(|e| e.log_id == entry.log_id) {
+            if p.get(&entry.log_id.index)
+                .is_some_and(|e| e.log_id == entry.log_id)
+            {
                 p.remove(&entry.log_id.index);
             }
         }

@@ -13,8 +13,7 @@
 //! client needs a verifier that pins the CA by digest.
 
 use std::{
-    fmt,
-    io,
+    fmt, io,
     net::SocketAddr,
     path::Path,
     sync::{Arc, Mutex, RwLock},
@@ -192,10 +191,11 @@ impl Server {
         let provider = provider();
         let mut roots = RootCertStore::empty();
         roots.add(creds.ca_der()?)?;
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
         let cert = Arc::new(SwappableCert(RwLock::new(creds.certified_key()?)));
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -289,12 +289,11 @@ fn client_config(trust: &Trust) -> Result<ClientConfig, TlsError> {
                 .with_client_auth_cert(vec![creds.cert_der()?], creds.key_der()?)?
         }
         Trust::Anonymous(ca) => {
-            let ca = CertificateDer::from_pem_slice(ca.as_bytes()).map_err(|source| {
-                TlsError::Pem {
+            let ca =
+                CertificateDer::from_pem_slice(ca.as_bytes()).map_err(|source| TlsError::Pem {
                     what: "CA certificate",
                     source,
-                }
-            })?;
+                })?;
             builder
                 .with_root_certificates(roots_for(&ca)?)
                 .with_no_client_auth()
@@ -317,9 +316,12 @@ fn client_config(trust: &Trust) -> Result<ClientConfig, TlsError> {
 /// connection builds its TLS config from the current credentials, so a
 /// renewed certificate is used from the next connection on.
 pub fn channel(addr: &str, trust: Trust, timeout: Duration) -> Result<Channel, TlsError> {
-    let uri: Uri = format!("http://{addr}")
-        .parse()
-        .map_err(|e: tonic::codegen::http::uri::InvalidUri| TlsError::Address(addr.to_owned(), e.to_string()))?;
+    let uri: Uri =
+        format!("http://{addr}")
+            .parse()
+            .map_err(|e: tonic::codegen::http::uri::InvalidUri| {
+                TlsError::Address(addr.to_owned(), e.to_string())
+            })?;
     let target = addr.to_owned();
     let connector = tower::service_fn(move |_: Uri| {
         let trust = trust.clone();

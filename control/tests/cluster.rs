@@ -86,8 +86,12 @@ fn service(name: &str) -> ServiceSpec {
 /// A client of `addr` with the node credentials in `dir`.
 fn client(dir: &Path, addr: &str) -> ClusterClient<tonic::transport::Channel> {
     let creds = Credentials::load(&daemon::certs_dir(dir)).unwrap();
-    let ch = tls::channel(addr, Trust::Node(Arc::new(RwLock::new(creds))), Duration::from_secs(10))
-        .unwrap();
+    let ch = tls::channel(
+        addr,
+        Trust::Node(Arc::new(RwLock::new(creds))),
+        Duration::from_secs(10),
+    )
+    .unwrap();
     ClusterClient::new(ch)
 }
 
@@ -108,7 +112,13 @@ fn voters(d: &Daemon) -> usize {
         .read()
         .unwrap()
         .as_ref()
-        .map(|m| m.metrics().membership_config.membership().voter_ids().count())
+        .map(|m| {
+            m.metrics()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .count()
+        })
         .unwrap_or(0)
 }
 
@@ -146,7 +156,9 @@ impl Cluster {
         let dirs: Vec<TempDir> = (0..managers + workers)
             .map(|i| TempDir::new(&format!("{tag}{i}")))
             .collect();
-        let addrs: Vec<Addresses> = (0..managers + workers).map(|i| addresses(i as u8 + 1)).collect();
+        let addrs: Vec<Addresses> = (0..managers + workers)
+            .map(|i| addresses(i as u8 + 1))
+            .collect();
         let (first, report) = daemon::init(&dirs[0].0, &addrs[0], &opts()).await.unwrap();
         let mut nodes = vec![Some(first)];
         for i in 1..managers + workers {
@@ -211,17 +223,17 @@ async fn three_managers_elect_replicate_and_survive_a_leader_change() {
     let mut c = Cluster::start("elect", 3, 0).await;
     // Writes through a follower are forwarded to the leader.
     let leader = wait_for("a leader", Duration::from_secs(10), || leader_of(c.node(0))).await;
-    let follower = (0..3)
-        .find(|&i| c.node(i).ctx.node_id != leader)
-        .unwrap();
+    let follower = (0..3).find(|&i| c.node(i).ctx.node_id != leader).unwrap();
     let mut api = client(&c.dirs[follower].0, c.api(follower));
     for i in 0..10 {
         create_service(&mut api, &format!("before-{i}")).await;
     }
     for i in 0..3 {
-        wait_for("replication to every manager", Duration::from_secs(10), || {
-            (services(c.node(i)).len() == 10).then_some(())
-        })
+        wait_for(
+            "replication to every manager",
+            Duration::from_secs(10),
+            || (services(c.node(i)).len() == 10).then_some(()),
+        )
         .await;
     }
 
@@ -243,18 +255,24 @@ async fn three_managers_elect_replicate_and_survive_a_leader_change() {
         create_service(&mut api, &format!("after-{i}")).await;
     }
     for i in (0..3).filter(|&i| i != li) {
-        wait_for("20 services on the survivors", Duration::from_secs(10), || {
-            (services(c.node(i)).len() == 20).then_some(())
-        })
+        wait_for(
+            "20 services on the survivors",
+            Duration::from_secs(10),
+            || (services(c.node(i)).len() == 20).then_some(()),
+        )
         .await;
     }
 
     // The old leader comes back from its data dir and catches up.
-    let back = daemon::run(&c.dirs[li].0, daemon::Unlock::Wait).await.unwrap();
+    let back = daemon::run(&c.dirs[li].0, daemon::Unlock::Wait)
+        .await
+        .unwrap();
     c.nodes[li] = Some(back);
-    wait_for("the restarted manager to catch up", Duration::from_secs(15), || {
-        (services(c.node(li)).len() == 20).then_some(())
-    })
+    wait_for(
+        "the restarted manager to catch up",
+        Duration::from_secs(15),
+        || (services(c.node(li)).len() == 20).then_some(()),
+    )
     .await;
     c.stop().await;
 }
@@ -287,14 +305,20 @@ async fn joining_and_calling_are_refused_without_the_right_credentials() {
     let mgr = c.api(0).to_owned();
 
     // A client without a certificate.
-    let ca = Credentials::load(&daemon::certs_dir(&c.dirs[0].0)).unwrap().ca;
+    let ca = Credentials::load(&daemon::certs_dir(&c.dirs[0].0))
+        .unwrap()
+        .ca;
     let anon = tls::channel(&mgr, Trust::Anonymous(ca), Duration::from_secs(5)).unwrap();
     let err = ClusterClient::new(anon)
         .list_nodes(Empty {})
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
-    assert!(err.message().contains("no client certificate"), "{}", err.message());
+    assert!(
+        err.message().contains("no client certificate"),
+        "{}",
+        err.message()
+    );
 
     // A worker's certificate on a manager API.
     let err = client(&c.dirs[1].0, &mgr)
@@ -302,21 +326,42 @@ async fn joining_and_calling_are_refused_without_the_right_credentials() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
-    assert!(err.message().contains("worker certificate"), "{}", err.message());
+    assert!(
+        err.message().contains("worker certificate"),
+        "{}",
+        err.message()
+    );
 
     // A wrong token (right CA, made-up secret).
-    let digest = pki::ca_digest(&Credentials::load(&daemon::certs_dir(&c.dirs[0].0)).unwrap().ca).unwrap();
+    let digest = pki::ca_digest(
+        &Credentials::load(&daemon::certs_dir(&c.dirs[0].0))
+            .unwrap()
+            .ca,
+    )
+    .unwrap();
     let wrong = format!("MESH-1-{digest}-{}", "0".repeat(32));
     let d = TempDir::new("wrong");
-    let err = daemon::join(&d.0, &addresses(50), &wrong, &mgr).await.err().unwrap();
-    assert!(err.to_string().contains("not valid for this cluster"), "{err}");
+    let err = daemon::join(&d.0, &addresses(50), &wrong, &mgr)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("not valid for this cluster"),
+        "{err}"
+    );
     assert!(!d.0.join("node.json").exists());
 
     // A token whose CA digest is not this cluster's.
     let other = format!("MESH-1-{}-{}", "ab".repeat(32), "1".repeat(32));
     let d = TempDir::new("digest");
-    let err = daemon::join(&d.0, &addresses(51), &other, &mgr).await.err().unwrap();
-    assert!(err.to_string().contains("is not the one in the token"), "{err}");
+    let err = daemon::join(&d.0, &addresses(51), &other, &mgr)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("is not the one in the token"),
+        "{err}"
+    );
 
     // A rotated token: the old one is refused, the new one works.
     let mut admin = client(&c.dirs[0].0, &mgr);
@@ -332,10 +377,15 @@ async fn joining_and_calling_are_refused_without_the_right_credentials() {
         .token;
     assert_ne!(old, new);
     let d = TempDir::new("rotated");
-    let err = daemon::join(&d.0, &addresses(52), &old, &mgr).await.err().unwrap();
+    let err = daemon::join(&d.0, &addresses(52), &old, &mgr)
+        .await
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("rotated"), "{err}");
     let d2 = TempDir::new("fresh");
-    let joined = daemon::join(&d2.0, &addresses(53), &new, &mgr).await.unwrap();
+    let joined = daemon::join(&d2.0, &addresses(53), &new, &mgr)
+        .await
+        .unwrap();
     joined.stop().await;
 
     // A removed node reconnecting with its old certificate.
@@ -350,7 +400,11 @@ async fn joining_and_calling_are_refused_without_the_right_credentials() {
         .unwrap();
     let err = NodeClientExt::whoami(&c.dirs[1].0, &mgr).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
-    assert!(err.message().contains("has been removed"), "{}", err.message());
+    assert!(
+        err.message().contains("has been removed"),
+        "{}",
+        err.message()
+    );
     c.stop().await;
 }
 
@@ -359,8 +413,12 @@ struct NodeClientExt;
 impl NodeClientExt {
     async fn whoami(dir: &Path, addr: &str) -> Result<(), tonic::Status> {
         let creds = Credentials::load(&daemon::certs_dir(dir)).unwrap();
-        let ch = tls::channel(addr, Trust::Node(Arc::new(RwLock::new(creds))), Duration::from_secs(10))
-            .unwrap();
+        let ch = tls::channel(
+            addr,
+            Trust::Node(Arc::new(RwLock::new(creds))),
+            Duration::from_secs(10),
+        )
+        .unwrap();
         proto::node_client::NodeClient::new(ch)
             .whoami(Empty {})
             .await
@@ -382,9 +440,11 @@ async fn promote_demote_and_renewal() {
         .unwrap();
     // The node notices, renews its certificate as a manager, starts Raft
     // and joins the voters.
-    wait_for("the promoted node to be a voter", Duration::from_secs(30), || {
-        (voters(c.node(0)) == 2).then_some(())
-    })
+    wait_for(
+        "the promoted node to be a voter",
+        Duration::from_secs(30),
+        || (voters(c.node(0)) == 2).then_some(()),
+    )
     .await;
     wait_for("a manager certificate", Duration::from_secs(10), || {
         let creds = Credentials::load(&daemon::certs_dir(&c.dirs[1].0)).ok()?;
@@ -393,7 +453,10 @@ async fn promote_demote_and_renewal() {
     })
     .await;
     // Its certificate now reaches the manager API.
-    client(&c.dirs[1].0, c.api(0)).list_nodes(Empty {}).await.unwrap();
+    client(&c.dirs[1].0, c.api(0))
+        .list_nodes(Empty {})
+        .await
+        .unwrap();
     let view = admin
         .inspect_node(Ref {
             target: worker.clone(),
@@ -411,13 +474,25 @@ async fn promote_demote_and_renewal() {
         })
         .await
         .unwrap();
-    wait_for("the demoted node to leave the voters", Duration::from_secs(20), || {
-        (voters(c.node(0)) == 1).then_some(())
-    })
+    wait_for(
+        "the demoted node to leave the voters",
+        Duration::from_secs(20),
+        || (voters(c.node(0)) == 1).then_some(()),
+    )
     .await;
-    wait_for("Raft to stop on the demoted node", Duration::from_secs(20), || {
-        c.node(1).ctx.manager.read().unwrap().is_none().then_some(())
-    })
+    wait_for(
+        "Raft to stop on the demoted node",
+        Duration::from_secs(20),
+        || {
+            c.node(1)
+                .ctx
+                .manager
+                .read()
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
     .await;
     let err = client(&c.dirs[1].0, c.api(0))
         .list_nodes(Empty {})
@@ -459,7 +534,10 @@ async fn short_lived_certificates_renew_before_expiry() {
     // 12 s after init the first certificate has expired; the API still
     // answers with the renewed one.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    client(&d.0, &at.api_addr).list_nodes(Empty {}).await.unwrap();
+    client(&d.0, &at.api_addr)
+        .list_nodes(Empty {})
+        .await
+        .unwrap();
     node.stop().await;
 }
 
@@ -486,7 +564,11 @@ async fn validation_errors_reach_the_client_verbatim() {
         })
         .await
         .unwrap_err();
-    assert!(err.message().contains("already in use"), "{}", err.message());
+    assert!(
+        err.message().contains("already in use"),
+        "{}",
+        err.message()
+    );
     let err = api
         .create_service(proto::Blob {
             json: b"{\"name\": 3}".to_vec(),
@@ -494,6 +576,10 @@ async fn validation_errors_reach_the_client_verbatim() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().starts_with("invalid service spec"), "{}", err.message());
+    assert!(
+        err.message().starts_with("invalid service spec"),
+        "{}",
+        err.message()
+    );
     c.stop().await;
 }

@@ -17,8 +17,8 @@ use control::{
     pki,
     state::{
         Availability, EndpointMode, EndpointSpec, Network, NetworkAttachment, NetworkSpec, Node,
-        NodeSpec, PortConfig, Protocol, PublishMode, Role, Service, ServiceMode,
-        ServiceSpec, TaskTemplate,
+        NodeSpec, PortConfig, Protocol, PublishMode, Role, Service, ServiceMode, ServiceSpec,
+        TaskTemplate,
     },
     tls::{self, Credentials, Trust},
 };
@@ -43,7 +43,12 @@ struct Cli {
 #[derive(Args)]
 struct Conn {
     /// The local node's data dir: its credentials and manager addresses.
-    #[arg(long, global = true, default_value = "/var/lib/mesh", env = "MESH_DATA_DIR")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "/var/lib/mesh",
+        env = "MESH_DATA_DIR"
+    )]
     data_dir: PathBuf,
     /// A manager's API address (host:port); default: this node if it is a
     /// manager, else the managers it knows.
@@ -285,7 +290,10 @@ enum RoleArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("Error: starting the runtime: {e}");
@@ -358,7 +366,8 @@ impl Conn {
     /// This node's API if it is a manager, else the first known manager.
     fn local_manager(&self) -> Res<String> {
         let file = NodeFile::load(&self.data_dir).map_err(|e| e.to_string())?;
-        let creds = Credentials::load(&daemon::certs_dir(&self.data_dir)).map_err(|e| e.to_string())?;
+        let creds =
+            Credentials::load(&daemon::certs_dir(&self.data_dir)).map_err(|e| e.to_string())?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -369,9 +378,10 @@ impl Conn {
         if role == Role::Manager {
             return Ok(file.api_addr);
         }
-        file.managers.first().cloned().ok_or_else(|| {
-            "this node knows no manager; pass --host".to_owned()
-        })
+        file.managers
+            .first()
+            .cloned()
+            .ok_or_else(|| "this node knows no manager; pass --host".to_owned())
     }
 }
 
@@ -419,7 +429,10 @@ fn title<T: std::fmt::Debug>(v: T) -> String {
     let s = format!("{v:?}");
     let mut chars = s.chars();
     match chars.next() {
-        Some(f) => f.to_uppercase().chain(chars.map(|c| c.to_ascii_lowercase())).collect(),
+        Some(f) => f
+            .to_uppercase()
+            .chain(chars.map(|c| c.to_ascii_lowercase()))
+            .collect(),
         None => s,
     }
 }
@@ -427,14 +440,21 @@ fn title<T: std::fmt::Debug>(v: T) -> String {
 async fn node(c: &mut Client, cmd: NodeCmd) -> Res {
     match cmd {
         NodeCmd::Ls { format, quiet } => {
-            let mut nodes: Vec<NodeView> = from_blob(c.api.list_nodes(Empty {}).await.map_err(err)?)?;
-            nodes.sort_by(|a, b| a.node.hostname.cmp(&b.node.hostname).then(a.node.id.cmp(&b.node.id)));
+            let mut nodes: Vec<NodeView> =
+                from_blob(c.api.list_nodes(Empty {}).await.map_err(err)?)?;
+            nodes.sort_by(|a, b| {
+                a.node
+                    .hostname
+                    .cmp(&b.node.hostname)
+                    .then(a.node.id.cmp(&b.node.id))
+            });
             if quiet {
                 nodes.iter().for_each(|n| println!("{}", n.node.id));
             } else if format == Format::Json {
                 print_json(&nodes);
             } else {
-                let mut t = Table::new(&["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS"]);
+                let mut t =
+                    Table::new(&["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS"]);
                 for n in &nodes {
                     t.row(vec![
                         if n.is_self {
@@ -460,7 +480,8 @@ async fn node(c: &mut Client, cmd: NodeCmd) -> Res {
         NodeCmd::Inspect { nodes } => {
             let mut out = Vec::new();
             for target in nodes {
-                let v: NodeView = from_blob(c.api.inspect_node(Ref { target }).await.map_err(err)?)?;
+                let v: NodeView =
+                    from_blob(c.api.inspect_node(Ref { target }).await.map_err(err)?)?;
                 out.push(v);
             }
             print_json(&out);
@@ -536,7 +557,11 @@ async fn set_role(c: &mut Client, nodes: Vec<String>, role: Role) -> Res {
                 .await
                 .map_err(err)?,
         )?;
-        let word = if role == Role::Manager { "manager" } else { "worker" };
+        let word = if role == Role::Manager {
+            "manager"
+        } else {
+            "worker"
+        };
         if before.node.spec.role == role {
             println!("Node {target} is already a {word} in the swarm.");
             continue;
@@ -573,7 +598,9 @@ async fn network(c: &mut Client, cmd: NetworkCmd) -> Res {
             name,
         } => {
             if driver != "overlay" {
-                return Err(format!("driver {driver:?} is not supported: mesh networks are overlay networks"));
+                return Err(format!(
+                    "driver {driver:?} is not supported: mesh networks are overlay networks"
+                ));
             }
             let mut spec = NetworkSpec {
                 name,
@@ -587,7 +614,11 @@ async fn network(c: &mut Client, cmd: NetworkCmd) -> Res {
             for o in opts {
                 match o.as_str() {
                     "encrypted" | "encrypted=true" | "encrypted=" => spec.encrypted = true,
-                    other => return Err(format!("unknown network option {other:?} (known: encrypted)")),
+                    other => {
+                        return Err(format!(
+                            "unknown network option {other:?} (known: encrypted)"
+                        ));
+                    }
                 }
             }
             let n: Network = from_blob(c.api.create_network(blob(&spec)).await.map_err(err)?)?;
@@ -595,7 +626,8 @@ async fn network(c: &mut Client, cmd: NetworkCmd) -> Res {
             Ok(())
         }
         NetworkCmd::Ls { format, quiet } => {
-            let mut nets: Vec<Network> = from_blob(c.api.list_networks(Empty {}).await.map_err(err)?)?;
+            let mut nets: Vec<Network> =
+                from_blob(c.api.list_networks(Empty {}).await.map_err(err)?)?;
             nets.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
             if quiet {
                 nets.iter().for_each(|n| println!("{}", short(&n.id)));
@@ -620,7 +652,8 @@ async fn network(c: &mut Client, cmd: NetworkCmd) -> Res {
         NetworkCmd::Inspect { networks } => {
             let mut out = Vec::new();
             for target in networks {
-                let n: Network = from_blob(c.api.inspect_network(Ref { target }).await.map_err(err)?)?;
+                let n: Network =
+                    from_blob(c.api.inspect_network(Ref { target }).await.map_err(err)?)?;
                 out.push(n);
             }
             print_json(&out);
@@ -645,7 +678,11 @@ async fn network(c: &mut Client, cmd: NetworkCmd) -> Res {
 /// Parses --publish: `8080:80`, `8080:80/udp`, `80` (auto-assigned), or
 /// `mode=host,published=8080,target=80,protocol=udp`.
 fn parse_publish(s: &str) -> Res<PortConfig> {
-    let bad = |why: &str| format!("--publish {s:?}: {why}; use published:target[/udp] or mode=host,published=P,target=T");
+    let bad = |why: &str| {
+        format!(
+            "--publish {s:?}: {why}; use published:target[/udp] or mode=host,published=P,target=T"
+        )
+    };
     let port = |v: &str, what: &str| -> Res<u16> {
         v.parse::<u16>()
             .ok()
@@ -660,7 +697,9 @@ fn parse_publish(s: &str) -> Res<PortConfig> {
             mode: PublishMode::Ingress,
         };
         for kv in s.split(',') {
-            let (k, v) = kv.split_once('=').ok_or_else(|| bad(&format!("{kv:?} is not key=value")))?;
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| bad(&format!("{kv:?} is not key=value")))?;
             match k {
                 "mode" => {
                     p.mode = match v {
@@ -708,11 +747,17 @@ fn apply_opts(spec: &mut ServiceSpec, o: ServiceOpts, creating: bool) -> Res {
     if let Some(r) = o.replicas {
         match &mut spec.mode {
             ServiceMode::Replicated { replicas } => *replicas = r,
-            ServiceMode::Global => return Err("--replicas applies to replicated services only".into()),
+            ServiceMode::Global => {
+                return Err("--replicas applies to replicated services only".into());
+            }
         }
     }
     if !o.publish.is_empty() {
-        let ports = o.publish.iter().map(|p| parse_publish(p)).collect::<Res<Vec<_>>>()?;
+        let ports = o
+            .publish
+            .iter()
+            .map(|p| parse_publish(p))
+            .collect::<Res<Vec<_>>>()?;
         if creating {
             spec.endpoint.ports = ports;
         } else {
@@ -746,7 +791,9 @@ fn apply_opts(spec: &mut ServiceSpec, o: ServiceOpts, creating: bool) -> Res {
             return Err(format!("--env {e:?}: use KEY=value"));
         }
         let key = e.split('=').next().unwrap_or_default().to_owned();
-        spec.task.env.retain(|x| x.split('=').next() != Some(key.as_str()));
+        spec.task
+            .env
+            .retain(|x| x.split('=').next() != Some(key.as_str()));
         spec.task.env.push(e);
     }
     Ok(())
@@ -804,10 +851,12 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
             Ok(())
         }
         ServiceCmd::Ls { format, quiet } => {
-            let mut svcs: Vec<ServiceView> = from_blob(c.api.list_services(Empty {}).await.map_err(err)?)?;
+            let mut svcs: Vec<ServiceView> =
+                from_blob(c.api.list_services(Empty {}).await.map_err(err)?)?;
             svcs.sort_by(|a, b| a.service.spec.name.cmp(&b.service.spec.name));
             if quiet {
-                svcs.iter().for_each(|s| println!("{}", short(&s.service.id)));
+                svcs.iter()
+                    .for_each(|s| println!("{}", short(&s.service.id)));
             } else if format == Format::Json {
                 print_json(&svcs);
             } else {
@@ -815,7 +864,9 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
                 for v in &svcs {
                     let s = &v.service;
                     let (mode, desired) = match s.spec.mode {
-                        ServiceMode::Replicated { replicas } => ("replicated", replicas.to_string()),
+                        ServiceMode::Replicated { replicas } => {
+                            ("replicated", replicas.to_string())
+                        }
                         ServiceMode::Global => ("global", "-".into()),
                     };
                     t.row(vec![
@@ -834,7 +885,8 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
         ServiceCmd::Inspect { services } => {
             let mut out = Vec::new();
             for target in services {
-                let s: Service = from_blob(c.api.inspect_service(Ref { target }).await.map_err(err)?)?;
+                let s: Service =
+                    from_blob(c.api.inspect_service(Ref { target }).await.map_err(err)?)?;
                 out.push(s);
             }
             print_json(&out);
@@ -918,13 +970,23 @@ async fn swarm(c: &mut Client, cmd: SwarmCmd) -> Res {
             Ok(())
         }
         SwarmCmd::UnlockKey { quiet } => {
-            let key = c.api.unlock_key(Empty {}).await.map_err(err)?.into_inner().key;
+            let key = c
+                .api
+                .unlock_key(Empty {})
+                .await
+                .map_err(err)?
+                .into_inner()
+                .key;
             if quiet {
                 println!("{key}");
             } else {
-                println!("To unlock a swarm manager after it restarts, run `meshd unlock` and provide the following key:\n");
+                println!(
+                    "To unlock a swarm manager after it restarts, run `meshd unlock` and provide the following key:\n"
+                );
                 println!("    {key}\n");
-                println!("Please remember to store this key in a password manager, since without it you will not be able to restart the manager.");
+                println!(
+                    "Please remember to store this key in a password manager, since without it you will not be able to restart the manager."
+                );
             }
             Ok(())
         }
@@ -939,13 +1001,26 @@ mod tests {
     #[test]
     fn publish_forms() {
         let p = parse_publish("8080:80").unwrap();
-        assert_eq!((p.published, p.target, p.protocol), (Some(8080), 80, Protocol::Tcp));
+        assert_eq!(
+            (p.published, p.target, p.protocol),
+            (Some(8080), 80, Protocol::Tcp)
+        );
         let p = parse_publish("53:53/udp").unwrap();
         assert_eq!(p.protocol, Protocol::Udp);
         assert_eq!(parse_publish("80").unwrap().published, None);
         let p = parse_publish("mode=host,published=8080,target=80").unwrap();
-        assert_eq!((p.mode, p.published, p.target), (PublishMode::Host, Some(8080), 80));
-        for bad in ["0:80", "80:x", "8080:80/sctp", "mode=host,published=1", "x=1,target=2", "70000:80"] {
+        assert_eq!(
+            (p.mode, p.published, p.target),
+            (PublishMode::Host, Some(8080), 80)
+        );
+        for bad in [
+            "0:80",
+            "80:x",
+            "8080:80/sctp",
+            "mode=host,published=1",
+            "x=1,target=2",
+            "70000:80",
+        ] {
             let e = parse_publish(bad).unwrap_err();
             assert!(e.contains("--publish"), "{bad}: {e}");
         }

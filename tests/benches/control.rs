@@ -57,8 +57,12 @@ fn spec(name: String) -> Vec<u8> {
 fn client(dir: &Path, addr: &str) -> ClusterClient<Channel> {
     let creds = Credentials::load(&daemon::certs_dir(dir)).unwrap();
     ClusterClient::new(
-        tls::channel(addr, Trust::Node(Arc::new(RwLock::new(creds))), Duration::from_secs(10))
-            .unwrap(),
+        tls::channel(
+            addr,
+            Trust::Node(Arc::new(RwLock::new(creds))),
+            Duration::from_secs(10),
+        )
+        .unwrap(),
     )
 }
 
@@ -129,7 +133,10 @@ fn disk_baseline(dir: &Path) -> f64 {
     let mut n = 0u64;
     while start.elapsed() < RUN / 2 {
         let tx = db.begin_write().unwrap();
-        tx.open_table(T).unwrap().insert(n, record.as_slice()).unwrap();
+        tx.open_table(T)
+            .unwrap()
+            .insert(n, record.as_slice())
+            .unwrap();
         tx.commit().unwrap();
         n += 1;
     }
@@ -137,7 +144,8 @@ fn disk_baseline(dir: &Path) -> f64 {
 }
 
 pub fn control_writes(md: &mut String) {
-    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("control-bench-{}", std::process::id()));
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("control-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -156,22 +164,31 @@ pub fn control_writes(md: &mut String) {
         let mut nodes: Vec<Daemon> = vec![first];
         for i in 1..3 {
             nodes.push(
-                daemon::join(&dirs[i], &addrs[i], &report.manager_token, &addrs[0].api_addr)
-                    .await
-                    .unwrap(),
+                daemon::join(
+                    &dirs[i],
+                    &addrs[i],
+                    &report.manager_token,
+                    &addrs[0].api_addr,
+                )
+                .await
+                .unwrap(),
             );
         }
         let voters = |d: &Daemon| {
-            d.ctx
-                .manager
-                .read()
-                .unwrap()
-                .as_ref()
-                .map_or(0, |m| m.metrics().membership_config.membership().voter_ids().count())
+            d.ctx.manager.read().unwrap().as_ref().map_or(0, |m| {
+                m.metrics()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .count()
+            })
         };
         let start = Instant::now();
         while voters(&nodes[0]) < 3 {
-            assert!(start.elapsed() < Duration::from_secs(30), "managers did not join");
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "managers did not join"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let leader = loop {

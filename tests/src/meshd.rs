@@ -92,7 +92,10 @@ pub fn start_control(host: &Host, args: &[&str]) -> (ChildGuard, Vec<String>) {
         Ok(lines) => (guard, lines),
         Err(_) => {
             guard.assert_running();
-            panic!("meshd {args:?} on {} did not become ready in 30 s", host.label());
+            panic!(
+                "meshd {args:?} on {} did not become ready in 30 s",
+                host.label()
+            );
         }
     }
 }

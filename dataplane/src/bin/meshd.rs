@@ -218,7 +218,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
     };
     if secs < 6 {
-        return Err(format!("{s:?} is too short for a certificate lifetime (at least 6s)"));
+        return Err(format!(
+            "{s:?} is too short for a certificate lifetime (at least 6s)"
+        ));
     }
     Ok(Duration::from_secs(secs))
 }
@@ -364,19 +366,21 @@ fn main() -> Result<()> {
             dp,
         } => {
             let start = match data_dir {
-                Some(dir) => Start::Run {
-                    dir,
-                    unlock: match unlock_key_file {
-                        Some(f) => {
-                            let text = fs::read_to_string(&f)
-                                .with_context(|| format!("reading {}", f.display()))?;
-                            Unlock::Key(text.trim().parse().with_context(|| {
-                                format!("{}: not an unlock key", f.display())
-                            })?)
-                        }
-                        None => Unlock::Wait,
-                    },
-                },
+                Some(dir) => {
+                    Start::Run {
+                        dir,
+                        unlock: match unlock_key_file {
+                            Some(f) => {
+                                let text = fs::read_to_string(&f)
+                                    .with_context(|| format!("reading {}", f.display()))?;
+                                Unlock::Key(text.trim().parse().with_context(|| {
+                                    format!("{}: not an unlock key", f.display())
+                                })?)
+                            }
+                            None => Unlock::Wait,
+                        },
+                    }
+                }
                 None if dp.underlay.is_some() => Start::None,
                 None => bail!(
                     "nothing to run: give --data-dir (the control plane of a node that ran init or join) and/or --node and --underlay (the data plane)"
@@ -436,7 +440,11 @@ struct Dataplane {
 }
 
 impl Dataplane {
-    async fn start(dp: &DataplaneArgs, underlay: &str, config: Option<NodeConfig>) -> Result<Dataplane> {
+    async fn start(
+        dp: &DataplaneArgs,
+        underlay: &str,
+        config: Option<NodeConfig>,
+    ) -> Result<Dataplane> {
         let node = dp.node.clone().context("--underlay needs --node")?;
         let pin_dir = bpffs::prepare_node_dir(&dp.bpf_root, &node)?;
         // The LB routes NATed packets; bpf_fib_lookup refuses unless forwarding is on.
@@ -502,8 +510,13 @@ impl Dataplane {
     }
 
     fn sweep(&mut self) {
-        match self.datapath.sweep_conntrack(monotonic_ns(), &self.timeouts) {
-            Ok(r) if r.flows_expired + r.revnat_expired > 0 => tracing::info!(?r, "conntrack sweep"),
+        match self
+            .datapath
+            .sweep_conntrack(monotonic_ns(), &self.timeouts)
+        {
+            Ok(r) if r.flows_expired + r.revnat_expired > 0 => {
+                tracing::info!(?r, "conntrack sweep")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "conntrack sweep failed"),
         }

@@ -88,10 +88,7 @@ impl Node<'_> {
     }
 
     fn restart(&mut self) {
-        let (guard, _) = meshd::start_control(
-            self.host,
-            &["run", "--data-dir", self.dir.path()],
-        );
+        let (guard, _) = meshd::start_control(self.host, &["run", "--data-dir", self.dir.path()]);
         self.meshd = Some(guard);
     }
 }
@@ -119,7 +116,10 @@ fn wait_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) 
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -167,31 +167,39 @@ fn start_cluster(topo: &Topology) -> (Vec<Node<'_>>, String, String) {
         let (guard, lines) = meshd::start_control(n.host, &argv);
         let role = if i < 3 { "manager" } else { "worker" };
         assert!(
-            lines.iter().any(|l| l.contains(&format!("joined a swarm as a {role}"))),
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("joined a swarm as a {role}"))),
             "{lines:?}"
         );
         n.meshd = Some(guard);
     }
     // Every manager is a voter and the leader sees the other two.
-    wait_until("3 managers (Leader + 2 Reachable)", Duration::from_secs(30), || {
-        let out = nodes[0].meshctl(&["node", "ls", "--format", "json"]);
-        let list = json(&String::from_utf8_lossy(&out.stdout));
-        let statuses: Vec<&str> = list
-            .as_array()?
-            .iter()
-            .filter_map(|n| n["manager_status"].as_str())
-            .collect();
-        (list.as_array()?.len() == 5
-            && statuses.iter().filter(|s| **s == "Leader").count() == 1
-            && statuses.iter().filter(|s| **s == "Reachable").count() == 2)
-            .then_some(())
-    });
+    wait_until(
+        "3 managers (Leader + 2 Reachable)",
+        Duration::from_secs(30),
+        || {
+            let out = nodes[0].meshctl(&["node", "ls", "--format", "json"]);
+            let list = json(&String::from_utf8_lossy(&out.stdout));
+            let statuses: Vec<&str> = list
+                .as_array()?
+                .iter()
+                .filter_map(|n| n["manager_status"].as_str())
+                .collect();
+            (list.as_array()?.len() == 5
+                && statuses.iter().filter(|s| **s == "Leader").count() == 1
+                && statuses.iter().filter(|s| **s == "Reachable").count() == 2)
+                .then_some(())
+        },
+    );
     (nodes, worker, manager)
 }
 
 #[test]
 fn managers_survive_leader_kills_restarts_and_a_partition() {
-    let Some(_root) = require_root("netns::control::managers_survive_leader_kills_restarts_and_a_partition") else {
+    let Some(_root) =
+        require_root("netns::control::managers_survive_leader_kills_restarts_and_a_partition")
+    else {
         return;
     };
     let topo = Topology::new(5);
@@ -203,7 +211,12 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
     for col in ["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS"] {
         assert!(header.contains(col), "{table}");
     }
-    assert!(table.lines().any(|l| l.contains(" * ") && l.contains("host1")), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(" * ") && l.contains("host1")),
+        "{table}"
+    );
     assert_eq!(table.matches("Leader").count(), 1, "{table}");
 
     // A secret and a name that must never reach the disk in plaintext.
@@ -281,7 +294,8 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
                     .iter()
                     .map(|n| {
                         let out = n.meshctl(&["info", "--format", "json"]);
-                        let applied = json(&String::from_utf8_lossy(&out.stdout))["last_applied"].to_string();
+                        let applied =
+                            json(&String::from_utf8_lossy(&out.stdout))["last_applied"].to_string();
                         (leader(n), applied)
                     })
                     .collect();
@@ -305,24 +319,32 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
             });
             let ms = killed.elapsed().as_millis();
             election_ms.push(ms);
-            eprintln!("round {round}: killed leader {name}; {new} leads after {ms} ms ({before} writes acked so far)");
+            eprintln!(
+                "round {round}: killed leader {name}; {new} leads after {ms} ms ({before} writes acked so far)"
+            );
             nodes[li].restart();
             // Back to three voters before the next kill.
-            wait_until("the restarted manager to be reachable", Duration::from_secs(30), || {
-                let out = nodes[..3]
-                    .iter()
-                    .filter(|n| n.host.label() == new)
-                    .map(|n| n.meshctl(&["node", "ls", "--format", "json"]))
-                    .next()?;
-                let list = json(&String::from_utf8_lossy(&out.stdout));
-                (list
-                    .as_array()?
-                    .iter()
-                    .filter(|n| n["manager_status"] == "Reachable" || n["manager_status"] == "Leader")
-                    .count()
-                    == 3)
-                    .then_some(())
-            });
+            wait_until(
+                "the restarted manager to be reachable",
+                Duration::from_secs(30),
+                || {
+                    let out = nodes[..3]
+                        .iter()
+                        .filter(|n| n.host.label() == new)
+                        .map(|n| n.meshctl(&["node", "ls", "--format", "json"]))
+                        .next()?;
+                    let list = json(&String::from_utf8_lossy(&out.stdout));
+                    (list
+                        .as_array()?
+                        .iter()
+                        .filter(|n| {
+                            n["manager_status"] == "Reachable" || n["manager_status"] == "Leader"
+                        })
+                        .count()
+                        == 3)
+                        .then_some(())
+                },
+            );
         }
         stop.store(true, Ordering::Relaxed);
     });
@@ -332,7 +354,11 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
         acked.len(),
         failed.lock().unwrap()
     );
-    assert!(acked.len() >= 10, "too few writes went through: {}", acked.len());
+    assert!(
+        acked.len() >= 10,
+        "too few writes went through: {}",
+        acked.len()
+    );
 
     // Every acknowledged write is there, on every manager.
     let present = |n: &Node<'_>| -> BTreeSet<String> {
@@ -344,15 +370,23 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
             .collect()
     };
     for n in &nodes[..3] {
-        wait_until("every acked write on every manager", Duration::from_secs(10), || {
-            let have = present(n);
-            acked.is_subset(&have).then_some(())
-        });
+        wait_until(
+            "every acked write on every manager",
+            Duration::from_secs(10),
+            || {
+                let have = present(n);
+                acked.is_subset(&have).then_some(())
+            },
+        );
     }
 
     // Nothing in plaintext at rest.
     for n in &nodes[..3] {
-        for needle in ["plaintext-canary", canary_secret, &worker_token[worker_token.len() - 32..]] {
+        for needle in [
+            "plaintext-canary",
+            canary_secret,
+            &worker_token[worker_token.len() - 32..],
+        ] {
             let hits = grep_dir(&n.dir.0, needle.as_bytes());
             assert!(hits.is_empty(), "{needle:?} in plaintext in {hits:?}");
         }
@@ -365,13 +399,19 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
     for n in nodes[..3].iter_mut() {
         n.restart();
     }
-    let name = wait_until("a leader after a full restart", Duration::from_secs(20), || {
-        nodes[..3].iter().find_map(leader)
-    });
+    let name = wait_until(
+        "a leader after a full restart",
+        Duration::from_secs(20),
+        || nodes[..3].iter().find_map(leader),
+    );
     eprintln!("after restarting all managers, {name} leads");
     for n in &nodes[..3] {
         let have = present(n);
-        assert!(acked.is_subset(&have), "lost writes after restart on {}", n.host.label());
+        assert!(
+            acked.is_subset(&have),
+            "lost writes after restart on {}",
+            n.host.label()
+        );
         assert!(have.contains("plaintext-canary"));
     }
 
@@ -400,9 +440,11 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
     let majority = (0..3).find(|&i| i != cut).unwrap();
     nodes[majority].meshctl_ok(&["service", "create", "--name", "majority", "--", "/bin/true"]);
     ip(&["link", "set", &port, "up"]);
-    wait_until("the cut-off manager to catch up", Duration::from_secs(20), || {
-        present(&nodes[cut]).contains("majority").then_some(())
-    });
+    wait_until(
+        "the cut-off manager to catch up",
+        Duration::from_secs(20),
+        || present(&nodes[cut]).contains("majority").then_some(()),
+    );
     assert!(!present(&nodes[cut]).contains("isolated"));
 
     // Workers and strangers are refused.
@@ -420,9 +462,16 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("no client certificate"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("no client certificate"),
+        "{err}"
+    );
     let stranger = DataDir::new("stranger");
-    let bad = format!("{}{}", &worker_token[..worker_token.len() - 32], "0".repeat(32));
+    let bad = format!(
+        "{}{}",
+        &worker_token[..worker_token.len() - 32],
+        "0".repeat(32)
+    );
     let out = nodes[4]
         .host
         .command(meshd::meshd_bin())
@@ -432,7 +481,10 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("not valid for this cluster"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("not valid for this cluster"),
+        "{err}"
+    );
 }
 
 /// Files under `dir` whose raw bytes contain `needle`.
