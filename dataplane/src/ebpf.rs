@@ -335,9 +335,13 @@ impl LbMaps for KernelLbMaps<'_> {
     }
 }
 
+/// A key that is already gone is not an error when deleting: the LRU maps
+/// evict entries between our walk and the delete. aya reports that as
+/// `KeyNotFound` from some calls and as ENOENT from `bpf_map_delete_elem`.
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
     }
 }
