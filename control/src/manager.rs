@@ -45,6 +45,7 @@ pub type Raft = openraft::Raft<TypeConfig>;
 /// the first candidate is often turned away and the second round wins: a
 /// dead leader is replaced in about 1 s.
 pub fn raft_config() -> Config {
+    let snapshot_every = SNAPSHOT_EVERY.load(std::sync::atomic::Ordering::Relaxed);
     Config {
         cluster_name: "mesh".into(),
         heartbeat_interval: 75,
@@ -52,11 +53,19 @@ pub fn raft_config() -> Config {
         election_timeout_max: 600,
         // Compaction: snapshot every 10k entries, keep 1k behind it for
         // followers that lag a little.
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
-        max_in_snapshot_log_to_keep: 1_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_every),
+        max_in_snapshot_log_to_keep: snapshot_every / 10,
         max_payload_entries: 1_000,
         ..Config::default()
     }
+}
+
+static SNAPSHOT_EVERY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(10_000);
+
+/// Entries between snapshots for managers started from now on (tests
+/// lower it to exercise compaction and snapshot installs).
+pub fn set_snapshot_interval(entries: u64) {
+    SNAPSHOT_EVERY.store(entries.max(10), std::sync::atomic::Ordering::Relaxed);
 }
 
 /// How long a leader may go without a quorum's acknowledgement before it
@@ -384,6 +393,17 @@ impl Manager {
         }
     }
 
+    /// Fails unless this manager is the leader and hears from a quorum.
+    async fn lead(&self) -> Result<(), WriteError> {
+        if !self.is_leader() {
+            return Err(WriteError::Internal(format!(
+                "{NOT_LEADER} {}",
+                self.raft_id
+            )));
+        }
+        self.check_quorum().await
+    }
+
     /// Fails unless this leader hears from a quorum: recently, or within a
     /// short wait (a membership change restarts the acknowledgements).
     async fn check_quorum(&self) -> Result<(), WriteError> {
@@ -455,13 +475,7 @@ impl Manager {
 
     /// Commits on this node, which must be the leader.
     pub async fn write_local(&self, cmd: Command) -> Result<Outcome, WriteError> {
-        if !self.is_leader() {
-            return Err(WriteError::Internal(format!(
-                "{NOT_LEADER} {}",
-                self.raft_id
-            )));
-        }
-        self.check_quorum().await?;
+        self.lead().await?;
         let (done, rx) = tokio::sync::oneshot::channel();
         self.proposals
             .send(Proposal { cmd, done })
@@ -516,13 +530,7 @@ impl Manager {
     /// Adds a manager as a voter: first as a learner that catches up, then
     /// into the voter set. Leader only.
     pub async fn add_voter(&self, id: NodeId, api_addr: &str) -> Result<(), WriteError> {
-        if !self.is_leader() {
-            return Err(WriteError::Internal(format!(
-                "{NOT_LEADER} {}",
-                self.raft_id
-            )));
-        }
-        self.check_quorum().await?;
+        self.lead().await?;
         let m = self.metrics();
         let membership = m.membership_config.membership();
         if membership.voter_ids().any(|v| v == id) {
@@ -553,13 +561,7 @@ impl Manager {
 
     /// Removes a manager from the voters (demotion). Leader only.
     pub async fn remove_voter(&self, id: NodeId) -> Result<(), WriteError> {
-        if !self.is_leader() {
-            return Err(WriteError::Internal(format!(
-                "{NOT_LEADER} {}",
-                self.raft_id
-            )));
-        }
-        self.check_quorum().await?;
+        self.lead().await?;
         let m = self.metrics();
         let membership = m.membership_config.membership();
         if !membership.voter_ids().any(|v| v == id) && membership.get_node(&id).is_none() {

@@ -219,7 +219,12 @@ impl Server {
         let acceptor = self.acceptor.clone();
         tokio::spawn(async move {
             loop {
-                let (tcp, peer) = match listener.accept().await {
+                // The listener closes as soon as the server stops reading.
+                let accepted = tokio::select! {
+                    r = listener.accept() => r,
+                    () = tx.closed() => return,
+                };
+                let (tcp, peer) = match accepted {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!("accept: {e}");
@@ -228,9 +233,6 @@ impl Server {
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                if tx.is_closed() {
-                    return;
-                }
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {

@@ -583,3 +583,110 @@ async fn validation_errors_reach_the_client_verbatim() {
     );
     c.stop().await;
 }
+
+fn purged(d: &Daemon) -> Option<u64> {
+    d.ctx
+        .manager
+        .read()
+        .unwrap()
+        .as_ref()
+        .and_then(|m| m.metrics().purged.map(|l| l.index))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_manager_joining_after_compaction_gets_a_snapshot() {
+    // Snapshot (and purge the log) every 30 entries from here on.
+    control::manager::set_snapshot_interval(30);
+    let c = Cluster::start("snap", 1, 0).await;
+    let mut api = client(&c.dirs[0].0, c.api(0));
+    for i in 0..100 {
+        create_service(&mut api, &format!("s{i}")).await;
+    }
+    let cut = wait_for("the log to be compacted", Duration::from_secs(10), || {
+        purged(c.node(0))
+    })
+    .await;
+    assert!(cut > 10, "purged up to {cut}");
+    // The new manager cannot get the purged entries: it must install the
+    // snapshot (over gRPC), then the entries after it.
+    let d = TempDir::new("snap-join");
+    let at = addresses(9);
+    let joined = daemon::join(&d.0, &at, &c.report.manager_token, c.api(0))
+        .await
+        .unwrap();
+    wait_for(
+        "the new manager to be a voter",
+        Duration::from_secs(30),
+        || (voters(c.node(0)) == 2).then_some(()),
+    )
+    .await;
+    wait_for(
+        "100 services on the new manager",
+        Duration::from_secs(15),
+        || (services(&joined).len() == 100).then_some(()),
+    )
+    .await;
+    let snap = joined
+        .ctx
+        .manager
+        .read()
+        .unwrap()
+        .as_ref()
+        .and_then(|m| m.metrics().snapshot.map(|l| l.index));
+    assert!(
+        snap.is_some_and(|i| i >= cut),
+        "installed snapshot {snap:?}, purged {cut}"
+    );
+    joined.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_autolocked_manager_waits_for_its_unlock_key() {
+    let d = TempDir::new("lock");
+    let at = addresses(1);
+    let (node, report) = daemon::init(
+        &d.0,
+        &at,
+        &InitOptions {
+            autolock: true,
+            cert_lifetime: pki::DEFAULT_CERT_LIFETIME,
+        },
+    )
+    .await
+    .unwrap();
+    let key = report
+        .unlock_key
+        .clone()
+        .expect("autolock gives an unlock key");
+    let mut api = client(&d.0, &at.api_addr);
+    create_service(&mut api, "locked-away").await;
+    let shown = api.unlock_key(Empty {}).await.unwrap().into_inner().key;
+    assert_eq!(shown, key.to_string());
+    node.stop().await;
+    assert!(
+        !d.0.join("keys/kek").exists(),
+        "the KEK must not be on disk"
+    );
+
+    // A restart waits on the unlock socket; a wrong key is refused there.
+    let dir = d.0.clone();
+    let run = tokio::spawn(async move { daemon::run(&dir, daemon::Unlock::Wait).await });
+    wait_for("the unlock socket", Duration::from_secs(10), || {
+        daemon::unlock_socket(&d.0).exists().then_some(())
+    })
+    .await;
+    let wrong = format!("MESHKEY-{}", "ab".repeat(32));
+    let err = daemon::send_unlock(&d.0, &wrong).await.unwrap_err();
+    assert!(err.to_string().contains("key"), "{err}");
+    assert!(!run.is_finished());
+    daemon::send_unlock(&d.0, &key.to_string()).await.unwrap();
+    let node = run.await.unwrap().unwrap();
+    wait_for("the state after unlocking", Duration::from_secs(10), || {
+        services(&node)
+            .contains(&"locked-away".to_owned())
+            .then_some(())
+    })
+    .await;
+    node.stop().await;
+}
