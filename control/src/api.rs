@@ -210,7 +210,20 @@ impl RaftService {
                 id.node_id
             )));
         }
-        self.0.manager()
+        let m = self.0.manager()?;
+        // A node this manager does not know yet may be a manager that just
+        // joined; one it knows as a worker was demoted and keeps out.
+        if m.with_state(|s| {
+            s.nodes
+                .get(&id.node_id)
+                .is_some_and(|n| n.spec.role == Role::Worker)
+        }) {
+            return Err(Status::permission_denied(format!(
+                "node {} has been demoted to worker and cannot take part in Raft",
+                id.node_id
+            )));
+        }
+        Ok(m)
     }
 }
 
