@@ -160,7 +160,7 @@ impl Ctx {
         if id.role != Role::Manager {
             return Err(Status::permission_denied(format!(
                 "node {} holds a worker certificate: worker nodes can't view or modify cluster \
-                 state; run this against a manager, or promote the node first",
+                 state; run meshctl on a manager, pass a manager's --cert/--key, or promote the node",
                 id.node_id
             )));
         }
@@ -347,6 +347,9 @@ pub struct NodeService(pub Arc<Ctx>);
 pub struct Whoami {
     pub node: Node,
     pub managers: Vec<String>,
+    /// The cluster's certificate lifetime: renewal starts in its last third.
+    #[serde(default)]
+    pub cert_lifetime_secs: u64,
 }
 
 #[tonic::async_trait]
@@ -354,12 +357,21 @@ impl node_server::Node for NodeService {
     async fn whoami(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
         let id = self.0.identify(&req)?;
         let m = self.0.manager()?;
-        let (node, managers) =
-            m.with_state(|s| (s.nodes.get(&id.node_id).cloned(), manager_addrs(s)));
+        let (node, managers, lifetime) = m.with_state(|s| {
+            (
+                s.nodes.get(&id.node_id).cloned(),
+                manager_addrs(s),
+                s.settings.as_ref().map_or(0, |x| x.cert_lifetime_secs),
+            )
+        });
         let node = node.ok_or_else(|| {
             Status::not_found(format!("node {} is not in the cluster state", id.node_id))
         })?;
-        json(&Whoami { node, managers })
+        json(&Whoami {
+            node,
+            managers,
+            cert_lifetime_secs: lifetime,
+        })
     }
 
     async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
@@ -572,6 +584,15 @@ impl cluster_server::Cluster for ClusterService {
         }
         let mut spec = node.spec.clone();
         spec.role = role;
+        let update = Command::UpdateNode {
+            id: node.id.clone(),
+            version: node.version,
+            spec: spec.clone(),
+        };
+        // Check the change against a copy first ("last manager", version),
+        // so a refused demotion never touches the Raft membership.
+        m.with_state(|s| s.clone().apply(&update))
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         if role == Role::Worker {
             // Out of the voters first, so the Raft membership never counts
             // a node the state calls a worker.
@@ -579,13 +600,9 @@ impl cluster_server::Cluster for ClusterService {
                 m.remove_voter(id).await?;
             }
         }
-        let out = m
-            .propose(Command::UpdateNode {
-                id: node.id.clone(),
-                version: node.version,
-                spec,
-            })
-            .await?;
+        // Through propose: a leader that demoted itself has stepped down,
+        // and the write goes to the new leader.
+        let out = m.propose(update).await?;
         outcome_service(out)
     }
 

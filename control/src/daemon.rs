@@ -117,6 +117,14 @@ fn fresh_dir(dir: &Path) -> Result<(), DaemonError> {
             dir.display()
         )));
     }
+    if let Ok(mut entries) = std::fs::read_dir(dir)
+        && entries.next().is_some()
+    {
+        return Err(msg(format!(
+            "{} is not empty: give meshd a new or empty data dir",
+            dir.display()
+        )));
+    }
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -465,7 +473,12 @@ pub fn status_text(s: &tonic::Status) -> String {
     let msg = s.message();
     match std::error::Error::source(s) {
         Some(src) => {
-            let chain = tls::chain(src);
+            let mut chain = tls::chain(src);
+            if chain.contains("NotValidForName") || chain.contains("not valid for name") {
+                chain.push_str(
+                    " (the node at that address is not a manager: its certificate does not name mesh-manager)",
+                );
+            }
             let detail = chain
                 .strip_prefix("transport error")
                 .map(|d| d.trim_start_matches(": "))
@@ -658,7 +671,13 @@ impl Upkeep {
         let me = pki::identity(&creds.cert, &creds.ca, now()).map_err(|e| e.to_string())?;
         let lifetime = Duration::from_secs((me.not_after - now()).max(0) as u64);
         let role_changed = me.role != who.node.spec.role;
-        let settings_lifetime = self.cert_lifetime().unwrap_or(lifetime);
+        // The cluster's setting, as the managers report it (workers have
+        // no state of their own).
+        let settings_lifetime = if who.cert_lifetime_secs > 0 {
+            Duration::from_secs(who.cert_lifetime_secs)
+        } else {
+            self.cert_lifetime().unwrap_or(lifetime)
+        };
         if role_changed || pki::needs_renewal(me.not_after, now(), settings_lifetime) {
             self.renew(channel.clone()).await?;
         }
@@ -666,9 +685,11 @@ impl Upkeep {
         let running = self.ctx.manager.read().expect("manager lock").clone();
         match (role, running) {
             (Role::Manager, None) => {
-                let keys = match DataKeys::load(&self.dir, None) {
-                    Ok(k) => k,
-                    Err(_) => DataKeys::create(&self.dir, false).map_err(|e| e.to_string())?,
+                // Keys only where none exist: never overwrite a data key.
+                let keys = if self.dir.join("keys").exists() {
+                    DataKeys::load(&self.dir, None).map_err(|e| e.to_string())?
+                } else {
+                    DataKeys::create(&self.dir, false).map_err(|e| e.to_string())?
                 };
                 let id = raft_id(&self.file.node_id).ok_or("bad node id")?;
                 let m = Manager::start(id, &self.dir, keys.data, self.ctx.creds.clone()).await?;

@@ -75,6 +75,9 @@ const QUORUM_STALE: Duration = Duration::from_millis(1000);
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(3);
 /// RPC timeout between managers.
 const RPC_TIMEOUT: Duration = Duration::from_secs(3);
+/// A forwarded write: longer than the leader's own worst case (quorum wait
+/// plus commit timeout), so the leader's answer arrives.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(6);
 
 /// Why a write did not happen.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -119,13 +122,19 @@ impl Peers {
     }
 
     pub fn channel(&self, addr: &str) -> Result<Channel, tonic::Status> {
+        self.channel_with(addr, RPC_TIMEOUT)
+    }
+
+    /// A channel whose calls time out after `timeout`.
+    pub fn channel_with(&self, addr: &str, timeout: Duration) -> Result<Channel, tonic::Status> {
+        let key = format!("{addr}/{}", timeout.as_millis());
         let mut map = self.channels.lock().expect("channels lock");
-        if let Some(c) = map.get(addr) {
+        if let Some(c) = map.get(&key) {
             return Ok(c.clone());
         }
-        let c = tls::channel(addr, self.trust.clone(), RPC_TIMEOUT)
+        let c = tls::channel(addr, self.trust.clone(), timeout)
             .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-        map.insert(addr.to_owned(), c.clone());
+        map.insert(key, c.clone());
         Ok(c)
     }
 
@@ -141,16 +150,18 @@ impl RaftNetworkFactory<TypeConfig> for Peers {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         PeerClient {
             target,
-            client: self.channel(&node.addr).map(RaftClient::new),
-            contacts: self.contacts.clone(),
+            addr: node.addr.clone(),
+            peers: self.clone(),
         }
     }
 }
 
+/// Raft RPCs to one peer. The channel is looked up on every call, so a
+/// renewed certificate (which resets the cache) is used from the next RPC.
 pub struct PeerClient {
     target: NodeId,
-    client: Result<RaftClient<Channel>, tonic::Status>,
-    contacts: Contacts,
+    addr: String,
+    peers: Peers,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
@@ -164,10 +175,13 @@ impl PeerClient {
     where
         E: std::error::Error + DeserializeOwned,
     {
-        let client = self
-            .client
-            .as_mut()
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&*e)))?;
+        let channel = self
+            .peers
+            .channel(&self.addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let mut client = RaftClient::new(channel)
+            .max_decoding_message_size(crate::daemon::MAX_MESSAGE)
+            .max_encoding_message_size(crate::daemon::MAX_MESSAGE);
         let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let request = Blob { json: body };
         let reply = match kind {
@@ -182,7 +196,8 @@ impl PeerClient {
                 RPCError::Network(NetworkError::new(&s))
             }
         })?;
-        self.contacts
+        self.peers
+            .contacts
             .lock()
             .expect("contacts lock")
             .insert(self.target, Instant::now());
@@ -314,7 +329,7 @@ async fn commit(raft: &Raft, cmd: Command) -> Result<Outcome, WriteError> {
         Ok(Err(e)) => Err(WriteError::Internal(format!("write failed: {e}"))),
         Err(_) => Err(WriteError::NoQuorum(format!(
             "the write was not committed within {} s: a majority of managers is not answering \
-             (it is in this manager's log and takes effect only if they come back while it leads)",
+             (it is in this manager's log, and takes effect if a majority later accepts it)",
             COMMIT_TIMEOUT.as_secs()
         ))),
     }
@@ -487,7 +502,7 @@ impl Manager {
     async fn forward(&self, addr: &str, cmd: &Command) -> Result<Outcome, WriteError> {
         let channel = self
             .peers
-            .channel(addr)
+            .channel_with(addr, FORWARD_TIMEOUT)
             .map_err(|s| WriteError::Internal(s.message().to_owned()))?;
         let body = serde_json::to_vec(cmd).map_err(|e| WriteError::Internal(e.to_string()))?;
         match ClusterClient::new(channel)
@@ -509,11 +524,16 @@ impl Manager {
             Err(s) if s.message().starts_with(NOT_LEADER) => {
                 Err(WriteError::Internal(s.message().to_owned()))
             }
+            Err(s) if matches!(s.code(), Code::DeadlineExceeded | Code::Cancelled) => {
+                Err(WriteError::NoQuorum(format!(
+                    "the leader at {addr} did not answer within {} s; the write may or may not \
+                     have been applied: look before retrying",
+                    FORWARD_TIMEOUT.as_secs()
+                )))
+            }
             Err(s)
-                if matches!(
-                    s.code(),
-                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
-                ) || (s.code() == Code::Unknown && std::error::Error::source(&s).is_some()) =>
+                if s.code() == Code::Unavailable
+                    || (s.code() == Code::Unknown && std::error::Error::source(&s).is_some()) =>
             {
                 Err(WriteError::NoQuorum(format!(
                     "cannot reach the leader at {addr}: {}",
@@ -567,15 +587,13 @@ impl Manager {
         if !membership.voter_ids().any(|v| v == id) && membership.get_node(&id).is_none() {
             return Ok(());
         }
+        // retain=false: out of the voters and out of the membership (no
+        // learner left behind) in one change.
         let change = async {
             self.raft
                 .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
                 .await
-                .map_err(|e| WriteError::Internal(format!("removing voter {id:016x}: {e}")))?;
-            self.raft
-                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
-                .await
-                .map_err(|e| WriteError::Internal(format!("removing node {id:016x}: {e}")))
+                .map_err(|e| WriteError::Internal(format!("removing voter {id:016x}: {e}")))
         };
         tokio::time::timeout(Duration::from_secs(10), change)
             .await

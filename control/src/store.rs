@@ -298,6 +298,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StoreError> {
+        // Pending first, disk second: an entry flushed in between is then
+        // found on disk, never in neither place.
+        let pending: Vec<(u64, Entry<TypeConfig>)> = self
+            .pending
+            .lock()
+            .expect("pending lock")
+            .range(range.clone())
+            .map(|(i, e)| (*i, e.clone()))
+            .collect();
         let tx = self
             .db
             .begin_read()
@@ -317,10 +326,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             );
         }
         // Appended but not yet flushed: newer than what is on disk.
-        let pending = self.pending.lock().expect("pending lock");
-        for (i, e) in pending.range(range) {
-            out.insert(*i, e.clone());
-        }
+        out.extend(pending);
         Ok(out.into_values().collect())
     }
 }
@@ -329,6 +335,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StoreError> {
+        // Pending first (see try_get_log_entries).
+        let newest_pending = self
+            .pending
+            .lock()
+            .expect("pending lock")
+            .last_key_value()
+            .map(|(_, e)| e.log_id);
         let last_purged: Option<LogId<NodeId>> = meta_get(&self.db, &self.key, PURGED)?;
         let tx = self
             .db
@@ -346,12 +359,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             ),
             None => None,
         };
-        let newest_pending = self
-            .pending
-            .lock()
-            .expect("pending lock")
-            .last_key_value()
-            .map(|(_, e)| e.log_id);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: newest_pending.or(last).or(last_purged),

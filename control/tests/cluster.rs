@@ -513,7 +513,7 @@ fn now() -> i64 {
 async fn short_lived_certificates_renew_before_expiry() {
     let d = TempDir::new("renew");
     let at = addresses(1);
-    let (node, _) = daemon::init(
+    let node = daemon::init(
         &d.0,
         &at,
         &InitOptions {
@@ -523,14 +523,23 @@ async fn short_lived_certificates_renew_before_expiry() {
     )
     .await
     .unwrap();
+    let (node, report) = node;
+    // A worker renews too (it learns the lifetime from the managers).
+    let w = TempDir::new("renew-worker");
+    let worker = daemon::join(&w.0, &addresses(2), &report.worker_token, &at.api_addr)
+        .await
+        .unwrap();
     let first = Credentials::load(&daemon::certs_dir(&d.0)).unwrap().cert;
+    let first_worker = Credentials::load(&daemon::certs_dir(&w.0)).unwrap().cert;
     // Renewal starts in the last third (3 s before expiry); the upkeep
     // loop looks every 2 s.
-    wait_for("a renewed certificate", Duration::from_secs(15), || {
-        let now_cert = Credentials::load(&daemon::certs_dir(&d.0)).ok()?.cert;
-        (now_cert != first).then_some(())
-    })
-    .await;
+    for (dir, was) in [(&d.0, &first), (&w.0, &first_worker)] {
+        wait_for("a renewed certificate", Duration::from_secs(15), || {
+            let now_cert = Credentials::load(&daemon::certs_dir(dir)).ok()?.cert;
+            (now_cert != *was).then_some(())
+        })
+        .await;
+    }
     // 12 s after init the first certificate has expired; the API still
     // answers with the renewed one.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -538,6 +547,8 @@ async fn short_lived_certificates_renew_before_expiry() {
         .list_nodes(Empty {})
         .await
         .unwrap();
+    NodeClientExt::whoami(&w.0, &at.api_addr).await.unwrap();
+    worker.stop().await;
     node.stop().await;
 }
 
