@@ -45,6 +45,17 @@ fn bench() -> Result<()> {
         bail!("the benchmark creates network namespaces and loads eBPF: run it as root");
     }
     setup::run()?;
+    build_binaries()?;
+    run_ok(
+        cargo()
+            .args(["bench", "--package", "mesh-tests", "--bench", "dataplane"])
+            .env("MESHD", target_dir().join("debug/meshd")),
+    )
+}
+
+/// Builds meshd and meshctl (debug), what the namespace tier, the demo and
+/// the bench run.
+pub fn build_binaries() -> Result<()> {
     run_ok(cargo().args([
         "build",
         "--package",
@@ -52,12 +63,7 @@ fn bench() -> Result<()> {
         "--package",
         "meshctl",
         "--bins",
-    ]))?;
-    run_ok(
-        cargo()
-            .args(["bench", "--package", "mesh-tests", "--bench", "dataplane"])
-            .env("MESHD", target_dir().join("debug/meshd")),
-    )
+    ]))
 }
 
 /// The workspace root (xtask lives one level below it).

@@ -51,14 +51,7 @@ pub fn run() -> Result<()> {
     let mut tiers = vec![lint()];
     // meshd and meshctl are what the namespace tier runs; build them before
     // any test binary.
-    crate::run_ok(cargo().args([
-        "build",
-        "--package",
-        "dataplane",
-        "--package",
-        "meshctl",
-        "--bins",
-    ]))?;
+    crate::build_binaries()?;
     tiers.push(cargo_tier(
         "unit",
         false,
