@@ -11,7 +11,6 @@
 use std::{
     net::Ipv4Addr,
     sync::{Arc, RwLock},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use proto::{
@@ -40,13 +39,6 @@ pub struct Ctx {
     /// Certificates already checked (signature, names), by their DER; the
     /// validity window is still checked on every call.
     pub checked: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Identity>>,
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 fn json<T: Serialize>(v: &T) -> Result<Response<Blob>, Status> {
@@ -123,9 +115,9 @@ impl Ctx {
             .get(certs[0].as_ref())
             .cloned();
         let id = match cached {
-            Some(id) if id.not_after >= now() => id,
+            Some(id) if id.not_after >= pki::now() => id,
             _ => {
-                let id = pki::identity_der(&certs[0], &self.ca_der, now()).map_err(|e| {
+                let id = pki::identity_der(&certs[0], &self.ca_der, pki::now()).map_err(|e| {
                     Status::unauthenticated(format!("client certificate refused: {e}"))
                 })?;
                 let mut checked = self.checked.lock().expect("checked lock");

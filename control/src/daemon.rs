@@ -363,7 +363,7 @@ pub enum Unlock {
 pub async fn run(dir: &Path, unlock: Unlock) -> Result<Daemon, DaemonError> {
     let file = NodeFile::load(dir)?;
     let creds = Credentials::load(&certs_dir(dir))?;
-    let id = pki::identity(&creds.cert, &creds.ca, now())?;
+    let id = pki::identity(&creds.cert, &creds.ca, pki::now())?;
     let creds_arc = Arc::new(RwLock::new(creds));
     let manager = if id.role == Role::Manager && dir.join("raft.redb").exists() {
         let keys = open_keys(dir, unlock).await?;
@@ -458,13 +458,6 @@ pub async fn send_unlock(dir: &Path, key: &str) -> Result<(), DaemonError> {
         "ok" => Ok(()),
         other => Err(msg(other.trim_start_matches("error: ").to_owned())),
     }
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// A status as users should read it: the message, with the code only when
@@ -668,17 +661,17 @@ impl Upkeep {
             let _ = self.file.save(&self.dir);
         }
         let creds = self.ctx.creds.read().expect("creds lock").clone();
-        let me = pki::identity(&creds.cert, &creds.ca, now()).map_err(|e| e.to_string())?;
-        let lifetime = Duration::from_secs((me.not_after - now()).max(0) as u64);
+        let me = pki::identity(&creds.cert, &creds.ca, pki::now()).map_err(|e| e.to_string())?;
+        let lifetime = Duration::from_secs((me.not_after - pki::now()).max(0) as u64);
         let role_changed = me.role != who.node.spec.role;
         // The cluster's setting, as the managers report it (workers have
-        // no state of their own).
+        // no state of their own); a manager without settings yet sends 0.
         let settings_lifetime = if who.cert_lifetime_secs > 0 {
             Duration::from_secs(who.cert_lifetime_secs)
         } else {
-            self.cert_lifetime().unwrap_or(lifetime)
+            lifetime
         };
-        if role_changed || pki::needs_renewal(me.not_after, now(), settings_lifetime) {
+        if role_changed || pki::needs_renewal(me.not_after, pki::now(), settings_lifetime) {
             self.renew(channel.clone()).await?;
         }
         let role = who.node.spec.role;
@@ -729,15 +722,6 @@ impl Upkeep {
             }
         }
         Ok(())
-    }
-
-    fn cert_lifetime(&self) -> Option<Duration> {
-        let m = self.ctx.manager.read().expect("manager lock").clone()?;
-        m.with_state(|s| {
-            s.settings
-                .as_ref()
-                .map(|s| Duration::from_secs(s.cert_lifetime_secs))
-        })
     }
 
     async fn renew(&mut self, channel: tonic::transport::Channel) -> Result<(), String> {

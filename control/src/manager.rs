@@ -625,14 +625,11 @@ impl Manager {
             .expect("contacts lock")
             .get(&id)
             .is_some_and(|t| t.elapsed() < Duration::from_secs(3));
-        Some(if fresh || m.state != ServerState::Leader {
-            // Followers only talk to the leader; they report voters as
-            // reachable and leave liveness to the leader's view.
-            if fresh || m.current_leader.is_some() {
-                ManagerStatus::Reachable
-            } else {
-                ManagerStatus::Unreachable
-            }
+        // Followers only talk to the leader: they report voters as
+        // reachable while they have one, and leave liveness to its view.
+        let follower_view = m.state != ServerState::Leader && m.current_leader.is_some();
+        Some(if fresh || follower_view {
+            ManagerStatus::Reachable
         } else {
             ManagerStatus::Unreachable
         })

@@ -67,8 +67,20 @@ fn hex(bytes: &[u8]) -> String {
 
 /// SHA-256 of a certificate's DER, in hex: what join tokens pin.
 pub fn ca_digest(ca_cert_pem: &str) -> Result<String, PkiError> {
-    let der = pem_to_der(ca_cert_pem)?;
-    Ok(hex(digest(&SHA256, &der).as_ref()))
+    Ok(der_digest(&pem_to_der(ca_cert_pem)?))
+}
+
+/// SHA-256 of DER bytes, in hex (a certificate as TLS hands it over).
+pub fn der_digest(der: &[u8]) -> String {
+    hex(digest(&SHA256, der).as_ref())
+}
+
+/// Seconds since the epoch, as certificate validity is compared.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, PkiError> {

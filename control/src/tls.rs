@@ -21,7 +21,6 @@ use std::{
 };
 
 use hyper_util::rt::TokioIo;
-use ring::digest::{SHA256, digest};
 use rustls::{
     ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -353,15 +352,6 @@ fn resolve(addr: &str) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr}: no address")))
 }
 
-/// SHA-256 of DER bytes, in hex.
-pub fn sha256_hex(der: &[u8]) -> String {
-    digest(&SHA256, der)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 #[derive(Debug)]
 struct PinnedVerifier {
     digest: String,
@@ -382,7 +372,7 @@ impl ServerCertVerifier for PinnedVerifier {
         let ca = intermediates.last().ok_or_else(|| {
             rustls::Error::General("the manager presented no CA certificate".into())
         })?;
-        let presented = sha256_hex(ca);
+        let presented = crate::pki::der_digest(ca);
         *self.seen.lock().expect("seen lock") = Some(PinnedCa {
             digest: presented.clone(),
             der: ca.to_vec(),
