@@ -36,6 +36,8 @@ pub struct Ctx {
     pub api_addr: String,
     pub creds: Arc<RwLock<Credentials>>,
     pub manager: RwLock<Option<Arc<Manager>>>,
+    /// The managers' API addresses, as last heard (kept by the upkeep loop).
+    pub managers: RwLock<Vec<String>>,
     /// Certificates already checked (signature, names), by their DER; the
     /// validity window is still checked on every call.
     pub checked: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Identity>>,
@@ -101,7 +103,7 @@ impl Ctx {
     }
 
     /// The caller's identity, from its certificate.
-    fn identify<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
+    pub(crate) fn identify<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
         let certs = req.peer_certs().filter(|c| !c.is_empty()).ok_or_else(|| {
             Status::unauthenticated(
                 "no client certificate: this call needs a mesh node certificate \
@@ -738,6 +740,19 @@ impl cluster_server::Cluster for ClusterService {
                 )
             })?;
         Ok(Response::new(UnlockKeyResponse { key }))
+    }
+
+    async fn progress(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        if !m.is_leader() {
+            let r = req.into_inner();
+            let b = self
+                .0
+                .on_leader(&m, |mut c| async move { c.progress(r).await })
+                .await?;
+            return Ok(Response::new(b));
+        }
+        json(&m.dispatcher.progress(&m))
     }
 
     async fn propose(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {

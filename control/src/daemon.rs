@@ -18,18 +18,22 @@ use std::{
 
 use proto::{
     AddManagerRequest, Empty, JoinRequest, RenewRequest, cluster_client::ClusterClient,
-    cluster_server::ClusterServer, join_client::JoinClient, join_server::JoinServer,
-    node_client::NodeClient, node_server::NodeServer, raft_server::RaftServer,
+    cluster_server::ClusterServer, dispatcher_server::DispatcherServer, join_client::JoinClient,
+    join_server::JoinServer, node_client::NodeClient, node_server::NodeServer,
+    raft_server::RaftServer,
 };
 use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use crate::{
+    agent::{Agent, Sink},
     api::{self, ClusterService, Ctx, JoinService, NodeService, RaftService, Whoami},
+    dispatcher::DispatcherService,
     manager::{Manager, raft_id},
     pki::{self, Ca, JoinToken},
     seal::{DataKeys, SealError, UnlockKey},
     state::{ClusterSecrets, ClusterSettings, Command, Role},
+    tables::Revision,
     tls::{self, Credentials, Trust},
 };
 
@@ -145,6 +149,20 @@ pub struct InitReport {
 pub struct InitOptions {
     pub autolock: bool,
     pub cert_lifetime: Duration,
+    /// Agents' heartbeat period, and the misses after which a node is down.
+    pub heartbeat: Duration,
+    pub heartbeat_misses: u32,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            autolock: false,
+            cert_lifetime: pki::DEFAULT_CERT_LIFETIME,
+            heartbeat: Duration::from_secs(1),
+            heartbeat_misses: 3,
+        }
+    }
 }
 
 /// A running node: its server and upkeep loop.
@@ -153,6 +171,7 @@ pub struct Daemon {
     pub dir: PathBuf,
     server: JoinHandle<()>,
     upkeep: JoinHandle<()>,
+    agent: Option<JoinHandle<()>>,
     stop: watch::Sender<bool>,
 }
 
@@ -224,6 +243,8 @@ async fn init_inner(
                 settings: ClusterSettings {
                     cert_lifetime_secs: opts.cert_lifetime.as_secs(),
                     autolock: opts.autolock,
+                    heartbeat_period_ms: opts.heartbeat.as_millis().max(1) as u64,
+                    heartbeat_misses: opts.heartbeat_misses.max(1),
                     ..ClusterSettings::default()
                 },
                 secrets: Some(ClusterSecrets {
@@ -503,6 +524,7 @@ impl Daemon {
             api_addr: file.api_addr.clone(),
             creds,
             manager: RwLock::new(manager),
+            managers: RwLock::new(file.managers.clone()),
             checked: Default::default(),
         });
         let tls = tls::Server::new(&current)?;
@@ -518,6 +540,11 @@ impl Daemon {
                     .max_encoding_message_size(MAX_MESSAGE),
             )
             .add_service(JoinServer::new(JoinService(ctx.clone())))
+            .add_service(
+                DispatcherServer::new(DispatcherService(ctx.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE),
+            )
             .add_service(NodeServer::new(NodeService(ctx.clone())))
             .add_service(
                 ClusterServer::new(ClusterService(ctx.clone()))
@@ -564,14 +591,30 @@ impl Daemon {
             dir: dir.to_owned(),
             server,
             upkeep,
+            agent: None,
             stop,
         })
+    }
+
+    /// Starts this node's agent, which feeds `sink` (the data plane) from
+    /// the leader's dispatcher. Returns the revision the sink has applied.
+    pub fn start_agent<S: Sink>(&mut self, sink: S) -> watch::Receiver<Revision> {
+        let agent = Agent::new(self.ctx.clone(), sink, Some(self.dir.clone()));
+        let applied = agent.applied();
+        let stop = self.stop.subscribe();
+        if let Some(old) = self.agent.replace(tokio::spawn(agent.run(stop))) {
+            old.abort();
+        }
+        applied
     }
 
     /// Stops serving and shuts Raft down.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.upkeep.await;
+        if let Some(agent) = self.agent {
+            let _ = agent.await;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(3), self.server).await;
         let m = self.ctx.manager.write().expect("manager lock").take();
         if let Some(m) = m {
@@ -658,6 +701,7 @@ impl Upkeep {
         };
         if who.managers != self.file.managers && !who.managers.is_empty() {
             self.file.managers = who.managers.clone();
+            *self.ctx.managers.write().expect("managers lock") = who.managers.clone();
             let _ = self.file.save(&self.dir);
         }
         let creds = self.ctx.creds.read().expect("creds lock").clone();

@@ -252,7 +252,10 @@ pub struct Manager {
     pub raft: Raft,
     pub sm: StateMachineStore,
     pub peers: Peers,
+    /// Agent sessions and liveness (used while this manager leads).
+    pub dispatcher: crate::dispatcher::Dispatcher,
     proposals: tokio::sync::mpsc::UnboundedSender<Proposal>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 /// A write waiting to be committed by the batcher.
@@ -352,13 +355,18 @@ impl Manager {
             .map_err(|e| format!("starting Raft: {e}"))?;
         let (proposals, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(batcher(raft.clone(), rx));
-        Ok(Arc::new(Manager {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let m = Arc::new(Manager {
             raft_id,
             raft,
             sm,
             peers,
+            dispatcher: Default::default(),
             proposals,
-        }))
+            stop,
+        });
+        tokio::spawn(crate::dispatcher::liveness(Arc::downgrade(&m), stopped));
+        Ok(m)
     }
 
     /// Makes this manager the only voter of a new cluster.
@@ -636,6 +644,7 @@ impl Manager {
     }
 
     pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
         let _ = self.raft.shutdown().await;
     }
 }

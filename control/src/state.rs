@@ -375,6 +375,10 @@ pub struct Task {
     pub attachments: Vec<TaskAttachment>,
     #[serde(default)]
     pub error: Option<String>,
+    /// The task's network namespace on its node (`/run/netns/NAME` or
+    /// `/proc/PID/ns/net`), once something runs it.
+    #[serde(default)]
+    pub netns: Option<String>,
 }
 
 // ----- the state and its commands -----
@@ -393,6 +397,20 @@ pub struct ClusterSettings {
     /// Whether managers' data keys are wrapped by an operator-held key.
     #[serde(default)]
     pub autolock: bool,
+    /// How often agents send a heartbeat to the dispatcher.
+    #[serde(default = "default_heartbeat_period")]
+    pub heartbeat_period_ms: u64,
+    /// Missed heartbeats after which the leader commits a node as down.
+    #[serde(default = "default_heartbeat_misses")]
+    pub heartbeat_misses: u32,
+}
+
+fn default_heartbeat_period() -> u64 {
+    1000
+}
+
+fn default_heartbeat_misses() -> u32 {
+    3
 }
 
 fn default_cert_lifetime() -> u64 {
@@ -436,6 +454,8 @@ impl Default for ClusterSettings {
             ingress_subnet: "10.0.0.0/24".parse().expect("valid"),
             cert_lifetime_secs: default_cert_lifetime(),
             autolock: false,
+            heartbeat_period_ms: default_heartbeat_period(),
+            heartbeat_misses: default_heartbeat_misses(),
         }
     }
 }
@@ -502,6 +522,8 @@ pub enum Command {
         service: String,
         slot: u32,
         node: String,
+        #[serde(default)]
+        netns: Option<String>,
     },
     RemoveTask {
         id: String,
@@ -700,7 +722,8 @@ impl State {
                 service,
                 slot,
                 node,
-            } => self.create_task(id, service, *slot, node),
+                netns,
+            } => self.create_task(id, service, *slot, node, netns.clone()),
             Command::RemoveTask { id } => self.remove_task(id),
             Command::Batch { commands } => Ok(Outcome::Batch(
                 commands
@@ -1234,6 +1257,7 @@ impl State {
         service: &str,
         slot: u32,
         node: &str,
+        netns: Option<String>,
     ) -> Result<Outcome, StateError> {
         if self.tasks.contains_key(id) {
             return Err(invalid(format!("task id {id} is already in use")));
@@ -1284,6 +1308,7 @@ impl State {
             observed: TaskState::New,
             attachments,
             error: None,
+            netns,
         };
         self.tasks.insert(id.to_owned(), task.clone());
         Ok(Outcome::Task(task))
@@ -1687,6 +1712,7 @@ mod tests {
                 service: "web".into(),
                 slot: 1,
                 node: "node1".into(),
+                netns: None,
             })
             .unwrap()
         else {
@@ -1844,6 +1870,7 @@ mod tests {
                 service: "s1".into(),
                 slot: 1,
                 node: "n".into(),
+                netns: None,
             },
             Command::CreateService {
                 id: "s2".into(),

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     seal::Key,
     state::{Command, Outcome, State},
+    tables::{Book, Revision, Touched},
 };
 
 /// What a committed command answered: the outcome, or the refusal as the
@@ -488,6 +489,18 @@ struct Applied {
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, openraft::BasicNode>,
     state: State,
+    /// The data-plane tables derived from `state` (not stored: rebuilt).
+    #[serde(skip)]
+    book: Book,
+}
+
+impl Applied {
+    /// Rebuilds the derived parts after loading a snapshot.
+    fn rebuild(&mut self) -> Result<(), crate::state::StateError> {
+        self.state.reindex()?;
+        self.book = Book::new(&self.state, self.last_applied.map_or(0, |l| l.index));
+        Ok(())
+    }
 }
 
 /// The cluster state as a Raft state machine.
@@ -497,6 +510,8 @@ pub struct StateMachineStore {
     key: Arc<Key>,
     applied: Arc<Mutex<Applied>>,
     snapshot_seq: Arc<Mutex<u64>>,
+    /// The tables' revision, for whoever waits on a change.
+    revision: Arc<tokio::sync::watch::Sender<Revision>>,
 }
 
 impl StateMachineStore {
@@ -505,17 +520,29 @@ impl StateMachineStore {
         if let Some(snap) = meta_get::<StoredSnapshot>(&db, &key, SNAPSHOT)? {
             applied = serde_json::from_slice(&snap.data)
                 .map_err(|e| StorageIOError::read_state_machine(any(e)))?;
-            applied
-                .state
-                .reindex()
-                .map_err(|e| StorageIOError::read_state_machine(any(e)))?;
         }
+        applied
+            .rebuild()
+            .map_err(|e| StorageIOError::read_state_machine(any(e)))?;
+        let revision = Arc::new(tokio::sync::watch::Sender::new(applied.book.revision()));
         Ok(StateMachineStore {
             db,
             key,
             applied: Arc::new(Mutex::new(applied)),
             snapshot_seq: Arc::default(),
+            revision,
         })
+    }
+
+    /// Reads the state and its tables together (one consistent point).
+    pub fn with_book<T>(&self, f: impl FnOnce(&State, &Book) -> T) -> T {
+        let a = self.applied.lock().expect("state lock");
+        f(&a.state, &a.book)
+    }
+
+    /// Follows the tables' revision.
+    pub fn revisions(&self) -> tokio::sync::watch::Receiver<Revision> {
+        self.revision.subscribe()
     }
 
     /// Reads the current cluster state in place.
@@ -597,7 +624,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let r = match entry.payload {
                 EntryPayload::Blank => Response(Ok(Outcome::Done)),
                 EntryPayload::Normal(cmd) => {
-                    Response(a.state.apply(&cmd).map_err(|e| e.to_string()))
+                    let touched = Touched::before(&a.state, &cmd);
+                    let r = a.state.apply(&cmd).map_err(|e| e.to_string());
+                    if r.is_ok() {
+                        let Applied { state, book, .. } = &mut *a;
+                        book.update(state, touched, entry.log_id.index);
+                    }
+                    Response(r)
                 }
                 EntryPayload::Membership(m) => {
                     a.membership = StoredMembership::new(Some(entry.log_id), m);
@@ -606,6 +639,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             };
             out.push(r);
         }
+        let revision = a.book.revision();
+        drop(a);
+        self.revision
+            .send_if_modified(|r| std::mem::replace(r, revision) != revision);
         Ok(out)
     }
 
@@ -625,11 +662,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let data = snapshot.into_inner();
         let mut new: Applied = serde_json::from_slice(&data)
             .map_err(|e| StorageIOError::read_state_machine(any(e)))?;
-        new.state
-            .reindex()
-            .map_err(|e| StorageIOError::write_state_machine(any(e)))?;
         new.last_applied = meta.last_log_id;
         new.membership = meta.last_membership.clone();
+        new.rebuild()
+            .map_err(|e| StorageIOError::write_state_machine(any(e)))?;
+        let revision = new.book.revision();
         meta_put(
             &self.db,
             &self.key,
@@ -640,6 +677,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             },
         )?;
         *self.applied.lock().expect("state lock") = new;
+        self.revision.send_replace(revision);
         Ok(())
     }
 

@@ -66,6 +66,7 @@ fn opts() -> InitOptions {
     InitOptions {
         autolock: false,
         cert_lifetime: pki::DEFAULT_CERT_LIFETIME,
+        ..InitOptions::default()
     }
 }
 
@@ -519,6 +520,7 @@ async fn short_lived_certificates_renew_before_expiry() {
         &InitOptions {
             autolock: false,
             cert_lifetime: Duration::from_secs(9),
+            ..InitOptions::default()
         },
     )
     .await
@@ -662,6 +664,7 @@ async fn an_autolocked_manager_waits_for_its_unlock_key() {
         &InitOptions {
             autolock: true,
             cert_lifetime: pki::DEFAULT_CERT_LIFETIME,
+            ..InitOptions::default()
         },
     )
     .await

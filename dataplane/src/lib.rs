@@ -9,3 +9,4 @@ pub mod maglev;
 pub mod netlink;
 pub mod overlay;
 pub mod stats;
+pub mod tables;

@@ -13,12 +13,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use control::{
     api::{Info, NodeView, ServiceView},
     daemon::{self, NodeFile},
+    dispatcher::{NodeProgress, Progress},
     manager::ManagerStatus,
     pki,
     state::{
-        Availability, EndpointMode, EndpointSpec, Network, NetworkAttachment, NetworkSpec, Node,
-        NodeSpec, PortConfig, Protocol, PublishMode, Role, Service, ServiceMode, ServiceSpec,
-        TaskTemplate,
+        Availability, Command, EndpointMode, EndpointSpec, Network, NetworkAttachment, NetworkSpec,
+        Node, NodeSpec, NodeStatus, Outcome, PortConfig, Protocol, PublishMode, Role, Service,
+        ServiceMode, ServiceSpec, TaskTemplate,
     },
     tls::{self, Credentials, Trust},
 };
@@ -82,6 +83,10 @@ enum Cmd {
     /// Manage the cluster: join tokens, the unlock key.
     #[command(subcommand)]
     Swarm(SwarmCmd),
+    /// Internal: task records until the orchestrator exists (manager
+    /// certificate only; tests use it to place tasks on nodes).
+    #[command(subcommand, hide = true)]
+    Task(TaskCmd),
     /// Cluster-wide information from the manager answering.
     Info {
         #[arg(long, value_enum, default_value_t = Format::Table)]
@@ -221,6 +226,34 @@ enum ModeArg {
 }
 
 #[derive(Subcommand)]
+enum TaskCmd {
+    /// Record a task of SERVICE on NODE whose network namespace is NETNS.
+    Create {
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long, default_value_t = 1)]
+        slot: u32,
+        /// The task's namespace: /run/netns/NAME or /proc/PID/ns/net.
+        #[arg(long)]
+        netns: Option<String>,
+    },
+    Rm {
+        #[arg(required = true)]
+        tasks: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct Wait {
+    /// Return once the change is committed, without waiting for every node
+    /// to apply it.
+    #[arg(long, short)]
+    detach: bool,
+}
+
+#[derive(Subcommand)]
 enum ServiceCmd {
     /// Create a service: meshctl service create --name web -p 8080:80 -- CMD ARGS
     Create {
@@ -230,6 +263,8 @@ enum ServiceCmd {
         mode: ModeArg,
         #[command(flatten)]
         opts: ServiceOpts,
+        #[command(flatten)]
+        wait: Wait,
         /// The task's command and arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -253,10 +288,14 @@ enum ServiceCmd {
         /// Replace the command and arguments.
         #[arg(long, num_args = 1.., allow_hyphen_values = true)]
         args: Option<Vec<String>>,
+        #[command(flatten)]
+        wait: Wait,
         service: String,
     },
     /// Remove services.
     Rm {
+        #[command(flatten)]
+        wait: Wait,
         #[arg(required = true)]
         services: Vec<String>,
     },
@@ -406,6 +445,7 @@ async fn run(cli: Cli) -> Res {
         Cmd::Network(cmd) => network(&mut c, cmd).await,
         Cmd::Service(cmd) => service(&mut c, cmd).await,
         Cmd::Swarm(cmd) => swarm(&mut c, cmd).await,
+        Cmd::Task(cmd) => task(&mut c, cmd).await,
         Cmd::Info { format } => {
             let info: Info = from_blob(c.api.info(Empty {}).await.map_err(err)?)?;
             if format == Format::Json {
@@ -826,6 +866,7 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
             name,
             mode,
             opts,
+            wait,
             command,
         } => {
             let mut spec = ServiceSpec {
@@ -848,7 +889,7 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
             apply_opts(&mut spec, opts, true)?;
             let s: Service = from_blob(c.api.create_service(blob(&spec)).await.map_err(err)?)?;
             println!("{}", s.id);
-            Ok(())
+            converge(c, &wait).await
         }
         ServiceCmd::Ls { format, quiet } => {
             let mut svcs: Vec<ServiceView> =
@@ -895,6 +936,7 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
         ServiceCmd::Update {
             opts,
             args,
+            wait,
             service,
         } => {
             let cur: Service = from_blob(
@@ -919,9 +961,9 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
                 .await
                 .map_err(err)?;
             println!("{service}");
-            Ok(())
+            converge(c, &wait).await
         }
-        ServiceCmd::Rm { services } => {
+        ServiceCmd::Rm { wait, services } => {
             for target in services {
                 c.api
                     .remove_service(Remove {
@@ -931,6 +973,101 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
                     .await
                     .map_err(err)?;
                 println!("{target}");
+            }
+            converge(c, &wait).await
+        }
+    }
+}
+
+/// Waits until every node that is up has applied the tables as they are
+/// now (so including the change just made), printing progress as
+/// `docker service create` does.
+async fn converge(c: &mut Client, wait: &Wait) -> Res {
+    if wait.detach {
+        return Ok(());
+    }
+    let progress = async |c: &mut Client| -> Res<Progress> {
+        from_blob(c.api.progress(Empty {}).await.map_err(err)?)
+    };
+    let target = progress(c).await?.revision;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut shown = None;
+    loop {
+        let p = progress(c).await?;
+        let up: Vec<&NodeProgress> = p
+            .nodes
+            .iter()
+            .filter(|n| n.status == NodeStatus::Ready)
+            .collect();
+        let pending = p.pending(target);
+        let done = up.len() - pending.len();
+        if shown != Some(done) {
+            println!("overall progress: {done} out of {} nodes ", up.len());
+            shown = Some(done);
+        }
+        if pending.is_empty() {
+            for (i, n) in up.iter().enumerate() {
+                println!(
+                    "{}/{}: applied   [==================================================>] {}",
+                    i + 1,
+                    up.len(),
+                    n.hostname
+                );
+            }
+            println!("verify: Service converged ");
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            let names: Vec<&str> = pending.iter().map(|n| n.hostname.as_str()).collect();
+            return Err(format!(
+                "not converged after 60 s: {} not yet applied revision {target} (the change is \
+                 committed; those nodes apply it when their agent reaches the leader; \
+                 use --detach not to wait)",
+                names.join(", ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn task(c: &mut Client, cmd: TaskCmd) -> Res {
+    let propose = async |c: &mut Client, cmd: Command| -> Res<Outcome> {
+        let r: Result<Outcome, String> = from_blob(c.api.propose(blob(&cmd)).await.map_err(err)?)?;
+        r
+    };
+    match cmd {
+        TaskCmd::Create {
+            service,
+            node,
+            slot,
+            netns,
+        } => {
+            let out = propose(
+                c,
+                Command::CreateTask {
+                    id: control::api::new_id(),
+                    service,
+                    slot,
+                    node,
+                    netns,
+                },
+            )
+            .await?;
+            match out {
+                Outcome::Task(t) => {
+                    println!("{}", t.id);
+                    for a in &t.attachments {
+                        println!("{} {}", a.network, a.addr);
+                    }
+                    Ok(())
+                }
+                other => Err(format!("unexpected answer {other:?}")),
+            }
+        }
+        TaskCmd::Rm { tasks } => {
+            for id in tasks {
+                propose(c, Command::RemoveTask { id: id.clone() }).await?;
+                println!("{id}");
             }
             Ok(())
         }

@@ -159,6 +159,7 @@ pub fn control_writes(md: &mut String) {
         let opts = InitOptions {
             autolock: false,
             cert_lifetime: pki::DEFAULT_CERT_LIFETIME,
+            ..InitOptions::default()
         };
         let (first, report) = daemon::init(&dirs[0], &addrs[0], &opts).await.unwrap();
         let mut nodes: Vec<Daemon> = vec![first];

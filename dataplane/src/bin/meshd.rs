@@ -4,13 +4,18 @@ use std::{
     fs,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::XdpMode;
 use clap::{Parser, Subcommand, ValueEnum};
-use control::daemon::{self, Addresses, InitOptions, InitReport, Unlock};
+use control::{
+    agent::Sink,
+    daemon::{self, Addresses, InitOptions, InitReport, Unlock},
+    tables::{Change, Tables},
+};
 use dataplane::{
     bpffs,
     ebpf::{Datapath, monotonic_ns},
@@ -19,6 +24,7 @@ use dataplane::{
     netlink::Netlink,
     overlay::{Overlay, OverlaySpec},
     stats::ParserStats,
+    tables::overlay_spec,
 };
 use serde::Deserialize;
 use tokio::signal::unix::{SignalKind, signal};
@@ -49,6 +55,13 @@ enum Command {
         /// in the last third.
         #[arg(long, default_value = "90d", value_parser = parse_duration)]
         cert_lifetime: Duration,
+        /// How often each node's agent sends a heartbeat to the leader.
+        #[arg(long, default_value = "1s", value_parser = parse_period)]
+        heartbeat_period: Duration,
+        /// Missed heartbeats after which the leader marks a node down and
+        /// withdraws its endpoints.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+        heartbeat_misses: u32,
         #[command(flatten)]
         dp: DataplaneArgs,
     },
@@ -204,6 +217,22 @@ struct DataplaneArgs {
     resync_interval: u64,
 }
 
+/// "250ms", "1s" or "2s": 50 ms to 60 s.
+fn parse_period(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a period: use e.g. 500ms or 1s");
+    let d = if let Some(ms) = s.strip_suffix("ms") {
+        Duration::from_millis(ms.parse().map_err(|_| bad())?)
+    } else {
+        Duration::from_secs(s.trim_end_matches('s').parse().map_err(|_| bad())?)
+    };
+    if !(Duration::from_millis(50)..=Duration::from_secs(60)).contains(&d) {
+        return Err(format!(
+            "{s:?}: the heartbeat period must be between 50ms and 60s"
+        ));
+    }
+    Ok(d)
+}
+
 /// "90d", "12h", "30m", "45s" or plain seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
@@ -333,6 +362,8 @@ fn main() -> Result<()> {
             at,
             autolock,
             cert_lifetime,
+            heartbeat_period,
+            heartbeat_misses,
             dp,
         } => serve(
             Start::Init {
@@ -341,6 +372,8 @@ fn main() -> Result<()> {
                 opts: InitOptions {
                     autolock,
                     cert_lifetime,
+                    heartbeat: heartbeat_period,
+                    heartbeat_misses,
                 },
             },
             dp,
@@ -586,10 +619,21 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
         if let Some(d) = &daemon {
             tracing::info!(node = %d.ctx.node_id, api = %d.ctx.api_addr, data_dir = %d.dir.display(), "control plane serving");
         }
-        let mut dataplane = match &dp.underlay {
-            Some(underlay) => Some(Dataplane::start(&dp, underlay, config).await?),
+        let dataplane = match &dp.underlay {
+            Some(underlay) => Some(Arc::new(tokio::sync::Mutex::new(
+                Dataplane::start(&dp, underlay, config).await?,
+            ))),
             None => None,
         };
+        let mut daemon = daemon;
+        if let Some(d) = daemon.as_mut() {
+            let file = control::daemon::NodeFile::load(&d.dir)?;
+            d.start_agent(TableSink {
+                node: d.ctx.node_id.clone(),
+                underlay: file.addr,
+                dataplane: dataplane.clone(),
+            });
+        }
         println!("meshd: ready");
 
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -602,13 +646,13 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
                 r = tokio::signal::ctrl_c() => { r.context("waiting for SIGINT")?; break; }
                 _ = term.recv() => break,
                 _ = hup.recv() => {
-                    if let Some(d) = dataplane.as_mut() { d.reload().await }
+                    if let Some(d) = &dataplane { d.lock().await.reload().await }
                 }
                 _ = resync.tick(), if dataplane.is_some() => {
-                    if let Some(d) = dataplane.as_mut() { d.resync().await }
+                    if let Some(d) = &dataplane { d.lock().await.resync().await }
                 }
                 _ = sweep.tick(), if dataplane.is_some() => {
-                    if let Some(d) = dataplane.as_mut() { d.sweep() }
+                    if let Some(d) = &dataplane { d.lock().await.sweep() }
                 }
             }
         }
@@ -616,10 +660,36 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
             d.stop().await;
         }
         if let Some(d) = dataplane {
-            tracing::info!(node = %d.node, "exiting; the data path stays attached for the next start");
+            tracing::info!(node = %d.lock().await.node, "exiting; the data path stays attached for the next start");
         }
         anyhow::Ok(())
     })
+}
+
+/// The agent's view of the data plane: each update of the tables becomes
+/// this node's overlay.
+struct TableSink {
+    node: String,
+    underlay: Ipv4Addr,
+    dataplane: Option<Arc<tokio::sync::Mutex<Dataplane>>>,
+}
+
+impl Sink for TableSink {
+    async fn apply(&mut self, tables: &Tables, _changes: Option<&[Change]>) -> Result<(), String> {
+        let Some(dp) = &self.dataplane else {
+            return Ok(());
+        };
+        let spec = overlay_spec(tables, &self.node, self.underlay);
+        let mut dp = dp.lock().await;
+        let r = dp.overlay.apply(spec).await.map_err(|e| e.to_string())?;
+        tracing::info!(
+            revision = tables.revision,
+            changes = r.changes,
+            full = r.full,
+            "tables applied"
+        );
+        Ok(())
+    }
 }
 
 fn apply_config(

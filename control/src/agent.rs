@@ -1,0 +1,286 @@
+//! The node agent: keeps a session with the leader's dispatcher, holds a
+//! replica of the tables, hands every update to the data plane (a
+//! [`Sink`]), and acks the revision once the data plane has applied it.
+//!
+//! - On (re)connect it says hello with the revision it last applied, and
+//!   gets only the deltas after it, or a snapshot.
+//! - It tries the managers it knows in turn, and follows a manager's
+//!   "the dispatcher is at ..." answer to the leader.
+//! - The replica is saved to `tables.json` in the data dir, so a restarted
+//!   node resumes from its revision; and while no manager answers, the
+//!   data plane keeps running on the last state it was given.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use proto::{Blob, dispatcher_client::DispatcherClient};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{
+    api::Ctx,
+    daemon::{MAX_MESSAGE, status_text},
+    dispatcher::{AgentMessage, DispatcherMessage, NOT_LEADER_DISPATCH},
+    tables::{Change, Revision, Tables},
+    tls::{self, Trust},
+};
+
+/// The data plane, as the agent drives it.
+pub trait Sink: Send + 'static {
+    /// Makes the data plane match `tables`. `changes` is the delta that
+    /// just produced them; `None` after a snapshot or at start.
+    fn apply(
+        &mut self,
+        tables: &Tables,
+        changes: Option<&[Change]>,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// A sink that applies nothing (a node started without a data plane).
+pub struct NoDataplane;
+
+impl Sink for NoDataplane {
+    async fn apply(&mut self, _: &Tables, _: Option<&[Change]>) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+const TABLES_FILE: &str = "tables.json";
+
+/// Reads the replica a previous run saved (an unreadable file is ignored:
+/// the dispatcher then sends a snapshot).
+pub fn load_replica(dir: &std::path::Path) -> Tables {
+    std::fs::read(dir.join(TABLES_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+pub struct Agent<S: Sink> {
+    ctx: Arc<Ctx>,
+    sink: S,
+    replica: Tables,
+    /// Where the replica is saved, if anywhere.
+    file: Option<PathBuf>,
+    dirty: bool,
+    /// The revision the data plane has applied, for whoever watches.
+    applied: watch::Sender<Revision>,
+}
+
+enum Ended {
+    Stop,
+    /// Try this address next.
+    Redirect(String),
+    Failed(String),
+}
+
+impl<S: Sink> Agent<S> {
+    pub fn new(ctx: Arc<Ctx>, sink: S, dir: Option<PathBuf>) -> Agent<S> {
+        let replica = dir.as_deref().map(load_replica).unwrap_or_default();
+        Agent {
+            ctx,
+            sink,
+            applied: watch::Sender::new(replica.revision),
+            replica,
+            file: dir.map(|d| d.join(TABLES_FILE)),
+            dirty: false,
+        }
+    }
+
+    /// Follows the revision the data plane has applied.
+    pub fn applied(&self) -> watch::Receiver<Revision> {
+        self.applied.subscribe()
+    }
+
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        if self.replica.revision > 0 {
+            // The last state, before any manager answers.
+            if let Err(e) = self.sink.apply(&self.replica, None).await {
+                tracing::error!("restoring the saved tables: {e}");
+            }
+            tracing::info!(
+                revision = self.replica.revision,
+                "data plane restored from the saved tables"
+            );
+        }
+        let mut next = 0usize;
+        let mut hint: Option<String> = None;
+        let mut failures = 0u32;
+        loop {
+            let managers = self.ctx.managers.read().expect("managers lock").clone();
+            let addr = match hint.take() {
+                Some(a) => a,
+                None if managers.is_empty() => {
+                    tokio::select! {
+                        () = stopped(&mut stop) => return,
+                        () = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+                None => managers[next % managers.len()].clone(),
+            };
+            match self.session(&addr, &mut stop).await {
+                Ended::Stop => {
+                    self.save();
+                    return;
+                }
+                Ended::Redirect(to) => {
+                    tracing::debug!(from = %addr, %to, "following the dispatcher");
+                    hint = Some(to);
+                    continue;
+                }
+                Ended::Failed(e) => {
+                    failures += 1;
+                    next += 1;
+                    if failures % 10 == 3 {
+                        tracing::warn!(manager = %addr, "agent session: {e}; keeping the data plane on revision {}", self.replica.revision);
+                    } else {
+                        tracing::debug!(manager = %addr, "agent session: {e}");
+                    }
+                }
+            }
+            let backoff = Duration::from_millis(100 * u64::from(failures.min(10)));
+            tokio::select! {
+                () = stopped(&mut stop) => { self.save(); return }
+                () = tokio::time::sleep(backoff) => {}
+            }
+        }
+    }
+
+    fn save(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        if let Some(path) = &self.file {
+            let tmp = path.with_extension("json.tmp");
+            let r = serde_json::to_vec(&self.replica)
+                .map_err(|e| e.to_string())
+                .and_then(|b| std::fs::write(&tmp, b).map_err(|e| e.to_string()))
+                .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
+            if let Err(e) = r {
+                tracing::warn!("saving the tables to {}: {e}", path.display());
+            }
+        }
+        self.dirty = false;
+    }
+
+    async fn session(&mut self, addr: &str, stop: &mut watch::Receiver<bool>) -> Ended {
+        let channel = match tls::channel(
+            addr,
+            Trust::Node(self.ctx.creds.clone()),
+            Duration::from_secs(2),
+        ) {
+            Ok(c) => c,
+            Err(e) => return Ended::Failed(e.to_string()),
+        };
+        let (tx, rx) = mpsc::channel::<Blob>(16);
+        let up = |m: &AgentMessage| Blob {
+            json: serde_json::to_vec(m).expect("agent message serializes"),
+        };
+        let _ = tx
+            .send(up(&AgentMessage::Hello {
+                revision: self.replica.revision,
+            }))
+            .await;
+        let mut client = DispatcherClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let opened = tokio::time::timeout(
+            Duration::from_secs(3),
+            client.session(ReceiverStream::new(rx)),
+        )
+        .await;
+        let mut inbound = match opened {
+            Err(_) => return Ended::Failed("no answer within 3 s".into()),
+            Ok(Err(s)) => return ended(&s),
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let mut period = Duration::from_secs(1);
+        let mut misses = 3u32;
+        let mut beat = tokio::time::interval(period);
+        let mut save = tokio::time::interval(Duration::from_secs(1));
+        let mut heard = Instant::now();
+        loop {
+            tokio::select! {
+                () = stopped(stop) => return Ended::Stop,
+                _ = save.tick() => self.save(),
+                _ = beat.tick() => {
+                    if heard.elapsed() > period * misses {
+                        return Ended::Failed(format!(
+                            "nothing from the dispatcher for {} ms", heard.elapsed().as_millis()
+                        ));
+                    }
+                    if tx.send(up(&AgentMessage::Heartbeat)).await.is_err() {
+                        return Ended::Failed("session closed".into());
+                    }
+                }
+                msg = inbound.message() => {
+                    let msg = match msg {
+                        Err(s) => return ended(&s),
+                        Ok(None) => return Ended::Failed("the dispatcher closed the session".into()),
+                        Ok(Some(b)) => match serde_json::from_slice::<DispatcherMessage>(&b.json) {
+                            Ok(m) => m,
+                            Err(e) => return Ended::Failed(format!("invalid dispatcher message: {e}")),
+                        },
+                    };
+                    heard = Instant::now();
+                    let applied = match msg {
+                        DispatcherMessage::Welcome { heartbeat_ms, misses: m } => {
+                            period = Duration::from_millis(heartbeat_ms.max(10));
+                            misses = m.max(1);
+                            beat = tokio::time::interval(period);
+                            tracing::info!(manager = %addr, revision = self.replica.revision, "agent session open");
+                            continue;
+                        }
+                        DispatcherMessage::Heartbeat => continue,
+                        DispatcherMessage::Snapshot { tables } => {
+                            self.replica = tables;
+                            self.sink.apply(&self.replica, None).await
+                        }
+                        DispatcherMessage::Delta { delta } => {
+                            match self.replica.apply(&delta) {
+                                Ok(false) => continue,
+                                Ok(true) => self.sink.apply(&self.replica, Some(&delta.changes)).await,
+                                Err(e) => Err(e.to_string()),
+                            }
+                        }
+                    };
+                    self.dirty = true;
+                    match applied {
+                        Ok(()) => {
+                            self.applied.send_replace(self.replica.revision);
+                            let ack = AgentMessage::Ack { revision: self.replica.revision };
+                            if tx.send(up(&ack)).await.is_err() {
+                                return Ended::Failed("session closed".into());
+                            }
+                        }
+                        // Not acked: the next update or resync retries it.
+                        Err(e) => tracing::error!(revision = self.replica.revision, "applying the tables: {e}"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn ended(s: &tonic::Status) -> Ended {
+    let text = status_text(s);
+    match s.message().strip_prefix(NOT_LEADER_DISPATCH) {
+        Some(rest) => {
+            let addr = rest.trim();
+            if addr.contains(':') && !addr.contains(' ') {
+                Ended::Redirect(addr.to_owned())
+            } else {
+                Ended::Failed(text)
+            }
+        }
+        None => Ended::Failed(text),
+    }
+}
+
+/// Resolves once `stop` is set (the daemon is stopping).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

@@ -1,0 +1,409 @@
+//! The dispatcher: on the leader, one session per node.
+//!
+//! A node's agent opens `Dispatcher/Session` (mTLS; the node is the one its
+//! certificate names), says hello with the last revision it applied, and
+//! from then on sends a heartbeat every period and an ack after applying
+//! each update. The dispatcher answers with the missing deltas (or a
+//! snapshot when the agent is too far behind), then streams every new
+//! delta as Raft applies it.
+//!
+//! Liveness has exactly one authority: the leader's [`liveness`] loop.
+//! A node not heard from for `misses` heartbeat periods is committed
+//! `down` through Raft, and that same log entry withdraws its endpoints
+//! from every table (see [`crate::tables`]). A node that is down and opens
+//! a session again is committed `ready`. Heartbeats themselves stay in the
+//! leader's memory; a new leader gives every node a full grace period.
+
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{Arc, Mutex, Weak},
+    time::{Duration, Instant},
+};
+
+use proto::{Blob, dispatcher_server};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    api::Ctx,
+    manager::Manager,
+    state::{Command, NodeStatus},
+    tables::{Catchup, Delta, Revision, Tables},
+};
+
+/// What an agent sends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// First message: the revision the agent has applied (0: none).
+    Hello {
+        revision: Revision,
+    },
+    Heartbeat,
+    /// The agent applied everything up to `revision` to its data plane.
+    Ack {
+        revision: Revision,
+    },
+}
+
+/// What the dispatcher sends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DispatcherMessage {
+    /// First message: how often to send heartbeats.
+    Welcome { heartbeat_ms: u64, misses: u32 },
+    /// Replace the whole table.
+    Snapshot { tables: Tables },
+    /// Apply on top of the previous revision.
+    Delta { delta: Arc<Delta> },
+    /// Answers a heartbeat: the leader is alive.
+    Heartbeat,
+}
+
+/// Prefix of the error a manager that is not the leader gives an agent,
+/// followed by the leader's API address when known.
+pub const NOT_LEADER_DISPATCH: &str = "not the leader; the dispatcher is at";
+
+#[derive(Debug, Clone)]
+struct Session {
+    /// Distinguishes a replaced session from the current one.
+    token: u64,
+    last_heartbeat: Instant,
+    acked: Revision,
+    connected: bool,
+}
+
+/// The leader's view of its agents.
+#[derive(Debug, Default)]
+pub struct Dispatcher {
+    sessions: Mutex<HashMap<String, Session>>,
+    next_token: Mutex<u64>,
+}
+
+/// One node's convergence, as `meshctl` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeProgress {
+    pub id: String,
+    pub hostname: String,
+    pub status: NodeStatus,
+    /// The revision the node's agent last acked (None: no session since
+    /// this leader took over).
+    pub acked: Option<Revision>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The tables' current revision on the leader.
+    pub revision: Revision,
+    pub nodes: Vec<NodeProgress>,
+}
+
+impl Progress {
+    /// Nodes that are up and have not yet applied `revision`.
+    pub fn pending(&self, revision: Revision) -> Vec<&NodeProgress> {
+        self.nodes
+            .iter()
+            .filter(|n| n.status == NodeStatus::Ready && n.acked.unwrap_or(0) < revision)
+            .collect()
+    }
+}
+
+impl Dispatcher {
+    fn open(&self, node: &str) -> u64 {
+        let token = {
+            let mut t = self.next_token.lock().expect("token lock");
+            *t += 1;
+            *t
+        };
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        let acked = sessions.get(node).map_or(0, |s| s.acked);
+        sessions.insert(
+            node.to_owned(),
+            Session {
+                token,
+                last_heartbeat: Instant::now(),
+                acked,
+                connected: true,
+            },
+        );
+        token
+    }
+
+    fn with_session(&self, node: &str, token: u64, f: impl FnOnce(&mut Session)) {
+        if let Some(s) = self.sessions.lock().expect("sessions lock").get_mut(node)
+            && s.token == token
+        {
+            f(s)
+        }
+    }
+
+    /// Forgets every session (this manager stopped leading).
+    fn clear(&self) {
+        self.sessions.lock().expect("sessions lock").clear();
+    }
+
+    /// What the leader knows about each node of `m`'s state.
+    pub fn progress(&self, m: &Manager) -> Progress {
+        let sessions = self.sessions.lock().expect("sessions lock");
+        m.sm.with_book(|state, book| Progress {
+            revision: book.revision(),
+            nodes: state
+                .nodes
+                .values()
+                .map(|n| NodeProgress {
+                    id: n.id.clone(),
+                    hostname: n.hostname.clone(),
+                    status: n.status,
+                    acked: sessions.get(&n.id).map(|s| s.acked),
+                })
+                .collect(),
+        })
+    }
+
+    /// The revision each node with a session has acked.
+    pub fn acked(&self) -> HashMap<String, Revision> {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .iter()
+            .map(|(k, s)| (k.clone(), s.acked))
+            .collect()
+    }
+}
+
+/// The heartbeat period and misses from the cluster settings.
+fn timing(m: &Manager) -> (Duration, u32) {
+    m.with_state(|s| {
+        s.settings
+            .as_ref()
+            .map_or((Duration::from_secs(1), 3), |c| {
+                (
+                    Duration::from_millis(c.heartbeat_period_ms.max(1)),
+                    c.heartbeat_misses.max(1),
+                )
+            })
+    })
+}
+
+/// The leader's liveness loop: commits nodes down after missed heartbeats
+/// and back up when their agent returns. Ends when the manager is dropped
+/// or `stop` is set.
+pub async fn liveness(m: Weak<Manager>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut leading_since: Option<Instant> = None;
+    loop {
+        let Some(mgr) = m.upgrade() else { return };
+        let (period, misses) = timing(&mgr);
+        let tick = (period / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+        if !mgr.is_leader() {
+            if leading_since.take().is_some() {
+                mgr.dispatcher.clear();
+            }
+        } else {
+            let since = *leading_since.get_or_insert_with(Instant::now);
+            check_nodes(&mgr, since, period * misses, period).await;
+        }
+        drop(mgr);
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(tick) => {}
+        }
+    }
+}
+
+async fn check_nodes(m: &Manager, leading_since: Instant, dead_after: Duration, period: Duration) {
+    let nodes: Vec<(String, NodeStatus)> =
+        m.with_state(|s| s.nodes.values().map(|n| (n.id.clone(), n.status)).collect());
+    let now = Instant::now();
+    let seen: HashMap<String, (Instant, bool)> = m
+        .dispatcher
+        .sessions
+        .lock()
+        .expect("sessions lock")
+        .iter()
+        .map(|(k, s)| (k.clone(), (s.last_heartbeat, s.connected)))
+        .collect();
+    for (id, status) in nodes {
+        let (last, connected) = match seen.get(&id) {
+            Some((t, c)) => ((*t).max(leading_since), *c),
+            None => (leading_since, false),
+        };
+        let silent = now.saturating_duration_since(last);
+        let new_status = match status {
+            NodeStatus::Ready if silent > dead_after => NodeStatus::Down,
+            NodeStatus::Down if connected && silent <= period * 2 => NodeStatus::Ready,
+            _ => continue,
+        };
+        match m
+            .propose(Command::SetNodeStatus {
+                id: id.clone(),
+                status: new_status,
+            })
+            .await
+        {
+            Ok(_) if new_status == NodeStatus::Down => tracing::warn!(
+                node = %id,
+                silent_ms = silent.as_millis() as u64,
+                "node down: no heartbeat; its endpoints are withdrawn"
+            ),
+            Ok(_) => tracing::info!(node = %id, "node ready: its agent is back"),
+            Err(e) => tracing::warn!(node = %id, "recording the node's status: {e}"),
+        }
+    }
+}
+
+pub struct DispatcherService(pub Arc<Ctx>);
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<Blob, Status>> + Send>>;
+
+fn blob(msg: &DispatcherMessage) -> Result<Blob, Status> {
+    serde_json::to_vec(msg)
+        .map(|json| Blob { json })
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl dispatcher_server::Dispatcher for DispatcherService {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<Blob>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let id = self.0.identify(&req)?;
+        let m = self.0.manager()?;
+        if !m.is_leader() {
+            let leader = m
+                .leader(Duration::from_secs(1))
+                .await
+                .map(|(_, a)| a)
+                .unwrap_or_else(|_| "unknown (no leader elected)".into());
+            return Err(Status::failed_precondition(format!(
+                "{NOT_LEADER_DISPATCH} {leader}"
+            )));
+        }
+        if !m.with_state(|s| s.nodes.contains_key(&id.node_id)) {
+            return Err(Status::permission_denied(format!(
+                "node {} is not in the cluster state",
+                id.node_id
+            )));
+        }
+        let inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let node = id.node_id;
+            if let Err(e) = run_session(&m, &node, inbound, &tx).await {
+                tracing::debug!(%node, "dispatcher session ended: {}", e.message());
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+type Out = mpsc::Sender<Result<Blob, Status>>;
+
+async fn send(tx: &Out, msg: &DispatcherMessage) -> Result<(), Status> {
+    tx.send(Ok(blob(msg)?))
+        .await
+        .map_err(|_| Status::cancelled("the agent went away"))
+}
+
+/// Sends what an agent at `*sent` is missing; advances `*sent`.
+async fn catch_up(m: &Manager, tx: &Out, sent: &mut Revision) -> Result<(), Status> {
+    match m.sm.with_book(|_, b| b.since(*sent)) {
+        Catchup::UpToDate => {}
+        Catchup::Deltas(deltas) => {
+            for delta in deltas {
+                *sent = delta.revision;
+                send(tx, &DispatcherMessage::Delta { delta }).await?;
+            }
+        }
+        Catchup::Snapshot(tables) => {
+            *sent = tables.revision;
+            send(tx, &DispatcherMessage::Snapshot { tables }).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn next(inbound: &mut Streaming<Blob>) -> Result<Option<AgentMessage>, Status> {
+    match inbound.message().await? {
+        None => Ok(None),
+        Some(b) => serde_json::from_slice(&b.json)
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(format!("invalid agent message: {e}"))),
+    }
+}
+
+async fn run_session(
+    m: &Arc<Manager>,
+    node: &str,
+    mut inbound: Streaming<Blob>,
+    tx: &Out,
+) -> Result<(), Status> {
+    let hello = tokio::time::timeout(Duration::from_secs(5), next(&mut inbound))
+        .await
+        .map_err(|_| Status::deadline_exceeded("no hello from the agent within 5 s"))??;
+    let Some(AgentMessage::Hello { revision }) = hello else {
+        return Err(Status::invalid_argument(
+            "an agent session starts with a hello",
+        ));
+    };
+    let (period, misses) = timing(m);
+    let token = m.dispatcher.open(node);
+    tracing::info!(%node, revision, "agent session opened");
+    let result = async {
+        send(
+            tx,
+            &DispatcherMessage::Welcome {
+                heartbeat_ms: period.as_millis() as u64,
+                misses,
+            },
+        )
+        .await?;
+        let mut revisions = m.sm.revisions();
+        let mut sent = revision;
+        catch_up(m, tx, &mut sent).await?;
+        let mut leadership = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                msg = next(&mut inbound) => match msg? {
+                    None => return Ok(()),
+                    Some(AgentMessage::Heartbeat) => {
+                        m.dispatcher.with_session(node, token, |s| s.last_heartbeat = Instant::now());
+                        send(tx, &DispatcherMessage::Heartbeat).await?;
+                    }
+                    Some(AgentMessage::Ack { revision }) => {
+                        m.dispatcher.with_session(node, token, |s| {
+                            s.acked = s.acked.max(revision);
+                            s.last_heartbeat = Instant::now();
+                        });
+                    }
+                    Some(AgentMessage::Hello { .. }) => {
+                        return Err(Status::invalid_argument("hello sent twice"));
+                    }
+                },
+                r = revisions.changed() => {
+                    if r.is_err() {
+                        return Err(Status::unavailable("this manager is shutting down"));
+                    }
+                    catch_up(m, tx, &mut sent).await?;
+                }
+                _ = leadership.tick() => {
+                    if !m.is_leader() {
+                        return Err(Status::unavailable(format!(
+                            "{NOT_LEADER_DISPATCH} another manager (leadership moved)"
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    m.dispatcher
+        .with_session(node, token, |s| s.connected = false);
+    result
+}

@@ -1,0 +1,788 @@
+//! The tables every node's data plane is built from, derived from the Raft
+//! state and versioned by a cluster-wide revision.
+//!
+//! One keyed table holds three kinds of entry:
+//! - a **network** (name, VNI, subnet, gateway, flags);
+//! - a **service** (name, endpoint mode, a VIP per network, published
+//!   ports, aliases per network);
+//! - an **endpoint**: one task on one network (address, MAC, the node it
+//!   runs on and that node's underlay address).
+//!
+//! Load-balancer frontends and backends and DNS records per network are
+//! functions of these entries (a service's backends are its endpoints on a
+//! network), computed on each node from its replica; see [`dns_records`] and
+//! the data plane's table sink.
+//!
+//! Every Raft log entry that changes an entry produces a [`Delta`] whose
+//! revision is that entry's log index. Deriving a delta costs the entries
+//! the command touched, never the table size: a command names what it may
+//! change ([`Touched`]), and only those keys are recomputed and compared.
+//! A node whose tasks are on a node that goes down loses those endpoints in
+//! the same revision that records the node as down.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    allocator::Subnet,
+    state::{Command, EndpointMode, NodeStatus, PortConfig, State, Task, TaskState},
+};
+
+/// A cluster-wide revision: the Raft log index of the entry that produced
+/// the change. 0 means "nothing yet".
+pub type Revision = u64;
+
+/// Deltas a manager keeps for agents that reconnect; an agent further
+/// behind gets a snapshot.
+pub const HISTORY: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Key {
+    Network { id: String },
+    Service { id: String },
+    Endpoint { network: String, task: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkEntry {
+    pub name: String,
+    pub vni: u32,
+    pub subnet: Subnet,
+    pub gateway: Ipv4Addr,
+    pub ingress: bool,
+    pub internal: bool,
+    pub encrypted: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceEntry {
+    pub name: String,
+    pub endpoint_mode: EndpointMode,
+    /// Network id -> the service's virtual IP there (none in dnsrr mode).
+    pub vips: BTreeMap<String, Ipv4Addr>,
+    /// As published (`published` always set).
+    pub ports: Vec<PortConfig>,
+    /// Network id -> extra DNS names on that network.
+    #[serde(default)]
+    pub aliases: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointEntry {
+    pub service: String,
+    /// `service.slot`, as Swarm names tasks.
+    pub task_name: String,
+    pub node: String,
+    /// The node's underlay address: where VXLAN frames for this endpoint go.
+    pub node_addr: Ipv4Addr,
+    pub addr: Ipv4Addr,
+    pub mac: [u8; 6],
+    /// The task's network namespace (set by whoever runs the task).
+    #[serde(default)]
+    pub netns: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Value {
+    Network(NetworkEntry),
+    Service(ServiceEntry),
+    Endpoint(EndpointEntry),
+}
+
+/// One key set (`value: Some`) or removed (`None`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub key: Key,
+    #[serde(default)]
+    pub value: Option<Value>,
+}
+
+/// The changes one revision made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    pub revision: Revision,
+    pub changes: Vec<Change>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TableError {
+    #[error("delta for revision {got} does not follow revision {have}")]
+    OutOfOrder { have: Revision, got: Revision },
+}
+
+/// The whole table at one revision: what a manager serves and what every
+/// agent keeps as its replica.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tables {
+    pub revision: Revision,
+    /// As a list of `{key, value}` on the wire (JSON keys are strings).
+    #[serde(with = "entry_list")]
+    pub entries: BTreeMap<Key, Value>,
+}
+
+mod entry_list {
+    use super::*;
+    use serde::{Deserializer, Serializer, ser::SerializeSeq};
+
+    #[derive(Serialize)]
+    struct Ref<'a> {
+        key: &'a Key,
+        value: &'a Value,
+    }
+
+    #[derive(Deserialize)]
+    struct Owned {
+        key: Key,
+        value: Value,
+    }
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<Key, Value>, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(m.len()))?;
+        for (key, value) in m {
+            seq.serialize_element(&Ref { key, value })?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<Key, Value>, D::Error> {
+        let list = Vec::<Owned>::deserialize(d)?;
+        Ok(list.into_iter().map(|e| (e.key, e.value)).collect())
+    }
+}
+
+fn endpoint_live(state: &State, task: &Task) -> Option<Ipv4Addr> {
+    if task.desired != TaskState::Running
+        || matches!(
+            task.observed,
+            TaskState::Complete | TaskState::Shutdown | TaskState::Failed | TaskState::Rejected
+        )
+    {
+        return None;
+    }
+    let node = state.nodes.get(&task.node)?;
+    (node.status == NodeStatus::Ready).then_some(node.addr)
+}
+
+/// The entry a key has in `state`, if any.
+pub fn derive_key(state: &State, key: &Key) -> Option<Value> {
+    match key {
+        Key::Network { id } => state.networks.get(id).map(|n| {
+            Value::Network(NetworkEntry {
+                name: n.spec.name.clone(),
+                vni: n.vni,
+                subnet: n.subnet,
+                gateway: n.gateway,
+                ingress: n.ingress,
+                internal: n.spec.internal,
+                encrypted: n.spec.encrypted,
+            })
+        }),
+        Key::Service { id } => state.services.get(id).map(|s| {
+            let mut aliases = BTreeMap::new();
+            for a in &s.spec.task.networks {
+                if let Some(n) = state.network_by_ref(&a.target)
+                    && !a.aliases.is_empty()
+                {
+                    aliases.insert(n.id.clone(), a.aliases.clone());
+                }
+            }
+            Value::Service(ServiceEntry {
+                name: s.spec.name.clone(),
+                endpoint_mode: s.spec.endpoint.mode,
+                vips: s.vips.iter().map(|v| (v.network.clone(), v.addr)).collect(),
+                ports: s.ports.clone(),
+                aliases,
+            })
+        }),
+        Key::Endpoint { network, task } => {
+            let t = state.tasks.get(task)?;
+            let node_addr = endpoint_live(state, t)?;
+            let a = t.attachments.iter().find(|a| &a.network == network)?;
+            let service = state.services.get(&t.service)?;
+            Some(Value::Endpoint(EndpointEntry {
+                service: t.service.clone(),
+                task_name: format!("{}.{}", service.spec.name, t.slot),
+                node: t.node.clone(),
+                node_addr,
+                addr: a.addr,
+                mac: a.mac,
+                netns: t.netns.clone(),
+            }))
+        }
+    }
+}
+
+fn task_keys(task: &Task, out: &mut BTreeSet<Key>) {
+    for a in &task.attachments {
+        out.insert(Key::Endpoint {
+            network: a.network.clone(),
+            task: task.id.clone(),
+        });
+    }
+}
+
+impl Tables {
+    /// Every entry of `state`, at `revision`.
+    pub fn derive(state: &State, revision: Revision) -> Tables {
+        let mut keys = BTreeSet::new();
+        for id in state.networks.keys() {
+            keys.insert(Key::Network { id: id.clone() });
+        }
+        for id in state.services.keys() {
+            keys.insert(Key::Service { id: id.clone() });
+        }
+        for t in state.tasks.values() {
+            task_keys(t, &mut keys);
+        }
+        let entries = keys
+            .into_iter()
+            .filter_map(|k| derive_key(state, &k).map(|v| (k, v)))
+            .collect();
+        Tables { revision, entries }
+    }
+
+    /// Applies the next delta. A delta at or below the current revision is
+    /// already in (ignored); none may be skipped, which the caller ensures
+    /// by asking for deltas since its revision.
+    pub fn apply(&mut self, delta: &Delta) -> Result<bool, TableError> {
+        if delta.revision <= self.revision {
+            return Ok(false);
+        }
+        for c in &delta.changes {
+            match &c.value {
+                Some(v) => {
+                    self.entries.insert(c.key.clone(), v.clone());
+                }
+                None => {
+                    self.entries.remove(&c.key);
+                }
+            }
+        }
+        self.revision = delta.revision;
+        Ok(true)
+    }
+
+    pub fn endpoints(&self) -> impl Iterator<Item = (&str, &str, &EndpointEntry)> {
+        self.entries.iter().filter_map(|(k, v)| match (k, v) {
+            (Key::Endpoint { network, task }, Value::Endpoint(e)) => {
+                Some((network.as_str(), task.as_str(), e))
+            }
+            _ => None,
+        })
+    }
+
+    pub fn networks(&self) -> impl Iterator<Item = (&str, &NetworkEntry)> {
+        self.entries.iter().filter_map(|(k, v)| match (k, v) {
+            (Key::Network { id }, Value::Network(n)) => Some((id.as_str(), n)),
+            _ => None,
+        })
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = (&str, &ServiceEntry)> {
+        self.entries.iter().filter_map(|(k, v)| match (k, v) {
+            (Key::Service { id }, Value::Service(s)) => Some((id.as_str(), s)),
+            _ => None,
+        })
+    }
+
+    /// A digest of the entries (not the revision): equal tables, equal
+    /// digests. Used to compare nodes' replicas.
+    pub fn digest(&self) -> String {
+        let bytes = serde_json::to_vec(&Tables {
+            revision: 0,
+            entries: self.entries.clone(),
+        })
+        .expect("tables serialize");
+        let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        d.as_ref()[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// The entities a command may change, resolved against the state before
+/// it applies (a removal must know what it removes).
+#[derive(Debug, Default)]
+pub struct Touched {
+    networks: bool,
+    services: BTreeSet<String>,
+    /// Keys of the state before the command.
+    keys: BTreeSet<Key>,
+    tasks: BTreeSet<String>,
+    nodes: BTreeSet<String>,
+}
+
+impl Touched {
+    /// What `cmd` may change, seen in the state before it applies.
+    pub fn before(state: &State, cmd: &Command) -> Touched {
+        let mut t = Touched::default();
+        t.add(state, cmd);
+        t.collect(state);
+        t
+    }
+
+    fn add(&mut self, state: &State, cmd: &Command) {
+        match cmd {
+            Command::Init { .. }
+            | Command::CreateNetwork { .. }
+            | Command::RemoveNetwork { .. } => self.networks = true,
+            Command::SetJoinToken { .. } | Command::AddNode { .. } => {}
+            Command::UpdateNode { id, .. }
+            | Command::SetNodeStatus { id, .. }
+            | Command::RemoveNode { id, .. } => {
+                self.nodes.insert(id.clone());
+            }
+            Command::CreateService { id, .. } => {
+                self.services.insert(id.clone());
+            }
+            Command::UpdateService { target, .. } => {
+                if let Some(s) = state.service_by_ref(target) {
+                    self.services.insert(s.id.clone());
+                }
+            }
+            Command::RemoveService { target } => {
+                if let Some(s) = state.service_by_ref(target) {
+                    self.services.insert(s.id.clone());
+                    // Removing a service removes its tasks.
+                    self.tasks.extend(
+                        state
+                            .tasks
+                            .values()
+                            .filter(|t| t.service == s.id)
+                            .map(|t| t.id.clone()),
+                    );
+                }
+            }
+            Command::CreateTask { id, .. } | Command::RemoveTask { id } => {
+                self.tasks.insert(id.clone());
+            }
+            Command::Batch { commands } => {
+                for c in commands {
+                    self.add(state, c);
+                }
+            }
+        }
+    }
+
+    /// Adds the keys of the touched entities as they are in `state`.
+    fn collect(&mut self, state: &State) {
+        if self.networks {
+            for id in state.networks.keys() {
+                self.keys.insert(Key::Network { id: id.clone() });
+            }
+        }
+        for id in &self.services {
+            self.keys.insert(Key::Service { id: id.clone() });
+        }
+        for id in &self.tasks {
+            if let Some(t) = state.tasks.get(id) {
+                task_keys(t, &mut self.keys);
+            }
+        }
+        if !self.nodes.is_empty() {
+            for t in state
+                .tasks
+                .values()
+                .filter(|t| self.nodes.contains(&t.node))
+            {
+                task_keys(t, &mut self.keys);
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.networks && self.services.is_empty() && self.tasks.is_empty() && self.nodes.is_empty()
+    }
+}
+
+/// What a manager keeps: the tables, the recent deltas, and what to send
+/// an agent that last applied a given revision.
+#[derive(Debug, Clone, Default)]
+pub struct Book {
+    tables: Tables,
+    /// The revision the history starts after.
+    base: Revision,
+    history: VecDeque<Arc<Delta>>,
+}
+
+/// What an agent at some revision needs.
+#[derive(Debug, Clone)]
+pub enum Catchup {
+    /// Nothing newer.
+    UpToDate,
+    /// These deltas, in order.
+    Deltas(Vec<Arc<Delta>>),
+    /// Too far behind (or ahead of a manager that restarted): everything.
+    Snapshot(Tables),
+}
+
+impl Book {
+    /// A book starting from the whole state (after a restart or a Raft
+    /// snapshot): no history, so agents behind it get a snapshot.
+    pub fn new(state: &State, revision: Revision) -> Book {
+        Book {
+            tables: Tables::derive(state, revision),
+            base: revision,
+            history: VecDeque::new(),
+        }
+    }
+
+    pub fn revision(&self) -> Revision {
+        self.tables.revision
+    }
+
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
+    /// After `touched`'s command applied at log index `revision`: recomputes
+    /// the touched keys and records a delta if any entry changed.
+    pub fn update(
+        &mut self,
+        state: &State,
+        mut touched: Touched,
+        revision: Revision,
+    ) -> Option<Arc<Delta>> {
+        if touched.is_empty() {
+            return None;
+        }
+        touched.collect(state);
+        let mut changes = Vec::new();
+        for key in touched.keys {
+            let new = derive_key(state, &key);
+            let old = self.tables.entries.get(&key);
+            if new.as_ref() == old {
+                continue;
+            }
+            match &new {
+                Some(v) => self.tables.entries.insert(key.clone(), v.clone()),
+                None => self.tables.entries.remove(&key),
+            };
+            changes.push(Change { key, value: new });
+        }
+        if changes.is_empty() {
+            return None;
+        }
+        self.tables.revision = revision;
+        let delta = Arc::new(Delta { revision, changes });
+        if self.history.len() == HISTORY
+            && let Some(old) = self.history.pop_front()
+        {
+            self.base = old.revision;
+        }
+        self.history.push_back(delta.clone());
+        Some(delta)
+    }
+
+    /// What an agent that has applied `revision` needs next.
+    pub fn since(&self, revision: Revision) -> Catchup {
+        if revision == self.tables.revision {
+            return Catchup::UpToDate;
+        }
+        // Every delta after `base` is in the history, so an agent at or
+        // after it needs exactly the deltas after its revision. An agent
+        // ahead of this manager (which restarted or lags) gets a snapshot.
+        if revision < self.base || revision > self.tables.revision {
+            return Catchup::Snapshot(self.tables.clone());
+        }
+        let start = self.history.partition_point(|d| d.revision <= revision);
+        Catchup::Deltas(self.history.range(start..).cloned().collect())
+    }
+}
+
+/// One DNS record set as the embedded DNS answers it on one network.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NetworkRecords {
+    /// name -> addresses (`svc` and aliases: the VIP, or the task IPs in
+    /// dnsrr mode; `tasks.svc` and task names: task IPs).
+    pub names: BTreeMap<String, Vec<Ipv4Addr>>,
+    /// address -> name, for PTR.
+    pub reverse: BTreeMap<Ipv4Addr, String>,
+}
+
+/// The DNS records of every network in `tables`, by network id.
+pub fn dns_records(tables: &Tables) -> BTreeMap<String, NetworkRecords> {
+    let mut out: BTreeMap<String, NetworkRecords> = BTreeMap::new();
+    let services: BTreeMap<&str, &ServiceEntry> = tables.services().collect();
+    for (network, _, e) in tables.endpoints() {
+        let Some(svc) = services.get(e.service.as_str()) else {
+            continue;
+        };
+        let r = out.entry(network.to_owned()).or_default();
+        r.names
+            .entry(format!("tasks.{}", svc.name))
+            .or_default()
+            .push(e.addr);
+        r.names.entry(e.task_name.clone()).or_default().push(e.addr);
+        r.reverse.insert(e.addr, e.task_name.clone());
+        if svc.endpoint_mode == EndpointMode::Dnsrr {
+            let mut names = vec![svc.name.clone()];
+            names.extend(svc.aliases.get(network).into_iter().flatten().cloned());
+            for n in names {
+                r.names.entry(n).or_default().push(e.addr);
+            }
+        }
+    }
+    for (_, svc) in tables.services() {
+        for (network, vip) in &svc.vips {
+            let r = out.entry(network.clone()).or_default();
+            let mut names = vec![svc.name.clone()];
+            names.extend(svc.aliases.get(network).into_iter().flatten().cloned());
+            for n in names {
+                r.names.entry(n).or_default().push(*vip);
+            }
+            r.reverse.insert(*vip, svc.name.clone());
+        }
+    }
+    for r in out.values_mut() {
+        for v in r.names.values_mut() {
+            v.sort();
+            v.dedup();
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{ClusterSettings, NodeStatus, Role, ServiceSpec};
+
+    fn spec(json: serde_json::Value) -> ServiceSpec {
+        serde_json::from_value(json).expect("service spec")
+    }
+
+    fn web() -> ServiceSpec {
+        spec(serde_json::json!({
+            "name": "web",
+            "mode": {"mode": "replicated", "replicas": 2},
+            "task": {"command": ["/bin/web"], "networks": [{"target": "red", "aliases": ["www"]}]},
+            "endpoint": {"mode": "vip", "ports": [{"protocol": "tcp", "target": 80, "published": 8080}]}
+        }))
+    }
+
+    fn db() -> ServiceSpec {
+        spec(serde_json::json!({
+            "name": "db",
+            "mode": {"mode": "replicated", "replicas": 1},
+            "task": {"command": ["/bin/db"], "networks": [{"target": "red"}]},
+            "endpoint": {"mode": "dnsrr"}
+        }))
+    }
+
+    fn task(id: &str, service: &str, node: &str) -> Command {
+        Command::CreateTask {
+            id: id.into(),
+            service: service.into(),
+            slot: 1,
+            node: node.into(),
+            netns: Some(format!("/run/netns/{id}")),
+        }
+    }
+
+    fn status(id: &str, status: NodeStatus) -> Command {
+        Command::SetNodeStatus {
+            id: id.into(),
+            status,
+        }
+    }
+
+    fn script() -> Vec<Command> {
+        let mut cmds = vec![Command::Init {
+            cluster_id: "c".into(),
+            ingress_id: "ingress".into(),
+            settings: ClusterSettings::default(),
+            secrets: None,
+        }];
+        for (id, addr) in [("a", "198.18.0.1"), ("b", "198.18.0.2")] {
+            cmds.push(Command::AddNode {
+                id: id.into(),
+                hostname: format!("host-{id}"),
+                addr: addr.parse().unwrap(),
+                api_addr: None,
+                role: Role::Worker,
+            });
+        }
+        cmds.extend([
+            Command::CreateNetwork {
+                id: "red".into(),
+                spec: crate::state::NetworkSpec {
+                    name: "red".into(),
+                    ..Default::default()
+                },
+            },
+            Command::CreateService {
+                id: "web".into(),
+                spec: web(),
+            },
+            Command::CreateService {
+                id: "db".into(),
+                spec: db(),
+            },
+            task("w1", "web", "a"),
+            Command::Batch {
+                commands: vec![task("w2", "web", "b"), task("d1", "db", "b")],
+            },
+            status("b", NodeStatus::Down),
+            status("b", NodeStatus::Ready),
+            Command::RemoveTask { id: "w1".into() },
+            // Refused (in use): changes nothing.
+            Command::RemoveNetwork {
+                target: "red".into(),
+            },
+            Command::RemoveService {
+                target: "db".into(),
+            },
+            Command::RemoveNode {
+                id: "b".into(),
+                force: true,
+            },
+        ]);
+        cmds
+    }
+
+    /// Runs the script as the store does; returns the state, the book and
+    /// every delta.
+    fn run(cmds: &[Command]) -> (State, Book, Vec<Arc<Delta>>) {
+        let mut state = State::default();
+        let mut book = Book::new(&state, 0);
+        let mut deltas = Vec::new();
+        for (i, cmd) in cmds.iter().enumerate() {
+            let touched = Touched::before(&state, cmd);
+            let ok = state.apply(cmd).is_ok();
+            if ok && let Some(d) = book.update(&state, touched, i as u64 + 1) {
+                deltas.push(d);
+            }
+            assert_eq!(
+                book.tables().entries,
+                Tables::derive(&state, 0).entries,
+                "after {cmd:?}: incremental tables differ from a full derivation"
+            );
+        }
+        (state, book, deltas)
+    }
+
+    #[test]
+    fn incremental_tables_match_a_full_derivation_and_replicas_follow() {
+        let (_, book, deltas) = run(&script());
+        let mut replica = Tables::default();
+        for d in &deltas {
+            assert!(replica.apply(d).unwrap());
+            // Applying the same delta again changes nothing.
+            assert!(!replica.apply(d).unwrap());
+        }
+        assert_eq!(&replica, book.tables());
+        assert_eq!(replica.digest(), book.tables().digest());
+        // Through JSON (snapshots on the wire, the agent's saved copy).
+        let json = serde_json::to_vec(&replica).unwrap();
+        assert_eq!(serde_json::from_slice::<Tables>(&json).unwrap(), replica);
+    }
+
+    #[test]
+    fn a_node_going_down_withdraws_its_endpoints_in_that_revision() {
+        let cmds = script();
+        let down_at = cmds
+            .iter()
+            .position(|c| {
+                matches!(
+                    c,
+                    Command::SetNodeStatus {
+                        status: NodeStatus::Down,
+                        ..
+                    }
+                )
+            })
+            .unwrap() as u64
+            + 1;
+        let (_, _, deltas) = run(&cmds);
+        let down = deltas.iter().find(|d| d.revision == down_at).unwrap();
+        let mut removed: Vec<&str> = down
+            .changes
+            .iter()
+            .map(|c| {
+                assert!(c.value.is_none(), "only removals: {c:?}");
+                match &c.key {
+                    Key::Endpoint { task, .. } => task.as_str(),
+                    k => panic!("unexpected key {k:?}"),
+                }
+            })
+            .collect();
+        removed.sort();
+        // Task w2 is on red and ingress (web publishes a port); d1 on red.
+        assert_eq!(removed, ["d1", "w2", "w2"]);
+        // Back up: the same endpoints return in one revision.
+        let up = deltas.iter().find(|d| d.revision == down_at + 1).unwrap();
+        assert_eq!(up.changes.len(), 3);
+        assert!(up.changes.iter().all(|c| c.value.is_some()));
+    }
+
+    #[test]
+    fn refused_and_unrelated_commands_make_no_delta() {
+        let (_, _, deltas) = run(&script());
+        let revisions: Vec<u64> = deltas.iter().map(|d| d.revision).collect();
+        // 2, 3: AddNode (no endpoints yet); 12: the refused RemoveNetwork.
+        for r in [2, 3, 12] {
+            assert!(
+                !revisions.contains(&r),
+                "revision {r} made a delta: {revisions:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn catch_up_is_deltas_after_the_agents_revision_or_a_snapshot() {
+        let cmds = script();
+        let (state, book, deltas) = run(&cmds);
+        let last = book.revision();
+        assert!(matches!(book.since(last), Catchup::UpToDate));
+        let mid = deltas[3].revision;
+        match book.since(mid) {
+            Catchup::Deltas(ds) => {
+                assert_eq!(ds.first().unwrap().revision, deltas[4].revision);
+                assert_eq!(ds.len(), deltas.len() - 4);
+            }
+            other => panic!("expected deltas, got {other:?}"),
+        }
+        // Ahead of this manager (it restarted): a snapshot, not silence.
+        assert!(matches!(book.since(last + 5), Catchup::Snapshot(_)));
+        // A manager rebuilt from its state has no history: a snapshot for
+        // anyone behind it, deltas for anyone after.
+        let rebuilt = Book::new(&state, last);
+        match rebuilt.since(mid) {
+            Catchup::Snapshot(t) => assert_eq!(t.entries, book.tables().entries),
+            other => panic!("expected a snapshot, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn dns_records_per_network() {
+        let cmds = script();
+        // Up to the batch: web (vip, alias www) and db (dnsrr) on red.
+        let upto = cmds
+            .iter()
+            .position(|c| matches!(c, Command::Batch { .. }))
+            .unwrap();
+        let (state, book, _) = run(&cmds[..=upto]);
+        let records = dns_records(book.tables());
+        let red = &records["red"];
+        let web = &state.services["web"];
+        let vip = web.vips.iter().find(|v| v.network == "red").unwrap().addr;
+        assert_eq!(red.names["web"], vec![vip]);
+        assert_eq!(red.names["www"], vec![vip]);
+        assert_eq!(red.names["tasks.web"].len(), 2);
+        assert_eq!(red.names["db"], red.names["tasks.db"], "dnsrr: task IPs");
+        assert_eq!(red.reverse[&vip], "web");
+        // The ingress network knows web (it publishes) but not db.
+        let ingress = &records["ingress"];
+        assert!(ingress.names.contains_key("web"));
+        assert!(!ingress.names.contains_key("db"));
+    }
+}

@@ -1,0 +1,143 @@
+//! From the control plane's tables to what this node's kernel should hold.
+//!
+//! The agent ([`control::agent`]) keeps a replica of the cluster's tables;
+//! this module picks this node's share of it:
+//! - the **overlay**: every network with a task on this node, its local
+//!   endpoints (veths into the tasks' namespaces) and its remote endpoints
+//!   (static FDB and neighbour entries toward the nodes they run on).
+//!   Endpoints of a node that is down are not in the tables at all.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+
+use control::tables::Tables;
+
+use crate::{
+    netlink::Mac,
+    overlay::{LocalEndpoint, NetworkSpec, OverlaySpec, RemoteEndpoint},
+};
+
+/// The overlay this node should have: networks where it runs a task.
+pub fn overlay_spec(tables: &Tables, node: &str, underlay: Ipv4Addr) -> OverlaySpec {
+    // A task's interfaces are eth0, eth1, ... in network-id order.
+    let mut next_if: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut local: BTreeMap<&str, Vec<LocalEndpoint>> = BTreeMap::new();
+    for (network, task, e) in tables.endpoints() {
+        if e.node != node {
+            continue;
+        }
+        let Some(netns) = &e.netns else { continue };
+        let n = next_if.entry(task).or_default();
+        local.entry(network).or_default().push(LocalEndpoint {
+            id: task.to_owned(),
+            netns: PathBuf::from(netns),
+            ip: e.addr,
+            mac: Mac(e.mac),
+            interface: format!("eth{n}"),
+        });
+        *n += 1;
+    }
+    let mut networks = Vec::new();
+    for (id, n) in tables.networks() {
+        let Some(local) = local.remove(id) else {
+            continue;
+        };
+        let remote = tables
+            .endpoints()
+            .filter(|(net, _, e)| *net == id && e.node != node)
+            .map(|(_, _, e)| RemoteEndpoint {
+                ip: e.addr,
+                mac: Mac(e.mac),
+                node: e.node_addr,
+            })
+            .collect();
+        networks.push(NetworkSpec {
+            id: id.to_owned(),
+            vni: n.vni,
+            subnet: n.subnet,
+            gateway: n.gateway,
+            mtu: None,
+            local,
+            remote,
+        });
+    }
+    OverlaySpec {
+        underlay: (!networks.is_empty()).then_some(underlay),
+        networks,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use control::tables::{EndpointEntry, Key, NetworkEntry, Value};
+
+    fn table() -> Tables {
+        let mut t = Tables::default();
+        for (id, vni, subnet) in [("red", 4097, "10.0.1.0/24"), ("blue", 4098, "10.0.2.0/24")] {
+            t.entries.insert(
+                Key::Network { id: id.into() },
+                Value::Network(NetworkEntry {
+                    name: id.into(),
+                    vni,
+                    subnet: subnet.parse().unwrap(),
+                    gateway: subnet.replace(".0/24", ".1").parse().unwrap(),
+                    ingress: false,
+                    internal: false,
+                    encrypted: false,
+                }),
+            );
+        }
+        let ep = |net: &str, task: &str, node: &str, ip: &str| {
+            let addr: Ipv4Addr = ip.parse().unwrap();
+            (
+                Key::Endpoint {
+                    network: net.into(),
+                    task: task.into(),
+                },
+                Value::Endpoint(EndpointEntry {
+                    service: "s".into(),
+                    task_name: format!("s.{task}"),
+                    node: node.into(),
+                    node_addr: if node == "a" {
+                        "198.18.0.1".parse().unwrap()
+                    } else {
+                        "198.18.0.2".parse().unwrap()
+                    },
+                    addr,
+                    mac: Mac::from_ipv4(addr).0,
+                    netns: Some(format!("/run/netns/{task}")),
+                }),
+            )
+        };
+        t.entries.extend([
+            ep("red", "t1", "a", "10.0.1.2"),
+            ep("blue", "t1", "a", "10.0.2.2"),
+            ep("red", "t2", "b", "10.0.1.3"),
+            ep("blue", "t3", "b", "10.0.2.3"),
+        ]);
+        t
+    }
+
+    #[test]
+    fn a_node_gets_the_networks_it_has_tasks_on() {
+        let t = table();
+        let a = overlay_spec(&t, "a", "198.18.0.1".parse().unwrap());
+        assert_eq!(a.underlay, Some("198.18.0.1".parse().unwrap()));
+        let names: Vec<&str> = a.networks.iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(names, ["blue", "red"]);
+        let red = a.networks.iter().find(|n| n.id == "red").unwrap();
+        assert_eq!(red.local.len(), 1);
+        assert_eq!(red.remote.len(), 1);
+        assert_eq!(red.remote[0].ip, "10.0.1.3".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            red.remote[0].node,
+            "198.18.0.2".parse::<Ipv4Addr>().unwrap()
+        );
+        // One task on two networks: two interfaces.
+        let blue = a.networks.iter().find(|n| n.id == "blue").unwrap();
+        assert_ne!(blue.local[0].interface, red.local[0].interface);
+        // A node with no task gets no overlay at all.
+        let c = overlay_spec(&t, "c", "198.18.0.3".parse().unwrap());
+        assert_eq!(c, OverlaySpec::default());
+    }
+}
