@@ -281,6 +281,6 @@ fn ended(s: &tonic::Status) -> Ended {
 }
 
 /// Resolves once `stop` is set (the daemon is stopping).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }

@@ -203,7 +203,10 @@ pub async fn liveness(m: Weak<Manager>, mut stop: tokio::sync::watch::Receiver<b
             }
         } else {
             let since = *leading_since.get_or_insert_with(Instant::now);
-            check_nodes(&mgr, since, period * misses, period).await;
+            tokio::select! {
+                () = crate::agent::stopped(&mut stop) => return,
+                () = check_nodes(&mgr, since, period * misses, period) => {}
+            }
         }
         drop(mgr);
         tokio::select! {
@@ -365,6 +368,7 @@ async fn run_session(
         )
         .await?;
         let mut revisions = m.sm.revisions();
+        let mut stopping = m.stopping();
         let mut sent = revision;
         catch_up(m, tx, &mut sent).await?;
         let mut leadership = tokio::time::interval(period);
@@ -386,6 +390,9 @@ async fn run_session(
                         return Err(Status::invalid_argument("hello sent twice"));
                     }
                 },
+                () = crate::agent::stopped(&mut stopping) => {
+                    return Err(Status::unavailable("this manager is shutting down"));
+                }
                 r = revisions.changed() => {
                     if r.is_err() {
                         return Err(Status::unavailable("this manager is shutting down"));

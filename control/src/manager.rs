@@ -643,6 +643,12 @@ impl Manager {
         })
     }
 
+    /// Set once [`Manager::shutdown`] starts: tasks holding the manager
+    /// (dispatcher sessions, liveness) end on it.
+    pub fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
         let _ = self.raft.shutdown().await;

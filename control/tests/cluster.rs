@@ -704,3 +704,164 @@ async fn an_autolocked_manager_waits_for_its_unlock_key() {
     .await;
     node.stop().await;
 }
+
+/// The agent's data plane, as a test sees it: the tables it was handed.
+#[derive(Clone, Default)]
+struct Recorder(Arc<std::sync::Mutex<control::tables::Tables>>);
+
+impl control::agent::Sink for Recorder {
+    async fn apply(
+        &mut self,
+        tables: &control::tables::Tables,
+        _: Option<&[control::tables::Change]>,
+    ) -> Result<(), String> {
+        *self.0.lock().unwrap() = tables.clone();
+        Ok(())
+    }
+}
+
+fn endpoints_on(t: &control::tables::Tables, node: &str) -> usize {
+    t.endpoints().filter(|(_, _, e)| e.node == node).count()
+}
+
+async fn propose(d: &Daemon, cmd: control::state::Command) -> control::state::Outcome {
+    let m = d.ctx.manager().unwrap();
+    m.propose(cmd).await.unwrap()
+}
+
+fn book_of(d: &Daemon) -> control::tables::Tables {
+    let m = d.ctx.manager().unwrap();
+    m.sm.with_book(|_, b| b.tables().clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
+    use control::state::{Command, NodeStatus};
+    let dirs: Vec<TempDir> = (0..3).map(|i| TempDir::new(&format!("agents{i}"))).collect();
+    let addrs: Vec<Addresses> = (0..3).map(|i| addresses(i as u8 + 1)).collect();
+    let heartbeat = Duration::from_millis(200);
+    let (mut manager, report) = daemon::init(
+        &dirs[0].0,
+        &addrs[0],
+        &InitOptions {
+            heartbeat,
+            heartbeat_misses: 3,
+            ..opts()
+        },
+    )
+    .await
+    .unwrap();
+    let mut workers = Vec::new();
+    for i in 1..3 {
+        workers.push(
+            daemon::join(&dirs[i].0, &addrs[i], &report.worker_token, &addrs[0].api_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    let rec: Vec<Recorder> = (0..3).map(|_| Recorder::default()).collect();
+    manager.start_agent(rec[0].clone());
+    for (w, r) in workers.iter_mut().zip(&rec[1..]) {
+        w.start_agent(r.clone());
+    }
+    let ids: Vec<String> = std::iter::once(&manager)
+        .chain(&workers)
+        .map(|d| d.ctx.node_id.clone())
+        .collect();
+
+    // A network, a service on it publishing a port, a task on each worker.
+    propose(
+        &manager,
+        Command::CreateNetwork {
+            id: "net-red".into(),
+            spec: NetworkSpec {
+                name: "red".into(),
+                ..NetworkSpec::default()
+            },
+        },
+    )
+    .await;
+    let mut web = service("web");
+    web.task.networks = vec![control::state::NetworkAttachment {
+        target: "red".into(),
+        aliases: vec![],
+    }];
+    propose(
+        &manager,
+        Command::CreateService {
+            id: "svc-web".into(),
+            spec: web,
+        },
+    )
+    .await;
+    for (slot, node) in ids[1..].iter().enumerate() {
+        propose(
+            &manager,
+            Command::CreateTask {
+                id: format!("task-{slot}"),
+                service: "web".into(),
+                slot: slot as u32 + 1,
+                node: node.clone(),
+                netns: None,
+            },
+        )
+        .await;
+    }
+    let want = book_of(&manager);
+    assert_eq!(endpoints_on(&want, &ids[2]), 1);
+    for (i, r) in rec.iter().enumerate() {
+        wait_for("every agent to apply the tables", Duration::from_secs(10), || {
+            (*r.0.lock().unwrap() == want).then_some(())
+        })
+        .await;
+        eprintln!("agent {i} at revision {}", want.revision);
+    }
+    // The leader saw every ack.
+    let m = manager.ctx.manager().unwrap();
+    let progress = m.dispatcher.progress(&m);
+    assert!(progress.pending(want.revision).is_empty(), "{progress:?}");
+
+    // Worker 2 goes silent: the leader commits it down, and its endpoint
+    // leaves the others' tables in that same revision.
+    let stopped_at = Instant::now();
+    let w2 = workers.pop().unwrap();
+    let w2_dir = w2.dir.clone();
+    w2.stop().await;
+    let withdrawn = wait_for("worker 2's endpoint to be withdrawn", Duration::from_secs(5), || {
+        let t = rec[1].0.lock().unwrap().clone();
+        (endpoints_on(&t, &ids[2]) == 0).then_some(t)
+    })
+    .await;
+    eprintln!(
+        "silent node withdrawn from another node's tables {} ms after it stopped (heartbeat 200 ms x 3)",
+        stopped_at.elapsed().as_millis()
+    );
+    assert_eq!(endpoints_on(&withdrawn, &ids[1]), 1, "the live worker's endpoint stays");
+    let status = m.with_state(|s| s.nodes[&ids[2]].status);
+    assert_eq!(status, NodeStatus::Down);
+    // A change while it is away.
+    propose(&manager, Command::RemoveTask { id: "task-0".into() }).await;
+
+    // It restarts from its saved revision, catches up, and is ready again.
+    let saved = control::agent::load_replica(&w2_dir);
+    assert!(saved.revision > 0, "the agent saved its tables");
+    let mut w2 = daemon::run(&w2_dir, daemon::Unlock::Wait).await.unwrap();
+    let r2 = Recorder::default();
+    w2.start_agent(r2.clone());
+    wait_for("worker 2 to be ready again", Duration::from_secs(10), || {
+        (m.with_state(|s| s.nodes[&ids[2]].status) == NodeStatus::Ready).then_some(())
+    })
+    .await;
+    let want = book_of(&manager);
+    assert_eq!(endpoints_on(&want, &ids[2]), 1, "back in the tables");
+    assert_eq!(endpoints_on(&want, &ids[1]), 0, "task-0 was removed");
+    for r in [&rec[0], &rec[1], &r2] {
+        wait_for("every agent, the restarted one too, to match", Duration::from_secs(10), || {
+            (*r.0.lock().unwrap() == want).then_some(())
+        })
+        .await;
+    }
+    for d in [w2, workers.pop().unwrap(), manager] {
+        d.stop().await;
+    }
+}
