@@ -737,7 +737,9 @@ fn book_of(d: &Daemon) -> control::tables::Tables {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
     use control::state::{Command, NodeStatus};
-    let dirs: Vec<TempDir> = (0..3).map(|i| TempDir::new(&format!("agents{i}"))).collect();
+    let dirs: Vec<TempDir> = (0..3)
+        .map(|i| TempDir::new(&format!("agents{i}")))
+        .collect();
     let addrs: Vec<Addresses> = (0..3).map(|i| addresses(i as u8 + 1)).collect();
     let heartbeat = Duration::from_millis(200);
     let (mut manager, report) = daemon::init(
@@ -754,9 +756,14 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
     let mut workers = Vec::new();
     for i in 1..3 {
         workers.push(
-            daemon::join(&dirs[i].0, &addrs[i], &report.worker_token, &addrs[0].api_addr)
-                .await
-                .unwrap(),
+            daemon::join(
+                &dirs[i].0,
+                &addrs[i],
+                &report.worker_token,
+                &addrs[0].api_addr,
+            )
+            .await
+            .unwrap(),
         );
     }
     let rec: Vec<Recorder> = (0..3).map(|_| Recorder::default()).collect();
@@ -810,9 +817,11 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
     let want = book_of(&manager);
     assert_eq!(endpoints_on(&want, &ids[2]), 1);
     for (i, r) in rec.iter().enumerate() {
-        wait_for("every agent to apply the tables", Duration::from_secs(10), || {
-            (*r.0.lock().unwrap() == want).then_some(())
-        })
+        wait_for(
+            "every agent to apply the tables",
+            Duration::from_secs(10),
+            || (*r.0.lock().unwrap() == want).then_some(()),
+        )
         .await;
         eprintln!("agent {i} at revision {}", want.revision);
     }
@@ -827,20 +836,34 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
     let w2 = workers.pop().unwrap();
     let w2_dir = w2.dir.clone();
     w2.stop().await;
-    let withdrawn = wait_for("worker 2's endpoint to be withdrawn", Duration::from_secs(5), || {
-        let t = rec[1].0.lock().unwrap().clone();
-        (endpoints_on(&t, &ids[2]) == 0).then_some(t)
-    })
+    let withdrawn = wait_for(
+        "worker 2's endpoint to be withdrawn",
+        Duration::from_secs(5),
+        || {
+            let t = rec[1].0.lock().unwrap().clone();
+            (endpoints_on(&t, &ids[2]) == 0).then_some(t)
+        },
+    )
     .await;
     eprintln!(
         "silent node withdrawn from another node's tables {} ms after it stopped (heartbeat 200 ms x 3)",
         stopped_at.elapsed().as_millis()
     );
-    assert_eq!(endpoints_on(&withdrawn, &ids[1]), 1, "the live worker's endpoint stays");
+    assert_eq!(
+        endpoints_on(&withdrawn, &ids[1]),
+        1,
+        "the live worker's endpoint stays"
+    );
     let status = m.with_state(|s| s.nodes[&ids[2]].status);
     assert_eq!(status, NodeStatus::Down);
     // A change while it is away.
-    propose(&manager, Command::RemoveTask { id: "task-0".into() }).await;
+    propose(
+        &manager,
+        Command::RemoveTask {
+            id: "task-0".into(),
+        },
+    )
+    .await;
 
     // It restarts from its saved revision, catches up, and is ready again.
     let saved = control::agent::load_replica(&w2_dir);
@@ -848,17 +871,21 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
     let mut w2 = daemon::run(&w2_dir, daemon::Unlock::Wait).await.unwrap();
     let r2 = Recorder::default();
     w2.start_agent(r2.clone());
-    wait_for("worker 2 to be ready again", Duration::from_secs(10), || {
-        (m.with_state(|s| s.nodes[&ids[2]].status) == NodeStatus::Ready).then_some(())
-    })
+    wait_for(
+        "worker 2 to be ready again",
+        Duration::from_secs(10),
+        || (m.with_state(|s| s.nodes[&ids[2]].status) == NodeStatus::Ready).then_some(()),
+    )
     .await;
     let want = book_of(&manager);
     assert_eq!(endpoints_on(&want, &ids[2]), 1, "back in the tables");
     assert_eq!(endpoints_on(&want, &ids[1]), 0, "task-0 was removed");
     for r in [&rec[0], &rec[1], &r2] {
-        wait_for("every agent, the restarted one too, to match", Duration::from_secs(10), || {
-            (*r.0.lock().unwrap() == want).then_some(())
-        })
+        wait_for(
+            "every agent, the restarted one too, to match",
+            Duration::from_secs(10),
+            || (*r.0.lock().unwrap() == want).then_some(()),
+        )
         .await;
     }
     for d in [w2, workers.pop().unwrap(), manager] {

@@ -19,6 +19,8 @@ use mesh_tests::{
 mod control;
 #[path = "netns/overlay.rs"]
 mod overlay;
+#[path = "netns/tables.rs"]
+mod tables;
 
 const PINGS: u64 = 4;
 const DATAGRAMS: u64 = 5;

@@ -15,10 +15,10 @@ use std::{
 use mesh_tests::{ChildGuard, Host, Topology, meshd, require_root};
 
 /// A data dir under /tmp, removed on Drop.
-struct DataDir(PathBuf);
+pub(super) struct DataDir(pub(super) PathBuf);
 
 impl DataDir {
-    fn new(tag: &str) -> DataDir {
+    pub(super) fn new(tag: &str) -> DataDir {
         use std::sync::atomic::AtomicU32;
         static N: AtomicU32 = AtomicU32::new(0);
         let p = std::env::temp_dir().join(format!(
@@ -30,7 +30,7 @@ impl DataDir {
         DataDir(p)
     }
 
-    fn path(&self) -> &str {
+    pub(super) fn path(&self) -> &str {
         self.0.to_str().expect("utf-8 path")
     }
 }
@@ -93,7 +93,7 @@ impl Node<'_> {
     }
 }
 
-fn json(text: &str) -> serde_json::Value {
+pub(super) fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
@@ -110,7 +110,7 @@ fn leader(node: &Node<'_>) -> Option<String> {
         .and_then(|n| n["hostname"].as_str().map(str::to_owned))
 }
 
-fn wait_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub(super) fn wait_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -125,7 +125,7 @@ fn wait_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) 
 }
 
 /// The token printed after "run the following command" for `role`.
-fn token_from(lines: &[String], role: &str) -> String {
+pub(super) fn token_from(lines: &[String], role: &str) -> String {
     let at = lines
         .iter()
         .position(|l| l.contains(&format!("To add a {role}")))
