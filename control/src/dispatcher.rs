@@ -81,6 +81,8 @@ struct Session {
 pub struct Dispatcher {
     sessions: Mutex<HashMap<String, Session>>,
     next_token: Mutex<u64>,
+    /// One clone per running session task (each holds the manager).
+    running: Arc<()>,
 }
 
 /// One node's convergence, as `meshctl` shows it.
@@ -112,6 +114,15 @@ impl Progress {
 }
 
 impl Dispatcher {
+    /// Waits (up to `limit`) until every session task has ended; they end
+    /// on [`Manager::stopping`].
+    pub async fn wait_sessions_closed(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Arc::strong_count(&self.running) > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     fn open(&self, node: &str) -> u64 {
         let token = {
             let mut t = self.next_token.lock().expect("token lock");
@@ -295,12 +306,16 @@ impl dispatcher_server::Dispatcher for DispatcherService {
         }
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(256);
+        let running = m.dispatcher.running.clone();
         tokio::spawn(async move {
             let node = id.node_id;
             if let Err(e) = run_session(&m, &node, inbound, &tx).await {
                 tracing::debug!(%node, "dispatcher session ended: {}", e.message());
                 let _ = tx.send(Err(e)).await;
             }
+            // The manager first, then the count shutdown waits on.
+            drop(m);
+            drop(running);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

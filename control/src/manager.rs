@@ -256,6 +256,9 @@ pub struct Manager {
     pub dispatcher: crate::dispatcher::Dispatcher,
     proposals: tokio::sync::mpsc::UnboundedSender<Proposal>,
     stop: tokio::sync::watch::Sender<bool>,
+    /// The liveness loop, awaited on shutdown (it holds the manager while
+    /// it works, and the store must be closed when shutdown returns).
+    liveness: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// A write waiting to be committed by the batcher.
@@ -364,8 +367,10 @@ impl Manager {
             dispatcher: Default::default(),
             proposals,
             stop,
+            liveness: Default::default(),
         });
-        tokio::spawn(crate::dispatcher::liveness(Arc::downgrade(&m), stopped));
+        let task = tokio::spawn(crate::dispatcher::liveness(Arc::downgrade(&m), stopped));
+        *m.liveness.lock().expect("liveness lock") = Some(task);
         Ok(m)
     }
 
@@ -651,6 +656,13 @@ impl Manager {
 
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
+        let liveness = self.liveness.lock().expect("liveness lock").take();
+        if let Some(task) = liveness {
+            let _ = task.await;
+        }
+        self.dispatcher
+            .wait_sessions_closed(Duration::from_secs(2))
+            .await;
         let _ = self.raft.shutdown().await;
     }
 }
