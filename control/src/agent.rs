@@ -49,6 +49,8 @@ impl Sink for NoDataplane {
 }
 
 const TABLES_FILE: &str = "tables.json";
+/// How often, at most, the replica is written.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 /// Reads the replica a previous run saved (an unreadable file is ignored:
 /// the dispatcher then sends a snapshot).
@@ -66,6 +68,7 @@ pub struct Agent<S: Sink> {
     /// Where the replica is saved, if anywhere.
     file: Option<PathBuf>,
     dirty: bool,
+    saved_at: Option<Instant>,
     /// The revision the data plane has applied, for whoever watches.
     applied: watch::Sender<Revision>,
 }
@@ -87,6 +90,7 @@ impl<S: Sink> Agent<S> {
             replica,
             file: dir.map(|d| d.join(TABLES_FILE)),
             dirty: false,
+            saved_at: None,
         }
     }
 
@@ -164,6 +168,7 @@ impl<S: Sink> Agent<S> {
             }
         }
         self.dirty = false;
+        self.saved_at = Some(Instant::now());
     }
 
     async fn session(&mut self, addr: &str, stop: &mut watch::Receiver<bool>) -> Ended {
@@ -200,7 +205,7 @@ impl<S: Sink> Agent<S> {
         let mut period = Duration::from_secs(1);
         let mut misses = 3u32;
         let mut beat = tokio::time::interval(period);
-        let mut save = tokio::time::interval(Duration::from_secs(1));
+        let mut save = tokio::time::interval(SAVE_EVERY);
         let mut heard = Instant::now();
         loop {
             tokio::select! {
@@ -226,6 +231,7 @@ impl<S: Sink> Agent<S> {
                         },
                     };
                     heard = Instant::now();
+                    let snapshot = matches!(msg, DispatcherMessage::Snapshot { .. });
                     let applied = match msg {
                         DispatcherMessage::Welcome { heartbeat_ms, misses: m } => {
                             period = Duration::from_millis(heartbeat_ms.max(10));
@@ -248,6 +254,12 @@ impl<S: Sink> Agent<S> {
                         }
                     };
                     self.dirty = true;
+                    // On disk at once unless saved in the last second (the
+                    // tick flushes the rest): a node that crashes right
+                    // after its first update still resumes from a revision.
+                    if snapshot || self.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
+                        self.save();
+                    }
                     match applied {
                         Ok(()) => {
                             self.applied.send_replace(self.replica.revision);

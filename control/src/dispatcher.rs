@@ -204,6 +204,9 @@ fn timing(m: &Manager) -> (Duration, u32) {
 /// or `stop` is set.
 pub async fn liveness(m: Weak<Manager>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut leading_since: Option<Instant> = None;
+    // When this leader first saw each node: a node that just joined gets
+    // a full grace period before its first heartbeat is due.
+    let mut first_seen: HashMap<String, Instant> = HashMap::new();
     loop {
         let Some(mgr) = m.upgrade() else { return };
         let (period, misses) = timing(&mgr);
@@ -211,12 +214,13 @@ pub async fn liveness(m: Weak<Manager>, mut stop: tokio::sync::watch::Receiver<b
         if !mgr.is_leader() {
             if leading_since.take().is_some() {
                 mgr.dispatcher.clear();
+                first_seen.clear();
             }
         } else {
             let since = *leading_since.get_or_insert_with(Instant::now);
             tokio::select! {
                 () = crate::agent::stopped(&mut stop) => return,
-                () = check_nodes(&mgr, since, period * misses, period) => {}
+                () = check_nodes(&mgr, since, &mut first_seen, period * misses, period) => {}
             }
         }
         drop(mgr);
@@ -227,10 +231,17 @@ pub async fn liveness(m: Weak<Manager>, mut stop: tokio::sync::watch::Receiver<b
     }
 }
 
-async fn check_nodes(m: &Manager, leading_since: Instant, dead_after: Duration, period: Duration) {
+async fn check_nodes(
+    m: &Manager,
+    leading_since: Instant,
+    first_seen: &mut HashMap<String, Instant>,
+    dead_after: Duration,
+    period: Duration,
+) {
     let nodes: Vec<(String, NodeStatus)> =
         m.with_state(|s| s.nodes.values().map(|n| (n.id.clone(), n.status)).collect());
     let now = Instant::now();
+    first_seen.retain(|id, _| nodes.iter().any(|(n, _)| n == id));
     let seen: HashMap<String, (Instant, bool)> = m
         .dispatcher
         .sessions
@@ -240,9 +251,10 @@ async fn check_nodes(m: &Manager, leading_since: Instant, dead_after: Duration, 
         .map(|(k, s)| (k.clone(), (s.last_heartbeat, s.connected)))
         .collect();
     for (id, status) in nodes {
+        let since = (*first_seen.entry(id.clone()).or_insert(now)).max(leading_since);
         let (last, connected) = match seen.get(&id) {
-            Some((t, c)) => ((*t).max(leading_since), *c),
-            None => (leading_since, false),
+            Some((t, c)) => ((*t).max(since), *c),
+            None => (since, false),
         };
         let silent = now.saturating_duration_since(last);
         let new_status = match status {

@@ -825,6 +825,15 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
         .await;
         eprintln!("agent {i} at revision {}", want.revision);
     }
+    // Each agent saves its replica (at most once a second).
+    for d in std::iter::once(&manager).chain(&workers) {
+        wait_for(
+            "the saved replica to catch up",
+            Duration::from_secs(5),
+            || (control::agent::load_replica(&d.dir) == want).then_some(()),
+        )
+        .await;
+    }
     // The leader saw every ack.
     let m = manager.ctx.manager().unwrap();
     let progress = m.dispatcher.progress(&m);

@@ -382,6 +382,24 @@ impl fmt::Debug for Netlink {
     }
 }
 
+/// Runs `f` on a short-lived thread inside the network namespace at
+/// `path` (setns() changes only the calling thread). Sockets `f` opens stay
+/// in that namespace.
+pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    let ns = File::open(path)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: an open namespace file; CLONE_NEWNET only affects this thread.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .map_err(|_| io::Error::other("thread panicked"))?
+    })
+}
+
 impl Netlink {
     /// A handle in the caller's namespace. Needs a tokio runtime, which drives
     /// the connection.
@@ -420,24 +438,14 @@ impl Netlink {
             ns: label.to_string(),
             source,
         };
-        let ns = File::open(path).map_err(|e| err("open namespace", e))?;
         let rt = tokio::runtime::Handle::current();
-        // setns() changes only the calling thread, so a short-lived thread
-        // opens the socket; the socket stays bound to that namespace.
-        let (conn, handle) = std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: an open namespace file; CLONE_NEWNET only affects this thread.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(err("enter namespace", io::Error::last_os_error()));
-                }
-                let _rt = rt.enter();
-                let (conn, handle, _) =
-                    rtnetlink::new_connection().map_err(|e| err("open netlink socket", e))?;
-                Ok((conn, handle))
-            })
-            .join()
-            .map_err(|_| err("open netlink socket", io::Error::other("thread panicked")))?
-        })?;
+        // The socket stays bound to the namespace it was opened in.
+        let (conn, handle) = in_netns(path, || {
+            let _rt = rt.enter();
+            let (conn, handle, _) = rtnetlink::new_connection()?;
+            Ok((conn, handle))
+        })
+        .map_err(|e| err("open netlink socket", e))?;
         rt.spawn(conn);
         Ok(Netlink {
             handle,

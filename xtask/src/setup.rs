@@ -17,6 +17,10 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "bpftool",
     "socat",
+    // dig, an upstream resolver for the DNS tests, and the DNS benchmark.
+    "dnsutils",
+    "dnsmasq-base",
+    "dnsperf",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Must match rustc's LLVM major, or linking fails with "Invalid record".

@@ -18,6 +18,7 @@ use control::{
 };
 use dataplane::{
     bpffs,
+    dns::Dns,
     ebpf::{Datapath, monotonic_ns},
     inspect::{LbTable, read_lb},
     lb::{LbSpec, LbSync, Timeouts},
@@ -208,6 +209,11 @@ struct DataplaneArgs {
     /// interfaces, conntrack timeouts. Without it the LB answers nothing.
     #[arg(long, requires = "underlay")]
     config: Option<PathBuf>,
+    /// Where the embedded DNS forwards names that are not the cluster's
+    /// (repeatable); default: the non-loopback nameservers of
+    /// /etc/resolv.conf.
+    #[arg(long = "dns-upstream")]
+    dns_upstream: Vec<SocketAddr>,
     /// Seconds between conntrack sweeps.
     #[arg(long, default_value_t = 10)]
     sweep_interval: u64,
@@ -628,10 +634,16 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
         let mut daemon = daemon;
         if let Some(d) = daemon.as_mut() {
             let file = control::daemon::NodeFile::load(&d.dir)?;
+            let upstream = if dp.dns_upstream.is_empty() {
+                Dns::host_resolvers()
+            } else {
+                dp.dns_upstream.clone()
+            };
             d.start_agent(TableSink {
                 node: d.ctx.node_id.clone(),
                 underlay: file.addr,
                 dataplane: dataplane.clone(),
+                dns: Dns::new(upstream),
             });
         }
         println!("meshd: ready");
@@ -667,11 +679,12 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
 }
 
 /// The agent's view of the data plane: each update of the tables becomes
-/// this node's overlay.
+/// this node's overlay, then its DNS records (swapped in one step).
 struct TableSink {
     node: String,
     underlay: Ipv4Addr,
     dataplane: Option<Arc<tokio::sync::Mutex<Dataplane>>>,
+    dns: Dns,
 }
 
 impl Sink for TableSink {
@@ -682,10 +695,13 @@ impl Sink for TableSink {
         let spec = overlay_spec(tables, &self.node, self.underlay);
         let mut dp = dp.lock().await;
         let r = dp.overlay.apply(spec).await.map_err(|e| e.to_string())?;
+        // After the overlay: a new task's namespace has its `lo` up.
+        self.dns.update(tables, &self.node).await?;
         tracing::info!(
             revision = tables.revision,
             changes = r.changes,
             full = r.full,
+            dns_tasks = self.dns.served(),
             "tables applied"
         );
         Ok(())

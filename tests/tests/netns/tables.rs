@@ -105,6 +105,22 @@ struct Task {
 }
 
 impl Task {
+    /// `dig` against the embedded DNS from inside the task.
+    fn dig(&self, args: &[&str]) -> String {
+        let mut argv = vec!["+time=1", "+tries=2", "@127.0.0.11"];
+        argv.extend_from_slice(args);
+        String::from_utf8_lossy(&self.ns.exec("dig", &argv).stdout).into_owned()
+    }
+
+    /// The A records `dig +short` gives for `name`, sorted.
+    fn resolve(&self, name: &str, extra: &[&str]) -> Vec<String> {
+        let mut args = vec!["+short", name];
+        args.extend_from_slice(extra);
+        let mut v: Vec<String> = self.dig(&args).lines().map(str::to_owned).collect();
+        v.sort();
+        v
+    }
+
     fn reaches(&self, to: Ipv4Addr) -> bool {
         let to = to.to_string();
         (0..3).any(|_| {
@@ -118,7 +134,7 @@ impl Task {
 
 /// Records a task of `service` on `node` (the internal path, manager
 /// certificate only) whose namespace the test created.
-fn place_task(manager: &Node<'_>, service: &str, node_id: &str) -> Task {
+fn place_task(manager: &Node<'_>, service: &str, slot: u32, node_id: &str) -> Task {
     let ns = Netns::new();
     let path = ns.path();
     let out = manager.meshctl_ok(&[
@@ -128,6 +144,8 @@ fn place_task(manager: &Node<'_>, service: &str, node_id: &str) -> Task {
         service,
         "--node",
         node_id,
+        "--slot",
+        &slot.to_string(),
         "--netns",
         path.to_str().expect("utf-8"),
     ]);
@@ -179,8 +197,28 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
     let lines = nodes[0].start(args);
     let token = token_from(&lines, "worker");
     let manager_api = nodes[0].api();
-    for n in nodes.iter_mut().skip(1) {
+    // Worker 1's upstream resolver: dnsmasq in its host namespace.
+    let _upstream = nodes[1].host.spawn(
+        nodes[1]
+            .host
+            .command("dnsmasq")
+            .args([
+                "--no-daemon",
+                "--port=5353",
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--no-resolv",
+                "--no-hosts",
+                "--address=/example.test/192.0.2.7",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
+    for (i, n) in nodes.iter_mut().enumerate().skip(1) {
         let mut args = vec!["join".into()];
+        if i == 1 {
+            args.extend(["--dns-upstream".into(), "127.0.0.1:5353".into()]);
+        }
         args.extend(common(n));
         args.extend(["--token".into(), token.clone(), manager_api.clone()]);
         n.start(args);
@@ -219,8 +257,8 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
     assert!(out.contains("verify: Service converged"), "{out}");
     assert!(out.contains("overall progress: 3 out of 3 nodes"), "{out}");
 
-    let t1 = place_task(&nodes[0], "web", &ids[1]);
-    let t2 = place_task(&nodes[0], "web", &ids[2]);
+    let t1 = place_task(&nodes[0], "web", 1, &ids[1]);
+    let t2 = place_task(&nodes[0], "web", 2, &ids[2]);
     wait_until(
         "a task on worker 1 to reach one on worker 2",
         Duration::from_secs(15),
@@ -228,6 +266,33 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
     );
     assert!(t2.reaches(t1.ip));
     assert!(nodes[1].vxlan_fdb(vni).contains(&t2.mac));
+
+    // The embedded DNS in the task: the VIP, the tasks, PTR, NXDOMAIN,
+    // forwarding; over UDP and TCP.
+    let svc = json(&nodes[0].meshctl_ok(&["service", "inspect", "web"]));
+    let red_id = json(&nodes[0].meshctl_ok(&["network", "inspect", "red"]))[0]["id"].clone();
+    let vip = svc[0]["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["network"] == red_id)
+        .and_then(|v| v["addr"].as_str())
+        .expect("a VIP on red")
+        .to_owned();
+    let mut both = vec![t1.ip.to_string(), t2.ip.to_string()];
+    both.sort();
+    assert_eq!(t1.resolve("web", &[]), [vip.clone()]);
+    assert_eq!(t1.resolve("web", &["+tcp"]), [vip.clone()]);
+    assert_eq!(t2.resolve("tasks.web", &[]), both);
+    assert_eq!(t1.resolve("tasks.web", &["+tcp"]), both);
+    assert_eq!(t1.resolve("-x", &[&t2.ip.to_string()]), ["web.2."]);
+    assert!(t1.dig(&["nosuch"]).contains("status: NXDOMAIN"));
+    assert!(t1.dig(&["tasks.nosuch"]).contains("status: NXDOMAIN"));
+    assert_eq!(
+        t1.resolve("example.test", &[]),
+        ["192.0.2.7"],
+        "forwarded upstream"
+    );
 
     // Worker 2 dies hard and loses its link.
     let underlay = topo.underlay().name().to_owned();
@@ -240,6 +305,16 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
             .expect("ip");
         assert!(st.success());
     };
+    let entries_before = wait_until(
+        "worker 1 to save the tables",
+        Duration::from_secs(5),
+        || {
+            nodes[1]
+                .saved_tables()
+                .filter(|t| t.1.as_array().is_some_and(|a| a.len() == 5))
+        },
+    )
+    .1;
     let killed = Instant::now();
     nodes[2].meshd.take().expect("running").kill();
     ip(&["link", "set", &port, "down"]);
@@ -253,6 +328,11 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
         "dead worker withdrawn from another node's kernel {} ms after SIGKILL (heartbeat {HEARTBEAT} x 3)",
         withdrawn.as_millis()
     );
+    // Worker 1 has applied (and acked) that revision: DNS there never
+    // gives the dead task's address again.
+    for _ in 0..10 {
+        assert_eq!(t1.resolve("tasks.web", &[]), [t1.ip.to_string()]);
+    }
     let list = json(&nodes[0].meshctl_ok(&["node", "ls", "--format", "json"]));
     let status = list
         .as_array()
@@ -264,7 +344,13 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
 
     // It comes back: resyncs from its saved revision and ends with the
     // same tables as the others.
-    let (before, _) = nodes[2].saved_tables().expect("worker 2 saved its tables");
+    let (before, _) = nodes[2].saved_tables().unwrap_or_else(|| {
+        let path = nodes[2].dir.0.join("tables.json");
+        panic!(
+            "worker 2 saved no readable tables: {:?}",
+            std::fs::read_to_string(&path).map(|t| t.len())
+        )
+    });
     ip(&["link", "set", &port, "up"]);
     let mut args: Vec<String> = vec![
         "run".into(),
@@ -279,7 +365,12 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
         || {
             let all: Vec<(u64, serde_json::Value)> =
                 nodes.iter().filter_map(Node::saved_tables).collect();
-            (all.len() == 3 && all.iter().all(|t| *t == all[0]) && all[0].0 > before)
+            // Identical everywhere, past the revision it had, and with its
+            // endpoint back (the same entries as before it died).
+            (all.len() == 3
+                && all.iter().all(|t| *t == all[0])
+                && all[0].0 > before
+                && all[0].1 == entries_before)
                 .then(|| all[0].clone())
         },
     );
