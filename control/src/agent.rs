@@ -24,18 +24,34 @@ use crate::{
     api::Ctx,
     daemon::{MAX_MESSAGE, status_text},
     dispatcher::{AgentMessage, DispatcherMessage, NOT_LEADER_DISPATCH},
-    tables::{Change, Revision, Tables},
+    tables::{Key, Revision, Tables, Value},
     tls::{self, Trust},
 };
 
+/// One entry a delta changed: what it was and what it is now.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub key: Key,
+    pub old: Option<Value>,
+    pub new: Option<Value>,
+}
+
+/// What changed since the sink's last call.
+#[derive(Debug, Clone, Copy)]
+pub enum Update<'a> {
+    /// Everything may have changed (a snapshot, or the state at start).
+    Whole,
+    /// Exactly these entries changed.
+    Delta(&'a [Applied]),
+}
+
 /// The data plane, as the agent drives it.
 pub trait Sink: Send + 'static {
-    /// Makes the data plane match `tables`. `changes` is the delta that
-    /// just produced them; `None` after a snapshot or at start.
+    /// Makes the data plane match `tables`, which `update` just produced.
     fn apply(
         &mut self,
         tables: &Tables,
-        changes: Option<&[Change]>,
+        update: Update<'_>,
     ) -> impl Future<Output = Result<(), String>> + Send;
 }
 
@@ -43,7 +59,7 @@ pub trait Sink: Send + 'static {
 pub struct NoDataplane;
 
 impl Sink for NoDataplane {
-    async fn apply(&mut self, _: &Tables, _: Option<&[Change]>) -> Result<(), String> {
+    async fn apply(&mut self, _: &Tables, _: Update<'_>) -> Result<(), String> {
         Ok(())
     }
 }
@@ -102,7 +118,7 @@ impl<S: Sink> Agent<S> {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         if self.replica.revision > 0 {
             // The last state, before any manager answers.
-            if let Err(e) = self.sink.apply(&self.replica, None).await {
+            if let Err(e) = self.sink.apply(&self.replica, Update::Whole).await {
                 tracing::error!("restoring the saved tables: {e}");
             }
             tracing::info!(
@@ -243,12 +259,24 @@ impl<S: Sink> Agent<S> {
                         DispatcherMessage::Heartbeat => continue,
                         DispatcherMessage::Snapshot { tables } => {
                             self.replica = tables;
-                            self.sink.apply(&self.replica, None).await
+                            self.sink.apply(&self.replica, Update::Whole).await
                         }
                         DispatcherMessage::Delta { delta } => {
+                            if delta.revision <= self.replica.revision {
+                                continue;
+                            }
+                            let applied: Vec<Applied> = delta
+                                .changes
+                                .iter()
+                                .map(|c| Applied {
+                                    key: c.key.clone(),
+                                    old: self.replica.entries.get(&c.key).cloned(),
+                                    new: c.value.clone(),
+                                })
+                                .collect();
                             match self.replica.apply(&delta) {
                                 Ok(false) => continue,
-                                Ok(true) => self.sink.apply(&self.replica, Some(&delta.changes)).await,
+                                Ok(true) => self.sink.apply(&self.replica, Update::Delta(&applied)).await,
                                 Err(e) => Err(e.to_string()),
                             }
                         }

@@ -10,8 +10,8 @@
 //!
 //! Load-balancer frontends and backends and DNS records per network are
 //! functions of these entries (a service's backends are its endpoints on a
-//! network), computed on each node from its replica; see [`dns_records`] and
-//! the data plane's table sink.
+//! network), computed on each node from its replica by the data plane
+//! (`dataplane::tables`, `dataplane::dns`), incrementally from each delta.
 //!
 //! Every Raft log entry that changes an entry produces a [`Delta`] whose
 //! revision is that entry's log index. Deriving a delta costs the entries
@@ -498,59 +498,6 @@ impl Book {
     }
 }
 
-/// One DNS record set as the embedded DNS answers it on one network.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct NetworkRecords {
-    /// name -> addresses (`svc` and aliases: the VIP, or the task IPs in
-    /// dnsrr mode; `tasks.svc` and task names: task IPs).
-    pub names: BTreeMap<String, Vec<Ipv4Addr>>,
-    /// address -> name, for PTR.
-    pub reverse: BTreeMap<Ipv4Addr, String>,
-}
-
-/// The DNS records of every network in `tables`, by network id.
-pub fn dns_records(tables: &Tables) -> BTreeMap<String, NetworkRecords> {
-    let mut out: BTreeMap<String, NetworkRecords> = BTreeMap::new();
-    let services: BTreeMap<&str, &ServiceEntry> = tables.services().collect();
-    for (network, _, e) in tables.endpoints() {
-        let Some(svc) = services.get(e.service.as_str()) else {
-            continue;
-        };
-        let r = out.entry(network.to_owned()).or_default();
-        r.names
-            .entry(format!("tasks.{}", svc.name))
-            .or_default()
-            .push(e.addr);
-        r.names.entry(e.task_name.clone()).or_default().push(e.addr);
-        r.reverse.insert(e.addr, e.task_name.clone());
-        if svc.endpoint_mode == EndpointMode::Dnsrr {
-            let mut names = vec![svc.name.clone()];
-            names.extend(svc.aliases.get(network).into_iter().flatten().cloned());
-            for n in names {
-                r.names.entry(n).or_default().push(e.addr);
-            }
-        }
-    }
-    for (_, svc) in tables.services() {
-        for (network, vip) in &svc.vips {
-            let r = out.entry(network.clone()).or_default();
-            let mut names = vec![svc.name.clone()];
-            names.extend(svc.aliases.get(network).into_iter().flatten().cloned());
-            for n in names {
-                r.names.entry(n).or_default().push(*vip);
-            }
-            r.reverse.insert(*vip, svc.name.clone());
-        }
-    }
-    for r in out.values_mut() {
-        for v in r.names.values_mut() {
-            v.sort();
-            v.dedup();
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -760,29 +707,5 @@ mod tests {
             Catchup::Snapshot(t) => assert_eq!(t.entries, book.tables().entries),
             other => panic!("expected a snapshot, got {other:?}"),
         }
-    }
-
-    #[test]
-    fn dns_records_per_network() {
-        let cmds = script();
-        // Up to the batch: web (vip, alias www) and db (dnsrr) on red.
-        let upto = cmds
-            .iter()
-            .position(|c| matches!(c, Command::Batch { .. }))
-            .unwrap();
-        let (state, book, _) = run(&cmds[..=upto]);
-        let records = dns_records(book.tables());
-        let red = &records["red"];
-        let web = &state.services["web"];
-        let vip = web.vips.iter().find(|v| v.network == "red").unwrap().addr;
-        assert_eq!(red.names["web"], vec![vip]);
-        assert_eq!(red.names["www"], vec![vip]);
-        assert_eq!(red.names["tasks.web"].len(), 2);
-        assert_eq!(red.names["db"], red.names["tasks.db"], "dnsrr: task IPs");
-        assert_eq!(red.reverse[&vip], "web");
-        // The ingress network knows web (it publishes) but not db.
-        let ingress = &records["ingress"];
-        assert!(ingress.names.contains_key("web"));
-        assert!(!ingress.names.contains_key("db"));
     }
 }

@@ -713,7 +713,7 @@ impl control::agent::Sink for Recorder {
     async fn apply(
         &mut self,
         tables: &control::tables::Tables,
-        _: Option<&[control::tables::Change]>,
+        _: control::agent::Update<'_>,
     ) -> Result<(), String> {
         *self.0.lock().unwrap() = tables.clone();
         Ok(())

@@ -17,7 +17,7 @@
 //! address, no query on that node is answered with it.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
@@ -27,8 +27,10 @@ use std::{
 };
 
 use control::{
+    agent::{Applied, Update},
     allocator::Subnet,
-    tables::{NetworkRecords, Tables, dns_records},
+    state::EndpointMode,
+    tables::{Key, Tables, Value},
 };
 use hickory_proto::{
     op::{Message, Metadata, ResponseCode},
@@ -51,12 +53,30 @@ const VIP_TTL: u32 = 600;
 const TASK_TTL: u32 = 0;
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The records of every network, and which addresses are VIPs.
+/// What one service puts in the zone (so that it can be taken out again).
+#[derive(Debug, Default, Clone)]
+struct Contribution {
+    /// (network, name, address)
+    names: Vec<(String, String, Ipv4Addr)>,
+    /// (network, address, name)
+    reverse: Vec<(String, Ipv4Addr, String)>,
+    vips: Vec<Ipv4Addr>,
+}
+
+/// The records of every network, kept up to date from each delta: a change
+/// costs the services it touches, never the size of the zone.
 #[derive(Debug, Default)]
 pub struct Zone {
-    networks: BTreeMap<String, NetworkRecords>,
-    subnets: BTreeMap<String, Subnet>,
-    vips: std::collections::HashSet<Ipv4Addr>,
+    /// network -> name -> addresses (a multiset: contributions overlap).
+    names: HashMap<String, HashMap<String, Vec<Ipv4Addr>>>,
+    /// network -> address -> names (the first one answers PTR).
+    reverse: HashMap<String, HashMap<Ipv4Addr, Vec<String>>>,
+    subnets: HashMap<String, Subnet>,
+    /// VIPs (counted), for the TTL.
+    vips: HashMap<Ipv4Addr, usize>,
+    /// service id -> its endpoints (network, task).
+    members: HashMap<String, BTreeSet<(String, String)>>,
+    contributions: HashMap<String, Contribution>,
 }
 
 /// What a query gets.
@@ -72,31 +92,177 @@ pub enum Answer {
     Forward,
 }
 
+fn remove_one<T: PartialEq>(v: &mut Vec<T>, x: &T) {
+    if let Some(i) = v.iter().position(|y| y == x) {
+        v.swap_remove(i);
+    }
+}
+
 impl Zone {
+    /// The whole zone of `tables`.
     pub fn from_tables(tables: &Tables) -> Zone {
-        let vips = tables
-            .services()
-            .flat_map(|(_, s)| s.vips.values().copied())
+        let mut z = Zone::default();
+        z.subnets = tables
+            .networks()
+            .map(|(id, n)| (id.to_owned(), n.subnet))
             .collect();
-        Zone {
-            networks: dns_records(tables),
-            subnets: tables
-                .networks()
-                .map(|(id, n)| (id.to_owned(), n.subnet))
-                .collect(),
-            vips,
+        for (network, task, e) in tables.endpoints() {
+            z.members
+                .entry(e.service.clone())
+                .or_default()
+                .insert((network.to_owned(), task.to_owned()));
         }
+        let services: Vec<String> = tables.services().map(|(id, _)| id.to_owned()).collect();
+        for id in services {
+            z.refresh(tables, &id);
+        }
+        z
+    }
+
+    /// Brings the zone to `tables` after `changes` (entries before and
+    /// after) produced them.
+    pub fn apply(&mut self, tables: &Tables, changes: &[Applied]) {
+        let mut affected = BTreeSet::new();
+        for c in changes {
+            match &c.key {
+                Key::Network { id } => match &c.new {
+                    Some(Value::Network(n)) => {
+                        self.subnets.insert(id.clone(), n.subnet);
+                    }
+                    _ => {
+                        self.subnets.remove(id);
+                    }
+                },
+                Key::Service { id } => {
+                    affected.insert(id.clone());
+                }
+                Key::Endpoint { network, task } => {
+                    let member = (network.clone(), task.clone());
+                    if let Some(Value::Endpoint(old)) = &c.old {
+                        if let Some(m) = self.members.get_mut(&old.service) {
+                            m.remove(&member);
+                        }
+                        affected.insert(old.service.clone());
+                    }
+                    if let Some(Value::Endpoint(new)) = &c.new {
+                        self.members
+                            .entry(new.service.clone())
+                            .or_default()
+                            .insert(member);
+                        affected.insert(new.service.clone());
+                    }
+                }
+            }
+        }
+        for id in affected {
+            self.refresh(tables, &id);
+        }
+    }
+
+    /// Replaces what service `id` contributes with what `tables` says now.
+    fn refresh(&mut self, tables: &Tables, id: &str) {
+        if let Some(old) = self.contributions.remove(id) {
+            for (net, name, ip) in &old.names {
+                if let Some(m) = self.names.get_mut(net)
+                    && let Some(v) = m.get_mut(name)
+                {
+                    remove_one(v, ip);
+                    if v.is_empty() {
+                        m.remove(name);
+                    }
+                }
+            }
+            for (net, ip, name) in &old.reverse {
+                if let Some(m) = self.reverse.get_mut(net)
+                    && let Some(v) = m.get_mut(ip)
+                {
+                    remove_one(v, name);
+                    if v.is_empty() {
+                        m.remove(ip);
+                    }
+                }
+            }
+            for vip in &old.vips {
+                if let Some(n) = self.vips.get_mut(vip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.vips.remove(vip);
+                    }
+                }
+            }
+        }
+        let Some(Value::Service(svc)) = tables.entries.get(&Key::Service { id: id.to_owned() })
+        else {
+            if self.members.get(id).is_some_and(BTreeSet::is_empty) {
+                self.members.remove(id);
+            }
+            return;
+        };
+        let mut c = Contribution::default();
+        let names_on = |net: &str| {
+            std::iter::once(svc.name.clone())
+                .chain(svc.aliases.get(net).into_iter().flatten().cloned())
+                .collect::<Vec<_>>()
+        };
+        for (net, task) in self.members.get(id).into_iter().flatten() {
+            let key = Key::Endpoint {
+                network: net.clone(),
+                task: task.clone(),
+            };
+            let Some(Value::Endpoint(e)) = tables.entries.get(&key) else {
+                continue;
+            };
+            c.names
+                .push((net.clone(), format!("tasks.{}", svc.name), e.addr));
+            c.names.push((net.clone(), e.task_name.clone(), e.addr));
+            c.reverse.push((net.clone(), e.addr, e.task_name.clone()));
+            if svc.endpoint_mode == EndpointMode::Dnsrr {
+                for n in names_on(net) {
+                    c.names.push((net.clone(), n, e.addr));
+                }
+            }
+        }
+        for (net, vip) in &svc.vips {
+            for n in names_on(net) {
+                c.names.push((net.clone(), n, *vip));
+            }
+            c.reverse.push((net.clone(), *vip, svc.name.clone()));
+            c.vips.push(*vip);
+        }
+        for (net, name, ip) in &c.names {
+            self.names
+                .entry(net.clone())
+                .or_default()
+                .entry(name.clone())
+                .or_default()
+                .push(*ip);
+        }
+        for (net, ip, name) in &c.reverse {
+            self.reverse
+                .entry(net.clone())
+                .or_default()
+                .entry(*ip)
+                .or_default()
+                .push(name.clone());
+        }
+        for vip in &c.vips {
+            *self.vips.entry(*vip).or_default() += 1;
+        }
+        self.contributions.insert(id.to_owned(), c);
     }
 
     /// The answer for `name` (lowercase, no trailing dot) of type `qtype`,
     /// seen from a task on the networks `scope`.
     pub fn lookup(&self, scope: &[String], name: &str, qtype: RecordType) -> Answer {
-        let records = || scope.iter().filter_map(|n| self.networks.get(n));
         if qtype == RecordType::PTR {
             let Some(ip) = arpa_v4(name) else {
                 return Answer::Forward;
             };
-            if let Some(n) = records().find_map(|r| r.reverse.get(&ip)) {
+            let found = scope
+                .iter()
+                .filter_map(|n| self.reverse.get(n)?.get(&ip)?.iter().min())
+                .min();
+            if let Some(n) = found {
                 return Answer::Pointer(n.clone());
             }
             let ours = scope
@@ -111,8 +277,8 @@ impl Zone {
         }
         let mut found = false;
         let mut addrs = Vec::new();
-        for r in records() {
-            if let Some(a) = r.names.get(name) {
+        for net in scope {
+            if let Some(a) = self.names.get(net).and_then(|m| m.get(name)) {
                 found = true;
                 addrs.extend(a);
             }
@@ -123,7 +289,7 @@ impl Zone {
             if qtype != RecordType::A && qtype != RecordType::ANY {
                 return Answer::NoData;
             }
-            let ttl = if addrs.iter().all(|a| self.vips.contains(a)) {
+            let ttl = if addrs.iter().all(|a| self.vips.contains_key(a)) {
                 VIP_TTL
             } else {
                 TASK_TTL
@@ -153,8 +319,9 @@ fn arpa_v4(name: &str) -> Option<Ipv4Addr> {
     Some(Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3]))
 }
 
-/// The zone every task server reads; replaced whole on each revision.
-pub type SharedZone = Arc<RwLock<Arc<Zone>>>;
+/// The zone every task server reads; a revision's changes go in under one
+/// write lock, so a query sees the zone before or after it, never between.
+pub type SharedZone = Arc<RwLock<Zone>>;
 
 /// Answers one task's queries.
 struct Handler {
@@ -220,9 +387,11 @@ impl RequestHandler for Handler {
         let qname = query.name().to_string().to_ascii_lowercase();
         let qname = qname.trim_end_matches('.');
         let answer = {
-            let zone = self.zone.read().expect("zone lock").clone();
             let scope = self.scope.read().expect("scope lock").clone();
-            zone.lookup(&scope, qname, query.query_type())
+            self.zone
+                .read()
+                .expect("zone lock")
+                .lookup(&scope, qname, query.query_type())
         };
         let owner = Name::from(query.name().clone());
         let records: Vec<Record> = match answer {
@@ -338,11 +507,33 @@ impl Dns {
             .collect()
     }
 
-    /// Swaps in the records of `tables`, and starts, re-scopes or stops
-    /// the servers of this node's tasks. Returns the first error opening
-    /// a task's sockets (the others are still served).
-    pub async fn update(&mut self, tables: &Tables, node: &str) -> Result<(), String> {
-        *self.zone.write().expect("zone lock") = Arc::new(Zone::from_tables(tables));
+    /// Brings the records to `tables` (whole, or by the delta's entries),
+    /// and starts, re-scopes or stops the servers of this node's tasks when
+    /// they may have changed. Returns the first error opening a task's
+    /// sockets (the others are still served).
+    pub async fn update(
+        &mut self,
+        tables: &Tables,
+        update: Update<'_>,
+        node: &str,
+    ) -> Result<(), String> {
+        let local_change = match update {
+            Update::Whole => {
+                *self.zone.write().expect("zone lock") = Zone::from_tables(tables);
+                true
+            }
+            Update::Delta(changes) => {
+                self.zone.write().expect("zone lock").apply(tables, changes);
+                changes.iter().any(|c| {
+                    [&c.old, &c.new]
+                        .into_iter()
+                        .any(|v| matches!(v, Some(Value::Endpoint(e)) if e.node == node))
+                })
+            }
+        };
+        if !local_change {
+            return Ok(());
+        }
         let mut want: BTreeMap<&str, (PathBuf, Vec<String>)> = BTreeMap::new();
         for (network, task, e) in tables.endpoints() {
             if e.node != node {
@@ -490,6 +681,71 @@ mod tests {
             ep("blue", "d2", "db", 2, "10.0.2.4"),
         ]);
         t
+    }
+
+    /// Everything the zone answers, in a comparable form.
+    fn dump(
+        z: &Zone,
+    ) -> (
+        BTreeMap<(String, String), Vec<Ipv4Addr>>,
+        BTreeMap<(String, Ipv4Addr), String>,
+    ) {
+        let mut names = BTreeMap::new();
+        for (net, m) in &z.names {
+            for (name, v) in m {
+                let mut v = v.clone();
+                v.sort();
+                names.insert((net.clone(), name.clone()), v);
+            }
+        }
+        let mut reverse = BTreeMap::new();
+        for (net, m) in &z.reverse {
+            for (ip, v) in m {
+                reverse.insert((net.clone(), *ip), v.iter().min().unwrap().clone());
+            }
+        }
+        (names, reverse)
+    }
+
+    #[test]
+    fn deltas_give_the_same_zone_as_a_whole_build() {
+        let full = tables();
+        let mut t = Tables::default();
+        let mut z = Zone::default();
+        let step = |t: &mut Tables, z: &mut Zone, key: Key, new: Option<Value>| {
+            let old = t.entries.get(&key).cloned();
+            match &new {
+                Some(v) => t.entries.insert(key.clone(), v.clone()),
+                None => t.entries.remove(&key),
+            };
+            z.apply(t, &[Applied { key, old, new }]);
+            assert_eq!(dump(z), dump(&Zone::from_tables(t)));
+        };
+        // Endpoints before their service, then the rest.
+        let mut entries: Vec<(Key, Value)> = full.entries.clone().into_iter().collect();
+        entries.sort_by_key(|(k, _)| !matches!(k, Key::Endpoint { .. }));
+        for (k, v) in entries.clone() {
+            step(&mut t, &mut z, k, Some(v));
+        }
+        assert_eq!(dump(&z), dump(&Zone::from_tables(&full)));
+        // web becomes dnsrr; then everything goes, services first.
+        if let Some(Value::Service(mut web)) =
+            t.entries.get(&Key::Service { id: "web".into() }).cloned()
+        {
+            web.endpoint_mode = control::state::EndpointMode::Dnsrr;
+            web.vips.clear();
+            step(
+                &mut t,
+                &mut z,
+                Key::Service { id: "web".into() },
+                Some(Value::Service(web)),
+            );
+        }
+        entries.sort_by_key(|(k, _)| matches!(k, Key::Endpoint { .. }));
+        for (k, _) in entries {
+            step(&mut t, &mut z, k, None);
+        }
+        assert!(dump(&z).0.is_empty() && dump(&z).1.is_empty());
     }
 
     fn ips(v: &[&str]) -> Vec<Ipv4Addr> {

@@ -7,14 +7,112 @@
 //!   (static FDB and neighbour entries toward the nodes they run on).
 //!   Endpoints of a node that is down are not in the tables at all.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::PathBuf,
+};
 
-use control::tables::Tables;
+use control::{
+    agent::Update,
+    tables::{EndpointEntry, Key, Tables, Value},
+};
 
 use crate::{
     netlink::Mac,
-    overlay::{LocalEndpoint, NetworkSpec, OverlaySpec, RemoteEndpoint},
+    overlay::{Change, LocalEndpoint, NetworkSpec, OverlaySpec, RemoteEndpoint},
 };
+
+/// What the overlay needs after an update of the tables.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OverlayUpdate {
+    Unchanged,
+    /// Remote endpoints came, went or moved: applied in constant time each.
+    Changes(Vec<Change>),
+    /// Local tasks or networks changed: a whole table.
+    Whole(OverlaySpec),
+}
+
+/// This node's share of the tables, followed delta by delta.
+#[derive(Debug)]
+pub struct NodeView {
+    node: String,
+    underlay: Ipv4Addr,
+    /// Networks this node has a task on.
+    local: BTreeSet<String>,
+}
+
+fn endpoint(v: &Option<Value>) -> Option<&EndpointEntry> {
+    match v {
+        Some(Value::Endpoint(e)) => Some(e),
+        _ => None,
+    }
+}
+
+impl NodeView {
+    pub fn new(node: &str, underlay: Ipv4Addr) -> NodeView {
+        NodeView {
+            node: node.to_owned(),
+            underlay,
+            local: BTreeSet::new(),
+        }
+    }
+
+    /// What the overlay must do now that `update` made `tables`.
+    pub fn overlay(&mut self, tables: &Tables, update: Update<'_>) -> OverlayUpdate {
+        let whole = match update {
+            Update::Whole => true,
+            Update::Delta(changes) => changes.iter().any(|c| match &c.key {
+                Key::Network { id } => self.local.contains(id),
+                Key::Endpoint { .. } => [&c.old, &c.new]
+                    .into_iter()
+                    .any(|v| endpoint(v).is_some_and(|e| e.node == self.node)),
+                Key::Service { .. } => false,
+            }),
+        };
+        let changes = match update {
+            Update::Delta(changes) if !whole => changes,
+            _ => {
+                let spec = overlay_spec(tables, &self.node, self.underlay);
+                self.local = spec.networks.iter().map(|n| n.id.clone()).collect();
+                return OverlayUpdate::Whole(spec);
+            }
+        };
+        let mut out = Vec::new();
+        for c in changes {
+            let Key::Endpoint { network, .. } = &c.key else {
+                continue;
+            };
+            if !self.local.contains(network) {
+                continue;
+            }
+            let (old, new) = (endpoint(&c.old), endpoint(&c.new));
+            if let Some(o) = old
+                && new.is_none_or(|n| n.addr != o.addr)
+            {
+                out.push(Change::RemoveRemote {
+                    network: network.clone(),
+                    ip: o.addr,
+                });
+            }
+            if let Some(n) = new {
+                out.push(Change::UpsertRemote {
+                    network: network.clone(),
+                    endpoint: RemoteEndpoint {
+                        ip: n.addr,
+                        mac: Mac(n.mac),
+                        node: n.node_addr,
+                    },
+                });
+            }
+        }
+        if out.is_empty() {
+            OverlayUpdate::Unchanged
+        } else {
+            OverlayUpdate::Changes(out)
+        }
+    }
+}
 
 /// The overlay this node should have: networks where it runs a task.
 pub fn overlay_spec(tables: &Tables, node: &str, underlay: Ipv4Addr) -> OverlaySpec {
@@ -139,5 +237,69 @@ mod tests {
         // A node with no task gets no overlay at all.
         let c = overlay_spec(&t, "c", "198.18.0.3".parse().unwrap());
         assert_eq!(c, OverlaySpec::default());
+    }
+
+    #[test]
+    fn remote_changes_are_deltas_and_local_ones_a_whole_table() {
+        use control::agent::Applied;
+        let mut t = table();
+        let mut view = NodeView::new("a", "198.18.0.1".parse().unwrap());
+        assert!(matches!(
+            view.overlay(&t, Update::Whole),
+            OverlayUpdate::Whole(_)
+        ));
+        // A remote task on red moves to a new address: remove + upsert.
+        let key = Key::Endpoint {
+            network: "red".into(),
+            task: "t2".into(),
+        };
+        let old = t.entries.get(&key).cloned();
+        let Some(Value::Endpoint(mut e)) = old.clone() else {
+            panic!()
+        };
+        e.addr = "10.0.1.9".parse().unwrap();
+        t.entries.insert(key.clone(), Value::Endpoint(e));
+        let changes = [Applied {
+            key: key.clone(),
+            old,
+            new: t.entries.get(&key).cloned(),
+        }];
+        match view.overlay(&t, Update::Delta(&changes)) {
+            OverlayUpdate::Changes(c) => {
+                assert_eq!(c.len(), 2);
+                assert!(
+                    matches!(&c[0], Change::RemoveRemote { ip, .. } if ip.to_string() == "10.0.1.3")
+                );
+                assert!(
+                    matches!(&c[1], Change::UpsertRemote { endpoint, .. } if endpoint.ip.to_string() == "10.0.1.9")
+                );
+            }
+            other => panic!("expected changes, got {other:?}"),
+        }
+        // A service change touches no overlay.
+        let svc = [Applied {
+            key: Key::Service { id: "s".into() },
+            old: None,
+            new: None,
+        }];
+        assert_eq!(
+            view.overlay(&t, Update::Delta(&svc)),
+            OverlayUpdate::Unchanged
+        );
+        // A local task leaving: a whole table.
+        let key = Key::Endpoint {
+            network: "blue".into(),
+            task: "t1".into(),
+        };
+        let old = t.entries.remove(&key);
+        let gone = [Applied {
+            key,
+            old,
+            new: None,
+        }];
+        match view.overlay(&t, Update::Delta(&gone)) {
+            OverlayUpdate::Whole(spec) => assert_eq!(spec.networks.len(), 1),
+            other => panic!("expected a whole table, got {other:?}"),
+        }
     }
 }

@@ -12,9 +12,9 @@ use anyhow::{Context as _, Result, bail};
 use aya::programs::XdpMode;
 use clap::{Parser, Subcommand, ValueEnum};
 use control::{
-    agent::Sink,
+    agent::{Sink, Update},
     daemon::{self, Addresses, InitOptions, InitReport, Unlock},
-    tables::{Change, Tables},
+    tables::Tables,
 };
 use dataplane::{
     bpffs,
@@ -25,7 +25,7 @@ use dataplane::{
     netlink::Netlink,
     overlay::{Overlay, OverlaySpec},
     stats::ParserStats,
-    tables::overlay_spec,
+    tables::{NodeView, OverlayUpdate},
 };
 use serde::Deserialize;
 use tokio::signal::unix::{SignalKind, signal};
@@ -641,7 +641,7 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
             };
             d.start_agent(TableSink {
                 node: d.ctx.node_id.clone(),
-                underlay: file.addr,
+                view: NodeView::new(&d.ctx.node_id, file.addr),
                 dataplane: dataplane.clone(),
                 dns: Dns::new(upstream),
             });
@@ -682,25 +682,29 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
 /// this node's overlay, then its DNS records (swapped in one step).
 struct TableSink {
     node: String,
-    underlay: Ipv4Addr,
+    view: NodeView,
     dataplane: Option<Arc<tokio::sync::Mutex<Dataplane>>>,
     dns: Dns,
 }
 
 impl Sink for TableSink {
-    async fn apply(&mut self, tables: &Tables, _changes: Option<&[Change]>) -> Result<(), String> {
+    async fn apply(&mut self, tables: &Tables, update: Update<'_>) -> Result<(), String> {
         let Some(dp) = &self.dataplane else {
             return Ok(());
         };
-        let spec = overlay_spec(tables, &self.node, self.underlay);
         let mut dp = dp.lock().await;
-        let r = dp.overlay.apply(spec).await.map_err(|e| e.to_string())?;
+        let report = match self.view.overlay(tables, update) {
+            OverlayUpdate::Unchanged => None,
+            OverlayUpdate::Changes(c) => Some(dp.overlay.apply_changes(&c).await),
+            OverlayUpdate::Whole(spec) => Some(dp.overlay.apply(spec).await),
+        }
+        .transpose()
+        .map_err(|e| e.to_string())?;
         // After the overlay: a new task's namespace has its `lo` up.
-        self.dns.update(tables, &self.node).await?;
-        tracing::info!(
+        self.dns.update(tables, update, &self.node).await?;
+        tracing::debug!(
             revision = tables.revision,
-            changes = r.changes,
-            full = r.full,
+            overlay_changes = report.map(|r| r.changes),
             dns_tasks = self.dns.served(),
             "tables applied"
         );
