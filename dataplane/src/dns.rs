@@ -331,6 +331,27 @@ struct Handler {
     upstream: Arc<Vec<SocketAddr>>,
 }
 
+/// A local task's namespace and networks in `tables` (None: not a local,
+/// running task). Costs the number of networks, not endpoints.
+fn task_networks(tables: &Tables, node: &str, task: &str) -> Option<(PathBuf, Vec<String>)> {
+    let mut out: Option<(PathBuf, Vec<String>)> = None;
+    for (network, _) in tables.networks() {
+        let key = Key::Endpoint {
+            network: network.to_owned(),
+            task: task.to_owned(),
+        };
+        if let Some(Value::Endpoint(e)) = tables.entries.get(&key)
+            && e.node == node
+            && let Some(netns) = &e.netns
+        {
+            out.get_or_insert_with(|| (PathBuf::from(netns), Vec::new()))
+                .1
+                .push(network.to_owned());
+        }
+    }
+    out
+}
+
 /// A small xorshift: shuffling answers needs no cryptographic randomness.
 fn shuffle<T>(v: &mut [T]) {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -517,59 +538,60 @@ impl Dns {
         update: Update<'_>,
         node: &str,
     ) -> Result<(), String> {
-        let local_change = match update {
+        // The local tasks whose servers may need to change, and what each
+        // should be now (namespace, networks); None: not served any more.
+        let mut want: BTreeMap<String, Option<(PathBuf, Vec<String>)>> = BTreeMap::new();
+        match update {
             Update::Whole => {
                 *self.zone.write().expect("zone lock") = Zone::from_tables(tables);
-                true
+                for t in self.tasks.keys() {
+                    want.insert(t.clone(), None);
+                }
+                for (network, task, e) in tables.endpoints() {
+                    if e.node != node {
+                        continue;
+                    }
+                    let Some(netns) = &e.netns else { continue };
+                    want.entry(task.to_owned())
+                        .or_default()
+                        .get_or_insert_with(|| (PathBuf::from(netns), Vec::new()))
+                        .1
+                        .push(network.to_owned());
+                }
             }
             Update::Delta(changes) => {
                 self.zone.write().expect("zone lock").apply(tables, changes);
-                changes.iter().any(|c| {
-                    [&c.old, &c.new]
-                        .into_iter()
-                        .any(|v| matches!(v, Some(Value::Endpoint(e)) if e.node == node))
-                })
-            }
-        };
-        if !local_change {
-            return Ok(());
-        }
-        let mut want: BTreeMap<&str, (PathBuf, Vec<String>)> = BTreeMap::new();
-        for (network, task, e) in tables.endpoints() {
-            if e.node != node {
-                continue;
-            }
-            let Some(netns) = &e.netns else { continue };
-            want.entry(task)
-                .or_insert_with(|| (PathBuf::from(netns), Vec::new()))
-                .1
-                .push(network.to_owned());
-        }
-        let gone: Vec<String> = self
-            .tasks
-            .keys()
-            .filter(|t| !want.contains_key(t.as_str()))
-            .cloned()
-            .collect();
-        for t in gone {
-            if let Some(mut s) = self.tasks.remove(&t) {
-                let _ = s.server.shutdown_gracefully().await;
+                for c in changes {
+                    if let Key::Endpoint { task, .. } = &c.key
+                        && [&c.old, &c.new]
+                            .into_iter()
+                            .any(|v| matches!(v, Some(Value::Endpoint(e)) if e.node == node))
+                    {
+                        want.insert(task.clone(), task_networks(tables, node, task));
+                    }
+                }
             }
         }
         let mut first_error = None;
-        for (task, (netns, scope)) in want {
-            if let Some(s) = self.tasks.get(task)
+        for (task, want) in want {
+            let Some((netns, scope)) = want else {
+                if let Some(mut s) = self.tasks.remove(&task) {
+                    let _ = s.server.shutdown_gracefully().await;
+                }
+                continue;
+            };
+            if let Some(s) = self.tasks.get(&task)
                 && s.netns == netns
             {
                 *s.scope.write().expect("scope lock") = scope;
                 continue;
             }
-            if let Some(mut old) = self.tasks.remove(task) {
+            if let Some(mut old) = self.tasks.remove(&task) {
                 let _ = old.server.shutdown_gracefully().await;
             }
             match self.serve(&netns, scope) {
                 Ok(s) => {
-                    self.tasks.insert(task.to_owned(), s);
+                    self.tasks.insert(task, s);
                 }
                 Err(e) => {
                     let e = format!("dns for task {task} in {}: {e}", netns.display());

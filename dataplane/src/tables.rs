@@ -7,11 +7,7 @@
 //!   (static FDB and neighbour entries toward the nodes they run on).
 //!   Endpoints of a node that is down are not in the tables at all.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
-    path::PathBuf,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use control::{
     agent::Update,
@@ -27,9 +23,11 @@ use crate::{
 #[derive(Debug, PartialEq, Eq)]
 pub enum OverlayUpdate {
     Unchanged,
-    /// Remote endpoints came, went or moved: applied in constant time each.
+    /// Endpoints came, went or moved on networks this node is already on:
+    /// applied in constant time each.
     Changes(Vec<Change>),
-    /// Local tasks or networks changed: a whole table.
+    /// The set of networks this node is on changed, or one of them did:
+    /// a whole table.
     Whole(OverlaySpec),
 }
 
@@ -38,8 +36,8 @@ pub enum OverlayUpdate {
 pub struct NodeView {
     node: String,
     underlay: Ipv4Addr,
-    /// Networks this node has a task on.
-    local: BTreeSet<String>,
+    /// Networks this node has a task on, with how many.
+    local: BTreeMap<String, usize>,
 }
 
 fn endpoint(v: &Option<Value>) -> Option<&EndpointEntry> {
@@ -54,48 +52,84 @@ impl NodeView {
         NodeView {
             node: node.to_owned(),
             underlay,
-            local: BTreeSet::new(),
+            local: BTreeMap::new(),
         }
+    }
+
+    fn is_local(&self, e: Option<&EndpointEntry>) -> bool {
+        e.is_some_and(|e| e.node == self.node && e.netns.is_some())
+    }
+
+    /// The interface a local task has on `network`: eth0, eth1, ... in the
+    /// order of its networks' ids (as [`overlay_spec`] names them).
+    fn interface(&self, tables: &Tables, network: &str, task: &str) -> String {
+        let n = self
+            .local
+            .keys()
+            .filter(|net| net.as_str() < network)
+            .filter(|net| {
+                tables.entries.contains_key(&Key::Endpoint {
+                    network: (*net).clone(),
+                    task: task.to_owned(),
+                })
+            })
+            .count();
+        format!("eth{n}")
     }
 
     /// What the overlay must do now that `update` made `tables`.
     pub fn overlay(&mut self, tables: &Tables, update: Update<'_>) -> OverlayUpdate {
-        let whole = match update {
-            Update::Whole => true,
-            Update::Delta(changes) => changes.iter().any(|c| match &c.key {
-                Key::Network { id } => self.local.contains(id),
-                Key::Endpoint { .. } => [&c.old, &c.new]
-                    .into_iter()
-                    .any(|v| endpoint(v).is_some_and(|e| e.node == self.node)),
-                Key::Service { .. } => false,
-            }),
-        };
         let changes = match update {
-            Update::Delta(changes) if !whole => changes,
+            Update::Delta(changes) if !self.needs_whole(changes) => changes,
             _ => {
                 let spec = overlay_spec(tables, &self.node, self.underlay);
-                self.local = spec.networks.iter().map(|n| n.id.clone()).collect();
+                self.local = spec
+                    .networks
+                    .iter()
+                    .map(|n| (n.id.clone(), n.local.len()))
+                    .collect();
                 return OverlayUpdate::Whole(spec);
             }
         };
         let mut out = Vec::new();
         for c in changes {
-            let Key::Endpoint { network, .. } = &c.key else {
+            let Key::Endpoint { network, task } = &c.key else {
                 continue;
             };
-            if !self.local.contains(network) {
+            if !self.local.contains_key(network) {
                 continue;
             }
             let (old, new) = (endpoint(&c.old), endpoint(&c.new));
-            if let Some(o) = old
-                && new.is_none_or(|n| n.addr != o.addr)
-            {
-                out.push(Change::RemoveRemote {
-                    network: network.clone(),
-                    ip: o.addr,
-                });
+            if let Some(o) = old {
+                if self.is_local(old) {
+                    *self.local.get_mut(network).expect("local") -= 1;
+                    if !self.is_local(new) {
+                        out.push(Change::RemoveLocal {
+                            network: network.clone(),
+                            id: task.clone(),
+                        });
+                    }
+                } else if new.is_none_or(|n| n.addr != o.addr || self.is_local(Some(n))) {
+                    out.push(Change::RemoveRemote {
+                        network: network.clone(),
+                        ip: o.addr,
+                    });
+                }
             }
-            if let Some(n) = new {
+            let Some(n) = new else { continue };
+            if self.is_local(new) {
+                *self.local.get_mut(network).expect("local") += 1;
+                out.push(Change::UpsertLocal {
+                    network: network.clone(),
+                    endpoint: LocalEndpoint {
+                        id: task.clone(),
+                        netns: PathBuf::from(n.netns.as_deref().expect("local")),
+                        ip: n.addr,
+                        mac: Mac(n.mac),
+                        interface: self.interface(tables, network, task),
+                    },
+                });
+            } else {
                 out.push(Change::UpsertRemote {
                     network: network.clone(),
                     endpoint: RemoteEndpoint {
@@ -111,6 +145,29 @@ impl NodeView {
         } else {
             OverlayUpdate::Changes(out)
         }
+    }
+
+    /// Whether `changes` change which networks this node is on, or one of
+    /// them: then only a whole table is right.
+    fn needs_whole(&self, changes: &[control::agent::Applied]) -> bool {
+        let mut count: BTreeMap<&str, isize> = BTreeMap::new();
+        for c in changes {
+            match &c.key {
+                Key::Network { id } if self.local.contains_key(id) => return true,
+                Key::Endpoint { network, .. } => {
+                    let d = isize::from(self.is_local(endpoint(&c.new)))
+                        - isize::from(self.is_local(endpoint(&c.old)));
+                    if d != 0 {
+                        *count.entry(network).or_default() += d;
+                    }
+                }
+                _ => {}
+            }
+        }
+        count.into_iter().any(|(net, d)| {
+            let now = self.local.get(net).copied().unwrap_or(0) as isize;
+            (now == 0) != (now + d == 0)
+        })
     }
 }
 
@@ -286,7 +343,43 @@ mod tests {
             view.overlay(&t, Update::Delta(&svc)),
             OverlayUpdate::Unchanged
         );
-        // A local task leaving: a whole table.
+        // A second local task on red: a local delta, on its own interface.
+        let key = Key::Endpoint {
+            network: "red".into(),
+            task: "t9".into(),
+        };
+        let Some(Value::Endpoint(mut e9)) = t
+            .entries
+            .get(&Key::Endpoint {
+                network: "red".into(),
+                task: "t1".into(),
+            })
+            .cloned()
+        else {
+            panic!()
+        };
+        e9.addr = "10.0.1.20".parse().unwrap();
+        e9.netns = Some("/run/netns/t9".into());
+        t.entries.insert(key.clone(), Value::Endpoint(e9));
+        let added = [Applied {
+            key,
+            old: None,
+            new: t
+                .entries
+                .get(&Key::Endpoint {
+                    network: "red".into(),
+                    task: "t9".into(),
+                })
+                .cloned(),
+        }];
+        match view.overlay(&t, Update::Delta(&added)) {
+            OverlayUpdate::Changes(c) => assert!(
+                matches!(&c[..], [Change::UpsertLocal { endpoint, .. }] if endpoint.interface == "eth0"),
+                "{c:?}"
+            ),
+            other => panic!("expected a local change, got {other:?}"),
+        }
+        // The last local task leaving a network: a whole table.
         let key = Key::Endpoint {
             network: "blue".into(),
             task: "t1".into(),

@@ -44,6 +44,8 @@ static SLOW_CONNECTS: AtomicU64 = AtomicU64::new(0);
 
 #[path = "control.rs"]
 mod control_bench;
+#[path = "tables.rs"]
+mod tables_bench;
 
 fn main() {
     let Some(_root) = require_root("bench") else {
@@ -69,16 +71,34 @@ fn main() {
     let only = std::env::var("MESH_BENCH").ok();
     let wanted = |s: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == s));
     if wanted("a") {
+        let from = md.len();
         per_packet(&mut md);
+        eprint!("{}", &md[from..]);
     }
     if wanted("b") {
+        let from = md.len();
         throughput(&mut md);
+        eprint!("{}", &md[from..]);
     }
     if wanted("c") {
+        let from = md.len();
         overlay(&mut md);
+        eprint!("{}", &md[from..]);
     }
     if wanted("d") {
+        let from = md.len();
         control_bench::control_writes(&mut md);
+        eprint!("{}", &md[from..]);
+    }
+    if wanted("e") {
+        let from = md.len();
+        tables_bench::tables_latency(&mut md);
+        eprint!("{}", &md[from..]);
+    }
+    if wanted("f") {
+        let from = md.len();
+        tables_bench::dns_qps(&mut md);
+        eprint!("{}", &md[from..]);
     }
     if only.is_some() {
         println!("{md}");
