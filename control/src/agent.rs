@@ -85,6 +85,9 @@ pub struct Agent<S: Sink> {
     file: Option<PathBuf>,
     dirty: bool,
     saved_at: Option<Instant>,
+    /// The data plane failed to apply the replica: nothing is acked until
+    /// a whole apply succeeds.
+    failed: bool,
     /// The revision the data plane has applied, for whoever watches.
     applied: watch::Sender<Revision>,
 }
@@ -107,6 +110,7 @@ impl<S: Sink> Agent<S> {
             file: dir.map(|d| d.join(TABLES_FILE)),
             dirty: false,
             saved_at: None,
+            failed: false,
         }
     }
 
@@ -118,9 +122,7 @@ impl<S: Sink> Agent<S> {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         if self.replica.revision > 0 {
             // The last state, before any manager answers.
-            if let Err(e) = self.sink.apply(&self.replica, Update::Whole).await {
-                tracing::error!("restoring the saved tables: {e}");
-            }
+            self.apply_whole().await;
             tracing::info!(
                 revision = self.replica.revision,
                 "data plane restored from the saved tables"
@@ -223,6 +225,18 @@ impl<S: Sink> Agent<S> {
         let mut beat = tokio::time::interval(period);
         let mut save = tokio::time::interval(SAVE_EVERY);
         let mut heard = Instant::now();
+        // The agent never blocks on sending: the dispatcher may be busy
+        // sending a long catch-up and not reading. A full queue skips a
+        // heartbeat; an ack not sent is retried on the next beat (only the
+        // latest matters).
+        let mut acked: Option<Revision> = None;
+        let send = |m: &AgentMessage| match tx.try_send(up(m)) {
+            Ok(()) => Ok(true),
+            Err(mpsc::error::TrySendError::Full(_)) => Ok(false),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(Ended::Failed("session closed".into()))
+            }
+        };
         loop {
             tokio::select! {
                 () = stopped(stop) => return Ended::Stop,
@@ -233,8 +247,12 @@ impl<S: Sink> Agent<S> {
                             "nothing from the dispatcher for {} ms", heard.elapsed().as_millis()
                         ));
                     }
-                    if tx.send(up(&AgentMessage::Heartbeat)).await.is_err() {
-                        return Ended::Failed("session closed".into());
+                    if self.failed {
+                        // Retry the whole state until the data plane takes it.
+                        self.apply_whole().await;
+                    }
+                    if let Err(e) = send(&AgentMessage::Heartbeat) {
+                        return e;
                     }
                 }
                 msg = inbound.message() => {
@@ -246,60 +264,105 @@ impl<S: Sink> Agent<S> {
                             Err(e) => return Ended::Failed(format!("invalid dispatcher message: {e}")),
                         },
                     };
-                    heard = Instant::now();
-                    let snapshot = matches!(msg, DispatcherMessage::Snapshot { .. });
-                    let applied = match msg {
+                    match msg {
                         DispatcherMessage::Welcome { heartbeat_ms, misses: m } => {
                             period = Duration::from_millis(heartbeat_ms.max(10));
                             misses = m.max(1);
                             beat = tokio::time::interval(period);
                             tracing::info!(manager = %addr, revision = self.replica.revision, "agent session open");
-                            continue;
                         }
-                        DispatcherMessage::Heartbeat => continue,
+                        DispatcherMessage::Heartbeat => {}
                         DispatcherMessage::Snapshot { tables } => {
                             self.replica = tables;
-                            self.sink.apply(&self.replica, Update::Whole).await
+                            self.dirty = true;
+                            // A whole new base: on disk at once.
+                            self.save();
+                            self.apply_whole().await;
                         }
                         DispatcherMessage::Delta { delta } => {
-                            if delta.revision <= self.replica.revision {
-                                continue;
-                            }
-                            let applied: Vec<Applied> = delta
-                                .changes
-                                .iter()
-                                .map(|c| Applied {
-                                    key: c.key.clone(),
-                                    old: self.replica.entries.get(&c.key).cloned(),
-                                    new: c.value.clone(),
-                                })
-                                .collect();
-                            match self.replica.apply(&delta) {
-                                Ok(false) => continue,
-                                Ok(true) => self.sink.apply(&self.replica, Update::Delta(&applied)).await,
-                                Err(e) => Err(e.to_string()),
+                            if delta.revision > self.replica.revision {
+                                self.apply_delta(&delta).await;
                             }
                         }
-                    };
-                    self.dirty = true;
-                    // On disk at once unless saved in the last second (the
-                    // tick flushes the rest): a node that crashes right
-                    // after its first update still resumes from a revision.
-                    if snapshot || self.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
-                        self.save();
                     }
-                    match applied {
-                        Ok(()) => {
-                            self.applied.send_replace(self.replica.revision);
-                            let ack = AgentMessage::Ack { revision: self.replica.revision };
-                            if tx.send(up(&ack)).await.is_err() {
-                                return Ended::Failed("session closed".into());
-                            }
-                        }
-                        // Not acked: the next update or resync retries it.
-                        Err(e) => tracing::error!(revision = self.replica.revision, "applying the tables: {e}"),
-                    }
+                    // Heard now: a long apply is this side's delay, not the
+                    // dispatcher's silence.
+                    heard = Instant::now();
                 }
+            }
+            // Ack what the data plane holds, once per revision.
+            if !self.failed && acked != Some(self.replica.revision) {
+                match send(&AgentMessage::Ack {
+                    revision: self.replica.revision,
+                }) {
+                    Ok(true) => acked = Some(self.replica.revision),
+                    Ok(false) => {}
+                    Err(e) => return e,
+                }
+            }
+        }
+    }
+
+    /// Hands the whole replica to the sink; on failure, retried later.
+    async fn apply_whole(&mut self) {
+        let r = self.sink.apply(&self.replica, Update::Whole).await;
+        self.settle(r);
+    }
+
+    async fn apply_delta(&mut self, delta: &crate::tables::Delta) {
+        let applied: Vec<Applied> = delta
+            .changes
+            .iter()
+            .map(|c| Applied {
+                key: c.key.clone(),
+                old: self.replica.entries.get(&c.key).cloned(),
+                new: c.value.clone(),
+            })
+            .collect();
+        match self.replica.apply(delta) {
+            Ok(false) => return,
+            Ok(true) => {}
+            Err(e) => {
+                self.settle(Err(e.to_string()));
+                return;
+            }
+        }
+        self.dirty = true;
+        // On disk at once unless saved in the last second (the tick flushes
+        // the rest): a node that crashes right after its first update still
+        // resumes from a revision.
+        if self.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
+            self.save();
+        }
+        // After a failure the data plane's state is unknown: only the whole
+        // table brings it back.
+        let r = if self.failed {
+            self.sink.apply(&self.replica, Update::Whole).await
+        } else {
+            self.sink
+                .apply(&self.replica, Update::Delta(&applied))
+                .await
+        };
+        self.settle(r);
+    }
+
+    fn settle(&mut self, r: Result<(), String>) {
+        match r {
+            Ok(()) => {
+                if self.failed {
+                    tracing::info!(revision = self.replica.revision, "tables applied again");
+                }
+                self.failed = false;
+                self.applied.send_replace(self.replica.revision);
+            }
+            Err(e) => {
+                if !self.failed {
+                    tracing::error!(
+                        revision = self.replica.revision,
+                        "applying the tables: {e}; not acked, retrying the whole table"
+                    );
+                }
+                self.failed = true;
             }
         }
     }

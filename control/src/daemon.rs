@@ -615,6 +615,11 @@ impl Daemon {
         if let Some(agent) = self.agent {
             let _ = agent.await;
         }
+        // Dispatcher sessions are open streams the server waits for: end
+        // them first.
+        if let Some(m) = self.ctx.manager.read().expect("manager lock").as_ref() {
+            m.begin_shutdown();
+        }
         let _ = tokio::time::timeout(Duration::from_secs(3), self.server).await;
         let m = self.ctx.manager.write().expect("manager lock").take();
         if let Some(m) = m {

@@ -129,14 +129,14 @@ impl Dispatcher {
             *t += 1;
             *t
         };
-        let mut sessions = self.sessions.lock().expect("sessions lock");
-        let acked = sessions.get(node).map_or(0, |s| s.acked);
-        sessions.insert(
+        // Acked starts over: the agent acks what it holds right after the
+        // welcome (it may have lost its saved tables).
+        self.sessions.lock().expect("sessions lock").insert(
             node.to_owned(),
             Session {
                 token,
                 last_heartbeat: Instant::now(),
-                acked,
+                acked: 0,
                 connected: true,
             },
         );
@@ -397,6 +397,14 @@ async fn run_session(
         let mut revisions = m.sm.revisions();
         let mut stopping = m.stopping();
         let mut sent = revision;
+        // An agent ahead of this manager (a new leader still applying the
+        // log): wait for the log rather than roll the agent back with an
+        // older snapshot.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            revisions.wait_for(|r| *r >= revision),
+        )
+        .await;
         catch_up(m, tx, &mut sent).await?;
         let mut leadership = tokio::time::interval(period);
         loop {

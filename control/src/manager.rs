@@ -654,8 +654,13 @@ impl Manager {
         self.stop.subscribe()
     }
 
-    pub async fn shutdown(&self) {
+    /// Tells the tasks holding this manager to end (see [`Manager::stopping`]).
+    pub fn begin_shutdown(&self) {
         let _ = self.stop.send(true);
+    }
+
+    pub async fn shutdown(&self) {
+        self.begin_shutdown();
         let liveness = self.liveness.lock().expect("liveness lock").take();
         if let Some(task) = liveness {
             let _ = task.await;
@@ -664,6 +669,13 @@ impl Manager {
             .wait_sessions_closed(Duration::from_secs(2))
             .await;
         let _ = self.raft.shutdown().await;
+        // Raft's workers drop their store handles as they wind down; wait
+        // for that, so the file is closed once this manager is dropped (a
+        // restart in the same process reopens it at once).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.sm.other_db_handles() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 

@@ -534,6 +534,12 @@ impl StateMachineStore {
         })
     }
 
+    /// Handles on the database file besides this one (the log store and
+    /// Raft's workers hold them until they have stopped).
+    pub fn other_db_handles(&self) -> usize {
+        Arc::strong_count(&self.db) - 1
+    }
+
     /// Reads the state and its tables together (one consistent point).
     pub fn with_book<T>(&self, f: impl FnOnce(&State, &Book) -> T) -> T {
         let a = self.applied.lock().expect("state lock");

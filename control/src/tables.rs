@@ -338,20 +338,23 @@ impl Touched {
             Command::UpdateNode { id, .. }
             | Command::SetNodeStatus { id, .. }
             | Command::RemoveNode { id, .. } => {
-                self.nodes.insert(id.clone());
+                // By id or hostname, as the state resolves it.
+                if let Some(n) = state
+                    .nodes
+                    .values()
+                    .find(|n| n.id == *id || n.hostname == *id)
+                {
+                    self.nodes.insert(n.id.clone());
+                }
             }
             Command::CreateService { id, .. } => {
                 self.services.insert(id.clone());
             }
-            Command::UpdateService { target, .. } => {
+            Command::UpdateService { target, .. } | Command::RemoveService { target } => {
                 if let Some(s) = state.service_by_ref(target) {
                     self.services.insert(s.id.clone());
-                }
-            }
-            Command::RemoveService { target } => {
-                if let Some(s) = state.service_by_ref(target) {
-                    self.services.insert(s.id.clone());
-                    // Removing a service removes its tasks.
+                    // Removing a service removes its tasks; an update may
+                    // rename it, which renames its tasks' DNS names.
                     self.tasks.extend(
                         state
                             .tasks
@@ -579,7 +582,16 @@ mod tests {
                 commands: vec![task("w2", "web", "b"), task("d1", "db", "b")],
             },
             status("b", NodeStatus::Down),
-            status("b", NodeStatus::Ready),
+            // By hostname, as the API allows.
+            status("host-b", NodeStatus::Ready),
+            Command::UpdateService {
+                target: "web".into(),
+                version: 1,
+                spec: ServiceSpec {
+                    name: "site".into(),
+                    ..web()
+                },
+            },
             Command::RemoveTask { id: "w1".into() },
             // Refused (in use): changes nothing.
             Command::RemoveNetwork {
@@ -619,7 +631,9 @@ mod tests {
 
     #[test]
     fn incremental_tables_match_a_full_derivation_and_replicas_follow() {
-        let (_, book, deltas) = run(&script());
+        let (state, book, deltas) = run(&script());
+        // The rename went through (its tasks' names changed with it).
+        assert_eq!(state.services["web"].spec.name, "site");
         let mut replica = Tables::default();
         for d in &deltas {
             assert!(replica.apply(d).unwrap());
@@ -675,8 +689,8 @@ mod tests {
     fn refused_and_unrelated_commands_make_no_delta() {
         let (_, _, deltas) = run(&script());
         let revisions: Vec<u64> = deltas.iter().map(|d| d.revision).collect();
-        // 2, 3: AddNode (no endpoints yet); 12: the refused RemoveNetwork.
-        for r in [2, 3, 12] {
+        // 2, 3: AddNode (no endpoints yet); 13: the refused RemoveNetwork.
+        for r in [2, 3, 13] {
             assert!(
                 !revisions.contains(&r),
                 "revision {r} made a delta: {revisions:?}"

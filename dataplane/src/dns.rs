@@ -101,11 +101,13 @@ fn remove_one<T: PartialEq>(v: &mut Vec<T>, x: &T) {
 impl Zone {
     /// The whole zone of `tables`.
     pub fn from_tables(tables: &Tables) -> Zone {
-        let mut z = Zone::default();
-        z.subnets = tables
-            .networks()
-            .map(|(id, n)| (id.to_owned(), n.subnet))
-            .collect();
+        let mut z = Zone {
+            subnets: tables
+                .networks()
+                .map(|(id, n)| (id.to_owned(), n.subnet))
+                .collect(),
+            ..Zone::default()
+        };
         for (network, task, e) in tables.endpoints() {
             z.members
                 .entry(e.service.clone())
@@ -704,6 +706,11 @@ mod tests {
         ]);
         t
     }
+
+    type Dump = (
+        BTreeMap<(String, String), Vec<Ipv4Addr>>,
+        BTreeMap<(String, Ipv4Addr), String>,
+    );
 
     /// Everything the zone answers, in a comparable form.
     fn dump(

@@ -386,12 +386,13 @@ impl fmt::Debug for Netlink {
 /// `path` (setns() changes only the calling thread). Sockets `f` opens stay
 /// in that namespace.
 pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
-    let ns = File::open(path)?;
+    let context = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+    let ns = File::open(path).map_err(|e| context("open namespace", e))?;
     std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: an open namespace file; CLONE_NEWNET only affects this thread.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
+                return Err(context("enter namespace", io::Error::last_os_error()));
             }
             f()
         })

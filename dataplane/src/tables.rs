@@ -99,7 +99,18 @@ impl NodeView {
             if !self.local.contains_key(network) {
                 continue;
             }
-            let (old, new) = (endpoint(&c.old), endpoint(&c.new));
+            let (mut old, mut new) = (endpoint(&c.old), endpoint(&c.new));
+            // This node's endpoints without a namespace are not served here
+            // at all (as in overlay_spec): never remote entries to itself.
+            let ours = |e: &Option<&EndpointEntry>| {
+                e.is_some_and(|e| e.node == self.node && e.netns.is_none())
+            };
+            if ours(&old) {
+                old = None;
+            }
+            if ours(&new) {
+                new = None;
+            }
             if let Some(o) = old {
                 if self.is_local(old) {
                     *self.local.get_mut(network).expect("local") -= 1;
