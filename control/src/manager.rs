@@ -17,8 +17,8 @@ use std::{
 use openraft::{
     BasicNode, ChangeMembers, Config, RaftNetwork, RaftNetworkFactory, ServerState, SnapshotPolicy,
     error::{
-        ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
-        Unreachable,
+        ChangeMembershipError, ClientWriteError, InstallSnapshotError, NetworkError, RPCError,
+        RaftError, RemoteError, Unreachable,
     },
     network::RPCOption,
     raft::{
@@ -577,10 +577,11 @@ impl Manager {
                 .add_learner(id, node, true)
                 .await
                 .map_err(|e| WriteError::Internal(format!("adding learner {id:016x}: {e}")))?;
-            self.raft
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-                .await
-                .map_err(|e| WriteError::Internal(format!("adding voter {id:016x}: {e}")))
+            self.change_membership(
+                ChangeMembers::AddVoterIds(BTreeSet::from([id])),
+                &format!("adding voter {id:016x}"),
+            )
+            .await
         };
         tokio::time::timeout(Duration::from_secs(30), change)
             .await
@@ -590,6 +591,27 @@ impl Manager {
                 ))
             })??;
         Ok(())
+    }
+
+    /// One membership change; while another is still committing (say a
+    /// promotion just before a demotion), waits for it, up to 5 s.
+    async fn change_membership(
+        &self,
+        members: ChangeMembers<NodeId, BasicNode>,
+        what: &str,
+    ) -> Result<(), WriteError> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.raft.change_membership(members.clone(), false).await {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    ChangeMembershipError::InProgress(_),
+                ))) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(WriteError::Internal(format!("{what}: {e}"))),
+            }
+        }
     }
 
     /// Removes a manager from the voters (demotion). Leader only.
@@ -603,10 +625,11 @@ impl Manager {
         // retain=false: out of the voters and out of the membership (no
         // learner left behind) in one change.
         let change = async {
-            self.raft
-                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
-                .await
-                .map_err(|e| WriteError::Internal(format!("removing voter {id:016x}: {e}")))
+            self.change_membership(
+                ChangeMembers::RemoveVoters(BTreeSet::from([id])),
+                &format!("removing voter {id:016x}"),
+            )
+            .await
         };
         tokio::time::timeout(Duration::from_secs(10), change)
             .await

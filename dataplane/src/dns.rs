@@ -713,12 +713,7 @@ mod tests {
     );
 
     /// Everything the zone answers, in a comparable form.
-    fn dump(
-        z: &Zone,
-    ) -> (
-        BTreeMap<(String, String), Vec<Ipv4Addr>>,
-        BTreeMap<(String, Ipv4Addr), String>,
-    ) {
+    fn dump(z: &Zone) -> Dump {
         let mut names = BTreeMap::new();
         for (net, m) in &z.names {
             for (name, v) in m {
