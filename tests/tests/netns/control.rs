@@ -41,14 +41,14 @@ impl Drop for DataDir {
     }
 }
 
-struct Node<'a> {
-    host: &'a Host,
-    dir: DataDir,
-    meshd: Option<ChildGuard>,
+pub(super) struct Node<'a> {
+    pub(super) host: &'a Host,
+    pub(super) dir: DataDir,
+    pub(super) meshd: Option<ChildGuard>,
 }
 
 impl Node<'_> {
-    fn api(&self) -> String {
+    pub(super) fn api(&self) -> String {
         format!("{}:2377", self.host.addr())
     }
 
@@ -64,7 +64,7 @@ impl Node<'_> {
     }
 
     /// `meshctl` on this node with its own credentials.
-    fn meshctl(&self, args: &[&str]) -> Output {
+    pub(super) fn meshctl(&self, args: &[&str]) -> Output {
         self.host
             .command(meshd::meshctl_bin())
             .arg("--data-dir")
@@ -76,7 +76,7 @@ impl Node<'_> {
             .expect("run meshctl")
     }
 
-    fn meshctl_ok(&self, args: &[&str]) -> String {
+    pub(super) fn meshctl_ok(&self, args: &[&str]) -> String {
         let out = self.meshctl(args);
         assert!(
             out.status.success(),

@@ -10,28 +10,18 @@ use std::{
 };
 
 use mesh_tests::{
-    ChildGuard, Host, Netns, Topology, meshd,
+    Netns, Topology, meshd,
     netns::{BPF_ROOT, UNDERLAY_IFACE},
     require_root,
 };
 
-use super::control::{DataDir, json, token_from, wait_until};
+use super::control::{DataDir, Node, json, token_from, wait_until};
 
 /// Heartbeat period for this cluster: 3 misses = 1.5 s to declare a node
 /// down (the default, 1 s x 3, takes 3 s).
 const HEARTBEAT: &str = "500ms";
 
-struct Node<'a> {
-    host: &'a Host,
-    dir: DataDir,
-    meshd: Option<ChildGuard>,
-}
-
 impl Node<'_> {
-    fn api(&self) -> String {
-        format!("{}:2377", self.host.addr())
-    }
-
     fn dataplane_args(&self) -> Vec<String> {
         [
             "--node",
@@ -50,26 +40,6 @@ impl Node<'_> {
         let (guard, lines) = meshd::start_control(self.host, &argv);
         self.meshd = Some(guard);
         lines
-    }
-
-    fn meshctl(&self, args: &[&str]) -> std::process::Output {
-        self.host
-            .command(meshd::meshctl_bin())
-            .args(["--data-dir", self.dir.path(), "--timeout", "20"])
-            .args(args)
-            .output()
-            .expect("run meshctl")
-    }
-
-    fn meshctl_ok(&self, args: &[&str]) -> String {
-        let out = self.meshctl(args);
-        assert!(
-            out.status.success(),
-            "meshctl {args:?} on {}: {}",
-            self.host.label(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
     }
 
     /// The replica the agent saved: (revision, entries).
