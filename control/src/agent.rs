@@ -55,15 +55,6 @@ pub trait Sink: Send + 'static {
     ) -> impl Future<Output = Result<(), String>> + Send;
 }
 
-/// A sink that applies nothing (a node started without a data plane).
-pub struct NoDataplane;
-
-impl Sink for NoDataplane {
-    async fn apply(&mut self, _: &Tables, _: Update<'_>) -> Result<(), String> {
-        Ok(())
-    }
-}
-
 const TABLES_FILE: &str = "tables.json";
 /// How often, at most, the replica is written.
 const SAVE_EVERY: Duration = Duration::from_secs(1);

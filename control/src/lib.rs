@@ -1,7 +1,9 @@
 //! The manager side of mesh: the replicated state model and its allocator,
 //! the Raft store (sealed at rest), the PKI, mTLS, the manager (Raft over
-//! gRPC) with its write path, the gRPC API, and the daemon lifecycle. The
-//! orchestrator, scheduler and dispatcher land with later issues.
+//! gRPC) with its write path, the gRPC API, the daemon lifecycle, the
+//! data-plane tables derived from the state, the leader's dispatcher (agent
+//! sessions, liveness) and the node agent. The orchestrator and scheduler
+//! land with a later issue.
 
 pub mod agent;
 pub mod allocator;
