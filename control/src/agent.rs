@@ -79,8 +79,6 @@ pub struct Agent<S: Sink> {
     /// The data plane failed to apply the replica: nothing is acked until
     /// a whole apply succeeds.
     failed: bool,
-    /// The revision the data plane has applied, for whoever watches.
-    applied: watch::Sender<Revision>,
 }
 
 enum Ended {
@@ -96,18 +94,12 @@ impl<S: Sink> Agent<S> {
         Agent {
             ctx,
             sink,
-            applied: watch::Sender::new(replica.revision),
             replica,
             file: dir.map(|d| d.join(TABLES_FILE)),
             dirty: false,
             saved_at: None,
             failed: false,
         }
-    }
-
-    /// Follows the revision the data plane has applied.
-    pub fn applied(&self) -> watch::Receiver<Revision> {
-        self.applied.subscribe()
     }
 
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
@@ -344,7 +336,6 @@ impl<S: Sink> Agent<S> {
                     tracing::info!(revision = self.replica.revision, "tables applied again");
                 }
                 self.failed = false;
-                self.applied.send_replace(self.replica.revision);
             }
             Err(e) => {
                 if !self.failed {

@@ -33,7 +33,6 @@ use crate::{
     pki::{self, Ca, JoinToken},
     seal::{DataKeys, SealError, UnlockKey},
     state::{ClusterSecrets, ClusterSettings, Command, Role},
-    tables::Revision,
     tls::{self, Credentials, Trust},
 };
 
@@ -597,15 +596,13 @@ impl Daemon {
     }
 
     /// Starts this node's agent, which feeds `sink` (the data plane) from
-    /// the leader's dispatcher. Returns the revision the sink has applied.
-    pub fn start_agent<S: Sink>(&mut self, sink: S) -> watch::Receiver<Revision> {
+    /// the leader's dispatcher.
+    pub fn start_agent<S: Sink>(&mut self, sink: S) {
         let agent = Agent::new(self.ctx.clone(), sink, Some(self.dir.clone()));
-        let applied = agent.applied();
         let stop = self.stop.subscribe();
         if let Some(old) = self.agent.replace(tokio::spawn(agent.run(stop))) {
             old.abort();
         }
-        applied
     }
 
     /// Stops serving and shuts Raft down.

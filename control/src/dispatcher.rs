@@ -173,16 +173,6 @@ impl Dispatcher {
                 .collect(),
         })
     }
-
-    /// The revision each node with a session has acked.
-    pub fn acked(&self) -> HashMap<String, Revision> {
-        self.sessions
-            .lock()
-            .expect("sessions lock")
-            .iter()
-            .map(|(k, s)| (k.clone(), s.acked))
-            .collect()
-    }
 }
 
 /// The heartbeat period and misses from the cluster settings.

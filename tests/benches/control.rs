@@ -23,7 +23,7 @@ use tonic::transport::Channel;
 
 const RUN: Duration = Duration::from_secs(5);
 
-fn addresses(i: u8) -> Addresses {
+pub fn addresses(i: u8) -> Addresses {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -143,11 +143,17 @@ fn disk_baseline(dir: &Path) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
-pub fn control_writes(md: &mut String) {
+/// A fresh scratch directory under the target dir.
+pub fn scratch(tag: &str) -> PathBuf {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("control-bench-{}", std::process::id()));
+        .join(format!("{tag}-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
+    base
+}
+
+pub fn control_writes(md: &mut String) {
+    let base = scratch("control");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -14,8 +14,7 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddr, TcpListener},
-    path::PathBuf,
+    net::Ipv4Addr,
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
@@ -23,7 +22,7 @@ use std::{
 use control::{
     agent::{Agent, Sink, Update},
     api::Ctx,
-    daemon::{self, Addresses, InitOptions},
+    daemon::{self, InitOptions},
     pki::{self, Ca},
     state::{
         Command, NetworkAttachment, NetworkSpec, Role, ServiceMode, ServiceSpec, State,
@@ -242,27 +241,13 @@ async fn bulk(m: &control::manager::Manager, cmds: Vec<Command>) {
 }
 
 pub fn tables_latency(md: &mut String) {
-    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("tables-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
+    let base = super::control_bench::scratch("tables");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     let (small, large) = rt.block_on(async {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let at = Addresses {
-            hostname: "bench-manager".into(),
-            addr: Ipv4Addr::new(198, 18, 9, 1),
-            listen_addr: listen,
-            api_addr: listen.to_string(),
-        };
+        let at = super::control_bench::addresses(1);
         // Liveness out of the way: the agents are stopped during the bulk
         // load, and the manager itself runs none; no node may go down.
         let opts = InitOptions {

@@ -52,7 +52,20 @@ impl Node<'_> {
         format!("{}:2377", self.host.addr())
     }
 
-    fn common_args(&self) -> Vec<String> {
+    /// One node per host of `topo`, nothing started yet.
+    pub(super) fn for_hosts(topo: &Topology) -> Vec<Node<'_>> {
+        topo.hosts()
+            .iter()
+            .map(|h| Node {
+                host: h,
+                dir: DataDir::new(h.label()),
+                meshd: None,
+            })
+            .collect()
+    }
+
+    /// Data dir, listen address and hostname, for init and join.
+    pub(super) fn common_args(&self) -> Vec<String> {
         vec![
             "--data-dir".into(),
             self.dir.path().into(),
@@ -141,15 +154,7 @@ pub(super) fn token_from(lines: &[String], role: &str) -> String {
 }
 
 fn start_cluster(topo: &Topology) -> (Vec<Node<'_>>, String, String) {
-    let mut nodes: Vec<Node<'_>> = topo
-        .hosts()
-        .iter()
-        .map(|h| Node {
-            host: h,
-            dir: DataDir::new(h.label()),
-            meshd: None,
-        })
-        .collect();
+    let mut nodes = Node::for_hosts(topo);
     let mut args = vec!["init".to_owned()];
     args.extend(nodes[0].common_args());
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();

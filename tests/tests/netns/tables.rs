@@ -15,7 +15,7 @@ use mesh_tests::{
     require_root,
 };
 
-use super::control::{DataDir, Node, json, token_from, wait_until};
+use super::control::{Node, json, token_from, wait_until};
 
 /// Heartbeat period for this cluster: 3 misses = 1.5 s to declare a node
 /// down (the default, 1 s x 3, takes 3 s).
@@ -141,24 +141,9 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
         return;
     };
     let topo = Topology::new(3);
-    let mut nodes: Vec<Node<'_>> = topo
-        .hosts()
-        .iter()
-        .map(|h| Node {
-            host: h,
-            dir: DataDir::new(h.label()),
-            meshd: None,
-        })
-        .collect();
+    let mut nodes = Node::for_hosts(&topo);
     let common = |n: &Node<'_>| {
-        let mut v: Vec<String> = vec![
-            "--data-dir".into(),
-            n.dir.path().into(),
-            "--listen-addr".into(),
-            n.api(),
-            "--hostname".into(),
-            n.host.label().into(),
-        ];
+        let mut v = n.common_args();
         v.extend(n.dataplane_args());
         v
     };
