@@ -115,6 +115,13 @@ pub struct Node {
     pub api_addr: Option<String>,
     pub spec: NodeSpec,
     pub status: NodeStatus,
+    /// Network id -> this node's own address there (Swarm's per-node
+    /// load-balancer endpoint): the source of NATed flows towards tasks on
+    /// that network, and where their replies come back. Every node has
+    /// one on `ingress`; on another network a node gets one with its first
+    /// task there. Its MAC is derived from it, as a task's is.
+    #[serde(default)]
+    pub lb_addrs: BTreeMap<String, Ipv4Addr>,
 }
 
 // ----- networks -----
@@ -660,6 +667,13 @@ impl State {
                 }
             }
         }
+        for n in self.nodes.values() {
+            for (net, addr) in &n.lb_addrs {
+                if let Some(pool) = alloc.addresses.get_mut(net) {
+                    pool.reserve(*addr)?;
+                }
+            }
+        }
         self.alloc = alloc;
         Ok(())
     }
@@ -794,6 +808,11 @@ impl State {
                 other.hostname
             )));
         }
+        let mut lb_addrs = BTreeMap::new();
+        if let Some(ingress) = self.ingress().map(|n| n.id.clone()) {
+            let pool = self.alloc.addresses.get_mut(&ingress).expect("indexed");
+            lb_addrs.insert(ingress, pool.allocate()?);
+        }
         let node = Node {
             id: id.to_owned(),
             version: 1,
@@ -806,6 +825,7 @@ impl State {
                 labels: BTreeMap::new(),
             },
             status: NodeStatus::Ready,
+            lb_addrs,
         };
         self.nodes.insert(id.to_owned(), node.clone());
         Ok(Outcome::Node(node))
@@ -867,6 +887,11 @@ impl State {
             )));
         }
         self.remove_tasks_where(|t| t.node == node.id);
+        for (net, addr) in &node.lb_addrs {
+            if let Some(pool) = self.alloc.addresses.get_mut(net) {
+                pool.release(*addr);
+            }
+        }
         self.nodes.remove(&node.id);
         self.removed.insert(node.id);
         Ok(Outcome::Done)
@@ -953,6 +978,9 @@ impl State {
             });
         }
         self.networks.remove(&network.id);
+        for n in self.nodes.values_mut() {
+            n.lb_addrs.remove(&network.id);
+        }
         self.alloc.addresses.remove(&network.id);
         self.alloc.subnets.release(&network.subnet);
         self.alloc.vnis.release(network.vni);
@@ -1278,26 +1306,43 @@ impl State {
                 name: node.to_owned(),
             })?;
         let mut attachments = Vec::new();
+        let mut node_lbs: Vec<(String, Ipv4Addr)> = Vec::new();
+        let give_back = |s: &mut State, attachments: &[TaskAttachment], lbs: &[(String, Ipv4Addr)]| {
+            let addrs = attachments.iter().map(|a| (&a.network, a.addr));
+            for (net, addr) in addrs.chain(lbs.iter().map(|(n, a)| (n, *a))) {
+                if let Some(pool) = s.alloc.addresses.get_mut(net) {
+                    pool.release(addr);
+                }
+            }
+        };
         for net in svc.network_ids(self) {
+            let pool = self.alloc.addresses.get_mut(&net).expect("indexed");
+            if !node.lb_addrs.contains_key(&net) {
+                match pool.allocate() {
+                    Ok(addr) => node_lbs.push((net.clone(), addr)),
+                    Err(e) => {
+                        give_back(self, &attachments, &node_lbs);
+                        return Err(e.into());
+                    }
+                }
+            }
             let pool = self.alloc.addresses.get_mut(&net).expect("indexed");
             match pool.allocate() {
                 Ok(addr) => {
-                    let [a, b, c, d] = addr.octets();
                     attachments.push(TaskAttachment {
                         network: net,
                         addr,
-                        mac: [0x02, 0x42, a, b, c, d],
+                        mac: crate::tables::mac_of(addr),
                     });
                 }
                 Err(e) => {
-                    for a in attachments {
-                        if let Some(pool) = self.alloc.addresses.get_mut(&a.network) {
-                            pool.release(a.addr);
-                        }
-                    }
+                    give_back(self, &attachments, &node_lbs);
                     return Err(e.into());
                 }
             }
+        }
+        if let Some(n) = self.nodes.get_mut(&node.id) {
+            n.lb_addrs.extend(node_lbs);
         }
         let task = Task {
             id: id.to_owned(),
@@ -1726,10 +1771,38 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                ("n1", Ipv4Addr::new(10, 0, 1, 3), [2, 0x42, 10, 0, 1, 3]),
-                ("ing", Ipv4Addr::new(10, 0, 0, 3), [2, 0x42, 10, 0, 0, 3]),
+                ("n1", Ipv4Addr::new(10, 0, 1, 4), [2, 0x42, 10, 0, 1, 4]),
+                ("ing", Ipv4Addr::new(10, 0, 0, 4), [2, 0x42, 10, 0, 0, 4]),
             ]
         );
+        // The node got its ingress address when it joined (10.0.0.2, before
+        // the service's ingress VIP), and its address on n1 with its first
+        // task there (10.0.1.3, after the VIP).
+        let lbs: Vec<_> = s.nodes["node1"].lb_addrs.clone().into_iter().collect();
+        assert_eq!(
+            lbs,
+            vec![
+                ("ing".to_owned(), Ipv4Addr::new(10, 0, 0, 2)),
+                ("n1".to_owned(), Ipv4Addr::new(10, 0, 1, 3)),
+            ]
+        );
+        // A second task there reuses the node's address.
+        s.apply(&Command::CreateTask {
+            id: "t2".into(),
+            service: "web".into(),
+            slot: 2,
+            node: "node1".into(),
+            netns: None,
+        })
+        .unwrap();
+        assert_eq!(s.nodes["node1"].lb_addrs.len(), 2);
+        let mut copy = s.clone();
+        copy.reindex().unwrap();
+        for net in ["n1", "ing"] {
+            let mut a = copy.alloc.addresses[net].clone();
+            let mut b = s.alloc.addresses[net].clone();
+            assert_eq!(a.allocate().unwrap(), b.allocate().unwrap(), "{net}");
+        }
         // Removing the service removes its tasks and frees every address.
         s.apply(&Command::RemoveService {
             target: "web".into(),

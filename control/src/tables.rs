@@ -47,6 +47,8 @@ pub enum Key {
     Network { id: String },
     Service { id: String },
     Endpoint { network: String, task: String },
+    /// A node's own address on a network (its load-balancer endpoint).
+    NodeEndpoint { network: String, node: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,12 +90,23 @@ pub struct EndpointEntry {
     pub netns: Option<String>,
 }
 
+/// A node's own address on a network: the source address of the flows its
+/// load balancer sends to tasks there, and where their replies return.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEndpointEntry {
+    /// The node's underlay address.
+    pub node_addr: Ipv4Addr,
+    pub addr: Ipv4Addr,
+    pub mac: [u8; 6],
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Value {
     Network(NetworkEntry),
     Service(ServiceEntry),
     Endpoint(EndpointEntry),
+    NodeEndpoint(NodeEndpointEntry),
 }
 
 /// One key set (`value: Some`) or removed (`None`).
@@ -216,6 +229,33 @@ pub fn derive_key(state: &State, key: &Key) -> Option<Value> {
                 netns: t.netns.clone(),
             }))
         }
+        Key::NodeEndpoint { network, node } => {
+            let n = state.nodes.get(node)?;
+            let addr = *n.lb_addrs.get(network)?;
+            state.networks.get(network)?;
+            Some(Value::NodeEndpoint(NodeEndpointEntry {
+                node_addr: n.addr,
+                addr,
+                mac: mac_of(addr),
+            }))
+        }
+    }
+}
+
+/// The MAC mesh gives an address it allocated (Docker's 02:42 prefix).
+pub fn mac_of(addr: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = addr.octets();
+    [0x02, 0x42, a, b, c, d]
+}
+
+fn node_keys(state: &State, id: &str, out: &mut BTreeSet<Key>) {
+    if let Some(n) = state.nodes.get(id) {
+        for network in n.lb_addrs.keys() {
+            out.insert(Key::NodeEndpoint {
+                network: network.clone(),
+                node: id.to_owned(),
+            });
+        }
     }
 }
 
@@ -240,6 +280,9 @@ impl Tables {
         }
         for t in state.tasks.values() {
             task_keys(t, &mut keys);
+        }
+        for id in state.nodes.keys() {
+            node_keys(state, id, &mut keys);
         }
         let entries = keys
             .into_iter()
@@ -285,6 +328,16 @@ impl Tables {
         })
     }
 
+    /// (network, node, entry) for every node's own address on a network.
+    pub fn node_endpoints(&self) -> impl Iterator<Item = (&str, &str, &NodeEndpointEntry)> {
+        self.entries.iter().filter_map(|(k, v)| match (k, v) {
+            (Key::NodeEndpoint { network, node }, Value::NodeEndpoint(e)) => {
+                Some((network.as_str(), node.as_str(), e))
+            }
+            _ => None,
+        })
+    }
+
     pub fn services(&self) -> impl Iterator<Item = (&str, &ServiceEntry)> {
         self.entries.iter().filter_map(|(k, v)| match (k, v) {
             (Key::Service { id }, Value::Service(s)) => Some((id.as_str(), s)),
@@ -303,6 +356,8 @@ pub struct Touched {
     keys: BTreeSet<Key>,
     tasks: BTreeSet<String>,
     nodes: BTreeSet<String>,
+    /// Nodes whose own network addresses may change (not their tasks).
+    node_endpoints: BTreeSet<String>,
 }
 
 impl Touched {
@@ -319,7 +374,10 @@ impl Touched {
             Command::Init { .. }
             | Command::CreateNetwork { .. }
             | Command::RemoveNetwork { .. } => self.networks = true,
-            Command::SetJoinToken { .. } | Command::AddNode { .. } => {}
+            Command::SetJoinToken { .. } => {}
+            Command::AddNode { id, .. } => {
+                self.node_endpoints.insert(id.clone());
+            }
             Command::UpdateNode { id, .. }
             | Command::SetNodeStatus { id, .. }
             | Command::RemoveNode { id, .. } => {
@@ -330,6 +388,7 @@ impl Touched {
                     .find(|n| n.id == *id || n.hostname == *id)
                 {
                     self.nodes.insert(n.id.clone());
+                    self.node_endpoints.insert(n.id.clone());
                 }
             }
             Command::CreateService { id, .. } => {
@@ -349,7 +408,11 @@ impl Touched {
                     );
                 }
             }
-            Command::CreateTask { id, .. } | Command::RemoveTask { id } => {
+            Command::CreateTask { id, node, .. } => {
+                self.tasks.insert(id.clone());
+                self.node_endpoints.insert(node.clone());
+            }
+            Command::RemoveTask { id } => {
                 self.tasks.insert(id.clone());
             }
             Command::Batch { commands } => {
@@ -366,6 +429,12 @@ impl Touched {
             for id in state.networks.keys() {
                 self.keys.insert(Key::Network { id: id.clone() });
             }
+            for id in state.nodes.keys() {
+                node_keys(state, id, &mut self.keys);
+            }
+        }
+        for id in &self.node_endpoints {
+            node_keys(state, id, &mut self.keys);
         }
         for id in &self.services {
             self.keys.insert(Key::Service { id: id.clone() });
@@ -387,7 +456,11 @@ impl Touched {
     }
 
     pub fn is_empty(&self) -> bool {
-        !self.networks && self.services.is_empty() && self.tasks.is_empty() && self.nodes.is_empty()
+        !self.networks
+            && self.services.is_empty()
+            && self.tasks.is_empty()
+            && self.nodes.is_empty()
+            && self.node_endpoints.is_empty()
     }
 }
 
@@ -673,8 +746,16 @@ mod tests {
     fn refused_and_unrelated_commands_make_no_delta() {
         let (_, _, deltas) = run(&script());
         let revisions: Vec<u64> = deltas.iter().map(|d| d.revision).collect();
-        // 2, 3: AddNode (no endpoints yet); 13: the refused RemoveNetwork.
-        for r in [2, 3, 13] {
+        // 2, 3: AddNode gives the node its ingress address, nothing else.
+        for r in [2, 3] {
+            let d = deltas.iter().find(|d| d.revision == r).unwrap();
+            assert!(
+                matches!(&d.changes[..], [Change { key: Key::NodeEndpoint { network, .. }, value: Some(_) }] if network == "ingress"),
+                "{d:?}"
+            );
+        }
+        // 13: the refused RemoveNetwork.
+        for r in [13] {
             assert!(
                 !revisions.contains(&r),
                 "revision {r} made a delta: {revisions:?}"
