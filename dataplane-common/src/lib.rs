@@ -26,6 +26,11 @@ pub mod maps {
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
     /// Array of one [`crate::LbConfig`].
     pub const LB_CONFIG: &str = "LB_CONFIG";
+    /// Hash: ifindex (u32) -> the node's own address on that interface
+    /// ([u32; 4]). A flow routed out of such an interface is NATed to that
+    /// address (else to `LB_CONFIG.nat_addr`), and replies arriving on it
+    /// to that address are reverse-NATed.
+    pub const NAT_IFACES: &str = "NAT_IFACES";
     /// Per-CPU array of [`crate::LbCounter`], indexed by frontend id.
     pub const FRONTEND_STATS: &str = "FRONTEND_STATS";
     /// Per-CPU array of [`crate::LbCounter`], indexed by backend id.
@@ -42,6 +47,7 @@ pub mod maps {
         REVNAT,
         NODE_ADDRS,
         LB_CONFIG,
+        NAT_IFACES,
         FRONTEND_STATS,
         BACKEND_STATS,
     ];
@@ -57,6 +63,8 @@ pub mod limits {
     pub const MAGLEV_MAX: u32 = 65521;
     pub const CONNTRACK_MAX: u32 = 262144;
     pub const NODE_ADDRS_MAX: u32 = 64;
+    /// Interfaces with their own NAT address (one per overlay network).
+    pub const NAT_IFACES_MAX: u32 = 1024;
 }
 
 /// Program names as they appear in the eBPF object.

@@ -3,9 +3,12 @@
 //!
 //! Forward path (client -> frontend):
 //!   conntrack hit with a live backend -> reuse it; otherwise Maglev picks.
-//!   DNAT to backend:port, SNAT to (LB_CONFIG.nat_addr, a port from the SNAT
-//!   range), record CONNTRACK and REVNAT, redirect to the route's device.
-//! Reverse path (backend -> nat_addr:nat_port):
+//!   DNAT to backend:port, SNAT to (the node's address on the device the
+//!   backend is routed out of, from NAT_IFACES, else LB_CONFIG.nat_addr; a
+//!   port from the SNAT range), record CONNTRACK and REVNAT, redirect to
+//!   that device.
+//! Reverse path (backend -> nat_addr:nat_port, arriving on any device for
+//!   LB_CONFIG.nat_addr, or on the device that NAT_IFACES gives that address):
 //!   REVNAT hit -> source becomes the frontend, destination the client.
 //! Anything else, and every packet the parser did not fully parse
 //! (truncated, malformed, fragments), passes through untouched.
@@ -58,6 +61,9 @@ static NODE_ADDRS: HashMap<[u32; 4], u32> = HashMap::with_max_entries(limits::NO
 
 #[map(name = "LB_CONFIG")]
 static LB_CONFIG: LegacyArray<LbConfig> = LegacyArray::with_max_entries(1, 0);
+
+#[map(name = "NAT_IFACES")]
+static NAT_IFACES: HashMap<u32, [u32; 4]> = HashMap::with_max_entries(limits::NAT_IFACES_MAX, 0);
 
 #[map(name = "FRONTEND_STATS")]
 static FRONTEND_STATS: PerCpuArray<LbCounter> =
@@ -162,9 +168,13 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
     let closing = p.ip_proto == IPPROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     let now = unsafe { bpf_ktime_get_ns() };
 
-    // Replies to our SNAT address from a backend.
+    // Replies to our SNAT address from a backend: the node-wide one, or
+    // the one this interface has (the node's own address on an overlay).
     let dport = u16::from_be(p.dport_be);
-    if p.daddr[0] == cfg.nat_addr_be[0]
+    // SAFETY: the skb pointer is the program's context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let here = unsafe { NAT_IFACES.get(ifindex) }.map_or(0, |a| a[0]);
+    if (p.daddr[0] == cfg.nat_addr_be[0] || (here != 0 && p.daddr[0] == here))
         && dport >= cfg.nat_port_min
         && u32::from(dport) < u32::from(cfg.nat_port_min) + u32::from(cfg.nat_port_count)
         && let Some(rev) = REVNAT.get_ptr_mut(flow)
@@ -178,7 +188,10 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
         let (client, client_port) = (rev.client_addr_be[0], rev.client_port_be);
         let (front, front_port) = (rev.frontend_addr_be[0], rev.frontend_port_be);
         rewrite_v4(ctx, &p, front, front_port, client, client_port)?;
-        return Ok(forward(ctx, front, client));
+        return Ok(match route(ctx, front, client) {
+            Some(out) => redirect(out),
+            None => TC_ACT_SHOT,
+        });
     }
 
     // Client -> frontend.
@@ -234,9 +247,19 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
     let Some(backend) = backend else {
         return Ok(TC_ACT_SHOT);
     };
+    // The source is the node's address on the interface the backend is
+    // routed out of (so replies come back here), else the node-wide one.
+    let Some(out) = route(ctx, 0, backend.addr_be[0]) else {
+        bump(&FRONTEND_STATS, frontend.id, bytes, false);
+        return Ok(TC_ACT_SHOT);
+    };
+    let nat = match unsafe { NAT_IFACES.get(out) } {
+        Some(a) if a[0] != 0 => *a,
+        _ => cfg.nat_addr_be,
+    };
     match ct_ptr {
         // The hot path: an established flow, same NAT address; touch it in place.
-        Some(entry) if !new_flow && ct.nat_addr_be[0] == cfg.nat_addr_be[0] => {
+        Some(entry) if !new_flow && ct.nat_addr_be[0] == nat[0] => {
             // SAFETY: map value pointer, valid for the program's run.
             unsafe {
                 (*entry).last_seen_ns = now;
@@ -246,8 +269,8 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
             }
         }
         _ => {
-            ct.nat_addr_be = cfg.nat_addr_be;
-            let Some(port) = claim_nat_port(&p, &backend, cfg, now) else {
+            ct.nat_addr_be = nat;
+            let Some(port) = claim_nat_port(&p, &backend, cfg, nat, now) else {
                 bump(&FRONTEND_STATS, frontend.id, bytes, false);
                 return Ok(TC_ACT_SHOT);
             };
@@ -267,14 +290,20 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
         backend.addr_be[0],
         backend.port_be,
     )?;
-    Ok(forward(ctx, ct.nat_addr_be[0], backend.addr_be[0]))
+    Ok(redirect(out))
 }
 
 /// Reserves a SNAT port for this client flow towards `backend` and records the
 /// reverse mapping. A port already mapped to this same client flow, or one
 /// whose flow closed and went quiet, may be taken.
 #[inline(always)]
-fn claim_nat_port(p: &Parsed, backend: &Backend, cfg: &LbConfig, now: u64) -> Option<u16> {
+fn claim_nat_port(
+    p: &Parsed,
+    backend: &Backend,
+    cfg: &LbConfig,
+    nat: [u32; 4],
+    now: u64,
+) -> Option<u16> {
     let count = u32::from(cfg.nat_port_count);
     if count == 0 {
         return None;
@@ -292,7 +321,7 @@ fn claim_nat_port(p: &Parsed, backend: &Backend, cfg: &LbConfig, now: u64) -> Op
     let seed = unsafe { bpf_get_prandom_u32() };
     let mut key = FlowKey {
         saddr_be: backend.addr_be,
-        daddr_be: cfg.nat_addr_be,
+        daddr_be: nat,
         sport_be: backend.port_be,
         dport_be: 0,
         proto: p.ip_proto,
@@ -371,10 +400,9 @@ fn rewrite_v4(
     Ok(())
 }
 
-/// Sends the rewritten packet out of the device the route to `daddr` uses,
-/// resolving the next hop's MAC in the kernel (bpf_redirect_neigh).
+/// The device the route from `saddr` (0: any) to `daddr` leaves by.
 #[inline(always)]
-fn forward(ctx: &TcContext, saddr: u32, daddr: u32) -> i32 {
+fn route(ctx: &TcContext, saddr: u32, daddr: u32) -> Option<u32> {
     // SAFETY: a zeroed bpf_fib_lookup is a valid request skeleton.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
@@ -392,8 +420,15 @@ fn forward(ctx: &TcContext, saddr: u32, daddr: u32) -> i32 {
         )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
-        return TC_ACT_SHOT;
+        return None;
     }
+    Some(fib.ifindex)
+}
+
+/// Sends the rewritten packet out of `ifindex`, resolving the next hop's
+/// MAC in the kernel (bpf_redirect_neigh).
+#[inline(always)]
+fn redirect(ifindex: u32) -> i32 {
     // SAFETY: NULL params: the kernel resolves the neighbour on that device.
-    unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }

@@ -154,6 +154,8 @@ impl Zone {
                         affected.insert(new.service.clone());
                     }
                 }
+                // Nodes' own addresses have no names.
+                Key::NodeEndpoint { .. } => {}
             }
         }
         for id in affected {

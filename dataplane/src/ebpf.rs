@@ -208,6 +208,12 @@ impl Datapath {
             .map(|k| k.map(|k| Ipv4Addr::from(k[0].to_ne_bytes())))
             .collect::<Result<_, _>>()
             .map_err(map_err("read NODE_ADDRS"))?;
+        let nat: HashMap<&MapData, u32, [u32; 4]> = typed(e, maps::NAT_IFACES)?;
+        let nat: Vec<(u32, Ipv4Addr)> = nat
+            .iter()
+            .map(|r| r.map(|(i, a)| (i, Ipv4Addr::from(a[0].to_ne_bytes()))))
+            .collect::<Result<_, _>>()
+            .map_err(map_err("read NAT_IFACES"))?;
         let fronts: HashMap<&MapData, FrontendKey, Frontend> = typed(e, maps::FRONTENDS)?;
         let fronts: Vec<(FrontendKey, Frontend)> = fronts
             .iter()
@@ -221,7 +227,7 @@ impl Datapath {
         let backends = backs
             .iter()
             .filter_map(|(id, b)| Some((*id, BackendKey::from_map(b)?)));
-        Ok(LbSync::recover(config, addrs, fronts, backends))
+        Ok(LbSync::recover(config, addrs, nat, fronts, backends))
     }
 }
 
@@ -292,6 +298,16 @@ impl LbMaps for KernelLbMaps<'_> {
         let mut m: HashMap<&mut MapData, [u32; 4], u32> = typed_mut(self.ebpf, maps::NODE_ADDRS)?;
         ignore_missing(m.remove(&[u32::from_ne_bytes(addr.octets()), 0, 0, 0]))
             .map_err(map_err("delete from NODE_ADDRS"))
+    }
+
+    fn set_nat_interface(&mut self, ifindex: u32, addr: Option<Ipv4Addr>) -> Result<(), SyncError> {
+        let mut m: HashMap<&mut MapData, u32, [u32; 4]> = typed_mut(self.ebpf, maps::NAT_IFACES)?;
+        match addr {
+            Some(a) => m
+                .insert(ifindex, [u32::from_ne_bytes(a.octets()), 0, 0, 0], 0)
+                .map_err(map_err("write NAT_IFACES")),
+            None => ignore_missing(m.remove(&ifindex)).map_err(map_err("delete from NAT_IFACES")),
+        }
     }
 
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), SyncError> {

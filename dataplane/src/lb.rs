@@ -97,6 +97,11 @@ pub struct LbSpec {
     pub nat_port_count: u16,
     #[serde(default)]
     pub services: Vec<ServiceSpec>,
+    /// Interface index -> the node's own address on it: a flow routed out
+    /// of that interface leaves with that source (not `nat_address`), and
+    /// its replies are taken back there. One per overlay bridge.
+    #[serde(default)]
+    pub nat_interfaces: BTreeMap<u32, Ipv4Addr>,
 }
 
 fn default_nat_port_min() -> u16 {
@@ -304,6 +309,9 @@ pub trait LbMaps {
     fn set_config(&mut self, config: &LbConfig) -> Result<(), SyncError>;
     fn add_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), SyncError>;
     fn remove_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), SyncError>;
+    /// Sets (`Some`) or removes the NAT address of interface `ifindex`.
+    fn set_nat_interface(&mut self, ifindex: u32, addr: Option<Ipv4Addr>)
+    -> Result<(), SyncError>;
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), SyncError>;
     fn remove_backend(&mut self, id: u32) -> Result<(), SyncError>;
     /// Installs a complete new table for `frontend_id` in one atomic swap.
@@ -359,6 +367,7 @@ struct InstalledFrontend {
 pub struct LbSync {
     config: Option<LbConfig>,
     node_addrs: BTreeSet<Ipv4Addr>,
+    nat_interfaces: BTreeMap<u32, Ipv4Addr>,
     frontends: BTreeMap<FrontendKey, InstalledFrontend>,
     backends: BTreeMap<BackendKey, u32>,
     next_backend_id: u32,
@@ -374,6 +383,7 @@ impl LbSync {
     pub fn recover(
         config: Option<LbConfig>,
         node_addrs: impl IntoIterator<Item = Ipv4Addr>,
+        nat_interfaces: impl IntoIterator<Item = (u32, Ipv4Addr)>,
         frontends: impl IntoIterator<Item = (FrontendKey, Frontend)>,
         backends: impl IntoIterator<Item = (u32, BackendKey)>,
     ) -> LbSync {
@@ -386,6 +396,7 @@ impl LbSync {
         LbSync {
             config,
             node_addrs: node_addrs.into_iter().collect(),
+            nat_interfaces: nat_interfaces.into_iter().collect(),
             frontends: frontends
                 .into_iter()
                 .map(|(k, f)| {
@@ -437,6 +448,24 @@ impl LbSync {
             maps.remove_node_addr(addr)?;
             self.node_addrs.remove(&addr);
             report.node_addr_writes += 1;
+        }
+        let stale: Vec<u32> = self
+            .nat_interfaces
+            .keys()
+            .filter(|i| !spec.nat_interfaces.contains_key(i))
+            .copied()
+            .collect();
+        for ifindex in stale {
+            maps.set_nat_interface(ifindex, None)?;
+            self.nat_interfaces.remove(&ifindex);
+            report.node_addr_writes += 1;
+        }
+        for (ifindex, addr) in &spec.nat_interfaces {
+            if self.nat_interfaces.get(ifindex) != Some(addr) {
+                maps.set_nat_interface(*ifindex, Some(*addr))?;
+                self.nat_interfaces.insert(*ifindex, *addr);
+                report.node_addr_writes += 1;
+            }
         }
 
         // Desired frontends with their backend lists (sorted: order-independent).
@@ -609,6 +638,7 @@ mod tests {
     struct FakeMaps {
         config: Option<LbConfig>,
         addrs: BTreeSet<Ipv4Addr>,
+        nat_interfaces: BTreeMap<u32, Ipv4Addr>,
         backends: BTreeMap<u32, Backend>,
         tables: BTreeMap<u32, Vec<u32>>,
         frontends: BTreeMap<FrontendKey, Frontend>,
@@ -629,6 +659,14 @@ mod tests {
         fn remove_node_addr(&mut self, a: Ipv4Addr) -> Result<(), SyncError> {
             self.writes += 1;
             self.addrs.remove(&a);
+            Ok(())
+        }
+        fn set_nat_interface(&mut self, i: u32, a: Option<Ipv4Addr>) -> Result<(), SyncError> {
+            self.writes += 1;
+            match a {
+                Some(a) => self.nat_interfaces.insert(i, a),
+                None => self.nat_interfaces.remove(&i),
+            };
             Ok(())
         }
         fn set_backend(&mut self, id: u32, b: &Backend) -> Result<(), SyncError> {
@@ -686,6 +724,7 @@ mod tests {
             nat_port_min: DEFAULT_NAT_PORT_MIN,
             nat_port_count: DEFAULT_NAT_PORT_COUNT,
             services,
+            nat_interfaces: BTreeMap::new(),
         }
     }
 
@@ -807,6 +846,7 @@ mod tests {
         let mut again = LbSync::recover(
             maps.config,
             maps.addrs.clone(),
+            maps.nat_interfaces.clone(),
             maps.frontends.clone(),
             maps.backends
                 .iter()

@@ -75,9 +75,27 @@ pub struct NetworkSpec {
     /// Endpoints of tasks on this node.
     #[serde(default)]
     pub local: Vec<LocalEndpoint>,
-    /// Endpoints of tasks on other nodes.
+    /// Endpoints of tasks on other nodes (and other nodes' own addresses).
     #[serde(default)]
     pub remote: Vec<RemoteEndpoint>,
+    /// This node's own address on the network, put on the bridge: the
+    /// load balancer's source address towards tasks there, and where their
+    /// replies come back. Without it the host has no L3 presence here.
+    #[serde(default)]
+    pub host: Option<HostEndpoint>,
+    /// Service VIPs on this network. Local tasks resolve each to the
+    /// bridge's MAC (the VXLAN device answers their ARP), so their flows to
+    /// a VIP reach this node's load balancer. Needs `host`.
+    #[serde(default)]
+    pub vips: Vec<Ipv4Addr>,
+}
+
+/// This node's own address and MAC on a network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostEndpoint {
+    pub ip: Ipv4Addr,
+    pub mac: Mac,
 }
 
 /// A task on this node attached to the network.
@@ -235,6 +253,14 @@ impl DesiredNetwork {
         }
     }
 
+    /// The neighbour entries that make the VIPs resolve to the bridge.
+    fn vips(&self) -> BTreeMap<Ipv4Addr, Mac> {
+        match self.spec.host {
+            Some(h) => self.spec.vips.iter().map(|ip| (*ip, h.mac)).collect(),
+            None => BTreeMap::new(),
+        }
+    }
+
     fn set_remote(&mut self, ip: Ipv4Addr, new: Option<RemoteEndpoint>) -> Option<RemoteEndpoint> {
         let old = match new {
             Some(e) => {
@@ -358,6 +384,28 @@ impl Desired {
                     "network {n}: gateway {} is not a host address in {}",
                     net.gateway, net.subnet
                 ));
+            }
+            match net.host {
+                Some(h) if !net.subnet.is_host(h.ip) || h.ip == net.gateway => p.push(format!(
+                    "network {n}: host address {} is not a usable address in {}",
+                    h.ip, net.subnet
+                )),
+                Some(h) if !h.mac.is_unicast() => p.push(format!(
+                    "network {n}: host MAC {} is not a unicast MAC",
+                    h.mac
+                )),
+                None if !net.vips.is_empty() => p.push(format!(
+                    "network {n}: VIPs need a host address for local tasks to reach them through"
+                )),
+                _ => {}
+            }
+            for vip in &net.vips {
+                if !net.subnet.is_host(*vip) || Some(*vip) == net.host.map(|h| h.ip) {
+                    p.push(format!(
+                        "network {n}: VIP {vip} is not a usable address in {}",
+                        net.subnet
+                    ));
+                }
             }
             if let Some(mtu) = net.mtu
                 && !(MIN_MTU..=65535 - VXLAN_OVERHEAD).contains(&mtu)
@@ -565,6 +613,7 @@ struct Header {
     vni: u32,
     mtu: u32,
     underlay: Underlay,
+    host: Option<HostEndpoint>,
 }
 
 struct AppliedNetwork {
@@ -572,6 +621,8 @@ struct AppliedNetwork {
     bridge: Link,
     vxlan: Link,
     remotes: HashMap<Ipv4Addr, RemoteEndpoint>,
+    /// VIP neighbour entries: VIP -> the bridge's MAC.
+    vips: BTreeMap<Ipv4Addr, Mac>,
     /// Local endpoints by id, with their host-side veth.
     locals: BTreeMap<String, (LocalEndpoint, Link)>,
 }
@@ -635,6 +686,11 @@ impl Overlay {
     }
 
     /// The table as last given, with the changes applied since.
+    /// The namespace this overlay lives in.
+    pub fn netlink(&self) -> &Netlink {
+        &self.nl
+    }
+
     pub fn table(&self) -> OverlaySpec {
         self.desired.to_spec()
     }
@@ -844,7 +900,12 @@ impl Overlay {
                 );
                 continue;
             }
-            let header = Header { vni, mtu, underlay };
+            let header = Header {
+                vni,
+                mtu,
+                underlay,
+                host: net.spec.host,
+            };
             let result = match prev.remove(id) {
                 Some(p) if p.header == header => {
                     Some(self.update_network(net, p, &mut problems).await)
@@ -911,6 +972,10 @@ impl Overlay {
             self.ensure_bridge(&bridge_name(vni), header.mtu, links)
                 .await,
         )?;
+        let bridge = problems.check(
+            &ctx,
+            self.ensure_host(bridge, net.spec.subnet, header.host).await,
+        )?;
         let vx_name = vxlan_name(vni);
         let spec = VxlanSpec {
             name: &vx_name,
@@ -950,7 +1015,8 @@ impl Overlay {
         }
         .await;
         let observed = problems.check(&ctx, observed)?;
-        self.sync_remotes(&vxlan, &net.remote, observed, &ctx, problems)
+        let vips = net.vips();
+        self.sync_remotes(&vxlan, &net.remote, &vips, observed, &ctx, problems)
             .await;
 
         let mut locals = BTreeMap::new();
@@ -968,6 +1034,7 @@ impl Overlay {
             bridge,
             vxlan,
             remotes: net.remote.clone(),
+            vips,
             locals,
         })
     }
@@ -981,14 +1048,21 @@ impl Overlay {
     ) -> AppliedNetwork {
         let id = &net.spec.id;
         let ctx = format!("network {id}");
-        if prev.remotes != net.remote {
+        let vips = net.vips();
+        if prev.remotes != net.remote || prev.vips != vips {
             let observed = Observed {
                 fdb: prev.remotes.values().map(|r| (r.mac, r.node)).collect(),
-                neigh: prev.remotes.values().map(|r| (r.ip, r.mac)).collect(),
+                neigh: prev
+                    .remotes
+                    .values()
+                    .map(|r| (r.ip, r.mac))
+                    .chain(prev.vips.iter().map(|(ip, mac)| (*ip, *mac)))
+                    .collect(),
             };
-            self.sync_remotes(&prev.vxlan, &net.remote, observed, &ctx, problems)
+            self.sync_remotes(&prev.vxlan, &net.remote, &vips, observed, &ctx, problems)
                 .await;
             prev.remotes = net.remote.clone();
+            prev.vips = vips;
         }
 
         // Stale endpoints went in phase 1; add the missing ones.
@@ -1128,6 +1202,31 @@ impl Overlay {
         self.created(name).await
     }
 
+    /// Gives the bridge this node's address and MAC on the network (and no
+    /// other address), or takes them away.
+    async fn ensure_host(
+        &self,
+        bridge: Link,
+        subnet: Subnet,
+        host: Option<HostEndpoint>,
+    ) -> Result<Link, NetlinkError> {
+        let want = host.map(|h| (IpAddr::V4(h.ip), subnet.prefix()));
+        for (ip, prefix) in self.nl.addresses(bridge.index).await? {
+            if Some((ip, prefix)) != want {
+                self.nl.del_address(&bridge, ip, prefix).await?;
+            }
+        }
+        let Some(h) = host else { return Ok(bridge) };
+        if bridge.mac != Some(h.mac) {
+            self.nl.set_mac(&bridge, h.mac).await?;
+        }
+        let have = self.nl.addresses(bridge.index).await?;
+        if !have.contains(&(IpAddr::V4(h.ip), subnet.prefix())) {
+            self.nl.add_address(&bridge, IpAddr::V4(h.ip), subnet.prefix()).await?;
+        }
+        Ok(bridge)
+    }
+
     async fn ensure_vxlan(
         &self,
         spec: &VxlanSpec<'_>,
@@ -1168,12 +1267,17 @@ impl Overlay {
         &self,
         vxlan: &Link,
         desired: &HashMap<Ipv4Addr, RemoteEndpoint>,
+        vips: &BTreeMap<Ipv4Addr, Mac>,
         observed: Observed,
         ctx: &str,
         problems: &mut Problems,
     ) {
         let want_fdb: BTreeMap<Mac, Ipv4Addr> = desired.values().map(|r| (r.mac, r.node)).collect();
-        let want_neigh: BTreeMap<Ipv4Addr, Mac> = desired.values().map(|r| (r.ip, r.mac)).collect();
+        let want_neigh: BTreeMap<Ipv4Addr, Mac> = desired
+            .values()
+            .map(|r| (r.ip, r.mac))
+            .chain(vips.iter().map(|(ip, mac)| (*ip, *mac)))
+            .collect();
         // Withdraw first, neighbour before FDB: a removed endpoint stops
         // resolving before its forwarding entry goes.
         for ip in observed
@@ -1346,6 +1450,8 @@ mod tests {
             mtu: None,
             local: vec![],
             remote: vec![],
+            host: None,
+            vips: vec![],
         }
     }
 

@@ -2,21 +2,35 @@
 //!
 //! The agent ([`control::agent`]) keeps a replica of the cluster's tables;
 //! this module picks this node's share of it:
-//! - the **overlay**: every network with a task on this node, its local
-//!   endpoints (veths into the tasks' namespaces) and its remote endpoints
-//!   (static FDB and neighbour entries toward the nodes they run on).
+//! - the **overlay**: every network this node has its own address on (every
+//!   node on `ingress`; another network from this node's first task there),
+//!   with that address on the bridge, its local endpoints (veths into the
+//!   tasks' namespaces), its remote endpoints and the other nodes' own
+//!   addresses (static FDB and neighbour entries toward the nodes they are
+//!   on), and the services' VIPs, which local tasks resolve to the bridge.
 //!   Endpoints of a node that is down are not in the tables at all.
+//! - the **load balancer** ([`lb_spec`]): every published port on the
+//!   node's underlay address, to the service's tasks on `ingress`; and each
+//!   VIP on a network this node is on, to the service's tasks there. Flows
+//!   leave with this node's own address on the backend's network as their
+//!   source, so that replies come back to the node that translated them.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::PathBuf,
+};
 
 use control::{
     agent::Update,
-    tables::{EndpointEntry, Key, Tables, Value},
+    state::{EndpointMode, Protocol as PortProtocol, PublishMode},
+    tables::{EndpointEntry, Key, NodeEndpointEntry, Tables, Value},
 };
 
 use crate::{
+    lb::{BackendSpec, FrontendSpec, LbSpec, Protocol, ServiceSpec},
     netlink::Mac,
-    overlay::{Change, LocalEndpoint, NetworkSpec, OverlaySpec, RemoteEndpoint},
+    overlay::{Change, HostEndpoint, LocalEndpoint, NetworkSpec, OverlaySpec, RemoteEndpoint},
 };
 
 /// What the overlay needs after an update of the tables.
@@ -26,8 +40,8 @@ pub enum OverlayUpdate {
     /// Endpoints came, went or moved on networks this node is already on:
     /// applied in constant time each.
     Changes(Vec<Change>),
-    /// The set of networks this node is on changed, or one of them did:
-    /// a whole table.
+    /// The set of networks this node is on changed, or one of them did
+    /// (its entry, this node's address there, its VIPs): a whole table.
     Whole(OverlaySpec),
 }
 
@@ -36,13 +50,27 @@ pub enum OverlayUpdate {
 pub struct NodeView {
     node: String,
     underlay: Ipv4Addr,
-    /// Networks this node has a task on, with how many.
-    local: BTreeMap<String, usize>,
+    /// Networks this node is on, with its own address there.
+    local: BTreeMap<String, Ipv4Addr>,
 }
 
 fn endpoint(v: &Option<Value>) -> Option<&EndpointEntry> {
     match v {
         Some(Value::Endpoint(e)) => Some(e),
+        _ => None,
+    }
+}
+
+fn node_endpoint(v: &Option<Value>) -> Option<&NodeEndpointEntry> {
+    match v {
+        Some(Value::NodeEndpoint(e)) => Some(e),
+        _ => None,
+    }
+}
+
+fn vips(v: &Option<Value>) -> Option<&BTreeMap<String, Ipv4Addr>> {
+    match v {
+        Some(Value::Service(s)) => Some(&s.vips),
         _ => None,
     }
 }
@@ -58,6 +86,11 @@ impl NodeView {
 
     fn is_local(&self, e: Option<&EndpointEntry>) -> bool {
         e.is_some_and(|e| e.node == self.node && e.netns.is_some())
+    }
+
+    /// The networks this node is on, with its own address there.
+    pub fn networks(&self) -> &BTreeMap<String, Ipv4Addr> {
+        &self.local
     }
 
     /// The interface a local task has on `network`: eth0, eth1, ... in the
@@ -86,69 +119,40 @@ impl NodeView {
                 self.local = spec
                     .networks
                     .iter()
-                    .map(|n| (n.id.clone(), n.local.len()))
+                    .filter_map(|n| Some((n.id.clone(), n.host?.ip)))
                     .collect();
                 return OverlayUpdate::Whole(spec);
             }
         };
         let mut out = Vec::new();
         for c in changes {
-            let Key::Endpoint { network, task } = &c.key else {
-                continue;
-            };
-            if !self.local.contains_key(network) {
-                continue;
-            }
-            let (mut old, mut new) = (endpoint(&c.old), endpoint(&c.new));
-            // This node's endpoints without a namespace are not served here
-            // at all (as in overlay_spec): never remote entries to itself.
-            let ours = |e: &Option<&EndpointEntry>| {
-                e.is_some_and(|e| e.node == self.node && e.netns.is_none())
-            };
-            if ours(&old) {
-                old = None;
-            }
-            if ours(&new) {
-                new = None;
-            }
-            if let Some(o) = old {
-                if self.is_local(old) {
-                    *self.local.get_mut(network).expect("local") -= 1;
-                    if !self.is_local(new) {
-                        out.push(Change::RemoveLocal {
+            match &c.key {
+                Key::Endpoint { network, task } if self.local.contains_key(network) => {
+                    self.endpoint_change(tables, network, task, c, &mut out)
+                }
+                // Another node's own address (ours needs a whole table).
+                Key::NodeEndpoint { network, .. } if self.local.contains_key(network) => {
+                    let (old, new) = (node_endpoint(&c.old), node_endpoint(&c.new));
+                    if let Some(o) = old
+                        && new.is_none_or(|n| n.addr != o.addr)
+                    {
+                        out.push(Change::RemoveRemote {
                             network: network.clone(),
-                            id: task.clone(),
+                            ip: o.addr,
                         });
                     }
-                } else if new.is_none_or(|n| n.addr != o.addr || self.is_local(Some(n))) {
-                    out.push(Change::RemoveRemote {
-                        network: network.clone(),
-                        ip: o.addr,
-                    });
+                    if let Some(n) = new {
+                        out.push(Change::UpsertRemote {
+                            network: network.clone(),
+                            endpoint: RemoteEndpoint {
+                                ip: n.addr,
+                                mac: Mac(n.mac),
+                                node: n.node_addr,
+                            },
+                        });
+                    }
                 }
-            }
-            let Some(n) = new else { continue };
-            if self.is_local(new) {
-                *self.local.get_mut(network).expect("local") += 1;
-                out.push(Change::UpsertLocal {
-                    network: network.clone(),
-                    endpoint: LocalEndpoint {
-                        id: task.clone(),
-                        netns: PathBuf::from(n.netns.as_deref().expect("local")),
-                        ip: n.addr,
-                        mac: Mac(n.mac),
-                        interface: self.interface(tables, network, task),
-                    },
-                });
-            } else {
-                out.push(Change::UpsertRemote {
-                    network: network.clone(),
-                    endpoint: RemoteEndpoint {
-                        ip: n.addr,
-                        mac: Mac(n.mac),
-                        node: n.node_addr,
-                    },
-                });
+                _ => {}
             }
         }
         if out.is_empty() {
@@ -158,37 +162,103 @@ impl NodeView {
         }
     }
 
-    /// Whether `changes` change which networks this node is on, or one of
-    /// them: then only a whole table is right.
-    fn needs_whole(&self, changes: &[control::agent::Applied]) -> bool {
-        let mut count: BTreeMap<&str, isize> = BTreeMap::new();
-        for c in changes {
-            match &c.key {
-                Key::Network { id } if self.local.contains_key(id) => return true,
-                Key::Endpoint { network, .. } => {
-                    let d = isize::from(self.is_local(endpoint(&c.new)))
-                        - isize::from(self.is_local(endpoint(&c.old)));
-                    if d != 0 {
-                        *count.entry(network).or_default() += d;
-                    }
+    fn endpoint_change(
+        &self,
+        tables: &Tables,
+        network: &str,
+        task: &str,
+        c: &control::agent::Applied,
+        out: &mut Vec<Change>,
+    ) {
+        let (mut old, mut new) = (endpoint(&c.old), endpoint(&c.new));
+        // This node's endpoints without a namespace are not served here at
+        // all (as in overlay_spec): never remote entries to itself.
+        let ours = |e: &Option<&EndpointEntry>| {
+            e.is_some_and(|e| e.node == self.node && e.netns.is_none())
+        };
+        if ours(&old) {
+            old = None;
+        }
+        if ours(&new) {
+            new = None;
+        }
+        if let Some(o) = old {
+            if self.is_local(old) {
+                if !self.is_local(new) {
+                    out.push(Change::RemoveLocal {
+                        network: network.to_owned(),
+                        id: task.to_owned(),
+                    });
                 }
-                _ => {}
+            } else if new.is_none_or(|n| n.addr != o.addr || self.is_local(Some(n))) {
+                out.push(Change::RemoveRemote {
+                    network: network.to_owned(),
+                    ip: o.addr,
+                });
             }
         }
-        count.into_iter().any(|(net, d)| {
-            let now = self.local.get(net).copied().unwrap_or(0) as isize;
-            (now == 0) != (now + d == 0)
+        let Some(n) = new else { return };
+        if self.is_local(new) {
+            out.push(Change::UpsertLocal {
+                network: network.to_owned(),
+                endpoint: LocalEndpoint {
+                    id: task.to_owned(),
+                    netns: PathBuf::from(n.netns.as_deref().expect("local")),
+                    ip: n.addr,
+                    mac: Mac(n.mac),
+                    interface: self.interface(tables, network, task),
+                },
+            });
+        } else {
+            out.push(Change::UpsertRemote {
+                network: network.to_owned(),
+                endpoint: RemoteEndpoint {
+                    ip: n.addr,
+                    mac: Mac(n.mac),
+                    node: n.node_addr,
+                },
+            });
+        }
+    }
+
+    /// Whether `changes` change which networks this node is on, or one of
+    /// them: its entry, this node's address there, or the VIPs on it.
+    fn needs_whole(&self, changes: &[control::agent::Applied]) -> bool {
+        changes.iter().any(|c| match &c.key {
+            Key::Network { id } => self.local.contains_key(id),
+            Key::NodeEndpoint { node, .. } => *node == self.node,
+            Key::Service { .. } => {
+                let (old, new) = (vips(&c.old), vips(&c.new));
+                self.local
+                    .keys()
+                    .any(|net| old.and_then(|v| v.get(net)) != new.and_then(|v| v.get(net)))
+            }
+            Key::Endpoint { .. } => false,
         })
     }
 }
 
-/// The overlay this node should have: networks where it runs a task.
+/// The overlay this node should have: the networks it has its own address on.
 pub fn overlay_spec(tables: &Tables, node: &str, underlay: Ipv4Addr) -> OverlaySpec {
+    let mine: BTreeMap<&str, &NodeEndpointEntry> = tables
+        .node_endpoints()
+        .filter(|(_, n, _)| *n == node)
+        .map(|(net, _, e)| (net, e))
+        .collect();
     // A task's interfaces are eth0, eth1, ... in network-id order.
     let mut next_if: BTreeMap<&str, usize> = BTreeMap::new();
     let mut local: BTreeMap<&str, Vec<LocalEndpoint>> = BTreeMap::new();
+    let mut remote: BTreeMap<&str, Vec<RemoteEndpoint>> = BTreeMap::new();
     for (network, task, e) in tables.endpoints() {
+        if !mine.contains_key(network) {
+            continue;
+        }
         if e.node != node {
+            remote.entry(network).or_default().push(RemoteEndpoint {
+                ip: e.addr,
+                mac: Mac(e.mac),
+                node: e.node_addr,
+            });
             continue;
         }
         let Some(netns) = &e.netns else { continue };
@@ -202,34 +272,173 @@ pub fn overlay_spec(tables: &Tables, node: &str, underlay: Ipv4Addr) -> OverlayS
         });
         *n += 1;
     }
-    let mut networks = Vec::new();
-    for (id, n) in tables.networks() {
-        let Some(local) = local.remove(id) else {
-            continue;
-        };
-        let remote = tables
-            .endpoints()
-            .filter(|(net, _, e)| *net == id && e.node != node)
-            .map(|(_, _, e)| RemoteEndpoint {
+    for (network, other, e) in tables.node_endpoints() {
+        if other != node && mine.contains_key(network) {
+            remote.entry(network).or_default().push(RemoteEndpoint {
                 ip: e.addr,
                 mac: Mac(e.mac),
                 node: e.node_addr,
-            })
-            .collect();
+            });
+        }
+    }
+    let mut vips: BTreeMap<&str, Vec<Ipv4Addr>> = BTreeMap::new();
+    for (_, s) in tables.services() {
+        for (net, vip) in &s.vips {
+            if mine.contains_key(net.as_str()) {
+                vips.entry(net).or_default().push(*vip);
+            }
+        }
+    }
+    let mut networks = Vec::new();
+    for (id, n) in tables.networks() {
+        let Some(host) = mine.get(id) else { continue };
         networks.push(NetworkSpec {
             id: id.to_owned(),
             vni: n.vni,
             subnet: n.subnet,
             gateway: n.gateway,
             mtu: None,
-            local,
-            remote,
+            local: local.remove(id).unwrap_or_default(),
+            remote: remote.remove(id).unwrap_or_default(),
+            host: Some(HostEndpoint {
+                ip: host.addr,
+                mac: Mac(host.mac),
+            }),
+            vips: vips.remove(id).unwrap_or_default(),
         });
     }
     OverlaySpec {
         underlay: (!networks.is_empty()).then_some(underlay),
         networks,
     }
+}
+
+/// The smallest Maglev table size (prime) with at least 100 slots per
+/// backend, as the Maglev paper advises, up to the largest the maps hold.
+fn table_size(backends: usize) -> u32 {
+    const PRIMES: [u32; 6] = [251, 1021, 4093, 16381, 32749, 65521];
+    PRIMES
+        .into_iter()
+        .find(|p| *p as usize >= backends.saturating_mul(100))
+        .unwrap_or(PRIMES[PRIMES.len() - 1])
+}
+
+/// A stable id for a service in the load balancer's counters: a hash of
+/// its id, probed past ids already taken in this build.
+fn lb_service_id(id: &str, taken: &mut BTreeSet<u32>) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in id.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    while !taken.insert(h) {
+        h = h.wrapping_add(1);
+    }
+    h
+}
+
+/// The load balancer this node should have, or `None` when it is on no
+/// `ingress` (then nothing can be translated: no source address).
+///
+/// - every published port (ingress mode) answers on the node's addresses
+///   and goes to the service's tasks on `ingress`, at the target port;
+/// - each VIP on a network this node is on answers on the service's target
+///   ports and goes to the service's tasks on that network.
+///
+/// `networks` are the networks this node is on, with its address there
+/// ([`NodeView::networks`]).
+pub fn lb_spec(
+    tables: &Tables,
+    networks: &BTreeMap<String, Ipv4Addr>,
+    node_addresses: Vec<Ipv4Addr>,
+) -> Option<LbSpec> {
+    let (ingress, _) = tables.networks().find(|(_, n)| n.ingress)?;
+    let nat_address = *networks.get(ingress)?;
+    // Service id -> network -> its live task addresses there.
+    let mut members: BTreeMap<&str, BTreeMap<&str, Vec<Ipv4Addr>>> = BTreeMap::new();
+    for (network, _, e) in tables.endpoints() {
+        members
+            .entry(e.service.as_str())
+            .or_default()
+            .entry(network)
+            .or_default()
+            .push(e.addr);
+    }
+    let mut taken = BTreeSet::new();
+    let mut services = Vec::new();
+    for (id, s) in tables.services() {
+        if s.ports.is_empty() {
+            continue;
+        }
+        let on = |net: &str| -> &[Ipv4Addr] {
+            members
+                .get(id)
+                .and_then(|m| m.get(net))
+                .map_or(&[], |v| v.as_slice())
+        };
+        let mut vip_ports = BTreeSet::new();
+        for p in &s.ports {
+            let protocol = match p.protocol {
+                PortProtocol::Tcp => Protocol::Tcp,
+                PortProtocol::Udp => Protocol::Udp,
+            };
+            let backends = |addrs: &[Ipv4Addr]| -> Vec<BackendSpec> {
+                addrs
+                    .iter()
+                    .map(|a| BackendSpec {
+                        address: *a,
+                        port: p.target,
+                        weight: 1,
+                    })
+                    .collect()
+            };
+            if p.mode == PublishMode::Ingress
+                && let Some(published) = p.published
+            {
+                let b = backends(on(ingress));
+                services.push(ServiceSpec {
+                    id: lb_service_id(&format!("{id}/{published}/{}", p.protocol), &mut taken),
+                    name: format!("{}:{published}/{}", s.name, p.protocol),
+                    frontends: vec![FrontendSpec {
+                        address: None,
+                        port: published,
+                        protocol,
+                    }],
+                    table_size: table_size(b.len()),
+                    backends: b,
+                });
+            }
+            if s.endpoint_mode != EndpointMode::Vip {
+                continue;
+            }
+            for (net, vip) in &s.vips {
+                // Two published ports may share a target port.
+                if !networks.contains_key(net) || !vip_ports.insert((*vip, p.target, protocol)) {
+                    continue;
+                }
+                let b = backends(on(net));
+                services.push(ServiceSpec {
+                    id: lb_service_id(&format!("{id}/{net}/{}/{}", p.target, p.protocol), &mut taken),
+                    name: format!("{}@{vip}:{}/{}", s.name, p.target, p.protocol),
+                    frontends: vec![FrontendSpec {
+                        address: Some(*vip),
+                        port: p.target,
+                        protocol,
+                    }],
+                    table_size: table_size(b.len()),
+                    backends: b,
+                });
+            }
+        }
+    }
+    Some(LbSpec {
+        nat_address,
+        node_addresses,
+        nat_port_min: crate::lb::DEFAULT_NAT_PORT_MIN,
+        nat_port_count: crate::lb::DEFAULT_NAT_PORT_COUNT,
+        services,
+        // Interface indexes are this host's business: the caller adds them.
+        nat_interfaces: BTreeMap::new(),
+    })
 }
 
 #[cfg(test)]

@@ -131,6 +131,7 @@ fn lb_spec(nat_port_count: u16) -> LbSpec {
         node_addresses: vec![NODE],
         nat_port_min: 1024,
         nat_port_count,
+        nat_interfaces: Default::default(),
         services: vec![ServiceSpec {
             id: 1,
             name: "web".into(),
@@ -519,6 +520,8 @@ fn overlay_table(n: usize, underlay: Ipv4Addr) -> OverlaySpec {
             mtu: None,
             local: vec![],
             remote,
+            host: None,
+            vips: vec![],
         }],
     }
 }

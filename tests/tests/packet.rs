@@ -435,6 +435,7 @@ mod lb {
             node_addresses: vec![NODE],
             nat_port_min: 61000,
             nat_port_count: 4536,
+            nat_interfaces: Default::default(),
             services: vec![
                 ServiceSpec {
                     id: 1,

@@ -25,7 +25,8 @@ use dataplane::{
     netlink::Netlink,
     overlay::{Overlay, OverlaySpec},
     stats::ParserStats,
-    tables::{NodeView, OverlayUpdate},
+    overlay,
+    tables::{NodeView, OverlayUpdate, lb_spec},
 };
 use serde::Deserialize;
 use tokio::signal::unix::{SignalKind, signal};
@@ -476,6 +477,10 @@ struct Dataplane {
     timeouts: Timeouts,
     pin_dir: PathBuf,
     config_path: Option<PathBuf>,
+    /// The load balancer follows the cluster's tables (no `lb` in --config).
+    lb_from_tables: bool,
+    /// Overlay bridges the load balancer is attached to: name -> ifindex.
+    bridges: std::collections::BTreeMap<String, u32>,
 }
 
 impl Dataplane {
@@ -500,6 +505,7 @@ impl Dataplane {
             .recover_lb()
             .context("reading the pinned load-balancer state")?;
         let mut timeouts = Timeouts::default();
+        let lb_from_tables = config.as_ref().is_none_or(|c| c.lb.is_none());
         if let Some(c) = &config {
             apply_config(&mut datapath, &mut sync, c, &pin_dir)?;
             timeouts = c.timeouts;
@@ -517,6 +523,8 @@ impl Dataplane {
             timeouts,
             pin_dir,
             config_path: dp.config.clone(),
+            lb_from_tables,
+            bridges: Default::default(),
         })
     }
 
@@ -546,6 +554,70 @@ impl Dataplane {
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "overlay reconcile"),
         }
+    }
+
+    /// Makes the load balancer match the tables: attaches it to the bridge
+    /// of every network this node is on (where replies, and local tasks'
+    /// flows to VIPs, arrive), gives each bridge its NAT address, and syncs
+    /// frontends and backends (only the difference is written).
+    async fn sync_lb(
+        &mut self,
+        tables: &Tables,
+        view: &NodeView,
+        underlay: Ipv4Addr,
+    ) -> Result<(), String> {
+        let mut nat_interfaces = std::collections::BTreeMap::new();
+        let mut bridges = std::collections::BTreeMap::new();
+        for (net, addr) in view.networks() {
+            let Some(n) = tables.networks().find(|(id, _)| id == net).map(|(_, n)| n) else {
+                continue;
+            };
+            let name = overlay::bridge_name(n.vni);
+            let link = self
+                .overlay
+                .netlink()
+                .link(&name)
+                .await
+                .map_err(|e| e.to_string())?;
+            // Not built (yet): the overlay reports why, and a retry follows.
+            let Some(link) = link else { continue };
+            if self.bridges.get(&name) != Some(&link.index) {
+                self.attach_bridge(&name, link.index)?;
+            }
+            bridges.insert(name, link.index);
+            nat_interfaces.insert(link.index, *addr);
+        }
+        self.bridges = bridges;
+        let Some(mut spec) = lb_spec(tables, view.networks(), vec![underlay]) else {
+            return Ok(());
+        };
+        spec.nat_interfaces = nat_interfaces;
+        let report = self
+            .sync
+            .apply(&spec, &mut self.datapath.lb_maps())
+            .map_err(|e| format!("load balancer: {e}"))?;
+        if report.total() > 0 {
+            tracing::debug!(?report, revision = tables.revision, "load balancer synced");
+        }
+        Ok(())
+    }
+
+    /// Attaches the load balancer to a bridge, pinned by name and index: a
+    /// restart reuses the link; a bridge that was re-created gets a new one.
+    fn attach_bridge(&mut self, name: &str, index: u32) -> Result<(), String> {
+        let prefix = format!("link_tc_{name}@");
+        if let Ok(dir) = fs::read_dir(&self.pin_dir) {
+            for e in dir.flatten() {
+                let file = e.file_name().to_string_lossy().into_owned();
+                if file.starts_with(&prefix) && file != format!("{prefix}{index}") {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        let pin = self.pin_dir.join(format!("{prefix}{index}"));
+        self.datapath
+            .attach_lb(name, Some(&pin))
+            .map_err(|e| format!("attaching the load balancer to {name}: {e}"))
     }
 
     fn sweep(&mut self) {
@@ -641,6 +713,7 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
             };
             d.start_agent(TableSink {
                 node: d.ctx.node_id.clone(),
+                underlay: file.addr,
                 view: NodeView::new(&d.ctx.node_id, file.addr),
                 dataplane: dataplane.clone(),
                 dns: Dns::new(upstream),
@@ -682,6 +755,8 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
 /// this node's overlay, then its DNS records (swapped in one step).
 struct TableSink {
     node: String,
+    /// This node's underlay address: where published ports answer.
+    underlay: Ipv4Addr,
     view: NodeView,
     dataplane: Option<Arc<tokio::sync::Mutex<Dataplane>>>,
     dns: Dns,
@@ -700,6 +775,9 @@ impl Sink for TableSink {
         }
         .transpose()
         .map_err(|e| e.to_string())?;
+        if dp.lb_from_tables {
+            dp.sync_lb(tables, &self.view, self.underlay).await?;
+        }
         // After the overlay: a new task's namespace has its `lo` up.
         self.dns.update(tables, update, &self.node).await?;
         tracing::debug!(

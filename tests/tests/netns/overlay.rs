@@ -134,6 +134,8 @@ impl Cluster {
                     gateway: subnet.gateway(),
                     subnet,
                     mtu: None,
+                    host: None,
+                    vips: vec![],
                     local: mine
                         .clone()
                         .filter(|t| t.host == host)
