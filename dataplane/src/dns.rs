@@ -208,7 +208,17 @@ impl Zone {
                 .chain(svc.aliases.get(net).into_iter().flatten().cloned())
                 .collect::<Vec<_>>()
         };
+        // Swarm's ingress network carries the routing mesh, not names.
+        let named = |net: &str| {
+            !matches!(
+                tables.entries.get(&Key::Network { id: net.to_owned() }),
+                Some(Value::Network(n)) if n.ingress
+            )
+        };
         for (net, task) in self.members.get(id).into_iter().flatten() {
+            if !named(net) {
+                continue;
+            }
             let key = Key::Endpoint {
                 network: net.clone(),
                 task: task.clone(),
@@ -226,7 +236,7 @@ impl Zone {
                 }
             }
         }
-        for (net, vip) in &svc.vips {
+        for (net, vip) in svc.vips.iter().filter(|(net, _)| named(net)) {
             for n in names_on(net) {
                 c.names.push((net.clone(), n, *vip));
             }

@@ -17,6 +17,7 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "bpftool",
     "socat",
+    "curl",
     // dig, an upstream resolver for the DNS tests, and the DNS benchmark.
     "dnsutils",
     "dnsmasq-base",

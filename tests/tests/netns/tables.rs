@@ -1,18 +1,22 @@
 //! Control to data: real meshd processes (1 manager, 2 workers, each with
-//! its data plane) get their overlay from the leader's tables; a worker
-//! that dies is withdrawn from the others' kernels; a restarted worker
-//! resyncs to the same tables as everyone else.
+//! its data plane) get their overlay, DNS and load balancer from the
+//! leader's tables: a VIP answers from a task, a published port answers on
+//! every node (the manager runs no task) from an external client; a worker
+//! that dies is withdrawn from the others' kernels and new connections all
+//! succeed; a restarted worker resyncs to the same tables as everyone else.
 
 use std::{
-    net::Ipv4Addr,
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
     process::Command,
     time::{Duration, Instant},
 };
 
+use dataplane::inspect::read_lb;
 use mesh_tests::{
-    Netns, Topology, meshd,
+    Host, Netns, Topology, meshd,
     netns::{BPF_ROOT, UNDERLAY_IFACE},
-    require_root,
+    require_root, services,
 };
 
 use super::control::{Node, json, token_from, wait_until};
@@ -102,6 +106,43 @@ impl Task {
     }
 }
 
+/// The port `web` publishes.
+const PUBLISHED: u16 = 8080;
+
+/// `count` new connections from `client` to `node`'s published port: who
+/// answered, how often; the first failure is an error.
+fn ask_published(
+    client: &Host,
+    node: &Host,
+    count: usize,
+) -> Result<BTreeMap<String, usize>, String> {
+    let front = SocketAddr::from((node.addr(), PUBLISHED));
+    client.enter(|| {
+        let mut tally = BTreeMap::new();
+        for i in 0..count {
+            let who = services::tcp_ask(front, Duration::from_secs(2)).map_err(|e| {
+                let lb = read_lb(&node.pin_dir())
+                    .map(|v| dataplane::inspect::LbTable(&v).to_string());
+                format!("connection {i} to {front}: {e}\n{lb:?}")
+            })?;
+            *tally.entry(who).or_default() += 1;
+        }
+        Ok(tally)
+    })
+}
+
+/// How many backends the published port has in `node`'s LB maps.
+fn published_backends(node: &Host) -> usize {
+    read_lb(&node.pin_dir())
+        .ok()
+        .and_then(|views| {
+            views
+                .into_iter()
+                .find(|v| v.key.addr_be == [0; 4] && u16::from_be(v.key.port_be) == PUBLISHED)
+        })
+        .map_or(0, |v| v.backends.len())
+}
+
 /// Records a task of `service` on `node` (the internal path, manager
 /// certificate only) whose namespace the test created.
 fn place_task(manager: &Node<'_>, service: &str, slot: u32, node_id: &str) -> Task {
@@ -140,8 +181,11 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
     else {
         return;
     };
-    let topo = Topology::new(3);
+    let mut topo = Topology::new(3);
+    topo.add_host("client");
     let mut nodes = Node::for_hosts(&topo);
+    nodes.truncate(3);
+    let client = topo.host(3);
     let common = |n: &Node<'_>| {
         let mut v = n.common_args();
         v.extend(n.dataplane_args());
@@ -180,9 +224,10 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
     }
     let ids: Vec<String> = {
         let list = json(&nodes[0].meshctl_ok(&["node", "ls", "--format", "json"]));
-        topo.hosts()
+        nodes
             .iter()
-            .map(|h| {
+            .map(|n| {
+                let h = n.host;
                 list.as_array()
                     .unwrap()
                     .iter()
@@ -206,6 +251,8 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
         "web",
         "--network",
         "red",
+        "--publish",
+        &format!("{PUBLISHED}:80"),
         "--",
         "/bin/true",
     ]);
@@ -214,6 +261,11 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
 
     let t1 = place_task(&nodes[0], "web", 1, &ids[1]);
     let t2 = place_task(&nodes[0], "web", 2, &ids[2]);
+    // Each task serves HTTP and line-echo on port 80, naming itself.
+    let _servers = [
+        services::tcp_echo(&t1.ns, SocketAddr::from(([0, 0, 0, 0], 80)), "web.1"),
+        services::tcp_echo(&t2.ns, SocketAddr::from(([0, 0, 0, 0], 80)), "web.2"),
+    ];
     wait_until(
         "a task on worker 1 to reach one on worker 2",
         Duration::from_secs(15),
@@ -249,6 +301,41 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
         "forwarded upstream"
     );
 
+    // The VIP, from a task: curl reaches both tasks, across hosts, through
+    // the load balancer on the task's own node.
+    let url = format!("http://{vip}:80/");
+    let from_vip = wait_until("curl to the VIP from a task", Duration::from_secs(10), || {
+        let mut seen = BTreeMap::<String, usize>::new();
+        for _ in 0..20 {
+            let out = t1.ns.exec("curl", &["-s", "-m", "2", &url]);
+            if !out.status.success() {
+                return None;
+            }
+            *seen
+                .entry(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+                .or_default() += 1;
+        }
+        Some(seen)
+    });
+    assert_eq!(
+        from_vip.keys().collect::<Vec<_>>(),
+        ["web.1", "web.2"],
+        "curl {url} from web.1: {from_vip:?}"
+    );
+
+    // The published port, from an external client, on every node: the
+    // manager runs no task of the service.
+    for n in &nodes {
+        let tally = ask_published(client, n.host, 40)
+            .unwrap_or_else(|e| panic!("via {}: {e}", n.host.label()));
+        assert_eq!(
+            tally.keys().collect::<Vec<_>>(),
+            ["web.1", "web.2"],
+            "via {}: {tally:?}",
+            n.host.label()
+        );
+    }
+
     // Worker 2 dies hard and loses its link.
     let underlay = topo.underlay().name().to_owned();
     let port = format!("p{}", nodes[2].host.index());
@@ -261,12 +348,11 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
         assert!(st.success());
     };
     let entries_before = wait_until(
-        "worker 1 to save the tables",
+        "worker 1 to save the manager's tables",
         Duration::from_secs(5),
         || {
-            nodes[1]
-                .saved_tables()
-                .filter(|t| t.1.as_array().is_some_and(|a| a.len() == 5))
+            let (m, w) = (nodes[0].saved_tables()?, nodes[1].saved_tables()?);
+            (m == w).then_some(w)
         },
     )
     .1;
@@ -279,10 +365,27 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
         || (!nodes[1].vxlan_fdb(vni).contains(&t2.mac)).then_some(()),
     );
     let withdrawn = killed.elapsed();
+    // And from every other node's load balancer.
+    for n in &nodes[..2] {
+        wait_until(
+            "worker 2's task to leave the published port's backends",
+            Duration::from_secs(5),
+            || (published_backends(n.host) == 1).then_some(()),
+        );
+    }
+    let lb_withdrawn = killed.elapsed();
     eprintln!(
-        "dead worker withdrawn from another node's kernel {} ms after SIGKILL (heartbeat {HEARTBEAT} x 3)",
-        withdrawn.as_millis()
+        "dead worker withdrawn {} ms after SIGKILL from another node's FDB, {} ms from the LB maps of both others (heartbeat {HEARTBEAT} x 3)",
+        withdrawn.as_millis(),
+        lb_withdrawn.as_millis()
     );
+    // New connections to the published port all succeed, on both
+    // surviving nodes, and all reach the surviving task.
+    for n in &nodes[..2] {
+        let tally = ask_published(client, n.host, 50)
+            .unwrap_or_else(|e| panic!("after the failure, via {}: {e}", n.host.label()));
+        assert_eq!(tally.get("web.1"), Some(&50), "via {}: {tally:?}", n.host.label());
+    }
     // Worker 1 has applied (and acked) that revision: DNS there never
     // gives the dead task's address again.
     for _ in 0..10 {
