@@ -1307,14 +1307,15 @@ impl State {
             })?;
         let mut attachments = Vec::new();
         let mut node_lbs: Vec<(String, Ipv4Addr)> = Vec::new();
-        let give_back = |s: &mut State, attachments: &[TaskAttachment], lbs: &[(String, Ipv4Addr)]| {
-            let addrs = attachments.iter().map(|a| (&a.network, a.addr));
-            for (net, addr) in addrs.chain(lbs.iter().map(|(n, a)| (n, *a))) {
-                if let Some(pool) = s.alloc.addresses.get_mut(net) {
-                    pool.release(addr);
+        let give_back =
+            |s: &mut State, attachments: &[TaskAttachment], lbs: &[(String, Ipv4Addr)]| {
+                let addrs = attachments.iter().map(|a| (&a.network, a.addr));
+                for (net, addr) in addrs.chain(lbs.iter().map(|(n, a)| (n, *a))) {
+                    if let Some(pool) = s.alloc.addresses.get_mut(net) {
+                        pool.release(addr);
+                    }
                 }
-            }
-        };
+            };
         for net in svc.network_ids(self) {
             let pool = self.alloc.addresses.get_mut(&net).expect("indexed");
             if !node.lb_addrs.contains_key(&net) {

@@ -310,8 +310,7 @@ pub trait LbMaps {
     fn add_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), SyncError>;
     fn remove_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), SyncError>;
     /// Sets (`Some`) or removes the NAT address of interface `ifindex`.
-    fn set_nat_interface(&mut self, ifindex: u32, addr: Option<Ipv4Addr>)
-    -> Result<(), SyncError>;
+    fn set_nat_interface(&mut self, ifindex: u32, addr: Option<Ipv4Addr>) -> Result<(), SyncError>;
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), SyncError>;
     fn remove_backend(&mut self, id: u32) -> Result<(), SyncError>;
     /// Installs a complete new table for `frontend_id` in one atomic swap.

@@ -1222,7 +1222,9 @@ impl Overlay {
         }
         let have = self.nl.addresses(bridge.index).await?;
         if !have.contains(&(IpAddr::V4(h.ip), subnet.prefix())) {
-            self.nl.add_address(&bridge, IpAddr::V4(h.ip), subnet.prefix()).await?;
+            self.nl
+                .add_address(&bridge, IpAddr::V4(h.ip), subnet.prefix())
+                .await?;
         }
         Ok(bridge)
     }

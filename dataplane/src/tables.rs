@@ -417,7 +417,10 @@ pub fn lb_spec(
                 }
                 let b = backends(on(net));
                 services.push(ServiceSpec {
-                    id: lb_service_id(&format!("{id}/{net}/{}/{}", p.target, p.protocol), &mut taken),
+                    id: lb_service_id(
+                        &format!("{id}/{net}/{}/{}", p.target, p.protocol),
+                        &mut taken,
+                    ),
                     name: format!("{}@{vip}:{}/{}", s.name, p.target, p.protocol),
                     frontends: vec![FrontendSpec {
                         address: Some(*vip),
@@ -569,7 +572,10 @@ mod tests {
         let remote: Vec<(Ipv4Addr, Ipv4Addr)> = red.remote.iter().map(|r| (r.ip, r.node)).collect();
         assert_eq!(
             remote,
-            [(ip("10.0.1.3"), node_addr("b")), (ip("10.0.1.11"), node_addr("b"))]
+            [
+                (ip("10.0.1.3"), node_addr("b")),
+                (ip("10.0.1.11"), node_addr("b"))
+            ]
         );
         // One task on three networks: three interfaces.
         let blue = a.networks.iter().find(|n| n.id == "blue").unwrap();
@@ -583,7 +589,10 @@ mod tests {
         assert_eq!(ingress.host.map(|h| h.ip), Some(ip("10.255.0.12")));
         assert_eq!(ingress.remote.len(), 4, "{:?}", ingress.remote);
         // A node with nothing at all gets no overlay.
-        assert_eq!(overlay_spec(&t, "d", ip("198.18.0.4")), OverlaySpec::default());
+        assert_eq!(
+            overlay_spec(&t, "d", ip("198.18.0.4")),
+            OverlaySpec::default()
+        );
     }
 
     #[test]
@@ -602,8 +611,11 @@ mod tests {
                 .find(|s| s.frontends[0].address.is_none())
                 .unwrap();
             assert_eq!(published.frontends[0].port, 8080);
-            let backends: Vec<(Ipv4Addr, u16)> =
-                published.backends.iter().map(|b| (b.address, b.port)).collect();
+            let backends: Vec<(Ipv4Addr, u16)> = published
+                .backends
+                .iter()
+                .map(|b| (b.address, b.port))
+                .collect();
             assert_eq!(backends, [(ip("10.255.0.2"), 80), (ip("10.255.0.3"), 80)]);
             let vips: Vec<Ipv4Addr> = spec
                 .services
@@ -669,17 +681,32 @@ mod tests {
             other => panic!("expected changes, got {other:?}"),
         }
         // A service change that leaves the VIPs alone touches no overlay.
-        let Some(Value::Service(mut svc)) = t.entries.get(&Key::Service { id: "s".into() }).cloned()
+        let Some(Value::Service(mut svc)) =
+            t.entries.get(&Key::Service { id: "s".into() }).cloned()
         else {
             panic!()
         };
         svc.aliases.insert("red".into(), vec!["www".into()]);
-        let c = change(&mut t, Key::Service { id: "s".into() }, Some(Value::Service(svc.clone())));
-        assert_eq!(view.overlay(&t, Update::Delta(&c)), OverlayUpdate::Unchanged);
+        let c = change(
+            &mut t,
+            Key::Service { id: "s".into() },
+            Some(Value::Service(svc.clone())),
+        );
+        assert_eq!(
+            view.overlay(&t, Update::Delta(&c)),
+            OverlayUpdate::Unchanged
+        );
         // A new VIP on red does (its neighbour entry).
         svc.vips.insert("red".into(), ip("10.0.1.101"));
-        let c = change(&mut t, Key::Service { id: "s".into() }, Some(Value::Service(svc)));
-        assert!(matches!(view.overlay(&t, Update::Delta(&c)), OverlayUpdate::Whole(_)));
+        let c = change(
+            &mut t,
+            Key::Service { id: "s".into() },
+            Some(Value::Service(svc)),
+        );
+        assert!(matches!(
+            view.overlay(&t, Update::Delta(&c)),
+            OverlayUpdate::Whole(_)
+        ));
         // Another node's own address on red: a remote entry.
         let addr = ip("10.0.1.12");
         let c = change(
@@ -735,7 +762,10 @@ mod tests {
         let c = change(&mut t, key, None);
         match view.overlay(&t, Update::Delta(&c)) {
             OverlayUpdate::Changes(c) => {
-                assert!(matches!(&c[..], [Change::RemoveLocal { id, .. }] if id == "t1"), "{c:?}")
+                assert!(
+                    matches!(&c[..], [Change::RemoveLocal { id, .. }] if id == "t1"),
+                    "{c:?}"
+                )
             }
             other => panic!("expected a local removal, got {other:?}"),
         }

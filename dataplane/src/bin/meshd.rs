@@ -23,9 +23,9 @@ use dataplane::{
     inspect::{LbTable, read_lb},
     lb::{LbSpec, LbSync, Timeouts},
     netlink::Netlink,
+    overlay,
     overlay::{Overlay, OverlaySpec},
     stats::ParserStats,
-    overlay,
     tables::{NodeView, OverlayUpdate, lb_spec},
 };
 use serde::Deserialize;

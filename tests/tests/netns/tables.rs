@@ -121,8 +121,8 @@ fn ask_published(
         let mut tally = BTreeMap::new();
         for i in 0..count {
             let who = services::tcp_ask(front, Duration::from_secs(2)).map_err(|e| {
-                let lb = read_lb(&node.pin_dir())
-                    .map(|v| dataplane::inspect::LbTable(&v).to_string());
+                let lb =
+                    read_lb(&node.pin_dir()).map(|v| dataplane::inspect::LbTable(&v).to_string());
                 format!("connection {i} to {front}: {e}\n{lb:?}")
             })?;
             *tally.entry(who).or_default() += 1;
@@ -304,19 +304,23 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
     // The VIP, from a task: curl reaches both tasks, across hosts, through
     // the load balancer on the task's own node.
     let url = format!("http://{vip}:80/");
-    let from_vip = wait_until("curl to the VIP from a task", Duration::from_secs(10), || {
-        let mut seen = BTreeMap::<String, usize>::new();
-        for _ in 0..20 {
-            let out = t1.ns.exec("curl", &["-s", "-m", "2", &url]);
-            if !out.status.success() {
-                return None;
+    let from_vip = wait_until(
+        "curl to the VIP from a task",
+        Duration::from_secs(10),
+        || {
+            let mut seen = BTreeMap::<String, usize>::new();
+            for _ in 0..20 {
+                let out = t1.ns.exec("curl", &["-s", "-m", "2", &url]);
+                if !out.status.success() {
+                    return None;
+                }
+                *seen
+                    .entry(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+                    .or_default() += 1;
             }
-            *seen
-                .entry(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-                .or_default() += 1;
-        }
-        Some(seen)
-    });
+            Some(seen)
+        },
+    );
     assert_eq!(
         from_vip.keys().collect::<Vec<_>>(),
         ["web.1", "web.2"],
@@ -384,7 +388,12 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
     for n in &nodes[..2] {
         let tally = ask_published(client, n.host, 50)
             .unwrap_or_else(|e| panic!("after the failure, via {}: {e}", n.host.label()));
-        assert_eq!(tally.get("web.1"), Some(&50), "via {}: {tally:?}", n.host.label());
+        assert_eq!(
+            tally.get("web.1"),
+            Some(&50),
+            "via {}: {tally:?}",
+            n.host.label()
+        );
     }
     // Worker 1 has applied (and acked) that revision: DNS there never
     // gives the dead task's address again.
