@@ -163,6 +163,12 @@ impl LbSpec {
     /// Checks the whole spec before anything is written, so a bad spec
     /// changes nothing.
     pub fn validate(&self) -> Result<(), SpecError> {
+        self.validate_globals()?;
+        validate_services(&self.services)
+    }
+
+    /// Everything but the services.
+    fn validate_globals(&self) -> Result<(), SpecError> {
         if self.nat_address.is_unspecified() {
             return Err(SpecError::NatAddress);
         }
@@ -178,10 +184,17 @@ impl LbSpec {
                 max: limits::NODE_ADDRS_MAX,
             });
         }
+        Ok(())
+    }
+}
+
+/// Checks services together: ids, ports, Maglev sizes, no frontend twice.
+pub fn validate_services(services: &[ServiceSpec]) -> Result<(), SpecError> {
+    {
         let mut ids = BTreeSet::new();
         let mut seen: BTreeMap<FrontendKey, &str> = BTreeMap::new();
         let mut backends = BTreeSet::new();
-        for svc in &self.services {
+        for svc in services {
             if !ids.insert(svc.id) {
                 return Err(SpecError::DuplicateServiceId(svc.id));
             }
@@ -368,8 +381,54 @@ pub struct LbSync {
     node_addrs: BTreeSet<Ipv4Addr>,
     nat_interfaces: BTreeMap<u32, Ipv4Addr>,
     frontends: BTreeMap<FrontendKey, InstalledFrontend>,
+    frontend_ids: BTreeSet<u32>,
     backends: BTreeMap<BackendKey, u32>,
+    backend_ids: BTreeSet<u32>,
+    /// Installed frontends naming each backend; exact once every frontend's
+    /// table is known (`exact`), which a whole apply ensures.
+    refs: BTreeMap<BackendKey, usize>,
+    exact: bool,
     next_backend_id: u32,
+}
+
+/// A change to some services: their frontends now, and frontends that are
+/// no longer anyone's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LbChanges {
+    pub upsert: Vec<ServiceSpec>,
+    pub remove: Vec<FrontendSpec>,
+}
+
+impl LbChanges {
+    pub fn is_empty(&self) -> bool {
+        self.upsert.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// What each frontend of `services` asks for (backends sorted: order in the
+/// spec does not matter).
+fn desired(services: &[ServiceSpec]) -> BTreeMap<FrontendKey, Desired> {
+    let mut want = BTreeMap::new();
+    for svc in services {
+        for f in &svc.frontends {
+            let mut backends: Vec<(BackendKey, u32)> = svc
+                .backends
+                .iter()
+                .map(|b| (backend_key(b, f.protocol), b.weight))
+                .collect();
+            backends.sort();
+            backends.dedup_by_key(|(k, _)| *k);
+            want.insert(
+                frontend_key(f),
+                Desired {
+                    service_id: svc.id,
+                    backends,
+                    table_size: svc.table_size,
+                },
+            );
+        }
+    }
+    want
 }
 
 impl LbSync {
@@ -392,23 +451,29 @@ impl LbSync {
             .values()
             .max()
             .map_or(0, |m| (m + 1) % limits::MAX_BACKENDS);
+        let frontends: BTreeMap<FrontendKey, InstalledFrontend> = frontends
+            .into_iter()
+            .map(|(k, f)| {
+                (
+                    k,
+                    InstalledFrontend {
+                        id: f.id,
+                        installed: None,
+                    },
+                )
+            })
+            .collect();
         LbSync {
             config,
             node_addrs: node_addrs.into_iter().collect(),
             nat_interfaces: nat_interfaces.into_iter().collect(),
-            frontends: frontends
-                .into_iter()
-                .map(|(k, f)| {
-                    (
-                        k,
-                        InstalledFrontend {
-                            id: f.id,
-                            installed: None,
-                        },
-                    )
-                })
-                .collect(),
+            frontend_ids: frontends.values().map(|f| f.id).collect(),
+            frontends,
+            backend_ids: backends.values().copied().collect(),
             backends,
+            refs: BTreeMap::new(),
+            // Recovered frontends' tables are unknown until rewritten.
+            exact: false,
             next_backend_id,
         }
     }
@@ -422,7 +487,127 @@ impl LbSync {
     ) -> Result<ApplyReport, SyncError> {
         spec.validate()?;
         let mut report = ApplyReport::default();
+        self.apply_globals(spec, maps, &mut report)?;
+        let want = desired(&spec.services);
+        let gone: Vec<FrontendKey> = self
+            .frontends
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        let changes = want
+            .into_iter()
+            .map(|(k, d)| (k, Some(d)))
+            .chain(gone.into_iter().map(|k| (k, None)))
+            .collect();
+        self.change_frontends(changes, maps, &mut report)?;
+        // Every frontend is now as written: the reference counts are exact,
+        // and a backend that none names (recovered ones included) goes.
+        self.refs.clear();
+        for f in self.frontends.values() {
+            for (k, _) in &f.installed.as_ref().expect("just written").backends {
+                *self.refs.entry(*k).or_default() += 1;
+            }
+        }
+        self.exact = true;
+        let unnamed: Vec<BackendKey> = self
+            .backends
+            .keys()
+            .filter(|k| !self.refs.contains_key(k))
+            .copied()
+            .collect();
+        self.remove_backends(unnamed, maps, &mut report)?;
+        Ok(report)
+    }
 
+    /// Applies a change to some services only, at a cost that depends on
+    /// them, not on how many services there are: `changes.upsert` are
+    /// those services' frontends as they are now, `changes.remove` the
+    /// frontends they no longer have. The globals come from `globals` (its
+    /// services are ignored). Needs a whole [`LbSync::apply`] first; an
+    /// invalid change changes nothing.
+    pub fn apply_changes(
+        &mut self,
+        globals: &LbSpec,
+        changes: &LbChanges,
+        maps: &mut impl LbMaps,
+    ) -> Result<ApplyReport, SyncError> {
+        if !self.exact {
+            return Err(SyncError::Map {
+                operation: "incremental load-balancer update",
+                message: "the maps were not written by a whole apply yet".into(),
+            });
+        }
+        globals.validate_globals()?;
+        validate_services(&changes.upsert)?;
+        let want = desired(&changes.upsert);
+        let removed: BTreeSet<FrontendKey> = changes
+            .remove
+            .iter()
+            .map(frontend_key)
+            .filter(|k| !want.contains_key(k))
+            .collect();
+        // A frontend another service holds (and keeps) is refused.
+        let mut added = 0usize;
+        for (key, d) in &want {
+            match self.frontends.get(key) {
+                Some(f)
+                    if !removed.contains(key)
+                        && f.installed
+                            .as_ref()
+                            .is_some_and(|i| i.service_id != d.service_id) =>
+                {
+                    let svc = |id: u32| {
+                        changes
+                            .upsert
+                            .iter()
+                            .find(|s| s.id == id)
+                            .map_or(format!("#{id}"), |s| s.name.clone())
+                    };
+                    return Err(SpecError::DuplicateFrontend {
+                        address: match key.addr_be[0] {
+                            0 => "*".into(),
+                            a => Ipv4Addr::from(a.to_ne_bytes()).to_string(),
+                        },
+                        port: u16::from_be(key.port_be),
+                        protocol: Protocol::from_number(key.proto).unwrap_or(Protocol::Tcp),
+                        first: format!("#{}", f.installed.as_ref().expect("checked").service_id),
+                        second: svc(d.service_id),
+                    }
+                    .into());
+                }
+                Some(_) => {}
+                None => added += 1,
+            }
+        }
+        let count = self.frontends.len() + added - removed.len().min(self.frontends.len());
+        if count > limits::MAX_FRONTENDS as usize {
+            return Err(SpecError::TooMany {
+                what: "frontends",
+                count,
+                max: limits::MAX_FRONTENDS,
+            }
+            .into());
+        }
+        let mut report = ApplyReport::default();
+        self.apply_globals(globals, maps, &mut report)?;
+        let changes = want
+            .into_iter()
+            .map(|(k, d)| (k, Some(d)))
+            .chain(removed.into_iter().map(|k| (k, None)))
+            .collect();
+        let orphans = self.change_frontends(changes, maps, &mut report)?;
+        self.remove_backends(orphans, maps, &mut report)?;
+        Ok(report)
+    }
+
+    /// Config, node addresses and per-interface NAT addresses.
+    fn apply_globals(
+        &mut self,
+        spec: &LbSpec,
+        maps: &mut impl LbMaps,
+        report: &mut ApplyReport,
+    ) -> Result<(), SyncError> {
         let config = LbConfig {
             nat_addr_be: [u32::from_ne_bytes(spec.nat_address.octets()), 0, 0, 0],
             nat_port_min: spec.nat_port_min,
@@ -466,58 +651,65 @@ impl LbSync {
                 report.node_addr_writes += 1;
             }
         }
+        Ok(())
+    }
 
-        // Desired frontends with their backend lists (sorted: order-independent).
-        let mut want: BTreeMap<FrontendKey, Desired> = BTreeMap::new();
-        for svc in &spec.services {
-            for f in &svc.frontends {
-                let mut backends: Vec<(BackendKey, u32)> = svc
-                    .backends
-                    .iter()
-                    .map(|b| (backend_key(b, f.protocol), b.weight))
-                    .collect();
-                backends.sort();
-                backends.dedup_by_key(|(k, _)| *k);
-                want.insert(
-                    frontend_key(f),
-                    Desired {
-                        service_id: svc.id,
-                        backends,
-                        table_size: svc.table_size,
-                    },
-                );
+    /// Writes each frontend's new state (`None`: remove it): new backends
+    /// first, so that new tables only name existing entries; then each
+    /// changed table and its frontend entry. Returns the backends whose
+    /// last reference went (the caller removes them after).
+    fn change_frontends(
+        &mut self,
+        changes: Vec<(FrontendKey, Option<Desired>)>,
+        maps: &mut impl LbMaps,
+        report: &mut ApplyReport,
+    ) -> Result<Vec<BackendKey>, SyncError> {
+        for (_, d) in &changes {
+            for (key, _) in d.iter().flat_map(|d| &d.backends) {
+                if !self.backends.contains_key(key) {
+                    let id = self.allocate_backend_id()?;
+                    maps.set_backend(id, &key.to_map())?;
+                    self.backends.insert(*key, id);
+                    self.backend_ids.insert(id);
+                    report.backend_writes += 1;
+                }
             }
         }
-
-        // 1. New backends first, so new tables only name existing entries.
-        let want_backends: BTreeSet<BackendKey> = want
-            .values()
-            .flat_map(|d| d.backends.iter().map(|(k, _)| *k))
-            .collect();
-        for key in &want_backends {
-            if !self.backends.contains_key(key) {
-                let id = self.allocate_backend_id()?;
-                maps.set_backend(id, &key.to_map())?;
-                self.backends.insert(*key, id);
-                report.backend_writes += 1;
-            }
-        }
-
-        // 2. Frontends whose table changed: new table, then the frontend entry.
-        let used_frontend_ids: BTreeSet<u32> = self.frontends.values().map(|f| f.id).collect();
-        let mut free_ids = (0..limits::MAX_FRONTENDS).filter(|id| !used_frontend_ids.contains(id));
-        for (key, d) in &want {
-            let current = self.frontends.get(key);
-            if current.is_some_and(|c| c.installed.as_ref() == Some(d)) {
+        let mut orphans = Vec::new();
+        let mut next_free = 0;
+        for (key, d) in changes {
+            let Some(d) = d else {
+                let Some(gone) = self.frontends.remove(&key) else {
+                    continue;
+                };
+                maps.remove_frontend(&key)?;
+                // Release the old table's memory; the id is unreachable now.
+                maps.swap_table(gone.id, &[NO_BACKEND])?;
+                self.frontend_ids.remove(&gone.id);
+                report.frontend_removals += 1;
+                self.unref(gone.installed.as_ref(), &mut orphans);
+                continue;
+            };
+            let current = self.frontends.get(&key);
+            if current.is_some_and(|c| c.installed.as_ref() == Some(&d)) {
                 continue;
             }
             let id = match current {
                 Some(c) => c.id,
-                None => free_ids.next().ok_or(SpecError::TooMany {
-                    what: "frontends",
-                    count: want.len(),
-                    max: limits::MAX_FRONTENDS,
-                })?,
+                None => {
+                    while self.frontend_ids.contains(&next_free) {
+                        next_free += 1;
+                    }
+                    if next_free >= limits::MAX_FRONTENDS {
+                        return Err(SpecError::TooMany {
+                            what: "frontends",
+                            count: self.frontends.len() + 1,
+                            max: limits::MAX_FRONTENDS,
+                        }
+                        .into());
+                    }
+                    next_free
+                }
             };
             let table = self.build_table(&d.backends, d.table_size)?;
             maps.swap_table(id, &table)?;
@@ -530,46 +722,55 @@ impl LbSync {
                 flags: 0,
                 _pad: 0,
             };
-            maps.set_frontend(key, &entry)?;
+            maps.set_frontend(&key, &entry)?;
             report.frontend_writes += 1;
-            self.frontends.insert(
-                *key,
+            for (k, _) in &d.backends {
+                *self.refs.entry(*k).or_default() += 1;
+            }
+            self.frontend_ids.insert(id);
+            let old = self.frontends.insert(
+                key,
                 InstalledFrontend {
                     id,
-                    installed: Some(d.clone()),
+                    installed: Some(d),
                 },
             );
+            self.unref(old.and_then(|o| o.installed).as_ref(), &mut orphans);
         }
+        Ok(orphans)
+    }
 
-        // 3. Frontends no longer wanted.
-        let gone: Vec<FrontendKey> = self
-            .frontends
-            .keys()
-            .filter(|k| !want.contains_key(k))
-            .copied()
-            .collect();
-        for key in gone {
-            let installed = self.frontends.remove(&key).expect("listed above");
-            maps.remove_frontend(&key)?;
-            // Release the old table's memory; the id is unreachable now.
-            maps.swap_table(installed.id, &[NO_BACKEND])?;
-            report.frontend_removals += 1;
+    fn unref(&mut self, old: Option<&Desired>, orphans: &mut Vec<BackendKey>) {
+        for (k, _) in old.iter().flat_map(|d| &d.backends) {
+            if let Some(n) = self.refs.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    self.refs.remove(k);
+                    orphans.push(*k);
+                }
+            }
         }
+    }
 
-        // 4. Backends no table names any more. Their conntrack entries now
-        // miss in BACKENDS, so those flows are re-steered at once.
-        let gone: Vec<BackendKey> = self
-            .backends
-            .keys()
-            .filter(|k| !want_backends.contains(k))
-            .copied()
-            .collect();
-        for key in gone {
-            let id = self.backends.remove(&key).expect("listed above");
-            maps.remove_backend(id)?;
-            report.backend_removals += 1;
+    /// Removes backends no table names any more. Their conntrack entries
+    /// now miss in BACKENDS, so those flows are re-steered at once.
+    fn remove_backends(
+        &mut self,
+        keys: Vec<BackendKey>,
+        maps: &mut impl LbMaps,
+        report: &mut ApplyReport,
+    ) -> Result<(), SyncError> {
+        for key in keys {
+            if self.refs.contains_key(&key) {
+                continue;
+            }
+            if let Some(id) = self.backends.remove(&key) {
+                maps.remove_backend(id)?;
+                self.backend_ids.remove(&id);
+                report.backend_removals += 1;
+            }
         }
-        Ok(report)
+        Ok(())
     }
 
     fn build_table(
@@ -606,17 +807,16 @@ impl LbSync {
     /// reused only after the whole space wraps, so a stale conntrack entry
     /// never finds a *different* backend under its old id.
     fn allocate_backend_id(&mut self) -> Result<u32, SyncError> {
-        let used: BTreeSet<u32> = self.backends.values().copied().collect();
         for _ in 0..limits::MAX_BACKENDS {
             let id = self.next_backend_id;
             self.next_backend_id = (self.next_backend_id + 1) % limits::MAX_BACKENDS;
-            if !used.contains(&id) {
+            if !self.backend_ids.contains(&id) {
                 return Ok(id);
             }
         }
         Err(SpecError::TooMany {
             what: "backends",
-            count: used.len() + 1,
+            count: self.backend_ids.len() + 1,
             max: limits::MAX_BACKENDS,
         }
         .into())
@@ -628,72 +828,75 @@ impl LbSync {
     }
 }
 
+/// Maps in memory that count every write: for tests, and for simulated
+/// nodes in benchmarks (the real sync path, no kernel calls).
+#[derive(Debug, Default)]
+pub struct MemoryMaps {
+    pub config: Option<LbConfig>,
+    pub addrs: BTreeSet<Ipv4Addr>,
+    pub nat_interfaces: BTreeMap<u32, Ipv4Addr>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub tables: BTreeMap<u32, Vec<u32>>,
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+    pub writes: usize,
+}
+
+impl LbMaps for MemoryMaps {
+    fn set_config(&mut self, c: &LbConfig) -> Result<(), SyncError> {
+        self.writes += 1;
+        self.config = Some(*c);
+        Ok(())
+    }
+    fn add_node_addr(&mut self, a: Ipv4Addr) -> Result<(), SyncError> {
+        self.writes += 1;
+        self.addrs.insert(a);
+        Ok(())
+    }
+    fn remove_node_addr(&mut self, a: Ipv4Addr) -> Result<(), SyncError> {
+        self.writes += 1;
+        self.addrs.remove(&a);
+        Ok(())
+    }
+    fn set_nat_interface(&mut self, i: u32, a: Option<Ipv4Addr>) -> Result<(), SyncError> {
+        self.writes += 1;
+        match a {
+            Some(a) => self.nat_interfaces.insert(i, a),
+            None => self.nat_interfaces.remove(&i),
+        };
+        Ok(())
+    }
+    fn set_backend(&mut self, id: u32, b: &Backend) -> Result<(), SyncError> {
+        self.writes += 1;
+        self.backends.insert(id, *b);
+        Ok(())
+    }
+    fn remove_backend(&mut self, id: u32) -> Result<(), SyncError> {
+        self.writes += 1;
+        self.backends.remove(&id);
+        Ok(())
+    }
+    fn swap_table(&mut self, id: u32, t: &[u32]) -> Result<(), SyncError> {
+        self.writes += 1;
+        self.tables.insert(id, t.to_vec());
+        Ok(())
+    }
+    fn set_frontend(&mut self, k: &FrontendKey, f: &Frontend) -> Result<(), SyncError> {
+        self.writes += 1;
+        self.frontends.insert(*k, *f);
+        Ok(())
+    }
+    fn remove_frontend(&mut self, k: &FrontendKey) -> Result<(), SyncError> {
+        self.writes += 1;
+        self.frontends.remove(k);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// In-memory maps that count every write.
-    #[derive(Default)]
-    struct FakeMaps {
-        config: Option<LbConfig>,
-        addrs: BTreeSet<Ipv4Addr>,
-        nat_interfaces: BTreeMap<u32, Ipv4Addr>,
-        backends: BTreeMap<u32, Backend>,
-        tables: BTreeMap<u32, Vec<u32>>,
-        frontends: BTreeMap<FrontendKey, Frontend>,
-        writes: usize,
-    }
-
-    impl LbMaps for FakeMaps {
-        fn set_config(&mut self, c: &LbConfig) -> Result<(), SyncError> {
-            self.writes += 1;
-            self.config = Some(*c);
-            Ok(())
-        }
-        fn add_node_addr(&mut self, a: Ipv4Addr) -> Result<(), SyncError> {
-            self.writes += 1;
-            self.addrs.insert(a);
-            Ok(())
-        }
-        fn remove_node_addr(&mut self, a: Ipv4Addr) -> Result<(), SyncError> {
-            self.writes += 1;
-            self.addrs.remove(&a);
-            Ok(())
-        }
-        fn set_nat_interface(&mut self, i: u32, a: Option<Ipv4Addr>) -> Result<(), SyncError> {
-            self.writes += 1;
-            match a {
-                Some(a) => self.nat_interfaces.insert(i, a),
-                None => self.nat_interfaces.remove(&i),
-            };
-            Ok(())
-        }
-        fn set_backend(&mut self, id: u32, b: &Backend) -> Result<(), SyncError> {
-            self.writes += 1;
-            self.backends.insert(id, *b);
-            Ok(())
-        }
-        fn remove_backend(&mut self, id: u32) -> Result<(), SyncError> {
-            self.writes += 1;
-            self.backends.remove(&id);
-            Ok(())
-        }
-        fn swap_table(&mut self, id: u32, t: &[u32]) -> Result<(), SyncError> {
-            self.writes += 1;
-            self.tables.insert(id, t.to_vec());
-            Ok(())
-        }
-        fn set_frontend(&mut self, k: &FrontendKey, f: &Frontend) -> Result<(), SyncError> {
-            self.writes += 1;
-            self.frontends.insert(*k, *f);
-            Ok(())
-        }
-        fn remove_frontend(&mut self, k: &FrontendKey) -> Result<(), SyncError> {
-            self.writes += 1;
-            self.frontends.remove(k);
-            Ok(())
-        }
-    }
+    type FakeMaps = MemoryMaps;
 
     fn service(id: u32, port: u16, backends: &[(u8, u32)]) -> ServiceSpec {
         ServiceSpec {

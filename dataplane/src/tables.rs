@@ -16,7 +16,7 @@
 //!   source, so that replies come back to the node that translated them.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
     path::PathBuf,
 };
@@ -24,11 +24,11 @@ use std::{
 use control::{
     agent::Update,
     state::{EndpointMode, Protocol as PortProtocol, PublishMode},
-    tables::{EndpointEntry, Key, NodeEndpointEntry, Tables, Value},
+    tables::{EndpointEntry, Key, NodeEndpointEntry, ServiceEntry, Tables, Value},
 };
 
 use crate::{
-    lb::{BackendSpec, FrontendSpec, LbSpec, Protocol, ServiceSpec},
+    lb::{BackendSpec, FrontendSpec, LbChanges, LbSpec, Protocol, ServiceSpec},
     netlink::Mac,
     overlay::{Change, HostEndpoint, LocalEndpoint, NetworkSpec, OverlaySpec, RemoteEndpoint},
 };
@@ -323,125 +323,259 @@ fn table_size(backends: usize) -> u32 {
         .unwrap_or(PRIMES[PRIMES.len() - 1])
 }
 
-/// A stable id for a service in the load balancer's counters: a hash of
-/// its id, probed past ids already taken in this build.
-fn lb_service_id(id: &str, taken: &mut BTreeSet<u32>) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in id.bytes() {
-        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
-    }
-    while !taken.insert(h) {
-        h = h.wrapping_add(1);
-    }
-    h
-}
-
-/// The load balancer this node should have, or `None` when it is on no
-/// `ingress` (then nothing can be translated: no source address).
+/// This node's load balancer, followed delta by delta: which services it
+/// holds and what each contributes, so that a change costs the services it
+/// touches, never the number of services.
 ///
 /// - every published port (ingress mode) answers on the node's addresses
 ///   and goes to the service's tasks on `ingress`, at the target port;
 /// - each VIP on a network this node is on answers on the service's target
 ///   ports and goes to the service's tasks on that network.
-///
-/// `networks` are the networks this node is on, with its address there
-/// ([`NodeView::networks`]).
-pub fn lb_spec(
-    tables: &Tables,
+#[derive(Debug, Default)]
+pub struct LbView {
+    /// Service id -> network -> its live task addresses there.
+    members: HashMap<String, HashMap<String, BTreeSet<Ipv4Addr>>>,
+    /// Service id -> the load-balancer services it contributes.
+    specs: HashMap<String, Vec<ServiceSpec>>,
+    /// Load-balancer service name -> its id in the counters.
+    ids: HashMap<String, u32>,
+    taken: HashSet<u32>,
+}
+
+/// The ingress network's id and this node's address there.
+fn ingress<'a>(
+    tables: &'a Tables,
     networks: &BTreeMap<String, Ipv4Addr>,
-    node_addresses: Vec<Ipv4Addr>,
-) -> Option<LbSpec> {
-    let (ingress, _) = tables.networks().find(|(_, n)| n.ingress)?;
-    let nat_address = *networks.get(ingress)?;
-    // Service id -> network -> its live task addresses there.
-    let mut members: BTreeMap<&str, BTreeMap<&str, Vec<Ipv4Addr>>> = BTreeMap::new();
-    for (network, _, e) in tables.endpoints() {
-        members
-            .entry(e.service.as_str())
-            .or_default()
-            .entry(network)
-            .or_default()
-            .push(e.addr);
+) -> Option<(&'a str, Ipv4Addr)> {
+    let (id, _) = tables.networks().find(|(_, n)| n.ingress)?;
+    Some((id, *networks.get(id)?))
+}
+
+impl LbView {
+    pub fn new() -> LbView {
+        LbView::default()
     }
-    let mut taken = BTreeSet::new();
-    let mut services = Vec::new();
-    for (id, s) in tables.services() {
-        if s.ports.is_empty() {
-            continue;
+
+    /// The whole load balancer from `tables`, or `None` when this node has
+    /// no address on `ingress` (then it has no source address to NAT to).
+    /// `networks` are the networks this node is on, with its address there
+    /// ([`NodeView::networks`]).
+    pub fn whole(
+        &mut self,
+        tables: &Tables,
+        networks: &BTreeMap<String, Ipv4Addr>,
+        node_addresses: Vec<Ipv4Addr>,
+    ) -> Option<LbSpec> {
+        *self = LbView::default();
+        for (network, _, e) in tables.endpoints() {
+            self.members
+                .entry(e.service.clone())
+                .or_default()
+                .entry(network.to_owned())
+                .or_default()
+                .insert(e.addr);
         }
-        let on = |net: &str| -> &[Ipv4Addr] {
-            members
-                .get(id)
-                .and_then(|m| m.get(net))
-                .map_or(&[], |v| v.as_slice())
+        let (ingress_id, nat_address) = ingress(tables, networks)?;
+        let mut services = Vec::new();
+        for (id, s) in tables.services() {
+            let specs = self.service_specs(id, s, ingress_id, networks);
+            services.extend(specs.iter().cloned());
+            if !specs.is_empty() {
+                self.specs.insert(id.to_owned(), specs);
+            }
+        }
+        Some(LbSpec {
+            nat_address,
+            node_addresses,
+            nat_port_min: crate::lb::DEFAULT_NAT_PORT_MIN,
+            nat_port_count: crate::lb::DEFAULT_NAT_PORT_COUNT,
+            services,
+            // Interface indexes are this host's business: the caller adds them.
+            nat_interfaces: BTreeMap::new(),
+        })
+    }
+
+    /// What `changes` change, service by service. The set of networks this
+    /// node is on must be the same as at the last [`LbView::whole`] (a
+    /// change to it needs a whole table, as it does for the overlay).
+    pub fn delta(
+        &mut self,
+        tables: &Tables,
+        changes: &[control::agent::Applied],
+        networks: &BTreeMap<String, Ipv4Addr>,
+    ) -> LbChanges {
+        let mut affected = BTreeSet::new();
+        for c in changes {
+            match &c.key {
+                Key::Endpoint { network, .. } => {
+                    if let Some(o) = endpoint(&c.old) {
+                        if let Some(m) = self.members.get_mut(&o.service) {
+                            if let Some(set) = m.get_mut(network) {
+                                set.remove(&o.addr);
+                                if set.is_empty() {
+                                    m.remove(network);
+                                }
+                            }
+                            if m.is_empty() {
+                                self.members.remove(&o.service);
+                            }
+                        }
+                        affected.insert(o.service.clone());
+                    }
+                    if let Some(n) = endpoint(&c.new) {
+                        self.members
+                            .entry(n.service.clone())
+                            .or_default()
+                            .entry(network.clone())
+                            .or_default()
+                            .insert(n.addr);
+                        affected.insert(n.service.clone());
+                    }
+                }
+                Key::Service { id } => {
+                    affected.insert(id.clone());
+                }
+                Key::Network { .. } | Key::NodeEndpoint { .. } => {}
+            }
+        }
+        let mut out = LbChanges::default();
+        let Some((ingress_id, _)) = ingress(tables, networks) else {
+            return out;
         };
+        for id in affected {
+            let old = self.specs.remove(&id).unwrap_or_default();
+            let new = match tables.entries.get(&Key::Service { id: id.clone() }) {
+                Some(Value::Service(s)) => self.service_specs(&id, s, ingress_id, networks),
+                _ => Vec::new(),
+            };
+            for o in &old {
+                if !new.iter().any(|n| n.frontends == o.frontends) {
+                    out.remove.extend(o.frontends.iter().cloned());
+                }
+                if !new.iter().any(|n| n.name == o.name)
+                    && let Some(freed) = self.ids.remove(&o.name)
+                {
+                    self.taken.remove(&freed);
+                }
+            }
+            out.upsert
+                .extend(new.iter().filter(|n| !old.contains(n)).cloned());
+            if !new.is_empty() {
+                self.specs.insert(id, new);
+            }
+        }
+        out
+    }
+
+    /// A stable id for a load-balancer service in the counters: a hash of
+    /// its name, probed past ids already taken.
+    fn id_for(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.ids.get(name) {
+            return *id;
+        }
+        let mut h: u32 = 0x811c_9dc5;
+        for b in name.bytes() {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        while !self.taken.insert(h) {
+            h = h.wrapping_add(1);
+        }
+        self.ids.insert(name.to_owned(), h);
+        h
+    }
+
+    /// What service `id` contributes: one load-balancer service per
+    /// published port, and one per VIP and target port on this node's
+    /// networks.
+    fn service_specs(
+        &mut self,
+        id: &str,
+        s: &ServiceEntry,
+        ingress_id: &str,
+        networks: &BTreeMap<String, Ipv4Addr>,
+    ) -> Vec<ServiceSpec> {
+        let members = self.members.get(id);
+        let on = |net: &str| -> Vec<Ipv4Addr> {
+            members
+                .and_then(|m| m.get(net))
+                .map_or_else(Vec::new, |v| v.iter().copied().collect())
+        };
+        let mut found = Vec::new();
         let mut vip_ports = BTreeSet::new();
         for p in &s.ports {
             let protocol = match p.protocol {
                 PortProtocol::Tcp => Protocol::Tcp,
                 PortProtocol::Udp => Protocol::Udp,
             };
-            let backends = |addrs: &[Ipv4Addr]| -> Vec<BackendSpec> {
+            let backends = |addrs: Vec<Ipv4Addr>| -> Vec<BackendSpec> {
                 addrs
-                    .iter()
+                    .into_iter()
                     .map(|a| BackendSpec {
-                        address: *a,
+                        address: a,
                         port: p.target,
                         weight: 1,
                     })
                     .collect()
             };
+            let push = |name: String, address: Option<Ipv4Addr>, port: u16, net: &str| {
+                let b = backends(on(net));
+                (
+                    name,
+                    ServiceSpec {
+                        id: 0,
+                        name: String::new(),
+                        frontends: vec![FrontendSpec {
+                            address,
+                            port,
+                            protocol,
+                        }],
+                        table_size: table_size(b.len()),
+                        backends: b,
+                    },
+                )
+            };
             if p.mode == PublishMode::Ingress
                 && let Some(published) = p.published
             {
-                let b = backends(on(ingress));
-                services.push(ServiceSpec {
-                    id: lb_service_id(&format!("{id}/{published}/{}", p.protocol), &mut taken),
-                    name: format!("{}:{published}/{}", s.name, p.protocol),
-                    frontends: vec![FrontendSpec {
-                        address: None,
-                        port: published,
-                        protocol,
-                    }],
-                    table_size: table_size(b.len()),
-                    backends: b,
-                });
+                found.push(push(
+                    format!("{}:{published}/{}", s.name, p.protocol),
+                    None,
+                    published,
+                    ingress_id,
+                ));
             }
-            if s.endpoint_mode != EndpointMode::Vip {
-                continue;
-            }
-            for (net, vip) in &s.vips {
-                // Two published ports may share a target port.
-                if !networks.contains_key(net) || !vip_ports.insert((*vip, p.target, protocol)) {
-                    continue;
+            if s.endpoint_mode == EndpointMode::Vip {
+                for (net, vip) in &s.vips {
+                    // Two published ports may share a target port.
+                    if networks.contains_key(net) && vip_ports.insert((*vip, p.target, protocol)) {
+                        found.push(push(
+                            format!("{}@{vip}:{}/{}", s.name, p.target, p.protocol),
+                            Some(*vip),
+                            p.target,
+                            net,
+                        ));
+                    }
                 }
-                let b = backends(on(net));
-                services.push(ServiceSpec {
-                    id: lb_service_id(
-                        &format!("{id}/{net}/{}/{}", p.target, p.protocol),
-                        &mut taken,
-                    ),
-                    name: format!("{}@{vip}:{}/{}", s.name, p.target, p.protocol),
-                    frontends: vec![FrontendSpec {
-                        address: Some(*vip),
-                        port: p.target,
-                        protocol,
-                    }],
-                    table_size: table_size(b.len()),
-                    backends: b,
-                });
             }
         }
+        found
+            .into_iter()
+            .map(|(name, mut spec)| {
+                spec.id = self.id_for(&name);
+                spec.name = name;
+                spec
+            })
+            .collect()
     }
-    Some(LbSpec {
-        nat_address,
-        node_addresses,
-        nat_port_min: crate::lb::DEFAULT_NAT_PORT_MIN,
-        nat_port_count: crate::lb::DEFAULT_NAT_PORT_COUNT,
-        services,
-        // Interface indexes are this host's business: the caller adds them.
-        nat_interfaces: BTreeMap::new(),
-    })
+}
+
+/// The whole load balancer this node should have ([`LbView::whole`]).
+pub fn lb_spec(
+    tables: &Tables,
+    networks: &BTreeMap<String, Ipv4Addr>,
+    node_addresses: Vec<Ipv4Addr>,
+) -> Option<LbSpec> {
+    LbView::new().whole(tables, networks, node_addresses)
 }
 
 #[cfg(test)]
@@ -783,5 +917,143 @@ mod tests {
             other => panic!("expected a whole table, got {other:?}"),
         }
         assert!(!view.networks().contains_key("blue"));
+    }
+
+    /// The maps' meaning, independent of ids: each frontend's service,
+    /// size and Maglev table as backend addresses; and every backend.
+    fn logical(
+        m: &crate::lb::MemoryMaps,
+    ) -> (
+        BTreeMap<dataplane_common::FrontendKey, (u32, u32, Vec<Option<[u32; 4]>>)>,
+        BTreeSet<[u32; 4]>,
+    ) {
+        let fronts = m
+            .frontends
+            .iter()
+            .map(|(k, f)| {
+                let table = m.tables[&f.id]
+                    .iter()
+                    .map(|id| m.backends.get(id).map(|b| b.addr_be))
+                    .collect();
+                (*k, (f.service_id, f.backend_count, table))
+            })
+            .collect();
+        (fronts, m.backends.values().map(|b| b.addr_be).collect())
+    }
+
+    #[test]
+    fn the_load_balancer_follows_deltas_as_a_whole_rebuild_would() {
+        use crate::lb::{LbSync, MemoryMaps};
+        let mut t = table();
+        let mut view = NodeView::new("a", node_addr("a"));
+        view.overlay(&t, Update::Whole);
+        let networks = view.networks().clone();
+        let mut lbv = LbView::new();
+        let whole = lbv.whole(&t, &networks, vec![node_addr("a")]).unwrap();
+        let (mut sync, mut maps) = (LbSync::new(), MemoryMaps::default());
+        sync.apply(&whole, &mut maps).unwrap();
+        let mut steps: Vec<(Key, Option<Value>)> = Vec::new();
+        // A task moves; a new task on red and ingress; one goes away.
+        let Some(Value::Endpoint(mut moved)) = t
+            .entries
+            .get(&Key::Endpoint {
+                network: "red".into(),
+                task: "t2".into(),
+            })
+            .cloned()
+        else {
+            panic!()
+        };
+        moved.addr = ip("10.0.1.9");
+        steps.push((
+            Key::Endpoint {
+                network: "red".into(),
+                task: "t2".into(),
+            },
+            Some(Value::Endpoint(moved.clone())),
+        ));
+        for (net, addr) in [("red", "10.0.1.30"), ("ingress", "10.255.0.30")] {
+            let mut e = moved.clone();
+            e.addr = ip(addr);
+            e.task_name = "web.4".into();
+            steps.push((
+                Key::Endpoint {
+                    network: net.into(),
+                    task: "t4".into(),
+                },
+                Some(Value::Endpoint(e)),
+            ));
+        }
+        steps.push((
+            Key::Endpoint {
+                network: "ingress".into(),
+                task: "t1".into(),
+            },
+            None,
+        ));
+        // The service publishes a second port, then a new VIP; then it goes.
+        let Some(Value::Service(mut svc)) =
+            t.entries.get(&Key::Service { id: "s".into() }).cloned()
+        else {
+            panic!()
+        };
+        svc.ports.push(PortConfig {
+            protocol: PortProtocol::Udp,
+            target: 53,
+            published: Some(5353),
+            mode: PublishMode::Ingress,
+        });
+        steps.push((
+            Key::Service { id: "s".into() },
+            Some(Value::Service(svc.clone())),
+        ));
+        svc.vips.insert("red".into(), ip("10.0.1.101"));
+        steps.push((Key::Service { id: "s".into() }, Some(Value::Service(svc))));
+        steps.push((Key::Service { id: "s".into() }, None));
+        for (i, (key, new)) in steps.into_iter().enumerate() {
+            let c = change(&mut t, key, new);
+            let changes = lbv.delta(&t, &c, &networks);
+            let mut globals = whole.clone();
+            globals.services.clear();
+            sync.apply_changes(&globals, &changes, &mut maps)
+                .unwrap_or_else(|e| panic!("step {i}: {e}"));
+            let rebuilt = lb_spec(&t, &networks, vec![node_addr("a")]).unwrap();
+            let (mut fresh_sync, mut fresh) = (LbSync::new(), MemoryMaps::default());
+            fresh_sync.apply(&rebuilt, &mut fresh).unwrap();
+            assert_eq!(logical(&maps), logical(&fresh), "step {i}: {changes:?}");
+            // And the same state again writes nothing.
+            assert_eq!(
+                sync.apply(&rebuilt, &mut maps).unwrap().total(),
+                0,
+                "step {i}"
+            );
+        }
+        assert!(maps.frontends.is_empty() && maps.backends.is_empty());
+    }
+
+    #[test]
+    fn an_incremental_change_that_takes_anothers_frontend_changes_nothing() {
+        use crate::lb::{LbChanges, LbSync, MemoryMaps};
+        let t = table();
+        let mut view = NodeView::new("a", node_addr("a"));
+        view.overlay(&t, Update::Whole);
+        let whole = lb_spec(&t, view.networks(), vec![node_addr("a")]).unwrap();
+        let (mut sync, mut maps) = (LbSync::new(), MemoryMaps::default());
+        sync.apply(&whole, &mut maps).unwrap();
+        let mut thief = whole.services[0].clone();
+        thief.id += 1;
+        thief.name = "thief".into();
+        let before = logical(&maps);
+        let mut globals = whole.clone();
+        globals.services.clear();
+        let changes = LbChanges {
+            upsert: vec![thief],
+            remove: vec![],
+        };
+        let err = sync
+            .apply_changes(&globals, &changes, &mut maps)
+            .unwrap_err();
+        assert!(err.to_string().contains("claimed by both"), "{err}");
+        assert_eq!(logical(&maps), before);
     }
 }
