@@ -55,8 +55,10 @@ pub mod maps {
 
 /// Map capacities. Ids index arrays, so they are small integers chosen by userspace.
 pub mod limits {
-    /// Frontend ids are 0..MAX_FRONTENDS (also the MAGLEV outer size).
-    pub const MAX_FRONTENDS: u32 = 1024;
+    /// Frontend ids are 0..MAX_FRONTENDS (also the MAGLEV outer size). A
+    /// node holds a frontend per VIP and target port on each network it is
+    /// on, plus one per published port: 10,000 services fit.
+    pub const MAX_FRONTENDS: u32 = 16384;
     /// Backend ids are 0..MAX_BACKENDS.
     pub const MAX_BACKENDS: u32 = 16384;
     /// Largest Maglev table (the inner map template's size).

@@ -28,7 +28,10 @@ use control::{
 };
 
 use crate::{
-    lb::{BackendSpec, FrontendSpec, LbChanges, LbSpec, Protocol, ServiceSpec},
+    lb::{
+        ApplyReport, BackendSpec, FrontendSpec, LbChanges, LbMaps, LbSpec, LbSync, Protocol,
+        ServiceSpec, SyncError,
+    },
     netlink::Mac,
     overlay::{Change, HostEndpoint, LocalEndpoint, NetworkSpec, OverlaySpec, RemoteEndpoint},
 };
@@ -340,6 +343,8 @@ pub struct LbView {
     /// Load-balancer service name -> its id in the counters.
     ids: HashMap<String, u32>,
     taken: HashSet<u32>,
+    /// The last whole spec without its services (set by [`LbView::sync`]).
+    globals: Option<LbSpec>,
 }
 
 /// The ingress network's id and this node's address there.
@@ -354,6 +359,54 @@ fn ingress<'a>(
 impl LbView {
     pub fn new() -> LbView {
         LbView::default()
+    }
+
+    /// Brings the maps to the tables after `update`: per service for a
+    /// delta, all of it for a whole update (or the first one). Only the
+    /// difference is written either way. `nat_interfaces`: this host's
+    /// bridge indexes with its address on each.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sync(
+        &mut self,
+        tables: &Tables,
+        update: Update<'_>,
+        networks: &BTreeMap<String, Ipv4Addr>,
+        node_addresses: Vec<Ipv4Addr>,
+        nat_interfaces: BTreeMap<u32, Ipv4Addr>,
+        sync: &mut LbSync,
+        maps: &mut impl LbMaps,
+    ) -> Result<ApplyReport, SyncError> {
+        if let (Update::Delta(changes), Some(mut globals)) = (update, self.globals.take()) {
+            globals.node_addresses = node_addresses;
+            globals.nat_interfaces = nat_interfaces;
+            let changes = self.delta(tables, changes, networks);
+            let r = sync.apply_changes(&globals, &changes, maps);
+            self.globals = Some(globals);
+            return r;
+        }
+        let Some(mut spec) = self.whole(tables, networks, node_addresses) else {
+            return Ok(ApplyReport::default());
+        };
+        spec.nat_interfaces = nat_interfaces;
+        let r = sync.apply(&spec, maps);
+        spec.services.clear();
+        self.globals = Some(spec);
+        r
+    }
+
+    /// Moves the NAT addresses to new interface indexes (a bridge was
+    /// re-created); nothing else changes.
+    pub fn set_nat_interfaces(
+        &mut self,
+        nat_interfaces: BTreeMap<u32, Ipv4Addr>,
+        sync: &mut LbSync,
+        maps: &mut impl LbMaps,
+    ) -> Result<ApplyReport, SyncError> {
+        let Some(globals) = &mut self.globals else {
+            return Ok(ApplyReport::default());
+        };
+        globals.nat_interfaces = nat_interfaces;
+        sync.apply_changes(globals, &LbChanges::default(), maps)
     }
 
     /// The whole load balancer from `tables`, or `None` when this node has

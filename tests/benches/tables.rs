@@ -5,8 +5,11 @@
 //! over mTLS, redb with fsync) and 100 agents, each the real
 //! `control::agent::Agent` with its own node certificate and dispatcher
 //! session, applying every update through the real incremental path
-//! (`NodeView::overlay` and the DNS `Zone`) without kernel calls. Measured
-//! with 100 services and again with 10,000.
+//! (`NodeView::overlay`, the DNS `Zone`, and `LbView` + `LbSync` writing
+//! the load balancer's maps, Maglev tables included, into memory) without
+//! kernel calls. Every service has a VIP and a target port, so every node
+//! holds a frontend per service. Measured with 100 services and again with
+//! 10,000.
 //!
 //! (f) The embedded DNS (hickory-server, one core) against dnsmasq serving
 //! the same records, both queried by dnsperf from inside a namespace.
@@ -25,13 +28,17 @@ use control::{
     daemon::{self, InitOptions},
     pki::{self, Ca},
     state::{
-        Command, NetworkAttachment, NetworkSpec, Role, ServiceMode, ServiceSpec, State,
-        TaskTemplate,
+        Command, EndpointMode, EndpointSpec, NetworkAttachment, NetworkSpec, PortConfig, Protocol,
+        PublishMode, Role, ServiceMode, ServiceSpec, State, TaskTemplate,
     },
     tables::{Revision, Tables},
     tls::Credentials,
 };
-use dataplane::{dns::Zone, tables::NodeView};
+use dataplane::{
+    dns::Zone,
+    lb::{LbSync, MemoryMaps},
+    tables::{LbView, NodeView, OverlayUpdate},
+};
 use mesh_tests::Netns;
 
 const AGENTS: usize = 100;
@@ -49,7 +56,16 @@ fn service(name: &str) -> ServiceSpec {
             }],
             ..TaskTemplate::default()
         },
-        endpoint: Default::default(),
+        // Host mode: a VIP frontend on every node, no ingress port to spend.
+        endpoint: EndpointSpec {
+            mode: EndpointMode::Vip,
+            ports: vec![PortConfig {
+                protocol: Protocol::Tcp,
+                target: 80,
+                published: None,
+                mode: PublishMode::Host,
+            }],
+        },
         update: Default::default(),
         rollback: Default::default(),
     }
@@ -88,14 +104,34 @@ fn bench_network() -> Command {
 
 /// A simulated node's data plane: everything but the kernel calls.
 struct BenchSink {
+    underlay: Ipv4Addr,
     view: NodeView,
     zone: Zone,
+    lb: LbView,
+    sync: LbSync,
+    maps: MemoryMaps,
     applied: Arc<Mutex<(Revision, Instant)>>,
 }
 
 impl Sink for BenchSink {
     async fn apply(&mut self, tables: &Tables, update: Update<'_>) -> Result<(), String> {
-        std::hint::black_box(self.view.overlay(tables, update));
+        let overlay = self.view.overlay(tables, update);
+        // As meshd does: a whole overlay means a whole load balancer.
+        let whole = matches!(overlay, OverlayUpdate::Whole(_));
+        std::hint::black_box(overlay);
+        let update_lb = if whole { Update::Whole } else { update };
+        let nat = BTreeMap::new();
+        self.lb
+            .sync(
+                tables,
+                update_lb,
+                self.view.networks(),
+                vec![self.underlay],
+                nat,
+                &mut self.sync,
+                &mut self.maps,
+            )
+            .map_err(|e| e.to_string())?;
         match update {
             Update::Whole => self.zone = Zone::from_tables(tables),
             Update::Delta(changes) => self.zone.apply(tables, changes),
@@ -134,8 +170,12 @@ fn start_agents(ctxs: &[(Arc<Ctx>, Ipv4Addr)]) -> Agents {
     for (ctx, addr) in ctxs {
         let slot = Arc::new(Mutex::new((0, Instant::now())));
         let sink = BenchSink {
+            underlay: *addr,
             view: NodeView::new(&ctx.node_id, *addr),
             zone: Zone::default(),
+            lb: LbView::new(),
+            sync: LbSync::new(),
+            maps: MemoryMaps::default(),
             applied: slot.clone(),
         };
         applied.push(slot);

@@ -26,7 +26,7 @@ use dataplane::{
     overlay,
     overlay::{Overlay, OverlaySpec},
     stats::ParserStats,
-    tables::{NodeView, OverlayUpdate, lb_spec},
+    tables::{LbView, NodeView, OverlayUpdate},
 };
 use serde::Deserialize;
 use tokio::signal::unix::{SignalKind, signal};
@@ -481,6 +481,10 @@ struct Dataplane {
     lb_from_tables: bool,
     /// Overlay bridges the load balancer is attached to: name -> ifindex.
     bridges: std::collections::BTreeMap<String, u32>,
+    /// Bridges it should be on: name -> this node's address there.
+    lb_bridges: std::collections::BTreeMap<String, Ipv4Addr>,
+    /// The load balancer's share of the tables (when it follows them).
+    lb: LbView,
 }
 
 impl Dataplane {
@@ -525,6 +529,8 @@ impl Dataplane {
             config_path: dp.config.clone(),
             lb_from_tables,
             bridges: Default::default(),
+            lb_bridges: Default::default(),
+            lb: LbView::new(),
         })
     }
 
@@ -554,51 +560,97 @@ impl Dataplane {
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "overlay reconcile"),
         }
+        // A bridge the reconcile re-created has a new index: attach the
+        // load balancer there and move its NAT address.
+        if self.lb_from_tables {
+            let before = self.bridges.clone();
+            let r = self.refresh_bridges().await.and_then(|()| {
+                if self.bridges == before {
+                    return Ok(());
+                }
+                let nat = self.nat_interfaces();
+                self.lb
+                    .set_nat_interfaces(nat, &mut self.sync, &mut self.datapath.lb_maps())
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            });
+            if let Err(e) = r {
+                tracing::error!(error = %e, "load-balancer bridge repair");
+            }
+        }
     }
 
-    /// Makes the load balancer match the tables: attaches it to the bridge
-    /// of every network this node is on (where replies, and local tasks'
-    /// flows to VIPs, arrive), gives each bridge its NAT address, and syncs
-    /// frontends and backends (only the difference is written).
+    /// Makes the load balancer match the tables. On a whole update: attaches
+    /// it to the bridge of every network this node is on (where replies,
+    /// and local tasks' flows to VIPs, arrive), gives each bridge its NAT
+    /// address, and syncs every frontend; on a delta, only the services the
+    /// delta touched. Either way only the difference is written.
     async fn sync_lb(
         &mut self,
         tables: &Tables,
+        update: Update<'_>,
         view: &NodeView,
         underlay: Ipv4Addr,
     ) -> Result<(), String> {
-        let mut nat_interfaces = std::collections::BTreeMap::new();
-        let mut bridges = std::collections::BTreeMap::new();
-        for (net, addr) in view.networks() {
-            let Some(n) = tables.networks().find(|(id, _)| id == net).map(|(_, n)| n) else {
-                continue;
-            };
-            let name = overlay::bridge_name(n.vni);
-            let link = self
-                .overlay
-                .netlink()
-                .link(&name)
-                .await
-                .map_err(|e| e.to_string())?;
-            // Not built (yet): the overlay reports why, and a retry follows.
-            let Some(link) = link else { continue };
-            if self.bridges.get(&name) != Some(&link.index) {
-                self.attach_bridge(&name, link.index)?;
-            }
-            bridges.insert(name, link.index);
-            nat_interfaces.insert(link.index, *addr);
+        if matches!(update, Update::Whole) {
+            self.lb_bridges = view
+                .networks()
+                .iter()
+                .filter_map(|(net, addr)| {
+                    let (_, n) = tables.networks().find(|(id, _)| id == net)?;
+                    Some((overlay::bridge_name(n.vni), *addr))
+                })
+                .collect();
+            self.refresh_bridges().await?;
         }
-        self.bridges = bridges;
-        let Some(mut spec) = lb_spec(tables, view.networks(), vec![underlay]) else {
-            return Ok(());
-        };
-        spec.nat_interfaces = nat_interfaces;
+        let nat = self.nat_interfaces();
         let report = self
-            .sync
-            .apply(&spec, &mut self.datapath.lb_maps())
+            .lb
+            .sync(
+                tables,
+                update,
+                view.networks(),
+                vec![underlay],
+                nat,
+                &mut self.sync,
+                &mut self.datapath.lb_maps(),
+            )
             .map_err(|e| format!("load balancer: {e}"))?;
         if report.total() > 0 {
             tracing::debug!(?report, revision = tables.revision, "load balancer synced");
         }
+        Ok(())
+    }
+
+    /// NAT address per attached bridge index.
+    fn nat_interfaces(&self) -> std::collections::BTreeMap<u32, Ipv4Addr> {
+        self.bridges
+            .iter()
+            .filter_map(|(name, index)| Some((*index, *self.lb_bridges.get(name)?)))
+            .collect()
+    }
+
+    /// Attaches the load balancer to every bridge it should be on that has
+    /// no link yet (new, or re-created with a new index).
+    async fn refresh_bridges(&mut self) -> Result<(), String> {
+        let mut bridges = std::collections::BTreeMap::new();
+        for name in self.lb_bridges.keys() {
+            let link = self
+                .overlay
+                .netlink()
+                .link(name)
+                .await
+                .map_err(|e| e.to_string())?;
+            // Not built (yet): the overlay reports why, and a retry follows.
+            let Some(link) = link else { continue };
+            bridges.insert(name.clone(), link.index);
+        }
+        for (name, index) in &bridges {
+            if self.bridges.get(name) != Some(index) {
+                self.attach_bridge(name, *index)?;
+            }
+        }
+        self.bridges = bridges;
         Ok(())
     }
 
@@ -768,7 +820,9 @@ impl Sink for TableSink {
             return Ok(());
         };
         let mut dp = dp.lock().await;
-        let report = match self.view.overlay(tables, update) {
+        let overlay = self.view.overlay(tables, update);
+        let whole = matches!(overlay, OverlayUpdate::Whole(_));
+        let report = match overlay {
             OverlayUpdate::Unchanged => None,
             OverlayUpdate::Changes(c) => Some(dp.overlay.apply_changes(&c).await),
             OverlayUpdate::Whole(spec) => Some(dp.overlay.apply(spec).await),
@@ -776,7 +830,10 @@ impl Sink for TableSink {
         .transpose()
         .map_err(|e| e.to_string())?;
         if dp.lb_from_tables {
-            dp.sync_lb(tables, &self.view, self.underlay).await?;
+            // A whole overlay (the node's networks changed) needs a whole LB.
+            let update = if whole { Update::Whole } else { update };
+            dp.sync_lb(tables, update, &self.view, self.underlay)
+                .await?;
         }
         // After the overlay: a new task's namespace has its `lo` up.
         self.dns.update(tables, update, &self.node).await?;

@@ -450,6 +450,16 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
         Duration::from_secs(15),
         || t1.reaches(t2.ip).then_some(()),
     );
+    // Its published port balances over both tasks again.
+    wait_until(
+        "the restarted worker's published port to reach both tasks",
+        Duration::from_secs(10),
+        || {
+            ask_published(client, nodes[2].host, 20)
+                .ok()
+                .filter(|t| t.len() == 2)
+        },
+    );
     for n in &mut nodes {
         if let Some(g) = n.meshd.take() {
             g.stop();
