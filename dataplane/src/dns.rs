@@ -127,14 +127,29 @@ impl Zone {
         let mut affected = BTreeSet::new();
         for c in changes {
             match &c.key {
-                Key::Network { id } => match &c.new {
-                    Some(Value::Network(n)) => {
-                        self.subnets.insert(id.clone(), n.subnet);
+                Key::Network { id } => {
+                    match &c.new {
+                        Some(Value::Network(n)) => {
+                            self.subnets.insert(id.clone(), n.subnet);
+                        }
+                        _ => {
+                            self.subnets.remove(id);
+                        }
                     }
-                    _ => {
-                        self.subnets.remove(id);
+                    // Whether the network carries names may have changed
+                    // (ingress carries none): its services are redone. A
+                    // network comes and goes rarely; this costs them all.
+                    for (svc, m) in &self.members {
+                        if m.iter().any(|(n, _)| n == id) {
+                            affected.insert(svc.clone());
+                        }
                     }
-                },
+                    for (svc, s) in tables.services() {
+                        if s.vips.contains_key(id) {
+                            affected.insert(svc.to_owned());
+                        }
+                    }
+                }
                 Key::Service { id } => {
                     affected.insert(id.clone());
                 }
@@ -657,7 +672,11 @@ mod tests {
 
     fn tables() -> Tables {
         let mut t = Tables::default();
-        for (id, subnet) in [("red", "10.0.1.0/24"), ("blue", "10.0.2.0/24")] {
+        for (id, subnet) in [
+            ("red", "10.0.1.0/24"),
+            ("blue", "10.0.2.0/24"),
+            ("ingress", "10.255.0.0/24"),
+        ] {
             t.entries.insert(
                 Key::Network { id: id.into() },
                 Value::Network(NetworkEntry {
@@ -665,7 +684,7 @@ mod tests {
                     vni: 4097,
                     subnet: subnet.parse().unwrap(),
                     gateway: subnet.replace(".0/24", ".1").parse().unwrap(),
-                    ingress: false,
+                    ingress: id == "ingress",
                     internal: false,
                     encrypted: false,
                 }),
@@ -689,7 +708,12 @@ mod tests {
         use control::state::EndpointMode::{Dnsrr, Vip};
         t.entries.insert(
             Key::Service { id: "web".into() },
-            svc("web", Vip, &[("red", "10.0.1.2")], &[("red", "www")]),
+            svc(
+                "web",
+                Vip,
+                &[("red", "10.0.1.2"), ("ingress", "10.255.0.2")],
+                &[("red", "www")],
+            ),
         );
         t.entries
             .insert(Key::Service { id: "db".into() }, svc("db", Dnsrr, &[], &[]));
@@ -713,6 +737,8 @@ mod tests {
         t.entries.extend([
             ep("red", "w1", "web", 1, "10.0.1.3"),
             ep("red", "w2", "web", 2, "10.0.1.4"),
+            ep("ingress", "w1", "web", 1, "10.255.0.3"),
+            ep("ingress", "w2", "web", 2, "10.255.0.4"),
             ep("blue", "d1", "db", 1, "10.0.2.3"),
             ep("blue", "d2", "db", 2, "10.0.2.4"),
         ]);
@@ -741,6 +767,18 @@ mod tests {
             }
         }
         (names, reverse)
+    }
+
+    #[test]
+    fn the_ingress_network_carries_no_names() {
+        let (names, reverse) = dump(&Zone::from_tables(&tables()));
+        assert!(names.keys().all(|(net, _)| net != "ingress"), "{names:?}");
+        assert!(
+            reverse.keys().all(|(net, _)| net != "ingress"),
+            "{reverse:?}"
+        );
+        // The same service still has its names on red.
+        assert!(names.contains_key(&("red".to_owned(), "web".to_owned())));
     }
 
     #[test]

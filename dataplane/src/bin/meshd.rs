@@ -477,7 +477,8 @@ struct Dataplane {
     timeouts: Timeouts,
     pin_dir: PathBuf,
     config_path: Option<PathBuf>,
-    /// The load balancer follows the cluster's tables (no `lb` in --config).
+    /// The overlay and load balancer follow the cluster's tables (a node
+    /// with a control plane); --config then gives neither.
     lb_from_tables: bool,
     /// Overlay bridges the load balancer is attached to: name -> ifindex.
     bridges: std::collections::BTreeMap<String, u32>,
@@ -492,6 +493,7 @@ impl Dataplane {
         dp: &DataplaneArgs,
         underlay: &str,
         config: Option<NodeConfig>,
+        tables: bool,
     ) -> Result<Dataplane> {
         let node = dp.node.clone().context("--underlay needs --node")?;
         let pin_dir = bpffs::prepare_node_dir(&dp.bpf_root, &node)?;
@@ -509,13 +511,15 @@ impl Dataplane {
             .recover_lb()
             .context("reading the pinned load-balancer state")?;
         let mut timeouts = Timeouts::default();
-        let lb_from_tables = config.as_ref().is_none_or(|c| c.lb.is_none());
+        let lb_from_tables = tables;
         if let Some(c) = &config {
             apply_config(&mut datapath, &mut sync, c, &pin_dir)?;
             timeouts = c.timeouts;
         }
         let mut overlay = Overlay::new(Netlink::current()?);
-        if let Some(c) = &config {
+        if let Some(c) = &config
+            && !tables
+        {
             apply_overlay(&mut overlay, c.overlay.clone()).await;
         }
         tracing::info!(node = %node, %underlay, pins = %pin_dir.display(), "data plane attached");
@@ -539,13 +543,17 @@ impl Dataplane {
             tracing::warn!("SIGHUP without --config: nothing to reload");
             return;
         };
+        let tables = self.lb_from_tables;
         match read_config(&path).and_then(|c| {
+            check_config_with_tables(&c, tables, &path)?;
             apply_config(&mut self.datapath, &mut self.sync, &c, &self.pin_dir)?;
             Ok(c)
         }) {
             Ok(c) => {
                 self.timeouts = c.timeouts;
-                apply_overlay(&mut self.overlay, c.overlay).await;
+                if !tables {
+                    apply_overlay(&mut self.overlay, c.overlay).await;
+                }
             }
             Err(e) => tracing::error!(
                 error = format!("{e:#}"),
@@ -716,6 +724,9 @@ fn print_init(report: &InitReport, at: &Addresses) {
 fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
     // Read the config before touching anything: a bad file changes nothing.
     let config = dp.config.as_deref().map(read_config).transpose()?;
+    if let (Some(c), Some(path)) = (&config, &dp.config) {
+        check_config_with_tables(c, !matches!(start, Start::None), path)?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -751,7 +762,7 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
         }
         let dataplane = match &dp.underlay {
             Some(underlay) => Some(Arc::new(tokio::sync::Mutex::new(
-                Dataplane::start(&dp, underlay, config).await?,
+                Dataplane::start(&dp, underlay, config, daemon.is_some()).await?,
             ))),
             None => None,
         };
@@ -845,6 +856,18 @@ impl Sink for TableSink {
         );
         Ok(())
     }
+}
+
+/// With a control plane, the overlay and the load balancer come from the
+/// cluster's tables: a config that also gives them would fight the tables.
+fn check_config_with_tables(config: &NodeConfig, tables: bool, path: &Path) -> Result<()> {
+    if tables && (config.lb.is_some() || !config.overlay.networks.is_empty()) {
+        bail!(
+            "{}: this node runs the control plane, so its overlay and load balancer come from the cluster's tables; remove the \"lb\" and \"overlay\" sections (keep \"timeouts\" and \"endpoint_interfaces\")",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 fn apply_config(

@@ -327,6 +327,43 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
         "curl {url} from web.1: {from_vip:?}"
     );
 
+    // A service that is not on ingress (its port is host mode): its task
+    // can answer a VIP flow only if the flow's source is the client node's
+    // own address on red (the per-interface NAT address), not on ingress.
+    nodes[0].meshctl_ok(&[
+        "service",
+        "create",
+        "--detach",
+        "--name",
+        "api",
+        "--network",
+        "red",
+        "--publish",
+        "mode=host,published=9000,target=80",
+        "--",
+        "/bin/true",
+    ]);
+    let api = place_task(&nodes[0], "api", 1, &ids[2]);
+    let _api_server = services::tcp_echo(&api.ns, SocketAddr::from(([0, 0, 0, 0], 80)), "api.1");
+    let api_vip = json(&nodes[0].meshctl_ok(&["service", "inspect", "api"]))[0]["vips"][0]["addr"]
+        .as_str()
+        .expect("api's VIP")
+        .to_owned();
+    let api_url = format!("http://{api_vip}:80/");
+    let answer = wait_until(
+        "curl to api's VIP from web.1",
+        Duration::from_secs(10),
+        || {
+            let out = t1.ns.exec("curl", &["-s", "-m", "2", &api_url]);
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        },
+    );
+    assert_eq!(answer, "api.1");
+    drop(_api_server);
+    nodes[0].meshctl_ok(&["service", "rm", "api"]);
+
     // The published port, from an external client, on every node: the
     // manager runs no task of the service.
     for n in &nodes {
