@@ -193,6 +193,30 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
     };
     let mut args = vec!["init".into(), "--heartbeat-period".into(), HEARTBEAT.into()];
     args.extend(common(&nodes[0]));
+    // A config that programs the load balancer itself is refused before
+    // anything is initialized: the tables own it on a control-plane node.
+    let config = nodes[0].dir.0.with_extension("config.json");
+    std::fs::write(
+        &config,
+        r#"{"lb": {"nat_address": "198.18.0.1", "node_addresses": []}}"#,
+    )
+    .expect("write config");
+    let mut refused = args.clone();
+    refused.extend(["--config".into(), config.display().to_string()]);
+    let out = nodes[0]
+        .host
+        .command(meshd::meshd_bin())
+        .args(&refused)
+        .output()
+        .expect("run meshd");
+    let _ = std::fs::remove_file(&config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("come from the cluster's tables"), "{err}");
+    assert!(
+        std::fs::read_dir(&nodes[0].dir.0).map_or(true, |mut d| d.next().is_none()),
+        "the refused init left files behind"
+    );
     let lines = nodes[0].start(args);
     let token = token_from(&lines, "worker");
     let manager_api = nodes[0].api();
