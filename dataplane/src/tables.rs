@@ -974,12 +974,12 @@ mod tests {
 
     /// The maps' meaning, independent of ids: each frontend's service,
     /// size and Maglev table as backend addresses; and every backend.
-    fn logical(
-        m: &crate::lb::MemoryMaps,
-    ) -> (
+    type Logical = (
         BTreeMap<dataplane_common::FrontendKey, (u32, u32, Vec<Option<[u32; 4]>>)>,
         BTreeSet<[u32; 4]>,
-    ) {
+    );
+
+    fn logical(m: &crate::lb::MemoryMaps) -> Logical {
         let fronts = m
             .frontends
             .iter()
