@@ -171,12 +171,9 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
     // Replies to our SNAT address from a backend: the node-wide one, or
     // the one this interface has (the node's own address on an overlay).
     let dport = u16::from_be(p.dport_be);
-    // SAFETY: the skb pointer is the program's context.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let here = unsafe { NAT_IFACES.get(ifindex) }.map_or(0, |a| a[0]);
-    if (p.daddr[0] == cfg.nat_addr_be[0] || (here != 0 && p.daddr[0] == here))
-        && dport >= cfg.nat_port_min
+    if dport >= cfg.nat_port_min
         && u32::from(dport) < u32::from(cfg.nat_port_min) + u32::from(cfg.nat_port_count)
+        && (p.daddr[0] == cfg.nat_addr_be[0] || p.daddr[0] == nat_here(ctx))
         && let Some(rev) = REVNAT.get_ptr_mut(flow)
     {
         // SAFETY: map value pointer, valid for the program's run.
@@ -291,6 +288,14 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
         backend.port_be,
     )?;
     Ok(redirect(out))
+}
+
+/// The node's own address on the interface the packet arrived on (0: none).
+#[inline(always)]
+fn nat_here(ctx: &TcContext) -> u32 {
+    // SAFETY: the skb pointer is the program's context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    unsafe { NAT_IFACES.get(ifindex) }.map_or(0, |a| a[0])
 }
 
 /// Reserves a SNAT port for this client flow towards `backend` and records the
