@@ -11,7 +11,10 @@
 //!   LB_CONFIG.nat_addr, or on the device that NAT_IFACES gives that address):
 //!   REVNAT hit -> source becomes the frontend, destination the client.
 //! Anything else, and every packet the parser did not fully parse
-//! (truncated, malformed, fragments), passes through untouched.
+//! (truncated, malformed, fragments), passes through untouched; except on
+//! an overlay bridge (an interface in NAT_IFACES), where an IPv4 packet not
+//! for the node's own address there is dropped: the node routes nothing for
+//! tasks but load-balanced flows.
 
 use aya_ebpf::{
     bindings::{
@@ -143,11 +146,21 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
         ctx.pull_data(want)?;
     }
     let p = parse::parse(ctx);
-    if p.outcome != outcome::PARSED
-        || p.ethertype != parse::ETH_P_IP
-        || (p.ip_proto != IPPROTO_TCP && p.ip_proto != IPPROTO_UDP)
-    {
+    if p.ethertype != parse::ETH_P_IP {
         return Ok(TC_ACT_OK);
+    }
+    // On an overlay bridge (it has the node's own address) the node is no
+    // router: an IPv4 packet from a task that the load balancer does not
+    // take is for that address, or it is dropped. Otherwise a task could
+    // route through its node into another network or onto the underlay.
+    let here = nat_here(ctx);
+    let other = if here != 0 && p.daddr[0] != here {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
+    };
+    if p.outcome != outcome::PARSED || (p.ip_proto != IPPROTO_TCP && p.ip_proto != IPPROTO_UDP) {
+        return Ok(other);
     }
     let Some(cfg) = LB_CONFIG.get(0) else {
         return Ok(TC_ACT_OK);
@@ -173,7 +186,7 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
     let dport = u16::from_be(p.dport_be);
     if dport >= cfg.nat_port_min
         && u32::from(dport) < u32::from(cfg.nat_port_min) + u32::from(cfg.nat_port_count)
-        && (p.daddr[0] == cfg.nat_addr_be[0] || p.daddr[0] == nat_here(ctx))
+        && (p.daddr[0] == cfg.nat_addr_be[0] || (here != 0 && p.daddr[0] == here))
         && let Some(rev) = REVNAT.get_ptr_mut(flow)
     {
         // SAFETY: map value pointer, valid for the program's run.
@@ -202,12 +215,12 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
         Some(f) => *f,
         None => {
             if unsafe { NODE_ADDRS.get(key.addr_be) }.is_none() {
-                return Ok(TC_ACT_OK);
+                return Ok(other);
             }
             key.addr_be = [0; 4];
             match unsafe { FRONTENDS.get(key) } {
                 Some(f) => *f,
-                None => return Ok(TC_ACT_OK),
+                None => return Ok(other),
             }
         }
     };

@@ -2,8 +2,12 @@
 //! no learning.
 //!
 //! Per network, in the node's namespace:
-//! - a bridge `mbr-<vni>` with no address (the host has no L3 presence on an
-//!   overlay, so nothing can route from one overlay to another through it);
+//! - a bridge `mbr-<vni>`, with the node's own address on the network when
+//!   the table gives one (`host`, for the load balancer). The node routes
+//!   nothing for tasks: the load balancer's program on the bridge drops any
+//!   IPv4 packet that is neither load-balanced nor for that address, so
+//!   nothing can route from one overlay to another, or onto the underlay,
+//!   through the node;
 //! - a VXLAN device `mvx-<vni>` on that bridge: UDP 4789, the node's underlay
 //!   address as source, `nolearning`, ARP answered locally from its neighbour
 //!   table (`proxy`), DF set on the outer header;

@@ -53,6 +53,19 @@ impl Node<'_> {
         Some((v["revision"].as_u64()?, v["entries"].clone()))
     }
 
+    /// This node's own address on the bridge of `vni`.
+    fn bridge_addr(&self, vni: u64) -> String {
+        let out = self
+            .host
+            .exec_ok("ip", &["-4", "-o", "addr", "show", "dev", &format!("mbr-{vni}")]);
+        out.split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|cidr| cidr.split('/').next())
+            .unwrap_or_else(|| panic!("no address on mbr-{vni}: {out:?}"))
+            .to_owned()
+    }
+
     /// The VXLAN device's own FDB for `vni` (entries with a `dst`: where
     /// frames for a MAC are sent). The bridge's learned `master` entries
     /// on the same port are left out: they only say which port a MAC was
@@ -387,6 +400,21 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
     assert_eq!(answer, "api.1");
     drop(_api_server);
     nodes[0].meshctl_ok(&["service", "rm", "api"]);
+
+    // The node routes nothing for a task: a route through worker 1's own
+    // address on red toward worker 2's underlay address leads nowhere
+    // (worker 2 would answer, and route its reply back over red).
+    let via = nodes[1].bridge_addr(vni);
+    let target = format!("{}/32", nodes[2].host.addr());
+    t1.ns.exec_ok("ip", &["route", "add", &target, "via", &via]);
+    let ping = t1
+        .ns
+        .exec("ping", &["-c", "2", "-W", "1", &nodes[2].host.addr().to_string()]);
+    assert!(
+        !ping.status.success(),
+        "a task routed through its node onto the underlay"
+    );
+    t1.ns.exec_ok("ip", &["route", "del", &target]);
 
     // The published port, from an external client, on every node: the
     // manager runs no task of the service.
