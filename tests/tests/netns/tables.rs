@@ -55,9 +55,10 @@ impl Node<'_> {
 
     /// This node's own address on the bridge of `vni`.
     fn bridge_addr(&self, vni: u64) -> String {
-        let out = self
-            .host
-            .exec_ok("ip", &["-4", "-o", "addr", "show", "dev", &format!("mbr-{vni}")]);
+        let out = self.host.exec_ok(
+            "ip",
+            &["-4", "-o", "addr", "show", "dev", &format!("mbr-{vni}")],
+        );
         out.split_whitespace()
             .skip_while(|w| *w != "inet")
             .nth(1)
@@ -407,9 +408,10 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
     let via = nodes[1].bridge_addr(vni);
     let target = format!("{}/32", nodes[2].host.addr());
     t1.ns.exec_ok("ip", &["route", "add", &target, "via", &via]);
-    let ping = t1
-        .ns
-        .exec("ping", &["-c", "2", "-W", "1", &nodes[2].host.addr().to_string()]);
+    let ping = t1.ns.exec(
+        "ping",
+        &["-c", "2", "-W", "1", &nodes[2].host.addr().to_string()],
+    );
     assert!(
         !ping.status.success(),
         "a task routed through its node onto the underlay"
