@@ -345,6 +345,10 @@ pub struct LbView {
     taken: HashSet<u32>,
     /// The last whole spec without its services (set by [`LbView::sync`]).
     globals: Option<LbSpec>,
+    /// Service id -> its entry, and the ingress network's id: kept here so
+    /// that a delta reads nothing from the (much larger) replica.
+    services: HashMap<String, ServiceEntry>,
+    ingress_id: Option<String>,
 }
 
 /// The ingress network's id and this node's address there.
@@ -379,7 +383,7 @@ impl LbView {
         if let (Update::Delta(changes), Some(mut globals)) = (update, self.globals.take()) {
             globals.node_addresses = node_addresses;
             globals.nat_interfaces = nat_interfaces;
-            let changes = self.delta(tables, changes, networks);
+            let changes = self.delta(changes, networks);
             let r = sync.apply_changes(&globals, &changes, maps);
             self.globals = Some(globals);
             return r;
@@ -428,7 +432,12 @@ impl LbView {
                 .or_default()
                 .insert(e.addr);
         }
+        self.services = tables
+            .services()
+            .map(|(id, s)| (id.to_owned(), s.clone()))
+            .collect();
         let (ingress_id, nat_address) = ingress(tables, networks)?;
+        self.ingress_id = Some(ingress_id.to_owned());
         let mut services = Vec::new();
         for (id, s) in tables.services() {
             let specs = self.service_specs(id, s, ingress_id, networks);
@@ -453,7 +462,6 @@ impl LbView {
     /// change to it needs a whole table, as it does for the overlay).
     pub fn delta(
         &mut self,
-        tables: &Tables,
         changes: &[control::agent::Applied],
         networks: &BTreeMap<String, Ipv4Addr>,
     ) -> LbChanges {
@@ -486,20 +494,28 @@ impl LbView {
                     }
                 }
                 Key::Service { id } => {
+                    match &c.new {
+                        Some(Value::Service(s)) => self.services.insert(id.clone(), s.clone()),
+                        _ => self.services.remove(id),
+                    };
                     affected.insert(id.clone());
                 }
                 Key::Network { .. } | Key::NodeEndpoint { .. } => {}
             }
         }
         let mut out = LbChanges::default();
-        let Some((ingress_id, _)) = ingress(tables, networks) else {
+        let Some(ingress_id) = self.ingress_id.take() else {
             return out;
         };
         for id in affected {
             let old = self.specs.remove(&id).unwrap_or_default();
-            let new = match tables.entries.get(&Key::Service { id: id.clone() }) {
-                Some(Value::Service(s)) => self.service_specs(&id, s, ingress_id, networks),
-                _ => Vec::new(),
+            let new = match self.services.remove(&id) {
+                Some(s) => {
+                    let specs = self.service_specs(&id, &s, &ingress_id, networks);
+                    self.services.insert(id.clone(), s);
+                    specs
+                }
+                None => Vec::new(),
             };
             for o in &old {
                 if !new.iter().any(|n| n.frontends == o.frontends) {
@@ -517,6 +533,7 @@ impl LbView {
                 self.specs.insert(id, new);
             }
         }
+        self.ingress_id = Some(ingress_id);
         out
     }
 
@@ -1065,7 +1082,7 @@ mod tests {
         steps.push((Key::Service { id: "s".into() }, None));
         for (i, (key, new)) in steps.into_iter().enumerate() {
             let c = change(&mut t, key, new);
-            let changes = lbv.delta(&t, &c, &networks);
+            let changes = lbv.delta(&c, &networks);
             let mut globals = whole.clone();
             globals.services.clear();
             sync.apply_changes(&globals, &changes, &mut maps)
