@@ -17,7 +17,7 @@
 //! address, no query on that node is answered with it.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
@@ -30,7 +30,7 @@ use control::{
     agent::{Applied, Update},
     allocator::Subnet,
     state::EndpointMode,
-    tables::{Key, ServiceEntry, Tables, Value},
+    tables::{Key, Tables, Value},
 };
 use hickory_proto::{
     op::{Message, Metadata, ResponseCode},
@@ -63,9 +63,6 @@ struct Contribution {
     vips: Vec<Ipv4Addr>,
 }
 
-/// A service's endpoints: (network, task) -> (address, task name).
-type Members = BTreeMap<(String, String), (Ipv4Addr, String)>;
-
 /// The records of every network, kept up to date from each delta: a change
 /// costs the services it touches, never the size of the zone.
 #[derive(Debug, Default)]
@@ -77,13 +74,8 @@ pub struct Zone {
     subnets: HashMap<String, Subnet>,
     /// VIPs (counted), for the TTL.
     vips: HashMap<Ipv4Addr, usize>,
-    /// service id -> its endpoints.
-    members: HashMap<String, Members>,
-    /// service id -> its entry. The zone keeps what it needs itself: a
-    /// change reads nothing from the (much larger) replica.
-    services: HashMap<String, ServiceEntry>,
-    /// Ingress networks: they carry the routing mesh, not names (as in Swarm).
-    ingress: HashSet<String>,
+    /// service id -> its endpoints (network, task).
+    members: HashMap<String, BTreeSet<(String, String)>>,
     contributions: HashMap<String, Contribution>,
 }
 
@@ -114,43 +106,31 @@ impl Zone {
                 .networks()
                 .map(|(id, n)| (id.to_owned(), n.subnet))
                 .collect(),
-            ingress: tables
-                .networks()
-                .filter(|(_, n)| n.ingress)
-                .map(|(id, _)| id.to_owned())
-                .collect(),
-            services: tables
-                .services()
-                .map(|(id, s)| (id.to_owned(), s.clone()))
-                .collect(),
             ..Zone::default()
         };
         for (network, task, e) in tables.endpoints() {
-            z.members.entry(e.service.clone()).or_default().insert(
-                (network.to_owned(), task.to_owned()),
-                (e.addr, e.task_name.clone()),
-            );
+            z.members
+                .entry(e.service.clone())
+                .or_default()
+                .insert((network.to_owned(), task.to_owned()));
         }
-        let services: Vec<String> = z.services.keys().cloned().collect();
+        let services: Vec<String> = tables.services().map(|(id, _)| id.to_owned()).collect();
         for id in services {
-            z.refresh(&id);
+            z.refresh(tables, &id);
         }
         z
     }
 
-    /// Applies `changes` (entries before and after), reading nothing else.
-    pub fn apply(&mut self, changes: &[Applied]) {
+    /// Brings the zone to `tables` after `changes` (entries before and
+    /// after) produced them.
+    pub fn apply(&mut self, tables: &Tables, changes: &[Applied]) {
         let mut affected = BTreeSet::new();
         for c in changes {
             match &c.key {
                 Key::Network { id } => {
-                    self.ingress.remove(id);
                     match &c.new {
                         Some(Value::Network(n)) => {
                             self.subnets.insert(id.clone(), n.subnet);
-                            if n.ingress {
-                                self.ingress.insert(id.clone());
-                            }
                         }
                         _ => {
                             self.subnets.remove(id);
@@ -160,21 +140,17 @@ impl Zone {
                     // (ingress carries none): its services are redone. A
                     // network comes and goes rarely; this costs them all.
                     for (svc, m) in &self.members {
-                        if m.keys().any(|(n, _)| n == id) {
+                        if m.iter().any(|(n, _)| n == id) {
                             affected.insert(svc.clone());
                         }
                     }
-                    for (svc, s) in &self.services {
+                    for (svc, s) in tables.services() {
                         if s.vips.contains_key(id) {
-                            affected.insert(svc.clone());
+                            affected.insert(svc.to_owned());
                         }
                     }
                 }
                 Key::Service { id } => {
-                    match &c.new {
-                        Some(Value::Service(s)) => self.services.insert(id.clone(), s.clone()),
-                        _ => self.services.remove(id),
-                    };
                     affected.insert(id.clone());
                 }
                 Key::Endpoint { network, task } => {
@@ -189,7 +165,7 @@ impl Zone {
                         self.members
                             .entry(new.service.clone())
                             .or_default()
-                            .insert(member, (new.addr, new.task_name.clone()));
+                            .insert(member);
                         affected.insert(new.service.clone());
                     }
                 }
@@ -198,12 +174,12 @@ impl Zone {
             }
         }
         for id in affected {
-            self.refresh(&id);
+            self.refresh(tables, &id);
         }
     }
 
-    /// Replaces what service `id` contributes with what it is now.
-    fn refresh(&mut self, id: &str) {
+    /// Replaces what service `id` contributes with what `tables` says now.
+    fn refresh(&mut self, tables: &Tables, id: &str) {
         if let Some(old) = self.contributions.remove(id) {
             for (net, name, ip) in &old.names {
                 if let Some(m) = self.names.get_mut(net)
@@ -234,10 +210,11 @@ impl Zone {
                 }
             }
         }
-        if self.members.get(id).is_some_and(BTreeMap::is_empty) {
-            self.members.remove(id);
-        }
-        let Some(svc) = self.services.get(id) else {
+        let Some(Value::Service(svc)) = tables.entries.get(&Key::Service { id: id.to_owned() })
+        else {
+            if self.members.get(id).is_some_and(BTreeSet::is_empty) {
+                self.members.remove(id);
+            }
             return;
         };
         let mut c = Contribution::default();
@@ -247,18 +224,30 @@ impl Zone {
                 .collect::<Vec<_>>()
         };
         // Swarm's ingress network carries the routing mesh, not names.
-        let named = |net: &str| !self.ingress.contains(net);
-        for ((net, _), (addr, task_name)) in self.members.get(id).into_iter().flatten() {
+        let named = |net: &str| {
+            !matches!(
+                tables.entries.get(&Key::Network { id: net.to_owned() }),
+                Some(Value::Network(n)) if n.ingress
+            )
+        };
+        for (net, task) in self.members.get(id).into_iter().flatten() {
             if !named(net) {
                 continue;
             }
+            let key = Key::Endpoint {
+                network: net.clone(),
+                task: task.clone(),
+            };
+            let Some(Value::Endpoint(e)) = tables.entries.get(&key) else {
+                continue;
+            };
             c.names
-                .push((net.clone(), format!("tasks.{}", svc.name), *addr));
-            c.names.push((net.clone(), task_name.clone(), *addr));
-            c.reverse.push((net.clone(), *addr, task_name.clone()));
+                .push((net.clone(), format!("tasks.{}", svc.name), e.addr));
+            c.names.push((net.clone(), e.task_name.clone(), e.addr));
+            c.reverse.push((net.clone(), e.addr, e.task_name.clone()));
             if svc.endpoint_mode == EndpointMode::Dnsrr {
                 for n in names_on(net) {
-                    c.names.push((net.clone(), n, *addr));
+                    c.names.push((net.clone(), n, e.addr));
                 }
             }
         }
@@ -600,7 +589,7 @@ impl Dns {
                 }
             }
             Update::Delta(changes) => {
-                self.zone.write().expect("zone lock").apply(changes);
+                self.zone.write().expect("zone lock").apply(tables, changes);
                 for c in changes {
                     if let Key::Endpoint { task, .. } = &c.key
                         && [&c.old, &c.new]
@@ -803,7 +792,7 @@ mod tests {
                 Some(v) => t.entries.insert(key.clone(), v.clone()),
                 None => t.entries.remove(&key),
             };
-            z.apply(&[Applied { key, old, new }]);
+            z.apply(t, &[Applied { key, old, new }]);
             assert_eq!(dump(z), dump(&Zone::from_tables(t)));
         };
         // Endpoints before their service, then the rest.

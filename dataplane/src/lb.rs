@@ -374,6 +374,50 @@ struct InstalledFrontend {
     installed: Option<Desired>,
 }
 
+/// Ids `0..MAX`, handed out oldest-freed first: a freed id is reused as late
+/// as possible (a stale conntrack entry does not find a *different* entry
+/// under its old id), and in O(1) however many are in use.
+#[derive(Debug, Default)]
+struct IdPool<const MAX: u32> {
+    used: HashSet<u32>,
+    /// Filled on first use, in order from `next`.
+    free: VecDeque<u32>,
+    filled: bool,
+    next: u32,
+}
+
+impl<const MAX: u32> IdPool<MAX> {
+    /// A pool with `used` taken; new ids start after the highest of them.
+    fn with_used(used: impl IntoIterator<Item = u32>) -> Self {
+        let used: HashSet<u32> = used.into_iter().collect();
+        IdPool {
+            next: used.iter().max().map_or(0, |m| (m + 1) % MAX),
+            used,
+            ..Self::default()
+        }
+    }
+
+    fn allocate(&mut self) -> Option<u32> {
+        if !self.filled {
+            self.filled = true;
+            let (start, used) = (self.next, &self.used);
+            self.free = (0..MAX)
+                .map(|i| (start + i) % MAX)
+                .filter(|id| !used.contains(id))
+                .collect();
+        }
+        let id = self.free.pop_front()?;
+        self.used.insert(id);
+        Some(id)
+    }
+
+    fn release(&mut self, id: u32) {
+        if self.used.remove(&id) && self.filled {
+            self.free.push_back(id);
+        }
+    }
+}
+
 /// What is in the maps now, as far as this process knows.
 #[derive(Debug, Default)]
 pub struct LbSync {
@@ -383,18 +427,13 @@ pub struct LbSync {
     // Hash maps: a node holds thousands of frontends, and one change looks
     // a few of them up (fewer cache misses than a B-tree's levels).
     frontends: HashMap<FrontendKey, InstalledFrontend>,
-    frontend_ids: HashSet<u32>,
+    frontend_ids: IdPool<{ limits::MAX_FRONTENDS }>,
     backends: HashMap<BackendKey, u32>,
-    backend_ids: HashSet<u32>,
+    backend_ids: IdPool<{ limits::MAX_BACKENDS }>,
     /// Installed frontends naming each backend; exact once every frontend's
     /// table is known (`exact`), which a whole apply ensures.
     refs: HashMap<BackendKey, usize>,
     exact: bool,
-    next_backend_id: u32,
-    /// Free backend ids, oldest-freed first (filled on first use, from
-    /// `next_backend_id` on): an id is reused as late as possible, in O(1).
-    free_backend_ids: VecDeque<u32>,
-    free_filled: bool,
 }
 
 /// A change to some services: their frontends now, and frontends that are
@@ -453,10 +492,6 @@ impl LbSync {
     ) -> LbSync {
         let backends: HashMap<BackendKey, u32> =
             backends.into_iter().map(|(id, k)| (k, id)).collect();
-        let next_backend_id = backends
-            .values()
-            .max()
-            .map_or(0, |m| (m + 1) % limits::MAX_BACKENDS);
         let frontends: HashMap<FrontendKey, InstalledFrontend> = frontends
             .into_iter()
             .map(|(k, f)| {
@@ -473,16 +508,13 @@ impl LbSync {
             config,
             node_addrs: node_addrs.into_iter().collect(),
             nat_interfaces: nat_interfaces.into_iter().collect(),
-            frontend_ids: frontends.values().map(|f| f.id).collect(),
+            frontend_ids: IdPool::with_used(frontends.values().map(|f| f.id)),
             frontends,
-            backend_ids: backends.values().copied().collect(),
+            backend_ids: IdPool::with_used(backends.values().copied()),
             backends,
             refs: HashMap::new(),
             // Recovered frontends' tables are unknown until rewritten.
             exact: false,
-            next_backend_id,
-            free_backend_ids: VecDeque::new(),
-            free_filled: false,
         }
     }
 
@@ -588,7 +620,11 @@ impl LbSync {
                 None => added += 1,
             }
         }
-        let count = self.frontends.len() + added - removed.len().min(self.frontends.len());
+        let gone = removed
+            .iter()
+            .filter(|k| self.frontends.contains_key(*k))
+            .count();
+        let count = self.frontends.len() + added - gone;
         if count > limits::MAX_FRONTENDS as usize {
             return Err(SpecError::TooMany {
                 what: "frontends",
@@ -675,16 +711,21 @@ impl LbSync {
         for (_, d) in &changes {
             for (key, _) in d.iter().flat_map(|d| &d.backends) {
                 if !self.backends.contains_key(key) {
-                    let id = self.allocate_backend_id()?;
-                    maps.set_backend(id, &key.to_map())?;
+                    let id = self.backend_ids.allocate().ok_or(SpecError::TooMany {
+                        what: "backends",
+                        count: self.backends.len() + 1,
+                        max: limits::MAX_BACKENDS,
+                    })?;
+                    if let Err(e) = maps.set_backend(id, &key.to_map()) {
+                        self.backend_ids.release(id);
+                        return Err(e);
+                    }
                     self.backends.insert(*key, id);
-                    self.backend_ids.insert(id);
                     report.backend_writes += 1;
                 }
             }
         }
         let mut orphans = Vec::new();
-        let mut next_free = 0;
         for (key, d) in changes {
             let Some(d) = d else {
                 let Some(gone) = self.frontends.remove(&key) else {
@@ -693,7 +734,7 @@ impl LbSync {
                 maps.remove_frontend(&key)?;
                 // Release the old table's memory; the id is unreachable now.
                 maps.swap_table(gone.id, &[NO_BACKEND])?;
-                self.frontend_ids.remove(&gone.id);
+                self.frontend_ids.release(gone.id);
                 report.frontend_removals += 1;
                 self.unref(gone.installed.as_ref(), &mut orphans);
                 continue;
@@ -704,24 +745,12 @@ impl LbSync {
             }
             let id = match current {
                 Some(c) => c.id,
-                None => {
-                    while self.frontend_ids.contains(&next_free) {
-                        next_free += 1;
-                    }
-                    if next_free >= limits::MAX_FRONTENDS {
-                        return Err(SpecError::TooMany {
-                            what: "frontends",
-                            count: self.frontends.len() + 1,
-                            max: limits::MAX_FRONTENDS,
-                        }
-                        .into());
-                    }
-                    next_free
-                }
+                None => self.frontend_ids.allocate().ok_or(SpecError::TooMany {
+                    what: "frontends",
+                    count: self.frontends.len() + 1,
+                    max: limits::MAX_FRONTENDS,
+                })?,
             };
-            let table = self.build_table(&d.backends, d.table_size)?;
-            maps.swap_table(id, &table)?;
-            report.table_swaps += 1;
             let entry = Frontend {
                 id,
                 service_id: d.service_id,
@@ -730,12 +759,24 @@ impl LbSync {
                 flags: 0,
                 _pad: 0,
             };
-            maps.set_frontend(&key, &entry)?;
+            let written = self
+                .build_table(&d.backends, d.table_size)
+                .and_then(|table| {
+                    maps.swap_table(id, &table)?;
+                    maps.set_frontend(&key, &entry)
+                });
+            if let Err(e) = written {
+                // A new frontend's id goes back; an existing one keeps its own.
+                if current.is_none() {
+                    self.frontend_ids.release(id);
+                }
+                return Err(e);
+            }
+            report.table_swaps += 1;
             report.frontend_writes += 1;
             for (k, _) in &d.backends {
                 *self.refs.entry(*k).or_default() += 1;
             }
-            self.frontend_ids.insert(id);
             let old = self.frontends.insert(
                 key,
                 InstalledFrontend {
@@ -774,10 +815,7 @@ impl LbSync {
             }
             if let Some(id) = self.backends.remove(&key) {
                 maps.remove_backend(id)?;
-                self.backend_ids.remove(&id);
-                if self.free_filled {
-                    self.free_backend_ids.push_back(id);
-                }
+                self.backend_ids.release(id);
                 report.backend_removals += 1;
             }
         }
@@ -812,30 +850,6 @@ impl LbSync {
                 }
             })
             .collect())
-    }
-
-    /// Backend ids are handed out oldest-freed first, not lowest-free: a freed id is
-    /// reused only after the whole space wraps, so a stale conntrack entry
-    /// never finds a *different* backend under its old id.
-    fn allocate_backend_id(&mut self) -> Result<u32, SyncError> {
-        if !self.free_filled {
-            self.free_filled = true;
-            let start = self.next_backend_id;
-            self.free_backend_ids = (0..limits::MAX_BACKENDS)
-                .map(|i| (start + i) % limits::MAX_BACKENDS)
-                .filter(|id| !self.backend_ids.contains(id))
-                .collect();
-        }
-        if let Some(id) = self.free_backend_ids.pop_front() {
-            self.next_backend_id = (id + 1) % limits::MAX_BACKENDS;
-            return Ok(id);
-        }
-        Err(SpecError::TooMany {
-            what: "backends",
-            count: self.backend_ids.len() + 1,
-            max: limits::MAX_BACKENDS,
-        }
-        .into())
     }
 
     /// Backend id of `key`, if installed.
@@ -1009,6 +1023,24 @@ mod tests {
         let r = sync.apply(&spec(vec![]), &mut maps).unwrap();
         assert_eq!((r.frontend_removals, r.backend_removals), (1, 1));
         assert!(maps.frontends.is_empty() && maps.backends.is_empty());
+    }
+
+    #[test]
+    fn ids_are_reused_oldest_freed_first_and_run_out_cleanly() {
+        let mut pool = IdPool::<4>::with_used([1]);
+        // After the highest id in use, wrapping, skipping used ones.
+        assert_eq!(
+            [pool.allocate(), pool.allocate(), pool.allocate()],
+            [Some(2), Some(3), Some(0)]
+        );
+        assert_eq!(pool.allocate(), None);
+        pool.release(3);
+        pool.release(1);
+        pool.release(1); // twice: still free once
+        assert_eq!(
+            [pool.allocate(), pool.allocate(), pool.allocate()],
+            [Some(3), Some(1), None]
+        );
     }
 
     #[test]

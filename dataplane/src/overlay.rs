@@ -1215,20 +1215,20 @@ impl Overlay {
         host: Option<HostEndpoint>,
     ) -> Result<Link, NetlinkError> {
         let want = host.map(|h| (IpAddr::V4(h.ip), subnet.prefix()));
-        for (ip, prefix) in self.nl.addresses(bridge.index).await? {
+        let have = self.nl.addresses(bridge.index).await?;
+        for &(ip, prefix) in &have {
             if Some((ip, prefix)) != want {
                 self.nl.del_address(&bridge, ip, prefix).await?;
             }
         }
-        let Some(h) = host else { return Ok(bridge) };
+        let (Some(h), Some((ip, prefix))) = (host, want) else {
+            return Ok(bridge);
+        };
         if bridge.mac != Some(h.mac) {
             self.nl.set_mac(&bridge, h.mac).await?;
         }
-        let have = self.nl.addresses(bridge.index).await?;
-        if !have.contains(&(IpAddr::V4(h.ip), subnet.prefix())) {
-            self.nl
-                .add_address(&bridge, IpAddr::V4(h.ip), subnet.prefix())
-                .await?;
+        if !have.contains(&(ip, prefix)) {
+            self.nl.add_address(&bridge, ip, prefix).await?;
         }
         Ok(bridge)
     }

@@ -9,7 +9,7 @@
 //!   addresses (static FDB and neighbour entries toward the nodes they are
 //!   on), and the services' VIPs, which local tasks resolve to the bridge.
 //!   Endpoints of a node that is down are not in the tables at all.
-//! - the **load balancer** ([`lb_spec`]): every published port on the
+//! - the **load balancer** ([`LbView`]): every published port on the
 //!   node's underlay address, to the service's tasks on `ingress`; and each
 //!   VIP on a network this node is on, to the service's tasks there. Flows
 //!   leave with this node's own address on the backend's network as their
@@ -345,10 +345,6 @@ pub struct LbView {
     taken: HashSet<u32>,
     /// The last whole spec without its services (set by [`LbView::sync`]).
     globals: Option<LbSpec>,
-    /// Service id -> its entry, and the ingress network's id: kept here so
-    /// that a delta reads nothing from the (much larger) replica.
-    services: HashMap<String, ServiceEntry>,
-    ingress_id: Option<String>,
 }
 
 /// The ingress network's id and this node's address there.
@@ -383,7 +379,7 @@ impl LbView {
         if let (Update::Delta(changes), Some(mut globals)) = (update, self.globals.take()) {
             globals.node_addresses = node_addresses;
             globals.nat_interfaces = nat_interfaces;
-            let changes = self.delta(changes, networks);
+            let changes = self.delta(tables, changes, networks);
             let r = sync.apply_changes(&globals, &changes, maps);
             self.globals = Some(globals);
             return r;
@@ -432,12 +428,7 @@ impl LbView {
                 .or_default()
                 .insert(e.addr);
         }
-        self.services = tables
-            .services()
-            .map(|(id, s)| (id.to_owned(), s.clone()))
-            .collect();
         let (ingress_id, nat_address) = ingress(tables, networks)?;
-        self.ingress_id = Some(ingress_id.to_owned());
         let mut services = Vec::new();
         for (id, s) in tables.services() {
             let specs = self.service_specs(id, s, ingress_id, networks);
@@ -462,6 +453,7 @@ impl LbView {
     /// change to it needs a whole table, as it does for the overlay).
     pub fn delta(
         &mut self,
+        tables: &Tables,
         changes: &[control::agent::Applied],
         networks: &BTreeMap<String, Ipv4Addr>,
     ) -> LbChanges {
@@ -494,28 +486,20 @@ impl LbView {
                     }
                 }
                 Key::Service { id } => {
-                    match &c.new {
-                        Some(Value::Service(s)) => self.services.insert(id.clone(), s.clone()),
-                        _ => self.services.remove(id),
-                    };
                     affected.insert(id.clone());
                 }
                 Key::Network { .. } | Key::NodeEndpoint { .. } => {}
             }
         }
         let mut out = LbChanges::default();
-        let Some(ingress_id) = self.ingress_id.take() else {
+        let Some((ingress_id, _)) = ingress(tables, networks) else {
             return out;
         };
         for id in affected {
             let old = self.specs.remove(&id).unwrap_or_default();
-            let new = match self.services.remove(&id) {
-                Some(s) => {
-                    let specs = self.service_specs(&id, &s, &ingress_id, networks);
-                    self.services.insert(id.clone(), s);
-                    specs
-                }
-                None => Vec::new(),
+            let new = match tables.entries.get(&Key::Service { id: id.clone() }) {
+                Some(Value::Service(s)) => self.service_specs(&id, s, ingress_id, networks),
+                _ => Vec::new(),
             };
             for o in &old {
                 if !new.iter().any(|n| n.frontends == o.frontends) {
@@ -533,7 +517,6 @@ impl LbView {
                 self.specs.insert(id, new);
             }
         }
-        self.ingress_id = Some(ingress_id);
         out
     }
 
@@ -637,15 +620,6 @@ impl LbView {
             })
             .collect()
     }
-}
-
-/// The whole load balancer this node should have ([`LbView::whole`]).
-pub fn lb_spec(
-    tables: &Tables,
-    networks: &BTreeMap<String, Ipv4Addr>,
-    node_addresses: Vec<Ipv4Addr>,
-) -> Option<LbSpec> {
-    LbView::new().whole(tables, networks, node_addresses)
 }
 
 #[cfg(test)]
@@ -805,7 +779,9 @@ mod tests {
         for node in ["a", "c"] {
             let mut view = NodeView::new(node, node_addr(node));
             view.overlay(&t, Update::Whole);
-            let spec = lb_spec(&t, view.networks(), vec![node_addr(node)]).unwrap();
+            let spec = LbView::new()
+                .whole(&t, view.networks(), vec![node_addr(node)])
+                .unwrap();
             spec.validate().unwrap();
             assert_eq!(spec.nat_address, view.networks()["ingress"]);
             assert_eq!(spec.node_addresses, [node_addr(node)]);
@@ -843,7 +819,7 @@ mod tests {
         }
         // A node without an ingress address has nothing to NAT with.
         let view = NodeView::new("d", ip("198.18.0.4"));
-        assert!(lb_spec(&t, view.networks(), vec![]).is_none());
+        assert!(LbView::new().whole(&t, view.networks(), vec![]).is_none());
     }
 
     fn change(t: &mut Tables, key: Key, new: Option<Value>) -> [Applied; 1] {
@@ -1082,12 +1058,14 @@ mod tests {
         steps.push((Key::Service { id: "s".into() }, None));
         for (i, (key, new)) in steps.into_iter().enumerate() {
             let c = change(&mut t, key, new);
-            let changes = lbv.delta(&c, &networks);
+            let changes = lbv.delta(&t, &c, &networks);
             let mut globals = whole.clone();
             globals.services.clear();
             sync.apply_changes(&globals, &changes, &mut maps)
                 .unwrap_or_else(|e| panic!("step {i}: {e}"));
-            let rebuilt = lb_spec(&t, &networks, vec![node_addr("a")]).unwrap();
+            let rebuilt = LbView::new()
+                .whole(&t, &networks, vec![node_addr("a")])
+                .unwrap();
             let (mut fresh_sync, mut fresh) = (LbSync::new(), MemoryMaps::default());
             fresh_sync.apply(&rebuilt, &mut fresh).unwrap();
             assert_eq!(logical(&maps), logical(&fresh), "step {i}: {changes:?}");
@@ -1107,7 +1085,9 @@ mod tests {
         let t = table();
         let mut view = NodeView::new("a", node_addr("a"));
         view.overlay(&t, Update::Whole);
-        let whole = lb_spec(&t, view.networks(), vec![node_addr("a")]).unwrap();
+        let whole = LbView::new()
+            .whole(&t, view.networks(), vec![node_addr("a")])
+            .unwrap();
         let (mut sync, mut maps) = (LbSync::new(), MemoryMaps::default());
         sync.apply(&whole, &mut maps).unwrap();
         let mut thief = whole.services[0].clone();

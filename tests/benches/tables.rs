@@ -192,7 +192,7 @@ impl Sink for BenchSink {
         let t2 = Instant::now();
         match update {
             Update::Whole => self.zone = Zone::from_tables(tables),
-            Update::Delta(changes) => self.zone.apply(changes),
+            Update::Delta(changes) => self.zone.apply(tables, changes),
         }
         if matches!(update, Update::Delta(_)) {
             for (slot, d) in SINK_NS.iter().zip([t1 - t0, t2 - t1, t2.elapsed()]) {

@@ -511,7 +511,6 @@ impl Dataplane {
             .recover_lb()
             .context("reading the pinned load-balancer state")?;
         let mut timeouts = Timeouts::default();
-        let lb_from_tables = tables;
         if let Some(c) = &config {
             apply_config(&mut datapath, &mut sync, c, &pin_dir)?;
             timeouts = c.timeouts;
@@ -531,7 +530,7 @@ impl Dataplane {
             timeouts,
             pin_dir,
             config_path: dp.config.clone(),
-            lb_from_tables,
+            lb_from_tables: tables,
             bridges: Default::default(),
             lb_bridges: Default::default(),
             lb: LbView::new(),
