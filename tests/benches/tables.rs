@@ -46,10 +46,6 @@ use dataplane_common::{Backend, Frontend, FrontendKey, LbConfig};
 use mesh_tests::Netns;
 
 const AGENTS: usize = 100;
-/// The sinks' own time per delta, summed over every agent: overlay view,
-/// load balancer, DNS zone (ns); and how many deltas.
-static SINK_NS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
-static SINK_N: AtomicU64 = AtomicU64::new(0);
 /// Enough that p99 is not one outlier (the 10th slowest).
 const CHANGES: usize = 1000;
 
@@ -166,6 +162,15 @@ struct BenchSink {
     sync: LbSync,
     maps: NoKernel,
     applied: Arc<Mutex<(Revision, Instant)>>,
+    stats: Arc<SinkStats>,
+}
+
+/// The sinks' own time per delta, summed over a cluster's agents:
+/// overlay view, load balancer, DNS zone (ns); and how many deltas.
+#[derive(Default)]
+struct SinkStats {
+    ns: [AtomicU64; 3],
+    n: AtomicU64,
 }
 
 impl Sink for BenchSink {
@@ -195,10 +200,10 @@ impl Sink for BenchSink {
             Update::Delta(changes) => self.zone.apply(tables, changes),
         }
         if matches!(update, Update::Delta(_)) {
-            for (slot, d) in SINK_NS.iter().zip([t1 - t0, t2 - t1, t2.elapsed()]) {
+            for (slot, d) in self.stats.ns.iter().zip([t1 - t0, t2 - t1, t2.elapsed()]) {
                 slot.fetch_add(d.as_nanos() as u64, Relaxed);
             }
-            SINK_N.fetch_add(1, Relaxed);
+            self.stats.n.fetch_add(1, Relaxed);
         }
         *self.applied.lock().unwrap() = (tables.revision, Instant::now());
         Ok(())
@@ -230,7 +235,7 @@ struct Agents {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-fn start_agents(ctxs: &[(Arc<Ctx>, Ipv4Addr)]) -> Agents {
+fn start_agents(ctxs: &[(Arc<Ctx>, Ipv4Addr)], stats: &Arc<SinkStats>) -> Agents {
     let (stop, _) = tokio::sync::watch::channel(false);
     let mut applied = Vec::new();
     let mut tasks = Vec::new();
@@ -244,6 +249,7 @@ fn start_agents(ctxs: &[(Arc<Ctx>, Ipv4Addr)]) -> Agents {
             sync: LbSync::new(),
             maps: NoKernel::default(),
             applied: slot.clone(),
+            stats: stats.clone(),
         };
         applied.push(slot);
         tasks.push(tokio::spawn(
@@ -290,56 +296,6 @@ impl Agents {
     }
 }
 
-/// `CHANGES` endpoint changes (a task removed, then put back), each timed
-/// from the leader applying it to the last agent applying it.
-async fn measure(
-    m: &control::manager::Manager,
-    agents: &Agents,
-    committed: &Arc<Mutex<BTreeMap<Revision, Instant>>>,
-    services: usize,
-    nodes: &[String],
-    round: usize,
-) -> Latency {
-    let mut lat = Vec::new();
-    for slot in SINK_NS.iter().chain([&SINK_N]) {
-        slot.store(0, Relaxed);
-    }
-    for k in 0..CHANGES {
-        let i = (k * 7919 + round) % services;
-        let cmd = if k % 2 == 0 {
-            Command::RemoveTask {
-                id: format!("t{i:05}"),
-            }
-        } else {
-            let i = ((k - 1) * 7919 + round) % services;
-            Command::CreateTask {
-                id: format!("t{i:05}"),
-                service: format!("svc-{i}"),
-                slot: 1,
-                node: nodes[i % nodes.len()].clone(),
-                netns: Some(format!("/run/netns/bench-{i}")),
-            }
-        };
-        m.propose(cmd).await.unwrap();
-        let revision = m.sm.with_book(|_, b| b.revision());
-        let done = agents.wait_all(revision).await;
-        // The watch may coalesce: the first time seen at or after it.
-        let start = loop {
-            if let Some((_, t)) = committed.lock().unwrap().range(revision..).next() {
-                break *t;
-            }
-            tokio::time::sleep(Duration::from_micros(100)).await;
-        };
-        lat.push(done.saturating_duration_since(start));
-    }
-    let n = SINK_N.load(Relaxed).max(1) as f64;
-    let mut l = percentiles(lat);
-    for (out, slot) in l.sink_us.iter_mut().zip(&SINK_NS) {
-        *out = slot.load(Relaxed) as f64 / n / 1e3;
-    }
-    l
-}
-
 /// Commits `cmds` in order, many at a time (the leader batches them):
 /// each service goes in before its task.
 async fn bulk(m: &control::manager::Manager, cmds: Vec<Command>) {
@@ -355,23 +311,30 @@ async fn bulk(m: &control::manager::Manager, cmds: Vec<Command>) {
     }
 }
 
-pub fn tables_latency(md: &mut String) {
-    let base = super::control_bench::scratch("tables");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (small, large) = rt.block_on(async {
-        let at = super::control_bench::addresses(1);
-        // Liveness out of the way: the agents are stopped during the bulk
-        // load, and the manager itself runs none; no node may go down.
+/// One cluster: a manager and `AGENTS` agents, with `services` services.
+struct Cluster {
+    manager: daemon::Daemon,
+    ctxs: Vec<(Arc<Ctx>, Ipv4Addr)>,
+    nodes: Vec<String>,
+    services: usize,
+    agents: Agents,
+    /// When the leader applied each revision (the start of each change).
+    committed: Arc<Mutex<BTreeMap<Revision, Instant>>>,
+    stats: Arc<SinkStats>,
+    latencies: Vec<Duration>,
+}
+
+impl Cluster {
+    async fn start(dir: &std::path::Path, index: u8, services_: usize) -> Cluster {
+        let at = super::control_bench::addresses(index);
+        // Liveness out of the way: the manager runs no agent of its own and
+        // the agents start after the bulk load; no node may go down.
         let opts = InitOptions {
             heartbeat_misses: 100,
             ..InitOptions::default()
         };
-        let (manager, _) = daemon::init(&base.join("m"), &at, &opts).await.unwrap();
+        let (manager, _) = daemon::init(dir, &at, &opts).await.unwrap();
         let m = manager.ctx.manager().unwrap();
-        // When the leader applied each revision (the start of each change).
         let committed: Arc<Mutex<BTreeMap<Revision, Instant>>> = Arc::default();
         {
             let committed = committed.clone();
@@ -383,7 +346,7 @@ pub fn tables_latency(md: &mut String) {
                 }
             });
         }
-        // 100 nodes with their own certificates.
+        // AGENTS nodes with their own certificates.
         let (secrets, cluster_id) =
             m.with_state(|s| (s.secrets.clone().unwrap(), s.cluster_id.clone().unwrap()));
         let ca = Ca::from_pem(&secrets.ca_cert, &secrets.ca_key);
@@ -432,33 +395,119 @@ pub fn tables_latency(md: &mut String) {
             nodes.push(id);
         }
         m.propose(bench_network()).await.unwrap();
-        bulk(&m, services(0, 100, &nodes)).await;
-        let agents = start_agents(&ctxs);
+        // The agents start after the bulk load (no fan-out of it) and
+        // catch up from a snapshot.
+        bulk(&m, services(0, services_, &nodes)).await;
+        let stats = Arc::<SinkStats>::default();
+        let agents = start_agents(&ctxs, &stats);
         agents.wait_all(m.sm.with_book(|_, b| b.revision())).await;
-        let small = measure(&m, &agents, &committed, 100, &nodes, 0).await;
-        // Grow to 10,000 services with the agents away (no fan-out of the
-        // bulk load), then let them catch up and measure again.
-        agents.stop().await;
-        bulk(&m, services(100, 10_000, &nodes)).await;
-        let agents = start_agents(&ctxs);
-        agents.wait_all(m.sm.with_book(|_, b| b.revision())).await;
-        let large = measure(&m, &agents, &committed, 10_000, &nodes, 1).await;
-        agents.stop().await;
-        manager.stop().await;
-        (small, large)
+        // The catch-up is not a change: its sink time is not counted.
+        for slot in stats.ns.iter().chain([&stats.n]) {
+            slot.store(0, Relaxed);
+        }
+        Cluster {
+            manager,
+            ctxs,
+            nodes,
+            services: services_,
+            agents,
+            committed,
+            stats,
+            latencies: Vec::new(),
+        }
+    }
+
+    /// Change `k` of `CHANGES` (a task removed, then put back), timed from
+    /// the leader applying it to the last agent applying it.
+    async fn change(&mut self, k: usize) {
+        let m = self.manager.ctx.manager().unwrap();
+        let i = (k / 2 * 7919) % self.services;
+        let cmd = if k.is_multiple_of(2) {
+            Command::RemoveTask {
+                id: format!("t{i:05}"),
+            }
+        } else {
+            Command::CreateTask {
+                id: format!("t{i:05}"),
+                service: format!("svc-{i}"),
+                slot: 1,
+                node: self.nodes[i % self.nodes.len()].clone(),
+                netns: Some(format!("/run/netns/bench-{i}")),
+            }
+        };
+        m.propose(cmd).await.unwrap();
+        let revision = m.sm.with_book(|_, b| b.revision());
+        let done = self.agents.wait_all(revision).await;
+        // The watch may coalesce: the first time seen at or after it.
+        let start = loop {
+            if let Some((_, t)) = self.committed.lock().unwrap().range(revision..).next() {
+                break *t;
+            }
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        };
+        self.latencies.push(done.saturating_duration_since(start));
+    }
+
+    fn latency(&self) -> Latency {
+        let n = self.stats.n.load(Relaxed).max(1) as f64;
+        let mut l = percentiles(self.latencies.clone());
+        for (out, slot) in l.sink_us.iter_mut().zip(&self.stats.ns) {
+            *out = slot.load(Relaxed) as f64 / n / 1e3;
+        }
+        l
+    }
+
+    async fn stop(self) {
+        self.agents.stop().await;
+        drop(self.ctxs);
+        self.manager.stop().await;
+    }
+}
+
+pub fn tables_latency(md: &mut String) {
+    let base = super::control_bench::scratch("tables");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (small, large) = rt.block_on(async {
+        // Two clusters side by side, measured in turns: change k on one,
+        // then change k on the other (which goes first alternates). Both
+        // see the same machine at the same moment, so drift in this
+        // machine's speed over the run (it is a shared VM) falls on both.
+        let mut small = Cluster::start(&base.join("small"), 1, 100).await;
+        let mut large = Cluster::start(&base.join("large"), 2, 10_000).await;
+        eprintln!("(e) measuring {CHANGES} changes on each cluster, in turns");
+        for k in 0..CHANGES {
+            if k.is_multiple_of(2) {
+                small.change(k).await;
+                large.change(k).await;
+            } else {
+                large.change(k).await;
+                small.change(k).await;
+            }
+        }
+        let (s, l) = (small.latency(), large.latency());
+        small.stop().await;
+        large.stop().await;
+        (s, l)
     });
     let _ = std::fs::remove_dir_all(&base);
     writeln!(md, "## (e) Control to data: change applied on every node\n").unwrap();
     writeln!(
         md,
-        "One manager (gRPC over mTLS, redb with fsync) and {AGENTS} agents in this process, each \
-         the real agent with its own node certificate and dispatcher session, applying every \
-         update through the real incremental path (its overlay view, DNS zone, and \
-         load-balancer view and map sync, Maglev tables built) without \
-         kernel calls. Every service has a VIP and a target port, so every node holds one \
-         frontend per service. Each of {CHANGES} changes removes or restores one task (an endpoint); \
-         latency runs from the leader applying the change to the last of the {AGENTS} agents \
-         applying it. Every node has tasks on the network, so every change reaches all of them.\n"
+        "Two clusters in this process, one with 100 services and one with 10,000, each one \
+         manager (gRPC over mTLS, redb with fsync) and {AGENTS} agents. Every agent is the real \
+         agent with its own node certificate and dispatcher session, applying every update \
+         through the real incremental path (its overlay view, DNS zone, and load-balancer view \
+         and map sync, Maglev tables built) without kernel calls. Every service has a VIP and a \
+         target port, so every node holds one frontend per service. Each of {CHANGES} changes per \
+         cluster removes or restores one task (an endpoint); latency runs from the leader \
+         applying the change to the last of the {AGENTS} agents applying it. Every node has tasks \
+         on the network, so every change reaches all of them. The clusters are measured in \
+         turns (change k on one, then on the other, the order alternating), so both see this \
+         shared machine at the same moments and the ratio is not a drift of its speed between \
+         two phases.\n"
     )
     .unwrap();
     writeln!(
