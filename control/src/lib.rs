@@ -2,8 +2,8 @@
 //! the Raft store (sealed at rest), the PKI, mTLS, the manager (Raft over
 //! gRPC) with its write path, the gRPC API, the daemon lifecycle, the
 //! data-plane tables derived from the state, the leader's dispatcher (agent
-//! sessions, liveness) and the node agent. The orchestrator and scheduler
-//! land with a later issue.
+//! sessions, liveness), the node agent, and the orchestrator with its
+//! scheduler.
 
 pub mod agent;
 pub mod allocator;
@@ -11,6 +11,7 @@ pub mod api;
 pub mod daemon;
 pub mod dispatcher;
 pub mod manager;
+pub mod orchestrator;
 pub mod pki;
 pub mod seal;
 pub mod state;

@@ -252,6 +252,10 @@ pub struct TaskTemplate {
     pub networks: Vec<NetworkAttachment>,
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// Placement constraints, as `docker service create --constraint`:
+    /// `node.role==manager`, `node.hostname!=a`, `node.labels.zone==east`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -1004,6 +1008,8 @@ impl State {
                 spec.name
             )));
         }
+        crate::orchestrator::parse_constraints(&spec.task.constraints)
+            .map_err(|e| invalid(format!("service {}: {e}", spec.name)))?;
         for e in &spec.task.env {
             match e.split_once('=') {
                 Some((k, _)) if !k.is_empty() && !k.contains(char::is_whitespace) => {}
@@ -1431,6 +1437,7 @@ mod tests {
                     })
                     .collect(),
                 restart: RestartPolicy::default(),
+                constraints: vec![],
             },
             endpoint: EndpointSpec {
                 mode: EndpointMode::Vip,

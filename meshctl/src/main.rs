@@ -211,6 +211,10 @@ struct ServiceOpts {
     /// Environment variable (KEY=value).
     #[arg(long, short = 'e')]
     env: Vec<String>,
+    /// Placement constraint: node.role==manager, node.hostname!=a,
+    /// node.labels.zone==east (repeatable; on update, replaces the set).
+    #[arg(long)]
+    constraint: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -826,6 +830,10 @@ fn apply_opts(spec: &mut ServiceSpec, o: ServiceOpts, creating: bool) -> Res {
             EndpointModeArg::Dnsrr => EndpointMode::Dnsrr,
         };
     }
+    if !o.constraint.is_empty() {
+        control::orchestrator::parse_constraints(&o.constraint)?;
+        spec.task.constraints = o.constraint;
+    }
     for e in o.env {
         if !e.contains('=') {
             return Err(format!("--env {e:?}: use KEY=value"));
@@ -1134,6 +1142,43 @@ async fn swarm(c: &mut Client, cmd: SwarmCmd) -> Res {
 mod tests {
     use super::*;
     use control::state::NodeStatus;
+
+    #[test]
+    fn constraints_are_checked_before_anything_is_sent() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(
+                ["meshctl", "service", "create", "--name", "web"]
+                    .iter()
+                    .chain(args)
+                    .chain(&["--", "/bin/web"]),
+            )
+            .unwrap();
+            let Cmd::Service(ServiceCmd::Create { opts, .. }) = cli.command else {
+                panic!("not a service create");
+            };
+            let mut spec = ServiceSpec {
+                name: "web".into(),
+                mode: ServiceMode::Replicated { replicas: 1 },
+                task: TaskTemplate::default(),
+                endpoint: EndpointSpec::default(),
+                update: Default::default(),
+                rollback: Default::default(),
+            };
+            apply_opts(&mut spec, opts, true).map(|()| spec.task.constraints)
+        };
+        assert_eq!(
+            parse(&[
+                "--constraint",
+                "node.role==worker",
+                "--constraint",
+                "node.labels.zone!=a"
+            ])
+            .unwrap(),
+            vec!["node.role==worker", "node.labels.zone!=a"]
+        );
+        let err = parse(&["--constraint", "node.role=worker"]).unwrap_err();
+        assert!(err.contains("expected FIELD==VALUE"), "{err}");
+    }
 
     #[test]
     fn publish_forms() {

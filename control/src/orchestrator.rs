@@ -1,0 +1,669 @@
+//! The orchestrator and its scheduler: which tasks the services want, and
+//! on which nodes.
+//!
+//! [`reconcile`] is a pure function of the state: the commands that bring
+//! the tasks to what the services declare. It is idempotent (once its
+//! commands are applied, it returns nothing), so the leader can run it after
+//! every change, and a leader that fails halfway leaves the next one only
+//! the rest of the work.
+//!
+//! - **Replicated** services get slots `1..=replicas`, one task each; a
+//!   task in a slot above `replicas` is removed (scale down), an empty slot
+//!   is filled.
+//! - **Global** services get one task on every eligible node; a node that
+//!   joins gets its task on the next run.
+//! - A node that is down, drained, or no longer meets the service's
+//!   constraints loses its tasks, and they are placed again elsewhere. A
+//!   paused node keeps its tasks but gets no new ones (Swarm's `pause`).
+//! - **Scheduling** spreads by task count, as Swarm's spread strategy
+//!   does: the eligible node with the fewest tasks of this service, then
+//!   the fewest tasks in all, then the lowest node id (so every manager
+//!   computes the same placement).
+//!
+//! Task exits and the restart policy need the executor's reports; they
+//! arrive with it.
+
+use std::{collections::BTreeMap, fmt, str::FromStr};
+
+use crate::state::{
+    Availability, Command, Node, NodeStatus, Role, Service, ServiceMode, State, Task, TaskState,
+};
+
+/// What a constraint looks at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Field {
+    Id,
+    Hostname,
+    Role,
+    Label(String),
+}
+
+/// `node.role==manager`, `node.labels.zone!=east`, ... as in
+/// `docker service create --constraint`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Constraint {
+    pub field: Field,
+    pub equal: bool,
+    pub value: String,
+}
+
+impl FromStr for Constraint {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Constraint, String> {
+        let (lhs, rhs, equal) = match (text.split_once("=="), text.split_once("!=")) {
+            (Some((l, r)), None) => (l, r, true),
+            (None, Some((l, r))) => (l, r, false),
+            _ => {
+                return Err(format!(
+                    "constraint {text:?}: expected FIELD==VALUE or FIELD!=VALUE, \
+                     e.g. node.role==manager"
+                ));
+            }
+        };
+        let (lhs, value) = (lhs.trim(), rhs.trim());
+        if value.is_empty() {
+            return Err(format!("constraint {text:?}: the value is empty"));
+        }
+        let field = match lhs {
+            "node.id" => Field::Id,
+            "node.hostname" => Field::Hostname,
+            "node.role" => {
+                if value != "manager" && value != "worker" {
+                    return Err(format!(
+                        "constraint {text:?}: node.role is manager or worker, not {value:?}"
+                    ));
+                }
+                Field::Role
+            }
+            _ => match lhs.strip_prefix("node.labels.") {
+                Some(label) if !label.is_empty() => Field::Label(label.to_owned()),
+                _ => {
+                    return Err(format!(
+                        "constraint {text:?}: unknown field {lhs:?}; use node.id, \
+                         node.hostname, node.role or node.labels.NAME"
+                    ));
+                }
+            },
+        };
+        Ok(Constraint {
+            field,
+            equal,
+            value: value.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for Constraint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let field = match &self.field {
+            Field::Id => "node.id".to_owned(),
+            Field::Hostname => "node.hostname".to_owned(),
+            Field::Role => "node.role".to_owned(),
+            Field::Label(l) => format!("node.labels.{l}"),
+        };
+        let op = if self.equal { "==" } else { "!=" };
+        write!(f, "{field}{op}{}", self.value)
+    }
+}
+
+impl Constraint {
+    pub fn matches(&self, node: &Node) -> bool {
+        let actual = match &self.field {
+            Field::Id => Some(node.id.as_str()),
+            Field::Hostname => Some(node.hostname.as_str()),
+            Field::Role => Some(match node.spec.role {
+                Role::Manager => "manager",
+                Role::Worker => "worker",
+            }),
+            Field::Label(l) => node.spec.labels.get(l).map(String::as_str),
+        };
+        // A missing label equals nothing, and differs from everything.
+        (actual == Some(self.value.as_str())) == self.equal
+    }
+}
+
+/// Parses every constraint of a spec; the first bad one is the error.
+pub fn parse_constraints(texts: &[String]) -> Result<Vec<Constraint>, String> {
+    texts.iter().map(|t| t.parse()).collect()
+}
+
+/// The commands [`reconcile`] wants, and the slots it could not place.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Removals first, then creations: a task leaves a drained node before
+    /// its replacement starts (stop-first).
+    pub commands: Vec<Command>,
+    /// `(service name, slot, why)`: no node can take it now.
+    pub pending: Vec<(String, u32, String)>,
+}
+
+/// A task that counts: meant to run, and not ended.
+fn live(t: &Task) -> bool {
+    t.desired <= TaskState::Running && t.observed <= TaskState::Running
+}
+
+/// May `node` keep a task of a service with `constraints`?
+fn keeps(node: Option<&Node>, constraints: &[Constraint]) -> bool {
+    node.is_some_and(|n| {
+        n.status == NodeStatus::Ready
+            && n.spec.availability != Availability::Drain
+            && constraints.iter().all(|c| c.matches(n))
+    })
+}
+
+/// May `node` get a new task of a service with `constraints`?
+fn takes(node: &Node, constraints: &[Constraint]) -> bool {
+    node.status == NodeStatus::Ready
+        && node.spec.availability == Availability::Active
+        && constraints.iter().all(|c| c.matches(node))
+}
+
+/// Task counts per node, kept up to date as the plan places and removes.
+struct Load {
+    total: BTreeMap<String, u32>,
+    /// (service id, node id) -> tasks.
+    service: BTreeMap<(String, String), u32>,
+}
+
+impl Load {
+    fn new(state: &State) -> Load {
+        let mut load = Load {
+            total: BTreeMap::new(),
+            service: BTreeMap::new(),
+        };
+        for t in state.tasks.values().filter(|t| live(t)) {
+            load.add(&t.service, &t.node, 1);
+        }
+        load
+    }
+
+    fn add(&mut self, service: &str, node: &str, n: i64) {
+        let bump = |c: &mut u32| *c = (i64::from(*c) + n).max(0) as u32;
+        bump(self.total.entry(node.to_owned()).or_default());
+        bump(
+            self.service
+                .entry((service.to_owned(), node.to_owned()))
+                .or_default(),
+        );
+    }
+
+    /// The spread strategy's choice among `candidates`.
+    fn pick<'a>(
+        &self,
+        service: &str,
+        candidates: impl Iterator<Item = &'a Node>,
+    ) -> Option<&'a Node> {
+        candidates.min_by_key(|n| {
+            (
+                self.service
+                    .get(&(service.to_owned(), n.id.clone()))
+                    .copied()
+                    .unwrap_or(0),
+                self.total.get(&n.id).copied().unwrap_or(0),
+                n.id.clone(),
+            )
+        })
+    }
+}
+
+/// Why no node takes a task of a service with `constraints`, in Swarm's
+/// words.
+fn no_node(state: &State, constraints: &[Constraint]) -> String {
+    let ready = state
+        .nodes
+        .values()
+        .filter(|n| n.status == NodeStatus::Ready)
+        .count();
+    let active = state
+        .nodes
+        .values()
+        .filter(|n| n.status == NodeStatus::Ready && n.spec.availability == Availability::Active)
+        .count();
+    if active == 0 {
+        format!("no suitable node ({} node(s) ready, none active)", ready)
+    } else {
+        let listed: Vec<String> = constraints.iter().map(ToString::to_string).collect();
+        format!(
+            "no suitable node (scheduling constraints not satisfied on {active} node(s): {})",
+            listed.join(", ")
+        )
+    }
+}
+
+/// The commands that bring every service's tasks to its spec. `new_id`
+/// names each new task (the proposer picks ids, so the log is
+/// deterministic).
+pub fn reconcile(state: &State, mut new_id: impl FnMut() -> String) -> Plan {
+    let mut plan = Plan::default();
+    let mut creates = Vec::new();
+    let mut load = Load::new(state);
+    let mut tasks_of: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
+    for t in state.tasks.values().filter(|t| live(t)) {
+        tasks_of.entry(t.service.as_str()).or_default().push(t);
+    }
+    let remove = |plan: &mut Plan, load: &mut Load, t: &Task| {
+        load.add(&t.service, &t.node, -1);
+        plan.commands.push(Command::RemoveTask { id: t.id.clone() });
+    };
+    for svc in state.services.values() {
+        // Refused at create and update; a spec that does not parse places
+        // nothing rather than everywhere.
+        let Ok(constraints) = parse_constraints(&svc.spec.task.constraints) else {
+            continue;
+        };
+        let mine = tasks_of.remove(svc.id.as_str()).unwrap_or_default();
+        let mut kept = Vec::new();
+        for t in mine {
+            if keeps(state.nodes.get(&t.node), &constraints) {
+                kept.push(t);
+            } else {
+                remove(&mut plan, &mut load, t);
+            }
+        }
+        match svc.spec.mode {
+            ServiceMode::Replicated { replicas } => {
+                let mut by_slot: BTreeMap<u32, &Task> = BTreeMap::new();
+                for t in kept {
+                    if t.slot == 0 || t.slot > replicas || by_slot.contains_key(&t.slot) {
+                        remove(&mut plan, &mut load, t);
+                    } else {
+                        by_slot.insert(t.slot, t);
+                    }
+                }
+                for slot in (1..=replicas).filter(|s| !by_slot.contains_key(s)) {
+                    place(
+                        state,
+                        svc,
+                        slot,
+                        &constraints,
+                        &mut load,
+                        &mut creates,
+                        &mut plan,
+                        &mut new_id,
+                    );
+                }
+            }
+            ServiceMode::Global => {
+                let mut covered = BTreeMap::new();
+                for t in kept {
+                    if covered.insert(t.node.as_str(), ()).is_some() {
+                        remove(&mut plan, &mut load, t);
+                    }
+                }
+                for node in state.nodes.values() {
+                    if !covered.contains_key(node.id.as_str()) && takes(node, &constraints) {
+                        load.add(&svc.id, &node.id, 1);
+                        creates.push(Command::CreateTask {
+                            id: new_id(),
+                            service: svc.id.clone(),
+                            slot: 0,
+                            node: node.id.clone(),
+                            netns: None,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    plan.commands.extend(creates);
+    plan
+}
+
+#[allow(clippy::too_many_arguments)]
+fn place(
+    state: &State,
+    svc: &Service,
+    slot: u32,
+    constraints: &[Constraint],
+    load: &mut Load,
+    creates: &mut Vec<Command>,
+    plan: &mut Plan,
+    new_id: &mut impl FnMut() -> String,
+) {
+    let candidates = state.nodes.values().filter(|n| takes(n, constraints));
+    match load.pick(&svc.id, candidates) {
+        Some(node) => {
+            load.add(&svc.id, &node.id, 1);
+            creates.push(Command::CreateTask {
+                id: new_id(),
+                service: svc.id.clone(),
+                slot,
+                node: node.id.clone(),
+                netns: None,
+            });
+        }
+        None => plan
+            .pending
+            .push((svc.spec.name.clone(), slot, no_node(state, constraints))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{ClusterSettings, NodeSpec, ServiceSpec};
+
+    /// A cluster of `nodes` (hostname, role) and a counter for task ids.
+    struct World {
+        state: State,
+        ids: u32,
+    }
+
+    impl World {
+        fn new(nodes: &[(&str, Role)]) -> World {
+            let mut w = World {
+                state: State::default(),
+                ids: 0,
+            };
+            w.run(Command::Init {
+                cluster_id: "c".into(),
+                ingress_id: "ingress".into(),
+                settings: ClusterSettings::default(),
+                secrets: None,
+            });
+            for (i, (host, role)) in nodes.iter().enumerate() {
+                w.join(host, *role, i);
+            }
+            w
+        }
+
+        fn join(&mut self, host: &str, role: Role, i: usize) {
+            self.run(Command::AddNode {
+                id: format!("n-{host}"),
+                hostname: (*host).into(),
+                addr: std::net::Ipv4Addr::new(198, 18, 0, i as u8 + 1),
+                api_addr: None,
+                role,
+            });
+        }
+
+        fn run(&mut self, c: Command) {
+            self.state
+                .apply(&c)
+                .unwrap_or_else(|e| panic!("{c:?} refused: {e}"));
+        }
+
+        fn service(&mut self, json: serde_json::Value) {
+            let spec: ServiceSpec = serde_json::from_value(json).expect("spec");
+            let id = format!("s-{}", spec.name);
+            self.run(Command::CreateService { id, spec });
+        }
+
+        /// Reconciles until nothing is left to do; every command must apply.
+        /// Returns the plans, and checks the last one is empty.
+        fn settle(&mut self) -> Vec<Plan> {
+            let mut plans = Vec::new();
+            for _ in 0..5 {
+                let mut ids = self.ids;
+                let plan = reconcile(&self.state, || {
+                    ids += 1;
+                    format!("t{ids:04}")
+                });
+                self.ids = ids;
+                let done = plan.commands.is_empty();
+                for c in &plan.commands {
+                    self.run(c.clone());
+                }
+                plans.push(plan);
+                if done {
+                    return plans;
+                }
+            }
+            panic!("reconcile did not settle: {plans:?}");
+        }
+
+        /// Hostname -> tasks of `service` there.
+        fn spread(&self, service: &str) -> BTreeMap<String, u32> {
+            let mut out = BTreeMap::new();
+            for t in self
+                .state
+                .tasks
+                .values()
+                .filter(|t| t.service == format!("s-{service}"))
+            {
+                *out.entry(self.state.nodes[&t.node].hostname.clone())
+                    .or_default() += 1;
+            }
+            out
+        }
+
+        fn slots(&self, service: &str) -> Vec<u32> {
+            let mut v: Vec<u32> = self
+                .state
+                .tasks
+                .values()
+                .filter(|t| t.service == format!("s-{service}"))
+                .map(|t| t.slot)
+                .collect();
+            v.sort();
+            v
+        }
+
+        fn set_node(&mut self, host: &str, f: impl FnOnce(&mut NodeSpec)) {
+            let n = &self.state.nodes[&format!("n-{host}")];
+            let mut spec = n.spec.clone();
+            f(&mut spec);
+            self.run(Command::UpdateNode {
+                id: n.id.clone(),
+                version: n.version,
+                spec,
+            });
+        }
+    }
+
+    fn web(replicas: u32) -> serde_json::Value {
+        serde_json::json!({
+            "name": "web",
+            "mode": {"mode": "replicated", "replicas": replicas},
+            "task": {"command": ["/bin/web"]},
+            "endpoint": {"ports": [{"protocol": "tcp", "target": 80, "published": 8080}]}
+        })
+    }
+
+    fn three() -> World {
+        World::new(&[
+            ("m1", Role::Manager),
+            ("w1", Role::Worker),
+            ("w2", Role::Worker),
+        ])
+    }
+
+    fn hosts(pairs: &[(&str, u32)]) -> BTreeMap<String, u32> {
+        pairs.iter().map(|(h, n)| ((*h).to_owned(), *n)).collect()
+    }
+
+    #[test]
+    fn replicas_spread_one_per_node_and_a_settled_state_plans_nothing() {
+        let mut w = three();
+        w.service(web(3));
+        let plans = w.settle();
+        assert_eq!(plans.len(), 2, "one plan does it all: {plans:?}");
+        assert_eq!(w.spread("web"), hosts(&[("m1", 1), ("w1", 1), ("w2", 1)]));
+        assert_eq!(w.slots("web"), vec![1, 2, 3]);
+        // Six on three nodes: two each, whatever else runs there.
+        w.service(serde_json::json!({
+            "name": "db", "mode": {"mode": "replicated", "replicas": 2},
+            "task": {"command": ["/bin/db"]}
+        }));
+        w.settle();
+        let total = |h: &str| {
+            w.state
+                .tasks
+                .values()
+                .filter(|t| w.state.nodes[&t.node].hostname == h)
+                .count()
+        };
+        let mut totals: Vec<usize> = ["m1", "w1", "w2"].iter().map(|h| total(h)).collect();
+        totals.sort();
+        assert_eq!(totals, vec![1, 2, 2], "spread by total task count");
+    }
+
+    #[test]
+    fn scaling_fills_and_empties_the_highest_slots() {
+        let mut w = three();
+        w.service(web(2));
+        w.settle();
+        let s = w.state.services["s-web"].clone();
+        let mut spec = s.spec.clone();
+        spec.mode = ServiceMode::Replicated { replicas: 5 };
+        w.run(Command::UpdateService {
+            target: "web".into(),
+            version: s.version,
+            spec: spec.clone(),
+        });
+        w.settle();
+        assert_eq!(w.slots("web"), vec![1, 2, 3, 4, 5]);
+        let counts: Vec<u32> = w.spread("web").values().copied().collect();
+        assert!(counts.iter().all(|c| *c == 1 || *c == 2), "{counts:?}");
+        let version = w.state.services["s-web"].version;
+        spec.mode = ServiceMode::Replicated { replicas: 1 };
+        w.run(Command::UpdateService {
+            target: "web".into(),
+            version,
+            spec,
+        });
+        w.settle();
+        assert_eq!(w.slots("web"), vec![1]);
+    }
+
+    fn scale(w: &mut World, name: &str, replicas: u32) {
+        let s = w.state.services[&format!("s-{name}")].clone();
+        let mut spec = s.spec.clone();
+        spec.mode = ServiceMode::Replicated { replicas };
+        w.run(Command::UpdateService {
+            target: name.into(),
+            version: s.version,
+            spec,
+        });
+    }
+
+    #[test]
+    fn drain_and_down_move_tasks_and_pause_keeps_them() {
+        let mut w = three();
+        w.service(web(3));
+        w.settle();
+        w.set_node("w1", |s| s.availability = Availability::Drain);
+        w.settle();
+        let spread = w.spread("web");
+        assert!(
+            !spread.contains_key("w1"),
+            "drained node keeps a task: {spread:?}"
+        );
+        assert_eq!(spread.values().sum::<u32>(), 3);
+        assert_eq!(spread.len(), 2, "{spread:?}");
+        assert_eq!(w.slots("web"), vec![1, 2, 3]);
+
+        w.run(Command::SetNodeStatus {
+            id: "n-w2".into(),
+            status: NodeStatus::Down,
+        });
+        w.settle();
+        assert_eq!(w.spread("web"), hosts(&[("m1", 3)]));
+
+        // Active again: no task moves back by itself (as in Swarm); paused
+        // m1 keeps its three but takes no new one.
+        w.set_node("w1", |s| s.availability = Availability::Active);
+        w.set_node("m1", |s| s.availability = Availability::Pause);
+        let plans = w.settle();
+        assert_eq!(plans.len(), 1, "nothing to do: {plans:?}");
+        scale(&mut w, "web", 4);
+        w.settle();
+        assert_eq!(w.spread("web"), hosts(&[("m1", 3), ("w1", 1)]));
+    }
+
+    #[test]
+    fn a_global_service_runs_once_per_eligible_node_and_a_joining_node_gets_its_task() {
+        let mut w = three();
+        w.service(serde_json::json!({
+            "name": "agent", "mode": {"mode": "global"},
+            "task": {"command": ["/bin/agent"], "constraints": ["node.role==worker"]}
+        }));
+        w.settle();
+        assert_eq!(w.spread("agent"), hosts(&[("w1", 1), ("w2", 1)]));
+        w.join("w3", Role::Worker, 7);
+        w.join("m2", Role::Manager, 8);
+        w.settle();
+        assert_eq!(w.spread("agent"), hosts(&[("w1", 1), ("w2", 1), ("w3", 1)]));
+        w.set_node("w2", |s| s.availability = Availability::Drain);
+        w.settle();
+        assert_eq!(w.spread("agent"), hosts(&[("w1", 1), ("w3", 1)]));
+    }
+
+    #[test]
+    fn constraints_place_on_matching_nodes_and_report_what_cannot_be_placed() {
+        let mut w = three();
+        w.set_node("w2", |s| {
+            s.labels.insert("zone".into(), "east".into());
+        });
+        w.service(serde_json::json!({
+            "name": "east", "mode": {"mode": "replicated", "replicas": 2},
+            "task": {"command": ["/bin/x"], "constraints": ["node.labels.zone==east"]}
+        }));
+        w.service(serde_json::json!({
+            "name": "nowhere", "mode": {"mode": "replicated", "replicas": 1},
+            "task": {"command": ["/bin/x"], "constraints": ["node.hostname==m1", "node.role==worker"]}
+        }));
+        let plans = w.settle();
+        assert_eq!(w.spread("east"), hosts(&[("w2", 2)]));
+        assert_eq!(w.spread("nowhere"), BTreeMap::new());
+        assert_eq!(
+            plans[0].pending,
+            vec![(
+                "nowhere".into(),
+                1,
+                "no suitable node (scheduling constraints not satisfied on 3 node(s): \
+                 node.hostname==m1, node.role==worker)"
+                    .into()
+            )]
+        );
+        // The label goes: the tasks leave, and wait for a node.
+        w.set_node("w2", |s| {
+            s.labels.clear();
+        });
+        let plans = w.settle();
+        assert_eq!(w.spread("east"), BTreeMap::new());
+        assert_eq!(plans.last().unwrap().pending.len(), 3);
+    }
+
+    #[test]
+    fn bad_constraints_are_refused_with_what_to_write() {
+        for (text, want) in [
+            ("node.role=manager", "expected FIELD==VALUE or FIELD!=VALUE"),
+            (
+                "node.rol==manager",
+                "unknown field \"node.rol\"; use node.id, node.hostname",
+            ),
+            (
+                "node.role==boss",
+                "node.role is manager or worker, not \"boss\"",
+            ),
+            ("node.labels.==x", "unknown field"),
+            ("node.hostname==", "the value is empty"),
+        ] {
+            let err = text.parse::<Constraint>().unwrap_err();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        let c: Constraint = " node.labels.zone != east ".parse().unwrap();
+        assert_eq!(c.to_string(), "node.labels.zone!=east");
+        // The state refuses the spec, and nothing is created.
+        let mut w = three();
+        let spec: ServiceSpec = serde_json::from_value(serde_json::json!({
+            "name": "bad", "mode": {"mode": "global"},
+            "task": {"command": ["/bin/x"], "constraints": ["node.rol==manager"]}
+        }))
+        .unwrap();
+        let err = w
+            .state
+            .apply(&Command::CreateService {
+                id: "s-bad".into(),
+                spec,
+            })
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("service bad: constraint"),
+            "{err}"
+        );
+        assert!(w.state.services.is_empty());
+    }
+}
