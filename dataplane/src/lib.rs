@@ -4,6 +4,7 @@
 pub mod bpffs;
 pub mod dns;
 pub mod ebpf;
+pub mod executor;
 pub mod inspect;
 pub mod lb;
 pub mod maglev;

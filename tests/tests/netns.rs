@@ -17,6 +17,8 @@ use mesh_tests::{
 
 #[path = "netns/control.rs"]
 mod control;
+#[path = "netns/executor.rs"]
+mod executor;
 #[path = "netns/overlay.rs"]
 mod overlay;
 #[path = "netns/tables.rs"]

@@ -1,0 +1,477 @@
+//! Tasks as real processes: the built-in executor.
+//!
+//! A task is a process (its "container") in
+//! - a fresh network namespace, bound at `/run/netns/<prefix><task id>` so
+//!   the overlay can wire it and the embedded DNS can serve in it, with
+//!   `lo` up (127.0.0.11 lives there);
+//! - its own mount namespace, where `/etc/resolv.conf` is a file naming
+//!   127.0.0.11 (the host's file is untouched);
+//! - its own cgroup (cgroup v2, `<mount>/mesh/<task id>`), so that stopping
+//!   it ends every process it started;
+//! - its own session, with stdout and stderr captured to one log file for
+//!   `meshctl service logs`.
+//!
+//! The exit status is reported as Docker does: the exit code, or 128 plus
+//! the signal that ended it ("task: non-zero exit (137)" after SIGKILL).
+//!
+//! [`Executor`] is the trait other runtimes implement; [`ProcessExecutor`]
+//! is this one.
+
+use std::{
+    ffi::CString,
+    fs::{self, File, OpenOptions},
+    future::Future,
+    io::{self, Write as _},
+    os::{
+        fd::AsRawFd as _,
+        unix::{ffi::OsStrExt as _, process::ExitStatusExt as _},
+    },
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+/// What a node runs for a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRun {
+    pub id: String,
+    /// `svc.slot` (replicated) or `svc.node` (global): the process's
+    /// HOSTNAME variable.
+    pub name: String,
+    /// The program and its arguments.
+    pub command: Vec<String>,
+    /// `KEY=value` pairs, added to a minimal environment.
+    pub env: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("task {task}: {what}: {source}")]
+    Io {
+        task: String,
+        what: String,
+        source: io::Error,
+    },
+    #[error("task {task}: {message}")]
+    Invalid { task: String, message: String },
+}
+
+impl ExecError {
+    fn io(task: &str, what: &str) -> impl FnOnce(io::Error) -> ExecError + use<> {
+        let (task, what) = (task.to_owned(), what.to_owned());
+        move |source| ExecError::Io { task, what, source }
+    }
+}
+
+/// A runtime for tasks. Other runtimes (a container engine) implement the
+/// same calls.
+pub trait Executor {
+    type Task: RunningTask;
+    /// Starts `task`; returns once its process runs in its namespaces.
+    fn start(&self, task: &TaskRun) -> impl Future<Output = Result<Self::Task, ExecError>> + Send;
+}
+
+/// A started task.
+pub trait RunningTask: Send {
+    /// Its network namespace, for the overlay and the DNS server.
+    fn netns(&self) -> &Path;
+    /// Waits for it to end; its exit code (128 + signal when a signal
+    /// ended it).
+    fn wait(&mut self) -> impl Future<Output = io::Result<i32>> + Send;
+    /// SIGTERM to its processes, SIGKILL to what is left after `grace`;
+    /// its exit code.
+    fn stop(&mut self, grace: Duration) -> impl Future<Output = io::Result<i32>> + Send;
+    /// Frees what it held (namespace, cgroup) once it has ended; its log
+    /// stays until the task record goes.
+    fn remove(self) -> io::Result<()>;
+}
+
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup` on a unified host,
+/// `/sys/fs/cgroup/unified` on a hybrid one).
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|l| {
+        // ... mount-point ... - fstype source options
+        let (pre, post) = l.split_once(" - ")?;
+        if post.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        pre.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// The built-in executor: processes in namespaces.
+#[derive(Debug, Clone)]
+pub struct ProcessExecutor {
+    /// Per-task directories: the resolv.conf and the log.
+    dir: PathBuf,
+    /// Namespace names are this plus the task id.
+    netns_prefix: String,
+    /// `<cgroup2>/<group>`: one child cgroup per task.
+    cgroups: PathBuf,
+}
+
+impl ProcessExecutor {
+    /// `dir` keeps each task's files; `netns_prefix` names its namespaces
+    /// and `group` its cgroups (`mesh` for meshd; tests pass their own).
+    pub fn new(dir: &Path, netns_prefix: &str, group: &str) -> io::Result<ProcessExecutor> {
+        let root = cgroup2_mount().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "no cgroup v2 mount in /proc/self/mountinfo: tasks need cgroup2 \
+                 (mount -t cgroup2 none /sys/fs/cgroup)",
+            )
+        })?;
+        let cgroups = root.join(group);
+        fs::create_dir_all(&cgroups)?;
+        fs::create_dir_all(dir)?;
+        fs::create_dir_all("/run/netns")?;
+        Ok(ProcessExecutor {
+            dir: dir.to_owned(),
+            netns_prefix: netns_prefix.to_owned(),
+            cgroups,
+        })
+    }
+
+    /// The task's log: stdout and stderr, in the order written.
+    pub fn log_path(&self, task: &str) -> PathBuf {
+        self.dir.join(task).join("output.log")
+    }
+
+    pub fn netns_path(&self, task: &str) -> PathBuf {
+        Path::new("/run/netns").join(format!("{}{task}", self.netns_prefix))
+    }
+
+    pub fn cgroup_path(&self, task: &str) -> PathBuf {
+        self.cgroups.join(task)
+    }
+}
+
+/// A task id becomes a file, namespace and cgroup name: no separators.
+fn check_id(id: &str) -> Result<(), ExecError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ExecError::Invalid {
+            task: id.to_owned(),
+            message: "a task id is 1 to 64 letters, digits, '-' or '_'".into(),
+        })
+    }
+}
+
+/// Creates a network namespace bound at `path` with `lo` up, as
+/// `ip netns add` does, from a short-lived thread.
+fn create_netns(path: &Path) -> io::Result<()> {
+    File::create(path)?;
+    let target = CString::new(path.as_os_str().as_bytes())?;
+    let made = std::thread::scope(|s| {
+        s.spawn(|| -> io::Result<()> {
+            // SAFETY: unshare affects this thread only (CLONE_NEWNET).
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let src = c"/proc/thread-self/ns/net";
+            // SAFETY: valid C strings; a bind mount of this thread's namespace.
+            let r = unsafe {
+                libc::mount(
+                    src.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                )
+            };
+            if r != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            set_lo_up()
+        })
+        .join()
+        .map_err(|_| io::Error::other("namespace thread panicked"))?
+    });
+    if made.is_err() {
+        let _ = remove_netns(path);
+    }
+    made
+}
+
+/// `ip link set lo up` in the calling thread's namespace.
+fn set_lo_up() -> io::Result<()> {
+    // SAFETY: a plain socket for the interface ioctls, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: fd is open; req names an interface and has room for flags.
+    let r = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) != 0 {
+            -1
+        } else {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &req)
+        }
+    };
+    let err = io::Error::last_os_error();
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(fd) };
+    if r != 0 { Err(err) } else { Ok(()) }
+}
+
+fn remove_netns(path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: a valid C string; a lazy unmount of the bind mount.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Docker's reading of an exit status.
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(255)
+}
+
+impl Executor for ProcessExecutor {
+    type Task = ProcessTask;
+
+    async fn start(&self, task: &TaskRun) -> Result<ProcessTask, ExecError> {
+        check_id(&task.id)?;
+        if task.command.first().is_none_or(String::is_empty) {
+            return Err(ExecError::Invalid {
+                task: task.id.clone(),
+                message: "no command to run".into(),
+            });
+        }
+        let io_err = |what: &str| ExecError::io(&task.id, what);
+        let dir = self.dir.join(&task.id);
+        fs::create_dir_all(&dir).map_err(io_err("create the task directory"))?;
+        let resolv = dir.join("resolv.conf");
+        fs::write(&resolv, "nameserver 127.0.0.11\noptions ndots:0\n")
+            .map_err(io_err("write resolv.conf"))?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(&task.id))
+            .map_err(io_err("open the log"))?;
+        let netns = self.netns_path(&task.id);
+        if netns.exists() {
+            return Err(ExecError::Invalid {
+                task: task.id.clone(),
+                message: format!("{} exists: is the task running already?", netns.display()),
+            });
+        }
+        create_netns(&netns).map_err(io_err("create the network namespace"))?;
+        let mut made = ProcessTask {
+            id: task.id.clone(),
+            netns,
+            cgroup: self.cgroup_path(&task.id),
+            child: None,
+            exit: None,
+        };
+        match self.spawn(task, &made, &resolv, log).await {
+            Ok(child) => {
+                made.child = Some(child);
+                Ok(made)
+            }
+            Err(e) => {
+                let _ = made.remove();
+                Err(e)
+            }
+        }
+    }
+}
+
+impl ProcessExecutor {
+    async fn spawn(
+        &self,
+        task: &TaskRun,
+        made: &ProcessTask,
+        resolv: &Path,
+        log: File,
+    ) -> Result<tokio::process::Child, ExecError> {
+        let io_err = |what: &str| ExecError::io(&task.id, what);
+        fs::create_dir_all(&made.cgroup).map_err(io_err("create the cgroup"))?;
+        let procs = OpenOptions::new()
+            .write(true)
+            .open(made.cgroup.join("cgroup.procs"))
+            .map_err(io_err("open cgroup.procs"))?;
+        let ns = File::open(&made.netns).map_err(io_err("open the network namespace"))?;
+        let resolv = CString::new(resolv.as_os_str().as_bytes())
+            .map_err(|e| io_err("resolv.conf path")(io::Error::other(e)))?;
+        let mut cmd = tokio::process::Command::new(&task.command[0]);
+        cmd.args(&task.command[1..])
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env("HOSTNAME", &task.name)
+            .envs(task.env.iter().filter_map(|e| e.split_once('=')))
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io_err("duplicate the log"))?)
+            .stderr(log)
+            .kill_on_drop(false);
+        let (procs_fd, ns_fd) = (procs.as_raw_fd(), ns.as_raw_fd());
+        // SAFETY: only async-signal-safe calls on data prepared above.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fail = || Err(io::Error::last_os_error());
+                // Into the task's cgroup first: everything it starts follows.
+                if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return fail();
+                }
+                if libc::setsid() < 0 || libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return fail();
+                }
+                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    return fail();
+                }
+                // Nothing mounted here propagates back to the host.
+                let none = std::ptr::null();
+                if libc::mount(
+                    none,
+                    c"/".as_ptr(),
+                    none,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    none.cast(),
+                ) != 0
+                {
+                    return fail();
+                }
+                if libc::mount(
+                    resolv.as_ptr(),
+                    c"/etc/resolv.conf".as_ptr(),
+                    none,
+                    libc::MS_BIND,
+                    none.cast(),
+                ) != 0
+                {
+                    return fail();
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(io_err(&format!("start {:?}", task.command[0])))?;
+        drop((procs, ns));
+        Ok(child)
+    }
+}
+
+/// A task the [`ProcessExecutor`] started.
+#[derive(Debug)]
+pub struct ProcessTask {
+    id: String,
+    netns: PathBuf,
+    cgroup: PathBuf,
+    child: Option<tokio::process::Child>,
+    exit: Option<i32>,
+}
+
+impl ProcessTask {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(tokio::process::Child::id)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Every process in the task's cgroup.
+    pub fn pids(&self) -> io::Result<Vec<i32>> {
+        Ok(fs::read_to_string(self.cgroup.join("cgroup.procs"))?
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect())
+    }
+
+    /// Signals every process of the task (its cgroup, not only its
+    /// session: a process may leave the session, not the cgroup).
+    fn signal_all(&self, sig: libc::c_int) -> io::Result<()> {
+        if sig == libc::SIGKILL
+            && let Ok(mut f) = OpenOptions::new()
+                .write(true)
+                .open(self.cgroup.join("cgroup.kill"))
+            && f.write_all(b"1").is_ok()
+        {
+            return Ok(());
+        }
+        for pid in self.pids()? {
+            // SAFETY: signalling a pid read from the task's own cgroup.
+            unsafe { libc::kill(pid, sig) };
+        }
+        Ok(())
+    }
+}
+
+impl RunningTask for ProcessTask {
+    fn netns(&self) -> &Path {
+        &self.netns
+    }
+
+    async fn wait(&mut self) -> io::Result<i32> {
+        if let Some(code) = self.exit {
+            return Ok(code);
+        }
+        let child = self
+            .child
+            .as_mut()
+            .ok_or_else(|| io::Error::other("not started"))?;
+        let code = exit_code(child.wait().await?);
+        self.exit = Some(code);
+        Ok(code)
+    }
+
+    async fn stop(&mut self, grace: Duration) -> io::Result<i32> {
+        if let Some(code) = self.exit {
+            return Ok(code);
+        }
+        self.signal_all(libc::SIGTERM)?;
+        match tokio::time::timeout(grace, self.wait()).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.signal_all(libc::SIGKILL)?;
+                self.wait().await
+            }
+        }
+    }
+
+    fn remove(self) -> io::Result<()> {
+        // Children the main process left behind end with it.
+        let _ = self.signal_all(libc::SIGKILL);
+        // The cgroup can go once the kernel has reaped its last process.
+        let mut last = Ok(());
+        for _ in 0..100 {
+            match fs::remove_dir(&self.cgroup) {
+                Ok(()) => {
+                    last = Ok(());
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    last = Ok(());
+                    break;
+                }
+                Err(e) => last = Err(e),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        remove_netns(&self.netns)?;
+        last
+    }
+}

@@ -1,0 +1,228 @@
+//! The built-in executor: a task is a real process in its own network and
+//! mount namespaces and its own cgroup, with its output captured and its
+//! exit status read as Docker reads it.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use dataplane::executor::{Executor as _, ProcessExecutor, RunningTask as _, TaskRun};
+use mesh_tests::require_root;
+
+/// An executor whose namespaces, cgroups and files carry this test's own
+/// names; all of them are removed on Drop, also after a panic.
+struct Scratch {
+    exec: ProcessExecutor,
+    dir: PathBuf,
+    prefix: String,
+    group: PathBuf,
+}
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("mesh-exec-{pid}-{tag}"));
+        let prefix = format!("mesh-{pid}-{tag}-");
+        let group = format!("mesh-test-{pid}-{tag}");
+        let exec = ProcessExecutor::new(&dir, &prefix, &group).expect("executor");
+        let group = dataplane::executor::cgroup2_mount().unwrap().join(&group);
+        Scratch {
+            exec,
+            dir,
+            prefix,
+            group,
+        }
+    }
+
+    fn run(&self, id: &str, script: &str) -> TaskRun {
+        TaskRun {
+            id: id.into(),
+            name: format!("web.{id}"),
+            command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            env: vec!["MODE=test".into(), "EMPTY=".into()],
+        }
+    }
+
+    fn log(&self, id: &str) -> String {
+        std::fs::read_to_string(self.exec.log_path(id)).unwrap_or_default()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for n in mesh_tests::netns::leftovers_matching(&|n| n.starts_with(&self.prefix)) {
+            if let Some(name) = n.strip_prefix("namespace ") {
+                let path = PathBuf::from("/run/netns").join(name);
+                let _ = std::process::Command::new("umount").arg(&path).status();
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        if let Ok(d) = std::fs::read_dir(&self.group) {
+            for e in d.flatten().filter(|e| e.path().is_dir()) {
+                let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
+                std::thread::sleep(Duration::from_millis(50));
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.group);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Running, not ended (a zombie whose new parent has not reaped it yet has
+/// ended).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_task_runs_in_its_own_namespaces_and_cgroup_and_reports_its_exit() {
+    let Some(_root) = require_root("a_task_runs_in_its_own_namespaces_and_cgroup") else {
+        return;
+    };
+    let s = Scratch::new("run");
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let host_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
+    runtime().block_on(async {
+        let mut task = s
+            .exec
+            .start(&s.run(
+                "t1",
+                "echo out; echo err >&2; cat /etc/resolv.conf; readlink /proc/self/ns/net; \
+                 cat /proc/self/cgroup; ip -o link show up; echo \"HOST=$HOSTNAME MODE=$MODE\"; \
+                 read line || echo stdin-closed; sleep 0.3; exit 3",
+            ))
+            .await
+            .expect("start");
+        let netns = task.netns().to_owned();
+        assert!(netns.starts_with("/run/netns") && netns.exists());
+        let pid = task.pid().unwrap() as i32;
+        assert_eq!(
+            task.pids().unwrap(),
+            vec![pid],
+            "the process is in its cgroup"
+        );
+        assert_eq!(task.wait().await.unwrap(), 3, "exit code");
+        let log = s.log("t1");
+        for want in [
+            "out\n",
+            "err\n",
+            "nameserver 127.0.0.11\n",
+            "HOST=web.t1 MODE=test\n",
+            "stdin-closed\n",
+            &format!(
+                "0::/{}/t1\n",
+                s.group.file_name().unwrap().to_str().unwrap()
+            ),
+        ] {
+            assert!(log.contains(want), "{want:?} not in the task's log:\n{log}");
+        }
+        // Its own network namespace, with lo up and nothing else.
+        let ns_line = log.lines().find(|l| l.starts_with("net:[")).unwrap();
+        assert_ne!(
+            ns_line,
+            host_ns.to_str().unwrap(),
+            "same namespace as the host"
+        );
+        let up: Vec<&str> = log.lines().filter(|l| l.contains("state ")).collect();
+        assert!(
+            up.len() == 1 && up[0].contains(": lo:"),
+            "links up in the task: {up:?}"
+        );
+        // The bind mount stayed in the task's mount namespace.
+        assert_eq!(
+            std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            host_resolv
+        );
+        task.remove().unwrap();
+        assert!(!netns.exists(), "namespace left behind");
+        assert!(!s.exec.cgroup_path("t1").exists(), "cgroup left behind");
+        assert!(s.log("t1").contains("out\n"), "the log outlives the task");
+    });
+}
+
+#[test]
+fn stop_ends_every_process_of_the_task_and_a_kill_reads_137() {
+    let Some(_root) = require_root("stop_ends_every_process_of_the_task") else {
+        return;
+    };
+    let s = Scratch::new("stop");
+    runtime().block_on(async {
+        // Ignores SIGTERM and leaves a child behind: stop must escalate, and
+        // the child must go too.
+        let mut stubborn = s
+            .exec
+            .start(&s.run("t2", "trap '' TERM; sleep 600 & echo ready; wait; wait"))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !s.log("t2").contains("ready") || stubborn.pids().unwrap().len() < 2 {
+            assert!(Instant::now() < deadline, "task never got ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pids = stubborn.pids().unwrap();
+        let t0 = Instant::now();
+        assert_eq!(
+            stubborn.stop(Duration::from_millis(300)).await.unwrap(),
+            137
+        );
+        assert!(
+            t0.elapsed() >= Duration::from_millis(300),
+            "SIGTERM was not ignored?"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for pid in pids {
+            assert!(!alive(pid), "pid {pid} of the task survived its stop");
+        }
+        stubborn.remove().unwrap();
+
+        // A polite one ends on SIGTERM: 143.
+        let mut polite = s.exec.start(&s.run("t3", "exec sleep 600")).await.unwrap();
+        assert_eq!(polite.stop(Duration::from_secs(5)).await.unwrap(), 143);
+        polite.remove().unwrap();
+
+        // Killed from outside: "task: non-zero exit (137)".
+        let mut killed = s.exec.start(&s.run("t4", "exec sleep 600")).await.unwrap();
+        // SAFETY: the pid of a process this test started.
+        unsafe { libc::kill(killed.pid().unwrap() as i32, libc::SIGKILL) };
+        assert_eq!(killed.wait().await.unwrap(), 137);
+        killed.remove().unwrap();
+    });
+}
+
+#[test]
+fn a_task_that_cannot_start_says_why_and_leaves_nothing() {
+    let Some(_root) = require_root("a_task_that_cannot_start_says_why") else {
+        return;
+    };
+    let s = Scratch::new("bad");
+    runtime().block_on(async {
+        let mut run = s.run("t5", "true");
+        run.command = vec!["/nonexistent/web".into()];
+        let err = s.exec.start(&run).await.unwrap_err().to_string();
+        assert!(
+            err.starts_with("task t5: start \"/nonexistent/web\":"),
+            "{err}"
+        );
+        assert!(!s.exec.netns_path("t5").exists(), "namespace left behind");
+        assert!(!s.exec.cgroup_path("t5").exists(), "cgroup left behind");
+        run.id = "../etc".into();
+        let err = s.exec.start(&run).await.unwrap_err().to_string();
+        assert!(err.contains("a task id is 1 to 64 letters"), "{err}");
+        run.id = "t6".into();
+        run.command = vec![];
+        let err = s.exec.start(&run).await.unwrap_err().to_string();
+        assert_eq!(err, "task t6: no command to run");
+    });
+}
