@@ -26,7 +26,8 @@
 use std::{collections::BTreeMap, fmt, str::FromStr};
 
 use crate::state::{
-    Availability, Command, Node, NodeStatus, Role, Service, ServiceMode, State, Task, TaskState,
+    Availability, Command, Node, NodeStatus, RestartCondition, RestartPolicy, Role, Service,
+    ServiceMode, State, Task, TaskState,
 };
 
 /// What a constraint looks at.
@@ -231,20 +232,46 @@ fn no_node(state: &State, constraints: &[Constraint]) -> String {
     }
 }
 
+/// Tasks kept per slot, the current one included (Swarm's
+/// `--task-history-limit` default).
+pub const TASK_HISTORY: usize = 5;
+
+/// Does a slot whose newest task is `last` (not running) get a new task?
+/// Yes when that task was stopped on purpose (drain, node down, update);
+/// when it ended by itself, as the restart policy says.
+fn restart_wanted(policy: &RestartPolicy, last: &Task) -> bool {
+    if !last.ended_by_itself() {
+        return true;
+    }
+    let failed = last.observed != TaskState::Complete || last.exit_code.is_some_and(|c| c != 0);
+    let condition = match policy.condition {
+        RestartCondition::Any => true,
+        RestartCondition::OnFailure => failed,
+        RestartCondition::None => false,
+    };
+    condition && (policy.max_attempts == 0 || last.attempt < policy.max_attempts)
+}
+
 /// The commands that bring every service's tasks to its spec. `new_id`
 /// names each new task (the proposer picks ids, so the log is
 /// deterministic).
+///
+/// A task that must go is told to stop (`ShutdownTask`) and stays as
+/// history; a task that ended by itself is marked so too, and its slot
+/// gets a new one if the restart policy says so. Each slot keeps its
+/// newest [`TASK_HISTORY`] tasks.
 pub fn reconcile(state: &State, mut new_id: impl FnMut() -> String) -> Plan {
     let mut plan = Plan::default();
     let mut creates = Vec::new();
     let mut load = Load::new(state);
     let mut tasks_of: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
-    for t in state.tasks.values().filter(|t| live(t)) {
+    for t in state.tasks.values() {
         tasks_of.entry(t.service.as_str()).or_default().push(t);
     }
-    let remove = |plan: &mut Plan, load: &mut Load, t: &Task| {
+    let stop = |plan: &mut Plan, load: &mut Load, t: &Task| {
         load.add(&t.service, &t.node, -1);
-        plan.commands.push(Command::RemoveTask { id: t.id.clone() });
+        plan.commands
+            .push(Command::ShutdownTask { id: t.id.clone() });
     };
     for svc in state.services.values() {
         // Refused at create and update; a spec that does not parse places
@@ -252,47 +279,78 @@ pub fn reconcile(state: &State, mut new_id: impl FnMut() -> String) -> Plan {
         let Ok(constraints) = parse_constraints(&svc.spec.task.constraints) else {
             continue;
         };
-        let mine = tasks_of.remove(svc.id.as_str()).unwrap_or_default();
-        let mut kept = Vec::new();
-        for t in mine {
-            if keeps(state.nodes.get(&t.node), &constraints) {
-                kept.push(t);
-            } else {
-                remove(&mut plan, &mut load, t);
+        let all = tasks_of.remove(svc.id.as_str()).unwrap_or_default();
+        // Slot -> its tasks, newest first. A global service's slot is its
+        // node.
+        let slot_of = |t: &Task| match svc.spec.mode {
+            ServiceMode::Replicated { .. } => (t.slot, String::new()),
+            ServiceMode::Global => (0, t.node.clone()),
+        };
+        let mut slots: BTreeMap<(u32, String), Vec<&Task>> = BTreeMap::new();
+        for t in &all {
+            slots.entry(slot_of(t)).or_default().push(t);
+        }
+        for tasks in slots.values_mut() {
+            tasks.sort_by_key(|t| std::cmp::Reverse(t.seq));
+        }
+        // Ended by itself while meant to run: into the history.
+        for t in all
+            .iter()
+            .filter(|t| t.desired <= TaskState::Running && t.ended())
+        {
+            plan.commands
+                .push(Command::ShutdownTask { id: t.id.clone() });
+        }
+        let wanted = |(slot, node): &(u32, String)| match svc.spec.mode {
+            ServiceMode::Replicated { replicas } => *slot >= 1 && *slot <= replicas,
+            ServiceMode::Global => state
+                .nodes
+                .get(node)
+                .is_some_and(|n| keeps(Some(n), &constraints)),
+        };
+        let mut filled = BTreeMap::new();
+        for (key, tasks) in &slots {
+            for t in tasks.iter().filter(|t| live(t)) {
+                let stays = wanted(key)
+                    && keeps(state.nodes.get(&t.node), &constraints)
+                    && !filled.contains_key(key);
+                if stays {
+                    filled.insert(key.clone(), ());
+                } else {
+                    stop(&mut plan, &mut load, t);
+                }
             }
         }
+        // Empty slots: new tasks, unless the restart policy says the slot
+        // is done.
+        let done = |key: &(u32, String)| {
+            slots
+                .get(key)
+                .and_then(|ts| ts.first())
+                .is_some_and(|last| !restart_wanted(&svc.spec.task.restart, last))
+        };
         match svc.spec.mode {
             ServiceMode::Replicated { replicas } => {
-                let mut by_slot: BTreeMap<u32, &Task> = BTreeMap::new();
-                for t in kept {
-                    if t.slot == 0 || t.slot > replicas || by_slot.contains_key(&t.slot) {
-                        remove(&mut plan, &mut load, t);
-                    } else {
-                        by_slot.insert(t.slot, t);
+                for slot in 1..=replicas {
+                    let key = (slot, String::new());
+                    if !filled.contains_key(&key) && !done(&key) {
+                        place(
+                            state,
+                            svc,
+                            slot,
+                            &constraints,
+                            &mut load,
+                            &mut creates,
+                            &mut plan,
+                            &mut new_id,
+                        );
                     }
-                }
-                for slot in (1..=replicas).filter(|s| !by_slot.contains_key(s)) {
-                    place(
-                        state,
-                        svc,
-                        slot,
-                        &constraints,
-                        &mut load,
-                        &mut creates,
-                        &mut plan,
-                        &mut new_id,
-                    );
                 }
             }
             ServiceMode::Global => {
-                let mut covered = BTreeMap::new();
-                for t in kept {
-                    if covered.insert(t.node.as_str(), ()).is_some() {
-                        remove(&mut plan, &mut load, t);
-                    }
-                }
                 for node in state.nodes.values() {
-                    if !covered.contains_key(node.id.as_str()) && takes(node, &constraints) {
+                    let key = (0, node.id.clone());
+                    if !filled.contains_key(&key) && !done(&key) && takes(node, &constraints) {
                         load.add(&svc.id, &node.id, 1);
                         creates.push(Command::CreateTask {
                             id: new_id(),
@@ -303,6 +361,14 @@ pub fn reconcile(state: &State, mut new_id: impl FnMut() -> String) -> Plan {
                         });
                     }
                 }
+            }
+        }
+        // History: the newest TASK_HISTORY of a slot stay; a slot no longer
+        // wanted keeps none once its tasks ended.
+        for (key, tasks) in &slots {
+            let keep = if wanted(key) { TASK_HISTORY } else { 0 };
+            for t in tasks.iter().skip(keep).filter(|t| t.ended()) {
+                plan.commands.push(Command::RemoveTask { id: t.id.clone() });
             }
         }
     }
@@ -413,15 +479,19 @@ mod tests {
             panic!("reconcile did not settle: {plans:?}");
         }
 
+        /// The tasks of `service` meant to run (not its history).
+        fn running(&self, service: &str) -> impl Iterator<Item = &Task> {
+            let id = format!("s-{service}");
+            self.state
+                .tasks
+                .values()
+                .filter(move |t| t.service == id && live(t))
+        }
+
         /// Hostname -> tasks of `service` there.
         fn spread(&self, service: &str) -> BTreeMap<String, u32> {
             let mut out = BTreeMap::new();
-            for t in self
-                .state
-                .tasks
-                .values()
-                .filter(|t| t.service == format!("s-{service}"))
-            {
+            for t in self.running(service) {
                 *out.entry(self.state.nodes[&t.node].hostname.clone())
                     .or_default() += 1;
             }
@@ -429,13 +499,7 @@ mod tests {
         }
 
         fn slots(&self, service: &str) -> Vec<u32> {
-            let mut v: Vec<u32> = self
-                .state
-                .tasks
-                .values()
-                .filter(|t| t.service == format!("s-{service}"))
-                .map(|t| t.slot)
-                .collect();
+            let mut v: Vec<u32> = self.running(service).map(|t| t.slot).collect();
             v.sort();
             v
         }
@@ -624,6 +688,127 @@ mod tests {
         let plans = w.settle();
         assert_eq!(w.spread("east"), BTreeMap::new());
         assert_eq!(plans.last().unwrap().pending.len(), 3);
+    }
+
+    /// The node's report for the running task of `service` in `slot`.
+    fn report(w: &mut World, service: &str, slot: u32, observed: TaskState, code: Option<i32>) {
+        let id = w
+            .running(service)
+            .find(|t| t.slot == slot)
+            .unwrap_or_else(|| panic!("no running task in slot {slot}"))
+            .id
+            .clone();
+        for step in [TaskState::Running, observed] {
+            w.run(Command::SetTaskStatus {
+                id: id.clone(),
+                observed: step,
+                netns: None,
+                exit_code: (step == observed).then_some(code).flatten(),
+                error: None,
+            });
+        }
+    }
+
+    fn with_restart(condition: &str, max_attempts: u32) -> serde_json::Value {
+        serde_json::json!({
+            "name": "job", "mode": {"mode": "replicated", "replicas": 1},
+            "task": {"command": ["/bin/job"],
+                     "restart": {"condition": condition, "max_attempts": max_attempts}}
+        })
+    }
+
+    #[test]
+    fn an_ended_task_is_replaced_as_its_restart_policy_says_and_kept_as_history() {
+        // any: a clean exit is replaced too; history is kept, 5 per slot.
+        let mut w = three();
+        w.service(with_restart("any", 0));
+        w.settle();
+        for _ in 0..7 {
+            report(&mut w, "job", 1, TaskState::Complete, Some(0));
+            w.settle();
+            assert_eq!(w.slots("job"), vec![1]);
+        }
+        let all: Vec<&Task> = w.state.tasks.values().collect();
+        assert_eq!(all.len(), TASK_HISTORY, "history is pruned to the newest");
+        assert!(all.iter().all(|t| t.slot == 1));
+        let newest = all.iter().max_by_key(|t| t.seq).unwrap();
+        assert!(live(newest) && newest.attempt == 7, "{newest:?}");
+        // The ended ones gave their addresses back and are no endpoints.
+        assert!(
+            all.iter()
+                .filter(|t| t.ended())
+                .all(|t| t.attachments.is_empty())
+        );
+
+        // on-failure with 2 attempts: a crash is retried twice, then the
+        // slot stays empty; an exit 0 is not retried at all.
+        let mut w = three();
+        w.service(with_restart("on-failure", 2));
+        w.settle();
+        for round in 0..3 {
+            report(&mut w, "job", 1, TaskState::Failed, Some(137));
+            w.settle();
+            let want: Vec<u32> = if round < 2 { vec![1] } else { vec![] };
+            assert_eq!(w.slots("job"), want, "after failure {}", round + 1);
+        }
+        let mut w = three();
+        w.service(with_restart("on-failure", 0));
+        w.settle();
+        report(&mut w, "job", 1, TaskState::Complete, Some(0));
+        w.settle();
+        assert_eq!(w.slots("job"), Vec::<u32>::new());
+
+        // none: never replaced; but a task stopped by a drain is.
+        let mut w = three();
+        w.service(with_restart("none", 0));
+        w.settle();
+        let host = |w: &World| {
+            let t = w.running("job").next().unwrap();
+            w.state.nodes[&t.node].hostname.clone()
+        };
+        let h = host(&w);
+        w.set_node(&h, |s| s.availability = Availability::Drain);
+        w.settle();
+        assert_ne!(host(&w), h, "a drained task is moved whatever the policy");
+        report(&mut w, "job", 1, TaskState::Failed, Some(1));
+        w.settle();
+        assert_eq!(w.slots("job"), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn task_status_only_moves_forward_and_an_ended_task_frees_its_address() {
+        let mut w = three();
+        w.service(serde_json::json!({
+            "name": "web", "mode": {"mode": "replicated", "replicas": 1},
+            "task": {"command": ["/bin/web"]},
+            "endpoint": {"ports": [{"protocol": "tcp", "target": 80, "published": 8080}]}
+        }));
+        w.settle();
+        let id = w.running("web").next().unwrap().id.clone();
+        let addr = w.state.tasks[&id].attachments[0].addr;
+        let set = |w: &mut World, observed| {
+            w.state.apply(&Command::SetTaskStatus {
+                id: id.clone(),
+                observed,
+                netns: Some("/run/netns/x".into()),
+                exit_code: None,
+                error: None,
+            })
+        };
+        set(&mut w, TaskState::Running).unwrap();
+        let err = set(&mut w, TaskState::Starting).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("task {id} is Running; a status cannot go back to Starting")
+        );
+        set(&mut w, TaskState::Failed).unwrap();
+        let err = set(&mut w, TaskState::Running).unwrap_err();
+        assert!(err.to_string().contains("already ended (Failed)"), "{err}");
+        assert_eq!(w.state.tasks[&id].netns.as_deref(), Some("/run/netns/x"));
+        w.settle();
+        // The replacement may take the freed address: it is free.
+        let new = w.running("web").next().unwrap();
+        assert_eq!(new.attachments[0].addr, addr);
     }
 
     #[test]

@@ -390,6 +390,33 @@ pub struct Task {
     /// `/proc/PID/ns/net`), once something runs it.
     #[serde(default)]
     pub netns: Option<String>,
+    /// The process's exit code (128 + signal), once it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Creation order in the cluster: the newest task of a slot is its
+    /// current one, the rest its history.
+    #[serde(default)]
+    pub seq: u64,
+    /// Restarts of this slot in a row: the previous task of the slot ended
+    /// by itself (not stopped by the orchestrator) this many times.
+    #[serde(default)]
+    pub attempt: u32,
+}
+
+impl Task {
+    /// Ended, for whatever reason.
+    pub fn ended(&self) -> bool {
+        self.observed >= TaskState::Complete
+    }
+
+    /// Ended by itself (exited, failed, or was refused), not stopped
+    /// because it was told to.
+    pub fn ended_by_itself(&self) -> bool {
+        matches!(
+            self.observed,
+            TaskState::Complete | TaskState::Failed | TaskState::Rejected
+        )
+    }
 }
 
 // ----- the state and its commands -----
@@ -539,6 +566,23 @@ pub enum Command {
     RemoveTask {
         id: String,
     },
+    /// Tells a task to stop (desired state shutdown); its record stays as
+    /// history. A task no node has started yet ends at once.
+    ShutdownTask {
+        id: String,
+    },
+    /// What the node running a task saw: states only move forward, and an
+    /// ended task gives its addresses back.
+    SetTaskStatus {
+        id: String,
+        observed: TaskState,
+        #[serde(default)]
+        netns: Option<String>,
+        #[serde(default)]
+        exit_code: Option<i32>,
+        #[serde(default)]
+        error: Option<String>,
+    },
     /// Several commands in one log entry (the leader batches concurrent
     /// writes). Each applies, or is refused, on its own.
     Batch {
@@ -584,6 +628,9 @@ pub struct State {
     pub networks: BTreeMap<String, Network>,
     pub services: BTreeMap<String, Service>,
     pub tasks: BTreeMap<String, Task>,
+    /// The last task `seq` handed out.
+    #[serde(default)]
+    pub task_seq: u64,
     #[serde(skip)]
     alloc: Allocations,
 }
@@ -743,6 +790,14 @@ impl State {
                 netns,
             } => self.create_task(id, service, *slot, node, netns.clone()),
             Command::RemoveTask { id } => self.remove_task(id),
+            Command::ShutdownTask { id } => self.shutdown_task(id),
+            Command::SetTaskStatus {
+                id,
+                observed,
+                netns,
+                exit_code,
+                error,
+            } => self.set_task_status(id, *observed, netns, *exit_code, error),
             Command::Batch { commands } => Ok(Outcome::Batch(
                 commands
                     .iter()
@@ -1351,6 +1406,20 @@ impl State {
         if let Some(n) = self.nodes.get_mut(&node.id) {
             n.lb_addrs.extend(node_lbs);
         }
+        // The slot's previous task (a global service's slot is its node).
+        let previous = self
+            .tasks
+            .values()
+            .filter(|t| t.service == svc.id && t.slot == slot && (slot != 0 || t.node == node.id))
+            .max_by_key(|t| t.seq);
+        let attempt = previous.map_or(0, |p| {
+            if p.ended_by_itself() {
+                p.attempt + 1
+            } else {
+                0
+            }
+        });
+        self.task_seq += 1;
         let task = Task {
             id: id.to_owned(),
             service: svc.id,
@@ -1361,6 +1430,9 @@ impl State {
             attachments,
             error: None,
             netns,
+            exit_code: None,
+            seq: self.task_seq,
+            attempt,
         };
         self.tasks.insert(id.to_owned(), task.clone());
         Ok(Outcome::Task(task))
@@ -1377,6 +1449,75 @@ impl State {
         for id in ids {
             let _ = self.remove_task(&id); // listed just now, so present
         }
+    }
+
+    fn task_mut(&mut self, id: &str) -> Result<&mut Task, StateError> {
+        self.tasks.get_mut(id).ok_or_else(|| StateError::NotFound {
+            kind: "task",
+            name: id.to_owned(),
+        })
+    }
+
+    /// Gives back an ended task's addresses; its endpoints go with them.
+    fn release_task_addresses(&mut self, id: &str) {
+        let Some(t) = self.tasks.get_mut(id) else {
+            return;
+        };
+        for a in std::mem::take(&mut t.attachments) {
+            if let Some(pool) = self.alloc.addresses.get_mut(&a.network) {
+                pool.release(a.addr);
+            }
+        }
+    }
+
+    fn shutdown_task(&mut self, id: &str) -> Result<Outcome, StateError> {
+        let t = self.task_mut(id)?;
+        if t.desired < TaskState::Shutdown {
+            t.desired = TaskState::Shutdown;
+        }
+        // Nothing runs it yet: nothing will report its end.
+        if t.observed < TaskState::Starting {
+            t.observed = TaskState::Shutdown;
+            self.release_task_addresses(id);
+        }
+        Ok(Outcome::Task(self.tasks[id].clone()))
+    }
+
+    fn set_task_status(
+        &mut self,
+        id: &str,
+        observed: TaskState,
+        netns: &Option<String>,
+        exit_code: Option<i32>,
+        error: &Option<String>,
+    ) -> Result<Outcome, StateError> {
+        let t = self.task_mut(id)?;
+        if t.ended() && observed != t.observed {
+            return Err(invalid(format!(
+                "task {id} already ended ({:?}); its status cannot change to {observed:?}",
+                t.observed
+            )));
+        }
+        if observed < t.observed {
+            return Err(invalid(format!(
+                "task {id} is {:?}; a status cannot go back to {observed:?}",
+                t.observed
+            )));
+        }
+        t.observed = observed;
+        if netns.is_some() {
+            t.netns.clone_from(netns);
+        }
+        if exit_code.is_some() {
+            t.exit_code = exit_code;
+        }
+        if error.is_some() {
+            t.error.clone_from(error);
+        }
+        if observed >= TaskState::Complete {
+            self.release_task_addresses(id);
+        }
+        Ok(Outcome::Task(self.tasks[id].clone()))
     }
 
     fn remove_task(&mut self, id: &str) -> Result<Outcome, StateError> {

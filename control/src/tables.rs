@@ -422,7 +422,9 @@ impl Touched {
                 self.tasks.insert(id.clone());
                 self.node_endpoints.insert(node.clone());
             }
-            Command::RemoveTask { id } => {
+            Command::RemoveTask { id }
+            | Command::ShutdownTask { id }
+            | Command::SetTaskStatus { id, .. } => {
                 self.tasks.insert(id.clone());
             }
             Command::Batch { commands } => {
@@ -572,7 +574,7 @@ impl Book {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{ClusterSettings, NodeStatus, Role, ServiceSpec};
+    use crate::state::{ClusterSettings, NodeStatus, Role, ServiceSpec, TaskState};
 
     fn spec(json: serde_json::Value) -> ServiceSpec {
         serde_json::from_value(json).expect("service spec")
@@ -661,6 +663,31 @@ mod tests {
                 },
             },
             Command::RemoveTask { id: "w1".into() },
+            // The node reports w2 running, then failed: its endpoints go,
+            // and a backwards report is refused.
+            Command::SetTaskStatus {
+                id: "w2".into(),
+                observed: TaskState::Running,
+                netns: Some("/run/netns/w2-new".into()),
+                exit_code: None,
+                error: None,
+            },
+            task("w3", "web", "a"),
+            Command::SetTaskStatus {
+                id: "w2".into(),
+                observed: TaskState::Failed,
+                netns: None,
+                exit_code: Some(137),
+                error: None,
+            },
+            Command::SetTaskStatus {
+                id: "w2".into(),
+                observed: TaskState::Running,
+                netns: None,
+                exit_code: None,
+                error: None,
+            },
+            Command::ShutdownTask { id: "w3".into() },
             // Refused (in use): changes nothing.
             Command::RemoveNetwork {
                 target: "red".into(),
@@ -764,11 +791,15 @@ mod tests {
                 "{d:?}"
             );
         }
-        // 13: the refused RemoveNetwork.
-        assert!(
-            !revisions.contains(&13),
-            "revision 13 made a delta: {revisions:?}"
-        );
+        // 16: the refused backwards task status; 18: the refused
+        // RemoveNetwork. 17, the shutdown of a task, withdraws it.
+        for r in [16, 18] {
+            assert!(
+                !revisions.contains(&r),
+                "revision {r} made a delta: {revisions:?}"
+            );
+        }
+        assert!(revisions.contains(&17));
     }
 
     #[test]
