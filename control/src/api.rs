@@ -24,7 +24,10 @@ use tonic::{Request, Response, Status};
 use crate::{
     manager::{Manager, ManagerStatus, NOT_LEADER, WriteError, raft_id},
     pki::{self, Ca, Identity, JoinToken},
-    state::{Command, Network, Node, NodeSpec, Outcome, Role, Service, State, TaskState},
+    state::{
+        Command, Network, Node, NodeSpec, Outcome, Role, Service, ServiceMode, State, Task,
+        TaskState,
+    },
     tls::Credentials,
 };
 
@@ -432,6 +435,16 @@ pub struct ServiceView {
     pub running: usize,
 }
 
+/// A task with the names `service ps` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskView {
+    #[serde(flatten)]
+    pub task: Task,
+    /// `svc.slot`, or `svc.node-id` for a global service's task.
+    pub name: String,
+    pub node_hostname: String,
+}
+
 /// What `Cluster/Info` answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Info {
@@ -667,6 +680,36 @@ impl cluster_server::Cluster for ClusterService {
                 .collect()
         });
         json(&svcs)
+    }
+
+    async fn list_tasks(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let target = req.into_inner().target;
+        let tasks = m.with_state(|s| {
+            let svc = s.service_by_ref(&target)?;
+            Some(
+                s.tasks
+                    .values()
+                    .filter(|t| t.service == svc.id)
+                    .map(|t| TaskView {
+                        name: match svc.spec.mode {
+                            ServiceMode::Replicated { .. } => {
+                                format!("{}.{}", svc.spec.name, t.slot)
+                            }
+                            ServiceMode::Global => format!("{}.{}", svc.spec.name, t.node),
+                        },
+                        node_hostname: s
+                            .nodes
+                            .get(&t.node)
+                            .map_or_else(|| t.node.clone(), |n| n.hostname.clone()),
+                        task: t.clone(),
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        });
+        let tasks =
+            tasks.ok_or_else(|| Status::not_found(format!("service {target} not found")))?;
+        json(&tasks)
     }
 
     async fn inspect_service(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {

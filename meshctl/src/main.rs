@@ -3,6 +3,7 @@
 //! `--host` and a client certificate (`--cert`, `--key`, `--ca`).
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     process::ExitCode,
     sync::{Arc, RwLock},
@@ -11,7 +12,7 @@ use std::{
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use control::{
-    api::{Info, NodeView, ServiceView},
+    api::{Info, NodeView, ServiceView, TaskView},
     daemon::{self, NodeFile},
     dispatcher::{NodeProgress, Progress},
     manager::ManagerStatus,
@@ -19,7 +20,7 @@ use control::{
     state::{
         Availability, Command, EndpointMode, EndpointSpec, Network, NetworkAttachment, NetworkSpec,
         Node, NodeSpec, NodeStatus, Outcome, PortConfig, Protocol, PublishMode, Role, Service,
-        ServiceMode, ServiceSpec, TaskTemplate,
+        ServiceMode, ServiceSpec, TaskState, TaskTemplate,
     },
     tls::{self, Credentials, Trust},
 };
@@ -284,6 +285,16 @@ enum ServiceCmd {
     Inspect {
         #[arg(required = true)]
         services: Vec<String>,
+    },
+    /// List a service's tasks: each slot's current task, then its history
+    /// (`\_` rows), newest first.
+    Ps {
+        service: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Full task ids.
+        #[arg(long)]
+        no_trunc: bool,
     },
     /// Change a service. Fields not given keep their value.
     Update {
@@ -847,6 +858,78 @@ fn apply_opts(spec: &mut ServiceSpec, o: ServiceOpts, creating: bool) -> Res {
     Ok(())
 }
 
+/// `service ps`: per slot (or node, for a global service) the newest task,
+/// then the older ones as `\_` rows; slots in order.
+fn ps_table(tasks: &[TaskView], s: &Service, no_trunc: bool) -> Table {
+    let mut groups: BTreeMap<(u32, &str), Vec<&TaskView>> = BTreeMap::new();
+    for t in tasks {
+        let node = if t.task.slot == 0 {
+            t.task.node.as_str()
+        } else {
+            ""
+        };
+        groups.entry((t.task.slot, node)).or_default().push(t);
+    }
+    // Host-mode ports are the task's own (ingress ones belong to the mesh).
+    let host_ports = s
+        .ports
+        .iter()
+        .filter(|p| p.mode == PublishMode::Host)
+        .map(|p| {
+            format!(
+                "*:{}->{}/{}",
+                p.published.unwrap_or(p.target),
+                p.target,
+                p.protocol
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut table = Table::new(&[
+        "ID",
+        "NAME",
+        "NODE",
+        "DESIRED STATE",
+        "CURRENT STATE",
+        "ERROR",
+        "PORTS",
+    ]);
+    for group in groups.values_mut() {
+        group.sort_by_key(|t| std::cmp::Reverse(t.task.seq));
+        for (i, v) in group.iter().enumerate() {
+            let t = &v.task;
+            let error = match (&t.error, t.exit_code) {
+                (Some(e), _) => format!("{e:?}"),
+                (None, Some(code)) if code != 0 => format!("\"task: non-zero exit ({code})\""),
+                _ => String::new(),
+            };
+            let running = t.observed == TaskState::Running;
+            table.row(vec![
+                if no_trunc {
+                    t.id.clone()
+                } else {
+                    short(&t.id).into()
+                },
+                if i == 0 {
+                    v.name.clone()
+                } else {
+                    format!(" \\_ {}", v.name)
+                },
+                v.node_hostname.clone(),
+                title(t.desired),
+                title(t.observed),
+                error,
+                if running {
+                    host_ports.clone()
+                } else {
+                    String::new()
+                },
+            ]);
+        }
+    }
+    table
+}
+
 fn ports_column(s: &Service) -> String {
     s.ports
         .iter()
@@ -929,6 +1012,32 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
                 }
                 print!("{t}");
             }
+            Ok(())
+        }
+        ServiceCmd::Ps {
+            service,
+            format,
+            no_trunc,
+        } => {
+            let tasks: Vec<TaskView> = from_blob(
+                c.api
+                    .list_tasks(Ref {
+                        target: service.clone(),
+                    })
+                    .await
+                    .map_err(err)?,
+            )?;
+            if format == Format::Json {
+                print_json(&tasks);
+                return Ok(());
+            }
+            let s: Service = from_blob(
+                c.api
+                    .inspect_service(Ref { target: service })
+                    .await
+                    .map_err(err)?,
+            )?;
+            print!("{}", ps_table(&tasks, &s, no_trunc));
             Ok(())
         }
         ServiceCmd::Inspect { services } => {
@@ -1142,6 +1251,115 @@ async fn swarm(c: &mut Client, cmd: SwarmCmd) -> Res {
 mod tests {
     use super::*;
     use control::state::NodeStatus;
+
+    #[test]
+    fn service_ps_shows_each_slot_then_its_history_like_docker() {
+        let task =
+            |id: &str, slot: u32, seq: u64, desired: &str, observed: &str, code: Option<i32>| {
+                let task = serde_json::from_value(serde_json::json!({
+                    "id": id, "service": "s1", "slot": slot, "node": "n1", "seq": seq,
+                    "desired": desired, "observed": observed, "attachments": [],
+                    "exit_code": code,
+                }))
+                .unwrap();
+                TaskView {
+                    task,
+                    name: format!("web.{slot}"),
+                    node_hostname: "ubuntu".into(),
+                }
+            };
+        let service: Service = serde_json::from_value(serde_json::json!({
+            "id": "s1", "version": 1, "previous": null, "vips": [],
+            "ports": [{"protocol": "tcp", "target": 80, "published": 8080, "mode": "host"}],
+            "spec": {"name": "web", "mode": {"mode": "replicated", "replicas": 3},
+                     "task": {"command": ["/bin/web"]}},
+        }))
+        .unwrap();
+        let tasks = vec![
+            task(
+                "l9ms8ey4no39xxxxxxxxxxxxx",
+                3,
+                3,
+                "running",
+                "running",
+                None,
+            ),
+            task(
+                "nznw0lnrdjqrxxxxxxxxxxxxx",
+                1,
+                1,
+                "shutdown",
+                "failed",
+                Some(137),
+            ),
+            task(
+                "zbyw70mn2j5xxxxxxxxxxxxxx",
+                1,
+                4,
+                "running",
+                "running",
+                None,
+            ),
+            task(
+                "oedpfws28tb2xxxxxxxxxxxxx",
+                2,
+                2,
+                "running",
+                "starting",
+                None,
+            ),
+        ];
+        let out = ps_table(&tasks, &service, false).to_string();
+        let rows: Vec<Vec<&str>> = out
+            .lines()
+            .map(|l| {
+                l.split("  ")
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                vec![
+                    "ID",
+                    "NAME",
+                    "NODE",
+                    "DESIRED STATE",
+                    "CURRENT STATE",
+                    "ERROR",
+                    "PORTS"
+                ],
+                vec![
+                    "zbyw70mn2j5x",
+                    "web.1",
+                    "ubuntu",
+                    "Running",
+                    "Running",
+                    "*:8080->80/tcp"
+                ],
+                vec![
+                    "nznw0lnrdjqr",
+                    "\\_ web.1",
+                    "ubuntu",
+                    "Shutdown",
+                    "Failed",
+                    "\"task: non-zero exit (137)\""
+                ],
+                vec!["oedpfws28tb2", "web.2", "ubuntu", "Running", "Starting"],
+                vec![
+                    "l9ms8ey4no39",
+                    "web.3",
+                    "ubuntu",
+                    "Running",
+                    "Running",
+                    "*:8080->80/tcp"
+                ],
+            ],
+            "{out}"
+        );
+    }
 
     #[test]
     fn constraints_are_checked_before_anything_is_sent() {

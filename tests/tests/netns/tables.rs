@@ -299,6 +299,24 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
 
     let t1 = place_task(&nodes[0], "web", 1, &ids[1]);
     let t2 = place_task(&nodes[0], "web", 2, &ids[2]);
+    // `service ps`: one row per slot, on the node it was placed on (no
+    // executor runs these, so nothing reported a state yet).
+    let ps = nodes[0].meshctl_ok(&["service", "ps", "web"]);
+    let rows: Vec<Vec<&str>> = ps.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows.len(), 3, "{ps}");
+    for (row, (slot, node)) in rows[1..].iter().zip([(1, &ids[1]), (2, &ids[2])]) {
+        let host = &json(&nodes[0].meshctl_ok(&["node", "inspect", node]))[0]["hostname"];
+        assert_eq!(
+            row[1..],
+            [
+                &format!("web.{slot}"),
+                host.as_str().unwrap(),
+                "Running",
+                "New"
+            ],
+            "{ps}"
+        );
+    }
     // Each task serves HTTP and line-echo on port 80, naming itself.
     let _servers = [
         services::tcp_echo(&t1.ns, SocketAddr::from(([0, 0, 0, 0], 80)), "web.1"),
