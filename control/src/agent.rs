@@ -11,6 +11,7 @@
 //!   data plane keeps running on the last state it was given.
 
 use std::{
+    collections::VecDeque,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -23,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::{
     api::Ctx,
     daemon::{MAX_MESSAGE, status_text},
-    dispatcher::{AgentMessage, DispatcherMessage, NOT_LEADER_DISPATCH},
+    dispatcher::{AgentMessage, DispatcherMessage, NOT_LEADER_DISPATCH, TaskReport},
     tables::{Key, Revision, Tables, Value},
     tls::{self, Trust},
 };
@@ -79,6 +80,10 @@ pub struct Agent<S: Sink> {
     /// The data plane failed to apply the replica: nothing is acked until
     /// a whole apply succeeds.
     failed: bool,
+    /// What this node's tasks did, from the executor; sent in order, kept
+    /// while no session is open.
+    reports: Option<mpsc::UnboundedReceiver<TaskReport>>,
+    unsent: VecDeque<TaskReport>,
 }
 
 enum Ended {
@@ -99,7 +104,17 @@ impl<S: Sink> Agent<S> {
             dirty: false,
             saved_at: None,
             failed: false,
+            reports: None,
+            unsent: VecDeque::new(),
         }
+    }
+
+    /// Where the executor sends what this node's tasks did; the agent
+    /// passes it to the dispatcher, which commits it.
+    pub fn task_reports(&mut self) -> mpsc::UnboundedSender<TaskReport> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.reports = Some(rx);
+        tx
     }
 
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
@@ -221,8 +236,29 @@ impl<S: Sink> Agent<S> {
             }
         };
         loop {
+            // Reports first in, first out; a full queue keeps the rest for
+            // the next turn.
+            while let Some(r) = self.unsent.front() {
+                match send(&AgentMessage::TaskStatus(r.clone())) {
+                    Ok(true) => {
+                        self.unsent.pop_front();
+                    }
+                    Ok(false) => break,
+                    Err(e) => return e,
+                }
+            }
+            let report = async {
+                match &mut self.reports {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = stopped(stop) => return Ended::Stop,
+                Some(r) = report => {
+                    self.unsent.push_back(r);
+                    continue;
+                }
                 _ = save.tick() => self.save(),
                 _ = beat.tick() => {
                     if heard.elapsed() > period * misses {

@@ -597,12 +597,19 @@ impl Daemon {
 
     /// Starts this node's agent, which feeds `sink` (the data plane) from
     /// the leader's dispatcher.
-    pub fn start_agent<S: Sink>(&mut self, sink: S) {
-        let agent = Agent::new(self.ctx.clone(), sink, Some(self.dir.clone()));
+    /// Starts this node's agent; what the returned sender gets (reports on
+    /// this node's tasks) goes to the dispatcher.
+    pub fn start_agent<S: Sink>(
+        &mut self,
+        sink: S,
+    ) -> tokio::sync::mpsc::UnboundedSender<crate::dispatcher::TaskReport> {
+        let mut agent = Agent::new(self.ctx.clone(), sink, Some(self.dir.clone()));
+        let reports = agent.task_reports();
         let stop = self.stop.subscribe();
         if let Some(old) = self.agent.replace(tokio::spawn(agent.run(stop))) {
             old.abort();
         }
+        reports
     }
 
     /// Stops serving and shuts Raft down.

@@ -47,6 +47,22 @@ pub enum AgentMessage {
     Ack {
         revision: Revision,
     },
+    /// What one of this node's tasks did.
+    TaskStatus(TaskReport),
+}
+
+/// A node's report on one of its tasks, committed as
+/// [`Command::SetTaskStatus`](crate::state::Command::SetTaskStatus).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskReport {
+    pub id: String,
+    pub observed: crate::state::TaskState,
+    #[serde(default)]
+    pub netns: Option<String>,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// What the dispatcher sends.
@@ -358,6 +374,31 @@ async fn next(inbound: &mut Streaming<Blob>) -> Result<Option<AgentMessage>, Sta
     }
 }
 
+/// Commits a node's report on its task. A node reports only its own tasks;
+/// a report the state refuses (a task that ended cannot start again) is
+/// logged and dropped: the state already says more.
+async fn task_status(m: &Arc<Manager>, node: &str, r: TaskReport) {
+    let owner = m.with_state(|s| s.tasks.get(&r.id).map(|t| t.node.clone()));
+    match owner {
+        None => tracing::debug!(%node, task = %r.id, "report on a task that is gone"),
+        Some(owner) if owner != node => {
+            tracing::warn!(%node, task = %r.id, %owner, "a node reported on another node's task; ignored");
+        }
+        Some(_) => {
+            let cmd = crate::state::Command::SetTaskStatus {
+                id: r.id.clone(),
+                observed: r.observed,
+                netns: r.netns,
+                exit_code: r.exit_code,
+                error: r.error,
+            };
+            if let Err(e) = m.propose(cmd).await {
+                tracing::info!(%node, task = %r.id, "task status not recorded: {e}");
+            }
+        }
+    }
+}
+
 async fn run_session(
     m: &Arc<Manager>,
     node: &str,
@@ -411,6 +452,7 @@ async fn run_session(
                             s.last_heartbeat = Instant::now();
                         });
                     }
+                    Some(AgentMessage::TaskStatus(r)) => task_status(m, node, r).await,
                     Some(AgentMessage::Hello { .. }) => {
                         return Err(Status::invalid_argument("hello sent twice"));
                     }

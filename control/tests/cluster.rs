@@ -879,7 +879,7 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
     assert!(saved.revision > 0, "the agent saved its tables");
     let mut w2 = daemon::run(&w2_dir, daemon::Unlock::Wait).await.unwrap();
     let r2 = Recorder::default();
-    w2.start_agent(r2.clone());
+    let w2_reports = w2.start_agent(r2.clone());
     wait_for(
         "worker 2 to be ready again",
         Duration::from_secs(10),
@@ -897,6 +897,63 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
         )
         .await;
     }
+
+    // Worker 2 reports on its task through its session: running in a
+    // namespace, then dead. A report on another node's task is dropped.
+    use control::{dispatcher::TaskReport, state::TaskState};
+    propose(
+        &manager,
+        Command::CreateTask {
+            id: "task-other".into(),
+            service: "web".into(),
+            slot: 3,
+            node: ids[1].clone(),
+            netns: None,
+        },
+    )
+    .await;
+    let report = |id: &str, observed, exit_code| TaskReport {
+        id: id.into(),
+        observed,
+        netns: Some(format!("/run/netns/{id}")),
+        exit_code,
+        error: None,
+    };
+    for r in [
+        report("task-other", TaskState::Failed, Some(1)),
+        report("task-1", TaskState::Running, None),
+    ] {
+        w2_reports.send(r).unwrap();
+    }
+    let task = |id: &str| m.with_state(|s| s.tasks[id].clone());
+    wait_for(
+        "the running report to commit",
+        Duration::from_secs(5),
+        || (task("task-1").observed == TaskState::Running).then_some(()),
+    )
+    .await;
+    assert_eq!(task("task-1").netns.as_deref(), Some("/run/netns/task-1"));
+    let other = task("task-other");
+    assert_eq!(
+        (other.observed, other.netns),
+        (TaskState::New, None),
+        "a node changed another node's task"
+    );
+    w2_reports
+        .send(report("task-1", TaskState::Failed, Some(137)))
+        .unwrap();
+    wait_for(
+        "the dead task's endpoint to leave every replica",
+        Duration::from_secs(5),
+        || {
+            [&rec[0], &rec[1], &r2]
+                .iter()
+                .all(|r| endpoints_on(&r.0.lock().unwrap(), &ids[2]) == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(task("task-1").exit_code, Some(137));
     for d in [w2, workers.pop().unwrap(), manager] {
         d.stop().await;
     }
