@@ -286,6 +286,13 @@ enum ServiceCmd {
         #[arg(required = true)]
         services: Vec<String>,
     },
+    /// Set the replica count of replicated services: scale web=5 api=2.
+    Scale {
+        #[arg(required = true)]
+        targets: Vec<String>,
+        #[command(flatten)]
+        wait: Wait,
+    },
     /// List a service's tasks: each slot's current task, then its history
     /// (`\_` rows), newest first.
     Ps {
@@ -858,6 +865,17 @@ fn apply_opts(spec: &mut ServiceSpec, o: ServiceOpts, creating: bool) -> Res {
     Ok(())
 }
 
+/// `web=5` -> ("web", 5).
+fn parse_scale(arg: &str) -> Res<(String, u32)> {
+    let bad = || format!("invalid scale specifier {arg:?}: use SERVICE=REPLICAS, e.g. web=5");
+    let (name, n) = arg.split_once('=').ok_or_else(bad)?;
+    if name.is_empty() {
+        return Err(bad());
+    }
+    let n = n.parse::<u32>().map_err(|_| bad())?;
+    Ok((name.to_owned(), n))
+}
+
 /// `service ps`: per slot (or node, for a global service) the newest task,
 /// then the older ones as `\_` rows; slots in order.
 fn ps_table(tasks: &[TaskView], s: &Service, no_trunc: bool) -> Table {
@@ -1078,6 +1096,44 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
                 .await
                 .map_err(err)?;
             println!("{service}");
+            converge(c, &wait).await
+        }
+        ServiceCmd::Scale { targets, wait } => {
+            // Every argument and service is checked before any is changed.
+            let wanted = targets
+                .iter()
+                .map(|t| parse_scale(t))
+                .collect::<Res<Vec<_>>>()?;
+            let mut current = Vec::new();
+            for (name, replicas) in wanted {
+                let s: Service = from_blob(
+                    c.api
+                        .inspect_service(Ref {
+                            target: name.clone(),
+                        })
+                        .await
+                        .map_err(err)?,
+                )?;
+                if s.spec.mode == ServiceMode::Global {
+                    return Err(format!(
+                        "{name}: scale can only be used with replicated services (it is global)"
+                    ));
+                }
+                current.push((name, replicas, s));
+            }
+            for (name, replicas, s) in current {
+                let mut spec = s.spec.clone();
+                spec.mode = ServiceMode::Replicated { replicas };
+                c.api
+                    .update_service(Update {
+                        target: s.id.clone(),
+                        version: s.version,
+                        spec: serde_json::to_vec(&spec).expect("serializable"),
+                    })
+                    .await
+                    .map_err(err)?;
+                println!("{name} scaled to {replicas}");
+            }
             converge(c, &wait).await
         }
         ServiceCmd::Rm { wait, services } => {
@@ -1359,6 +1415,16 @@ mod tests {
             ],
             "{out}"
         );
+    }
+
+    #[test]
+    fn scale_arguments_read_like_docker() {
+        assert_eq!(parse_scale("web=5").unwrap(), ("web".into(), 5));
+        assert_eq!(parse_scale("web=0").unwrap(), ("web".into(), 0));
+        for bad in ["web", "=3", "web=-1", "web=x", "web=3=4"] {
+            let err = parse_scale(bad).unwrap_err();
+            assert!(err.contains("use SERVICE=REPLICAS"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -299,6 +299,22 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
 
     let t1 = place_task(&nodes[0], "web", 1, &ids[1]);
     let t2 = place_task(&nodes[0], "web", 2, &ids[2]);
+    // `service scale`: every argument is checked before anything changes.
+    let replicas = || {
+        json(&nodes[0].meshctl_ok(&["service", "inspect", "web"]))[0]["spec"]["mode"]["replicas"]
+            .as_u64()
+    };
+    let bad = nodes[0].meshctl(&["service", "scale", "web=3", "nosuch=1"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("service nosuch not found"), "{err}");
+    assert_eq!(replicas(), Some(1), "half-applied scale");
+    let out = nodes[0].meshctl_ok(&["service", "scale", "web=2"]);
+    assert!(
+        out.starts_with("web scaled to 2\n") && out.contains("verify: Service converged"),
+        "{out}"
+    );
+    assert_eq!(replicas(), Some(2));
     // `service ps`: one row per slot, on the node it was placed on (no
     // executor runs these, so nothing reported a state yet).
     let ps = nodes[0].meshctl_ok(&["service", "ps", "web"]);
