@@ -23,7 +23,11 @@
 //! Task exits and the restart policy need the executor's reports; they
 //! arrive with it.
 
-use std::{collections::BTreeMap, fmt, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    str::FromStr,
+};
 
 use crate::state::{
     Availability, Command, Node, NodeStatus, RestartCondition, RestartPolicy, Role, Service,
@@ -308,14 +312,14 @@ pub fn reconcile(state: &State, mut new_id: impl FnMut() -> String) -> Plan {
                 .get(node)
                 .is_some_and(|n| keeps(Some(n), &constraints)),
         };
-        let mut filled = BTreeMap::new();
+        let mut filled = BTreeSet::new();
         for (key, tasks) in &slots {
             for t in tasks.iter().filter(|t| live(t)) {
                 let stays = wanted(key)
                     && keeps(state.nodes.get(&t.node), &constraints)
-                    && !filled.contains_key(key);
+                    && !filled.contains(key);
                 if stays {
-                    filled.insert(key.clone(), ());
+                    filled.insert(key.clone());
                 } else {
                     stop(&mut plan, &mut load, t);
                 }
@@ -329,12 +333,15 @@ pub fn reconcile(state: &State, mut new_id: impl FnMut() -> String) -> Plan {
                 .and_then(|ts| ts.first())
                 .is_some_and(|last| !restart_wanted(&svc.spec.task.restart, last))
         };
+        // Slots that get a new task here: their history keeps one less.
+        let mut renewed = BTreeSet::new();
         match svc.spec.mode {
             ServiceMode::Replicated { replicas } => {
                 for slot in 1..=replicas {
                     let key = (slot, String::new());
-                    if !filled.contains_key(&key) && !done(&key) {
-                        place(
+                    if !filled.contains(&key)
+                        && !done(&key)
+                        && place(
                             state,
                             svc,
                             slot,
@@ -343,14 +350,17 @@ pub fn reconcile(state: &State, mut new_id: impl FnMut() -> String) -> Plan {
                             &mut creates,
                             &mut plan,
                             &mut new_id,
-                        );
+                        )
+                    {
+                        renewed.insert(key);
                     }
                 }
             }
             ServiceMode::Global => {
                 for node in state.nodes.values() {
                     let key = (0, node.id.clone());
-                    if !filled.contains_key(&key) && !done(&key) && takes(node, &constraints) {
+                    if !filled.contains(&key) && !done(&key) && takes(node, &constraints) {
+                        renewed.insert(key);
                         load.add(&svc.id, &node.id, 1);
                         creates.push(Command::CreateTask {
                             id: new_id(),
@@ -366,7 +376,11 @@ pub fn reconcile(state: &State, mut new_id: impl FnMut() -> String) -> Plan {
         // History: the newest TASK_HISTORY of a slot stay; a slot no longer
         // wanted keeps none once its tasks ended.
         for (key, tasks) in &slots {
-            let keep = if wanted(key) { TASK_HISTORY } else { 0 };
+            let keep = match (wanted(key), renewed.contains(key)) {
+                (false, _) => 0,
+                (true, false) => TASK_HISTORY,
+                (true, true) => TASK_HISTORY - 1,
+            };
             for t in tasks.iter().skip(keep).filter(|t| t.ended()) {
                 plan.commands.push(Command::RemoveTask { id: t.id.clone() });
             }
@@ -386,7 +400,7 @@ fn place(
     creates: &mut Vec<Command>,
     plan: &mut Plan,
     new_id: &mut impl FnMut() -> String,
-) {
+) -> bool {
     let candidates = state.nodes.values().filter(|n| takes(n, constraints));
     match load.pick(&svc.id, candidates) {
         Some(node) => {
@@ -398,10 +412,13 @@ fn place(
                 node: node.id.clone(),
                 netns: None,
             });
+            true
         }
-        None => plan
-            .pending
-            .push((svc.spec.name.clone(), slot, no_node(state, constraints))),
+        None => {
+            plan.pending
+                .push((svc.spec.name.clone(), slot, no_node(state, constraints)));
+            false
+        }
     }
 }
 
@@ -725,7 +742,8 @@ mod tests {
         w.settle();
         for _ in 0..7 {
             report(&mut w, "job", 1, TaskState::Complete, Some(0));
-            w.settle();
+            let plans = w.settle();
+            assert_eq!(plans.len(), 2, "one plan does it all: {plans:?}");
             assert_eq!(w.slots("job"), vec![1]);
         }
         let all: Vec<&Task> = w.state.tasks.values().collect();

@@ -865,6 +865,30 @@ fn apply_opts(spec: &mut ServiceSpec, o: ServiceOpts, creating: bool) -> Res {
     Ok(())
 }
 
+async fn inspect_service(c: &mut Client, target: &str) -> Res<Service> {
+    from_blob(
+        c.api
+            .inspect_service(Ref {
+                target: target.to_owned(),
+            })
+            .await
+            .map_err(err)?,
+    )
+}
+
+/// Replaces `cur`'s spec, refused if the service changed since it was read.
+async fn update_spec(c: &mut Client, cur: &Service, spec: ServiceSpec) -> Res {
+    c.api
+        .update_service(Update {
+            target: cur.id.clone(),
+            version: cur.version,
+            spec: serde_json::to_vec(&spec).expect("serializable"),
+        })
+        .await
+        .map_err(err)?;
+    Ok(())
+}
+
 /// `web=5` -> ("web", 5).
 fn parse_scale(arg: &str) -> Res<(String, u32)> {
     let bad = || format!("invalid scale specifier {arg:?}: use SERVICE=REPLICAS, e.g. web=5");
@@ -1049,21 +1073,14 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
                 print_json(&tasks);
                 return Ok(());
             }
-            let s: Service = from_blob(
-                c.api
-                    .inspect_service(Ref { target: service })
-                    .await
-                    .map_err(err)?,
-            )?;
+            let s = inspect_service(c, &service).await?;
             print!("{}", ps_table(&tasks, &s, no_trunc));
             Ok(())
         }
         ServiceCmd::Inspect { services } => {
             let mut out = Vec::new();
             for target in services {
-                let s: Service =
-                    from_blob(c.api.inspect_service(Ref { target }).await.map_err(err)?)?;
-                out.push(s);
+                out.push(inspect_service(c, &target).await?);
             }
             print_json(&out);
             Ok(())
@@ -1074,27 +1091,13 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
             wait,
             service,
         } => {
-            let cur: Service = from_blob(
-                c.api
-                    .inspect_service(Ref {
-                        target: service.clone(),
-                    })
-                    .await
-                    .map_err(err)?,
-            )?;
+            let cur = inspect_service(c, &service).await?;
             let mut spec = cur.spec.clone();
             apply_opts(&mut spec, opts, false)?;
             if let Some(args) = args {
                 spec.task.command = args;
             }
-            c.api
-                .update_service(Update {
-                    target: cur.id.clone(),
-                    version: cur.version,
-                    spec: serde_json::to_vec(&spec).expect("serializable"),
-                })
-                .await
-                .map_err(err)?;
+            update_spec(c, &cur, spec).await?;
             println!("{service}");
             converge(c, &wait).await
         }
@@ -1106,14 +1109,7 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
                 .collect::<Res<Vec<_>>>()?;
             let mut current = Vec::new();
             for (name, replicas) in wanted {
-                let s: Service = from_blob(
-                    c.api
-                        .inspect_service(Ref {
-                            target: name.clone(),
-                        })
-                        .await
-                        .map_err(err)?,
-                )?;
+                let s = inspect_service(c, &name).await?;
                 if s.spec.mode == ServiceMode::Global {
                     return Err(format!(
                         "{name}: scale can only be used with replicated services (it is global)"
@@ -1124,14 +1120,7 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
             for (name, replicas, s) in current {
                 let mut spec = s.spec.clone();
                 spec.mode = ServiceMode::Replicated { replicas };
-                c.api
-                    .update_service(Update {
-                        target: s.id.clone(),
-                        version: s.version,
-                        spec: serde_json::to_vec(&spec).expect("serializable"),
-                    })
-                    .await
-                    .map_err(err)?;
+                update_spec(c, &s, spec).await?;
                 println!("{name} scaled to {replicas}");
             }
             converge(c, &wait).await
