@@ -391,6 +391,9 @@ async fn task_status(m: &Arc<Manager>, node: &str, r: TaskReport) {
                 netns: r.netns,
                 exit_code: r.exit_code,
                 error: r.error,
+                at_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
             };
             if let Err(e) = m.propose(cmd).await {
                 tracing::info!(%node, task = %r.id, "task status not recorded: {e}");

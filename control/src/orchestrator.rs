@@ -141,6 +141,9 @@ pub struct Plan {
     pub commands: Vec<Command>,
     /// `(service name, slot, why)`: no node can take it now.
     pub pending: Vec<(String, u32, String)>,
+    /// The earliest time a restart delay ends: run again then (ms since
+    /// the Unix epoch).
+    pub wake_at_ms: Option<u64>,
 }
 
 /// A task that counts: meant to run, and not ended.
@@ -264,7 +267,7 @@ fn restart_wanted(policy: &RestartPolicy, last: &Task) -> bool {
 /// history; a task that ended by itself is marked so too, and its slot
 /// gets a new one if the restart policy says so. Each slot keeps its
 /// newest [`TASK_HISTORY`] tasks.
-pub fn reconcile(state: &State, mut new_id: impl FnMut() -> String) -> Plan {
+pub fn reconcile(state: &State, now_ms: u64, mut new_id: impl FnMut() -> String) -> Plan {
     let mut plan = Plan::default();
     let mut creates = Vec::new();
     let mut load = Load::new(state);
@@ -326,12 +329,22 @@ pub fn reconcile(state: &State, mut new_id: impl FnMut() -> String) -> Plan {
             }
         }
         // Empty slots: new tasks, unless the restart policy says the slot
-        // is done.
-        let done = |key: &(u32, String)| {
-            slots
-                .get(key)
-                .and_then(|ts| ts.first())
-                .is_some_and(|last| !restart_wanted(&svc.spec.task.restart, last))
+        // is done, or its delay has not passed yet.
+        let policy = &svc.spec.task.restart;
+        let mut wake: Option<u64> = None;
+        let mut done = |key: &(u32, String)| {
+            let Some(last) = slots.get(key).and_then(|ts| ts.first()) else {
+                return false;
+            };
+            if !restart_wanted(policy, last) {
+                return true;
+            }
+            let due = last.since_ms.saturating_add(policy.delay_ms);
+            if last.ended_by_itself() && now_ms < due {
+                wake = Some(wake.map_or(due, |w| w.min(due)));
+                return true;
+            }
+            false
         };
         // Slots that get a new task here: their history keeps one less.
         let mut renewed = BTreeSet::new();
@@ -372,6 +385,9 @@ pub fn reconcile(state: &State, mut new_id: impl FnMut() -> String) -> Plan {
                     }
                 }
             }
+        }
+        if let Some(w) = wake {
+            plan.wake_at_ms = Some(plan.wake_at_ms.map_or(w, |p| p.min(w)));
         }
         // History: the newest TASK_HISTORY of a slot stay; a slot no longer
         // wanted keeps none once its tasks ended.
@@ -431,6 +447,8 @@ mod tests {
     struct World {
         state: State,
         ids: u32,
+        /// The leader's clock (ms).
+        now: u64,
     }
 
     impl World {
@@ -438,6 +456,7 @@ mod tests {
             let mut w = World {
                 state: State::default(),
                 ids: 0,
+                now: 1_000_000,
             };
             w.run(Command::Init {
                 cluster_id: "c".into(),
@@ -479,7 +498,7 @@ mod tests {
             let mut plans = Vec::new();
             for _ in 0..5 {
                 let mut ids = self.ids;
-                let plan = reconcile(&self.state, || {
+                let plan = reconcile(&self.state, self.now, || {
                     ids += 1;
                     format!("t{ids:04}")
                 });
@@ -722,6 +741,7 @@ mod tests {
                 netns: None,
                 exit_code: (step == observed).then_some(code).flatten(),
                 error: None,
+                at_ms: w.now,
             });
         }
     }
@@ -730,8 +750,44 @@ mod tests {
         serde_json::json!({
             "name": "job", "mode": {"mode": "replicated", "replicas": 1},
             "task": {"command": ["/bin/job"],
-                     "restart": {"condition": condition, "max_attempts": max_attempts}}
+                     "restart": {"condition": condition, "max_attempts": max_attempts,
+                                 "delay_ms": 0}}
         })
+    }
+
+    #[test]
+    fn a_restart_waits_for_its_delay_and_says_when_to_look_again() {
+        let mut w = three();
+        // Swarm's default delay: 5 s.
+        w.service(serde_json::json!({
+            "name": "job", "mode": {"mode": "replicated", "replicas": 1},
+            "task": {"command": ["/bin/job"]}
+        }));
+        w.settle();
+        report(&mut w, "job", 1, TaskState::Failed, Some(2));
+        let ended = w.now;
+        let plans = w.settle();
+        assert_eq!(
+            w.slots("job"),
+            Vec::<u32>::new(),
+            "restarted before its delay"
+        );
+        assert_eq!(plans.last().unwrap().wake_at_ms, Some(ended + 5000));
+        w.now = ended + 4999;
+        w.settle();
+        assert_eq!(w.slots("job"), Vec::<u32>::new());
+        w.now = ended + 5000;
+        let plans = w.settle();
+        assert_eq!(w.slots("job"), vec![1]);
+        assert_eq!(plans[0].wake_at_ms, None);
+        // A task stopped on purpose is replaced at once, delay or not.
+        let host = {
+            let t = w.running("job").next().unwrap();
+            w.state.nodes[&t.node].hostname.clone()
+        };
+        w.set_node(&host, |s| s.availability = Availability::Drain);
+        w.settle();
+        assert_eq!(w.slots("job"), vec![1]);
     }
 
     #[test]
@@ -811,6 +867,7 @@ mod tests {
                 netns: Some("/run/netns/x".into()),
                 exit_code: None,
                 error: None,
+                at_ms: 5,
             })
         };
         set(&mut w, TaskState::Running).unwrap();

@@ -230,17 +230,33 @@ pub enum RestartCondition {
     None,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestartPolicy {
     #[serde(default)]
     pub condition: RestartCondition,
-    #[serde(default)]
+    /// Between a task's end and its replacement; Swarm's default is 5 s.
+    #[serde(default = "default_restart_delay")]
     pub delay_ms: u64,
     /// 0: unlimited.
     #[serde(default)]
     pub max_attempts: u32,
     #[serde(default)]
     pub window_ms: u64,
+}
+
+fn default_restart_delay() -> u64 {
+    5000
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            condition: RestartCondition::Any,
+            delay_ms: default_restart_delay(),
+            max_attempts: 0,
+            window_ms: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -401,6 +417,10 @@ pub struct Task {
     /// by itself (not stopped by the orchestrator) this many times.
     #[serde(default)]
     pub attempt: u32,
+    /// When the node reported the current observed state (ms since the
+    /// Unix epoch, the leader's clock); 0 before any report.
+    #[serde(default)]
+    pub since_ms: u64,
 }
 
 impl Task {
@@ -582,6 +602,10 @@ pub enum Command {
         exit_code: Option<i32>,
         #[serde(default)]
         error: Option<String>,
+        /// When the leader recorded it (ms since the Unix epoch): restart
+        /// delays and `service ps` count from it.
+        #[serde(default)]
+        at_ms: u64,
     },
     /// Several commands in one log entry (the leader batches concurrent
     /// writes). Each applies, or is refused, on its own.
@@ -797,7 +821,8 @@ impl State {
                 netns,
                 exit_code,
                 error,
-            } => self.set_task_status(id, *observed, netns, *exit_code, error),
+                at_ms,
+            } => self.set_task_status(id, *observed, netns, *exit_code, error, *at_ms),
             Command::Batch { commands } => Ok(Outcome::Batch(
                 commands
                     .iter()
@@ -1433,6 +1458,7 @@ impl State {
             exit_code: None,
             seq: self.task_seq,
             attempt,
+            since_ms: 0,
         };
         self.tasks.insert(id.to_owned(), task.clone());
         Ok(Outcome::Task(task))
@@ -1490,6 +1516,7 @@ impl State {
         netns: &Option<String>,
         exit_code: Option<i32>,
         error: &Option<String>,
+        at_ms: u64,
     ) -> Result<Outcome, StateError> {
         let t = self.task_mut(id)?;
         if t.ended() && observed != t.observed {
@@ -1503,6 +1530,9 @@ impl State {
                 "task {id} is {:?}; a status cannot go back to {observed:?}",
                 t.observed
             )));
+        }
+        if observed != t.observed {
+            t.since_ms = at_ms;
         }
         t.observed = observed;
         if netns.is_some() {

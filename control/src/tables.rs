@@ -671,6 +671,7 @@ mod tests {
                 netns: Some("/run/netns/w2-new".into()),
                 exit_code: None,
                 error: None,
+                at_ms: 0,
             },
             task("w3", "web", "a"),
             Command::SetTaskStatus {
@@ -679,6 +680,7 @@ mod tests {
                 netns: None,
                 exit_code: Some(137),
                 error: None,
+                at_ms: 0,
             },
             Command::SetTaskStatus {
                 id: "w2".into(),
@@ -686,6 +688,7 @@ mod tests {
                 netns: None,
                 exit_code: None,
                 error: None,
+                at_ms: 0,
             },
             Command::ShutdownTask { id: "w3".into() },
             // Refused (in use): changes nothing.

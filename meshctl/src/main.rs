@@ -889,6 +889,30 @@ async fn update_spec(c: &mut Client, cur: &Service, spec: ServiceSpec) -> Res {
     Ok(())
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Docker's wording for how long ago ("About a minute", "8 minutes").
+fn human_duration(secs: u64) -> String {
+    let (minutes, hours) = (secs / 60, (secs as f64 / 3600.0).round() as u64);
+    match () {
+        _ if secs < 1 => "Less than a second".into(),
+        _ if secs == 1 => "1 second".into(),
+        _ if secs < 60 => format!("{secs} seconds"),
+        _ if minutes == 1 => "About a minute".into(),
+        _ if minutes < 60 => format!("{minutes} minutes"),
+        _ if hours == 1 => "About an hour".into(),
+        _ if hours < 48 => format!("{hours} hours"),
+        _ if hours < 24 * 7 * 2 => format!("{} days", hours / 24),
+        _ if hours < 24 * 30 * 2 => format!("{} weeks", hours / 24 / 7),
+        _ if hours < 24 * 365 * 2 => format!("{} months", hours / 24 / 30),
+        _ => format!("{} years", hours / 24 / 365),
+    }
+}
+
 /// `web=5` -> ("web", 5).
 fn parse_scale(arg: &str) -> Res<(String, u32)> {
     let bad = || format!("invalid scale specifier {arg:?}: use SERVICE=REPLICAS, e.g. web=5");
@@ -902,7 +926,7 @@ fn parse_scale(arg: &str) -> Res<(String, u32)> {
 
 /// `service ps`: per slot (or node, for a global service) the newest task,
 /// then the older ones as `\_` rows; slots in order.
-fn ps_table(tasks: &[TaskView], s: &Service, no_trunc: bool) -> Table {
+fn ps_table(tasks: &[TaskView], s: &Service, no_trunc: bool, now_ms: u64) -> Table {
     let mut groups: BTreeMap<(u32, &str), Vec<&TaskView>> = BTreeMap::new();
     for t in tasks {
         let node = if t.task.slot == 0 {
@@ -959,7 +983,15 @@ fn ps_table(tasks: &[TaskView], s: &Service, no_trunc: bool) -> Table {
                 },
                 v.node_hostname.clone(),
                 title(t.desired),
-                title(t.observed),
+                match t.since_ms {
+                    // Nothing reported yet: no time to show.
+                    0 => title(t.observed),
+                    since => format!(
+                        "{} {} ago",
+                        title(t.observed),
+                        human_duration(now_ms.saturating_sub(since) / 1000)
+                    ),
+                },
                 error,
                 if running {
                     host_ports.clone()
@@ -1074,7 +1106,7 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
                 return Ok(());
             }
             let s = inspect_service(c, &service).await?;
-            print!("{}", ps_table(&tasks, &s, no_trunc));
+            print!("{}", ps_table(&tasks, &s, no_trunc, now_ms()));
             Ok(())
         }
         ServiceCmd::Inspect { services } => {
@@ -1299,12 +1331,19 @@ mod tests {
 
     #[test]
     fn service_ps_shows_each_slot_then_its_history_like_docker() {
+        let now = 10_000_000_u64;
         let task =
             |id: &str, slot: u32, seq: u64, desired: &str, observed: &str, code: Option<i32>| {
+                // Reported `seq` minutes ago; the starting one never reported.
+                let since = if observed == "starting" {
+                    0
+                } else {
+                    now - seq * 60_000 - 500
+                };
                 let task = serde_json::from_value(serde_json::json!({
                     "id": id, "service": "s1", "slot": slot, "node": "n1", "seq": seq,
                     "desired": desired, "observed": observed, "attachments": [],
-                    "exit_code": code,
+                    "exit_code": code, "since_ms": since,
                 }))
                 .unwrap();
                 TaskView {
@@ -1354,7 +1393,7 @@ mod tests {
                 None,
             ),
         ];
-        let out = ps_table(&tasks, &service, false).to_string();
+        let out = ps_table(&tasks, &service, false, now).to_string();
         let rows: Vec<Vec<&str>> = out
             .lines()
             .map(|l| {
@@ -1381,7 +1420,7 @@ mod tests {
                     "web.1",
                     "ubuntu",
                     "Running",
-                    "Running",
+                    "Running 4 minutes ago",
                     "*:8080->80/tcp"
                 ],
                 vec![
@@ -1389,7 +1428,7 @@ mod tests {
                     "\\_ web.1",
                     "ubuntu",
                     "Shutdown",
-                    "Failed",
+                    "Failed About a minute ago",
                     "\"task: non-zero exit (137)\""
                 ],
                 vec!["oedpfws28tb2", "web.2", "ubuntu", "Running", "Starting"],
@@ -1398,12 +1437,31 @@ mod tests {
                     "web.3",
                     "ubuntu",
                     "Running",
-                    "Running",
+                    "Running 3 minutes ago",
                     "*:8080->80/tcp"
                 ],
             ],
             "{out}"
         );
+    }
+
+    #[test]
+    fn durations_read_like_docker() {
+        for (secs, want) in [
+            (0, "Less than a second"),
+            (1, "1 second"),
+            (59, "59 seconds"),
+            (60, "About a minute"),
+            (8 * 60 + 5, "8 minutes"),
+            (3600, "About an hour"),
+            (5 * 3600, "5 hours"),
+            (3 * 86400, "3 days"),
+            (20 * 86400, "2 weeks"),
+            (90 * 86400, "3 months"),
+            (800 * 86400, "2 years"),
+        ] {
+            assert_eq!(human_duration(secs), want, "{secs} s");
+        }
     }
 
     #[test]
