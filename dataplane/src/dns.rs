@@ -169,8 +169,9 @@ impl Zone {
                         affected.insert(new.service.clone());
                     }
                 }
-                // Nodes' own addresses have no names.
-                Key::NodeEndpoint { .. } => {}
+                // Nodes' own addresses have no names; assignments are the
+                // executor's.
+                Key::NodeEndpoint { .. } | Key::Task { .. } => {}
             }
         }
         for id in affected {

@@ -236,7 +236,7 @@ impl NodeView {
                     .keys()
                     .any(|net| old.and_then(|v| v.get(net)) != new.and_then(|v| v.get(net)))
             }
-            Key::Endpoint { .. } => false,
+            Key::Endpoint { .. } | Key::Task { .. } => false,
         })
     }
 }
@@ -488,7 +488,7 @@ impl LbView {
                 Key::Service { id } => {
                     affected.insert(id.clone());
                 }
-                Key::Network { .. } | Key::NodeEndpoint { .. } => {}
+                Key::Network { .. } | Key::NodeEndpoint { .. } | Key::Task { .. } => {}
             }
         }
         let mut out = LbChanges::default();
