@@ -421,10 +421,6 @@ pub struct Task {
     /// Unix epoch, the leader's clock); 0 before any report.
     #[serde(default)]
     pub since_ms: u64,
-    /// Created with a namespace (the internal path): run by whoever made
-    /// it, not by the node's executor.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub external: bool,
 }
 
 impl Task {
@@ -1449,7 +1445,6 @@ impl State {
             }
         });
         self.task_seq += 1;
-        let external = netns.is_some();
         let task = Task {
             id: id.to_owned(),
             service: svc.id,
@@ -1460,7 +1455,6 @@ impl State {
             attachments,
             error: None,
             netns,
-            external,
             exit_code: None,
             seq: self.task_seq,
             attempt,

@@ -59,10 +59,6 @@ pub enum Key {
         network: String,
         node: String,
     },
-    /// A task for its node to run (or stop): Swarm's assignment.
-    Task {
-        id: String,
-    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,23 +117,6 @@ pub enum Value {
     Service(ServiceEntry),
     Endpoint(EndpointEntry),
     NodeEndpoint(NodeEndpointEntry),
-    Task(TaskEntry),
-}
-
-/// What a node needs to run one of its tasks. Present while the task has
-/// not ended, so a node also learns to stop one (desired `shutdown`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TaskEntry {
-    pub node: String,
-    pub service: String,
-    /// `svc.slot`.
-    pub name: String,
-    pub command: Vec<String>,
-    pub env: Vec<String>,
-    pub desired: TaskState,
-    /// Created with a namespace someone else runs (the internal path):
-    /// the node's executor leaves it alone.
-    pub external: bool,
 }
 
 /// One key set (`value: Some`) or removed (`None`).
@@ -260,22 +239,6 @@ pub fn derive_key(state: &State, key: &Key) -> Option<Value> {
                 netns: t.netns.clone(),
             }))
         }
-        Key::Task { id } => {
-            let t = state.tasks.get(id)?;
-            if t.ended() {
-                return None;
-            }
-            let service = state.services.get(&t.service)?;
-            Some(Value::Task(TaskEntry {
-                node: t.node.clone(),
-                service: t.service.clone(),
-                name: format!("{}.{}", service.spec.name, t.slot),
-                command: service.spec.task.command.clone(),
-                env: service.spec.task.env.clone(),
-                desired: t.desired,
-                external: t.external,
-            }))
-        }
         Key::NodeEndpoint { network, node } => {
             let n = state.nodes.get(node)?;
             let addr = *n.lb_addrs.get(network)?;
@@ -307,9 +270,6 @@ fn node_keys(state: &State, id: &str, out: &mut BTreeSet<Key>) {
 }
 
 fn task_keys(task: &Task, out: &mut BTreeSet<Key>) {
-    out.insert(Key::Task {
-        id: task.id.clone(),
-    });
     for a in &task.attachments {
         out.insert(Key::Endpoint {
             network: a.network.clone(),
@@ -765,66 +725,6 @@ mod tests {
             );
         }
         (state, book, deltas)
-    }
-
-    #[test]
-    fn a_task_is_assigned_to_its_node_until_it_ends() {
-        let mut cmds = script();
-        // Up to web's tasks: drop what follows w1's creation.
-        let at = cmds
-            .iter()
-            .position(|c| matches!(c, Command::CreateTask { id, .. } if id == "w1"))
-            .unwrap();
-        cmds.truncate(at);
-        cmds.push(Command::CreateTask {
-            id: "o1".into(),
-            service: "web".into(),
-            slot: 1,
-            node: "a".into(),
-            netns: None,
-        });
-        let assignment = |cmds: &[Command]| {
-            let (_, book, _) = run(cmds);
-            match book.tables().entries.get(&Key::Task { id: "o1".into() }) {
-                Some(Value::Task(t)) => Some(t.clone()),
-                None => None,
-                Some(other) => panic!("{other:?}"),
-            }
-        };
-        let t = assignment(&cmds).expect("assigned");
-        assert_eq!(
-            t,
-            TaskEntry {
-                node: "a".into(),
-                service: "web".into(),
-                name: "web.1".into(),
-                command: vec!["/bin/web".into()],
-                env: vec![],
-                desired: TaskState::Running,
-                external: false,
-            }
-        );
-        cmds.push(task("x1", "web", "b"));
-        let (_, book, _) = run(&cmds);
-        assert!(
-            matches!(book.tables().entries.get(&Key::Task { id: "x1".into() }),
-                Some(Value::Task(t)) if t.external),
-            "a task created with a namespace is external"
-        );
-        let report = |observed| Command::SetTaskStatus {
-            id: "o1".into(),
-            observed,
-            netns: Some("/run/netns/o1".into()),
-            exit_code: None,
-            error: None,
-            at_ms: 0,
-        };
-        cmds.push(report(TaskState::Running));
-        cmds.push(Command::ShutdownTask { id: "o1".into() });
-        let t = assignment(&cmds).expect("still assigned while it runs");
-        assert_eq!(t.desired, TaskState::Shutdown);
-        cmds.push(report(TaskState::Shutdown));
-        assert_eq!(assignment(&cmds), None, "ended: no longer assigned");
     }
 
     #[test]

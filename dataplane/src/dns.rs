@@ -169,9 +169,8 @@ impl Zone {
                         affected.insert(new.service.clone());
                     }
                 }
-                // Nodes' own addresses have no names; assignments are the
-                // executor's.
-                Key::NodeEndpoint { .. } | Key::Task { .. } => {}
+                // Nodes' own addresses have no names.
+                Key::NodeEndpoint { .. } => {}
             }
         }
         for id in affected {

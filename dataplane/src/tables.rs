@@ -236,7 +236,7 @@ impl NodeView {
                     .keys()
                     .any(|net| old.and_then(|v| v.get(net)) != new.and_then(|v| v.get(net)))
             }
-            Key::Endpoint { .. } | Key::Task { .. } => false,
+            Key::Endpoint { .. } => false,
         })
     }
 }
@@ -488,7 +488,7 @@ impl LbView {
                 Key::Service { id } => {
                     affected.insert(id.clone());
                 }
-                Key::Network { .. } | Key::NodeEndpoint { .. } | Key::Task { .. } => {}
+                Key::Network { .. } | Key::NodeEndpoint { .. } => {}
             }
         }
         let mut out = LbChanges::default();
