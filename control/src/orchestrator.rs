@@ -813,6 +813,24 @@ mod tests {
                 .filter(|t| t.ended())
                 .all(|t| t.attachments.is_empty())
         );
+        drop(all);
+        // A manager that loads this state from a snapshot (indexes rebuilt)
+        // counts the next restart the same way.
+        let mut copy: State =
+            serde_json::from_str(&serde_json::to_string(&w.state).unwrap()).unwrap();
+        copy.reindex().unwrap();
+        let mut twin = World {
+            state: copy,
+            ids: w.ids,
+            now: w.now,
+        };
+        for world in [&mut w, &mut twin] {
+            report(world, "job", 1, TaskState::Failed, Some(1));
+            world.settle();
+        }
+        assert_eq!(twin.state, w.state);
+        let newest = w.running("job").next().unwrap();
+        assert_eq!(newest.attempt, 8);
 
         // on-failure with 2 attempts: a crash is retried twice, then the
         // slot stays empty; an exit 0 is not retried at all.

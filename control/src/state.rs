@@ -637,6 +637,21 @@ struct Allocations {
     /// Service name -> id: name lookups and uniqueness checks stay O(log n)
     /// with many services.
     service_names: BTreeMap<String, String>,
+    /// A slot's tasks by `seq` (the last is the newest): a new task finds
+    /// its slot's previous one in O(log n).
+    slots: BTreeMap<SlotKey, BTreeMap<u64, String>>,
+}
+
+/// (service id, slot, node id for a global service's slot 0, else "").
+type SlotKey = (String, u32, String);
+
+fn slot_key(t: &Task) -> SlotKey {
+    let node = if t.slot == 0 {
+        t.node.clone()
+    } else {
+        String::new()
+    };
+    (t.service.clone(), t.slot, node)
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -741,6 +756,11 @@ impl State {
                     pool.reserve(a.addr)?;
                 }
             }
+            alloc
+                .slots
+                .entry(slot_key(t))
+                .or_default()
+                .insert(t.seq, t.id.clone());
         }
         for n in self.nodes.values() {
             for (net, addr) in &n.lb_addrs {
@@ -1432,11 +1452,21 @@ impl State {
             n.lb_addrs.extend(node_lbs);
         }
         // The slot's previous task (a global service's slot is its node).
+        let key: SlotKey = (
+            svc.id.clone(),
+            slot,
+            if slot == 0 {
+                node.id.clone()
+            } else {
+                String::new()
+            },
+        );
         let previous = self
-            .tasks
-            .values()
-            .filter(|t| t.service == svc.id && t.slot == slot && (slot != 0 || t.node == node.id))
-            .max_by_key(|t| t.seq);
+            .alloc
+            .slots
+            .get(&key)
+            .and_then(|s| s.last_key_value())
+            .and_then(|(_, id)| self.tasks.get(id));
         let attempt = previous.map_or(0, |p| {
             if p.ended_by_itself() {
                 p.attempt + 1
@@ -1460,6 +1490,11 @@ impl State {
             attempt,
             since_ms: 0,
         };
+        self.alloc
+            .slots
+            .entry(key)
+            .or_default()
+            .insert(task.seq, task.id.clone());
         self.tasks.insert(id.to_owned(), task.clone());
         Ok(Outcome::Task(task))
     }
@@ -1558,6 +1593,13 @@ impl State {
         for a in &task.attachments {
             if let Some(pool) = self.alloc.addresses.get_mut(&a.network) {
                 pool.release(a.addr);
+            }
+        }
+        let key = slot_key(&task);
+        if let Some(s) = self.alloc.slots.get_mut(&key) {
+            s.remove(&task.seq);
+            if s.is_empty() {
+                self.alloc.slots.remove(&key);
             }
         }
         Ok(Outcome::Done)
