@@ -146,11 +146,6 @@ pub struct Plan {
     pub wake_at_ms: Option<u64>,
 }
 
-/// A task that counts: meant to run, and not ended.
-fn live(t: &Task) -> bool {
-    t.desired <= TaskState::Running && t.observed <= TaskState::Running
-}
-
 /// May `node` keep a task of a service with `constraints`?
 fn keeps(node: Option<&Node>, constraints: &[Constraint]) -> bool {
     node.is_some_and(|n| {
@@ -180,7 +175,7 @@ impl Load {
             total: BTreeMap::new(),
             service: BTreeMap::new(),
         };
-        for t in state.tasks.values().filter(|t| live(t)) {
+        for t in state.tasks.values().filter(|t| t.live()) {
             load.add(&t.service, &t.node, 1);
         }
         load
@@ -289,13 +284,9 @@ pub fn reconcile(state: &State, now_ms: u64, mut new_id: impl FnMut() -> String)
         let all = tasks_of.remove(svc.id.as_str()).unwrap_or_default();
         // Slot -> its tasks, newest first. A global service's slot is its
         // node.
-        let slot_of = |t: &Task| match svc.spec.mode {
-            ServiceMode::Replicated { .. } => (t.slot, String::new()),
-            ServiceMode::Global => (0, t.node.clone()),
-        };
-        let mut slots: BTreeMap<(u32, String), Vec<&Task>> = BTreeMap::new();
+        let mut slots: BTreeMap<(u32, &str), Vec<&Task>> = BTreeMap::new();
         for t in &all {
-            slots.entry(slot_of(t)).or_default().push(t);
+            slots.entry(t.slot()).or_default().push(t);
         }
         for tasks in slots.values_mut() {
             tasks.sort_by_key(|t| std::cmp::Reverse(t.seq));
@@ -308,8 +299,8 @@ pub fn reconcile(state: &State, now_ms: u64, mut new_id: impl FnMut() -> String)
             plan.commands
                 .push(Command::ShutdownTask { id: t.id.clone() });
         }
-        let wanted = |(slot, node): &(u32, String)| match svc.spec.mode {
-            ServiceMode::Replicated { replicas } => *slot >= 1 && *slot <= replicas,
+        let wanted = |&(slot, node): &(u32, &str)| match svc.spec.mode {
+            ServiceMode::Replicated { replicas } => slot >= 1 && slot <= replicas,
             ServiceMode::Global => state
                 .nodes
                 .get(node)
@@ -317,12 +308,12 @@ pub fn reconcile(state: &State, now_ms: u64, mut new_id: impl FnMut() -> String)
         };
         let mut filled = BTreeSet::new();
         for (key, tasks) in &slots {
-            for t in tasks.iter().filter(|t| live(t)) {
+            for t in tasks.iter().filter(|t| t.live()) {
                 let stays = wanted(key)
                     && keeps(state.nodes.get(&t.node), &constraints)
                     && !filled.contains(key);
                 if stays {
-                    filled.insert(key.clone());
+                    filled.insert(*key);
                 } else {
                     stop(&mut plan, &mut load, t);
                 }
@@ -332,7 +323,7 @@ pub fn reconcile(state: &State, now_ms: u64, mut new_id: impl FnMut() -> String)
         // is done, or its delay has not passed yet.
         let policy = &svc.spec.task.restart;
         let mut wake: Option<u64> = None;
-        let mut done = |key: &(u32, String)| {
+        let mut done = |key: &(u32, &str)| {
             let Some(last) = slots.get(key).and_then(|ts| ts.first()) else {
                 return false;
             };
@@ -351,7 +342,7 @@ pub fn reconcile(state: &State, now_ms: u64, mut new_id: impl FnMut() -> String)
         match svc.spec.mode {
             ServiceMode::Replicated { replicas } => {
                 for slot in 1..=replicas {
-                    let key = (slot, String::new());
+                    let key = (slot, "");
                     if !filled.contains(&key)
                         && !done(&key)
                         && place(
@@ -371,7 +362,7 @@ pub fn reconcile(state: &State, now_ms: u64, mut new_id: impl FnMut() -> String)
             }
             ServiceMode::Global => {
                 for node in state.nodes.values() {
-                    let key = (0, node.id.clone());
+                    let key = (0, node.id.as_str());
                     if !filled.contains(&key) && !done(&key) && takes(node, &constraints) {
                         renewed.insert(key);
                         load.add(&svc.id, &node.id, 1);
@@ -521,7 +512,7 @@ mod tests {
             self.state
                 .tasks
                 .values()
-                .filter(move |t| t.service == id && live(t))
+                .filter(move |t| t.service == id && t.live())
         }
 
         /// Hostname -> tasks of `service` there.
@@ -806,7 +797,7 @@ mod tests {
         assert_eq!(all.len(), TASK_HISTORY, "history is pruned to the newest");
         assert!(all.iter().all(|t| t.slot == 1));
         let newest = all.iter().max_by_key(|t| t.seq).unwrap();
-        assert!(live(newest) && newest.attempt == 7, "{newest:?}");
+        assert!(newest.live() && newest.attempt == 7, "{newest:?}");
         // The ended ones gave their addresses back and are no endpoints.
         assert!(
             all.iter()

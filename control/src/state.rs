@@ -424,6 +424,23 @@ pub struct Task {
 }
 
 impl Task {
+    /// Meant to run and not ended: it counts towards its service, and
+    /// serves (on a ready node).
+    pub fn live(&self) -> bool {
+        self.desired <= TaskState::Running && !self.ended()
+    }
+
+    /// Its slot: the number, or for a global service's task (slot 0) its
+    /// node.
+    pub fn slot(&self) -> (u32, &str) {
+        let node = if self.slot == 0 {
+            self.node.as_str()
+        } else {
+            ""
+        };
+        (self.slot, node)
+    }
+
     /// Ended, for whatever reason.
     pub fn ended(&self) -> bool {
         self.observed >= TaskState::Complete
@@ -646,12 +663,8 @@ struct Allocations {
 type SlotKey = (String, u32, String);
 
 fn slot_key(t: &Task) -> SlotKey {
-    let node = if t.slot == 0 {
-        t.node.clone()
-    } else {
-        String::new()
-    };
-    (t.service.clone(), t.slot, node)
+    let (slot, node) = t.slot();
+    (t.service.clone(), slot, node.to_owned())
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     allocator::Subnet,
-    state::{Command, EndpointMode, NodeStatus, PortConfig, State, Task, TaskState},
+    state::{Command, EndpointMode, NodeStatus, PortConfig, State, Task},
 };
 
 /// A cluster-wide revision: the Raft log index of the entry that produced
@@ -181,12 +181,7 @@ mod entry_list {
 }
 
 fn endpoint_live(state: &State, task: &Task) -> Option<Ipv4Addr> {
-    if task.desired != TaskState::Running
-        || matches!(
-            task.observed,
-            TaskState::Complete | TaskState::Shutdown | TaskState::Failed | TaskState::Rejected
-        )
-    {
+    if !task.live() {
         return None;
     }
     let node = state.nodes.get(&task.node)?;

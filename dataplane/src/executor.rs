@@ -83,7 +83,7 @@ pub trait RunningTask: Send {
     fn stop(&mut self, grace: Duration) -> impl Future<Output = io::Result<i32>> + Send;
     /// Frees what it held (namespace, cgroup) once it has ended; its log
     /// stays until the task record goes.
-    fn remove(self) -> io::Result<()>;
+    fn remove(self) -> impl Future<Output = io::Result<()>> + Send;
 }
 
 /// Where cgroup v2 is mounted (`/sys/fs/cgroup` on a unified host,
@@ -288,7 +288,7 @@ impl Executor for ProcessExecutor {
                 Ok(made)
             }
             Err(e) => {
-                let _ = made.remove();
+                let _ = made.remove().await;
                 Err(e)
             }
         }
@@ -452,7 +452,7 @@ impl RunningTask for ProcessTask {
         }
     }
 
-    fn remove(self) -> io::Result<()> {
+    async fn remove(self) -> io::Result<()> {
         // Children the main process left behind end with it.
         let _ = self.signal_all(libc::SIGKILL);
         // The cgroup can go once the kernel has reaped its last process.
@@ -469,7 +469,7 @@ impl RunningTask for ProcessTask {
                 }
                 Err(e) => last = Err(e),
             }
-            std::thread::sleep(Duration::from_millis(10));
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         remove_netns(&self.netns)?;
         last

@@ -929,12 +929,7 @@ fn parse_scale(arg: &str) -> Res<(String, u32)> {
 fn ps_table(tasks: &[TaskView], s: &Service, no_trunc: bool, now_ms: u64) -> Table {
     let mut groups: BTreeMap<(u32, &str), Vec<&TaskView>> = BTreeMap::new();
     for t in tasks {
-        let node = if t.task.slot == 0 {
-            t.task.node.as_str()
-        } else {
-            ""
-        };
-        groups.entry((t.task.slot, node)).or_default().push(t);
+        groups.entry(t.task.slot()).or_default().push(t);
     }
     // Host-mode ports are the task's own (ingress ones belong to the mesh).
     let host_ports = s

@@ -108,11 +108,10 @@ fn a_task_runs_in_its_own_namespaces_and_cgroup_and_reports_its_exit() {
         let netns = task.netns().to_owned();
         assert!(netns.starts_with("/run/netns") && netns.exists());
         let pid = task.pid().unwrap() as i32;
-        assert_eq!(
-            task.pids().unwrap(),
-            vec![pid],
-            "the process is in its cgroup"
-        );
+        // The process (and whatever its script has forked by now) is in
+        // its cgroup.
+        let pids = task.pids().unwrap();
+        assert!(pids.contains(&pid), "{pid} not in its cgroup: {pids:?}");
         assert_eq!(task.wait().await.unwrap(), 3, "exit code");
         let log = s.log("t1");
         for want in [
@@ -145,7 +144,7 @@ fn a_task_runs_in_its_own_namespaces_and_cgroup_and_reports_its_exit() {
             std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
             host_resolv
         );
-        task.remove().unwrap();
+        task.remove().await.unwrap();
         assert!(!netns.exists(), "namespace left behind");
         assert!(!s.exec.cgroup_path("t1").exists(), "cgroup left behind");
         assert!(s.log("t1").contains("out\n"), "the log outlives the task");
@@ -172,32 +171,33 @@ fn stop_ends_every_process_of_the_task_and_a_kill_reads_137() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let pids = stubborn.pids().unwrap();
-        let t0 = Instant::now();
+        // 137: SIGTERM was ignored, so the stop escalated to SIGKILL.
         assert_eq!(
             stubborn.stop(Duration::from_millis(300)).await.unwrap(),
             137
         );
-        assert!(
-            t0.elapsed() >= Duration::from_millis(300),
-            "SIGTERM was not ignored?"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        for pid in pids {
-            assert!(!alive(pid), "pid {pid} of the task survived its stop");
+        // The left-behind child ends too (its new parent reaps it).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Some(pid) = pids.iter().find(|p| alive(**p)) {
+            assert!(
+                Instant::now() < deadline,
+                "pid {pid} of the task survived its stop"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        stubborn.remove().unwrap();
+        stubborn.remove().await.unwrap();
 
         // A polite one ends on SIGTERM: 143.
         let mut polite = s.exec.start(&s.run("t3", "exec sleep 600")).await.unwrap();
         assert_eq!(polite.stop(Duration::from_secs(5)).await.unwrap(), 143);
-        polite.remove().unwrap();
+        polite.remove().await.unwrap();
 
         // Killed from outside: "task: non-zero exit (137)".
         let mut killed = s.exec.start(&s.run("t4", "exec sleep 600")).await.unwrap();
         // SAFETY: the pid of a process this test started.
         unsafe { libc::kill(killed.pid().unwrap() as i32, libc::SIGKILL) };
         assert_eq!(killed.wait().await.unwrap(), 137);
-        killed.remove().unwrap();
+        killed.remove().await.unwrap();
     });
 }
 
