@@ -30,8 +30,8 @@ use std::{
 };
 
 use crate::state::{
-    Availability, Command, Node, NodeStatus, RestartCondition, RestartPolicy, Role, Service,
-    ServiceMode, State, Task, TaskState,
+    Availability, Command, FailureAction, Node, NodeStatus, RestartCondition, RestartPolicy, Role,
+    Service, ServiceMode, State, Task, TaskState, UpdateOrder, UpdateState, UpdateStatus,
 };
 
 /// What a constraint looks at.
@@ -175,7 +175,7 @@ impl Load {
             total: BTreeMap::new(),
             service: BTreeMap::new(),
         };
-        for t in state.tasks.values().filter(|t| t.live()) {
+        for t in state.tasks.values().filter(|t| t.live() && t.managed()) {
             load.add(&t.service, &t.node, 1);
         }
         load
@@ -267,7 +267,8 @@ pub fn reconcile(state: &State, now_ms: u64, mut new_id: impl FnMut() -> String)
     let mut creates = Vec::new();
     let mut load = Load::new(state);
     let mut tasks_of: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
-    for t in state.tasks.values() {
+    // Attached tasks are run from outside: not the orchestrator's.
+    for t in state.tasks.values().filter(|t| t.managed()) {
         tasks_of.entry(t.service.as_str()).or_default().push(t);
     }
     let stop = |plan: &mut Plan, load: &mut Load, t: &Task| {
@@ -308,16 +309,40 @@ pub fn reconcile(state: &State, now_ms: u64, mut new_id: impl FnMut() -> String)
         };
         let mut filled = BTreeSet::new();
         for (key, tasks) in &slots {
-            for t in tasks.iter().filter(|t| t.live()) {
-                let stays = wanted(key)
-                    && keeps(state.nodes.get(&t.node), &constraints)
-                    && !filled.contains(key);
-                if stays {
+            // Newest first. A start-first replacement that does not run yet
+            // leaves the task it replaces serving.
+            let live: Vec<&Task> = tasks.iter().copied().filter(|t| t.live()).collect();
+            for (i, t) in live.iter().enumerate() {
+                let here = wanted(key) && keeps(state.nodes.get(&t.node), &constraints);
+                let covering = i == 1
+                    && filled.contains(key)
+                    && live[0].observed < TaskState::Running
+                    && t.observed == TaskState::Running;
+                if here && (!filled.contains(key) || covering) {
                     filled.insert(*key);
                 } else {
                     stop(&mut plan, &mut load, t);
                 }
             }
+        }
+        let mut renewed = BTreeSet::new();
+        if let Some(u) = svc.update_status.as_ref().filter(|u| u.state.active()) {
+            rolling_update(
+                &mut Rollout {
+                    state,
+                    svc,
+                    status: u,
+                    now_ms,
+                    constraints: &constraints,
+                    slots: &slots,
+                    filled: &mut filled,
+                    renewed: &mut renewed,
+                    load: &mut load,
+                    creates: &mut creates,
+                    plan: &mut plan,
+                },
+                &mut new_id,
+            );
         }
         // Empty slots: new tasks, unless the restart policy says the slot
         // is done, or its delay has not passed yet.
@@ -338,7 +363,6 @@ pub fn reconcile(state: &State, now_ms: u64, mut new_id: impl FnMut() -> String)
             false
         };
         // Slots that get a new task here: their history keeps one less.
-        let mut renewed = BTreeSet::new();
         match svc.spec.mode {
             ServiceMode::Replicated { replicas } => {
                 for slot in 1..=replicas {
@@ -395,6 +419,163 @@ pub fn reconcile(state: &State, now_ms: u64, mut new_id: impl FnMut() -> String)
     }
     plan.commands.extend(creates);
     plan
+}
+
+/// One service's rolling update, as [`reconcile`] carries it out.
+struct Rollout<'a, 'p> {
+    state: &'a State,
+    svc: &'a Service,
+    status: &'a UpdateStatus,
+    now_ms: u64,
+    constraints: &'p [Constraint],
+    slots: &'p BTreeMap<(u32, &'a str), Vec<&'a Task>>,
+    filled: &'p mut BTreeSet<(u32, &'a str)>,
+    renewed: &'p mut BTreeSet<(u32, &'a str)>,
+    load: &'p mut Load,
+    creates: &'p mut Vec<Command>,
+    plan: &'p mut Plan,
+}
+
+/// Replaces the tasks whose template is out of date, `parallelism` at a
+/// time (0: all at once), as Swarm's updater does:
+/// - a batch starts when the tasks of the previous one have run for
+///   `monitor` and then `delay` has passed;
+/// - a task of this update that ends by itself before the update is done is
+///   a failure, and `failure_action` says what follows: pause the update,
+///   continue, or roll back to the previous spec;
+/// - `stop-first` stops the old task and then places the new one;
+///   `start-first` places the new one first, and the old one serves until
+///   the new one runs;
+/// - when no task is out of date and every new one has settled, the update
+///   is completed.
+fn rolling_update(r: &mut Rollout<'_, '_>, new_id: &mut impl FnMut() -> String) {
+    let svc = r.svc;
+    let rollback = r.status.state.rollback();
+    let config = if rollback {
+        &svc.spec.rollback
+    } else {
+        &svc.spec.update
+    };
+    let current = &svc.spec.task;
+    let ours = |t: &&&Task| t.seq > r.status.from_seq && t.spec == *current;
+    let newest = |key: &(u32, &str)| r.slots.get(key).and_then(|ts| ts.first()).copied();
+    // Failures: a task of this update that ended by itself.
+    let failed = r
+        .slots
+        .values()
+        .flatten()
+        .filter(ours)
+        .find(|t| t.ended_by_itself());
+    if let Some(t) = failed
+        && config.failure_action != FailureAction::Continue
+    {
+        let message = format!(
+            "{} due to failure or early termination of task {}",
+            if rollback {
+                "rollback paused"
+            } else {
+                match config.failure_action {
+                    FailureAction::Rollback => "update rolled back",
+                    _ => "update paused",
+                }
+            },
+            t.id
+        );
+        r.plan.commands.push(
+            match (rollback, config.failure_action) {
+                (false, FailureAction::Rollback) => Command::RollbackService {
+                    target: svc.id.clone(),
+                    message,
+                },
+                _ => Command::SetUpdateStatus {
+                    service: svc.id.clone(),
+                    state: if rollback {
+                        UpdateState::RollbackPaused
+                    } else {
+                        UpdateState::Paused
+                    },
+                    message,
+                },
+            },
+        );
+        return;
+    }
+    // This update's tasks that have not settled yet.
+    let settle_ms = config.monitor_ms.saturating_add(config.delay_ms);
+    let mut busy = 0u32;
+    let mut wake: Option<u64> = None;
+    for t in r.slots.values().flatten().filter(ours).filter(|t| t.live()) {
+        let settled_at = t.since_ms.saturating_add(settle_ms);
+        if t.observed != TaskState::Running || r.now_ms < settled_at {
+            busy += 1;
+            if t.observed == TaskState::Running {
+                wake = Some(wake.map_or(settled_at, |w: u64| w.min(settled_at)));
+            }
+        }
+    }
+    if let Some(w) = wake {
+        r.plan.wake_at_ms = Some(r.plan.wake_at_ms.map_or(w, |p| p.min(w)));
+    }
+    // Out of date: a slot whose newest task is live with another template.
+    let outdated: Vec<(u32, &str)> = r
+        .filled
+        .iter()
+        .filter(|key| newest(key).is_some_and(|t| t.live() && t.spec != *current))
+        .copied()
+        .collect();
+    if outdated.is_empty() && busy == 0 {
+        r.plan.commands.push(Command::SetUpdateStatus {
+            service: svc.id.clone(),
+            state: if rollback {
+                UpdateState::RollbackCompleted
+            } else {
+                UpdateState::Completed
+            },
+            message: if rollback {
+                "rollback completed".into()
+            } else {
+                "update completed".into()
+            },
+        });
+        return;
+    }
+    let room = match config.parallelism {
+        0 => u32::MAX,
+        p => p.saturating_sub(busy),
+    };
+    for key in outdated.into_iter().take(room as usize) {
+        let old = newest(&key).expect("outdated slots have a task");
+        if config.order == UpdateOrder::StopFirst {
+            r.load.add(&old.service, &old.node, -1);
+            r.plan.commands.push(Command::ShutdownTask { id: old.id.clone() });
+        }
+        let placed = if key.0 == 0 {
+            // A global service's slot is its node.
+            r.load.add(&svc.id, key.1, 1);
+            r.creates.push(Command::CreateTask {
+                id: new_id(),
+                service: svc.id.clone(),
+                slot: 0,
+                node: key.1.to_owned(),
+                netns: None,
+            });
+            true
+        } else {
+            place(
+                r.state,
+                svc,
+                key.0,
+                r.constraints,
+                r.load,
+                r.creates,
+                r.plan,
+                new_id,
+            )
+        };
+        if placed {
+            r.renewed.insert(key);
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -935,4 +1116,247 @@ mod tests {
         );
         assert!(w.state.services.is_empty());
     }
+
+    /// The node side, simulated: every task told to run that has not
+    /// started reports running now; every task told to stop that still
+    /// runs reports shut down (the executor stopped it).
+    fn nodes_act(w: &mut World) {
+        let todo: Vec<(String, TaskState)> = w
+            .state
+            .tasks
+            .values()
+            .filter(|t| !t.ended())
+            .filter_map(|t| match (t.desired, t.observed) {
+                (TaskState::Running, o) if o < TaskState::Running => {
+                    Some((t.id.clone(), TaskState::Running))
+                }
+                (TaskState::Shutdown, _) => Some((t.id.clone(), TaskState::Shutdown)),
+                _ => None,
+            })
+            .collect();
+        for (id, observed) in todo {
+            w.run(Command::SetTaskStatus {
+                id,
+                observed,
+                netns: None,
+                exit_code: None,
+                error: None,
+                at_ms: w.now,
+            });
+        }
+    }
+
+    /// Command of each task meant to run of `service`, by slot.
+    fn commands(w: &World, service: &str) -> Vec<(u32, String)> {
+        let mut v: Vec<(u32, String)> = w
+            .running(service)
+            .map(|t| (t.slot, t.spec.command.join(" ")))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn update_to(w: &mut World, service: &str, f: impl FnOnce(&mut ServiceSpec)) {
+        let svc = w.state.service_by_ref(service).unwrap().clone();
+        let mut spec = svc.spec.clone();
+        f(&mut spec);
+        w.run(Command::UpdateService {
+            target: svc.id,
+            version: svc.version,
+            spec,
+        });
+    }
+
+    fn update_state(w: &World, service: &str) -> Option<UpdateState> {
+        w.state
+            .service_by_ref(service)
+            .unwrap()
+            .update_status
+            .as_ref()
+            .map(|u| u.state)
+    }
+
+    fn rolling(order: &str, failure_action: &str) -> serde_json::Value {
+        serde_json::json!({
+            "name": "web", "mode": {"mode": "replicated", "replicas": 3},
+            "task": {"command": ["/bin/web", "v1"], "restart": {"delay_ms": 0}},
+            "update": {"parallelism": 1, "delay_ms": 0, "monitor_ms": 1000,
+                       "failure_action": failure_action, "order": order},
+            "rollback": {"parallelism": 0, "delay_ms": 0, "monitor_ms": 1000,
+                         "failure_action": "pause", "order": "stop-first"}
+        })
+    }
+
+    #[test]
+    fn a_rolling_update_replaces_one_task_per_monitor_period() {
+        let mut w = three();
+        w.service(rolling("stop-first", "pause"));
+        w.settle();
+        nodes_act(&mut w);
+        // Replicas alone: no update.
+        update_to(&mut w, "web", |s| s.mode = ServiceMode::Replicated { replicas: 3 });
+        assert_eq!(update_state(&w, "web"), None);
+        update_to(&mut w, "web", |s| s.task.command[1] = "v2".into());
+        assert_eq!(update_state(&w, "web"), Some(UpdateState::Updating));
+        let mut batches = Vec::new();
+        for _ in 0..10 {
+            w.settle();
+            nodes_act(&mut w);
+            let v2 = commands(&w, "web")
+                .iter()
+                .filter(|(_, c)| c.ends_with("v2"))
+                .count();
+            batches.push(v2);
+            // Never more than one task down at a time (stop-first,
+            // parallelism 1): three slots always have a task.
+            assert_eq!(w.slots("web"), vec![1, 2, 3]);
+            w.now += 600;
+        }
+        // One more every two looks (monitor 1 s, looks every 0.6 s).
+        assert_eq!(batches[..6], [1, 1, 2, 2, 3, 3], "{batches:?}");
+        assert_eq!(update_state(&w, "web"), Some(UpdateState::Completed));
+        // The old tasks are history of their slots.
+        assert_eq!(w.state.tasks.len(), 6);
+    }
+
+    #[test]
+    fn a_failing_update_rolls_back_to_the_previous_spec() {
+        let mut w = three();
+        w.service(rolling("stop-first", "rollback"));
+        w.settle();
+        nodes_act(&mut w);
+        update_to(&mut w, "web", |s| s.task.command[1] = "broken".into());
+        w.settle();
+        // The first new task fails as it starts.
+        let new = w
+            .running("web")
+            .find(|t| t.spec.command[1] == "broken")
+            .unwrap()
+            .id
+            .clone();
+        for observed in [TaskState::Running, TaskState::Failed] {
+            w.run(Command::SetTaskStatus {
+                id: new.clone(),
+                observed,
+                netns: None,
+                exit_code: Some(1),
+                error: None,
+                at_ms: w.now,
+            });
+        }
+        for _ in 0..6 {
+            w.settle();
+            nodes_act(&mut w);
+            w.now += 1100;
+        }
+        assert_eq!(
+            update_state(&w, "web"),
+            Some(UpdateState::RollbackCompleted)
+        );
+        let svc = w.state.service_by_ref("web").unwrap();
+        assert_eq!(svc.spec.task.command, ["/bin/web", "v1"]);
+        assert_eq!(
+            svc.previous.as_ref().unwrap().task.command,
+            ["/bin/web", "broken"]
+        );
+        assert_eq!(
+            commands(&w, "web"),
+            [1, 2, 3].map(|s| (s, "/bin/web v1".to_owned()))
+        );
+        // Only the one slot was touched before the failure.
+        let broken = w
+            .state
+            .tasks
+            .values()
+            .filter(|t| t.spec.command[1] == "broken")
+            .count();
+        assert_eq!(broken, 1);
+    }
+
+    #[test]
+    fn a_failing_update_with_pause_stops_replacing() {
+        let mut w = three();
+        w.service(rolling("stop-first", "pause"));
+        w.settle();
+        nodes_act(&mut w);
+        update_to(&mut w, "web", |s| s.task.command[1] = "broken".into());
+        w.settle();
+        let new = w
+            .running("web")
+            .find(|t| t.spec.command[1] == "broken")
+            .unwrap()
+            .id
+            .clone();
+        w.run(Command::SetTaskStatus {
+            id: new.clone(),
+            observed: TaskState::Failed,
+            netns: None,
+            exit_code: Some(1),
+            error: None,
+            at_ms: w.now,
+        });
+        for _ in 0..4 {
+            w.settle();
+            nodes_act(&mut w);
+            w.now += 1100;
+        }
+        assert_eq!(update_state(&w, "web"), Some(UpdateState::Paused));
+        let u = w.state.service_by_ref("web").unwrap().update_status.clone().unwrap();
+        assert!(u.message.contains(&new), "{u:?}");
+        // Two slots still run v1.
+        let v1 = commands(&w, "web")
+            .iter()
+            .filter(|(_, c)| c.ends_with("v1"))
+            .count();
+        assert_eq!(v1, 2);
+    }
+
+    #[test]
+    fn start_first_keeps_the_old_task_until_the_new_one_runs() {
+        let mut w = three();
+        w.service(rolling("start-first", "pause"));
+        w.settle();
+        nodes_act(&mut w);
+        update_to(&mut w, "web", |s| s.task.command[1] = "v2".into());
+        w.settle();
+        // Slot with two live tasks: the old one still serves.
+        let live = w.running("web").count();
+        assert_eq!(live, 4, "the new task is added, not swapped");
+        let plans = w.settle();
+        assert!(plans[0].commands.is_empty(), "{plans:?}");
+        nodes_act(&mut w); // the new one runs
+        w.settle();
+        assert_eq!(w.running("web").count(), 3, "the old one goes once the new runs");
+        for _ in 0..8 {
+            nodes_act(&mut w);
+            w.now += 1100;
+            w.settle();
+        }
+        assert_eq!(update_state(&w, "web"), Some(UpdateState::Completed));
+        assert_eq!(
+            commands(&w, "web"),
+            [1, 2, 3].map(|s| (s, "/bin/web v2".to_owned()))
+        );
+    }
+
+    #[test]
+    fn attached_tasks_are_left_alone() {
+        let mut w = three();
+        w.service(web(0));
+        w.run(Command::CreateTask {
+            id: "outside".into(),
+            service: "s-web".into(),
+            slot: 1,
+            node: "n-w1".into(),
+            netns: Some("/run/netns/x".into()),
+        });
+        let plans = w.settle();
+        assert!(plans[0].commands.is_empty(), "{plans:?}");
+        update_to(&mut w, "web", |s| s.mode = ServiceMode::Replicated { replicas: 1 });
+        w.settle();
+        // One task of its own, and the attached one untouched.
+        assert_eq!(w.running("web").count(), 2);
+        assert!(w.state.tasks["outside"].live());
+    }
+
 }

@@ -346,6 +346,48 @@ pub struct Service {
     pub vips: Vec<Vip>,
     /// The ports as published: `published` always set.
     pub ports: Vec<PortConfig>,
+    /// The rolling update (or rollback) the orchestrator is carrying out,
+    /// or the last one's outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_status: Option<UpdateStatus>,
+}
+
+/// Where a rolling update stands, as `docker service inspect` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateState {
+    Updating,
+    Paused,
+    Completed,
+    RollbackStarted,
+    RollbackPaused,
+    RollbackCompleted,
+}
+
+impl UpdateState {
+    /// The orchestrator is replacing tasks.
+    pub fn active(self) -> bool {
+        matches!(self, UpdateState::Updating | UpdateState::RollbackStarted)
+    }
+
+    pub fn rollback(self) -> bool {
+        matches!(
+            self,
+            UpdateState::RollbackStarted
+                | UpdateState::RollbackPaused
+                | UpdateState::RollbackCompleted
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateStatus {
+    pub state: UpdateState,
+    /// Tasks created after this `seq` with the current spec belong to this
+    /// update (their failures count against it).
+    pub from_seq: u64,
+    #[serde(default)]
+    pub message: String,
 }
 
 impl Service {
@@ -421,6 +463,17 @@ pub struct Task {
     /// Unix epoch, the leader's clock); 0 before any report.
     #[serde(default)]
     pub since_ms: u64,
+    /// Run by something other than mesh (its namespace was given when it
+    /// was recorded): no node's executor starts it, and the orchestrator
+    /// neither counts, stops nor replaces it. Its endpoints serve as any
+    /// other's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attached: bool,
+    /// The service's task template when this task was created: what the
+    /// node runs. A task whose template differs from its service's is out
+    /// of date, and a rolling update replaces it.
+    #[serde(default)]
+    pub spec: TaskTemplate,
 }
 
 impl Task {
@@ -428,6 +481,21 @@ impl Task {
     /// serves (on a ready node).
     pub fn live(&self) -> bool {
         self.desired <= TaskState::Running && !self.ended()
+    }
+
+    /// The orchestrator's to manage: not attached from outside.
+    pub fn managed(&self) -> bool {
+        !self.attached
+    }
+
+    /// Its name: `svc.slot` for a replicated service's task,
+    /// `svc.node.task` for a global one's (as Swarm names them).
+    pub fn name(&self, service: &str) -> String {
+        if self.slot == 0 {
+            format!("{service}.{}.{}", self.node, self.id)
+        } else {
+            format!("{service}.{}", self.slot)
+        }
     }
 
     /// Its slot: the number, or for a global service's task (slot 0) its
@@ -592,6 +660,20 @@ pub enum Command {
     RemoveService {
         target: String,
     },
+    /// `service rollback`, or an update's failure_action: the previous spec
+    /// becomes the spec again, and the orchestrator rolls the tasks back.
+    RollbackService {
+        target: String,
+        #[serde(default)]
+        message: String,
+    },
+    /// The orchestrator's progress on a service's rolling update.
+    SetUpdateStatus {
+        service: String,
+        state: UpdateState,
+        #[serde(default)]
+        message: String,
+    },
     CreateTask {
         id: String,
         service: String,
@@ -657,6 +739,9 @@ struct Allocations {
     /// A slot's tasks by `seq` (the last is the newest): a new task finds
     /// its slot's previous one in O(log n).
     slots: BTreeMap<SlotKey, BTreeMap<u64, String>>,
+    /// Node id -> its tasks' ids: what the dispatcher assigns a node,
+    /// found without a scan of every task.
+    by_node: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// (service id, slot, node id for a global service's slot 0, else "").
@@ -729,6 +814,16 @@ impl State {
         }
     }
 
+    /// The tasks recorded on `node`, in id order.
+    pub fn tasks_on<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a Task> + 'a {
+        self.alloc
+            .by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.tasks.get(id))
+    }
+
     pub fn ingress(&self) -> Option<&Network> {
         self.networks.values().find(|n| n.ingress)
     }
@@ -774,6 +869,11 @@ impl State {
                 .entry(slot_key(t))
                 .or_default()
                 .insert(t.seq, t.id.clone());
+            alloc
+                .by_node
+                .entry(t.node.clone())
+                .or_default()
+                .insert(t.id.clone());
         }
         for n in self.nodes.values() {
             for (net, addr) in &n.lb_addrs {
@@ -839,6 +939,30 @@ impl State {
                 spec,
             } => self.update_service(target, *version, spec),
             Command::RemoveService { target } => self.remove_service(target),
+            Command::RollbackService { target, message } => {
+                self.rollback_service(target, message)
+            }
+            Command::SetUpdateStatus {
+                service,
+                state,
+                message,
+            } => {
+                let task_seq = self.task_seq;
+                let svc = self
+                    .services
+                    .get_mut(service)
+                    .ok_or_else(|| StateError::NotFound {
+                        kind: "service",
+                        name: service.clone(),
+                    })?;
+                let from_seq = svc.update_status.as_ref().map_or(task_seq, |u| u.from_seq);
+                svc.update_status = Some(UpdateStatus {
+                    state: *state,
+                    from_seq,
+                    message: message.clone(),
+                });
+                Ok(Outcome::Service(Box::new(svc.clone())))
+            }
             Command::CreateTask {
                 id,
                 service,
@@ -1333,6 +1457,7 @@ impl State {
             previous: None,
             vips,
             ports,
+            update_status: None,
         };
         self.services.insert(id.to_owned(), service.clone());
         self.alloc
@@ -1367,6 +1492,17 @@ impl State {
         // old ones come back if the new ones cannot be had.
         let (ports, vips) = self.allocate_endpoint(spec, Some(&old))?;
         self.release_endpoint(&old, Some((&ports, &vips)));
+        // A new task template starts a rolling update; a change of
+        // replicas or ports alone does not.
+        let update_status = if spec.task != old.spec.task {
+            Some(UpdateStatus {
+                state: UpdateState::Updating,
+                from_seq: self.task_seq,
+                message: "update in progress".into(),
+            })
+        } else {
+            old.update_status.clone()
+        };
         let service = Service {
             id: old.id.clone(),
             version: old.version + 1,
@@ -1374,6 +1510,7 @@ impl State {
             previous: Some(old.spec.clone()),
             vips,
             ports,
+            update_status,
         };
         self.services.insert(old.id.clone(), service.clone());
         self.alloc.service_names.remove(&old.spec.name);
@@ -1381,6 +1518,36 @@ impl State {
             .service_names
             .insert(spec.name.clone(), old.id.clone());
         Ok(Outcome::Service(Box::new(service)))
+    }
+
+    /// The previous spec comes back (its ports and VIPs allocated again as
+    /// an update would); the spec rolled back from becomes the previous.
+    fn rollback_service(&mut self, target: &str, message: &str) -> Result<Outcome, StateError> {
+        let old = self
+            .service_by_ref(target)
+            .cloned()
+            .ok_or_else(|| StateError::NotFound {
+                kind: "service",
+                name: target.to_owned(),
+            })?;
+        let Some(previous) = old.previous.clone() else {
+            return Err(invalid(format!(
+                "service {}: there is no previous spec to roll back to",
+                old.spec.name
+            )));
+        };
+        self.update_service(&old.id, old.version, &previous)?;
+        let svc = self.services.get_mut(&old.id).expect("just updated");
+        svc.update_status = Some(UpdateStatus {
+            state: UpdateState::RollbackStarted,
+            from_seq: self.task_seq,
+            message: if message.is_empty() {
+                "manually requested rollback".into()
+            } else {
+                message.to_owned()
+            },
+        });
+        Ok(Outcome::Service(Box::new(svc.clone())))
     }
 
     fn remove_service(&mut self, target: &str) -> Result<Outcome, StateError> {
@@ -1488,6 +1655,7 @@ impl State {
             }
         });
         self.task_seq += 1;
+        let attached = netns.is_some();
         let task = Task {
             id: id.to_owned(),
             service: svc.id,
@@ -1502,12 +1670,19 @@ impl State {
             seq: self.task_seq,
             attempt,
             since_ms: 0,
+            attached,
+            spec: svc.spec.task.clone(),
         };
         self.alloc
             .slots
             .entry(key)
             .or_default()
             .insert(task.seq, task.id.clone());
+        self.alloc
+            .by_node
+            .entry(task.node.clone())
+            .or_default()
+            .insert(task.id.clone());
         self.tasks.insert(id.to_owned(), task.clone());
         Ok(Outcome::Task(task))
     }
@@ -1606,6 +1781,12 @@ impl State {
         for a in &task.attachments {
             if let Some(pool) = self.alloc.addresses.get_mut(&a.network) {
                 pool.release(a.addr);
+            }
+        }
+        if let Some(ids) = self.alloc.by_node.get_mut(&task.node) {
+            ids.remove(&task.id);
+            if ids.is_empty() {
+                self.alloc.by_node.remove(&task.node);
             }
         }
         let key = slot_key(&task);

@@ -399,7 +399,10 @@ impl Touched {
             Command::CreateService { id, .. } => {
                 self.services.insert(id.clone());
             }
-            Command::UpdateService { target, .. } | Command::RemoveService { target } => {
+            Command::SetUpdateStatus { .. } => {}
+            Command::UpdateService { target, .. }
+            | Command::RemoveService { target }
+            | Command::RollbackService { target, .. } => {
                 if let Some(s) = state.service_by_ref(target) {
                     self.services.insert(s.id.clone());
                     // Removing a service removes its tasks; an update may
