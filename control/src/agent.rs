@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::{
     api::Ctx,
     daemon::{MAX_MESSAGE, status_text},
-    dispatcher::{AgentMessage, DispatcherMessage, NOT_LEADER_DISPATCH, TaskReport},
+    dispatcher::{AgentMessage, Assignment, DispatcherMessage, NOT_LEADER_DISPATCH, TaskReport},
     tables::{Key, Revision, Tables, Value},
     tls::{self, Trust},
 };
@@ -84,6 +84,9 @@ pub struct Agent<S: Sink> {
     /// while no session is open.
     reports: Option<mpsc::UnboundedReceiver<TaskReport>>,
     unsent: VecDeque<TaskReport>,
+    /// The tasks the leader assigned this node (None: not heard yet). Kept
+    /// while no session is open: the tasks keep running.
+    assigned: watch::Sender<Option<Vec<Assignment>>>,
 }
 
 enum Ended {
@@ -106,6 +109,7 @@ impl<S: Sink> Agent<S> {
             failed: false,
             reports: None,
             unsent: VecDeque::new(),
+            assigned: watch::Sender::new(None),
         }
     }
 
@@ -115,6 +119,11 @@ impl<S: Sink> Agent<S> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.reports = Some(rx);
         tx
+    }
+
+    /// Follows the tasks the leader assigns this node.
+    pub fn assignments(&self) -> watch::Receiver<Option<Vec<Assignment>>> {
+        self.assigned.subscribe()
     }
 
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
@@ -291,6 +300,13 @@ impl<S: Sink> Agent<S> {
                             tracing::info!(manager = %addr, revision = self.replica.revision, "agent session open");
                         }
                         DispatcherMessage::Heartbeat => {}
+                        DispatcherMessage::Assignments { tasks } => {
+                            self.assigned.send_if_modified(|a| {
+                                let changed = a.as_ref() != Some(&tasks);
+                                *a = Some(tasks);
+                                changed
+                            });
+                        }
                         DispatcherMessage::Snapshot { tables } => {
                             self.replica = tables;
                             self.dirty = true;
@@ -402,6 +418,6 @@ fn ended(s: &tonic::Status) -> Ended {
 }
 
 /// Resolves once `stop` is set (the daemon is stopping).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }

@@ -596,20 +596,20 @@ impl Daemon {
     }
 
     /// Starts this node's agent, which feeds `sink` (the data plane) from
-    /// the leader's dispatcher.
-    /// Starts this node's agent; what the returned sender gets (reports on
-    /// this node's tasks) goes to the dispatcher.
-    pub fn start_agent<S: Sink>(
-        &mut self,
-        sink: S,
-    ) -> tokio::sync::mpsc::UnboundedSender<crate::dispatcher::TaskReport> {
+    /// the leader's dispatcher. The returned ends connect the node's
+    /// executor: the tasks assigned to it, and where its reports go.
+    pub fn start_agent<S: Sink>(&mut self, sink: S) -> TaskLink {
         let mut agent = Agent::new(self.ctx.clone(), sink, Some(self.dir.clone()));
         let reports = agent.task_reports();
+        let assignments = agent.assignments();
         let stop = self.stop.subscribe();
         if let Some(old) = self.agent.replace(tokio::spawn(agent.run(stop))) {
             old.abort();
         }
-        reports
+        TaskLink {
+            reports,
+            assignments,
+        }
     }
 
     /// Stops serving and shuts Raft down.
@@ -630,6 +630,15 @@ impl Daemon {
             m.shutdown().await;
         }
     }
+}
+
+/// What connects a node's executor to its agent.
+pub struct TaskLink {
+    /// Reports on this node's tasks, for the dispatcher.
+    pub reports: tokio::sync::mpsc::UnboundedSender<crate::dispatcher::TaskReport>,
+    /// The tasks the leader assigns this node.
+    pub assignments:
+        tokio::sync::watch::Receiver<Option<Vec<crate::dispatcher::Assignment>>>,
 }
 
 /// How often a node checks its standing (role, certificate, membership).

@@ -65,6 +65,47 @@ pub struct TaskReport {
     pub error: Option<String>,
 }
 
+/// A task this node must run, or stop: the node's share of the state, as
+/// Swarm's dispatcher assigns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub id: String,
+    /// `svc.slot` (replicated) or `svc.node.task` (global).
+    pub name: String,
+    pub service: String,
+    pub desired: crate::state::TaskState,
+    /// What the node last reported (a node that restarted learns here
+    /// which tasks it had started).
+    pub observed: crate::state::TaskState,
+    pub command: Vec<String>,
+    pub env: Vec<String>,
+}
+
+/// The tasks assigned to `node`: its tasks that mesh runs and that have
+/// not ended, in id order. O(tasks on the node), through the state's
+/// per-node index.
+pub fn assignments(state: &crate::state::State, node: &str) -> Vec<Assignment> {
+    state
+        .tasks_on(node)
+        .filter(|t| t.managed() && !t.ended())
+        .map(|t| {
+            let service = state
+                .services
+                .get(&t.service)
+                .map_or(t.service.as_str(), |s| s.spec.name.as_str());
+            Assignment {
+                id: t.id.clone(),
+                name: t.name(service),
+                service: service.to_owned(),
+                desired: t.desired,
+                observed: t.observed,
+                command: t.spec.command.clone(),
+                env: t.spec.env.clone(),
+            }
+        })
+        .collect()
+}
+
 /// What the dispatcher sends.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -77,6 +118,9 @@ pub enum DispatcherMessage {
     Delta { delta: Arc<Delta> },
     /// Answers a heartbeat: the leader is alive.
     Heartbeat,
+    /// This node's whole set of assigned tasks; sent at the start of a
+    /// session and whenever it changes.
+    Assignments { tasks: Vec<Assignment> },
 }
 
 /// Prefix of the error a manager that is not the leader gives an agent,
@@ -440,6 +484,15 @@ async fn run_session(
         )
         .await;
         catch_up(m, tx, &mut sent).await?;
+        let mut changes = m.sm.changes();
+        let mut assigned = m.with_state(|s| assignments(s, node));
+        send(
+            tx,
+            &DispatcherMessage::Assignments {
+                tasks: assigned.clone(),
+            },
+        )
+        .await?;
         let mut leadership = tokio::time::interval(period);
         loop {
             tokio::select! {
@@ -468,6 +521,16 @@ async fn run_session(
                         return Err(Status::unavailable("this manager is shutting down"));
                     }
                     catch_up(m, tx, &mut sent).await?;
+                }
+                r = changes.changed() => {
+                    if r.is_err() {
+                        return Err(Status::unavailable("this manager is shutting down"));
+                    }
+                    let now = m.with_state(|s| assignments(s, node));
+                    if now != assigned {
+                        assigned = now;
+                        send(tx, &DispatcherMessage::Assignments { tasks: assigned.clone() }).await?;
+                    }
                 }
                 _ = leadership.tick() => {
                     if !m.is_leader() {

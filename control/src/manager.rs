@@ -10,7 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     path::Path,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex, RwLock, Weak},
     time::{Duration, Instant},
 };
 
@@ -256,9 +256,10 @@ pub struct Manager {
     pub dispatcher: crate::dispatcher::Dispatcher,
     proposals: tokio::sync::mpsc::UnboundedSender<Proposal>,
     stop: tokio::sync::watch::Sender<bool>,
-    /// The liveness loop, awaited on shutdown (it holds the manager while
-    /// it works, and the store must be closed when shutdown returns).
-    liveness: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The liveness and orchestrator loops, awaited on shutdown (they hold
+    /// the manager while they work, and the store must be closed when
+    /// shutdown returns).
+    liveness: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// A write waiting to be committed by the batcher.
@@ -369,8 +370,14 @@ impl Manager {
             stop,
             liveness: Default::default(),
         });
-        let task = tokio::spawn(crate::dispatcher::liveness(Arc::downgrade(&m), stopped));
-        *m.liveness.lock().expect("liveness lock") = Some(task);
+        let tasks = vec![
+            tokio::spawn(crate::dispatcher::liveness(
+                Arc::downgrade(&m),
+                stopped.clone(),
+            )),
+            tokio::spawn(orchestrate(Arc::downgrade(&m), stopped)),
+        ];
+        *m.liveness.lock().expect("liveness lock") = tasks;
         Ok(m)
     }
 
@@ -684,8 +691,8 @@ impl Manager {
 
     pub async fn shutdown(&self) {
         self.begin_shutdown();
-        let liveness = self.liveness.lock().expect("liveness lock").take();
-        if let Some(task) = liveness {
+        let loops = std::mem::take(&mut *self.liveness.lock().expect("liveness lock"));
+        for task in loops {
             let _ = task.await;
         }
         self.dispatcher
@@ -698,6 +705,124 @@ impl Manager {
         let deadline = Instant::now() + Duration::from_secs(2);
         while self.sm.other_db_handles() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// The leader's clock, as the state records it (ms since the Unix epoch).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Waits this long after a change before looking, so that a burst of
+/// changes is one look and one batch.
+const ORCHESTRATE_SETTLE: Duration = Duration::from_millis(20);
+
+/// The orchestrator, on the leader: after each change of the state, and
+/// when a restart delay or an update's monitor period ends, it runs
+/// [`crate::orchestrator::reconcile_some`] on the services the change
+/// touched and proposes the plan as one batch. A new leader looks at every
+/// service first. Commands the state refuses are logged, and the next look
+/// waits a second (no busy loop on a plan that cannot apply).
+pub async fn orchestrate(m: Weak<Manager>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let Some(mut changes) = m.upgrade().map(|m| m.sm.changes()) else {
+        return;
+    };
+    let mut leading = false;
+    let mut wake: Option<u64> = None;
+    let mut pending_said: Vec<(String, u32, String)> = Vec::new();
+    loop {
+        let mut pause = Duration::from_secs(1);
+        let mut backoff = false;
+        {
+            let Some(mgr) = m.upgrade() else { return };
+            if !mgr.is_leader() {
+                leading = false;
+            } else {
+                if !leading {
+                    leading = true;
+                    mgr.sm.touch_all();
+                }
+                let now = now_ms();
+                let mut touched = mgr.sm.take_touched();
+                if wake.is_some_and(|w| w <= now) {
+                    touched.all = true;
+                }
+                let plan = if touched.is_empty() {
+                    None
+                } else {
+                    Some(mgr.with_state(|s| {
+                        crate::orchestrator::reconcile_some(s, now, &touched, crate::api::new_id)
+                    }))
+                };
+                if let Some(plan) = plan {
+                    if touched.all {
+                        wake = plan.wake_at_ms;
+                    } else if let Some(w) = plan.wake_at_ms {
+                        wake = Some(wake.map_or(w, |x| x.min(w)));
+                    }
+                    if plan.pending != pending_said {
+                        for (service, slot, why) in &plan.pending {
+                            tracing::warn!(%service, slot, "task not placed: {why}");
+                        }
+                        pending_said = plan.pending;
+                    }
+                    if !plan.commands.is_empty() {
+                        let n = plan.commands.len();
+                        match mgr
+                            .propose(Command::Batch {
+                                commands: plan.commands,
+                            })
+                            .await
+                        {
+                            Ok(Outcome::Batch(results)) => {
+                                let refused: Vec<&String> =
+                                    results.iter().filter_map(|r| r.as_ref().err()).collect();
+                                if refused.is_empty() {
+                                    pause = Duration::ZERO;
+                                } else {
+                                    tracing::warn!(
+                                        commands = n,
+                                        refused = refused.len(),
+                                        first = %refused[0],
+                                        "orchestrator: the state refused part of a plan"
+                                    );
+                                    mgr.sm.touch_all();
+                                    backoff = true;
+                                }
+                            }
+                            Ok(_) => pause = Duration::ZERO,
+                            Err(e) => {
+                                tracing::info!("orchestrator: plan not committed: {e}");
+                                mgr.sm.touch_all();
+                                backoff = true;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if pause.is_zero() {
+            continue;
+        }
+        if backoff {
+            tokio::select! {
+                () = crate::agent::stopped(&mut stop) => return,
+                () = tokio::time::sleep(pause) => continue,
+            }
+        }
+        let until_wake = wake.map_or(pause, |w| {
+            Duration::from_millis(w.saturating_sub(now_ms())).min(pause)
+        });
+        tokio::select! {
+            () = crate::agent::stopped(&mut stop) => return,
+            r = changes.changed() => {
+                if r.is_err() { return; }
+                tokio::time::sleep(ORCHESTRATE_SETTLE).await;
+            }
+            () = tokio::time::sleep(until_wake) => {}
         }
     }
 }

@@ -31,7 +31,7 @@ use std::{
 
 use crate::state::{
     Availability, Command, FailureAction, Node, NodeStatus, RestartCondition, RestartPolicy, Role,
-    Service, ServiceMode, State, Task, TaskState, UpdateOrder, UpdateState, UpdateStatus,
+    Service, ServiceMode, State, Task, TaskState, Touched, UpdateOrder, UpdateState, UpdateStatus,
 };
 
 /// What a constraint looks at.
@@ -262,13 +262,28 @@ fn restart_wanted(policy: &RestartPolicy, last: &Task) -> bool {
 /// history; a task that ended by itself is marked so too, and its slot
 /// gets a new one if the restart policy says so. Each slot keeps its
 /// newest [`TASK_HISTORY`] tasks.
-pub fn reconcile(state: &State, now_ms: u64, mut new_id: impl FnMut() -> String) -> Plan {
+pub fn reconcile(state: &State, now_ms: u64, new_id: impl FnMut() -> String) -> Plan {
+    reconcile_some(state, now_ms, &Touched { all: true, ..Touched::default() }, new_id)
+}
+
+/// [`reconcile`] for the services in `only` (what changed since the last
+/// run); the others are as their last run left them.
+pub fn reconcile_some(
+    state: &State,
+    now_ms: u64,
+    only: &Touched,
+    mut new_id: impl FnMut() -> String,
+) -> Plan {
     let mut plan = Plan::default();
     let mut creates = Vec::new();
     let mut load = Load::new(state);
     let mut tasks_of: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
     // Attached tasks are run from outside: not the orchestrator's.
-    for t in state.tasks.values().filter(|t| t.managed()) {
+    for t in state
+        .tasks
+        .values()
+        .filter(|t| t.managed() && only.has(&t.service))
+    {
         tasks_of.entry(t.service.as_str()).or_default().push(t);
     }
     let stop = |plan: &mut Plan, load: &mut Load, t: &Task| {
@@ -276,7 +291,7 @@ pub fn reconcile(state: &State, now_ms: u64, mut new_id: impl FnMut() -> String)
         plan.commands
             .push(Command::ShutdownTask { id: t.id.clone() });
     };
-    for svc in state.services.values() {
+    for svc in state.services.values().filter(|s| only.has(&s.id)) {
         // Refused at create and update; a spec that does not parse places
         // nothing rather than everywhere.
         let Ok(constraints) = parse_constraints(&svc.spec.task.constraints) else {

@@ -770,6 +770,47 @@ pub struct State {
     pub task_seq: u64,
     #[serde(skip)]
     alloc: Allocations,
+    /// What changed since the orchestrator last looked.
+    #[serde(skip)]
+    touched: Touched,
+}
+
+/// The services whose tasks may need the orchestrator, since it last
+/// looked: a command on a service or one of its tasks touches it; a node
+/// change touches every service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub all: bool,
+    pub services: BTreeSet<String>,
+}
+
+/// Beyond this many touched services, the orchestrator looks at all of them
+/// (and a follower's set stays small).
+const TOUCHED_MAX: usize = 4096;
+
+impl Touched {
+    fn service(&mut self, id: &str) {
+        if !self.all {
+            self.services.insert(id.to_owned());
+            if self.services.len() > TOUCHED_MAX {
+                self.everything();
+            }
+        }
+    }
+
+    fn everything(&mut self) {
+        self.all = true;
+        self.services.clear();
+    }
+
+    /// Is `service` among them?
+    pub fn has(&self, service: &str) -> bool {
+        self.all || self.services.contains(service)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.services.is_empty()
+    }
 }
 
 impl PartialEq for State {
@@ -886,8 +927,58 @@ impl State {
         Ok(())
     }
 
+    /// Takes what changed since the last call (see [`Touched`]).
+    pub fn take_touched(&mut self) -> Touched {
+        std::mem::take(&mut self.touched)
+    }
+
+    /// Marks everything touched (a new leader looks at every service).
+    pub fn touch_all(&mut self) {
+        self.touched.everything();
+    }
+
+    fn touch(&mut self, cmd: &Command) {
+        match cmd {
+            Command::Init { .. }
+            | Command::AddNode { .. }
+            | Command::UpdateNode { .. }
+            | Command::SetNodeStatus { .. }
+            | Command::RemoveNode { .. }
+            | Command::CreateNetwork { .. }
+            | Command::RemoveNetwork { .. } => self.touched.everything(),
+            Command::SetJoinToken { .. } | Command::Batch { .. } => {}
+            Command::CreateService { id, .. } => self.touched.service(id),
+            Command::UpdateService { target, .. }
+            | Command::RemoveService { target }
+            | Command::RollbackService { target, .. } => {
+                if let Some(id) = self.service_by_ref(target).map(|s| s.id.clone()) {
+                    self.touched.service(&id);
+                }
+            }
+            Command::SetUpdateStatus { service, .. } => self.touched.service(service),
+            Command::CreateTask { service, .. } => {
+                if let Some(id) = self.service_by_ref(service).map(|s| s.id.clone()) {
+                    self.touched.service(&id);
+                }
+            }
+            Command::RemoveTask { id }
+            | Command::ShutdownTask { id }
+            | Command::SetTaskStatus { id, .. } => {
+                if let Some(s) = self.tasks.get(id).map(|t| t.service.clone()) {
+                    self.touched.service(&s);
+                }
+            }
+        }
+    }
+
     /// Applies one command: all of it, or (with an error) none of it.
     pub fn apply(&mut self, cmd: &Command) -> Result<Outcome, StateError> {
+        // Before: a removal still finds what it removes.
+        self.touch(cmd);
+        self.apply_inner(cmd)
+    }
+
+    fn apply_inner(&mut self, cmd: &Command) -> Result<Outcome, StateError> {
         if self.settings.is_none() && !matches!(cmd, Command::Init { .. }) {
             return Err(invalid("the cluster is not initialized"));
         }

@@ -512,6 +512,9 @@ pub struct StateMachineStore {
     snapshot_seq: Arc<Mutex<u64>>,
     /// The tables' revision, for whoever waits on a change.
     revision: Arc<tokio::sync::watch::Sender<Revision>>,
+    /// Bumped on every applied entry, table change or not (task states,
+    /// update progress): what the orchestrator and the assignments follow.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl StateMachineStore {
@@ -531,6 +534,7 @@ impl StateMachineStore {
             applied: Arc::new(Mutex::new(applied)),
             snapshot_seq: Arc::default(),
             revision,
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
         })
     }
 
@@ -549,6 +553,21 @@ impl StateMachineStore {
     /// Follows the tables' revision.
     pub fn revisions(&self) -> tokio::sync::watch::Receiver<Revision> {
         self.revision.subscribe()
+    }
+
+    /// What changed since the last call, for the orchestrator.
+    pub fn take_touched(&self) -> crate::state::Touched {
+        self.applied.lock().expect("state lock").state.take_touched()
+    }
+
+    /// Makes the orchestrator look at every service next time.
+    pub fn touch_all(&self) {
+        self.applied.lock().expect("state lock").state.touch_all();
+    }
+
+    /// Follows every change of the state (a counter).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Reads the current cluster state in place.
@@ -649,6 +668,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         drop(a);
         self.revision
             .send_if_modified(|r| std::mem::replace(r, revision) != revision);
+        self.changes.send_modify(|c| *c += 1);
         Ok(out)
     }
 
@@ -684,6 +704,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         )?;
         *self.applied.lock().expect("state lock") = new;
         self.revision.send_replace(revision);
+        self.changes.send_modify(|c| *c += 1);
         Ok(())
     }
 

@@ -879,7 +879,7 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
     assert!(saved.revision > 0, "the agent saved its tables");
     let mut w2 = daemon::run(&w2_dir, daemon::Unlock::Wait).await.unwrap();
     let r2 = Recorder::default();
-    let w2_reports = w2.start_agent(r2.clone());
+    let w2_reports = w2.start_agent(r2.clone()).reports;
     wait_for(
         "worker 2 to be ready again",
         Duration::from_secs(10),

@@ -10,5 +10,6 @@ pub mod lb;
 pub mod maglev;
 pub mod netlink;
 pub mod overlay;
+pub mod runner;
 pub mod stats;
 pub mod tables;

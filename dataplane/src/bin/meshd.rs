@@ -20,6 +20,8 @@ use dataplane::{
     bpffs,
     dns::Dns,
     ebpf::{Datapath, monotonic_ns},
+    executor::ProcessExecutor,
+    runner::{self, StopTiming},
     inspect::{LbTable, read_lb},
     lb::{LbSpec, LbSync, Timeouts},
     netlink::Netlink,
@@ -222,6 +224,32 @@ struct DataplaneArgs {
     /// and repairing drift, such as an FDB entry deleted by hand).
     #[arg(long, default_value_t = 30)]
     resync_interval: u64,
+    /// Names this node's tasks' namespaces (`/run/netns/<scope>-<task>`)
+    /// and their cgroup (`<cgroup2>/<scope>`); nodes sharing a host need
+    /// different scopes.
+    #[arg(long, default_value = "mesh", value_parser = parse_scope)]
+    task_scope: String,
+    /// Between the withdrawal of a stopping task's endpoints and its
+    /// SIGTERM: open flows finish, and every node applies the withdrawal.
+    #[arg(long, default_value_t = 2000)]
+    drain_ms: u64,
+    /// Between a task's SIGTERM and its SIGKILL (Docker's default: 10 s).
+    #[arg(long, default_value_t = 10_000)]
+    stop_grace_ms: u64,
+}
+
+fn parse_scope(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?}: a task scope is 1 to 32 letters, digits, '-' or '_'"
+        ))
+    }
 }
 
 /// "250ms", "1s" or "2s": 50 ms to 60 s.
@@ -766,6 +794,8 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
             None => None,
         };
         let mut daemon = daemon;
+        let tasks_stop = tokio::sync::watch::Sender::new(false);
+        let mut tasks = None;
         if let Some(d) = daemon.as_mut() {
             let file = control::daemon::NodeFile::load(&d.dir)?;
             let upstream = if dp.dns_upstream.is_empty() {
@@ -773,13 +803,31 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
             } else {
                 dp.dns_upstream.clone()
             };
-            d.start_agent(TableSink {
+            let link = d.start_agent(TableSink {
                 node: d.ctx.node_id.clone(),
                 underlay: file.addr,
                 view: NodeView::new(&d.ctx.node_id, file.addr),
                 dataplane: dataplane.clone(),
                 dns: Dns::new(upstream),
             });
+            let scope = &dp.task_scope;
+            match ProcessExecutor::new(&d.dir.join("tasks"), &format!("{scope}-"), scope) {
+                Ok(exec) => {
+                    tasks = Some(tokio::spawn(runner::run(
+                        Arc::new(exec),
+                        link.assignments,
+                        link.reports,
+                        StopTiming {
+                            drain: Duration::from_millis(dp.drain_ms),
+                            grace: Duration::from_millis(dp.stop_grace_ms),
+                        },
+                        tasks_stop.subscribe(),
+                    )));
+                }
+                Err(e) => tracing::error!(
+                    "this node cannot run tasks (they stay assigned to it, not started): {e}"
+                ),
+            }
         }
         println!("meshd: ready");
 
@@ -802,6 +850,11 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
                     if let Some(d) = &dataplane { d.lock().await.sweep() }
                 }
             }
+        }
+        // Tasks first: their last reports may still reach the leader.
+        tasks_stop.send_replace(true);
+        if let Some(t) = tasks {
+            let _ = t.await;
         }
         if let Some(d) = daemon {
             d.stop().await;

@@ -1,0 +1,225 @@
+//! Runs the tasks the leader assigns this node, with an [`Executor`], and
+//! reports what they do.
+//!
+//! For each assignment:
+//! - desired `running`, not started here: start it, then report `running`
+//!   with its namespace (the overlay then wires the namespace, and the
+//!   embedded DNS serves in it). A start that fails is reported `rejected`
+//!   with the reason.
+//! - the process exits: `complete` (code 0) or `failed` with
+//!   `task: non-zero exit (N)`; the orchestrator applies the restart policy.
+//! - desired `shutdown`: the tables already withdrew the task's endpoints,
+//!   so no new flow reaches it. After the drain period (every node has
+//!   applied the withdrawal, open requests finish) it gets SIGTERM, and
+//!   SIGKILL after the stop grace; then `shutdown` with its exit code.
+//! - a task this node reported started but does not run (meshd restarted
+//!   and stopped its tasks on the way out): `failed`, "task lost: meshd
+//!   restarted", and the orchestrator replaces it.
+//!
+//! A task that ended stays ended here until the leader's assignments drop
+//! it, so a report still in flight never starts it twice.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use control::{
+    dispatcher::{Assignment, TaskReport},
+    state::TaskState,
+};
+use tokio::sync::{mpsc, watch};
+
+use crate::executor::{Executor, RunningTask, TaskRun};
+
+/// How a node stops its tasks.
+#[derive(Debug, Clone, Copy)]
+pub struct StopTiming {
+    /// Between the withdrawal of a task's endpoints and SIGTERM.
+    pub drain: Duration,
+    /// Between SIGTERM and SIGKILL (Docker's default: 10 s).
+    pub grace: Duration,
+}
+
+impl Default for StopTiming {
+    fn default() -> Self {
+        StopTiming {
+            drain: Duration::from_secs(2),
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+struct Handle {
+    stop: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+/// Follows `assigned` until `stop` is set; then stops every task it runs.
+pub async fn run<E>(
+    exec: Arc<E>,
+    mut assigned: watch::Receiver<Option<Vec<Assignment>>>,
+    reports: mpsc::UnboundedSender<TaskReport>,
+    timing: StopTiming,
+    mut stop: watch::Receiver<bool>,
+) where
+    E: Executor + Send + Sync + 'static,
+    E::Task: 'static,
+{
+    let mut running: HashMap<String, Handle> = HashMap::new();
+    // Ended here, and still assigned (the report is on its way).
+    let mut ended: HashSet<String> = HashSet::new();
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<String>();
+    loop {
+        let tasks = assigned.borrow_and_update().clone();
+        if let Some(tasks) = tasks {
+            let ids: HashSet<&str> = tasks.iter().map(|a| a.id.as_str()).collect();
+            ended.retain(|id| ids.contains(id.as_str()));
+            // No longer assigned (removed, or ended and recorded): stop it
+            // if it still runs.
+            for (id, h) in &running {
+                if !ids.contains(id.as_str()) {
+                    h.stop.send_replace(true);
+                }
+            }
+            for a in &tasks {
+                if let Some(h) = running.get(&a.id) {
+                    if a.desired > TaskState::Running {
+                        h.stop.send_replace(true);
+                    }
+                    continue;
+                }
+                if ended.contains(&a.id) {
+                    continue;
+                }
+                if a.desired > TaskState::Running {
+                    // Told to stop before it started here.
+                    ended.insert(a.id.clone());
+                    let _ = reports.send(report(&a.id, TaskState::Shutdown, None, None, None));
+                    continue;
+                }
+                if a.observed >= TaskState::Starting {
+                    ended.insert(a.id.clone());
+                    let _ = reports.send(report(
+                        &a.id,
+                        TaskState::Failed,
+                        None,
+                        None,
+                        Some("task lost: meshd restarted on its node".into()),
+                    ));
+                    continue;
+                }
+                let (stop_tx, stop_rx) = watch::channel(false);
+                let done = tokio::spawn(lifecycle(
+                    exec.clone(),
+                    a.clone(),
+                    reports.clone(),
+                    timing,
+                    stop_rx,
+                    ended_tx.clone(),
+                ));
+                running.insert(
+                    a.id.clone(),
+                    Handle {
+                        stop: stop_tx,
+                        done,
+                    },
+                );
+            }
+        }
+        tokio::select! {
+            r = assigned.changed() => if r.is_err() { break },
+            Some(id) = ended_rx.recv() => {
+                running.remove(&id);
+                ended.insert(id);
+            }
+            () = control::agent::stopped(&mut stop) => break,
+        }
+    }
+    // meshd is going away: its tasks go with it (Docker's default without
+    // live-restore), so nothing runs unwatched.
+    let mut waits = Vec::new();
+    for (_, h) in running.drain() {
+        h.stop.send_replace(true);
+        waits.push(h.done);
+    }
+    for w in waits {
+        let _ = w.await;
+    }
+}
+
+fn report(
+    id: &str,
+    observed: TaskState,
+    netns: Option<String>,
+    exit_code: Option<i32>,
+    error: Option<String>,
+) -> TaskReport {
+    TaskReport {
+        id: id.to_owned(),
+        observed,
+        netns,
+        exit_code,
+        error,
+    }
+}
+
+/// One task, from start to removal.
+async fn lifecycle<E: Executor>(
+    exec: Arc<E>,
+    a: Assignment,
+    reports: mpsc::UnboundedSender<TaskReport>,
+    timing: StopTiming,
+    mut stop: watch::Receiver<bool>,
+    ended: mpsc::UnboundedSender<String>,
+) {
+    let run = TaskRun {
+        id: a.id.clone(),
+        name: a.name.clone(),
+        command: a.command.clone(),
+        env: a.env.clone(),
+    };
+    let mut task = match exec.start(&run).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(task = %a.id, name = %a.name, "task not started: {e}");
+            let _ = reports.send(report(
+                &a.id,
+                TaskState::Rejected,
+                None,
+                None,
+                Some(e.to_string()),
+            ));
+            let _ = ended.send(a.id);
+            return;
+        }
+    };
+    let netns = task.netns().display().to_string();
+    tracing::info!(task = %a.id, name = %a.name, %netns, "task running");
+    let _ = reports.send(report(&a.id, TaskState::Running, Some(netns), None, None));
+    let (observed, code) = tokio::select! {
+        code = task.wait() => {
+            let code = code.unwrap_or(255);
+            let observed = if code == 0 { TaskState::Complete } else { TaskState::Failed };
+            (observed, code)
+        }
+        () = control::agent::stopped(&mut stop) => {
+            // The endpoints are already withdrawn; let open flows finish,
+            // unless the process ends first.
+            let drained = tokio::time::timeout(timing.drain, task.wait()).await;
+            let code = match drained {
+                Ok(code) => code.unwrap_or(255),
+                Err(_) => task.stop(timing.grace).await.unwrap_or(255),
+            };
+            (TaskState::Shutdown, code)
+        }
+    };
+    let error = (observed == TaskState::Failed).then(|| format!("task: non-zero exit ({code})"));
+    tracing::info!(task = %a.id, name = %a.name, ?observed, code, "task ended");
+    let _ = reports.send(report(&a.id, observed, None, Some(code), error));
+    if let Err(e) = task.remove().await {
+        tracing::warn!(task = %a.id, "removing the task's namespace and cgroup: {e}");
+    }
+    let _ = ended.send(a.id);
+}
