@@ -547,7 +547,7 @@ fn rolling_update(r: &mut Rollout<'_, '_>, new_id: &mut impl FnMut() -> String) 
                 UpdateState::Completed
             },
             message: if rollback {
-                "rollback completed".into()
+                r.status.message.clone()
             } else {
                 "update completed".into()
             },

@@ -1393,6 +1393,18 @@ impl State {
                     spec.name
                 )));
             }
+            if p.mode == PublishMode::Host && spec.task.networks.is_empty() {
+                return Err(invalid(format!(
+                    "service {}: a port published in mode=host reaches the task through one of its networks; attach one (--network NAME)",
+                    spec.name
+                )));
+            }
+            if p.mode == PublishMode::Host && p.published.is_none() {
+                return Err(invalid(format!(
+                    "service {}: a port published in mode=host needs published=PORT",
+                    spec.name
+                )));
+            }
             if let Some(port) = p.published
                 && !ports.insert((p.protocol, port))
             {

@@ -92,6 +92,10 @@ impl NodeView {
     }
 
     /// The networks this node is on, with its own address there.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     pub fn networks(&self) -> &BTreeMap<String, Ipv4Addr> {
         &self.local
     }
@@ -333,11 +337,18 @@ fn table_size(backends: usize) -> u32 {
 /// - every published port (ingress mode) answers on the node's addresses
 ///   and goes to the service's tasks on `ingress`, at the target port;
 /// - each VIP on a network this node is on answers on the service's target
-///   ports and goes to the service's tasks on that network.
+///   ports and goes to the service's tasks on that network;
+/// - a port published in host mode answers only on a node that runs a task
+///   of the service, and goes only to the tasks on that node (no mesh).
 #[derive(Debug, Default)]
 pub struct LbView {
+    /// This node's id (host-mode ports serve its own tasks only).
+    node: String,
     /// Service id -> network -> its live task addresses there.
     members: HashMap<String, HashMap<String, BTreeSet<Ipv4Addr>>>,
+    /// Service id -> its live tasks' addresses on this node (one per task:
+    /// the first network's).
+    local: HashMap<String, BTreeMap<String, Ipv4Addr>>,
     /// Service id -> the load-balancer services it contributes.
     specs: HashMap<String, Vec<ServiceSpec>>,
     /// Load-balancer service name -> its id in the counters.
@@ -359,6 +370,52 @@ fn ingress<'a>(
 impl LbView {
     pub fn new() -> LbView {
         LbView::default()
+    }
+
+    /// The view of node `node`: host-mode ports serve its tasks.
+    pub fn for_node(node: &str) -> LbView {
+        LbView {
+            node: node.to_owned(),
+            ..LbView::default()
+        }
+    }
+
+    fn add_member(&mut self, network: &str, e: &EndpointEntry) {
+        self.members
+            .entry(e.service.clone())
+            .or_default()
+            .entry(network.to_owned())
+            .or_default()
+            .insert(e.addr);
+        if e.node == self.node {
+            self.local
+                .entry(e.service.clone())
+                .or_default()
+                .entry(e.task_name.clone())
+                .or_insert(e.addr);
+        }
+    }
+
+    fn remove_member(&mut self, network: &str, e: &EndpointEntry) {
+        if let Some(m) = self.members.get_mut(&e.service) {
+            if let Some(set) = m.get_mut(network) {
+                set.remove(&e.addr);
+                if set.is_empty() {
+                    m.remove(network);
+                }
+            }
+            if m.is_empty() {
+                self.members.remove(&e.service);
+            }
+        }
+        if let Some(l) = self.local.get_mut(&e.service)
+            && l.get(&e.task_name) == Some(&e.addr)
+        {
+            l.remove(&e.task_name);
+            if l.is_empty() {
+                self.local.remove(&e.service);
+            }
+        }
     }
 
     /// Brings the maps to the tables after `update`: per service for a
@@ -419,14 +476,9 @@ impl LbView {
         networks: &BTreeMap<String, Ipv4Addr>,
         node_addresses: Vec<Ipv4Addr>,
     ) -> Option<LbSpec> {
-        *self = LbView::default();
+        *self = LbView::for_node(&self.node);
         for (network, _, e) in tables.endpoints() {
-            self.members
-                .entry(e.service.clone())
-                .or_default()
-                .entry(network.to_owned())
-                .or_default()
-                .insert(e.addr);
+            self.add_member(network, e);
         }
         let (ingress_id, nat_address) = ingress(tables, networks)?;
         let mut services = Vec::new();
@@ -462,26 +514,11 @@ impl LbView {
             match &c.key {
                 Key::Endpoint { network, .. } => {
                     if let Some(o) = endpoint(&c.old) {
-                        if let Some(m) = self.members.get_mut(&o.service) {
-                            if let Some(set) = m.get_mut(network) {
-                                set.remove(&o.addr);
-                                if set.is_empty() {
-                                    m.remove(network);
-                                }
-                            }
-                            if m.is_empty() {
-                                self.members.remove(&o.service);
-                            }
-                        }
+                        self.remove_member(network, o);
                         affected.insert(o.service.clone());
                     }
                     if let Some(n) = endpoint(&c.new) {
-                        self.members
-                            .entry(n.service.clone())
-                            .or_default()
-                            .entry(network.clone())
-                            .or_default()
-                            .insert(n.addr);
+                        self.add_member(network, n);
                         affected.insert(n.service.clone());
                     }
                 }
@@ -595,6 +632,26 @@ impl LbView {
                     None,
                     published,
                     ingress_id,
+                ));
+            }
+            if p.mode == PublishMode::Host
+                && let Some(published) = p.published
+                && let Some(local) = self.local.get(id).filter(|l| !l.is_empty())
+            {
+                let b = backends(local.values().copied().collect());
+                found.push((
+                    format!("{}:{published}/{}@host", s.name, p.protocol),
+                    ServiceSpec {
+                        id: 0,
+                        name: String::new(),
+                        frontends: vec![FrontendSpec {
+                            address: None,
+                            port: published,
+                            protocol,
+                        }],
+                        table_size: table_size(b.len()),
+                        backends: b,
+                    },
                 ));
             }
             if s.endpoint_mode == EndpointMode::Vip {

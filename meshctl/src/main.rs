@@ -216,6 +216,94 @@ struct ServiceOpts {
     /// node.labels.zone==east (repeatable; on update, replaces the set).
     #[arg(long)]
     constraint: Vec<String>,
+    /// Restart a task that ended: any, on-failure or none.
+    #[arg(long, value_parser = ["any", "on-failure", "none"])]
+    restart_condition: Option<String>,
+    /// Wait between a task's end and its restart (e.g. 5s, 500ms).
+    #[arg(long, value_parser = parse_ms)]
+    restart_delay: Option<u64>,
+    /// Give up a slot after this many restarts in a row (0: never).
+    #[arg(long)]
+    restart_max_attempts: Option<u32>,
+    #[command(flatten)]
+    update: UpdateOpts,
+}
+
+/// How a rolling update (or its rollback) replaces tasks.
+#[derive(Args, Default)]
+struct UpdateOpts {
+    /// Tasks replaced at once (0: all).
+    #[arg(long)]
+    update_parallelism: Option<u32>,
+    /// Wait between batches (e.g. 10s).
+    #[arg(long, value_parser = parse_ms)]
+    update_delay: Option<u64>,
+    /// How long a new task must run before it counts as healthy.
+    #[arg(long, value_parser = parse_ms)]
+    update_monitor: Option<u64>,
+    /// When a new task fails during the update: pause, continue or rollback.
+    #[arg(long, value_parser = ["pause", "continue", "rollback"])]
+    update_failure_action: Option<String>,
+    /// stop-first (old task stops, then the new one starts) or start-first.
+    #[arg(long, value_parser = ["stop-first", "start-first"])]
+    update_order: Option<String>,
+    #[arg(long)]
+    rollback_parallelism: Option<u32>,
+    #[arg(long, value_parser = parse_ms)]
+    rollback_delay: Option<u64>,
+    #[arg(long, value_parser = parse_ms)]
+    rollback_monitor: Option<u64>,
+    #[arg(long, value_parser = ["pause", "continue"])]
+    rollback_failure_action: Option<String>,
+    #[arg(long, value_parser = ["stop-first", "start-first"])]
+    rollback_order: Option<String>,
+}
+
+/// "500ms", "5s", "2m", "1h" or plain seconds, in ms.
+fn parse_ms(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a duration: use e.g. 500ms, 5s, 2m or 1h");
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    Ok(match unit {
+        "ms" => n,
+        "" | "s" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        _ => return Err(bad()),
+    })
+}
+
+/// Applies the `--<prefix>-*` options to `c`.
+#[allow(clippy::too_many_arguments)]
+fn apply_update_opts(
+    c: &mut control::state::UpdateConfig,
+    parallelism: Option<u32>,
+    delay: Option<u64>,
+    monitor: Option<u64>,
+    failure_action: Option<&str>,
+    order: Option<&str>,
+) {
+    use control::state::{FailureAction, UpdateOrder};
+    if let Some(p) = parallelism {
+        c.parallelism = p;
+    }
+    if let Some(d) = delay {
+        c.delay_ms = d;
+    }
+    if let Some(m) = monitor {
+        c.monitor_ms = m;
+    }
+    match failure_action {
+        Some("pause") => c.failure_action = FailureAction::Pause,
+        Some("continue") => c.failure_action = FailureAction::Continue,
+        Some("rollback") => c.failure_action = FailureAction::Rollback,
+        _ => {}
+    }
+    match order {
+        Some("stop-first") => c.order = UpdateOrder::StopFirst,
+        Some("start-first") => c.order = UpdateOrder::StartFirst,
+        _ => {}
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -310,6 +398,12 @@ enum ServiceCmd {
         /// Replace the command and arguments.
         #[arg(long, num_args = 1.., allow_hyphen_values = true)]
         args: Option<Vec<String>>,
+        #[command(flatten)]
+        wait: Wait,
+        service: String,
+    },
+    /// Go back to the spec before the last update, as a rolling update.
+    Rollback {
         #[command(flatten)]
         wait: Wait,
         service: String,
@@ -852,6 +946,37 @@ fn apply_opts(spec: &mut ServiceSpec, o: ServiceOpts, creating: bool) -> Res {
         control::orchestrator::parse_constraints(&o.constraint)?;
         spec.task.constraints = o.constraint;
     }
+    let u = &o.update;
+    apply_update_opts(
+        &mut spec.update,
+        u.update_parallelism,
+        u.update_delay,
+        u.update_monitor,
+        u.update_failure_action.as_deref(),
+        u.update_order.as_deref(),
+    );
+    apply_update_opts(
+        &mut spec.rollback,
+        u.rollback_parallelism,
+        u.rollback_delay,
+        u.rollback_monitor,
+        u.rollback_failure_action.as_deref(),
+        u.rollback_order.as_deref(),
+    );
+    match o.restart_condition.as_deref() {
+        Some("any") => spec.task.restart.condition = control::state::RestartCondition::Any,
+        Some("on-failure") => {
+            spec.task.restart.condition = control::state::RestartCondition::OnFailure
+        }
+        Some("none") => spec.task.restart.condition = control::state::RestartCondition::None,
+        _ => {}
+    }
+    if let Some(d) = o.restart_delay {
+        spec.task.restart.delay_ms = d;
+    }
+    if let Some(n) = o.restart_max_attempts {
+        spec.task.restart.max_attempts = n;
+    }
     for e in o.env {
         if !e.contains('=') {
             return Err(format!("--env {e:?}: use KEY=value"));
@@ -1049,7 +1174,8 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
             apply_opts(&mut spec, opts, true)?;
             let s: Service = from_blob(c.api.create_service(blob(&spec)).await.map_err(err)?)?;
             println!("{}", s.id);
-            converge(c, &wait).await
+            converge(c, &wait).await?;
+            converge_tasks(c, &wait, &s.id, false).await
         }
         ServiceCmd::Ls { format, quiet } => {
             let mut svcs: Vec<ServiceView> =
@@ -1126,7 +1252,8 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
             }
             update_spec(c, &cur, spec).await?;
             println!("{service}");
-            converge(c, &wait).await
+            converge(c, &wait).await?;
+            converge_tasks(c, &wait, &cur.id, true).await
         }
         ServiceCmd::Scale { targets, wait } => {
             // Every argument and service is checked before any is changed.
@@ -1144,13 +1271,35 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
                 }
                 current.push((name, replicas, s));
             }
+            let mut ids = Vec::new();
             for (name, replicas, s) in current {
                 let mut spec = s.spec.clone();
                 spec.mode = ServiceMode::Replicated { replicas };
                 update_spec(c, &s, spec).await?;
                 println!("{name} scaled to {replicas}");
+                ids.push(s.id);
             }
-            converge(c, &wait).await
+            converge(c, &wait).await?;
+            for id in ids {
+                converge_tasks(c, &wait, &id, false).await?;
+            }
+            Ok(())
+        }
+        ServiceCmd::Rollback { wait, service } => {
+            let cur = inspect_service(c, &service).await?;
+            let r: Result<Outcome, String> = from_blob(
+                c.api
+                    .propose(blob(&Command::RollbackService {
+                        target: cur.id.clone(),
+                        message: String::new(),
+                    }))
+                    .await
+                    .map_err(err)?,
+            )?;
+            r?;
+            println!("{service}");
+            converge(c, &wait).await?;
+            converge_tasks(c, &wait, &service, false).await
         }
         ServiceCmd::Rm { wait, services } => {
             for target in services {
@@ -1216,6 +1365,87 @@ async fn converge(c: &mut Client, wait: &Wait) -> Res {
             ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the service's tasks run as its spec says, printing progress
+/// as `docker service create|update` does: every wanted slot has a running
+/// task of the current spec, and a rolling update has ended. An update that
+/// paused or rolled back is an error, with the orchestrator's reason.
+async fn converge_tasks(c: &mut Client, wait: &Wait, service: &str, updating: bool) -> Res {
+    use control::state::UpdateState;
+    if wait.detach {
+        return Ok(());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let mut shown: Option<String> = None;
+    loop {
+        let s = inspect_service(c, service).await?;
+        let tasks: Vec<TaskView> = from_blob(
+            c.api
+                .list_tasks(Ref {
+                    target: s.id.clone(),
+                })
+                .await
+                .map_err(err)?,
+        )?;
+        let live: Vec<&TaskView> = tasks
+            .iter()
+            .filter(|t| t.task.live() && t.task.managed())
+            .collect();
+        let running = live
+            .iter()
+            .filter(|t| t.task.observed == TaskState::Running && t.task.spec == s.spec.task)
+            .count();
+        let desired = match s.spec.mode {
+            ServiceMode::Replicated { replicas } => replicas as usize,
+            ServiceMode::Global => live.len(),
+        };
+        let update = s.update_status.as_ref().map(|u| u.state);
+        let rolling = update.is_some_and(UpdateState::active);
+        let line = format!(
+            "overall progress: {}{running} out of {desired} tasks",
+            match update {
+                Some(UpdateState::RollbackStarted) => "rolling back update: ",
+                _ => "",
+            }
+        );
+        if shown.as_deref() != Some(line.as_str()) {
+            println!("{line} ");
+            shown = Some(line);
+        }
+        if let Some(u) = &s.update_status
+            && matches!(u.state, UpdateState::Paused | UpdateState::RollbackPaused)
+        {
+            return Err(format!("service {}: {}", s.spec.name, u.message));
+        }
+        if !rolling && running >= desired {
+            for (i, t) in live.iter().enumerate() {
+                println!(
+                    "{}/{}: running   [==================================================>] {}",
+                    i + 1,
+                    live.len(),
+                    t.name
+                );
+            }
+            println!("verify: Service {} converged ", s.spec.name);
+            if let Some(u) = &s.update_status
+                && u.state == UpdateState::RollbackCompleted
+            {
+                println!("rollback: {}", u.message);
+                if updating {
+                    return Err(format!("service {}: {}", s.spec.name, u.message));
+                }
+            }
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "service {}: {running} of {desired} tasks running after 180 s; see `meshctl service ps {}` (the change is committed; use --detach not to wait)",
+                s.spec.name, s.spec.name
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

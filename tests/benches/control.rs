@@ -41,7 +41,7 @@ pub fn addresses(i: u8) -> Addresses {
 fn spec(name: String) -> Vec<u8> {
     serde_json::to_vec(&ServiceSpec {
         name,
-        mode: ServiceMode::Replicated { replicas: 3 },
+        mode: ServiceMode::Replicated { replicas: 0 },
         task: TaskTemplate {
             command: vec!["/usr/sbin/nginx".into(), "-g".into(), "daemon off;".into()],
             env: vec!["MODE=bench".into()],

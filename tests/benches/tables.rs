@@ -52,7 +52,7 @@ const CHANGES: usize = 1000;
 fn service(name: &str) -> ServiceSpec {
     ServiceSpec {
         name: name.into(),
-        mode: ServiceMode::Replicated { replicas: 1 },
+        mode: ServiceMode::Replicated { replicas: 0 },
         task: TaskTemplate {
             command: vec!["/bin/true".into()],
             networks: vec![NetworkAttachment {

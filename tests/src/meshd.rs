@@ -42,6 +42,15 @@ pub fn meshctl_bin() -> PathBuf {
     beside_test("meshctl", "cargo build -p meshctl")
 }
 
+/// The small HTTP server tasks run (`mesh-web`), next to meshd.
+pub fn mesh_web_bin() -> PathBuf {
+    let beside = meshd_bin().with_file_name("mesh-web");
+    if beside.exists() {
+        return beside;
+    }
+    beside_test("mesh-web", "cargo build -p dataplane --bins")
+}
+
 fn beside_test(name: &str, build: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let candidates = [
@@ -228,3 +237,4 @@ pub fn down(host: &Host) {
         &["down", "--node", host.node_name(), "--bpf-root", BPF_ROOT],
     );
 }
+

@@ -21,6 +21,8 @@ mod control;
 mod executor;
 #[path = "netns/overlay.rs"]
 mod overlay;
+#[path = "netns/services.rs"]
+mod services;
 #[path = "netns/tables.rs"]
 mod tables;
 

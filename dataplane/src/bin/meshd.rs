@@ -514,6 +514,8 @@ struct Dataplane {
     lb_bridges: std::collections::BTreeMap<String, Ipv4Addr>,
     /// The load balancer's share of the tables (when it follows them).
     lb: LbView,
+    /// The node `lb` was made for.
+    lb_node: Option<String>,
 }
 
 impl Dataplane {
@@ -562,6 +564,7 @@ impl Dataplane {
             bridges: Default::default(),
             lb_bridges: Default::default(),
             lb: LbView::new(),
+            lb_node: None,
         })
     }
 
@@ -637,6 +640,10 @@ impl Dataplane {
                 })
                 .collect();
             self.refresh_bridges().await?;
+        }
+        if self.lb_node.as_deref() != Some(view.node()) {
+            self.lb = LbView::for_node(view.node());
+            self.lb_node = Some(view.node().to_owned());
         }
         let nat = self.nat_interfaces();
         let report = self

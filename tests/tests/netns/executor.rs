@@ -23,8 +23,8 @@ impl Scratch {
     fn new(tag: &str) -> Scratch {
         let pid = std::process::id();
         let dir = std::env::temp_dir().join(format!("mesh-exec-{pid}-{tag}"));
-        let prefix = format!("mesh-{pid}-{tag}-");
         let group = format!("mesh-test-{pid}-{tag}");
+        let prefix = format!("{group}-");
         let exec = ProcessExecutor::new(&dir, &prefix, &group).expect("executor");
         let group = dataplane::executor::cgroup2_mount().unwrap().join(&group);
         Scratch {
@@ -51,21 +51,8 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        for n in mesh_tests::netns::leftovers_matching(&|n| n.starts_with(&self.prefix)) {
-            if let Some(name) = n.strip_prefix("namespace ") {
-                let path = PathBuf::from("/run/netns").join(name);
-                let _ = std::process::Command::new("umount").arg(&path).status();
-                let _ = std::fs::remove_file(path);
-            }
-        }
-        if let Ok(d) = std::fs::read_dir(&self.group) {
-            for e in d.flatten().filter(|e| e.path().is_dir()) {
-                let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
-                std::thread::sleep(Duration::from_millis(50));
-                let _ = std::fs::remove_dir(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.group);
+        let scope = self.prefix.trim_end_matches('-');
+        super::control::remove_task_scope(scope);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
