@@ -25,7 +25,7 @@ use crate::{
     manager::{Manager, ManagerStatus, NOT_LEADER, WriteError, raft_id},
     pki::{self, Ca, Identity, JoinToken},
     state::{
-        Command, Network, Node, NodeSpec, Outcome, Role, Service, ServiceMode, State, Task,
+        Command, Network, Node, NodeSpec, Outcome, Role, Service, State, Task,
         TaskState,
     },
     tls::Credentials,
@@ -440,7 +440,7 @@ pub struct ServiceView {
 pub struct TaskView {
     #[serde(flatten)]
     pub task: Task,
-    /// `svc.slot`, or `svc.node-id` for a global service's task.
+    /// `svc.slot`, or `svc.node-id.task-id` for a global service's task.
     pub name: String,
     pub node_hostname: String,
 }
@@ -692,12 +692,7 @@ impl cluster_server::Cluster for ClusterService {
                     .values()
                     .filter(|t| t.service == svc.id)
                     .map(|t| TaskView {
-                        name: match svc.spec.mode {
-                            ServiceMode::Replicated { .. } => {
-                                format!("{}.{}", svc.spec.name, t.slot)
-                            }
-                            ServiceMode::Global => format!("{}.{}", svc.spec.name, t.node),
-                        },
+                        name: t.name(&svc.spec.name),
                         node_hostname: s
                             .nodes
                             .get(&t.node)

@@ -156,7 +156,7 @@ fn keeps(node: Option<&Node>, constraints: &[Constraint]) -> bool {
 }
 
 /// May `node` get a new task of a service with `constraints`?
-fn takes(node: &Node, constraints: &[Constraint]) -> bool {
+pub fn takes(node: &Node, constraints: &[Constraint]) -> bool {
     node.status == NodeStatus::Ready
         && node.spec.availability == Availability::Active
         && constraints.iter().all(|c| c.matches(node))

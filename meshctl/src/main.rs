@@ -1399,7 +1399,19 @@ async fn converge_tasks(c: &mut Client, wait: &Wait, service: &str, updating: bo
             .count();
         let desired = match s.spec.mode {
             ServiceMode::Replicated { replicas } => replicas as usize,
-            ServiceMode::Global => live.len(),
+            // One per node that can take one now, as the orchestrator
+            // decides it.
+            ServiceMode::Global => {
+                let constraints =
+                    control::orchestrator::parse_constraints(&s.spec.task.constraints)?;
+                let nodes: Vec<NodeView> =
+                    from_blob(c.api.list_nodes(Empty {}).await.map_err(err)?)?;
+                nodes
+                    .iter()
+                    .filter(|n| control::orchestrator::takes(&n.node, &constraints))
+                    .count()
+                    .max(live.len())
+            }
         };
         let update = s.update_status.as_ref().map(|u| u.state);
         let rolling = update.is_some_and(UpdateState::active);

@@ -70,7 +70,7 @@ fn tasks(manager: &Node<'_>, service: &str) -> Vec<serde_json::Value> {
 fn running(manager: &Node<'_>, service: &str) -> BTreeSet<(String, String)> {
     tasks(manager, service)
         .iter()
-        .filter(|t| t["task"]["desired"] == "running" && t["task"]["observed"] == "running")
+        .filter(|t| t["desired"] == "running" && t["observed"] == "running")
         .map(|t| {
             (
                 t["name"].as_str().unwrap_or_default().to_owned(),
@@ -163,7 +163,7 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
         .into_iter()
         .find(|t| t["name"] == "web.2")
         .expect("web.2");
-    let victim_id = victim["task"]["id"].as_str().unwrap().to_owned();
+    let victim_id = victim["id"].as_str().unwrap().to_owned();
     let host = victim["node_hostname"].as_str().unwrap().to_owned();
     let owner = nodes.iter().find(|n| n.host.label() == host).expect("its node");
     let procs = dataplane::executor::cgroup2_mount()
@@ -178,7 +178,7 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
     }
     let ps = wait_until("web.2 to be replaced", Duration::from_secs(20), || {
         let ps = m.meshctl_ok(&["service", "ps", "web"]);
-        let ok = ps.lines().filter(|l| l.contains(" web.2 ") && l.contains("Running")).count() == 1
+        let ok = running(m, "web").len() == 3
             && ps.lines().any(|l| {
                 l.contains("\\_ web.2") && l.contains("Failed") && l.contains("task: non-zero exit (137)")
             });
@@ -192,7 +192,7 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
     let (asked, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
     let fronts: Vec<Ipv4Addr> = (0..3).map(|i| nodes[i].host.addr()).collect();
     let before = m.meshctl_ok(&["service", "inspect", "web"]);
-    let old_command = json(&before)[0]["spec"]["task"]["command"].clone();
+    let old_command = json(&before)[0]["spec"]["command"].clone();
     let (update, errors) = std::thread::scope(|s| {
         let load = s.spawn(|| {
             client.enter(|| {
@@ -210,7 +210,11 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
                 errors
             })
         });
-        let update = m.meshctl(&["service", "update", "--args", "/bin/sh", "-c", "exit 3", "--", "web"]);
+        // First an update that works (one task at a time, each watched
+        // for 2 s), then one whose tasks fail at once.
+        let good = m.meshctl_ok(&["service", "update", "web", "--env", "RELEASE=2"]);
+        assert!(good.contains("verify: Service web converged"), "{good}");
+        let update = m.meshctl(&["service", "update", "web", "--args", "/bin/sh", "-c", "exit 3"]);
         stop.store(true, Ordering::Relaxed);
         (update, load.join().expect("load thread"))
     });
@@ -222,7 +226,7 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
         "{out}\n{err}"
     );
     let svc = json(&m.meshctl_ok(&["service", "inspect", "web"]))[0].clone();
-    assert_eq!(svc["spec"]["task"]["command"], old_command);
+    assert_eq!(svc["spec"]["command"], old_command);
     assert_eq!(svc["update_status"]["state"], "rollback_completed");
     let now = running(m, "web");
     assert_eq!(now.len(), 3, "{now:?}");
@@ -262,27 +266,34 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
     }
     let api_addrs: BTreeSet<String> = tasks(m, "api")
         .iter()
-        .filter(|t| t["task"]["observed"] == "running")
-        .flat_map(|t| t["task"]["attachments"].as_array().cloned().unwrap_or_default())
+        .filter(|t| t["observed"] == "running")
+        .flat_map(|t| t["attachments"].as_array().cloned().unwrap_or_default())
         .filter_map(|a| a["addr"].as_str().map(str::to_owned))
         .collect();
     let web_task = tasks(m, "web")
         .into_iter()
-        .find(|t| t["task"]["observed"] == "running")
+        .find(|t| t["observed"] == "running")
         .expect("a running web task");
-    let netns = web_task["task"]["netns"].as_str().expect("netns").to_owned();
+    let netns = web_task["netns"].as_str().expect("netns").to_owned();
     let ns_name = netns.trim_start_matches("/run/netns/").to_owned();
-    let resolved = wait_until("dnsrr to answer api's task", Duration::from_secs(10), || {
+    let dig = || {
         let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns_name, "dig", "+short", "+time=1", "@127.0.0.11", "api"])
+            .args(["netns", "exec", &ns_name, "dig", "+short", "+time=1", "+tries=1", "@127.0.0.11", "api"])
             .output()
-            .ok()?;
-        let got: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_owned)
-            .collect();
-        (got == api_addrs).then_some(got)
-    });
+            .expect("dig");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let mut last = String::new();
+    let mut resolved = BTreeSet::new();
+    for _ in 0..30 {
+        last = dig();
+        resolved = last.lines().map(str::to_owned).collect();
+        if resolved == api_addrs {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(resolved, api_addrs, "dig api from {ns_name}: {last}");
     assert_eq!(resolved.len(), 1);
 
     // A global service: one task per node, and the node that joins gets
