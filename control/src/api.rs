@@ -24,10 +24,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     manager::{Manager, ManagerStatus, NOT_LEADER, WriteError, raft_id},
     pki::{self, Ca, Identity, JoinToken},
-    state::{
-        Command, Network, Node, NodeSpec, Outcome, Role, Service, State, Task,
-        TaskState,
-    },
+    state::{Command, Network, Node, NodeSpec, Outcome, Role, Service, State, Task, TaskState},
     tls::Credentials,
 };
 

@@ -637,8 +637,7 @@ pub struct TaskLink {
     /// Reports on this node's tasks, for the dispatcher.
     pub reports: tokio::sync::mpsc::UnboundedSender<crate::dispatcher::TaskReport>,
     /// The tasks the leader assigns this node.
-    pub assignments:
-        tokio::sync::watch::Receiver<Option<Vec<crate::dispatcher::Assignment>>>,
+    pub assignments: tokio::sync::watch::Receiver<Option<Vec<crate::dispatcher::Assignment>>>,
 }
 
 /// How often a node checks its standing (role, certificate, membership).

@@ -263,7 +263,15 @@ fn restart_wanted(policy: &RestartPolicy, last: &Task) -> bool {
 /// gets a new one if the restart policy says so. Each slot keeps its
 /// newest [`TASK_HISTORY`] tasks.
 pub fn reconcile(state: &State, now_ms: u64, new_id: impl FnMut() -> String) -> Plan {
-    reconcile_some(state, now_ms, &Touched { all: true, ..Touched::default() }, new_id)
+    reconcile_some(
+        state,
+        now_ms,
+        &Touched {
+            all: true,
+            ..Touched::default()
+        },
+        new_id,
+    )
 }
 
 /// [`reconcile`] for the services in `only` (what changed since the last
@@ -496,8 +504,9 @@ fn rolling_update(r: &mut Rollout<'_, '_>, new_id: &mut impl FnMut() -> String) 
             },
             t.id
         );
-        r.plan.commands.push(
-            match (rollback, config.failure_action) {
+        r.plan
+            .commands
+            .push(match (rollback, config.failure_action) {
                 (false, FailureAction::Rollback) => Command::RollbackService {
                     target: svc.id.clone(),
                     message,
@@ -511,8 +520,7 @@ fn rolling_update(r: &mut Rollout<'_, '_>, new_id: &mut impl FnMut() -> String) 
                     },
                     message,
                 },
-            },
-        );
+            });
         return;
     }
     // This update's tasks that have not settled yet.
@@ -562,7 +570,9 @@ fn rolling_update(r: &mut Rollout<'_, '_>, new_id: &mut impl FnMut() -> String) 
         let old = newest(&key).expect("outdated slots have a task");
         if config.order == UpdateOrder::StopFirst {
             r.load.add(&old.service, &old.node, -1);
-            r.plan.commands.push(Command::ShutdownTask { id: old.id.clone() });
+            r.plan
+                .commands
+                .push(Command::ShutdownTask { id: old.id.clone() });
         }
         let placed = if key.0 == 0 {
             // A global service's slot is its node.
@@ -1209,7 +1219,9 @@ mod tests {
         w.settle();
         nodes_act(&mut w);
         // Replicas alone: no update.
-        update_to(&mut w, "web", |s| s.mode = ServiceMode::Replicated { replicas: 3 });
+        update_to(&mut w, "web", |s| {
+            s.mode = ServiceMode::Replicated { replicas: 3 }
+        });
         assert_eq!(update_state(&w, "web"), None);
         update_to(&mut w, "web", |s| s.task.command[1] = "v2".into());
         assert_eq!(update_state(&w, "web"), Some(UpdateState::Updating));
@@ -1316,7 +1328,13 @@ mod tests {
             w.now += 1100;
         }
         assert_eq!(update_state(&w, "web"), Some(UpdateState::Paused));
-        let u = w.state.service_by_ref("web").unwrap().update_status.clone().unwrap();
+        let u = w
+            .state
+            .service_by_ref("web")
+            .unwrap()
+            .update_status
+            .clone()
+            .unwrap();
         assert!(u.message.contains(&new), "{u:?}");
         // Two slots still run v1.
         let v1 = commands(&w, "web")
@@ -1341,7 +1359,11 @@ mod tests {
         assert!(plans[0].commands.is_empty(), "{plans:?}");
         nodes_act(&mut w); // the new one runs
         w.settle();
-        assert_eq!(w.running("web").count(), 3, "the old one goes once the new runs");
+        assert_eq!(
+            w.running("web").count(),
+            3,
+            "the old one goes once the new runs"
+        );
         for _ in 0..8 {
             nodes_act(&mut w);
             w.now += 1100;
@@ -1367,11 +1389,12 @@ mod tests {
         });
         let plans = w.settle();
         assert!(plans[0].commands.is_empty(), "{plans:?}");
-        update_to(&mut w, "web", |s| s.mode = ServiceMode::Replicated { replicas: 1 });
+        update_to(&mut w, "web", |s| {
+            s.mode = ServiceMode::Replicated { replicas: 1 }
+        });
         w.settle();
         // One task of its own, and the attached one untouched.
         assert_eq!(w.running("web").count(), 2);
         assert!(w.state.tasks["outside"].live());
     }
-
 }

@@ -1030,9 +1030,7 @@ impl State {
                 spec,
             } => self.update_service(target, *version, spec),
             Command::RemoveService { target } => self.remove_service(target),
-            Command::RollbackService { target, message } => {
-                self.rollback_service(target, message)
-            }
+            Command::RollbackService { target, message } => self.rollback_service(target, message),
             Command::SetUpdateStatus {
                 service,
                 state,

@@ -557,7 +557,11 @@ impl StateMachineStore {
 
     /// What changed since the last call, for the orchestrator.
     pub fn take_touched(&self) -> crate::state::Touched {
-        self.applied.lock().expect("state lock").state.take_touched()
+        self.applied
+            .lock()
+            .expect("state lock")
+            .state
+            .take_touched()
     }
 
     /// Makes the orchestrator look at every service next time.

@@ -71,6 +71,7 @@ struct Conn {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once
 enum Cmd {
     /// Manage nodes.
     #[command(subcommand)]

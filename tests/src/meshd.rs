@@ -238,3 +238,49 @@ pub fn down(host: &Host) {
     );
 }
 
+/// Removes what a task scope left (meshd `--task-scope SCOPE`, or an
+/// executor made with prefix `SCOPE-` and group `SCOPE`): every process in
+/// its cgroups is killed, the cgroups and the `/run/netns/SCOPE-*`
+/// namespaces are removed. For Drop, after a panic too.
+pub fn remove_task_scope(scope: &str) {
+    if let Some(root) = cgroup2_mount() {
+        let group = root.join(scope);
+        if let Ok(d) = std::fs::read_dir(&group) {
+            for e in d.flatten().filter(|e| e.path().is_dir()) {
+                let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
+                for _ in 0..50 {
+                    if std::fs::remove_dir(e.path()).is_ok() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&group);
+    }
+    let prefix = format!("{scope}-");
+    for n in crate::netns::leftovers_matching(&|n| n.starts_with(&prefix)) {
+        if let Some(name) = n.strip_prefix("namespace ") {
+            let path = std::path::PathBuf::from("/run/netns").join(name);
+            if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+                // SAFETY: a valid C string; a lazy unmount of a bind mount.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Where cgroup v2 is mounted. The same lookup as the executor's
+/// (`dataplane::executor::cgroup2_mount`): this crate cannot depend on
+/// `dataplane`, because xtask uses it before bpf-linker exists.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        if post.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        pre.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}

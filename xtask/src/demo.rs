@@ -1,36 +1,191 @@
-//! `cargo xtask demo`: Swarm's routing mesh on three hosts in network
-//! namespaces. A "web" service has three tasks on two of the hosts; its
-//! published port answers on every host, the third included, and spreads
-//! connections over all tasks wherever they run.
+//! `cargo xtask demo`: Swarm mode on three hosts in network namespaces, as
+//! the seeds' 3-node demo runs it. One manager and two workers run `meshd`
+//! (control plane, data plane and executor); `meshctl` on the manager
+//! creates services, and the cluster places, runs, serves and repairs them:
+//!
+//! - `web`: 3 replicas of `mesh-web` (a small HTTP server of ours),
+//!   published on 8080: every host answers, from every task;
+//! - `psql`: postgres on the overlay network `backend`, and a `client` task
+//!   there that reaches it by the name `psql` (the seeds' drupal/psql);
+//! - one web task is killed, and the orchestrator replaces it.
 
-use std::{collections::BTreeMap, net::SocketAddr, process::Command, time::Duration};
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, bail};
 use mesh_tests::{
-    Task, Topology,
-    meshd::{self, ConfigFile, Published},
+    ChildGuard, Host, Topology,
+    meshd::{self, remove_task_scope},
     netns::{BPF_ROOT, UNDERLAY_IFACE},
-    services,
 };
 
 const WEB_PORT: u16 = 8080;
-const REQUESTS: usize = 30;
+const REQUESTS: usize = 9;
+
+/// One host's meshd: its data dir and task scope are removed on Drop.
+struct Node<'a> {
+    host: &'a Host,
+    dir: PathBuf,
+    scope: String,
+    meshd: Option<ChildGuard>,
+}
+
+impl Node<'_> {
+    fn args(&self, sub: &str) -> Vec<String> {
+        [
+            sub,
+            "--data-dir",
+            self.dir.to_str().expect("utf-8"),
+            "--listen-addr",
+            &format!("{}:2377", self.host.addr()),
+            "--hostname",
+            self.host.label(),
+            "--task-scope",
+            &self.scope,
+            "--node",
+            self.host.node_name(),
+            "--underlay",
+            UNDERLAY_IFACE,
+            "--bpf-root",
+            BPF_ROOT,
+            "--drain-ms",
+            "500",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    fn meshctl(&self, args: &[&str]) -> Result<Output> {
+        self.host
+            .command(meshd::meshctl_bin())
+            .args(["--data-dir", self.dir.to_str().expect("utf-8")])
+            .args(args)
+            .output()
+            .context("running meshctl")
+    }
+
+    /// Runs meshctl, echoing the command line and its output.
+    fn show(&self, args: &[&str]) -> Result<String> {
+        println!("\n$ meshctl {}", args.join(" "));
+        let out = self.meshctl(args)?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        print!("{text}");
+        if !out.status.success() {
+            bail!("meshctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(text)
+    }
+
+    fn quiet(&self, args: &[&str]) -> Result<String> {
+        let out = self.meshctl(args)?;
+        if !out.status.success() {
+            bail!("meshctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Node<'_> {
+    fn drop(&mut self) {
+        // SIGTERM: meshd stops its tasks on the way out.
+        if let Some(m) = self.meshd.take() {
+            m.stop();
+        }
+        remove_task_scope(&self.scope);
+        meshd::down(self.host);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One HTTP GET; the body's first line.
+fn get(to: SocketAddr) -> Result<String> {
+    let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+    c.set_read_timeout(Some(Duration::from_secs(3)))?;
+    write!(c, "GET / HTTP/1.0\r\n\r\n")?;
+    let mut out = String::new();
+    c.read_to_string(&mut out)?;
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim().to_owned())
+        .unwrap_or(out))
+}
+
+fn wait<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The postgres server binary: on PATH, else Debian's package layout.
+fn postgres_bin_dir() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p).find(|d| d.join("postgres").exists() && d.join("initdb").exists())
+    });
+    on_path.or_else(|| {
+        let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|d| d.join("postgres").exists())
+            .collect();
+        found.sort();
+        found.pop()
+    })
+}
 
 pub fn run() -> Result<()> {
     if !crate::is_root() {
         bail!("the demo creates network namespaces and loads eBPF: run it as root");
     }
     crate::setup::run()?;
-    crate::run_ok(crate::cargo().args(["build", "--package", "dataplane", "--bins"]))?;
-    let meshd_bin = crate::target_dir().join("debug/meshd");
+    if postgres_bin_dir().is_none() || which("psql").is_none() {
+        println!("== installing postgresql (the demo's psql service)");
+        crate::run_ok(
+            Command::new("apt-get")
+                .args([
+                    "install",
+                    "-y",
+                    "--no-install-recommends",
+                    "postgresql",
+                    "postgresql-client",
+                ])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    let pg = postgres_bin_dir().context("postgres not found after installing postgresql")?;
+    crate::run_ok(crate::cargo().args([
+        "build",
+        "--package",
+        "dataplane",
+        "--bins",
+        "--package",
+        "meshctl",
+    ]))?;
+    let bin = crate::target_dir().join("debug");
     // SAFETY: set before any thread of ours reads the environment.
-    unsafe { std::env::set_var("MESHD", &meshd_bin) };
+    unsafe {
+        std::env::set_var("MESHD", bin.join("meshd"));
+        std::env::set_var("MESHCTL", bin.join("meshctl"));
+    }
+    let web = bin.join("mesh-web");
+    let web = web.to_str().context("utf-8 path")?;
+    let started = Instant::now();
 
-    println!(
-        "\n== underlay: bridge br0 in its own namespace; 3 hosts and a client attached by veth"
-    );
+    println!("== underlay: bridge br0 in its own namespace; 3 hosts and a client attached by veth");
     let mut topo = Topology::new(3);
-    topo.route_tasks_via_underlay();
     topo.add_host("client");
     for h in topo.hosts() {
         println!(
@@ -41,118 +196,206 @@ pub fn run() -> Result<()> {
             h.ns().name()
         );
     }
-    let (h1, h2, h3, client) = (topo.host(0), topo.host(1), topo.host(2), topo.host(3));
-
-    println!(
-        "\n== service web: 3 tasks (web.1 on host1, web.2 and web.3 on host2), published on port {WEB_PORT}"
-    );
-    let tasks: Vec<(&str, Task)> = vec![
-        ("web.1", h1.add_task(0)),
-        ("web.2", h2.add_task(0)),
-        ("web.3", h2.add_task(1)),
-    ];
-    let _servers: Vec<services::Server> = tasks
-        .iter()
-        .map(|(name, t)| services::tcp_echo(t.ns(), SocketAddr::from((t.addr(), 80)), name))
-        .collect();
-    for (name, t) in &tasks {
-        println!("   {name:<6} {}:80", t.addr());
-    }
-    let backends: Vec<_> = tasks.iter().map(|(_, t)| t.addr()).collect();
-    let web = Published {
-        id: 1,
-        name: "web",
-        port: WEB_PORT,
-        protocol: "tcp",
-        target_port: 80,
-        backends: &backends,
-    };
-    let local_ifaces = |h: &mesh_tests::Host| -> Vec<&str> {
-        tasks
-            .iter()
-            .filter(|(_, t)| t.addr().octets()[2] == h.index())
-            .map(|(_, t)| t.host_iface())
-            .collect()
-    };
-
-    println!(
-        "\n== meshd on every host (XDP counters + TC load balancer on {UNDERLAY_IFACE}, maps pinned under {BPF_ROOT}/<node>)"
-    );
-    let configs: Vec<ConfigFile> = [h1, h2, h3]
-        .iter()
-        .map(|h| {
-            ConfigFile::write(
-                h,
-                &local_ifaces(h),
-                serde_json::json!({}),
-                std::slice::from_ref(&web),
-            )
+    let client = topo.host(3);
+    let pid = std::process::id();
+    let mut nodes: Vec<Node<'_>> = (0..3)
+        .map(|i| Node {
+            host: topo.host(i),
+            dir: std::env::temp_dir().join(format!("mesh-demo-{pid}-{i}")),
+            scope: format!("demo{pid}n{i}"),
+            meshd: None,
         })
         .collect();
-    let daemons: Vec<_> = [h1, h2, h3]
-        .iter()
-        .zip(&configs)
-        .map(|(h, c)| meshd::start(h, Some(c), &[]))
-        .collect();
-    println!("   ready on host1, host2, host3");
 
-    println!("\n== {REQUESTS} connections from the client to each host's published port");
-    for h in [h1, h2, h3] {
-        let front = SocketAddr::from((h.addr(), WEB_PORT));
+    println!("\n== meshd init on host1 (manager), meshd join on host2 and host3 (workers)");
+    let (guard, lines) = meshd::start_control(nodes[0].host, &str_args(&nodes[0].args("init")));
+    nodes[0].meshd = Some(guard);
+    let token = lines
+        .iter()
+        .skip_while(|l| !l.contains("To add a worker"))
+        .find_map(|l| l.trim().strip_prefix("meshd join --token "))
+        .and_then(|r| r.split_whitespace().next())
+        .context("no worker token in meshd init's output")?
+        .to_owned();
+    let manager = format!("{}:2377", nodes[0].host.addr());
+    for n in nodes.iter_mut().skip(1) {
+        let mut args = n.args("join");
+        args.extend(["--token".into(), token.clone(), manager.clone()]);
+        let (guard, _) = meshd::start_control(n.host, &str_args(&args));
+        n.meshd = Some(guard);
+    }
+    let m = &nodes[0];
+    m.show(&["node", "ls"])?;
+
+    m.show(&["network", "create", "backend"])?;
+    m.show(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--replicas",
+        "3",
+        "--publish",
+        &format!("{WEB_PORT}:80"),
+        "--",
+        web,
+        "--listen",
+        "0.0.0.0:80",
+    ])?;
+    // postgres refuses to run as root: the task starts it as the postgres
+    // user, on a fresh data dir.
+    let pg_script = format!(
+        "D=$(mktemp -d) && chown postgres \"$D\" && \
+         runuser -u postgres -- {pg}/initdb -D \"$D\" -A trust >/dev/null && \
+         exec runuser -u postgres -- {pg}/postgres -D \"$D\" -c listen_addresses='*' -k /tmp",
+        pg = pg.display()
+    );
+    m.show(&[
+        "service",
+        "create",
+        "--name",
+        "psql",
+        "--network",
+        "backend",
+        "--",
+        "/bin/sh",
+        "-c",
+        &pg_script,
+    ])?;
+    m.show(&[
+        "service",
+        "create",
+        "--name",
+        "client",
+        "--network",
+        "backend",
+        "--",
+        "/bin/sh",
+        "-c",
+        "until psql -h psql -U postgres -Atc \"select 'client reached psql: ' || version()\"; \
+         do sleep 1; done; exec sleep infinity",
+    ])?;
+    m.show(&["service", "ls"])?;
+    m.show(&["service", "ps", "web"])?;
+
+    println!(
+        "\n== {REQUESTS} connections from the client to each host's published port {WEB_PORT}"
+    );
+    for n in &nodes {
+        let front = SocketAddr::from((n.host.addr(), WEB_PORT));
         let tally = client.enter(|| -> Result<BTreeMap<String, usize>> {
             let mut tally = BTreeMap::new();
             for _ in 0..REQUESTS {
-                let who = services::tcp_ask(front, Duration::from_secs(5))
-                    .with_context(|| format!("request to {front}"))?;
-                *tally.entry(who).or_default() += 1;
+                let body = get(front).with_context(|| format!("request to {front}"))?;
+                *tally.entry(body).or_default() += 1;
             }
             Ok(tally)
         })?;
-        let spread: Vec<String> = tally.iter().map(|(k, v)| format!("{k}: {v}")).collect();
-        let note = if local_ifaces(h).is_empty() {
-            "  (no task runs here)"
-        } else {
-            ""
-        };
-        println!(
-            "   via {:<5} {front:<20} -> {}{note}",
-            h.label(),
-            spread.join(", ")
-        );
+        let spread: Vec<String> = tally.iter().map(|(k, v)| format!("{k} x{v}")).collect();
+        println!("   curl {front:<20} -> {}", spread.join(", "));
     }
 
-    println!("\n== `meshd lb ls --node <host3>`: frontends, Maglev slots and counters");
-    print!(
-        "{}",
-        meshd_output(
-            &meshd_bin,
-            &["lb", "ls", "--node", h3.node_name(), "--bpf-root", BPF_ROOT]
-        )?
-    );
-    println!("\n== `meshd stats --node <host1>`: what the XDP parser counted on host1's underlay");
-    print!(
-        "{}",
-        meshd_output(
-            &meshd_bin,
-            &["stats", "--node", h1.node_name(), "--bpf-root", BPF_ROOT]
-        )?
+    println!("\n== the client task's log: it reached postgres by the name psql");
+    let line = wait("the client to reach psql", Duration::from_secs(60), || {
+        task_log(&nodes, m, "client").filter(|l| l.contains("client reached psql"))
+    })?;
+    println!(
+        "   {}",
+        line.lines()
+            .find(|l| l.contains("client reached psql"))
+            .unwrap_or("")
     );
 
-    println!("\n== tearing down (meshd stopped, `meshd down` on every host, namespaces removed)");
-    drop(daemons);
-    for h in [h1, h2, h3] {
-        meshd::down(h);
+    println!("\n== killing web.2's process (SIGKILL); the orchestrator replaces it");
+    let ps = json(&m.quiet(&["service", "ps", "web", "--format", "json"])?)?;
+    let victim = ps
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|t| t["name"] == "web.2" && t["desired"] == "running")
+        })
+        .context("no web.2")?;
+    let (id, host) = (
+        victim["id"].as_str().unwrap_or_default().to_owned(),
+        victim["node_hostname"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    );
+    let owner = nodes
+        .iter()
+        .find(|n| n.host.label() == host)
+        .context("web.2's node")?;
+    kill_task(&owner.scope, &id)?;
+    wait("web.2 to be replaced", Duration::from_secs(30), || {
+        let ps = m.quiet(&["service", "ps", "web"]).ok()?;
+        ps.lines()
+            .any(|l| l.contains("\\_ web.2") && l.contains("non-zero exit (137)"))
+            .then_some(())
+    })?;
+    wait("web.2 to run again", Duration::from_secs(30), || {
+        let ls = m.quiet(&["service", "ls"]).ok()?;
+        ls.lines()
+            .any(|l| l.contains(" web ") && l.contains("3/3"))
+            .then_some(())
+    })?;
+    m.show(&["service", "ps", "web"])?;
+
+    println!(
+        "\n== done in {:.1} s; tearing down (meshd stopped with its tasks, `meshd down` on every host, namespaces removed)",
+        started.elapsed().as_secs_f64()
+    );
+    drop(nodes);
+    Ok(())
+}
+
+fn str_args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn json(text: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(text).context("meshctl's JSON")
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(program))
+            .find(|p| p.exists())
+    })
+}
+
+/// SIGKILL to every process of a task (its cgroup under the node's scope).
+fn kill_task(scope: &str, id: &str) -> Result<()> {
+    let procs = meshd::cgroup2_mount()
+        .context("no cgroup2 mount")?
+        .join(scope)
+        .join(id)
+        .join("cgroup.procs");
+    let pids =
+        std::fs::read_to_string(&procs).with_context(|| format!("reading {}", procs.display()))?;
+    for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+        // SAFETY: a pid from the demo's own task cgroup.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     Ok(())
 }
 
-fn meshd_output(meshd: &std::path::Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(meshd)
-        .args(args)
-        .output()
-        .context("running meshd")?;
-    if !out.status.success() {
-        bail!("meshd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+/// The log of `service`'s first running task, read on the node running it.
+fn task_log(nodes: &[Node<'_>], m: &Node<'_>, service: &str) -> Option<String> {
+    let ps = json(
+        &m.quiet(&["service", "ps", service, "--format", "json"])
+            .ok()?,
+    )
+    .ok()?;
+    let t = ps.as_array()?.iter().find(|t| t["observed"] == "running")?;
+    let node = nodes
+        .iter()
+        .find(|n| n.host.label() == t["node_hostname"])?;
+    let path: &Path = &node
+        .dir
+        .join("tasks")
+        .join(t["id"].as_str()?)
+        .join("output.log");
+    std::fs::read_to_string(path).ok()
 }

@@ -75,7 +75,10 @@ async fn main() -> std::io::Result<()> {
         }
     }
     drop(listener);
-    println!("mesh-web: SIGTERM; finishing {} open connection(s)", open.load(Ordering::SeqCst));
+    println!(
+        "mesh-web: SIGTERM; finishing {} open connection(s)",
+        open.load(Ordering::SeqCst)
+    );
     while open.load(Ordering::SeqCst) > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -21,12 +21,12 @@ use dataplane::{
     dns::Dns,
     ebpf::{Datapath, monotonic_ns},
     executor::ProcessExecutor,
-    runner::{self, StopTiming},
     inspect::{LbTable, read_lb},
     lb::{LbSpec, LbSync, Timeouts},
     netlink::Netlink,
     overlay,
     overlay::{Overlay, OverlaySpec},
+    runner::{self, StopTiming},
     stats::ParserStats,
     tables::{LbView, NodeView, OverlayUpdate},
 };

@@ -39,7 +39,10 @@ impl DataDir {
     /// Names this node's tasks' namespaces and cgroup (`--task-scope`).
     pub(super) fn task_scope(&self) -> String {
         let name = self.0.file_name().and_then(|n| n.to_str()).unwrap_or("x");
-        name.trim_start_matches("mesh-data-").chars().take(32).collect()
+        name.trim_start_matches("mesh-data-")
+            .chars()
+            .take(32)
+            .collect()
     }
 }
 
@@ -54,7 +57,7 @@ impl Drop for Node<'_> {
         // meshd first (it would start tasks again), then what its tasks
         // left: a killed meshd leaves them running.
         drop(self.meshd.take());
-        remove_task_scope(&self.dir.task_scope());
+        mesh_tests::meshd::remove_task_scope(&self.dir.task_scope());
     }
 }
 
@@ -291,7 +294,16 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
                     let out = host
                         .command(meshd::meshctl_bin())
                         .args(["--data-dir", dir, "--timeout", "10"])
-                        .args(["service", "create", "--name", &name, "--replicas", "0", "--", "/bin/true"])
+                        .args([
+                            "service",
+                            "create",
+                            "--name",
+                            &name,
+                            "--replicas",
+                            "0",
+                            "--",
+                            "/bin/true",
+                        ])
                         .output()
                         .expect("meshctl");
                     if out.status.success() {
@@ -465,14 +477,32 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
         assert!(st.success());
     };
     ip(&["link", "set", &port, "down"]);
-    let out = nodes[cut].meshctl(&["service", "create", "--name", "isolated", "--replicas", "0", "--", "/bin/true"]);
+    let out = nodes[cut].meshctl(&[
+        "service",
+        "create",
+        "--name",
+        "isolated",
+        "--replicas",
+        "0",
+        "--",
+        "/bin/true",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a cut-off manager accepted a write");
     assert!(err.contains("no quorum"), "{err}");
     eprintln!("cut-off manager says: {}", err.trim());
     // The majority side still takes writes.
     let majority = (0..3).find(|&i| i != cut).unwrap();
-    nodes[majority].meshctl_ok(&["service", "create", "--name", "majority", "--replicas", "0", "--", "/bin/true"]);
+    nodes[majority].meshctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "majority",
+        "--replicas",
+        "0",
+        "--",
+        "/bin/true",
+    ]);
     ip(&["link", "set", &port, "up"]);
     wait_until(
         "the cut-off manager to catch up",
@@ -538,37 +568,4 @@ fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
         }
     }
     hits
-}
-
-/// Removes what a task scope left (meshd `--task-scope SCOPE`, or an
-/// executor made with prefix `SCOPE-` and group `SCOPE`): every process in
-/// its cgroups is killed, the cgroups and the `/run/netns/SCOPE-*`
-/// namespaces are removed. For Drop, after a panic too.
-pub(super) fn remove_task_scope(scope: &str) {
-    if let Some(root) = dataplane::executor::cgroup2_mount() {
-        let group = root.join(scope);
-        if let Ok(d) = std::fs::read_dir(&group) {
-            for e in d.flatten().filter(|e| e.path().is_dir()) {
-                let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
-                for _ in 0..50 {
-                    if std::fs::remove_dir(e.path()).is_ok() {
-                        break;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-            }
-        }
-        let _ = std::fs::remove_dir(&group);
-    }
-    let prefix = format!("{scope}-");
-    for n in mesh_tests::netns::leftovers_matching(&|n| n.starts_with(&prefix)) {
-        if let Some(name) = n.strip_prefix("namespace ") {
-            let path = std::path::PathBuf::from("/run/netns").join(name);
-            if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
-                // SAFETY: a valid C string; a lazy unmount of a bind mount.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
-            let _ = std::fs::remove_file(path);
-        }
-    }
 }

@@ -52,7 +52,7 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let scope = self.prefix.trim_end_matches('-');
-        super::control::remove_task_scope(scope);
+        mesh_tests::meshd::remove_task_scope(scope);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -44,13 +44,22 @@ fn get(to: SocketAddr, path: &str) -> std::io::Result<String> {
 
 /// Who answers `count` new connections from `client` to `node:port`: task
 /// name -> answers. The first failure is an error.
-fn tally(client: &Host, node: Ipv4Addr, port: u16, count: usize) -> Result<BTreeMap<String, usize>, String> {
+fn tally(
+    client: &Host,
+    node: Ipv4Addr,
+    port: u16,
+    count: usize,
+) -> Result<BTreeMap<String, usize>, String> {
     client.enter(|| {
         let mut t = BTreeMap::new();
         for i in 0..count {
             let body = get(SocketAddr::from((node, port)), "/")
                 .map_err(|e| format!("connection {i} to {node}:{port}: {e}"))?;
-            let name = body.split_whitespace().next().unwrap_or_default().to_owned();
+            let name = body
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
             *t.entry(name).or_default() += 1;
         }
         Ok(t)
@@ -86,9 +95,9 @@ fn hostnames(set: &BTreeSet<(String, String)>) -> BTreeSet<String> {
 
 #[test]
 fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
-    let Some(_root) =
-        require_root("netns::services::services_are_placed_restarted_updated_and_served_by_the_mesh")
-    else {
+    let Some(_root) = require_root(
+        "netns::services::services_are_placed_restarted_updated_and_served_by_the_mesh",
+    ) else {
         return;
     };
     let mut topo = Topology::new(4);
@@ -125,13 +134,28 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
     // Replicas 3 on 3 nodes: one each; the CLI waits until they run.
     m.meshctl_ok(&["network", "create", "red"]);
     let out = m.meshctl_ok(&[
-        "service", "create", "--name", "web", "--replicas", "3",
-        "--network", "red",
-        "--publish", &format!("{PUBLISHED}:80"),
-        "--restart-delay", "200ms",
-        "--update-parallelism", "1", "--update-monitor", "2s",
-        "--update-failure-action", "rollback",
-        "--", web, "--listen", "0.0.0.0:80",
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--replicas",
+        "3",
+        "--network",
+        "red",
+        "--publish",
+        &format!("{PUBLISHED}:80"),
+        "--restart-delay",
+        "200ms",
+        "--update-parallelism",
+        "1",
+        "--update-monitor",
+        "2s",
+        "--update-failure-action",
+        "rollback",
+        "--",
+        web,
+        "--listen",
+        "0.0.0.0:80",
     ]);
     assert!(out.contains("overall progress: 3 out of 3 tasks"), "{out}");
     assert!(out.contains("verify: Service web converged"), "{out}");
@@ -144,16 +168,21 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
     );
     let ls = m.meshctl_ok(&["service", "ls"]);
     assert!(
-        ls.lines().any(|l| l.contains("web") && l.contains("3/3") && l.contains("*:8080->80/tcp")),
+        ls.lines()
+            .any(|l| l.contains("web") && l.contains("3/3") && l.contains("*:8080->80/tcp")),
         "{ls}"
     );
 
     // The published port answers on every node, from every task.
-    for i in 0..3 {
+    for n in nodes.iter().take(3) {
         let t = wait_until(
-            &format!("{}:{PUBLISHED} to reach all three tasks", label(i)),
+            &format!("{}:{PUBLISHED} to reach all three tasks", n.host.label()),
             Duration::from_secs(20),
-            || tally(client, nodes[i].host.addr(), PUBLISHED, 30).ok().filter(|t| t.len() == 3),
+            || {
+                tally(client, n.host.addr(), PUBLISHED, 30)
+                    .ok()
+                    .filter(|t| t.len() == 3)
+            },
         );
         assert_eq!(t.values().sum::<usize>(), 30, "{t:?}");
     }
@@ -165,7 +194,10 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
         .expect("web.2");
     let victim_id = victim["id"].as_str().unwrap().to_owned();
     let host = victim["node_hostname"].as_str().unwrap().to_owned();
-    let owner = nodes.iter().find(|n| n.host.label() == host).expect("its node");
+    let owner = nodes
+        .iter()
+        .find(|n| n.host.label() == host)
+        .expect("its node");
     let procs = dataplane::executor::cgroup2_mount()
         .unwrap()
         .join(owner.dir.task_scope())
@@ -180,7 +212,9 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
         let ps = m.meshctl_ok(&["service", "ps", "web"]);
         let ok = running(m, "web").len() == 3
             && ps.lines().any(|l| {
-                l.contains("\\_ web.2") && l.contains("Failed") && l.contains("task: non-zero exit (137)")
+                l.contains("\\_ web.2")
+                    && l.contains("Failed")
+                    && l.contains("task: non-zero exit (137)")
             });
         ok.then_some(ps)
     });
@@ -214,13 +248,18 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
         // for 2 s), then one whose tasks fail at once.
         let good = m.meshctl_ok(&["service", "update", "web", "--env", "RELEASE=2"]);
         assert!(good.contains("verify: Service web converged"), "{good}");
-        let update = m.meshctl(&["service", "update", "web", "--args", "/bin/sh", "-c", "exit 3"]);
+        let update = m.meshctl(&[
+            "service", "update", "web", "--args", "/bin/sh", "-c", "exit 3",
+        ]);
         stop.store(true, Ordering::Relaxed);
         (update, load.join().expect("load thread"))
     });
     let out = String::from_utf8_lossy(&update.stdout).into_owned();
     let err = String::from_utf8_lossy(&update.stderr).into_owned();
-    assert!(!update.status.success(), "a rolled-back update is an error: {out}");
+    assert!(
+        !update.status.success(),
+        "a rolled-back update is an error: {out}"
+    );
     assert!(
         err.contains("update rolled back due to failure or early termination of task"),
         "{out}\n{err}"
@@ -235,7 +274,10 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
         "rolling update with rollback: {failed} of {asked} requests through the mesh failed: {errors:?}"
     );
     assert!(asked > 50, "the client hardly asked: {asked}");
-    assert!(failed * 10 < asked, "{failed} of {asked} failed: {errors:?}");
+    assert!(
+        failed * 10 < asked,
+        "{failed} of {asked} failed: {errors:?}"
+    );
 
     // Drain worker 2: its task moves; nothing moves back by itself.
     let w2 = label(2);
@@ -250,19 +292,38 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
     // mode=host: answers only where the task runs; dnsrr: the name is the
     // tasks' addresses.
     m.meshctl_ok(&[
-        "service", "create", "--name", "api", "--replicas", "1",
-        "--network", "red", "--endpoint-mode", "dnsrr",
-        "--constraint", &format!("node.hostname=={}", label(1)),
-        "--publish", "mode=host,published=9000,target=80",
-        "--", web, "--listen", "0.0.0.0:80",
+        "service",
+        "create",
+        "--name",
+        "api",
+        "--replicas",
+        "1",
+        "--network",
+        "red",
+        "--endpoint-mode",
+        "dnsrr",
+        "--constraint",
+        &format!("node.hostname=={}", label(1)),
+        "--publish",
+        "mode=host,published=9000,target=80",
+        "--",
+        web,
+        "--listen",
+        "0.0.0.0:80",
     ]);
-    let on_w1 = wait_until("api on worker 1 to answer on 9000", Duration::from_secs(20), || {
-        tally(client, nodes[1].host.addr(), 9000, 5).ok()
-    });
+    let on_w1 = wait_until(
+        "api on worker 1 to answer on 9000",
+        Duration::from_secs(20),
+        || tally(client, nodes[1].host.addr(), 9000, 5).ok(),
+    );
     assert_eq!(on_w1.keys().collect::<Vec<_>>(), ["api.1"], "{on_w1:?}");
     for i in [0, 2] {
         let r = tally(client, nodes[i].host.addr(), 9000, 1);
-        assert!(r.is_err(), "{}:9000 answered without a task there: {r:?}", label(i));
+        assert!(
+            r.is_err(),
+            "{}:9000 answered without a task there: {r:?}",
+            label(i)
+        );
     }
     let api_addrs: BTreeSet<String> = tasks(m, "api")
         .iter()
@@ -278,7 +339,17 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
     let ns_name = netns.trim_start_matches("/run/netns/").to_owned();
     let dig = || {
         let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns_name, "dig", "+short", "+time=1", "+tries=1", "@127.0.0.11", "api"])
+            .args([
+                "netns",
+                "exec",
+                &ns_name,
+                "dig",
+                "+short",
+                "+time=1",
+                "+tries=1",
+                "@127.0.0.11",
+                "api",
+            ])
             .output()
             .expect("dig");
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
@@ -298,16 +369,37 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
 
     // A global service: one task per node, and the node that joins gets
     // its own.
-    m.meshctl_ok(&["service", "create", "--name", "agent", "--mode", "global", "--network", "red", "--", web, "--listen", "0.0.0.0:81"]);
+    m.meshctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "agent",
+        "--mode",
+        "global",
+        "--network",
+        "red",
+        "--",
+        web,
+        "--listen",
+        "0.0.0.0:81",
+    ]);
     let three = running(m, "agent");
-    assert_eq!(hostnames(&three), (0..3).map(label).collect::<BTreeSet<_>>(), "{three:?}");
+    assert_eq!(
+        hostnames(&three),
+        (0..3).map(label).collect::<BTreeSet<_>>(),
+        "{three:?}"
+    );
     drop(three);
     join(&mut nodes[3]);
     let m = &nodes[0];
-    let four = wait_until("the new node's global task", Duration::from_secs(30), || {
-        let r = running(m, "agent");
-        (hostnames(&r).len() == 4).then_some(r)
-    });
+    let four = wait_until(
+        "the new node's global task",
+        Duration::from_secs(30),
+        || {
+            let r = running(m, "agent");
+            (hostnames(&r).len() == 4).then_some(r)
+        },
+    );
     assert!(
         four.iter().all(|(name, _)| name.starts_with("agent.")),
         "{four:?}"
