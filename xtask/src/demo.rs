@@ -295,16 +295,68 @@ pub fn run() -> Result<()> {
         println!("   curl {front:<20} -> {}", spread.join(", "));
     }
 
-    println!("\n== the client task's log: it reached postgres by the name psql");
-    let line = wait("the client to reach psql", Duration::from_secs(60), || {
-        task_log(&nodes, m, "client").filter(|l| l.contains("client reached psql"))
-    })?;
-    println!(
-        "   {}",
-        line.lines()
-            .find(|l| l.contains("client reached psql"))
-            .unwrap_or("")
-    );
+    println!("\n== psql from the client task's namespace, by the service name psql");
+    let ps = json(&m.quiet(&["service", "ps", "client", "--format", "json"])?)?;
+    let netns = ps
+        .as_array()
+        .and_then(|a| a.iter().find_map(|t| t["netns"].as_str()))
+        .context("the client task has no namespace")?
+        .trim_start_matches("/run/netns/")
+        .to_owned();
+    // `ip netns exec` keeps the host's resolv.conf: ask the task's
+    // resolver (the embedded DNS on 127.0.0.11) by hand, as the task does.
+    let addr = wait(
+        "the embedded DNS to answer psql",
+        Duration::from_secs(30),
+        || {
+            let out = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &netns,
+                    "dig",
+                    "+short",
+                    "+time=1",
+                    "@127.0.0.11",
+                    "psql",
+                ])
+                .output()
+                .ok()?;
+            let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            (!text.is_empty()).then_some(text)
+        },
+    )?;
+    println!("   $ dig @127.0.0.11 psql   (in the client task)\n   {addr}");
+    let answer = wait("psql to answer the client", Duration::from_secs(20), || {
+        let out = Command::new("timeout")
+            .args([
+                "10", "ip", "netns", "exec", &netns, "psql", "-h", &addr, "-U", "postgres", "-Atc",
+            ])
+            .arg("select 'client reached psql: ' || version()")
+            .env("PGCONNECT_TIMEOUT", "3")
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            eprintln!(
+                "   (not yet: {})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        out.status.success().then_some(text)
+    });
+    println!("   $ psql -h {addr} -U postgres -c \"select ...\"   (in the client task)");
+    // A failure here is reported at the end, after the rest has run.
+    let psql_failed = match &answer {
+        Ok(a) => {
+            println!("   {}", a.trim());
+            None
+        }
+        Err(e) => {
+            println!("   FAILED: {e}");
+            Some(format!("the client task did not reach psql at {addr}: {e}"))
+        }
+    };
 
     println!("\n== killing web.2's process (SIGKILL); the orchestrator replaces it");
     let ps = json(&m.quiet(&["service", "ps", "web", "--format", "json"])?)?;
@@ -346,6 +398,9 @@ pub fn run() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     drop(nodes);
+    if let Some(e) = psql_failed {
+        bail!("{e}");
+    }
     Ok(())
 }
 
