@@ -73,7 +73,9 @@ fn opts() -> InitOptions {
 fn service(name: &str) -> ServiceSpec {
     ServiceSpec {
         name: name.into(),
-        mode: ServiceMode::Replicated { replicas: 1 },
+        // These tests place tasks by hand (attached: run from outside), so
+        // the orchestrator has none to place.
+        mode: ServiceMode::Replicated { replicas: 0 },
         task: TaskTemplate {
             command: vec!["/bin/true".into()],
             ..TaskTemplate::default()
@@ -809,7 +811,7 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
                 service: "web".into(),
                 slot: slot as u32 + 1,
                 node: node.clone(),
-                netns: None,
+                netns: Some(format!("/run/netns/attached-{slot}")),
             },
         )
         .await;
@@ -908,7 +910,7 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
             service: "web".into(),
             slot: 3,
             node: ids[1].clone(),
-            netns: None,
+            netns: Some("/run/netns/attached-other".into()),
         },
     )
     .await;
@@ -935,8 +937,8 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
     assert_eq!(task("task-1").netns.as_deref(), Some("/run/netns/task-1"));
     let other = task("task-other");
     assert_eq!(
-        (other.observed, other.netns),
-        (TaskState::New, None),
+        (other.observed, other.netns.as_deref()),
+        (TaskState::New, Some("/run/netns/attached-other")),
         "a node changed another node's task"
     );
     w2_reports

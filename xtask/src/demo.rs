@@ -13,7 +13,7 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Output},
     time::{Duration, Instant},
 };
@@ -434,23 +434,4 @@ fn kill_task(scope: &str, id: &str) -> Result<()> {
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     Ok(())
-}
-
-/// The log of `service`'s first running task, read on the node running it.
-fn task_log(nodes: &[Node<'_>], m: &Node<'_>, service: &str) -> Option<String> {
-    let ps = json(
-        &m.quiet(&["service", "ps", service, "--format", "json"])
-            .ok()?,
-    )
-    .ok()?;
-    let t = ps.as_array()?.iter().find(|t| t["observed"] == "running")?;
-    let node = nodes
-        .iter()
-        .find(|n| n.host.label() == t["node_hostname"])?;
-    let path: &Path = &node
-        .dir
-        .join("tasks")
-        .join(t["id"].as_str()?)
-        .join("output.log");
-    std::fs::read_to_string(path).ok()
 }

@@ -257,6 +257,9 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
         "create",
         "--name",
         "plaintext-canary",
+        // Only its spec matters here (/bin/server does not exist).
+        "--replicas",
+        "0",
         "--env",
         &format!("DB_PASSWORD={canary_secret}"),
         "-p",
