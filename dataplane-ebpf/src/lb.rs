@@ -2,7 +2,10 @@
 //! backend choice, conntrack, DNAT + SNAT, and reverse NAT of replies.
 //!
 //! Forward path (client -> frontend):
-//!   conntrack hit with a live backend -> reuse it; otherwise Maglev picks.
+//!   frontend: (address, port), else (address, any port: a VIP), else a
+//!   published port (any node address, port);
+//!   conntrack hit with a live backend -> reuse it; otherwise Maglev picks;
+//!   a backend port 0 means the port the client asked for.
 //!   DNAT to backend:port, SNAT to (the node's address on the device the
 //!   backend is routed out of, from NAT_IFACES, else LB_CONFIG.nat_addr; a
 //!   port from the SNAT range), record CONNTRACK and REVNAT, redirect to
@@ -214,13 +217,20 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
     let frontend = match unsafe { FRONTENDS.get(key) } {
         Some(f) => *f,
         None => {
-            if unsafe { NODE_ADDRS.get(key.addr_be) }.is_none() {
-                return Ok(other);
-            }
-            key.addr_be = [0; 4];
-            match unsafe { FRONTENDS.get(key) } {
-                Some(f) => *f,
-                None => return Ok(other),
+            // A VIP answers every port (port 0: any), as Swarm's does.
+            key.port_be = 0;
+            if let Some(f) = unsafe { FRONTENDS.get(key) } {
+                *f
+            } else {
+                if unsafe { NODE_ADDRS.get(key.addr_be) }.is_none() {
+                    return Ok(other);
+                }
+                key.port_be = p.dport_be;
+                key.addr_be = [0; 4];
+                match unsafe { FRONTENDS.get(key) } {
+                    Some(f) => *f,
+                    None => return Ok(other),
+                }
             }
         }
     };
@@ -254,9 +264,13 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
         ct.frontend_id = frontend.id;
         backend = unsafe { BACKENDS.get(ct.backend_id) }.copied();
     }
-    let Some(backend) = backend else {
+    let Some(mut backend) = backend else {
         return Ok(TC_ACT_SHOT);
     };
+    // Port 0: the port the client asked for (a VIP's any-port frontend).
+    if backend.port_be == 0 {
+        backend.port_be = p.dport_be;
+    }
     // The source is the node's address on the interface the backend is
     // routed out of (so replies come back here), else the node-wide one.
     let Some(out) = route(ctx, 0, backend.addr_be[0]) else {

@@ -213,10 +213,12 @@ pub fn validate_services(services: &[ServiceSpec]) -> Result<(), SpecError> {
                 });
             }
             for f in &svc.frontends {
-                if f.port == 0 {
+                // Port 0 is "any port", for an address of its own (a VIP),
+                // and then the backends take the client's port (port 0).
+                if f.port == 0 && f.address.is_none() {
                     return Err(SpecError::ZeroPort {
                         service: svc.name.clone(),
-                        what: "frontend",
+                        what: "frontend (any port needs an address: a VIP)",
                     });
                 }
                 if let Some(first) = seen.insert(frontend_key(f), &svc.name) {
@@ -229,10 +231,10 @@ pub fn validate_services(services: &[ServiceSpec]) -> Result<(), SpecError> {
                     });
                 }
                 for b in &svc.backends {
-                    if b.port == 0 {
+                    if (b.port == 0) != (f.port == 0) {
                         return Err(SpecError::ZeroPort {
                             service: svc.name.clone(),
-                            what: "backend",
+                            what: "backend (port 0, the client's port, goes with an any-port frontend only)",
                         });
                     }
                     backends.insert(backend_key(b, f.protocol));

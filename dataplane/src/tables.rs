@@ -336,8 +336,9 @@ fn table_size(backends: usize) -> u32 {
 ///
 /// - every published port (ingress mode) answers on the node's addresses
 ///   and goes to the service's tasks on `ingress`, at the target port;
-/// - each VIP on a network this node is on answers on the service's target
-///   ports and goes to the service's tasks on that network;
+/// - each VIP on a network this node is on answers on every port (TCP and
+///   UDP) and goes to the service's tasks on that network, at the port the
+///   client asked for;
 /// - a port published in host mode answers only on a node that runs a task
 ///   of the service, and goes only to the tasks on that node (no mesh).
 #[derive(Debug, Default)]
@@ -591,7 +592,6 @@ impl LbView {
                 .map_or_else(Vec::new, |v| v.iter().copied().collect())
         };
         let mut found = Vec::new();
-        let mut vip_ports = BTreeSet::new();
         for p in &s.ports {
             let protocol = match p.protocol {
                 PortProtocol::Tcp => Protocol::Tcp,
@@ -654,17 +654,35 @@ impl LbView {
                     },
                 ));
             }
-            if s.endpoint_mode == EndpointMode::Vip {
-                for (net, vip) in &s.vips {
-                    // Two published ports may share a target port.
-                    if networks.contains_key(net) && vip_ports.insert((*vip, p.target, protocol)) {
-                        found.push(push(
-                            format!("{}@{vip}:{}/{}", s.name, p.target, p.protocol),
-                            Some(*vip),
-                            p.target,
-                            net,
-                        ));
-                    }
+        }
+        // Each VIP on this node's networks answers every port, TCP and UDP,
+        // as Swarm's does (its IPVS service matches a firewall mark, not a
+        // port): the backend gets the port the client asked for.
+        if s.endpoint_mode == EndpointMode::Vip {
+            for (net, vip) in s.vips.iter().filter(|(net, _)| networks.contains_key(*net)) {
+                for (protocol, label) in [(Protocol::Tcp, "tcp"), (Protocol::Udp, "udp")] {
+                    let b: Vec<BackendSpec> = on(net)
+                        .into_iter()
+                        .map(|address| BackendSpec {
+                            address,
+                            port: 0,
+                            weight: 1,
+                        })
+                        .collect();
+                    found.push((
+                        format!("{}@{vip}/{label}", s.name),
+                        ServiceSpec {
+                            id: 0,
+                            name: String::new(),
+                            frontends: vec![FrontendSpec {
+                                address: Some(*vip),
+                                port: 0,
+                                protocol,
+                            }],
+                            table_size: table_size(b.len()),
+                            backends: b,
+                        },
+                    ));
                 }
             }
         }
@@ -854,11 +872,14 @@ mod tests {
                 .map(|b| (b.address, b.port))
                 .collect();
             assert_eq!(backends, [(ip("10.255.0.2"), 80), (ip("10.255.0.3"), 80)]);
-            let vips: Vec<Ipv4Addr> = spec
+            let mut vips: Vec<Ipv4Addr> = spec
                 .services
                 .iter()
                 .filter_map(|s| s.frontends[0].address)
                 .collect();
+            // One any-port frontend per protocol.
+            assert_eq!(vips.len() % 2, 0, "{vips:?}");
+            vips.dedup();
             if node == "a" {
                 // On red and ingress, so both VIPs, each to its network's tasks.
                 assert_eq!(vips, [ip("10.255.0.100"), ip("10.0.1.100")]);
@@ -867,9 +888,11 @@ mod tests {
                     .iter()
                     .find(|s| s.frontends[0].address == Some(ip("10.0.1.100")))
                     .unwrap();
-                let b: Vec<Ipv4Addr> = red.backends.iter().map(|b| b.address).collect();
-                assert_eq!(b, [ip("10.0.1.2"), ip("10.0.1.3")]);
-                assert_eq!(red.frontends[0].port, 80);
+                let b: Vec<(Ipv4Addr, u16)> =
+                    red.backends.iter().map(|b| (b.address, b.port)).collect();
+                // Port 0: every port, to the port the client asked for.
+                assert_eq!(b, [(ip("10.0.1.2"), 0), (ip("10.0.1.3"), 0)]);
+                assert_eq!(red.frontends[0].port, 0);
             } else {
                 assert_eq!(vips, [ip("10.255.0.100")]);
             }

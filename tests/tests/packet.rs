@@ -419,6 +419,8 @@ mod lb {
     const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
     const WEB_PORT: u16 = 8080;
     const DNS_PORT: u16 = 5353;
+    /// A service VIP: not a node address; it answers every port.
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 100);
 
     fn backend(i: u8) -> BackendSpec {
         BackendSpec {
@@ -460,6 +462,23 @@ mod lb {
                         .iter()
                         .map(|b| BackendSpec {
                             port: 53,
+                            ..b.clone()
+                        })
+                        .collect(),
+                    table_size: 251,
+                },
+                ServiceSpec {
+                    id: 3,
+                    name: "db@vip".into(),
+                    frontends: vec![FrontendSpec {
+                        address: Some(VIP),
+                        port: 0,
+                        protocol: Protocol::Tcp,
+                    }],
+                    backends: backends
+                        .iter()
+                        .map(|b| BackendSpec {
+                            port: 0,
                             ..b.clone()
                         })
                         .collect(),
@@ -597,6 +616,45 @@ mod lb {
         let want = v4_flow(TCP, (NODE, WEB_PORT), client, 0x12, 0);
         assert_eq!(out, want, "reply reverse-NATed to the client");
         assert!(v4_checksums_ok(&out));
+    }
+
+    #[test]
+    fn a_vip_answers_any_port_at_the_same_port_on_the_backend() {
+        let Some(_root) =
+            require_root("packet::lb::a_vip_answers_any_port_at_the_same_port_on_the_backend")
+        else {
+            return;
+        };
+        let mut env = Env::new(&[1, 2, 3]);
+        for (i, port) in [5432u16, 6379, 80].into_iter().enumerate() {
+            let client = (CLIENT, 41000 + i as u16);
+            let syn = v4_flow(TCP, client, (VIP, port), 0x02, 0);
+            let (rv, out) = env.run(&syn);
+            assert_eq!(rv, TC_ACT_REDIRECT, "port {port}: {out:02x?}");
+            let ct: HashMap<&MapData, FlowKey, CtEntry> =
+                HashMap::try_from(env.dp.ebpf().map(maps::CONNTRACK).unwrap()).unwrap();
+            let ct = ct
+                .get(&flow(client, (VIP, port), TCP), 0)
+                .expect("conntrack entry");
+            let backend = env.backend_of(&ct);
+            let nat_port = u16::from_be(ct.nat_port_be);
+            let mut want = syn.clone();
+            set_v4_endpoints(&mut want, (NODE, nat_port), (backend, port));
+            assert_eq!(out, want, "port {port}: DNAT to the same port");
+            assert!(v4_checksums_ok(&out));
+            let reply = v4_flow(TCP, (backend, port), (NODE, nat_port), 0x12, 0);
+            let (rv, out) = env.run(&reply);
+            assert_eq!(rv, TC_ACT_REDIRECT);
+            assert_eq!(
+                out,
+                v4_flow(TCP, (VIP, port), client, 0x12, 0),
+                "port {port}: reply"
+            );
+        }
+        // UDP to the VIP has no frontend here: untouched.
+        let dgram = v4_flow(UDP, (CLIENT, 41100), (VIP, 5432), 0, 10);
+        let (rv, out) = env.run(&dgram);
+        assert_eq!((rv, out), (TC_ACT_OK, dgram));
     }
 
     #[test]
