@@ -98,6 +98,10 @@ pub struct EndpointEntry {
     /// The task's network namespace (set by whoever runs the task).
     #[serde(default)]
     pub netns: Option<String>,
+    /// Told to stop, still running: load balancers keep its open flows
+    /// and send it no new ones; DNS no longer names it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 /// A node's own address on a network: the source address of the flows its
@@ -180,12 +184,21 @@ mod entry_list {
     }
 }
 
+/// The node address of a task that has an endpoint: it is meant to run, or
+/// it was told to stop and still runs (draining: no new flows, open ones
+/// finish), on a node that is up.
 fn endpoint_live(state: &State, task: &Task) -> Option<Ipv4Addr> {
-    if !task.live() {
+    if !task.live() && !draining(task) {
         return None;
     }
     let node = state.nodes.get(&task.node)?;
     (node.status == NodeStatus::Ready).then_some(node.addr)
+}
+
+/// Told to stop and still running: its node drains it before the stop.
+fn draining(task: &Task) -> bool {
+    task.desired > crate::state::TaskState::Running
+        && task.observed == crate::state::TaskState::Running
 }
 
 /// The entry a key has in `state`, if any.
@@ -226,12 +239,13 @@ pub fn derive_key(state: &State, key: &Key) -> Option<Value> {
             let service = state.services.get(&t.service)?;
             Some(Value::Endpoint(EndpointEntry {
                 service: t.service.clone(),
-                task_name: format!("{}.{}", service.spec.name, t.slot),
+                task_name: t.name(&service.spec.name),
                 node: t.node.clone(),
                 node_addr,
                 addr: a.addr,
                 mac: a.mac,
                 netns: t.netns.clone(),
+                draining: draining(t),
             }))
         }
         Key::NodeEndpoint { network, node } => {

@@ -241,6 +241,10 @@ impl Zone {
             let Some(Value::Endpoint(e)) = tables.entries.get(&key) else {
                 continue;
             };
+            // A stopping task serves its open flows, and no new names.
+            if e.draining {
+                continue;
+            }
             c.names
                 .push((net.clone(), format!("tasks.{}", svc.name), e.addr));
             c.names.push((net.clone(), e.task_name.clone(), e.addr));
@@ -731,6 +735,7 @@ mod tests {
                     addr: ip.parse().unwrap(),
                     mac: [2, 0x42, 0, 0, 0, 1],
                     netns: None,
+                    draining: false,
                 }),
             )
         };

@@ -345,8 +345,9 @@ fn table_size(backends: usize) -> u32 {
 pub struct LbView {
     /// This node's id (host-mode ports serve its own tasks only).
     node: String,
-    /// Service id -> network -> its live task addresses there.
-    members: HashMap<String, HashMap<String, BTreeSet<Ipv4Addr>>>,
+    /// Service id -> network -> its task addresses there, and whether each
+    /// is draining (kept for open flows, weight 0 for new ones).
+    members: HashMap<String, HashMap<String, BTreeMap<Ipv4Addr, bool>>>,
     /// Service id -> its live tasks' addresses on this node (one per task:
     /// the first network's).
     local: HashMap<String, BTreeMap<String, Ipv4Addr>>,
@@ -387,8 +388,8 @@ impl LbView {
             .or_default()
             .entry(network.to_owned())
             .or_default()
-            .insert(e.addr);
-        if e.node == self.node {
+            .insert(e.addr, e.draining);
+        if e.node == self.node && !e.draining {
             self.local
                 .entry(e.service.clone())
                 .or_default()
@@ -586,10 +587,14 @@ impl LbView {
         networks: &BTreeMap<String, Ipv4Addr>,
     ) -> Vec<ServiceSpec> {
         let members = self.members.get(id);
-        let on = |net: &str| -> Vec<Ipv4Addr> {
-            members
-                .and_then(|m| m.get(net))
-                .map_or_else(Vec::new, |v| v.iter().copied().collect())
+        // (address, weight): a draining task keeps its open flows and gets
+        // no new ones.
+        let on = |net: &str| -> Vec<(Ipv4Addr, u32)> {
+            members.and_then(|m| m.get(net)).map_or_else(Vec::new, |v| {
+                v.iter()
+                    .map(|(a, draining)| (*a, u32::from(!*draining)))
+                    .collect()
+            })
         };
         let mut found = Vec::new();
         for p in &s.ports {
@@ -597,13 +602,13 @@ impl LbView {
                 PortProtocol::Tcp => Protocol::Tcp,
                 PortProtocol::Udp => Protocol::Udp,
             };
-            let backends = |addrs: Vec<Ipv4Addr>| -> Vec<BackendSpec> {
+            let backends = |addrs: Vec<(Ipv4Addr, u32)>| -> Vec<BackendSpec> {
                 addrs
                     .into_iter()
-                    .map(|a| BackendSpec {
-                        address: a,
+                    .map(|(address, weight)| BackendSpec {
+                        address,
                         port: p.target,
-                        weight: 1,
+                        weight,
                     })
                     .collect()
             };
@@ -638,7 +643,7 @@ impl LbView {
                 && let Some(published) = p.published
                 && let Some(local) = self.local.get(id).filter(|l| !l.is_empty())
             {
-                let b = backends(local.values().copied().collect());
+                let b = backends(local.values().map(|a| (*a, 1)).collect());
                 found.push((
                     format!("{}:{published}/{}@host", s.name, p.protocol),
                     ServiceSpec {
@@ -663,10 +668,10 @@ impl LbView {
                 for (protocol, label) in [(Protocol::Tcp, "tcp"), (Protocol::Udp, "udp")] {
                     let b: Vec<BackendSpec> = on(net)
                         .into_iter()
-                        .map(|address| BackendSpec {
+                        .map(|(address, weight)| BackendSpec {
                             address,
                             port: 0,
-                            weight: 1,
+                            weight,
                         })
                         .collect();
                     found.push((
@@ -755,6 +760,7 @@ mod tests {
                     addr,
                     mac: Mac::from_ipv4(addr).0,
                     netns: Some(format!("/run/netns/{task}")),
+                    draining: false,
                 }),
             )
         };

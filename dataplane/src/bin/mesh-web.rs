@@ -5,6 +5,7 @@
 //! HOSTNAME, and the address the connection came in on). `GET /env/NAME`
 //! answers that variable instead, and `GET /resolve/NAME` what the task's
 //! resolver says NAME is (the embedded DNS, through /etc/resolv.conf).
+//! `GET /slow/MS/...` waits MS milliseconds before answering.
 //!
 //! On SIGTERM it stops accepting and exits once its open connections are
 //! done, as a well-behaved service does during a rolling update.
@@ -105,6 +106,13 @@ async fn serve(mut conn: TcpStream, name: &str) -> std::io::Result<()> {
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .unwrap_or("/");
+    // A slow answer: a long-lived request (drain tests).
+    if let Some(ms) = path
+        .strip_prefix("/slow/")
+        .and_then(|m| m.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+    }
     let (status, body) = if let Some(var) = path.strip_prefix("/env/") {
         match std::env::var(var) {
             Ok(v) => ("200 OK", format!("{v}\n")),

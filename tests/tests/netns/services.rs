@@ -279,6 +279,46 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
         "{failed} of {asked} failed: {errors:?}"
     );
 
+    // Scale down while requests are open: a removed task drains (no new
+    // flows, its open ones finish) before it stops.
+    let front = SocketAddr::from((nodes[0].host.addr(), PUBLISHED));
+    let answers: Vec<Result<String, String>> = std::thread::scope(|s| {
+        let open: Vec<_> = (0..8)
+            .map(|i| {
+                s.spawn(move || {
+                    client
+                        .enter(|| get(front, &format!("/slow/2500/{i}")).map_err(|e| e.to_string()))
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(400));
+        let out = m.meshctl_ok(&["service", "scale", "web=1"]);
+        assert!(out.contains("web scaled to 1"), "{out}");
+        open.into_iter()
+            .map(|h| h.join().expect("request thread"))
+            .collect()
+    });
+    let by: Vec<&str> = answers
+        .iter()
+        .map(|a| {
+            a.as_deref()
+                .map_or("failed", |b| b.split_whitespace().next().unwrap_or(""))
+        })
+        .collect();
+    assert!(
+        answers.iter().all(Result::is_ok),
+        "open requests broke on scale-down: {answers:?}"
+    );
+    assert!(
+        by.iter().any(|n| *n == "web.2" || *n == "web.3"),
+        "no open request was on a removed task, so nothing was drained: {by:?}"
+    );
+    eprintln!("open requests during scale-down answered by {by:?}");
+    let ps = m.meshctl_ok(&["service", "ps", "web"]);
+    assert_eq!(running(m, "web").len(), 1, "{ps}");
+    m.meshctl_ok(&["service", "scale", "web=3"]);
+    assert_eq!(running(m, "web").len(), 3);
+
     // Drain worker 2: its task moves; nothing moves back by itself.
     let w2 = label(2);
     m.meshctl_ok(&["node", "update", "--availability", "drain", &w2]);
