@@ -41,6 +41,53 @@ pub struct Ctx {
     /// Certificates already checked (signature, names), by their DER; the
     /// validity window is still checked on every call.
     pub checked: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Identity>>,
+    /// Where this node's executor keeps its tasks' files (`<id>/output.log`).
+    pub tasks_dir: Option<std::path::PathBuf>,
+}
+
+/// The output of one task, as `service logs` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskLog {
+    pub id: String,
+    pub name: String,
+    pub node_hostname: String,
+    /// Its stdout and stderr, in the order written (the last 1 MiB).
+    pub text: String,
+    /// Why the log could not be read (the node is down, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The most of one task's log a call returns (its end).
+const LOG_TAIL_BYTES: u64 = 1 << 20;
+
+/// The end of task `id`'s log under `dir`.
+fn read_task_log(dir: &std::path::Path, id: &str) -> Result<String, Status> {
+    use std::io::{Read as _, Seek as _};
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !ok {
+        return Err(Status::invalid_argument(format!("{id:?} is not a task id")));
+    }
+    let path = dir.join(id).join("output.log");
+    let mut f = std::fs::File::open(&path).map_err(|e| {
+        Status::not_found(format!(
+            "task {id} has no log on this node ({}): {e}",
+            path.display()
+        ))
+    })?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > LOG_TAIL_BYTES {
+        f.seek(std::io::SeekFrom::Start(len - LOG_TAIL_BYTES))
+            .map_err(|e| Status::internal(e.to_string()))?;
+    }
+    let mut raw = Vec::new();
+    f.read_to_end(&mut raw)
+        .map_err(|e| Status::internal(e.to_string()))?;
+    Ok(String::from_utf8_lossy(&raw).into_owned())
 }
 
 fn json<T: Serialize>(v: &T) -> Result<Response<Blob>, Status> {
@@ -323,6 +370,27 @@ impl join_server::Join for JoinService {
     }
 }
 
+/// Task `id`'s log from the node at `api` (mTLS, this node's certificate).
+async fn fetch_log(ctx: &Ctx, node: &str, api: Option<&str>, id: &str) -> Result<String, Status> {
+    let api = api.ok_or_else(|| Status::unavailable("the node has no API address"))?;
+    let channel = crate::tls::node_channel(
+        api,
+        ctx.creds.clone(),
+        node,
+        std::time::Duration::from_secs(2),
+    )
+    .map_err(|e| Status::unavailable(e.to_string()))?;
+    let reply = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        proto::node_client::NodeClient::new(channel)
+            .max_decoding_message_size(crate::daemon::MAX_MESSAGE)
+            .task_logs(Ref { target: id.into() }),
+    )
+    .await
+    .map_err(|_| Status::deadline_exceeded("no answer within 5 s"))??;
+    parse("task log", &reply.into_inner().json)
+}
+
 /// The API addresses of the managers.
 pub fn manager_addrs(s: &State) -> Vec<String> {
     s.nodes
@@ -366,6 +434,23 @@ impl node_server::Node for NodeService {
             managers,
             cert_lifetime_secs: lifetime,
         })
+    }
+
+    async fn task_logs(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {
+        let id = self.0.identify(&req)?;
+        if id.role != Role::Manager {
+            return Err(Status::permission_denied(
+                "task logs are for managers (they may hold secrets)",
+            ));
+        }
+        let dir = self
+            .0
+            .tasks_dir
+            .as_deref()
+            .ok_or_else(|| Status::failed_precondition("this node runs no tasks"))?;
+        let task = req.into_inner().target;
+        let text = read_task_log(dir, &task)?;
+        json(&text)
     }
 
     async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
@@ -677,6 +762,58 @@ impl cluster_server::Cluster for ClusterService {
                 .collect()
         });
         json(&svcs)
+    }
+
+    async fn service_logs(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let target = req.into_inner().target;
+        // (task id, name, node id, hostname, node API address), oldest first.
+        let tasks = m
+            .with_state(|s| {
+                let svc = s.service_by_ref(&target)?;
+                let mut v: Vec<(u64, String, String, String, String, Option<String>)> = s
+                    .tasks
+                    .values()
+                    .filter(|t| t.service == svc.id && t.managed())
+                    .map(|t| {
+                        let node = s.nodes.get(&t.node);
+                        (
+                            t.seq,
+                            t.id.clone(),
+                            t.name(&svc.spec.name),
+                            t.node.clone(),
+                            node.map_or_else(|| t.node.clone(), |n| n.hostname.clone()),
+                            node.and_then(|n| n.api_addr.clone()),
+                        )
+                    })
+                    .collect();
+                v.sort();
+                Some(v)
+            })
+            .ok_or_else(|| Status::not_found(format!("service {target} not found")))?;
+        let mut out = Vec::new();
+        for (_, id, name, node, hostname, api) in tasks {
+            let got = if node == self.0.node_id {
+                match self.0.tasks_dir.as_deref() {
+                    Some(dir) => read_task_log(dir, &id),
+                    None => Err(Status::failed_precondition("this node runs no tasks")),
+                }
+            } else {
+                fetch_log(&self.0, &node, api.as_deref(), &id).await
+            };
+            let (text, error) = match got {
+                Ok(t) => (t, None),
+                Err(e) => (String::new(), Some(format!("{hostname}: {}", e.message()))),
+            };
+            out.push(TaskLog {
+                id,
+                name,
+                node_hostname: hostname,
+                text,
+                error,
+            });
+        }
+        json(&out)
     }
 
     async fn list_tasks(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {

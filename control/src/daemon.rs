@@ -525,6 +525,7 @@ impl Daemon {
             manager: RwLock::new(manager),
             managers: RwLock::new(file.managers.clone()),
             checked: Default::default(),
+            tasks_dir: Some(dir.join("tasks")),
         });
         let tls = tls::Server::new(&current)?;
         let listener = TcpListener::bind(file.listen_addr)

@@ -317,6 +317,30 @@ fn client_config(trust: &Trust) -> Result<ClientConfig, TlsError> {
 /// connection builds its TLS config from the current credentials, so a
 /// renewed certificate is used from the next connection on.
 pub fn channel(addr: &str, trust: Trust, timeout: Duration) -> Result<Channel, TlsError> {
+    channel_to(addr, trust, MANAGER_SERVER_NAME, timeout)
+}
+
+/// A channel to the node `node_id` (any role): its certificate must be the
+/// cluster's and name that node (every node certificate carries its id as
+/// a DNS name).
+pub fn node_channel(
+    addr: &str,
+    creds: Arc<RwLock<Credentials>>,
+    node_id: &str,
+    timeout: Duration,
+) -> Result<Channel, TlsError> {
+    channel_to(addr, Trust::Node(creds), node_id, timeout)
+}
+
+fn channel_to(
+    addr: &str,
+    trust: Trust,
+    server_name: &str,
+    timeout: Duration,
+) -> Result<Channel, TlsError> {
+    ServerName::try_from(server_name.to_owned())
+        .map_err(|e| TlsError::Address(addr.to_owned(), format!("{server_name:?}: {e}")))?;
+    let server_name = server_name.to_owned();
     let uri: Uri =
         format!("http://{addr}")
             .parse()
@@ -327,11 +351,12 @@ pub fn channel(addr: &str, trust: Trust, timeout: Duration) -> Result<Channel, T
     let connector = tower::service_fn(move |_: Uri| {
         let trust = trust.clone();
         let target = target.clone();
+        let server_name = server_name.clone();
         async move {
             let config = client_config(&trust).map_err(io::Error::other)?;
             let tcp = TcpStream::connect(resolve(&target)?).await?;
             let _ = tcp.set_nodelay(true);
-            let name = ServerName::try_from(MANAGER_SERVER_NAME).expect("valid DNS name");
+            let name = ServerName::try_from(server_name.clone()).map_err(io::Error::other)?;
             let tls = TlsConnector::from(Arc::new(config))
                 .connect(name, tcp)
                 .await?;

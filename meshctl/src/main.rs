@@ -403,6 +403,16 @@ enum ServiceCmd {
         wait: Wait,
         service: String,
     },
+    /// Show the output of a service's tasks, fetched from their nodes.
+    Logs {
+        service: String,
+        /// Only the last N lines of each task.
+        #[arg(long, short = 'n')]
+        tail: Option<usize>,
+        /// Full task ids.
+        #[arg(long)]
+        no_trunc: bool,
+    },
     /// Go back to the spec before the last update, as a rolling update.
     Rollback {
         #[command(flatten)]
@@ -1286,6 +1296,23 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
             }
             Ok(())
         }
+        ServiceCmd::Logs {
+            service,
+            tail,
+            no_trunc,
+        } => {
+            let logs: Vec<control::api::TaskLog> = from_blob(
+                c.api
+                    .service_logs(Ref { target: service })
+                    .await
+                    .map_err(err)?,
+            )?;
+            print!("{}", logs_text(&logs, tail, no_trunc));
+            for l in logs.iter().filter_map(|l| l.error.as_ref()) {
+                eprintln!("warning: {l}");
+            }
+            Ok(())
+        }
         ServiceCmd::Rollback { wait, service } => {
             let cur = inspect_service(c, &service).await?;
             let r: Result<Outcome, String> = from_blob(
@@ -1367,6 +1394,29 @@ async fn converge(c: &mut Client, wait: &Wait) -> Res {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `docker service logs`' shape: `name.id@node    | line`, the prefix
+/// padded to one width.
+fn logs_text(logs: &[control::api::TaskLog], tail: Option<usize>, no_trunc: bool) -> String {
+    let prefix = |l: &control::api::TaskLog| {
+        let id = if no_trunc {
+            l.id.as_str()
+        } else {
+            short(&l.id)
+        };
+        format!("{}.{id}@{}", l.name, l.node_hostname)
+    };
+    let width = logs.iter().map(|l| prefix(l).len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for l in logs {
+        let lines: Vec<&str> = l.text.lines().collect();
+        let from = tail.map_or(0, |n| lines.len().saturating_sub(n));
+        for line in &lines[from..] {
+            out.push_str(&format!("{:<width$}    | {line}\n", prefix(l)));
+        }
+    }
+    out
 }
 
 /// Waits until the service's tasks run as its spec says, printing progress
@@ -1781,5 +1831,26 @@ mod tests {
     fn status_and_availability_read_like_docker() {
         assert_eq!(title(NodeStatus::Ready), "Ready");
         assert_eq!(title(Availability::Drain), "Drain");
+    }
+
+    #[test]
+    fn logs_are_prefixed_like_docker_and_tail_per_task() {
+        let log = |name: &str, id: &str, host: &str, text: &str| control::api::TaskLog {
+            id: id.into(),
+            name: name.into(),
+            node_hostname: host.into(),
+            text: text.into(),
+            error: None,
+        };
+        let logs = [
+            log("web.1", "abcdefghijklmnop", "n1", "a\nb\nc\n"),
+            log("web.10", "qrstuvwxyz012345", "node-2", "x\n"),
+        ];
+        assert_eq!(
+            logs_text(&logs, Some(2), false),
+            "web.1.abcdefghijkl@n1         | b\n\
+             web.1.abcdefghijkl@n1         | c\n\
+             web.10.qrstuvwxyz01@node-2    | x\n"
+        );
     }
 }

@@ -389,6 +389,7 @@ impl Cluster {
                     manager: RwLock::new(None),
                     managers: RwLock::new(vec![at.api_addr.clone()]),
                     checked: Default::default(),
+                    tasks_dir: None,
                 }),
                 addr,
             ));

@@ -173,6 +173,24 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
         "{ls}"
     );
 
+    // `service logs`: each task's output, fetched from the node it ran on.
+    let out = m.meshctl(&["service", "logs", "web"]);
+    let logs =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let mut seen = BTreeSet::new();
+    for (name, host) in &placed {
+        let line = logs
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}.")) && l.contains(&format!("@{host} ")))
+            .unwrap_or_else(|| panic!("no log line of {name} on {host}:\n{logs}"));
+        assert!(
+            line.contains(&format!("| mesh-web: {name} listening on 0.0.0.0:80")),
+            "{line}"
+        );
+        seen.insert(host.clone());
+    }
+    assert_eq!(seen.len(), 3, "{logs}");
+
     // The published port answers on every node, from every task.
     for n in nodes.iter().take(3) {
         let t = wait_until(
