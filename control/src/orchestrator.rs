@@ -242,6 +242,8 @@ pub const TASK_HISTORY: usize = 5;
 /// Yes when that task was stopped on purpose (drain, node down, update);
 /// when it ended by itself, as the restart policy says.
 fn restart_wanted(policy: &RestartPolicy, last: &Task) -> bool {
+    // With a window, the attempts are counted in it (see `reconcile`).
+    let counted = policy.window_ms == 0;
     if !last.ended_by_itself() {
         return true;
     }
@@ -251,7 +253,7 @@ fn restart_wanted(policy: &RestartPolicy, last: &Task) -> bool {
         RestartCondition::OnFailure => failed,
         RestartCondition::None => false,
     };
-    condition && (policy.max_attempts == 0 || last.attempt < policy.max_attempts)
+    condition && (policy.max_attempts == 0 || !counted || last.attempt < policy.max_attempts)
 }
 
 /// The commands that bring every service's tasks to its spec. `new_id`
@@ -377,6 +379,27 @@ pub fn reconcile_some(
             };
             if !restart_wanted(policy, last) {
                 return true;
+            }
+            // With a window, max_attempts counts the restarts whose task
+            // ended within the last `window` (the slot's history); once the
+            // oldest of them leaves the window, the slot may restart again.
+            if last.ended_by_itself() && policy.window_ms > 0 && policy.max_attempts > 0 {
+                let since = now_ms.saturating_sub(policy.window_ms);
+                let recent: Vec<u64> = slots
+                    .get(key)
+                    .into_iter()
+                    .flatten()
+                    .filter(|t| t.ended_by_itself() && t.since_ms >= since)
+                    .map(|t| t.since_ms)
+                    .collect();
+                if recent.len() as u32 > policy.max_attempts {
+                    let reopen = recent
+                        .iter()
+                        .min()
+                        .map_or(now_ms, |t| t.saturating_add(policy.window_ms) + 1);
+                    wake = Some(wake.map_or(reopen, |w| w.min(reopen)));
+                    return true;
+                }
             }
             let due = last.since_ms.saturating_add(policy.delay_ms);
             if last.ended_by_itself() && now_ms < due {
@@ -1397,4 +1420,32 @@ mod tests {
         assert_eq!(w.running("web").count(), 2);
         assert!(w.state.tasks["outside"].live());
     }
+
+    #[test]
+    fn max_attempts_within_a_window_reopen_when_the_window_passes() {
+        let mut w = three();
+        w.service(serde_json::json!({
+            "name": "job", "mode": {"mode": "replicated", "replicas": 1},
+            "task": {"command": ["/bin/job"],
+                     "restart": {"condition": "any", "max_attempts": 2,
+                                 "delay_ms": 0, "window_ms": 10000}}
+        }));
+        w.settle();
+        let first_end = w.now;
+        // The first task and two restarts fail, one second apart.
+        for _ in 0..3 {
+            assert_eq!(w.slots("job"), vec![1]);
+            report(&mut w, "job", 1, TaskState::Failed, Some(1));
+            w.settle();
+            w.now += 1000;
+        }
+        let plans = w.settle();
+        assert_eq!(w.slots("job"), Vec::<u32>::new(), "3 failures in 10 s with max 2");
+        // The slot reopens when the first failure leaves the window.
+        assert_eq!(plans.last().unwrap().wake_at_ms, Some(first_end + 10_001));
+        w.now = first_end + 10_001;
+        w.settle();
+        assert_eq!(w.slots("job"), vec![1], "the window passed");
+    }
+
 }

@@ -223,9 +223,13 @@ struct ServiceOpts {
     /// Wait between a task's end and its restart (e.g. 5s, 500ms).
     #[arg(long, value_parser = parse_ms)]
     restart_delay: Option<u64>,
-    /// Give up a slot after this many restarts in a row (0: never).
+    /// Give up a slot after this many restarts in a row (0: never); with
+    /// --restart-window, this many within the window.
     #[arg(long)]
     restart_max_attempts: Option<u32>,
+    /// The window --restart-max-attempts counts restarts in (e.g. 1m).
+    #[arg(long, value_parser = parse_ms)]
+    restart_window: Option<u64>,
     #[command(flatten)]
     update: UpdateOpts,
 }
@@ -987,6 +991,9 @@ fn apply_opts(spec: &mut ServiceSpec, o: ServiceOpts, creating: bool) -> Res {
     }
     if let Some(n) = o.restart_max_attempts {
         spec.task.restart.max_attempts = n;
+    }
+    if let Some(w) = o.restart_window {
+        spec.task.restart.window_ms = w;
     }
     for e in o.env {
         if !e.contains('=') {
