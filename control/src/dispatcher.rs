@@ -79,6 +79,10 @@ pub struct Assignment {
     pub observed: crate::state::TaskState,
     pub command: Vec<String>,
     pub env: Vec<String>,
+    /// The networks it is attached to: the node starts the task once its
+    /// data plane has wired that many endpoints into the namespace.
+    #[serde(default)]
+    pub networks: usize,
 }
 
 /// The tasks assigned to `node`: its tasks that mesh runs and that have
@@ -101,6 +105,7 @@ pub fn assignments(state: &crate::state::State, node: &str) -> Vec<Assignment> {
                 observed: t.observed,
                 command: t.spec.command.clone(),
                 env: t.spec.env.clone(),
+                networks: t.attachments.len(),
             }
         })
         .collect()

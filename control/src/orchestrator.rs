@@ -1440,12 +1440,15 @@ mod tests {
             w.now += 1000;
         }
         let plans = w.settle();
-        assert_eq!(w.slots("job"), Vec::<u32>::new(), "3 failures in 10 s with max 2");
+        assert_eq!(
+            w.slots("job"),
+            Vec::<u32>::new(),
+            "3 failures in 10 s with max 2"
+        );
         // The slot reopens when the first failure leaves the window.
         assert_eq!(plans.last().unwrap().wake_at_ms, Some(first_end + 10_001));
         w.now = first_end + 10_001;
         w.settle();
         assert_eq!(w.slots("job"), vec![1], "the window passed");
     }
-
 }

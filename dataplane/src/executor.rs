@@ -67,8 +67,28 @@ impl ExecError {
 /// same calls.
 pub trait Executor {
     type Task: RunningTask;
-    /// Starts `task`; returns once its process runs in its namespaces.
-    fn start(&self, task: &TaskRun) -> impl Future<Output = Result<Self::Task, ExecError>> + Send;
+    /// A task whose namespace exists and whose process has not started.
+    type Prepared: Prepared;
+    /// Creates `task`'s namespace (and files), so that its networks can be
+    /// attached before anything runs in it, as Swarm attaches a
+    /// container's networks before it starts.
+    fn prepare(
+        &self,
+        task: &TaskRun,
+    ) -> impl Future<Output = Result<Self::Prepared, ExecError>> + Send;
+    /// Starts a prepared task; returns once its process runs. On failure,
+    /// nothing of the task is left.
+    fn launch(
+        &self,
+        prepared: Self::Prepared,
+    ) -> impl Future<Output = Result<Self::Task, ExecError>> + Send;
+}
+
+/// A prepared task.
+pub trait Prepared: Send {
+    fn netns(&self) -> &Path;
+    /// Gives up a task that will not start: what prepare made is removed.
+    fn discard(self) -> impl Future<Output = ()> + Send;
 }
 
 /// A started task.
@@ -247,8 +267,9 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
 
 impl Executor for ProcessExecutor {
     type Task = ProcessTask;
+    type Prepared = PreparedTask;
 
-    async fn start(&self, task: &TaskRun) -> Result<ProcessTask, ExecError> {
+    async fn prepare(&self, task: &TaskRun) -> Result<PreparedTask, ExecError> {
         check_id(&task.id)?;
         if task.command.first().is_none_or(String::is_empty) {
             return Err(ExecError::Invalid {
@@ -275,14 +296,28 @@ impl Executor for ProcessExecutor {
             });
         }
         create_netns(&netns).map_err(io_err("create the network namespace"))?;
-        let mut made = ProcessTask {
-            id: task.id.clone(),
-            netns,
-            cgroup: self.cgroup_path(&task.id),
-            child: None,
-            exit: None,
-        };
-        match self.spawn(task, &made, &resolv, log).await {
+        Ok(PreparedTask {
+            run: task.clone(),
+            made: ProcessTask {
+                id: task.id.clone(),
+                netns,
+                cgroup: self.cgroup_path(&task.id),
+                child: None,
+                exit: None,
+            },
+            resolv,
+            log,
+        })
+    }
+
+    async fn launch(&self, p: PreparedTask) -> Result<ProcessTask, ExecError> {
+        let PreparedTask {
+            run,
+            mut made,
+            resolv,
+            log,
+        } = p;
+        match self.spawn(&run, &made, &resolv, log).await {
             Ok(child) => {
                 made.child = Some(child);
                 Ok(made)
@@ -292,6 +327,34 @@ impl Executor for ProcessExecutor {
                 Err(e)
             }
         }
+    }
+}
+
+impl ProcessExecutor {
+    /// Prepares and launches `task` at once.
+    pub async fn start(&self, task: &TaskRun) -> Result<ProcessTask, ExecError> {
+        let p = self.prepare(task).await?;
+        self.launch(p).await
+    }
+}
+
+/// A task of the [`ProcessExecutor`] with its namespace made and its
+/// process not started.
+#[derive(Debug)]
+pub struct PreparedTask {
+    run: TaskRun,
+    made: ProcessTask,
+    resolv: PathBuf,
+    log: File,
+}
+
+impl Prepared for PreparedTask {
+    fn netns(&self) -> &Path {
+        &self.made.netns
+    }
+
+    async fn discard(self) {
+        let _ = self.made.remove().await;
     }
 }
 

@@ -2,10 +2,12 @@
 //! reports what they do.
 //!
 //! For each assignment:
-//! - desired `running`, not started here: start it, then report `running`
-//!   with its namespace (the overlay then wires the namespace, and the
-//!   embedded DNS serves in it). A start that fails is reported `rejected`
-//!   with the reason.
+//! - desired `running`, not started here: make its namespace and report
+//!   `starting` with it; the overlay wires the namespace and the embedded
+//!   DNS serves in it; once this node's data plane has applied that (or
+//!   after [`WIRE_WAIT`]), start the process and report `running`. As in
+//!   Swarm, a task's networks are there before it runs. A start that fails
+//!   is reported `rejected` with the reason.
 //! - the process exits: `complete` (code 0) or `failed` with
 //!   `task: non-zero exit (N)`; the orchestrator applies the restart policy.
 //! - desired `shutdown`: the tables already withdrew the task's endpoints,
@@ -31,7 +33,14 @@ use control::{
 };
 use tokio::sync::{mpsc, watch};
 
-use crate::executor::{Executor, RunningTask, TaskRun};
+use crate::executor::{Executor, Prepared as _, RunningTask, TaskRun};
+
+/// The longest a task waits for its networks before it starts anyway.
+pub const WIRE_WAIT: Duration = Duration::from_secs(10);
+
+/// This node's task namespaces and how many of their endpoints its data
+/// plane has wired (overlay, load balancer and DNS applied).
+pub type Wired = watch::Receiver<HashMap<String, usize>>;
 
 /// How a node stops its tasks.
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +68,7 @@ struct Handle {
 /// Follows `assigned` until `stop` is set; then stops every task it runs.
 pub async fn run<E>(
     exec: Arc<E>,
+    wired: Wired,
     mut assigned: watch::Receiver<Option<Vec<Assignment>>>,
     reports: mpsc::UnboundedSender<TaskReport>,
     timing: StopTiming,
@@ -113,6 +123,7 @@ pub async fn run<E>(
                 let (stop_tx, stop_rx) = watch::channel(false);
                 let done = tokio::spawn(lifecycle(
                     exec.clone(),
+                    wired.clone(),
                     a.clone(),
                     reports.clone(),
                     timing,
@@ -168,6 +179,7 @@ fn report(
 /// One task, from start to removal.
 async fn lifecycle<E: Executor>(
     exec: Arc<E>,
+    mut wired: Wired,
     a: Assignment,
     reports: mpsc::UnboundedSender<TaskReport>,
     timing: StopTiming,
@@ -180,24 +192,45 @@ async fn lifecycle<E: Executor>(
         command: a.command.clone(),
         env: a.env.clone(),
     };
-    let mut task = match exec.start(&run).await {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(task = %a.id, name = %a.name, "task not started: {e}");
-            let _ = reports.send(report(
-                &a.id,
-                TaskState::Rejected,
-                None,
-                None,
-                Some(e.to_string()),
-            ));
-            let _ = ended.send(a.id);
-            return;
-        }
+    let rejected = |e: String| {
+        tracing::warn!(task = %a.id, name = %a.name, "task not started: {e}");
+        let _ = reports.send(report(&a.id, TaskState::Rejected, None, None, Some(e)));
+        let _ = ended.send(a.id.clone());
     };
-    let netns = task.netns().display().to_string();
+    let prepared = match exec.prepare(&run).await {
+        Ok(p) => p,
+        Err(e) => return rejected(e.to_string()),
+    };
+    let netns = prepared.netns().display().to_string();
+    let _ = reports.send(report(
+        &a.id,
+        TaskState::Starting,
+        Some(netns.clone()),
+        None,
+        None,
+    ));
+    if a.networks > 0 {
+        let ready = |w: &HashMap<String, usize>| w.get(&netns).copied().unwrap_or(0) >= a.networks;
+        tokio::select! {
+            r = async { tokio::time::timeout(WIRE_WAIT, wired.wait_for(ready)).await.map(|r| r.is_ok()) } => {
+                if r != Ok(true) {
+                    tracing::warn!(task = %a.id, %netns, "networks not wired after {WIRE_WAIT:?}; starting anyway");
+                }
+            }
+            () = control::agent::stopped(&mut stop) => {
+                prepared.discard().await;
+                let _ = reports.send(report(&a.id, TaskState::Shutdown, None, None, None));
+                let _ = ended.send(a.id);
+                return;
+            }
+        }
+    }
+    let mut task = match exec.launch(prepared).await {
+        Ok(t) => t,
+        Err(e) => return rejected(e.to_string()),
+    };
     tracing::info!(task = %a.id, name = %a.name, %netns, "task running");
-    let _ = reports.send(report(&a.id, TaskState::Running, Some(netns), None, None));
+    let _ = reports.send(report(&a.id, TaskState::Running, None, None, None));
     let (observed, code) = tokio::select! {
         code = task.wait() => {
             let code = code.unwrap_or(255);

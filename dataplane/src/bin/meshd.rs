@@ -810,18 +810,22 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
             } else {
                 dp.dns_upstream.clone()
             };
+            let wired = tokio::sync::watch::Sender::new(Default::default());
+            let wired_rx = wired.subscribe();
             let link = d.start_agent(TableSink {
                 node: d.ctx.node_id.clone(),
                 underlay: file.addr,
                 view: NodeView::new(&d.ctx.node_id, file.addr),
                 dataplane: dataplane.clone(),
                 dns: Dns::new(upstream),
+                wired,
             });
             let scope = &dp.task_scope;
             match ProcessExecutor::new(&d.dir.join("tasks"), &format!("{scope}-"), scope) {
                 Ok(exec) => {
                     tasks = Some(tokio::spawn(runner::run(
                         Arc::new(exec),
+                        wired_rx,
                         link.assignments,
                         link.reports,
                         StopTiming {
@@ -882,10 +886,65 @@ struct TableSink {
     view: NodeView,
     dataplane: Option<Arc<tokio::sync::Mutex<Dataplane>>>,
     dns: Dns,
+    /// Task namespace -> endpoints of it applied (see [`runner::Wired`]).
+    wired: tokio::sync::watch::Sender<std::collections::HashMap<String, usize>>,
+}
+
+impl TableSink {
+    /// Counts this node's task namespaces in the endpoints just applied:
+    /// a task starts once all its networks are wired.
+    fn note_wired(&self, tables: &Tables, update: Update<'_>) {
+        use control::tables::{Key, Value};
+        let node = &self.node;
+        let mine = |v: &Option<Value>| match v {
+            Some(Value::Endpoint(e)) if e.node == *node => e.netns.clone(),
+            _ => None,
+        };
+        self.wired.send_modify(|w| match update {
+            Update::Whole => {
+                w.clear();
+                for (_, _, e) in tables.endpoints() {
+                    if e.node == *node
+                        && let Some(n) = &e.netns
+                    {
+                        *w.entry(n.clone()).or_default() += 1;
+                    }
+                }
+            }
+            Update::Delta(changes) => {
+                for c in changes
+                    .iter()
+                    .filter(|c| matches!(c.key, Key::Endpoint { .. }))
+                {
+                    if let Some(n) = mine(&c.old)
+                        && let Some(count) = w.get_mut(&n)
+                    {
+                        *count = count.saturating_sub(1);
+                        if *count == 0 {
+                            w.remove(&n);
+                        }
+                    }
+                    if let Some(n) = mine(&c.new) {
+                        *w.entry(n).or_default() += 1;
+                    }
+                }
+            }
+        });
+    }
 }
 
 impl Sink for TableSink {
     async fn apply(&mut self, tables: &Tables, update: Update<'_>) -> Result<(), String> {
+        let r = self.apply_dataplane(tables, update).await;
+        if r.is_ok() {
+            self.note_wired(tables, update);
+        }
+        r
+    }
+}
+
+impl TableSink {
+    async fn apply_dataplane(&mut self, tables: &Tables, update: Update<'_>) -> Result<(), String> {
         let Some(dp) = &self.dataplane else {
             return Ok(());
         };

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane::executor::{Executor as _, ProcessExecutor, RunningTask as _, TaskRun};
+use dataplane::executor::{ProcessExecutor, RunningTask as _, TaskRun};
 use mesh_tests::require_root;
 
 /// An executor whose namespaces, cgroups and files carry this test's own

@@ -425,6 +425,38 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
     assert_eq!(resolved, api_addrs, "dig api from {ns_name}: {last}");
     assert_eq!(resolved.len(), 1);
 
+    // A task's networks and names are there when it starts: one that looks
+    // up `api` first thing, and gives up if it cannot, runs at once.
+    m.meshctl_ok(&[
+        "service",
+        "create",
+        "--detach",
+        "--name",
+        "probe",
+        "--network",
+        "red",
+        "--restart-condition",
+        "none",
+        "--",
+        "/bin/sh",
+        "-c",
+        "getent hosts api || exit 7; exec sleep 600",
+    ]);
+    let probe = wait_until("probe to run or fail", Duration::from_secs(20), || {
+        let t = tasks(m, "probe");
+        let first = t.first()?.clone();
+        (first["observed"] == "running" || first["observed"] == "failed").then_some(first)
+    });
+    assert_eq!(
+        probe["observed"], "running",
+        "it started before its network: {probe:?}"
+    );
+    let logs = m.meshctl_ok(&["service", "logs", "probe"]);
+    assert!(
+        api_addrs.iter().all(|a| logs.contains(a.as_str())),
+        "probe did not resolve api to {api_addrs:?} at its start:\n{logs}"
+    );
+
     // A global service: one task per node, and the node that joins gets
     // its own.
     m.meshctl_ok(&[
