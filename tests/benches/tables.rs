@@ -31,8 +31,8 @@ use control::{
     daemon::{self, InitOptions},
     pki::{self, Ca},
     state::{
-        Command, EndpointMode, EndpointSpec, NetworkAttachment, NetworkSpec, PortConfig, Protocol,
-        PublishMode, Role, ServiceMode, ServiceSpec, State, TaskTemplate,
+        Command, EndpointMode, EndpointSpec, NetworkAttachment, NetworkSpec, Role, ServiceMode,
+        ServiceSpec, State, TaskTemplate,
     },
     tables::{Revision, Tables},
     tls::Credentials,
@@ -61,15 +61,11 @@ fn service(name: &str) -> ServiceSpec {
             }],
             ..TaskTemplate::default()
         },
-        // Host mode: a VIP frontend on every node, no ingress port to spend.
+        // No published port (none to spend): the VIP answers every port,
+        // so every node holds its any-port frontends (TCP and UDP).
         endpoint: EndpointSpec {
             mode: EndpointMode::Vip,
-            ports: vec![PortConfig {
-                protocol: Protocol::Tcp,
-                target: 80,
-                published: None,
-                mode: PublishMode::Host,
-            }],
+            ports: vec![],
         },
         update: Default::default(),
         rollback: Default::default(),

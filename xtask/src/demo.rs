@@ -153,17 +153,7 @@ pub fn run() -> Result<()> {
     crate::setup::run()?;
     if postgres_bin_dir().is_none() || which("psql").is_none() {
         println!("== installing postgresql (the demo's psql service)");
-        crate::run_ok(
-            Command::new("apt-get")
-                .args([
-                    "install",
-                    "-y",
-                    "--no-install-recommends",
-                    "postgresql",
-                    "postgresql-client",
-                ])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+        crate::setup::apt_install(&["postgresql", "postgresql-client"])?;
     }
     let pg = postgres_bin_dir().context("postgres not found after installing postgresql")?;
     crate::run_ok(crate::cargo().args([

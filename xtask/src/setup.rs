@@ -40,7 +40,12 @@ pub fn run() -> Result<()> {
 }
 
 fn apt() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    apt_install(APT_PACKAGES)
+}
+
+/// Installs the Debian packages of `packages` that are missing (root only).
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|pkg| !dpkg_installed(pkg))
