@@ -56,11 +56,13 @@ pub mod maps {
 /// Map capacities. Ids index arrays, so they are small integers chosen by userspace.
 pub mod limits {
     /// Frontend ids are 0..MAX_FRONTENDS (also the MAGLEV outer size). A
-    /// node holds a frontend per VIP and target port on each network it is
-    /// on, plus one per published port: 10,000 services fit.
-    pub const MAX_FRONTENDS: u32 = 16384;
-    /// Backend ids are 0..MAX_BACKENDS.
-    pub const MAX_BACKENDS: u32 = 16384;
+    /// node holds two any-port frontends (TCP, UDP) per VIP on each network
+    /// it is on, plus one per published port: 10,000 services with a VIP and
+    /// a published port each fit.
+    pub const MAX_FRONTENDS: u32 = 32768;
+    /// Backend ids are 0..MAX_BACKENDS (a backend is address, port and
+    /// protocol: a task behind a VIP is two).
+    pub const MAX_BACKENDS: u32 = 32768;
     /// Largest Maglev table (the inner map template's size).
     pub const MAGLEV_MAX: u32 = 65521;
     pub const CONNTRACK_MAX: u32 = 262144;

@@ -276,10 +276,15 @@ impl Agents {
             if all {
                 return last.unwrap();
             }
-            assert!(
-                Instant::now() < deadline,
-                "agents did not reach revision {revision}"
-            );
+            if Instant::now() >= deadline {
+                let at: Vec<Revision> = self.applied.iter().map(|a| a.lock().unwrap().0).collect();
+                let behind = at.iter().filter(|r| **r < revision).count();
+                panic!(
+                    "agents did not reach revision {revision}: {behind} of {} behind, lowest at {:?}",
+                    at.len(),
+                    at.iter().min()
+                );
+            }
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
     }
