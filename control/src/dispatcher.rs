@@ -490,7 +490,8 @@ async fn run_session(
         .await;
         catch_up(m, tx, &mut sent).await?;
         let mut changes = m.sm.changes();
-        let mut assigned = m.with_state(|s| assignments(s, node));
+        let (mut generation, mut assigned) =
+            m.with_state(|s| (s.assignment_generation(node), assignments(s, node)));
         send(
             tx,
             &DispatcherMessage::Assignments {
@@ -531,10 +532,17 @@ async fn run_session(
                     if r.is_err() {
                         return Err(Status::unavailable("this manager is shutting down"));
                     }
-                    let now = m.with_state(|s| assignments(s, node));
-                    if now != assigned {
-                        assigned = now;
-                        send(tx, &DispatcherMessage::Assignments { tasks: assigned.clone() }).await?;
+                    // Only when this node's tasks changed: O(1) otherwise.
+                    let now = m.with_state(|s| {
+                        let g = s.assignment_generation(node);
+                        (g != generation).then(|| (g, assignments(s, node)))
+                    });
+                    if let Some((g, now)) = now {
+                        generation = g;
+                        if now != assigned {
+                            assigned = now;
+                            send(tx, &DispatcherMessage::Assignments { tasks: assigned.clone() }).await?;
+                        }
                     }
                 }
                 _ = leadership.tick() => {

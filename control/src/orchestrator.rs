@@ -163,24 +163,21 @@ pub fn takes(node: &Node, constraints: &[Constraint]) -> bool {
 }
 
 /// Task counts per node, kept up to date as the plan places and removes.
-struct Load {
+/// Counted on first use: a look that places and stops nothing (the common
+/// case) costs nothing here.
+struct Load<'s> {
+    state: &'s State,
+    counts: Option<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
     total: BTreeMap<String, u32>,
     /// (service id, node id) -> tasks.
     service: BTreeMap<(String, String), u32>,
 }
 
-impl Load {
-    fn new(state: &State) -> Load {
-        let mut load = Load {
-            total: BTreeMap::new(),
-            service: BTreeMap::new(),
-        };
-        for t in state.tasks.values().filter(|t| t.live() && t.managed()) {
-            load.add(&t.service, &t.node, 1);
-        }
-        load
-    }
-
+impl Counts {
     fn add(&mut self, service: &str, node: &str, n: i64) {
         let bump = |c: &mut u32| *c = (i64::from(*c) + n).max(0) as u32;
         bump(self.total.entry(node.to_owned()).or_default());
@@ -190,20 +187,45 @@ impl Load {
                 .or_default(),
         );
     }
+}
+
+impl<'s> Load<'s> {
+    fn new(state: &'s State) -> Load<'s> {
+        Load {
+            state,
+            counts: None,
+        }
+    }
+
+    fn counts(&mut self) -> &mut Counts {
+        let state = self.state;
+        self.counts.get_or_insert_with(|| {
+            let mut c = Counts::default();
+            for t in state.tasks.values().filter(|t| t.live() && t.managed()) {
+                c.add(&t.service, &t.node, 1);
+            }
+            c
+        })
+    }
+
+    fn add(&mut self, service: &str, node: &str, n: i64) {
+        self.counts().add(service, node, n);
+    }
 
     /// The spread strategy's choice among `candidates`.
     fn pick<'a>(
-        &self,
+        &mut self,
         service: &str,
         candidates: impl Iterator<Item = &'a Node>,
     ) -> Option<&'a Node> {
+        let c = self.counts();
         candidates.min_by_key(|n| {
             (
-                self.service
+                c.service
                     .get(&(service.to_owned(), n.id.clone()))
                     .copied()
                     .unwrap_or(0),
-                self.total.get(&n.id).copied().unwrap_or(0),
+                c.total.get(&n.id).copied().unwrap_or(0),
                 n.id.clone(),
             )
         })
@@ -288,20 +310,38 @@ pub fn reconcile_some(
     let mut creates = Vec::new();
     let mut load = Load::new(state);
     let mut tasks_of: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
+    // The services to look at: all of them, or only those touched (found
+    // by id, their tasks through the slot index: O(what changed)).
+    let services: Vec<&Service> = if only.all {
+        state.services.values().collect()
+    } else {
+        only.services
+            .iter()
+            .filter_map(|id| state.services.get(id))
+            .collect()
+    };
     // Attached tasks are run from outside: not the orchestrator's.
-    for t in state
-        .tasks
-        .values()
-        .filter(|t| t.managed() && only.has(&t.service))
-    {
-        tasks_of.entry(t.service.as_str()).or_default().push(t);
+    if only.all {
+        for t in state.tasks.values().filter(|t| t.managed()) {
+            tasks_of.entry(t.service.as_str()).or_default().push(t);
+        }
+    } else {
+        for svc in &services {
+            tasks_of.insert(
+                svc.id.as_str(),
+                state
+                    .tasks_of_service(&svc.id)
+                    .filter(|t| t.managed())
+                    .collect(),
+            );
+        }
     }
-    let stop = |plan: &mut Plan, load: &mut Load, t: &Task| {
+    let stop = |plan: &mut Plan, load: &mut Load<'_>, t: &Task| {
         load.add(&t.service, &t.node, -1);
         plan.commands
             .push(Command::ShutdownTask { id: t.id.clone() });
     };
-    for svc in state.services.values().filter(|s| only.has(&s.id)) {
+    for svc in services {
         // Refused at create and update; a spec that does not parse places
         // nothing rather than everywhere.
         let Ok(constraints) = parse_constraints(&svc.spec.task.constraints) else {
@@ -477,7 +517,7 @@ struct Rollout<'a, 'p> {
     slots: &'p BTreeMap<(u32, &'a str), Vec<&'a Task>>,
     filled: &'p mut BTreeSet<(u32, &'a str)>,
     renewed: &'p mut BTreeSet<(u32, &'a str)>,
-    load: &'p mut Load,
+    load: &'p mut Load<'a>,
     creates: &'p mut Vec<Command>,
     plan: &'p mut Plan,
 }
@@ -632,7 +672,7 @@ fn place(
     svc: &Service,
     slot: u32,
     constraints: &[Constraint],
-    load: &mut Load,
+    load: &mut Load<'_>,
     creates: &mut Vec<Command>,
     plan: &mut Plan,
     new_id: &mut impl FnMut() -> String,
@@ -1450,5 +1490,36 @@ mod tests {
         w.now = first_end + 10_001;
         w.settle();
         assert_eq!(w.slots("job"), vec![1], "the window passed");
+    }
+
+    #[test]
+    fn looking_at_the_touched_services_plans_what_looking_at_all_does() {
+        let mut w = three();
+        w.service(web(2));
+        w.service(with_restart("any", 0));
+        w.settle();
+        w.state.take_touched();
+        update_to(&mut w, "web", |s| {
+            s.mode = ServiceMode::Replicated { replicas: 3 }
+        });
+        let touched = w.state.take_touched();
+        assert!(
+            !touched.all && touched.has("s-web") && !touched.has("s-job"),
+            "{touched:?}"
+        );
+        let ids = || {
+            let mut n = 0;
+            move || {
+                n += 1;
+                format!("x{n}")
+            }
+        };
+        let some = reconcile_some(&w.state, w.now, &touched, ids());
+        let all = reconcile(&w.state, w.now, ids());
+        assert_eq!(some, all);
+        assert_eq!(some.commands.len(), 1, "{some:?}");
+        // A node change touches every service.
+        w.set_node("w1", |n| n.availability = Availability::Drain);
+        assert!(w.state.take_touched().all);
     }
 }

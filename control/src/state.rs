@@ -742,7 +742,16 @@ struct Allocations {
     /// Node id -> its tasks' ids: what the dispatcher assigns a node,
     /// found without a scan of every task.
     by_node: BTreeMap<String, BTreeSet<String>>,
+    /// Node id -> a counter bumped whenever one of its managed tasks
+    /// changes: a dispatcher session recomputes a node's assignments only
+    /// when its counter moved (O(1) per change for the other nodes).
+    node_gen: BTreeMap<String, u64>,
+    /// Distinguishes the counters of one rebuild (a snapshot load) from
+    /// another's, in this process.
+    epoch: u64,
 }
+
+static EPOCHS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// (service id, slot, node id for a global service's slot 0, else "").
 type SlotKey = (String, u32, String);
@@ -855,6 +864,34 @@ impl State {
         }
     }
 
+    /// Moves when `node`'s assigned tasks may have changed (see
+    /// [`crate::dispatcher::assignments`]).
+    pub fn assignment_generation(&self, node: &str) -> (u64, u64) {
+        (
+            self.alloc.epoch,
+            self.alloc.node_gen.get(node).copied().unwrap_or(0),
+        )
+    }
+
+    fn bump_node(&mut self, task: &str) {
+        if let Some(t) = self.tasks.get(task)
+            && t.managed()
+        {
+            *self.alloc.node_gen.entry(t.node.clone()).or_default() += 1;
+        }
+    }
+
+    /// The tasks of service `id`, through the slot index (no scan).
+    pub fn tasks_of_service<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a Task> + 'a {
+        let from: SlotKey = (id.to_owned(), 0, String::new());
+        self.alloc
+            .slots
+            .range(from..)
+            .take_while(move |(k, _)| k.0 == id)
+            .flat_map(|(_, tasks)| tasks.values())
+            .filter_map(|t| self.tasks.get(t))
+    }
+
     /// The tasks recorded on `node`, in id order.
     pub fn tasks_on<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a Task> + 'a {
         self.alloc
@@ -874,6 +911,7 @@ impl State {
         let settings = self.settings.clone().unwrap_or_default();
         let mut alloc = Allocations {
             subnets: SubnetPool::new(settings.address_pool, settings.subnet_size)?,
+            epoch: EPOCHS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ..Allocations::default()
         };
         for n in self.networks.values() {
@@ -1785,6 +1823,7 @@ impl State {
             .or_default()
             .insert(task.id.clone());
         self.tasks.insert(id.to_owned(), task.clone());
+        self.bump_node(id);
         Ok(Outcome::Task(task))
     }
 
@@ -1821,6 +1860,8 @@ impl State {
     }
 
     fn shutdown_task(&mut self, id: &str) -> Result<Outcome, StateError> {
+        self.task_mut(id)?;
+        self.bump_node(id);
         let t = self.task_mut(id)?;
         if t.desired < TaskState::Shutdown {
             t.desired = TaskState::Shutdown;
@@ -1871,10 +1912,12 @@ impl State {
         if observed >= TaskState::Complete {
             self.release_task_addresses(id);
         }
+        self.bump_node(id);
         Ok(Outcome::Task(self.tasks[id].clone()))
     }
 
     fn remove_task(&mut self, id: &str) -> Result<Outcome, StateError> {
+        self.bump_node(id);
         let task = self.tasks.remove(id).ok_or_else(|| StateError::NotFound {
             kind: "task",
             name: id.to_owned(),
