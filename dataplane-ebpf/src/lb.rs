@@ -2,7 +2,8 @@
 //! backend choice, conntrack, DNAT + SNAT, and reverse NAT of replies.
 //!
 //! Forward path (client -> frontend):
-//!   frontend: (address, port), else (address, any port: a VIP), else a
+//!   frontend: (address, port), else (address, any port and protocol: a
+//!   VIP), else a
 //!   published port (any node address, port);
 //!   conntrack hit with a live backend -> reuse it; otherwise Maglev picks;
 //!   a backend port 0 means the port the client asked for.
@@ -217,8 +218,10 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
     let frontend = match unsafe { FRONTENDS.get(key) } {
         Some(f) => *f,
         None => {
-            // A VIP answers every port (port 0: any), as Swarm's does.
+            // A VIP answers every port of TCP and UDP (port 0, protocol 0:
+            // any), as Swarm's does.
             key.port_be = 0;
+            key.proto = 0;
             if let Some(f) = unsafe { FRONTENDS.get(key) } {
                 *f
             } else {
@@ -226,6 +229,7 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
                     return Ok(other);
                 }
                 key.port_be = p.dport_be;
+                key.proto = p.ip_proto;
                 key.addr_be = [0; 4];
                 match unsafe { FRONTENDS.get(key) } {
                     Some(f) => *f,

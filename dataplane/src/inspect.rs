@@ -115,9 +115,14 @@ impl fmt::Display for LbTable<'_> {
             let proto = match Protocol::from_number(v.key.proto) {
                 Some(Protocol::Tcp) => "tcp",
                 Some(Protocol::Udp) => "udp",
+                None if v.key.proto == 0 => "any",
                 None => "?",
             };
-            let front = format!("{addr}:{}/{proto}", u16::from_be(v.key.port_be));
+            // Port 0: a VIP's any-port frontend.
+            let front = match u16::from_be(v.key.port_be) {
+                0 => format!("{addr}:*/{proto}"),
+                port => format!("{addr}:{port}/{proto}"),
+            };
             writeln!(
                 f,
                 "{front:<24} {:<8} {:<22} {:>6} {:>10} {:>12} {:>8}",

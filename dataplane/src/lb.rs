@@ -313,7 +313,8 @@ pub fn frontend_key(f: &FrontendSpec) -> FrontendKey {
             0,
         ],
         port_be: f.port.to_be(),
-        proto: f.protocol.number(),
+        // Port 0 (a VIP's any-port frontend) matches TCP and UDP alike.
+        proto: if f.port == 0 { 0 } else { f.protocol.number() },
         family: FAMILY_V4,
     }
 }

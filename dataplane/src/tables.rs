@@ -337,7 +337,7 @@ fn table_size(backends: usize) -> u32 {
 /// - every published port (ingress mode) answers on the node's addresses
 ///   and goes to the service's tasks on `ingress`, at the target port;
 /// - each VIP on a network this node is on answers on every port (TCP and
-///   UDP) and goes to the service's tasks on that network, at the port the
+///   UDP, one frontend) and goes to the service's tasks on that network, at the port the
 ///   client asked for;
 /// - a port published in host mode answers only on a node that runs a task
 ///   of the service, and goes only to the tasks on that node (no mesh).
@@ -662,33 +662,32 @@ impl LbView {
         }
         // Each VIP on this node's networks answers every port, TCP and UDP,
         // as Swarm's does (its IPVS service matches a firewall mark, not a
-        // port): the backend gets the port the client asked for.
+        // port): one frontend with port 0 (any port, either protocol), and
+        // the backend gets the port the client asked for.
         if s.endpoint_mode == EndpointMode::Vip {
             for (net, vip) in s.vips.iter().filter(|(net, _)| networks.contains_key(*net)) {
-                for (protocol, label) in [(Protocol::Tcp, "tcp"), (Protocol::Udp, "udp")] {
-                    let b: Vec<BackendSpec> = on(net)
-                        .into_iter()
-                        .map(|(address, weight)| BackendSpec {
-                            address,
+                let b: Vec<BackendSpec> = on(net)
+                    .into_iter()
+                    .map(|(address, weight)| BackendSpec {
+                        address,
+                        port: 0,
+                        weight,
+                    })
+                    .collect();
+                found.push((
+                    format!("{}@{vip}", s.name),
+                    ServiceSpec {
+                        id: 0,
+                        name: String::new(),
+                        frontends: vec![FrontendSpec {
+                            address: Some(*vip),
                             port: 0,
-                            weight,
-                        })
-                        .collect();
-                    found.push((
-                        format!("{}@{vip}/{label}", s.name),
-                        ServiceSpec {
-                            id: 0,
-                            name: String::new(),
-                            frontends: vec![FrontendSpec {
-                                address: Some(*vip),
-                                port: 0,
-                                protocol,
-                            }],
-                            table_size: table_size(b.len()),
-                            backends: b,
-                        },
-                    ));
-                }
+                            protocol: Protocol::Tcp,
+                        }],
+                        table_size: table_size(b.len()),
+                        backends: b,
+                    },
+                ));
             }
         }
         found
@@ -878,14 +877,11 @@ mod tests {
                 .map(|b| (b.address, b.port))
                 .collect();
             assert_eq!(backends, [(ip("10.255.0.2"), 80), (ip("10.255.0.3"), 80)]);
-            let mut vips: Vec<Ipv4Addr> = spec
+            let vips: Vec<Ipv4Addr> = spec
                 .services
                 .iter()
                 .filter_map(|s| s.frontends[0].address)
                 .collect();
-            // One any-port frontend per protocol.
-            assert_eq!(vips.len() % 2, 0, "{vips:?}");
-            vips.dedup();
             if node == "a" {
                 // On red and ingress, so both VIPs, each to its network's tasks.
                 assert_eq!(vips, [ip("10.255.0.100"), ip("10.0.1.100")]);

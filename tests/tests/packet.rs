@@ -651,10 +651,33 @@ mod lb {
                 "port {port}: reply"
             );
         }
-        // UDP to the VIP has no frontend here: untouched.
-        let dgram = v4_flow(UDP, (CLIENT, 41100), (VIP, 5432), 0, 10);
+        // The same frontend takes UDP, at its port too.
+        let client = (CLIENT, 41100);
+        let dgram = v4_flow(UDP, client, (VIP, 5353), 0, 10);
         let (rv, out) = env.run(&dgram);
-        assert_eq!((rv, out), (TC_ACT_OK, dgram));
+        assert_eq!(rv, TC_ACT_REDIRECT, "udp: {out:02x?}");
+        let ct: HashMap<&MapData, FlowKey, CtEntry> =
+            HashMap::try_from(env.dp.ebpf().map(maps::CONNTRACK).unwrap()).unwrap();
+        let ct = ct
+            .get(&flow(client, (VIP, 5353), UDP), 0)
+            .expect("udp conntrack");
+        let mut want = dgram.clone();
+        set_v4_endpoints(
+            &mut want,
+            (NODE, u16::from_be(ct.nat_port_be)),
+            (env.backend_of(&ct), 5353),
+        );
+        assert_eq!(out, want);
+        // Another address, any port: not a frontend, untouched.
+        let other = v4_flow(
+            TCP,
+            (CLIENT, 41200),
+            (Ipv4Addr::new(10, 0, 9, 101), 5432),
+            0x02,
+            0,
+        );
+        let (rv, out) = env.run(&other);
+        assert_eq!((rv, out), (TC_ACT_OK, other));
     }
 
     #[test]
