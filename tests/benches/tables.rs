@@ -7,8 +7,8 @@
 //! session, applying every update through the real incremental path
 //! (`NodeView::overlay`, the DNS `Zone`, and `LbView` + `LbSync` writing
 //! the load balancer's maps, Maglev tables included, into memory) without
-//! kernel calls. Every service has a VIP and a target port, so every node
-//! holds a frontend per service. Measured with 100 services and again with
+//! kernel calls. Every service has a VIP (one any-port frontend), so every
+//! node holds a frontend per service. Measured with 100 services and again with
 //! 10,000.
 //!
 //! (f) The embedded DNS (hickory-server, one core) against dnsmasq serving
@@ -502,8 +502,8 @@ pub fn tables_latency(md: &mut String) {
          manager (gRPC over mTLS, redb with fsync) and {AGENTS} agents. Every agent is the real \
          agent with its own node certificate and dispatcher session, applying every update \
          through the real incremental path (its overlay view, DNS zone, and load-balancer view \
-         and map sync, Maglev tables built) without kernel calls. Every service has a VIP and a \
-         target port, so every node holds one frontend per service. Each of {CHANGES} changes per \
+         and map sync, Maglev tables built) without kernel calls. Every service has a VIP, \
+         which answers every port: one frontend per service on every node. Each of {CHANGES} changes per \
          cluster removes or restores one task (an endpoint); latency runs from the leader \
          applying the change to the last of the {AGENTS} agents applying it. Every node has tasks \
          on the network, so every change reaches all of them. The clusters are measured in \
