@@ -1309,21 +1309,26 @@ mod tests {
         assert_eq!(w.state.tasks.len(), 6);
     }
 
-    #[test]
-    fn a_failing_update_rolls_back_to_the_previous_spec() {
-        let mut w = three();
-        w.service(rolling("stop-first", "rollback"));
+    /// Three running web tasks, then an update to a "broken" command
+    /// (failure_action `action`) whose first new task is placed; its id.
+    fn start_broken_update(w: &mut World, action: &str) -> String {
+        w.service(rolling("stop-first", action));
         w.settle();
-        nodes_act(&mut w);
-        update_to(&mut w, "web", |s| s.task.command[1] = "broken".into());
+        nodes_act(w);
+        update_to(w, "web", |s| s.task.command[1] = "broken".into());
         w.settle();
-        // The first new task fails as it starts.
-        let new = w
-            .running("web")
+        w.running("web")
             .find(|t| t.spec.command[1] == "broken")
             .unwrap()
             .id
-            .clone();
+            .clone()
+    }
+
+    #[test]
+    fn a_failing_update_rolls_back_to_the_previous_spec() {
+        let mut w = three();
+        // The first new task fails as it starts.
+        let new = start_broken_update(&mut w, "rollback");
         for observed in [TaskState::Running, TaskState::Failed] {
             w.run(Command::SetTaskStatus {
                 id: new.clone(),
@@ -1366,17 +1371,7 @@ mod tests {
     #[test]
     fn a_failing_update_with_pause_stops_replacing() {
         let mut w = three();
-        w.service(rolling("stop-first", "pause"));
-        w.settle();
-        nodes_act(&mut w);
-        update_to(&mut w, "web", |s| s.task.command[1] = "broken".into());
-        w.settle();
-        let new = w
-            .running("web")
-            .find(|t| t.spec.command[1] == "broken")
-            .unwrap()
-            .id
-            .clone();
+        let new = start_broken_update(&mut w, "pause");
         w.run(Command::SetTaskStatus {
             id: new.clone(),
             observed: TaskState::Failed,

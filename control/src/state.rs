@@ -965,6 +965,16 @@ impl State {
         Ok(())
     }
 
+    /// A copy of the service `target` names (id or name), or NotFound.
+    fn service_owned(&self, target: &str) -> Result<Service, StateError> {
+        self.service_by_ref(target)
+            .cloned()
+            .ok_or_else(|| StateError::NotFound {
+                kind: "service",
+                name: target.to_owned(),
+            })
+    }
+
     /// Takes what changed since the last call (see [`Touched`]).
     pub fn take_touched(&mut self) -> Touched {
         std::mem::take(&mut self.touched)
@@ -1611,13 +1621,7 @@ impl State {
         version: u64,
         spec: &ServiceSpec,
     ) -> Result<Outcome, StateError> {
-        let old = self
-            .service_by_ref(target)
-            .cloned()
-            .ok_or_else(|| StateError::NotFound {
-                kind: "service",
-                name: target.to_owned(),
-            })?;
+        let old = self.service_owned(target)?;
         if old.version != version {
             return Err(StateError::Conflict {
                 kind: "service",
@@ -1662,13 +1666,7 @@ impl State {
     /// The previous spec comes back (its ports and VIPs allocated again as
     /// an update would); the spec rolled back from becomes the previous.
     fn rollback_service(&mut self, target: &str, message: &str) -> Result<Outcome, StateError> {
-        let old = self
-            .service_by_ref(target)
-            .cloned()
-            .ok_or_else(|| StateError::NotFound {
-                kind: "service",
-                name: target.to_owned(),
-            })?;
+        let old = self.service_owned(target)?;
         let Some(previous) = old.previous.clone() else {
             return Err(invalid(format!(
                 "service {}: there is no previous spec to roll back to",
@@ -1690,13 +1688,7 @@ impl State {
     }
 
     fn remove_service(&mut self, target: &str) -> Result<Outcome, StateError> {
-        let old = self
-            .service_by_ref(target)
-            .cloned()
-            .ok_or_else(|| StateError::NotFound {
-                kind: "service",
-                name: target.to_owned(),
-            })?;
+        let old = self.service_owned(target)?;
         self.remove_tasks_where(|t| t.service == old.id);
         self.release_endpoint(&old, None);
         self.services.remove(&old.id);

@@ -228,3 +228,17 @@ pub fn udp_ask(socket: &UdpSocket, to: SocketAddr, msg: &str) -> std::io::Result
         .map(str::to_owned)
         .ok_or_else(|| std::io::Error::other(format!("unexpected answer {text:?}")))
 }
+
+/// One HTTP/1.0 GET of `path` from `to` (a fresh connection); the body,
+/// trimmed. For `mesh-web` tasks, whose body names who answered.
+pub fn http_get(to: SocketAddr, path: &str) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+    c.set_read_timeout(Some(Duration::from_secs(3)))?;
+    write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut out = String::new();
+    c.read_to_string(&mut out)?;
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim().to_owned())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {out:?}")))
+}

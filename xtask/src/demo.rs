@@ -11,8 +11,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Output},
     time::{Duration, Instant},
@@ -23,6 +22,7 @@ use mesh_tests::{
     ChildGuard, Host, Topology,
     meshd::{self, remove_task_scope},
     netns::{BPF_ROOT, UNDERLAY_IFACE},
+    services,
 };
 
 const WEB_PORT: u16 = 8080;
@@ -101,19 +101,6 @@ impl Drop for Node<'_> {
         meshd::down(self.host);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// One HTTP GET; the body's first line.
-fn get(to: SocketAddr) -> Result<String> {
-    let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
-    c.set_read_timeout(Some(Duration::from_secs(3)))?;
-    write!(c, "GET / HTTP/1.0\r\n\r\n")?;
-    let mut out = String::new();
-    c.read_to_string(&mut out)?;
-    Ok(out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.trim().to_owned())
-        .unwrap_or(out))
 }
 
 fn wait<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
@@ -277,7 +264,8 @@ pub fn run() -> Result<()> {
         let tally = client.enter(|| -> Result<BTreeMap<String, usize>> {
             let mut tally = BTreeMap::new();
             for _ in 0..REQUESTS {
-                let body = get(front).with_context(|| format!("request to {front}"))?;
+                let body = services::http_get(front, "/")
+                    .with_context(|| format!("request to {front}"))?;
                 *tally.entry(body).or_default() += 1;
             }
             Ok(tally)

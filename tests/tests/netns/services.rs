@@ -16,31 +16,16 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     sync::atomic::{AtomicBool, AtomicUsize, Ordering},
     time::Duration,
 };
 
-use mesh_tests::{Host, Topology, meshd, require_root};
+use mesh_tests::{Host, Topology, meshd, require_root, services};
 
 use super::control::{Node, json, token_from, wait_until};
 
 const PUBLISHED: u16 = 8080;
-
-/// One HTTP GET to `to`; the first line of the body.
-fn get(to: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
-    c.set_read_timeout(Some(Duration::from_secs(3)))?;
-    write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
-    let mut out = String::new();
-    c.read_to_string(&mut out)?;
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.trim().to_owned())
-        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {out:?}")))?;
-    Ok(body)
-}
 
 /// Who answers `count` new connections from `client` to `node:port`: task
 /// name -> answers. The first failure is an error.
@@ -53,7 +38,7 @@ fn tally(
     client.enter(|| {
         let mut t = BTreeMap::new();
         for i in 0..count {
-            let body = get(SocketAddr::from((node, port)), "/")
+            let body = services::http_get(SocketAddr::from((node, port)), "/")
                 .map_err(|e| format!("connection {i} to {node}:{port}: {e}"))?;
             let name = body
                 .split_whitespace()
@@ -252,7 +237,7 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
                 while !stop.load(Ordering::Relaxed) {
                     for f in &fronts {
                         asked.fetch_add(1, Ordering::Relaxed);
-                        if let Err(e) = get(SocketAddr::from((*f, PUBLISHED)), "/") {
+                        if let Err(e) = services::http_get(SocketAddr::from((*f, PUBLISHED)), "/") {
                             failed.fetch_add(1, Ordering::Relaxed);
                             errors.push(format!("{f}: {e}"));
                         }
@@ -304,8 +289,10 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
         let open: Vec<_> = (0..8)
             .map(|i| {
                 s.spawn(move || {
-                    client
-                        .enter(|| get(front, &format!("/slow/2500/{i}")).map_err(|e| e.to_string()))
+                    client.enter(|| {
+                        services::http_get(front, &format!("/slow/2500/{i}"))
+                            .map_err(|e| e.to_string())
+                    })
                 })
             })
             .collect();
