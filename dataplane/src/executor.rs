@@ -153,6 +153,41 @@ impl ProcessExecutor {
         })
     }
 
+    /// Ends what an earlier run of this executor left behind (a meshd that
+    /// was killed leaves its tasks running): every process in its cgroups
+    /// is killed, and those cgroups and its namespaces are removed. Logs
+    /// stay. Returns how many tasks it found.
+    pub fn reap(&self) -> usize {
+        let mut found = 0;
+        if let Ok(dir) = fs::read_dir(&self.cgroups) {
+            for e in dir.flatten().filter(|e| e.path().is_dir()) {
+                found += 1;
+                let _ = fs::write(e.path().join("cgroup.kill"), "1");
+                for _ in 0..100 {
+                    if fs::remove_dir(e.path()).is_ok() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        if let Ok(dir) = fs::read_dir("/run/netns") {
+            for e in dir.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                // Only names this executor makes: prefix + a task id
+                // (cluster task ids are letters and digits).
+                let ours = name.strip_prefix(&self.netns_prefix).is_some_and(|id| {
+                    !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric())
+                });
+                if ours {
+                    let _ = remove_netns(&e.path());
+                }
+            }
+        }
+        found
+    }
+
     /// The task's log: stdout and stderr, in the order written.
     pub fn log_path(&self, task: &str) -> PathBuf {
         self.dir.join(task).join("output.log")

@@ -185,6 +185,28 @@ fn stop_ends_every_process_of_the_task_and_a_kill_reads_137() {
         unsafe { libc::kill(killed.pid().unwrap() as i32, libc::SIGKILL) };
         assert_eq!(killed.wait().await.unwrap(), 137);
         killed.remove().await.unwrap();
+
+        // A meshd that was killed leaves its tasks running; the next one
+        // reaps them: processes, cgroup and namespace gone.
+        let left = s.exec.start(&s.run("t6", "exec sleep 600")).await.unwrap();
+        let pid = left.pid().unwrap() as i32;
+        let ns = s.exec.netns_path("t6");
+        std::mem::forget(left);
+        assert!(ns.exists());
+        assert_eq!(s.exec.reap(), 1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // SAFETY: signal 0 only checks that the pid exists.
+        while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
+            // Reap the zombie: the test process is its parent.
+            // SAFETY: waiting on a child this test started.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // SAFETY: as above.
+        assert_ne!(unsafe { libc::kill(pid, 0) }, 0, "the left task still runs");
+        assert!(!ns.exists(), "its namespace is still there");
+        assert!(!s.exec.cgroup_path("t6").exists());
+        assert_eq!(s.exec.reap(), 0, "nothing left the second time");
     });
 }
 
