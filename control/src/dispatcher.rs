@@ -489,7 +489,7 @@ async fn run_session(
         )
         .await;
         catch_up(m, tx, &mut sent).await?;
-        let mut changes = m.sm.changes();
+        let assignments_changed = m.sm.assignments_changed(node);
         let (mut generation, mut assigned) =
             m.with_state(|s| (s.assignment_generation(node), assignments(s, node)));
         send(
@@ -528,11 +528,9 @@ async fn run_session(
                     }
                     catch_up(m, tx, &mut sent).await?;
                 }
-                r = changes.changed() => {
-                    if r.is_err() {
-                        return Err(Status::unavailable("this manager is shutting down"));
-                    }
-                    // Only when this node's tasks changed: O(1) otherwise.
+                // Woken only when this node's tasks changed (the state marks
+                // the nodes; the others' sessions sleep on).
+                () = assignments_changed.notified() => {
                     let now = m.with_state(|s| {
                         let g = s.assignment_generation(node);
                         (g != generation).then(|| (g, assignments(s, node)))

@@ -746,6 +746,8 @@ struct Allocations {
     /// changes: a dispatcher session recomputes a node's assignments only
     /// when its counter moved (O(1) per change for the other nodes).
     node_gen: BTreeMap<String, u64>,
+    /// Nodes bumped since the store last looked (it wakes their sessions).
+    bumped: BTreeSet<String>,
     /// Distinguishes the counters of one rebuild (a snapshot load) from
     /// another's, in this process.
     epoch: u64,
@@ -878,7 +880,15 @@ impl State {
             && t.managed()
         {
             *self.alloc.node_gen.entry(t.node.clone()).or_default() += 1;
+            if self.alloc.bumped.len() < TOUCHED_MAX {
+                self.alloc.bumped.insert(t.node.clone());
+            }
         }
+    }
+
+    /// The nodes whose assignments changed since the last call.
+    pub fn take_bumped(&mut self) -> BTreeSet<String> {
+        std::mem::take(&mut self.alloc.bumped)
     }
 
     /// The tasks of service `id`, through the slot index (no scan).

@@ -15,7 +15,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt::Debug,
     io::Cursor,
     ops::RangeBounds,
@@ -515,6 +515,9 @@ pub struct StateMachineStore {
     /// Bumped on every applied entry, table change or not (task states,
     /// update progress): what the orchestrator and the assignments follow.
     changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Node id -> what wakes its dispatcher session when its assignments
+    /// change (only that session: the others sleep on).
+    assigned: Arc<Mutex<HashMap<String, Arc<tokio::sync::Notify>>>>,
 }
 
 impl StateMachineStore {
@@ -535,6 +538,7 @@ impl StateMachineStore {
             snapshot_seq: Arc::default(),
             revision,
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+            assigned: Arc::default(),
         })
     }
 
@@ -567,6 +571,27 @@ impl StateMachineStore {
     /// Makes the orchestrator look at every service next time.
     pub fn touch_all(&self) {
         self.applied.lock().expect("state lock").state.touch_all();
+    }
+
+    /// Notified whenever `node`'s assigned tasks may have changed.
+    pub fn assignments_changed(&self, node: &str) -> Arc<tokio::sync::Notify> {
+        self.assigned
+            .lock()
+            .expect("assigned lock")
+            .entry(node.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn wake_assigned(&self, nodes: BTreeSet<String>, all: bool) {
+        let map = self.assigned.lock().expect("assigned lock");
+        if all {
+            map.values().for_each(|n| n.notify_one());
+        } else {
+            for n in nodes.iter().filter_map(|id| map.get(id)) {
+                n.notify_one();
+            }
+        }
     }
 
     /// Follows every change of the state (a counter).
@@ -669,10 +694,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             out.push(r);
         }
         let revision = a.book.revision();
+        let bumped = a.state.take_bumped();
         drop(a);
         self.revision
             .send_if_modified(|r| std::mem::replace(r, revision) != revision);
         self.changes.send_modify(|c| *c += 1);
+        self.wake_assigned(bumped, false);
         Ok(out)
     }
 
@@ -709,6 +736,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         *self.applied.lock().expect("state lock") = new;
         self.revision.send_replace(revision);
         self.changes.send_modify(|c| *c += 1);
+        // A new state: every node's assignments may differ.
+        self.wake_assigned(BTreeSet::new(), true);
         Ok(())
     }
 
