@@ -490,8 +490,7 @@ async fn run_session(
         .await;
         catch_up(m, tx, &mut sent).await?;
         let assignments_changed = m.sm.assignments_changed(node);
-        let (mut generation, mut assigned) =
-            m.with_state(|s| (s.assignment_generation(node), assignments(s, node)));
+        let mut assigned = m.with_state(|s| assignments(s, node));
         send(
             tx,
             &DispatcherMessage::Assignments {
@@ -531,16 +530,10 @@ async fn run_session(
                 // Woken only when this node's tasks changed (the state marks
                 // the nodes; the others' sessions sleep on).
                 () = assignments_changed.notified() => {
-                    let now = m.with_state(|s| {
-                        let g = s.assignment_generation(node);
-                        (g != generation).then(|| (g, assignments(s, node)))
-                    });
-                    if let Some((g, now)) = now {
-                        generation = g;
-                        if now != assigned {
-                            assigned = now;
-                            send(tx, &DispatcherMessage::Assignments { tasks: assigned.clone() }).await?;
-                        }
+                    let now = m.with_state(|s| assignments(s, node));
+                    if now != assigned {
+                        assigned = now;
+                        send(tx, &DispatcherMessage::Assignments { tasks: assigned.clone() }).await?;
                     }
                 }
                 _ = leadership.tick() => {

@@ -742,18 +742,11 @@ struct Allocations {
     /// Node id -> its tasks' ids: what the dispatcher assigns a node,
     /// found without a scan of every task.
     by_node: BTreeMap<String, BTreeSet<String>>,
-    /// Node id -> a counter bumped whenever one of its managed tasks
-    /// changes: a dispatcher session recomputes a node's assignments only
-    /// when its counter moved (O(1) per change for the other nodes).
-    node_gen: BTreeMap<String, u64>,
-    /// Nodes bumped since the store last looked (it wakes their sessions).
+    /// Nodes whose managed tasks changed since the store last looked: it
+    /// wakes their dispatcher sessions only (each set is at most the
+    /// nodes, and taken after every applied batch).
     bumped: BTreeSet<String>,
-    /// Distinguishes the counters of one rebuild (a snapshot load) from
-    /// another's, in this process.
-    epoch: u64,
 }
-
-static EPOCHS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// (service id, slot, node id for a global service's slot 0, else "").
 type SlotKey = (String, u32, String);
@@ -866,27 +859,17 @@ impl State {
         }
     }
 
-    /// Moves when `node`'s assigned tasks may have changed (see
-    /// [`crate::dispatcher::assignments`]).
-    pub fn assignment_generation(&self, node: &str) -> (u64, u64) {
-        (
-            self.alloc.epoch,
-            self.alloc.node_gen.get(node).copied().unwrap_or(0),
-        )
-    }
-
+    /// Notes that `task`'s node's assignments (see
+    /// [`crate::dispatcher::assignments`]) may have changed.
     fn bump_node(&mut self, task: &str) {
         if let Some(t) = self.tasks.get(task)
             && t.managed()
         {
-            *self.alloc.node_gen.entry(t.node.clone()).or_default() += 1;
-            if self.alloc.bumped.len() < TOUCHED_MAX {
-                self.alloc.bumped.insert(t.node.clone());
-            }
+            self.alloc.bumped.insert(t.node.clone());
         }
     }
 
-    /// The nodes whose assignments changed since the last call.
+    /// The nodes whose assignments may have changed since the last call.
     pub fn take_bumped(&mut self) -> BTreeSet<String> {
         std::mem::take(&mut self.alloc.bumped)
     }
@@ -921,7 +904,6 @@ impl State {
         let settings = self.settings.clone().unwrap_or_default();
         let mut alloc = Allocations {
             subnets: SubnetPool::new(settings.address_pool, settings.subnet_size)?,
-            epoch: EPOCHS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ..Allocations::default()
         };
         for n in self.networks.values() {

@@ -109,6 +109,7 @@ async fn serve(mut conn: TcpStream, name: &str) -> std::io::Result<()> {
     // A slow answer: a long-lived request (drain tests).
     if let Some(ms) = path
         .strip_prefix("/slow/")
+        .and_then(|rest| rest.split('/').next())
         .and_then(|m| m.parse::<u64>().ok())
     {
         tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;

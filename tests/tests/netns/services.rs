@@ -296,7 +296,12 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
                 })
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(400));
+        // Every request is open (connected, waiting for its answer).
+        let dst = front.to_string();
+        wait_until("8 open requests", Duration::from_secs(10), || {
+            let out = client.exec("ss", &["-Htn", "state", "established", "dst", &dst]);
+            (String::from_utf8_lossy(&out.stdout).lines().count() >= 8).then_some(())
+        });
         let out = m.meshctl_ok(&["service", "scale", "web=1"]);
         assert!(out.contains("web scaled to 1"), "{out}");
         open.into_iter()
