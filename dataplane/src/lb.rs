@@ -157,6 +157,9 @@ pub enum SyncError {
         operation: &'static str,
         message: String,
     },
+    /// The IPVS backend: a netlink or nftables failure, named.
+    #[error("{0}")]
+    Ipvs(String),
 }
 
 impl LbSpec {
@@ -335,6 +338,69 @@ pub trait LbMaps {
     fn remove_frontend(&mut self, key: &FrontendKey) -> Result<(), SyncError>;
 }
 
+/// Where a load-balancer spec goes: the eBPF maps ([`Ebpf`]), or the eBPF
+/// maps for VIPs and IPVS for ports (`crate::ipvs::WithIpvs`). Either way
+/// only the difference is written.
+pub trait LbTarget {
+    fn apply(&mut self, spec: &LbSpec) -> Result<ApplyReport, SyncError>;
+    fn apply_changes(
+        &mut self,
+        globals: &LbSpec,
+        changes: &LbChanges,
+    ) -> Result<ApplyReport, SyncError>;
+}
+
+/// The eBPF maps, through their sync engine.
+pub struct Ebpf<'a, M: LbMaps> {
+    pub sync: &'a mut LbSync,
+    pub maps: M,
+}
+
+impl<M: LbMaps> LbTarget for Ebpf<'_, M> {
+    fn apply(&mut self, spec: &LbSpec) -> Result<ApplyReport, SyncError> {
+        self.sync.apply(spec, &mut self.maps)
+    }
+
+    fn apply_changes(
+        &mut self,
+        globals: &LbSpec,
+        changes: &LbChanges,
+    ) -> Result<ApplyReport, SyncError> {
+        self.sync.apply_changes(globals, changes, &mut self.maps)
+    }
+}
+
+/// Maps borrowed from their owner work as well.
+impl<T: LbMaps + ?Sized> LbMaps for &mut T {
+    fn set_config(&mut self, c: &LbConfig) -> Result<(), SyncError> {
+        (**self).set_config(c)
+    }
+    fn add_node_addr(&mut self, a: Ipv4Addr) -> Result<(), SyncError> {
+        (**self).add_node_addr(a)
+    }
+    fn remove_node_addr(&mut self, a: Ipv4Addr) -> Result<(), SyncError> {
+        (**self).remove_node_addr(a)
+    }
+    fn set_nat_interface(&mut self, i: u32, a: Option<Ipv4Addr>) -> Result<(), SyncError> {
+        (**self).set_nat_interface(i, a)
+    }
+    fn set_backend(&mut self, id: u32, b: &Backend) -> Result<(), SyncError> {
+        (**self).set_backend(id, b)
+    }
+    fn remove_backend(&mut self, id: u32) -> Result<(), SyncError> {
+        (**self).remove_backend(id)
+    }
+    fn swap_table(&mut self, id: u32, t: &[u32]) -> Result<(), SyncError> {
+        (**self).swap_table(id, t)
+    }
+    fn set_frontend(&mut self, k: &FrontendKey, f: &Frontend) -> Result<(), SyncError> {
+        (**self).set_frontend(k, f)
+    }
+    fn remove_frontend(&mut self, k: &FrontendKey) -> Result<(), SyncError> {
+        (**self).remove_frontend(k)
+    }
+}
+
 /// Map writes made by one `apply`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ApplyReport {
@@ -348,6 +414,19 @@ pub struct ApplyReport {
 }
 
 impl ApplyReport {
+    /// The writes of `self` and `other` together.
+    pub fn merged(self, other: ApplyReport) -> ApplyReport {
+        ApplyReport {
+            config_writes: self.config_writes + other.config_writes,
+            node_addr_writes: self.node_addr_writes + other.node_addr_writes,
+            backend_writes: self.backend_writes + other.backend_writes,
+            backend_removals: self.backend_removals + other.backend_removals,
+            table_swaps: self.table_swaps + other.table_swaps,
+            frontend_writes: self.frontend_writes + other.frontend_writes,
+            frontend_removals: self.frontend_removals + other.frontend_removals,
+        }
+    }
+
     pub fn total(&self) -> usize {
         self.config_writes
             + self.node_addr_writes

@@ -29,8 +29,8 @@ use control::{
 
 use crate::{
     lb::{
-        ApplyReport, BackendSpec, FrontendSpec, LbChanges, LbMaps, LbSpec, LbSync, Protocol,
-        ServiceSpec, SyncError,
+        ApplyReport, BackendSpec, FrontendSpec, LbChanges, LbSpec, LbTarget, Protocol, ServiceSpec,
+        SyncError,
     },
     netlink::Mac,
     overlay::{Change, HostEndpoint, LocalEndpoint, NetworkSpec, OverlaySpec, RemoteEndpoint},
@@ -432,14 +432,13 @@ impl LbView {
         networks: &BTreeMap<String, Ipv4Addr>,
         node_addresses: Vec<Ipv4Addr>,
         nat_interfaces: BTreeMap<u32, Ipv4Addr>,
-        sync: &mut LbSync,
-        maps: &mut impl LbMaps,
+        target: &mut dyn LbTarget,
     ) -> Result<ApplyReport, SyncError> {
         if let (Update::Delta(changes), Some(mut globals)) = (update, self.globals.take()) {
             globals.node_addresses = node_addresses;
             globals.nat_interfaces = nat_interfaces;
             let changes = self.delta(tables, changes, networks);
-            let r = sync.apply_changes(&globals, &changes, maps);
+            let r = target.apply_changes(&globals, &changes);
             self.globals = Some(globals);
             return r;
         }
@@ -447,7 +446,7 @@ impl LbView {
             return Ok(ApplyReport::default());
         };
         spec.nat_interfaces = nat_interfaces;
-        let r = sync.apply(&spec, maps);
+        let r = target.apply(&spec);
         spec.services.clear();
         self.globals = Some(spec);
         r
@@ -458,14 +457,13 @@ impl LbView {
     pub fn set_nat_interfaces(
         &mut self,
         nat_interfaces: BTreeMap<u32, Ipv4Addr>,
-        sync: &mut LbSync,
-        maps: &mut impl LbMaps,
+        target: &mut dyn LbTarget,
     ) -> Result<ApplyReport, SyncError> {
         let Some(globals) = &mut self.globals else {
             return Ok(ApplyReport::default());
         };
         globals.nat_interfaces = nat_interfaces;
-        sync.apply_changes(globals, &LbChanges::default(), maps)
+        target.apply_changes(globals, &LbChanges::default())
     }
 
     /// The whole load balancer from `tables`, or `None` when this node has

@@ -186,8 +186,10 @@ impl Sink for BenchSink {
                 self.view.networks(),
                 vec![self.underlay],
                 nat,
-                &mut self.sync,
-                &mut self.maps,
+                &mut dataplane::lb::Ebpf {
+                    sync: &mut self.sync,
+                    maps: &mut self.maps,
+                },
             )
             .map_err(|e| e.to_string())?;
         let t2 = Instant::now();

@@ -3,6 +3,7 @@
 mod demo;
 mod setup;
 mod test;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -29,6 +30,18 @@ enum Task {
     Demo,
     /// Measure the data plane against its baselines; writes docs/BENCHMARKS.md.
     Bench,
+    /// Boot Debian's stock kernel under QEMU and run privileged test binaries in it.
+    Vm {
+        /// mesh-tests test binaries to run in the guest (`tests/tests/<name>.rs`).
+        #[arg(long = "test", default_value = "vm")]
+        tests: Vec<String>,
+        /// Seconds before the boot is killed.
+        #[arg(long, default_value_t = 1200)]
+        timeout: u64,
+        /// Passed to every test binary (a name filter, --exact, ...).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -37,6 +50,15 @@ fn main() -> Result<()> {
         Task::Test => test::run(),
         Task::Demo => demo::run(),
         Task::Bench => bench(),
+        Task::Vm {
+            tests,
+            timeout,
+            args,
+        } => test::vm_only(&vm::Options {
+            binaries: tests,
+            args,
+            timeout: std::time::Duration::from_secs(timeout),
+        }),
     }
 }
 

@@ -40,7 +40,7 @@ pub fn run() -> Result<()> {
 }
 
 fn apt() -> Result<()> {
-    apt_install(APT_PACKAGES)
+    apt_install(&[APT_PACKAGES, crate::vm::APT_PACKAGES].concat())
 }
 
 /// Installs the Debian packages of `packages` that are missing (root only).

@@ -103,6 +103,11 @@ pub fn run() -> Result<()> {
         );
     }
     tiers.push(netns);
+    tiers.push(vm_tier(&crate::vm::Options {
+        binaries: vec!["vm".to_owned()],
+        args: Vec::new(),
+        timeout: VM_TIMEOUT,
+    }));
 
     println!(
         "\n==== summary (setup {setup_secs:.1} s, total {:.0} s) ====",
@@ -129,6 +134,67 @@ pub fn run() -> Result<()> {
         bail!("{}", problems.join("; "));
     }
     Ok(())
+}
+
+/// The whole VM tier's boot, tests included.
+const VM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// `cargo xtask vm`: setup, then only the VM tier.
+pub fn vm_only(opts: &crate::vm::Options) -> Result<()> {
+    crate::setup::run()?;
+    let tier = vm_tier(opts);
+    println!("\n==== summary\n{}", tier.line());
+    if tier.failed > 0 || tier.passed == 0 {
+        bail!("the VM tier failed or ran no test");
+    }
+    Ok(())
+}
+
+/// Boots the VM and counts what its test binaries reported. A boot that
+/// fails or times out is a failure of the tier, never a skip.
+fn vm_tier(opts: &crate::vm::Options) -> Tier {
+    println!(
+        "==== vm tier: {} in Debian's stock kernel",
+        opts.binaries.join(", ")
+    );
+    let mut tier = Tier {
+        name: "vm",
+        privileged: true,
+        ..Tier::default()
+    };
+    match crate::vm::run(opts) {
+        Ok(outcome) => {
+            for line in &outcome.result_lines {
+                if let Some((passed, failed, ignored)) = parse_result_line(line) {
+                    tier.passed += passed;
+                    tier.failed += failed;
+                    if ignored > 0 {
+                        tier.skipped += ignored;
+                        tier.reasons
+                            .push(format!("{ignored} ignored by the test harness"));
+                    }
+                }
+            }
+            for (name, code) in &outcome.statuses {
+                if *code != 0 && tier.failed == 0 {
+                    tier.failed += 1;
+                    eprintln!("vm tier: {name} exited with {code} in the guest");
+                }
+            }
+            for line in &outcome.skips {
+                tier.skipped += 1;
+                tier.passed = tier.passed.saturating_sub(1);
+                tier.reasons
+                    .push(line.trim_start_matches("mesh-skip: ").to_owned());
+            }
+            tier.seconds = outcome.seconds;
+        }
+        Err(e) => {
+            tier.failed += 1;
+            eprintln!("vm tier: {e:#}");
+        }
+    }
+    tier
 }
 
 /// fmt and clippy, each counted as one check.

@@ -22,7 +22,8 @@ use dataplane::{
     ebpf::{Datapath, monotonic_ns},
     executor::ProcessExecutor,
     inspect::{LbTable, read_lb},
-    lb::{LbSpec, LbSync, Timeouts},
+    ipvs::{IpvsSync, WithIpvs},
+    lb::{Ebpf, LbSpec, LbSync, LbTarget, Timeouts},
     netlink::Netlink,
     overlay,
     overlay::{Overlay, OverlaySpec},
@@ -236,6 +237,41 @@ struct DataplaneArgs {
     /// Between a task's SIGTERM and its SIGKILL (Docker's default: 10 s).
     #[arg(long, default_value_t = 10_000)]
     stop_grace_ms: u64,
+    /// What balances published ports: `ebpf` (TC with Maglev) or `ipvs`
+    /// (the kernel's IPVS, NAT forwarding, `mh` else `rr`). VIPs stay on
+    /// the eBPF path either way.
+    #[arg(long, value_enum, default_value_t = LbBackend::Ebpf)]
+    lb_backend: LbBackend,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LbBackend {
+    Ebpf,
+    Ipvs,
+}
+
+/// Where IPVS mode keeps the set of services it installed (runtime state:
+/// IPVS does not outlive a reboot either).
+const IPVS_STATE_DIR: &str = "/run/mesh/ipvs";
+
+fn ipvs_state_file(node: &str) -> PathBuf {
+    Path::new(IPVS_STATE_DIR).join(format!("{node}.json"))
+}
+
+/// The load balancer's target: the eBPF maps, with IPVS for ports when on.
+fn lb_target<'a>(
+    datapath: &'a mut Datapath,
+    sync: &'a mut LbSync,
+    ipvs: &'a mut Option<IpvsSync>,
+) -> Box<dyn LbTarget + 'a> {
+    let ebpf = Ebpf {
+        sync,
+        maps: datapath.lb_maps(),
+    };
+    match ipvs {
+        Some(ipvs) => Box::new(WithIpvs { ebpf, ipvs }),
+        None => Box::new(ebpf),
+    }
 }
 
 fn parse_scope(s: &str) -> Result<String, String> {
@@ -501,6 +537,8 @@ struct Dataplane {
     node: String,
     datapath: Datapath,
     sync: LbSync,
+    /// `--lb-backend ipvs`: published ports go to IPVS.
+    ipvs: Option<IpvsSync>,
     overlay: Overlay,
     timeouts: Timeouts,
     pin_dir: PathBuf,
@@ -526,6 +564,17 @@ impl Dataplane {
         tables: bool,
     ) -> Result<Dataplane> {
         let node = dp.node.clone().context("--underlay needs --node")?;
+        // IPVS first: a kernel without it refuses before anything is loaded.
+        let mut ipvs = match dp.lb_backend {
+            LbBackend::Ebpf => None,
+            LbBackend::Ipvs => {
+                fs::create_dir_all(IPVS_STATE_DIR)
+                    .with_context(|| format!("creating {IPVS_STATE_DIR}"))?;
+                let sync = IpvsSync::open(&ipvs_state_file(&node)).context("--lb-backend ipvs")?;
+                tracing::info!(scheduler = sync.scheduler(), "published ports go to IPVS");
+                Some(sync)
+            }
+        };
         let pin_dir = bpffs::prepare_node_dir(&dp.bpf_root, &node)?;
         // The LB routes NATed packets; bpf_fib_lookup refuses unless forwarding is on.
         fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
@@ -542,7 +591,7 @@ impl Dataplane {
             .context("reading the pinned load-balancer state")?;
         let mut timeouts = Timeouts::default();
         if let Some(c) = &config {
-            apply_config(&mut datapath, &mut sync, c, &pin_dir)?;
+            apply_config(&mut datapath, &mut sync, &mut ipvs, c, &pin_dir)?;
             timeouts = c.timeouts;
         }
         let mut overlay = Overlay::new(Netlink::current()?);
@@ -556,6 +605,7 @@ impl Dataplane {
             node,
             datapath,
             sync,
+            ipvs,
             overlay,
             timeouts,
             pin_dir,
@@ -576,7 +626,13 @@ impl Dataplane {
         let tables = self.lb_from_tables;
         match read_config(&path).and_then(|c| {
             check_config_with_tables(&c, tables, &path)?;
-            apply_config(&mut self.datapath, &mut self.sync, &c, &self.pin_dir)?;
+            apply_config(
+                &mut self.datapath,
+                &mut self.sync,
+                &mut self.ipvs,
+                &c,
+                &self.pin_dir,
+            )?;
             Ok(c)
         }) {
             Ok(c) => {
@@ -608,7 +664,10 @@ impl Dataplane {
                 }
                 let nat = self.nat_interfaces();
                 self.lb
-                    .set_nat_interfaces(nat, &mut self.sync, &mut self.datapath.lb_maps())
+                    .set_nat_interfaces(
+                        nat,
+                        &mut *lb_target(&mut self.datapath, &mut self.sync, &mut self.ipvs),
+                    )
                     .map(drop)
                     .map_err(|e| e.to_string())
             });
@@ -654,8 +713,7 @@ impl Dataplane {
                 view.networks(),
                 vec![underlay],
                 nat,
-                &mut self.sync,
-                &mut self.datapath.lb_maps(),
+                &mut *lb_target(&mut self.datapath, &mut self.sync, &mut self.ipvs),
             )
             .map_err(|e| format!("load balancer: {e}"))?;
         if report.total() > 0 {
@@ -997,6 +1055,7 @@ fn check_config_with_tables(config: &NodeConfig, tables: bool, path: &Path) -> R
 fn apply_config(
     datapath: &mut Datapath,
     sync: &mut LbSync,
+    ipvs: &mut Option<IpvsSync>,
     config: &NodeConfig,
     pin_dir: &Path,
 ) -> Result<()> {
@@ -1008,7 +1067,7 @@ fn apply_config(
             })?;
     }
     if let Some(lb) = &config.lb {
-        let report = sync.apply(lb, &mut datapath.lb_maps())?;
+        let report = lb_target(datapath, sync, ipvs).apply(lb)?;
         tracing::info!(
             ?report,
             writes = report.total(),
@@ -1036,9 +1095,19 @@ fn down(node: &NodeArgs) -> Result<()> {
             .await
             .context("removing the overlay links")
     })?;
+    // IPVS services an `--lb-backend ipvs` meshd installed, and its table.
+    let ipvs_state = ipvs_state_file(&node.node);
+    let mut ipvs_removed = 0;
+    if ipvs_state.exists() {
+        let mut sync = IpvsSync::open(&ipvs_state).context("removing the IPVS services")?;
+        ipvs_removed = sync.teardown()?;
+        fs::remove_file(&ipvs_state)
+            .with_context(|| format!("removing {}", ipvs_state.display()))?;
+        println!("meshd: removed {ipvs_removed} IPVS service(s)");
+    }
     let dir = node.dir()?;
     if !dir.exists() {
-        if report.changes > 0 {
+        if report.changes > 0 || ipvs_removed > 0 {
             println!("meshd: removed {} overlay link(s)", report.changes);
             return Ok(());
         }
