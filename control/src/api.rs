@@ -90,6 +90,29 @@ fn read_task_log(dir: &std::path::Path, id: &str) -> Result<String, Status> {
     Ok(String::from_utf8_lossy(&raw).into_owned())
 }
 
+/// Set by the data plane (meshd): whether this host's kernel can run
+/// encrypted networks. Unset (a control plane without a data plane), an
+/// encrypted network is taken as asked.
+pub static ENCRYPTION_CHECK: std::sync::OnceLock<fn() -> Result<(), String>> =
+    std::sync::OnceLock::new();
+
+/// The key ring without its secrets (`meshctl swarm rotate-network-key`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRing {
+    /// Key ids, oldest first, with their creation time (ms).
+    pub keys: Vec<(u32, u64)>,
+    pub primary: Option<u32>,
+}
+
+impl KeyRing {
+    pub fn of(keys: &[crate::state::NetworkKey]) -> KeyRing {
+        KeyRing {
+            keys: keys.iter().map(|k| (k.id, k.created_ms)).collect(),
+            primary: crate::keys::primary(keys).map(|k| k.id),
+        }
+    }
+}
+
 fn json<T: Serialize>(v: &T) -> Result<Response<Blob>, Status> {
     serde_json::to_vec(v)
         .map(|json| Response::new(Blob { json }))
@@ -706,7 +729,19 @@ impl cluster_server::Cluster for ClusterService {
 
     async fn create_network(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
-        let spec = parse("network spec", &req.into_inner().json)?;
+        let spec: crate::state::NetworkSpec = parse("network spec", &req.into_inner().json)?;
+        if spec.encrypted
+            && let Some(check) = ENCRYPTION_CHECK.get()
+            && let Err(why) = check()
+        {
+            return Err(Status::failed_precondition(format!(
+                "network {}: --opt encrypted needs IPsec ESP with AES-GCM (rfc4106) in the kernel, \
+                 and this manager's kernel refused it: {why}. Nothing was created; mesh never \
+                 falls back to plaintext (create the network without --opt encrypted, or run \
+                 the cluster on kernels with CONFIG_INET_ESP and CONFIG_XFRM_USER)",
+                spec.name
+            )));
+        }
         let out = m
             .propose(Command::CreateNetwork { id: new_id(), spec })
             .await?;
@@ -899,6 +934,22 @@ impl cluster_server::Cluster for ClusterService {
         })
         .await?;
         Ok(Response::new(JoinTokenResponse { token }))
+    }
+
+    async fn rotate_network_key(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let now = crate::manager::now_ms();
+        let keys = m.with_state(|s| {
+            if !s.networks.values().any(|n| n.spec.encrypted) {
+                return Err(Status::failed_precondition(
+                    "no encrypted network: there is no network key to rotate",
+                ));
+            }
+            crate::keys::generate(s, 1, now).map_err(Status::internal)
+        })?;
+        m.propose(Command::RotateNetworkKeys { keys }).await?;
+        let ring = m.with_state(|s| KeyRing::of(&s.network_keys));
+        json(&ring)
     }
 
     async fn unlock_key(&self, req: Request<Empty>) -> Result<Response<UnlockKeyResponse>, Status> {

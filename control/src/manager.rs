@@ -746,6 +746,23 @@ pub async fn orchestrate(m: Weak<Manager>, mut stop: tokio::sync::watch::Receive
                     mgr.sm.touch_all();
                 }
                 let now = now_ms();
+                // The key manager: the encrypted networks' ring filled, then
+                // one new key per rotation period.
+                if let Some(n) = mgr.with_state(|s| crate::keys::due(s, now)) {
+                    match mgr.with_state(|s| crate::keys::generate(s, n, now)) {
+                        Ok(keys) => match mgr.propose(Command::RotateNetworkKeys { keys }).await {
+                            Ok(_) => tracing::info!(added = n, "network key ring rotated"),
+                            Err(e) => {
+                                tracing::info!("network key rotation not committed: {e}");
+                                backoff = true;
+                            }
+                        },
+                        Err(e) => {
+                            tracing::error!("network key rotation: {e}");
+                            backoff = true;
+                        }
+                    }
+                }
                 let mut touched = mgr.sm.take_touched();
                 if wake.is_some_and(|w| w <= now) {
                     touched.all = true;

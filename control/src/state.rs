@@ -546,6 +546,14 @@ pub struct ClusterSettings {
     /// Missed heartbeats after which the leader commits a node as down.
     #[serde(default = "default_heartbeat_misses")]
     pub heartbeat_misses: u32,
+    /// How often the leader adds a new key to the encrypted networks' ring
+    /// (Swarm: 12 h).
+    #[serde(default = "default_network_key_rotation")]
+    pub network_key_rotation_secs: u64,
+}
+
+fn default_network_key_rotation() -> u64 {
+    crate::keys::DEFAULT_ROTATION.as_secs()
 }
 
 fn default_heartbeat_period() -> u64 {
@@ -599,7 +607,44 @@ impl Default for ClusterSettings {
             autolock: false,
             heartbeat_period_ms: default_heartbeat_period(),
             heartbeat_misses: default_heartbeat_misses(),
+            network_key_rotation_secs: default_network_key_rotation(),
         }
+    }
+}
+
+/// One key of the encrypted networks' ring: AES-128-GCM key and 4-byte
+/// salt, as rfc4106 takes them.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkKey {
+    /// Increases by one per key; part of every SPI made with it.
+    pub id: u32,
+    #[serde(with = "hex_bytes")]
+    pub secret: Vec<u8>,
+    pub created_ms: u64,
+}
+
+impl fmt::Debug for NetworkKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NetworkKey({}, created {})", self.id, self.created_ms)
+    }
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&b.iter().map(|x| format!("{x:02x}")).collect::<String>())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() % 2 != 0 {
+            return Err(D::Error::custom("odd-length hex"));
+        }
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(D::Error::custom))
+            .collect()
     }
 }
 
@@ -614,6 +659,11 @@ pub enum Command {
         settings: ClusterSettings,
         #[serde(default)]
         secrets: Option<ClusterSecrets>,
+    },
+    /// Adds keys to the encrypted networks' ring (the leader's key
+    /// manager); the oldest go beyond [`crate::keys::RING`].
+    RotateNetworkKeys {
+        keys: Vec<NetworkKey>,
     },
     /// Replaces a join token (rotation): the old one is refused from then on.
     SetJoinToken {
@@ -769,6 +819,10 @@ pub struct State {
     pub networks: BTreeMap<String, Network>,
     pub services: BTreeMap<String, Service>,
     pub tasks: BTreeMap<String, Task>,
+    /// The encrypted networks' key ring, oldest first (at most
+    /// [`crate::keys::RING`]); agents send with [`crate::keys::primary`].
+    #[serde(default)]
+    pub network_keys: Vec<NetworkKey>,
     /// The last task `seq` handed out.
     #[serde(default)]
     pub task_seq: u64,
@@ -986,7 +1040,9 @@ impl State {
             | Command::RemoveNode { .. }
             | Command::CreateNetwork { .. }
             | Command::RemoveNetwork { .. } => self.touched.everything(),
-            Command::SetJoinToken { .. } | Command::Batch { .. } => {}
+            Command::SetJoinToken { .. }
+            | Command::RotateNetworkKeys { .. }
+            | Command::Batch { .. } => {}
             Command::CreateService { id, .. } => self.touched.service(id),
             Command::UpdateService { target, .. }
             | Command::RemoveService { target }
@@ -1032,6 +1088,13 @@ impl State {
                 let out = self.init(cluster_id, ingress_id, settings)?;
                 self.secrets = secrets.clone();
                 Ok(out)
+            }
+            Command::RotateNetworkKeys { keys } => {
+                crate::keys::validate(&self.network_keys, keys).map_err(invalid)?;
+                self.network_keys.extend(keys.iter().cloned());
+                let extra = self.network_keys.len().saturating_sub(crate::keys::RING);
+                self.network_keys.drain(..extra);
+                Ok(Outcome::Done)
             }
             Command::SetJoinToken { role, token } => {
                 let secrets = self

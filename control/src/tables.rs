@@ -54,6 +54,8 @@ pub enum Key {
         network: String,
         task: String,
     },
+    /// The encrypted networks' key ring (one entry, when there is a ring).
+    NetworkKeys,
     /// A node's own address on a network (its load-balancer endpoint).
     NodeEndpoint {
         network: String,
@@ -70,6 +72,14 @@ pub struct NetworkEntry {
     pub ingress: bool,
     pub internal: bool,
     pub encrypted: bool,
+}
+
+/// The key ring agents program their IPsec with: every key is accepted,
+/// `primary` is sent with (see [`crate::keys`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkKeysEntry {
+    pub keys: Vec<crate::state::NetworkKey>,
+    pub primary: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +128,7 @@ pub struct NodeEndpointEntry {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Value {
     Network(NetworkEntry),
+    NetworkKeys(NetworkKeysEntry),
     Service(ServiceEntry),
     Endpoint(EndpointEntry),
     NodeEndpoint(NodeEndpointEntry),
@@ -215,6 +226,12 @@ pub fn derive_key(state: &State, key: &Key) -> Option<Value> {
                 encrypted: n.spec.encrypted,
             })
         }),
+        Key::NetworkKeys => crate::keys::primary(&state.network_keys).map(|p| {
+            Value::NetworkKeys(NetworkKeysEntry {
+                keys: state.network_keys.clone(),
+                primary: p.id,
+            })
+        }),
         Key::Service { id } => state.services.get(id).map(|s| {
             let mut aliases = BTreeMap::new();
             for a in &s.spec.task.networks {
@@ -294,6 +311,7 @@ impl Tables {
         for id in state.networks.keys() {
             keys.insert(Key::Network { id: id.clone() });
         }
+        keys.insert(Key::NetworkKeys);
         for id in state.services.keys() {
             keys.insert(Key::Service { id: id.clone() });
         }
@@ -357,6 +375,14 @@ impl Tables {
         })
     }
 
+    /// The key ring, when the cluster has one.
+    pub fn network_keys(&self) -> Option<&NetworkKeysEntry> {
+        match self.entries.get(&Key::NetworkKeys) {
+            Some(Value::NetworkKeys(k)) => Some(k),
+            _ => None,
+        }
+    }
+
     pub fn services(&self) -> impl Iterator<Item = (&str, &ServiceEntry)> {
         self.entries.iter().filter_map(|(k, v)| match (k, v) {
             (Key::Service { id }, Value::Service(s)) => Some((id.as_str(), s)),
@@ -370,6 +396,7 @@ impl Tables {
 #[derive(Debug, Default)]
 pub struct Touched {
     networks: bool,
+    network_keys: bool,
     services: BTreeSet<String>,
     /// Keys of the state before the command.
     keys: BTreeSet<Key>,
@@ -394,6 +421,7 @@ impl Touched {
             | Command::CreateNetwork { .. }
             | Command::RemoveNetwork { .. } => self.networks = true,
             Command::SetJoinToken { .. } => {}
+            Command::RotateNetworkKeys { .. } => self.network_keys = true,
             Command::AddNode { id, .. } => {
                 self.node_endpoints.insert(id.clone());
             }
@@ -449,6 +477,9 @@ impl Touched {
 
     /// Adds the keys of the touched entities as they are in `state`.
     fn collect(&mut self, state: &State) {
+        if self.network_keys {
+            self.keys.insert(Key::NetworkKeys);
+        }
         if self.networks {
             for id in state.networks.keys() {
                 self.keys.insert(Key::Network { id: id.clone() });
@@ -481,6 +512,7 @@ impl Touched {
 
     pub fn is_empty(&self) -> bool {
         !self.networks
+            && !self.network_keys
             && self.services.is_empty()
             && self.tasks.is_empty()
             && self.nodes.is_empty()

@@ -170,7 +170,7 @@ impl Zone {
                     }
                 }
                 // Nodes' own addresses have no names.
-                Key::NodeEndpoint { .. } => {}
+                Key::NodeEndpoint { .. } | Key::NetworkKeys => {}
             }
         }
         for id in affected {

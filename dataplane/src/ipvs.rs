@@ -776,7 +776,7 @@ fn nft_ruleset(keys: &BTreeSet<VsKey>) -> String {
 }
 
 /// Runs `nft -f -` with `script`.
-fn nft(script: &str) -> Result<(), String> {
+pub(crate) fn nft(script: &str) -> Result<(), String> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())

@@ -6,6 +6,7 @@ pub mod dns;
 pub mod ebpf;
 pub mod executor;
 pub mod inspect;
+pub mod ipsec;
 pub mod ipvs;
 pub mod lb;
 pub mod maglev;

@@ -44,6 +44,10 @@ use crate::netlink::{
 
 /// Bytes VXLAN adds on an IPv4 underlay: outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8.
 pub const VXLAN_OVERHEAD: u32 = 50;
+/// Bytes ESP transport mode with rfc4106 AES-GCM adds to an encrypted
+/// network's VXLAN packets: header 8 + IV 8 + ICV 16 + padding and trailer
+/// (at most 5), rounded up.
+pub const ESP_OVERHEAD: u32 = 40;
 /// The smallest MTU IPv4 allows on a link.
 pub const MIN_MTU: u32 = 68;
 
@@ -73,9 +77,14 @@ pub struct NetworkSpec {
     pub subnet: Subnet,
     /// Reserved in the subnet (never an endpoint address).
     pub gateway: Ipv4Addr,
-    /// Defaults to the underlay interface's MTU minus [`VXLAN_OVERHEAD`].
+    /// Defaults to the underlay interface's MTU minus [`VXLAN_OVERHEAD`]
+    /// (and [`ESP_OVERHEAD`] when encrypted).
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// Its VXLAN traffic is IPsec-protected (`crate::ipsec`): leaves room
+    /// for ESP in the MTU.
+    #[serde(default)]
+    pub encrypted: bool,
     /// Endpoints of tasks on this node.
     #[serde(default)]
     pub local: Vec<LocalEndpoint>,
@@ -889,11 +898,12 @@ impl Overlay {
         for net in self.desired.networks.values() {
             let Some(underlay) = underlay else { break };
             let (id, vni) = (&net.spec.id, net.spec.vni);
+            let esp = if net.spec.encrypted { ESP_OVERHEAD } else { 0 };
             let mtu = net
                 .spec
                 .mtu
-                .unwrap_or(underlay.mtu.saturating_sub(VXLAN_OVERHEAD));
-            if mtu + VXLAN_OVERHEAD > underlay.mtu || mtu < MIN_MTU {
+                .unwrap_or(underlay.mtu.saturating_sub(VXLAN_OVERHEAD + esp));
+            if mtu + VXLAN_OVERHEAD + esp > underlay.mtu || mtu < MIN_MTU {
                 problems.push(
                     format!("network {id}"),
                     format_args!(
@@ -1454,6 +1464,7 @@ mod tests {
             gateway: subnet.gateway(),
             subnet,
             mtu: None,
+            encrypted: false,
             local: vec![],
             remote: vec![],
             host: None,

@@ -240,9 +240,56 @@ impl NodeView {
                     .keys()
                     .any(|net| old.and_then(|v| v.get(net)) != new.and_then(|v| v.get(net)))
             }
-            Key::Endpoint { .. } => false,
+            Key::Endpoint { .. } | Key::NetworkKeys => false,
         })
     }
+}
+
+/// What this node's IPsec should be: the encrypted networks it has its own
+/// address on, the other nodes with an address or a task on them, and the
+/// key ring. Cheap when no network is encrypted.
+pub fn ipsec_spec(tables: &Tables, node: &str, underlay: Ipv4Addr) -> crate::ipsec::IpsecSpec {
+    use crate::ipsec::IpsecSpec;
+    let encrypted: BTreeMap<&str, u32> = tables
+        .networks()
+        .filter(|(_, n)| n.encrypted)
+        .map(|(id, n)| (id, n.vni))
+        .collect();
+    if encrypted.is_empty() {
+        return IpsecSpec::default();
+    }
+    let mut spec = IpsecSpec {
+        local: Some(underlay),
+        ..IpsecSpec::default()
+    };
+    for (net, n, _) in tables.node_endpoints() {
+        if n == node
+            && let Some(vni) = encrypted.get(net)
+        {
+            spec.vnis.insert(*vni);
+        }
+    }
+    if spec.vnis.is_empty() {
+        return IpsecSpec::default();
+    }
+    let on = |net: &str| encrypted.get(net).is_some_and(|v| spec.vnis.contains(v));
+    let mut peers = BTreeSet::new();
+    for (net, _, e) in tables.node_endpoints() {
+        if e.node_addr != underlay && on(net) {
+            peers.insert(e.node_addr);
+        }
+    }
+    for (net, _, e) in tables.endpoints() {
+        if e.node_addr != underlay && on(net) {
+            peers.insert(e.node_addr);
+        }
+    }
+    spec.peers = peers;
+    if let Some(ring) = tables.network_keys() {
+        spec.keys = ring.keys.iter().map(|k| (k.id, k.secret.clone())).collect();
+        spec.primary = Some(ring.primary);
+    }
+    spec
 }
 
 /// The overlay this node should have: the networks it has its own address on.
@@ -305,6 +352,7 @@ pub fn overlay_spec(tables: &Tables, node: &str, underlay: Ipv4Addr) -> OverlayS
             subnet: n.subnet,
             gateway: n.gateway,
             mtu: None,
+            encrypted: n.encrypted,
             local: local.remove(id).unwrap_or_default(),
             remote: remote.remove(id).unwrap_or_default(),
             host: Some(HostEndpoint {
@@ -525,7 +573,7 @@ impl LbView {
                 Key::Service { id } => {
                     affected.insert(id.clone());
                 }
-                Key::Network { .. } | Key::NodeEndpoint { .. } => {}
+                Key::Network { .. } | Key::NodeEndpoint { .. } | Key::NetworkKeys => {}
             }
         }
         let mut out = LbChanges::default();

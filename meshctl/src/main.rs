@@ -450,6 +450,10 @@ enum SwarmCmd {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Add a new key to the encrypted networks' ring now (the leader does
+    /// it every rotation period, 12 h by default); nodes move to it with no
+    /// packet lost.
+    RotateNetworkKey,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -1614,6 +1618,17 @@ async fn swarm(c: &mut Client, cmd: SwarmCmd) -> Res {
                     "Please remember to store this key in a password manager, since without it you will not be able to restart the manager."
                 );
             }
+            Ok(())
+        }
+        SwarmCmd::RotateNetworkKey => {
+            let ring: control::api::KeyRing =
+                from_blob(c.api.rotate_network_key(Empty {}).await.map_err(err)?)?;
+            let ids: Vec<String> = ring.keys.iter().map(|(id, _)| id.to_string()).collect();
+            println!(
+                "Network key ring rotated: keys {} (nodes send with key {})",
+                ids.join(", "),
+                ring.primary.map_or("-".to_owned(), |p| p.to_string())
+            );
             Ok(())
         }
     }

@@ -518,6 +518,7 @@ fn overlay_table(n: usize, underlay: Ipv4Addr) -> OverlaySpec {
             gateway: subnet.gateway(),
             subnet,
             mtu: None,
+            encrypted: false,
             local: vec![],
             remote,
             host: None,

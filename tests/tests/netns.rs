@@ -211,6 +211,8 @@ fn a_panicking_test_still_removes_its_namespaces_and_pins() {
     }
 }
 
+#[path = "shared/cluster.rs"]
+mod cluster;
 #[path = "shared/published.rs"]
 mod published;
 

@@ -22,6 +22,7 @@ use dataplane::{
     ebpf::{Datapath, monotonic_ns},
     executor::ProcessExecutor,
     inspect::{LbTable, read_lb},
+    ipsec::Ipsec,
     ipvs::{IpvsSync, WithIpvs},
     lb::{Ebpf, LbSpec, LbSync, LbTarget, Timeouts},
     netlink::Netlink,
@@ -427,6 +428,8 @@ fn main() -> Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
+    // A manager refuses encrypted networks this kernel cannot protect.
+    let _ = control::api::ENCRYPTION_CHECK.set(dataplane::ipsec::probe);
     match Cli::parse().command {
         Command::Init {
             ctl,
@@ -539,6 +542,8 @@ struct Dataplane {
     sync: LbSync,
     /// `--lb-backend ipvs`: published ports go to IPVS.
     ipvs: Option<IpvsSync>,
+    /// ESP for encrypted networks, opened when the first one arrives.
+    ipsec: Option<Ipsec>,
     overlay: Overlay,
     timeouts: Timeouts,
     pin_dir: PathBuf,
@@ -606,6 +611,7 @@ impl Dataplane {
             datapath,
             sync,
             ipvs,
+            ipsec: None,
             overlay,
             timeouts,
             pin_dir,
@@ -674,6 +680,49 @@ impl Dataplane {
             if let Err(e) = r {
                 tracing::error!(error = %e, "load-balancer bridge repair");
             }
+        }
+    }
+
+    /// Makes this node's IPsec match the tables, before the overlay wires
+    /// anything: an encrypted network's VXLAN never flows in plaintext. A
+    /// failure with the drop rules in place is logged (the network carries
+    /// nothing until it is fixed); without them, the update fails.
+    fn sync_ipsec(
+        &mut self,
+        tables: &Tables,
+        node: &str,
+        underlay: Ipv4Addr,
+    ) -> Result<(), String> {
+        let spec = dataplane::tables::ipsec_spec(tables, node, underlay);
+        if spec.is_empty() && self.ipsec.is_none() {
+            return Ok(());
+        }
+        if self.ipsec.is_none() {
+            match Ipsec::open() {
+                Ok(x) => self.ipsec = Some(x),
+                Err(e) => {
+                    dataplane::ipsec::block_plaintext(&spec.vnis)
+                        .map_err(|b| format!("encrypted networks: {e}; and {b}"))?;
+                    tracing::error!(
+                        error = %e,
+                        "encrypted networks carry nothing on this node: it cannot program ESP"
+                    );
+                    return Ok(());
+                }
+            }
+        }
+        let ipsec = self.ipsec.as_mut().expect("opened above");
+        match ipsec.apply(&spec) {
+            Ok(r) if r.total() > 0 => {
+                tracing::info!(?r, peers = spec.peers.len(), primary = ?spec.primary, "ipsec applied");
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) if ipsec.blocks(&spec.vnis) => {
+                tracing::error!(error = %e, "ipsec: encrypted networks are blocked until this is fixed");
+                Ok(())
+            }
+            Err(e) => Err(format!("ipsec: {e}")),
         }
     }
 
@@ -1013,6 +1062,7 @@ impl TableSink {
             return Ok(());
         };
         let mut dp = dp.lock().await;
+        dp.sync_ipsec(tables, &self.node, self.underlay)?;
         let overlay = self.view.overlay(tables, update);
         let whole = matches!(overlay, OverlayUpdate::Whole(_));
         let report = match overlay {
@@ -1095,6 +1145,16 @@ fn down(node: &NodeArgs) -> Result<()> {
             .await
             .context("removing the overlay links")
     })?;
+    // ESP states and policies of encrypted networks, and their drop rules.
+    match Ipsec::open() {
+        Ok(mut x) => {
+            let n = x.teardown().map_err(anyhow::Error::msg)?;
+            if n > 0 {
+                println!("meshd: removed {n} IPsec state(s) and policies");
+            }
+        }
+        Err(_) => dataplane::ipsec::remove_rules(),
+    }
     // IPVS services an `--lb-backend ipvs` meshd installed, and its table.
     let ipvs_state = ipvs_state_file(&node.node);
     let mut ipvs_removed = 0;

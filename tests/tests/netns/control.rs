@@ -4,7 +4,6 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
-    process::Output,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -12,129 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_tests::{ChildGuard, Host, Topology, meshd, require_root};
+use mesh_tests::{Host, Topology, meshd, require_root};
 
-/// A data dir under /tmp, removed on Drop.
-pub(super) struct DataDir(pub(super) PathBuf);
-
-impl DataDir {
-    pub(super) fn new(tag: &str) -> DataDir {
-        use std::sync::atomic::AtomicU32;
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "mesh-data-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        DataDir(p)
-    }
-
-    pub(super) fn path(&self) -> &str {
-        self.0.to_str().expect("utf-8 path")
-    }
-}
-
-impl DataDir {
-    /// Names this node's tasks' namespaces and cgroup (`--task-scope`).
-    pub(super) fn task_scope(&self) -> String {
-        let name = self.0.file_name().and_then(|n| n.to_str()).unwrap_or("x");
-        name.trim_start_matches("mesh-data-")
-            .chars()
-            .take(32)
-            .collect()
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-impl Drop for Node<'_> {
-    fn drop(&mut self) {
-        // meshd first (it would start tasks again), then what its tasks
-        // left: a killed meshd leaves them running.
-        drop(self.meshd.take());
-        mesh_tests::meshd::remove_task_scope(&self.dir.task_scope());
-    }
-}
-
-pub(super) struct Node<'a> {
-    pub(super) host: &'a Host,
-    pub(super) dir: DataDir,
-    pub(super) meshd: Option<ChildGuard>,
-}
-
-impl Node<'_> {
-    pub(super) fn api(&self) -> String {
-        format!("{}:2377", self.host.addr())
-    }
-
-    /// One node per host of `topo`, nothing started yet.
-    pub(super) fn for_hosts(topo: &Topology) -> Vec<Node<'_>> {
-        topo.hosts()
-            .iter()
-            .map(|h| Node {
-                host: h,
-                dir: DataDir::new(h.label()),
-                meshd: None,
-            })
-            .collect()
-    }
-
-    /// Data dir, listen address and hostname, for init and join.
-    pub(super) fn common_args(&self) -> Vec<String> {
-        vec![
-            "--data-dir".into(),
-            self.dir.path().into(),
-            "--listen-addr".into(),
-            self.api(),
-            "--hostname".into(),
-            self.host.label().into(),
-            "--task-scope".into(),
-            self.dir.task_scope(),
-        ]
-    }
-
-    /// `meshctl` on this node with its own credentials.
-    pub(super) fn meshctl(&self, args: &[&str]) -> Output {
-        self.host
-            .command(meshd::meshctl_bin())
-            .arg("--data-dir")
-            .arg(self.dir.path())
-            .arg("--timeout")
-            .arg("20")
-            .args(args)
-            .output()
-            .expect("run meshctl")
-    }
-
-    pub(super) fn meshctl_ok(&self, args: &[&str]) -> String {
-        let out = self.meshctl(args);
-        assert!(
-            out.status.success(),
-            "meshctl {args:?} on {} failed: {}",
-            self.host.label(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
-    }
-
-    fn restart(&mut self) {
-        let scope = self.dir.task_scope();
-        let (guard, _) = meshd::start_control(
-            self.host,
-            &["run", "--data-dir", self.dir.path(), "--task-scope", &scope],
-        );
-        self.meshd = Some(guard);
-    }
-}
-
-pub(super) fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-}
+pub(super) use crate::cluster::{DataDir, Node, json, token_from, wait_until};
 
 /// The hostname of the leader, as `node` sees it (None if it sees none).
 fn leader(node: &Node<'_>) -> Option<String> {
@@ -147,36 +26,6 @@ fn leader(node: &Node<'_>) -> Option<String> {
         .iter()
         .find(|n| n["manager_status"] == "Leader")
         .and_then(|n| n["hostname"].as_str().map(str::to_owned))
-}
-
-pub(super) fn wait_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The token printed after "run the following command" for `role`.
-pub(super) fn token_from(lines: &[String], role: &str) -> String {
-    let at = lines
-        .iter()
-        .position(|l| l.contains(&format!("To add a {role}")))
-        .unwrap_or_else(|| panic!("no {role} token in {lines:?}"));
-    lines[at + 1..]
-        .iter()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("meshd join --token ")
-                .map(|rest| rest.split_whitespace().next().expect("token").to_owned())
-        })
-        .expect("token line")
 }
 
 fn start_cluster(topo: &Topology) -> (Vec<Node<'_>>, String, String) {

@@ -134,6 +134,7 @@ impl Cluster {
                     gateway: subnet.gateway(),
                     subnet,
                     mtu: None,
+                    encrypted: false,
                     host: None,
                     vips: vec![],
                     local: mine

@@ -7,45 +7,22 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     process::Command,
     time::{Duration, Instant},
 };
 
 use dataplane::inspect::read_lb;
-use mesh_tests::{
-    Host, Netns, Topology, meshd,
-    netns::{BPF_ROOT, UNDERLAY_IFACE},
-    require_root, services,
-};
+use mesh_tests::{Host, Topology, meshd, require_root, services};
 
 use super::control::{Node, json, token_from, wait_until};
+use crate::cluster::{Task, place_task};
 
 /// Heartbeat period for this cluster: 3 misses = 1.5 s to declare a node
 /// down (the default, 1 s x 3, takes 3 s).
 const HEARTBEAT: &str = "500ms";
 
 impl Node<'_> {
-    pub(super) fn dataplane_args(&self) -> Vec<String> {
-        [
-            "--node",
-            self.host.node_name(),
-            "--underlay",
-            UNDERLAY_IFACE,
-            "--bpf-root",
-            BPF_ROOT,
-        ]
-        .map(str::to_owned)
-        .to_vec()
-    }
-
-    pub(super) fn start(&mut self, args: Vec<String>) -> Vec<String> {
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (guard, lines) = meshd::start_control(self.host, &argv);
-        self.meshd = Some(guard);
-        lines
-    }
-
     /// The replica the agent saved: (revision, entries).
     fn saved_tables(&self) -> Option<(u64, serde_json::Value)> {
         let text = std::fs::read_to_string(self.dir.0.join("tables.json")).ok()?;
@@ -86,12 +63,6 @@ impl Node<'_> {
     }
 }
 
-struct Task {
-    ns: Netns,
-    ip: Ipv4Addr,
-    mac: String,
-}
-
 impl Task {
     /// `dig` against the embedded DNS from inside the task.
     fn dig(&self, args: &[&str]) -> String {
@@ -107,16 +78,6 @@ impl Task {
         let mut v: Vec<String> = self.dig(&args).lines().map(str::to_owned).collect();
         v.sort();
         v
-    }
-
-    fn reaches(&self, to: Ipv4Addr) -> bool {
-        let to = to.to_string();
-        (0..3).any(|_| {
-            self.ns
-                .exec("ping", &["-c", "1", "-W", "1", &to])
-                .status
-                .success()
-        })
     }
 }
 
@@ -155,37 +116,6 @@ fn published_backends(node: &Host) -> usize {
                 .find(|v| v.key.addr_be == [0; 4] && u16::from_be(v.key.port_be) == PUBLISHED)
         })
         .map_or(0, |v| v.backends.len())
-}
-
-/// Records a task of `service` on `node` (the internal path, manager
-/// certificate only) whose namespace the test created.
-fn place_task(manager: &Node<'_>, service: &str, slot: u32, node_id: &str) -> Task {
-    let ns = Netns::new();
-    let path = ns.path();
-    let out = manager.meshctl_ok(&[
-        "task",
-        "create",
-        "--service",
-        service,
-        "--node",
-        node_id,
-        "--slot",
-        &slot.to_string(),
-        "--netns",
-        path.to_str().expect("utf-8"),
-    ]);
-    let mut lines = out.lines().skip(1);
-    let (_, ip) = lines
-        .next()
-        .and_then(|l| l.split_once(' '))
-        .unwrap_or_else(|| panic!("no address in {out:?}"));
-    let ip: Ipv4Addr = ip.parse().expect("address");
-    let [a, b, c, d] = ip.octets();
-    Task {
-        ns,
-        ip,
-        mac: format!("02:42:{a:02x}:{b:02x}:{c:02x}:{d:02x}"),
-    }
 }
 
 #[test]

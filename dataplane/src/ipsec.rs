@@ -1,0 +1,576 @@
+//! Encrypted overlay networks: ESP transport mode (rfc4106 AES-GCM) for the
+//! VXLAN traffic of `--opt encrypted` networks between every pair of nodes,
+//! as Swarm does it:
+//!
+//! - **XFRM states**, per peer and per key of the ring: one out (us → peer)
+//!   and one in (peer → us). SPIs are derived from the pair, the direction
+//!   and the key id ([`spi`]), so both ends agree without talking.
+//! - **XFRM policy**, one per peer: VXLAN (UDP 4789) from us to the peer
+//!   carrying [`ENCRYPT_MARK`] must go through ESP with the *primary* key's
+//!   SPI. A rotation adds the new key's states first, then moves the policy
+//!   to the new SPI, then drops the states of keys that left the ring.
+//! - **nftables** (`ip mesh_ipsec`): marks VXLAN packets of encrypted VNIs
+//!   in output (the reroute applies the policy), drops such packets that
+//!   would leave without IPsec (`rt ipsec missing`: a missing key or policy
+//!   never means plaintext), and drops such packets that arrive without
+//!   having been decrypted (`meta secpath missing`).
+//!
+//! Programmed through XFRM netlink with netlink-packet-xfrm's message
+//! types over our small socket ([`crate::nlsock`]).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+};
+
+use netlink_packet_core::{Emitable, Parseable};
+use netlink_packet_xfrm::{
+    Address, AlgAead, IPPROTO_ESP, Id, LifetimeConfig, Mark, Selector, UserPolicyId,
+    UserPolicyInfo, UserSaId, UserSaInfo, UserTemplate, XFRM_MODE_TRANSPORT, XFRM_MSG_DELPOLICY,
+    XFRM_MSG_DELSA, XFRM_MSG_GETPOLICY, XFRM_MSG_GETSA, XFRM_MSG_NEWSA, XFRM_MSG_UPDPOLICY,
+    XFRM_MSG_UPDSA, XFRM_POLICY_ALLOW, XFRM_POLICY_OUT, XfrmAttrs,
+    policy::{DelGetMessage as PolicyDel, ModifyMessage as PolicyModify},
+    state::{DelGetMessage as SaDel, ModifyMessage as SaModify},
+};
+
+use crate::{
+    netlink::VXLAN_PORT,
+    nlsock::{NLM_F_DUMP, NlError, NlSocket},
+};
+
+/// Set on an encrypted network's VXLAN packets; the policies match it.
+pub const ENCRYPT_MARK: u32 = 0x0040_0000;
+/// Marks our states and policies' templates (ASCII "mesh").
+pub const REQID: u32 = 0x6d65_7368;
+const AEAD: &str = "rfc4106(gcm(aes))";
+const ICV_BITS: u32 = 128;
+const REPLAY_WINDOW: u8 = 64;
+const NFT_TABLE: &str = "mesh_ipsec";
+
+/// What this node's IPsec should be.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IpsecSpec {
+    /// This node's underlay address.
+    pub local: Option<Ipv4Addr>,
+    /// Nodes it shares an encrypted network with.
+    pub peers: BTreeSet<Ipv4Addr>,
+    /// The encrypted networks' VNIs this node is on.
+    pub vnis: BTreeSet<u32>,
+    /// Key id -> secret (key + salt), and the id senders use.
+    pub keys: BTreeMap<u32, Vec<u8>>,
+    pub primary: Option<u32>,
+}
+
+impl IpsecSpec {
+    /// Nothing to protect and nothing to drop.
+    pub fn is_empty(&self) -> bool {
+        self.vnis.is_empty()
+    }
+}
+
+/// The SPI of the SA from `src` to `dst` with key `key`: the same on both
+/// ends, different per direction and pair, never in the reserved 0..256.
+pub fn spi(src: Ipv4Addr, dst: Ipv4Addr, key: u32) -> u32 {
+    let mut input = Vec::with_capacity(20);
+    input.extend_from_slice(b"mesh-esp");
+    input.extend_from_slice(&src.octets());
+    input.extend_from_slice(&dst.octets());
+    input.extend_from_slice(&key.to_be_bytes());
+    let d = ring::digest::digest(&ring::digest::SHA256, &input);
+    let v = u32::from_be_bytes(d.as_ref()[..4].try_into().expect("4 bytes"));
+    if v < 0x100 { v + 0x100 } else { v }
+}
+
+/// One SA we keep: its endpoints and SPI (the key is its identity's part).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SaKey {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub spi: u32,
+}
+
+/// Counts of what one apply changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpsecReport {
+    pub states_added: usize,
+    pub states_updated: usize,
+    pub states_removed: usize,
+    pub policies_set: usize,
+    pub policies_removed: usize,
+    pub nft_writes: usize,
+}
+
+impl IpsecReport {
+    pub fn total(&self) -> usize {
+        self.states_added
+            + self.states_updated
+            + self.states_removed
+            + self.policies_set
+            + self.policies_removed
+            + self.nft_writes
+    }
+}
+
+/// Keeps this namespace's XFRM and nftables equal to an [`IpsecSpec`],
+/// writing only differences.
+pub struct Ipsec {
+    sock: NlSocket,
+    /// Our states as the kernel has them: SA -> secret.
+    states: BTreeMap<SaKey, Vec<u8>>,
+    /// Our policies: peer -> (local, the SPI its template names).
+    policies: BTreeMap<Ipv4Addr, (Ipv4Addr, u32)>,
+    /// The VNIs the nftables table is written for (`None`: unknown).
+    vnis: Option<BTreeSet<u32>>,
+}
+
+fn addr(a: Ipv4Addr) -> Address {
+    Address::from_ipv4(&a)
+}
+
+fn xfrm_error(e: NlError) -> String {
+    match e.errno() {
+        Some(libc::EPROTONOSUPPORT) | Some(libc::ENOPROTOOPT) => format!(
+            "{e} (this kernel has no ESP or no XFRM netlink: CONFIG_INET_ESP, CONFIG_XFRM_USER)"
+        ),
+        Some(libc::ENOENT) | Some(libc::ENOSYS) => {
+            format!("{e} (this kernel has no {AEAD}: CONFIG_CRYPTO_GCM)")
+        }
+        _ => e.to_string(),
+    }
+}
+
+fn selector(local: Ipv4Addr, peer: Ipv4Addr) -> Selector {
+    let mut sel = Selector::default();
+    sel.source_prefix(&IpAddr::V4(local), 32);
+    sel.destination_prefix(&IpAddr::V4(peer), 32);
+    sel.proto = libc::IPPROTO_UDP as u8;
+    sel.dport = VXLAN_PORT;
+    sel.dport_mask = 0xffff;
+    sel
+}
+
+fn mark() -> XfrmAttrs {
+    XfrmAttrs::Mark(Mark {
+        value: ENCRYPT_MARK,
+        mask: ENCRYPT_MARK,
+    })
+}
+
+fn emit(msg: &impl Emitable) -> Vec<u8> {
+    let mut buf = vec![0u8; msg.buffer_len()];
+    msg.emit(&mut buf);
+    buf
+}
+
+impl Ipsec {
+    /// Opens XFRM in this namespace and reads back what an earlier meshd
+    /// installed (our reqid, our mark), so a restart rewrites nothing.
+    pub fn open() -> Result<Ipsec, String> {
+        let sock = NlSocket::open(libc::NETLINK_XFRM).map_err(|e| {
+            format!("open an XFRM netlink socket: {e} (this kernel has no CONFIG_XFRM_USER)")
+        })?;
+        let mut me = Ipsec {
+            sock,
+            states: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            vnis: None,
+        };
+        me.read_back()?;
+        Ok(me)
+    }
+
+    fn read_back(&mut self) -> Result<(), String> {
+        self.states.clear();
+        self.policies.clear();
+        let sas = self
+            .sock
+            .request(XFRM_MSG_GETSA, NLM_F_DUMP, &[], || {
+                "list XFRM states".into()
+            })
+            .map_err(xfrm_error)?;
+        for body in sas {
+            let Ok(m) = SaModify::parse(&body) else {
+                continue;
+            };
+            let i = &m.user_sa_info;
+            if i.reqid != REQID || i.family != libc::AF_INET as u16 {
+                continue;
+            }
+            let secret = m
+                .nlas
+                .iter()
+                .find_map(|a| match a {
+                    XfrmAttrs::EncryptionAlgAead(k) => Some(k.alg_key.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            self.states.insert(
+                SaKey {
+                    src: i.saddr.to_ipv4(),
+                    dst: i.id.daddr.to_ipv4(),
+                    spi: i.id.spi,
+                },
+                secret,
+            );
+        }
+        let policies = self
+            .sock
+            .request(XFRM_MSG_GETPOLICY, NLM_F_DUMP, &[], || {
+                "list XFRM policies".into()
+            })
+            .map_err(xfrm_error)?;
+        for body in policies {
+            let Ok(m) = PolicyModify::parse(&body) else {
+                continue;
+            };
+            let ours_mark = m.nlas.iter().any(|a| {
+                matches!(a, XfrmAttrs::Mark(k) if k.value == ENCRYPT_MARK && k.mask == ENCRYPT_MARK)
+            });
+            let tmpl = m.nlas.iter().find_map(|a| match a {
+                XfrmAttrs::Template(t) => t.first().cloned(),
+                _ => None,
+            });
+            if let (true, Some(t)) = (ours_mark, tmpl)
+                && t.reqid == REQID
+                && m.user_policy_info.direction == XFRM_POLICY_OUT
+            {
+                let sel = &m.user_policy_info.selector;
+                self.policies
+                    .insert(sel.daddr.to_ipv4(), (sel.saddr.to_ipv4(), t.id.spi));
+            }
+        }
+        Ok(())
+    }
+
+    /// The states and policies installed now (for tests and `inspect`).
+    pub fn installed(&self) -> (Vec<SaKey>, Vec<(Ipv4Addr, u32)>) {
+        (
+            self.states.keys().copied().collect(),
+            self.policies.iter().map(|(p, (_, s))| (*p, *s)).collect(),
+        )
+    }
+
+    /// Makes the kernel match `spec`: new keys' states first, then the
+    /// policies (to the primary key), then old states go; nftables when the
+    /// encrypted VNIs change. Errors name the object; what was applied
+    /// stays, and the next apply retries the rest.
+    pub fn apply(&mut self, spec: &IpsecSpec) -> Result<IpsecReport, String> {
+        let mut report = IpsecReport::default();
+        // The drop rules come first: from here on no plaintext VXLAN of an
+        // encrypted VNI enters or leaves, whatever else fails.
+        if self.vnis.as_ref() != Some(&spec.vnis) {
+            crate::ipvs::nft(&nft_ruleset(&spec.vnis))
+                .map_err(|e| format!("nftables {NFT_TABLE}: {e}"))?;
+            self.vnis = Some(spec.vnis.clone());
+            report.nft_writes += 1;
+        }
+        let mut want: BTreeMap<SaKey, &Vec<u8>> = BTreeMap::new();
+        let mut policies: BTreeMap<Ipv4Addr, (Ipv4Addr, u32)> = BTreeMap::new();
+        if let (Some(local), false) = (spec.local, spec.vnis.is_empty()) {
+            for &peer in &spec.peers {
+                for (&id, secret) in &spec.keys {
+                    for (src, dst) in [(local, peer), (peer, local)] {
+                        want.insert(
+                            SaKey {
+                                src,
+                                dst,
+                                spi: spi(src, dst, id),
+                            },
+                            secret,
+                        );
+                    }
+                }
+                if let Some(p) = spec.primary.filter(|p| spec.keys.contains_key(p)) {
+                    policies.insert(peer, (local, spi(local, peer, p)));
+                }
+            }
+        }
+        for (k, secret) in &want {
+            match self.states.get(k) {
+                Some(s) if s == *secret => continue,
+                Some(_) => {
+                    self.set_state(k, secret, XFRM_MSG_UPDSA)?;
+                    report.states_updated += 1;
+                }
+                None => {
+                    self.set_state(k, secret, XFRM_MSG_NEWSA)?;
+                    report.states_added += 1;
+                }
+            }
+            self.states.insert(*k, (*secret).clone());
+        }
+        for (&peer, &(local, spi)) in &policies {
+            if self.policies.get(&peer) == Some(&(local, spi)) {
+                continue;
+            }
+            self.set_policy(local, peer, spi)?;
+            self.policies.insert(peer, (local, spi));
+            report.policies_set += 1;
+        }
+        let stale: Vec<(Ipv4Addr, Ipv4Addr)> = self
+            .policies
+            .iter()
+            .filter(|(p, v)| policies.get(p) != Some(v))
+            .map(|(p, (l, _))| (*p, *l))
+            .collect();
+        for (peer, local) in stale {
+            self.del_policy(local, peer)?;
+            self.policies.remove(&peer);
+            report.policies_removed += 1;
+        }
+        let old: Vec<SaKey> = self
+            .states
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        for k in old {
+            self.del_state(&k)?;
+            self.states.remove(&k);
+            report.states_removed += 1;
+        }
+        Ok(report)
+    }
+
+    /// Whether the drop rules for `vnis` are in place (then a failed apply
+    /// blackholes those networks instead of leaking plaintext).
+    pub fn blocks(&self, vnis: &BTreeSet<u32>) -> bool {
+        self.vnis.as_ref() == Some(vnis)
+    }
+
+    /// Re-reads the kernel, then applies `spec` (drift repaired).
+    pub fn reconcile(&mut self, spec: &IpsecSpec) -> Result<IpsecReport, String> {
+        self.read_back()?;
+        self.vnis = None;
+        self.apply(spec)
+    }
+
+    /// Everything of ours goes (`meshd down`).
+    pub fn teardown(&mut self) -> Result<usize, String> {
+        let policies: Vec<(Ipv4Addr, Ipv4Addr)> =
+            self.policies.iter().map(|(p, (l, _))| (*p, *l)).collect();
+        for (peer, local) in &policies {
+            self.del_policy(*local, *peer)?;
+        }
+        let states: Vec<SaKey> = self.states.keys().copied().collect();
+        for k in &states {
+            self.del_state(k)?;
+        }
+        self.policies.clear();
+        self.states.clear();
+        remove_rules();
+        self.vnis = None;
+        Ok(policies.len() + states.len())
+    }
+
+    fn set_state(&mut self, k: &SaKey, secret: &[u8], kind: u16) -> Result<(), String> {
+        let mut name = [0u8; 64];
+        name[..AEAD.len()].copy_from_slice(AEAD.as_bytes());
+        let info = UserSaInfo {
+            selector: Selector {
+                family: libc::AF_INET as u16,
+                ..Selector::default()
+            },
+            id: Id {
+                daddr: addr(k.dst),
+                spi: k.spi,
+                proto: IPPROTO_ESP,
+            },
+            saddr: addr(k.src),
+            lifetime_cfg: LifetimeConfig::default(),
+            reqid: REQID,
+            family: libc::AF_INET as u16,
+            mode: XFRM_MODE_TRANSPORT,
+            replay_window: REPLAY_WINDOW,
+            ..UserSaInfo::default()
+        };
+        let msg = SaModify {
+            user_sa_info: info,
+            nlas: vec![XfrmAttrs::EncryptionAlgAead(AlgAead {
+                alg_name: name,
+                alg_key_len: (secret.len() * 8) as u32,
+                alg_icv_len: ICV_BITS,
+                alg_key: secret.to_vec(),
+            })],
+        };
+        let flags = if kind == XFRM_MSG_NEWSA {
+            crate::nlsock::NLM_F_CREATE | crate::nlsock::NLM_F_EXCL
+        } else {
+            0
+        };
+        self.sock
+            .request(kind, flags, &emit(&msg), || {
+                format!("add ESP state {} -> {} spi {:#010x}", k.src, k.dst, k.spi)
+            })
+            .map(drop)
+            .map_err(xfrm_error)
+    }
+
+    fn del_state(&mut self, k: &SaKey) -> Result<(), String> {
+        let msg = SaDel {
+            user_sa_id: UserSaId {
+                daddr: addr(k.dst),
+                spi: k.spi,
+                family: libc::AF_INET as u16,
+                proto: IPPROTO_ESP,
+            },
+            nlas: vec![XfrmAttrs::SrcAddr(addr(k.src))],
+        };
+        match self.sock.request(XFRM_MSG_DELSA, 0, &emit(&msg), || {
+            format!(
+                "delete ESP state {} -> {} spi {:#010x}",
+                k.src, k.dst, k.spi
+            )
+        }) {
+            Ok(_) => Ok(()),
+            Err(e) if e.errno() == Some(libc::ESRCH) => Ok(()),
+            Err(e) => Err(xfrm_error(e)),
+        }
+    }
+
+    fn set_policy(&mut self, local: Ipv4Addr, peer: Ipv4Addr, spi: u32) -> Result<(), String> {
+        let msg = PolicyModify {
+            user_policy_info: UserPolicyInfo {
+                selector: selector(local, peer),
+                lifetime_cfg: LifetimeConfig::default(),
+                direction: XFRM_POLICY_OUT,
+                action: XFRM_POLICY_ALLOW,
+                ..UserPolicyInfo::default()
+            },
+            nlas: vec![
+                XfrmAttrs::Template(vec![UserTemplate {
+                    id: Id {
+                        daddr: addr(peer),
+                        spi,
+                        proto: IPPROTO_ESP,
+                    },
+                    family: libc::AF_INET as u16,
+                    saddr: addr(local),
+                    reqid: REQID,
+                    mode: XFRM_MODE_TRANSPORT,
+                    ..UserTemplate::default()
+                }]),
+                mark(),
+            ],
+        };
+        self.sock
+            .request(XFRM_MSG_UPDPOLICY, 0, &emit(&msg), || {
+                format!("set the ESP policy {local} -> {peer} (spi {spi:#010x})")
+            })
+            .map(drop)
+            .map_err(xfrm_error)
+    }
+
+    fn del_policy(&mut self, local: Ipv4Addr, peer: Ipv4Addr) -> Result<(), String> {
+        let msg = PolicyDel {
+            user_policy_id: UserPolicyId {
+                selector: selector(local, peer),
+                index: 0,
+                direction: XFRM_POLICY_OUT,
+            },
+            nlas: vec![mark()],
+        };
+        match self.sock.request(XFRM_MSG_DELPOLICY, 0, &emit(&msg), || {
+            format!("delete the ESP policy {local} -> {peer}")
+        }) {
+            Ok(_) => Ok(()),
+            Err(e) if e.errno() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(xfrm_error(e)),
+        }
+    }
+}
+
+/// Whether this kernel can run encrypted networks: adds an rfc4106 ESP
+/// state in a throwaway network namespace (nothing of the host's is
+/// touched) and says why not.
+pub fn probe() -> Result<(), String> {
+    std::thread::spawn(|| {
+        // SAFETY: unshare only affects this (short-lived) thread.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(format!(
+                "cannot make a namespace to test ESP in: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let mut x = Ipsec::open()?;
+        let k = SaKey {
+            src: Ipv4Addr::new(192, 0, 2, 1),
+            dst: Ipv4Addr::new(192, 0, 2, 2),
+            spi: 0x1000,
+        };
+        x.set_state(&k, &[7u8; 20], XFRM_MSG_NEWSA)
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the ESP probe panicked".into()))
+}
+
+/// Only the nftables part: no VXLAN of `vnis` in or out without IPsec. For
+/// a kernel where XFRM itself is missing: the encrypted networks then carry
+/// nothing, never plaintext.
+pub fn block_plaintext(vnis: &BTreeSet<u32>) -> Result<(), String> {
+    crate::ipvs::nft(&nft_ruleset(vnis)).map_err(|e| format!("nftables {NFT_TABLE}: {e}"))
+}
+
+/// Removes the nftables table (`meshd down` where XFRM is missing).
+pub fn remove_rules() {
+    let _ = crate::ipvs::nft(&format!("delete table ip {NFT_TABLE}"));
+}
+
+fn nft_ruleset(vnis: &BTreeSet<u32>) -> String {
+    let mut s = format!("table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n");
+    if vnis.is_empty() {
+        return s;
+    }
+    let set = vnis
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let vxlan = format!("udp dport {VXLAN_PORT} @th,96,24 {{ {set} }}");
+    s.push_str(&format!(
+        "table ip {NFT_TABLE} {{\n\
+         \tchain output {{ type route hook output priority mangle; policy accept; \
+         {vxlan} meta mark set meta mark | {ENCRYPT_MARK:#x}; }}\n\
+         \tchain postrouting {{ type filter hook postrouting priority filter; policy accept; \
+         {vxlan} rt ipsec missing counter drop; }}\n\
+         \tchain input {{ type filter hook input priority filter; policy accept; \
+         {vxlan} meta secpath missing counter drop; }}\n\
+         }}\n"
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spis_differ_per_direction_pair_and_key_and_avoid_the_reserved_range() {
+        let (a, b, c) = (
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            Ipv4Addr::new(10, 0, 0, 3),
+        );
+        let all = [
+            spi(a, b, 1),
+            spi(b, a, 1),
+            spi(a, b, 2),
+            spi(a, c, 1),
+            spi(c, a, 1),
+        ];
+        let distinct: BTreeSet<u32> = all.iter().copied().collect();
+        assert_eq!(distinct.len(), all.len(), "{all:x?}");
+        assert!(all.iter().all(|s| *s >= 0x100));
+        assert_eq!(spi(a, b, 1), spi(a, b, 1), "both ends derive the same");
+    }
+
+    #[test]
+    fn the_nft_table_marks_and_drops_exactly_the_encrypted_vnis() {
+        let r = nft_ruleset(&BTreeSet::from([4097, 4099]));
+        assert!(r.contains("@th,96,24 { 4097, 4099 }"), "{r}");
+        assert!(r.contains("rt ipsec missing counter drop"));
+        assert!(r.contains("meta secpath missing counter drop"));
+        assert!(r.contains(&format!("{ENCRYPT_MARK:#x}")));
+        assert!(!nft_ruleset(&BTreeSet::new()).contains("chain"));
+    }
+}
