@@ -28,7 +28,7 @@ use netlink_packet_xfrm::{
     Address, AlgAead, IPPROTO_ESP, Id, LifetimeConfig, Mark, Selector, UserPolicyId,
     UserPolicyInfo, UserSaId, UserSaInfo, UserTemplate, XFRM_MODE_TRANSPORT, XFRM_MSG_DELPOLICY,
     XFRM_MSG_DELSA, XFRM_MSG_GETPOLICY, XFRM_MSG_GETSA, XFRM_MSG_NEWSA, XFRM_MSG_UPDPOLICY,
-    XFRM_MSG_UPDSA, XFRM_POLICY_ALLOW, XFRM_POLICY_OUT, XfrmAttrs,
+    XFRM_POLICY_ALLOW, XFRM_POLICY_OUT, XfrmAttrs,
     policy::{DelGetMessage as PolicyDel, ModifyMessage as PolicyModify},
     state::{DelGetMessage as SaDel, ModifyMessage as SaModify},
 };
@@ -289,11 +289,15 @@ impl Ipsec {
             match self.states.get(k) {
                 Some(s) if s == *secret => continue,
                 Some(_) => {
-                    self.set_state(k, secret, XFRM_MSG_UPDSA)?;
+                    // XFRM cannot change a state's key in place
+                    // (XFRM_MSG_UPDSA keeps it): replace the state.
+                    self.del_state(k)?;
+                    self.states.remove(k);
+                    self.set_state(k, secret)?;
                     report.states_updated += 1;
                 }
                 None => {
-                    self.set_state(k, secret, XFRM_MSG_NEWSA)?;
+                    self.set_state(k, secret)?;
                     report.states_added += 1;
                 }
             }
@@ -363,7 +367,7 @@ impl Ipsec {
         Ok(policies.len() + states.len())
     }
 
-    fn set_state(&mut self, k: &SaKey, secret: &[u8], kind: u16) -> Result<(), String> {
+    fn set_state(&mut self, k: &SaKey, secret: &[u8]) -> Result<(), String> {
         let mut name = [0u8; 64];
         name[..AEAD.len()].copy_from_slice(AEAD.as_bytes());
         let info = UserSaInfo {
@@ -393,13 +397,9 @@ impl Ipsec {
                 alg_key: secret.to_vec(),
             })],
         };
-        let flags = if kind == XFRM_MSG_NEWSA {
-            crate::nlsock::NLM_F_CREATE | crate::nlsock::NLM_F_EXCL
-        } else {
-            0
-        };
+        let flags = crate::nlsock::NLM_F_CREATE | crate::nlsock::NLM_F_EXCL;
         self.sock
-            .request(kind, flags, &emit(&msg), || {
+            .request(XFRM_MSG_NEWSA, flags, &emit(&msg), || {
                 format!("add ESP state {} -> {} spi {:#010x}", k.src, k.dst, k.spi)
             })
             .map(drop)
@@ -498,7 +498,7 @@ pub fn probe() -> Result<(), String> {
             dst: Ipv4Addr::new(192, 0, 2, 2),
             spi: 0x1000,
         };
-        x.set_state(&k, &[7u8; 20], XFRM_MSG_NEWSA)
+        x.set_state(&k, &[7u8; 20])
     })
     .join()
     .unwrap_or_else(|_| Err("the ESP probe panicked".into()))

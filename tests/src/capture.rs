@@ -152,3 +152,34 @@ fn decode_vxlan(f: &[u8]) -> Option<VxlanFrame> {
         inner: vx[8..].to_vec(),
     })
 }
+
+/// An ESP packet as seen on the underlay: its addresses and SPI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EspPacket {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub spi: u32,
+}
+
+/// Decodes Ethernet/IPv4/ESP frames; everything else is skipped.
+pub fn esp_packets(frames: &[Vec<u8>]) -> Vec<EspPacket> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            if f.len() < 14 || u16::from_be_bytes([f[12], f[13]]) != 0x0800 {
+                return None;
+            }
+            let ip = &f[14..];
+            if ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != 50 {
+                return None;
+            }
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let esp = ip.get(ihl..ihl + 4)?;
+            Some(EspPacket {
+                src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+                dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+                spi: u32::from_be_bytes(esp.try_into().ok()?),
+            })
+        })
+        .collect()
+}
