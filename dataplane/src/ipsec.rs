@@ -133,7 +133,7 @@ fn xfrm_error(e: NlError) -> String {
             "{e} (this kernel has no ESP or no XFRM netlink: CONFIG_INET_ESP, CONFIG_XFRM_USER)"
         ),
         Some(libc::ENOENT) | Some(libc::ENOSYS) => {
-            format!("{e} (this kernel has no {AEAD}: CONFIG_CRYPTO_GCM)")
+            format!("{e} (this kernel has no {AEAD} for ESP: CONFIG_CRYPTO_GCM, CONFIG_INET_ESP)")
         }
         _ => e.to_string(),
     }

@@ -506,3 +506,45 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
         meshd::down(n.host);
     }
 }
+
+/// This kernel has no ESP: an encrypted network is refused with the
+/// reason, nothing is created (no plaintext fallback), and there is no key
+/// ring to rotate.
+#[test]
+fn an_encrypted_network_is_refused_on_a_kernel_without_esp() {
+    let Some(_root) =
+        require_root("netns::tables::an_encrypted_network_is_refused_on_a_kernel_without_esp")
+    else {
+        return;
+    };
+    let topo = Topology::new(1);
+    let mut nodes = Node::for_hosts(&topo);
+    let mut args = vec!["init".to_owned()];
+    args.extend(nodes[0].common_args());
+    nodes[0].start(args);
+    let m = &nodes[0];
+    let out = m.meshctl(&["network", "create", "--opt", "encrypted", "secret"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "an encrypted network was created: {err}"
+    );
+    assert!(
+        err.contains("--opt encrypted needs IPsec ESP")
+            && err.contains("never falls back to plaintext")
+            && err.contains("CONFIG_INET_ESP"),
+        "unclear refusal: {err}"
+    );
+    eprintln!("refusal: {err}");
+    let list = m.meshctl_ok(&["network", "ls"]);
+    assert!(!list.contains("secret"), "half-created: {list}");
+    let out = m.meshctl(&["swarm", "rotate-network-key"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no encrypted network"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A plain network is still fine.
+    m.meshctl_ok(&["network", "create", "plain"]);
+}
