@@ -69,6 +69,17 @@ pub fn load_replica(dir: &std::path::Path) -> Tables {
         .unwrap_or_default()
 }
 
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
+}
+
 pub struct Agent<S: Sink> {
     ctx: Arc<Ctx>,
     sink: S,
@@ -184,9 +195,12 @@ impl<S: Sink> Agent<S> {
         }
         if let Some(path) = &self.file {
             let tmp = path.with_extension("json.tmp");
+            // Owner-only: the replica holds the encrypted networks' key ring
+            // (as readable as the node's own key beside it, which fetches
+            // the same ring from the dispatcher).
             let r = serde_json::to_vec(&self.replica)
                 .map_err(|e| e.to_string())
-                .and_then(|b| std::fs::write(&tmp, b).map_err(|e| e.to_string()))
+                .and_then(|b| write_private(&tmp, &b).map_err(|e| e.to_string()))
                 .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
             if let Err(e) = r {
                 tracing::warn!("saving the tables to {}: {e}", path.display());

@@ -151,6 +151,8 @@ pub struct InitOptions {
     /// Agents' heartbeat period, and the misses after which a node is down.
     pub heartbeat: Duration,
     pub heartbeat_misses: u32,
+    /// How often the leader rotates the encrypted networks' key ring.
+    pub network_key_rotation: Duration,
 }
 
 impl Default for InitOptions {
@@ -160,6 +162,7 @@ impl Default for InitOptions {
             cert_lifetime: pki::DEFAULT_CERT_LIFETIME,
             heartbeat: Duration::from_secs(1),
             heartbeat_misses: 3,
+            network_key_rotation: crate::keys::DEFAULT_ROTATION,
         }
     }
 }
@@ -244,6 +247,7 @@ async fn init_inner(
                     autolock: opts.autolock,
                     heartbeat_period_ms: opts.heartbeat.as_millis().max(1) as u64,
                     heartbeat_misses: opts.heartbeat_misses.max(1),
+                    network_key_rotation_secs: opts.network_key_rotation.as_secs().max(1),
                     ..ClusterSettings::default()
                 },
                 secrets: Some(ClusterSecrets {

@@ -422,3 +422,111 @@ mod encrypted {
         }
     }
 }
+
+/// The IPVS backend's sync contract, against the kernel: a spec applied
+/// twice writes nothing the second time; a change writes only itself; a
+/// restarted sync reads back what it owns; a delta removes a frontend.
+#[test]
+fn ipvs_sync_writes_only_the_difference() {
+    use std::net::Ipv4Addr;
+
+    use dataplane::{
+        ipvs::{Ipvs, IpvsSync},
+        lb::{
+            BackendSpec, DEFAULT_NAT_PORT_COUNT, DEFAULT_NAT_PORT_MIN, FrontendSpec, LbChanges,
+            LbSpec, Protocol, ServiceSpec,
+        },
+    };
+
+    let Some(_vm) = require_vm("vm::ipvs_sync_writes_only_the_difference") else {
+        return;
+    };
+    let nodes = [Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2)];
+    let b = |last: u8| Ipv4Addr::new(10, 9, 0, last);
+    let front = FrontendSpec {
+        address: None,
+        port: 8080,
+        protocol: Protocol::Tcp,
+    };
+    let spec = |backends: &[(u8, u32)]| LbSpec {
+        nat_address: nodes[0],
+        node_addresses: nodes.to_vec(),
+        nat_port_min: DEFAULT_NAT_PORT_MIN,
+        nat_port_count: DEFAULT_NAT_PORT_COUNT,
+        services: vec![ServiceSpec {
+            id: 1,
+            name: "web".into(),
+            frontends: vec![front.clone()],
+            backends: backends
+                .iter()
+                .map(|&(last, weight)| BackendSpec {
+                    address: b(last),
+                    port: 80,
+                    weight,
+                })
+                .collect(),
+            table_size: 251,
+        }],
+        nat_interfaces: Default::default(),
+    };
+    let kernel = || -> Vec<Vec<(Ipv4Addr, u32)>> {
+        let mut ipvs = Ipvs::open().expect("IPVS");
+        let mut all = Vec::new();
+        for s in ipvs.services().expect("services") {
+            assert_eq!(s.key.port, 8080);
+            all.push(
+                ipvs.dests(&s.key)
+                    .expect("dests")
+                    .iter()
+                    .map(|d| (d.address, d.weight))
+                    .collect(),
+            );
+        }
+        all
+    };
+    let ns = mesh_tests::Netns::new();
+    // A namespace with `lo` down has no local table, and IPVS refuses
+    // real servers there (inet_addr_type says "broadcast").
+    ns.exec_ok("ip", &["link", "set", "lo", "up"]);
+    let state = std::env::temp_dir().join(format!("mesh-ipvs-{}.json", std::process::id()));
+    ns.enter(|| {
+        let mut sync = IpvsSync::open(&state).expect("open IPVS");
+        let r = sync.apply(&spec(&[(1, 1), (2, 1)])).expect("apply");
+        assert_eq!((r.frontend_writes, r.backend_writes), (2, 4), "{r:?}");
+        assert_eq!(kernel(), vec![vec![(b(1), 1), (b(2), 1)]; 2]);
+        let r = sync.apply(&spec(&[(1, 1), (2, 1)])).expect("apply again");
+        assert_eq!(r.total(), 0, "the same spec wrote {r:?}");
+        // b2 drains (weight 0), b1 goes, b3 comes: per node address one
+        // weight change, one add, one removal.
+        let changed = spec(&[(2, 0), (3, 1)]);
+        let r = sync.apply(&changed).expect("apply a change");
+        assert_eq!(
+            (r.frontend_writes, r.backend_writes, r.backend_removals),
+            (0, 4, 2),
+            "{r:?}"
+        );
+        assert_eq!(kernel(), vec![vec![(b(2), 0), (b(3), 1)]; 2]);
+        drop(sync);
+        // A restarted meshd reads back what it owns and writes no IPVS entry.
+        let mut sync = IpvsSync::open(&state).expect("reopen");
+        let r = sync.apply(&changed).expect("apply after restart");
+        assert_eq!(
+            r.frontend_writes + r.frontend_removals + r.backend_writes + r.backend_removals,
+            0,
+            "{r:?}"
+        );
+        let r = sync
+            .apply_changes(
+                &changed,
+                &LbChanges {
+                    upsert: Vec::new(),
+                    remove: vec![front.clone()],
+                },
+            )
+            .expect("delta");
+        assert_eq!(r.frontend_removals, 2, "{r:?}");
+        assert!(kernel().is_empty());
+        sync.teardown().expect("teardown");
+    });
+    let _ = std::fs::remove_file(&state);
+}

@@ -3,7 +3,8 @@
 //! host's kernel lacks (IPVS, ESP). See docs/testing.md.
 //!
 //! The guest has no disk and no NIC. Its root is the host's `/`, shared
-//! read-only over 9p, with tmpfs over `/run`, `/tmp` and `/var/tmp`, so the
+//! read-only over 9p, with tmpfs over `/run`, `/tmp` and `/var/tmp` (the
+//! workspace and target dir put back on top where they lie below), so the
 //! test binaries, meshd and every tool (`ip`, `nft`) run from where they are
 //! on the host. A second, writable 9p share (`target/vm/run`) carries the
 //! guest script in and the results out. Kernel modules come from the
@@ -39,6 +40,9 @@ const INITRD_MODULES: &[&str] = &[
     "net/9p/9pnet_virtio",
     "fs/9p/9p",
 ];
+/// Bumped whenever `initrd` puts something else into the image: part of
+/// its cache key, with everything that goes in.
+const INITRD_LAYOUT: u32 = 2;
 /// Debian packages the tier needs on the host.
 pub const APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "kmod"];
 /// The guest's exit code for "the script ran to its end": QEMU exits with
@@ -54,7 +58,13 @@ mount -t devtmpfs dev /dev
 fail() { echo "mesh-vm: $*"; echo 7 > /proc/sys/kernel/sysrq; printf '\376' | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null; poweroff -f; }
 for m in netfs 9pnet 9pnet_virtio 9p; do insmod /modules/$m.ko || fail "insmod $m"; done
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /newroot || fail "mount the host root"
+# The workspace and target dir stay visible even under /tmp (a CI clone):
+# held aside, then put back over the tmpfs.
+i=0
+for k in $(cat /keep-dirs); do i=$((i+1)); mkdir -p /keep$i; mount --bind /newroot$k /keep$i || fail "bind $k"; done
 for d in run tmp var/tmp; do mount -t tmpfs tmpfs /newroot/$d || fail "tmpfs on /$d"; done
+i=0
+for k in $(cat /keep-dirs); do i=$((i+1)); mkdir -p /newroot$k 2>/dev/null; mount --move /keep$i /newroot$k || fail "keep $k"; done
 RUN=$(cat /run-dir)
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 results /newroot$RUN || fail "mount the results share at $RUN"
 mount --move /dev /newroot/dev
@@ -376,7 +386,11 @@ fn initrd(dir: &Path, kernel: &Kernel) -> Result<PathBuf> {
         .join(&kernel.version)
         .join("kernel");
     let run_dir = dir.join("run");
+    // Paths must not hold whitespace (the init script splits on it).
+    let keep = format!("{}\n{}\n", crate::root().display(), target_dir().display());
     let mut hasher = DefaultHasher::new();
+    INITRD_LAYOUT.hash(&mut hasher);
+    keep.hash(&mut hasher);
     busybox.hash(&mut hasher);
     INIT.hash(&mut hasher);
     kernel.version.hash(&mut hasher);
@@ -400,6 +414,7 @@ fn initrd(dir: &Path, kernel: &Kernel) -> Result<PathBuf> {
         staging.join("run-dir"),
         run_dir.to_string_lossy().as_bytes(),
     )?;
+    fs::write(staging.join("keep-dirs"), &keep)?;
     for m in INITRD_MODULES {
         let xz = modules_dir.join(format!("{m}.ko.xz"));
         let name = Path::new(m).file_name().expect("module name");

@@ -68,6 +68,10 @@ enum Command {
         /// withdraws its endpoints.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
         heartbeat_misses: u32,
+        /// How often the leader adds a key to the encrypted networks' ring
+        /// and drops the oldest (Swarm: 12h).
+        #[arg(long, default_value = "12h", value_parser = parse_duration)]
+        network_key_rotation: Duration,
         #[command(flatten)]
         dp: DataplaneArgs,
     },
@@ -320,7 +324,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     if secs < 6 {
         return Err(format!(
-            "{s:?} is too short for a certificate lifetime (at least 6s)"
+            "{s:?} is too short for a certificate lifetime or a key rotation (at least 6s)"
         ));
     }
     Ok(Duration::from_secs(secs))
@@ -438,6 +442,7 @@ fn main() -> Result<()> {
             cert_lifetime,
             heartbeat_period,
             heartbeat_misses,
+            network_key_rotation,
             dp,
         } => serve(
             Start::Init {
@@ -448,6 +453,7 @@ fn main() -> Result<()> {
                     cert_lifetime,
                     heartbeat: heartbeat_period,
                     heartbeat_misses,
+                    network_key_rotation,
                 },
             },
             dp,
