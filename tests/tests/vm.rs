@@ -43,7 +43,7 @@ mod encrypted {
         time::Duration,
     };
 
-    use dataplane::ipsec::{Ipsec, IpsecSpec, spi};
+    use dataplane::ipsec::{Ipsec, spi};
     use mesh_tests::{Host, Topology, capture};
 
     use super::require_vm;
@@ -163,9 +163,12 @@ mod encrypted {
         let mut nodes = Node::for_hosts(&topo);
         nodes.truncate(3);
         let (h1, h2, h3, rogue) = (topo.host(0), topo.host(1), topo.host(2), topo.host(3));
+        // No periodic resync during the test: it would repair the wrong
+        // key below (a restart does, and is checked).
         let common = |n: &Node<'_>| {
             let mut v = n.common_args();
             v.extend(n.dataplane_args());
+            v.extend(["--resync-interval".into(), "3600".into()]);
             v
         };
         // Under TCG a short heartbeat period flaps nodes down and up.
@@ -391,15 +394,33 @@ mod encrypted {
             })
         };
         dial().expect("TCP t3 -> t1 with the right key");
-        let wrong = IpsecSpec {
-            local: Some(h3.addr()),
-            peers: [h1.addr(), h2.addr()].into(),
-            vnis: [secret].into(),
-            keys: last.0.iter().map(|id| (*id, vec![0xee; 20])).collect(),
-            primary: Some(last.1),
-        };
-        h3.enter(|| Ipsec::open().and_then(|mut x| x.apply(&wrong)))
-            .expect("program the wrong key");
+        // With iproute2, not our code: every state of h3 replaced by one
+        // with the same SPI and another key.
+        let (states, _) = h3.enter(|| Ipsec::open().expect("XFRM").installed());
+        assert_eq!(states.len(), 2 * 2 * 3, "2 peers x 2 directions x 3 keys");
+        for k in &states {
+            let (src, dst, spi) = (
+                k.src.to_string(),
+                k.dst.to_string(),
+                format!("{:#x}", k.spi),
+            );
+            let id = ["src", &src, "dst", &dst, "proto", "esp", "spi", &spi];
+            h3.exec_ok("ip", &[&["xfrm", "state", "delete"][..], &id].concat());
+            let reqid = format!("{:#x}", dataplane::ipsec::REQID);
+            let rest = [
+                "reqid",
+                &reqid,
+                "mode",
+                "transport",
+                "replay-window",
+                "64",
+                "aead",
+                "rfc4106(gcm(aes))",
+                "0xeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
+                "128",
+            ];
+            h3.exec_ok("ip", &[&["xfrm", "state", "add"][..], &id, &rest].concat());
+        }
         let errors = xfrm_stat(h1, "XfrmInStateProtoError");
         assert!(!t3.reaches(t1.ip), "t3 reached t1 with a wrong key");
         assert!(
@@ -416,6 +437,24 @@ mod encrypted {
             "h1 did not count the wrong-key packets"
         );
         assert!(t1.reaches(t2.ip), "the right-key nodes lost each other");
+        // h3's meshd restarts: it reads back its states, keys included,
+        // finds the wrong ones and replaces them; t3 talks again.
+        drop(nodes[2].meshd.take());
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--data-dir".into(),
+            nodes[2].dir.path().into(),
+            "--task-scope".into(),
+            nodes[2].dir.task_scope(),
+            "--resync-interval".into(),
+            "3600".into(),
+        ];
+        args.extend(nodes[2].dataplane_args());
+        nodes[2].start(args);
+        wait_until("the restarted h3 to repair its keys", T, || {
+            t3.reaches(t1.ip).then_some(())
+        });
+        dial().expect("TCP t3 -> t1 after the repair");
         drop(nodes);
         for h in [h1, h2, h3] {
             mesh_tests::meshd::down(h);

@@ -26,6 +26,32 @@ struct Tier {
 }
 
 impl Tier {
+    /// Adds a libtest `test result:` line's counts; false for other lines.
+    fn count_result(&mut self, line: &str) -> bool {
+        let Some((passed, failed, ignored)) = parse_result_line(line) else {
+            return false;
+        };
+        self.passed += passed;
+        self.failed += failed;
+        if ignored > 0 {
+            self.skipped += ignored;
+            self.reasons
+                .push(format!("{ignored} ignored by the test harness"));
+        }
+        true
+    }
+
+    /// Moves tests that recorded a skip (`mesh-skip: <test>: <reason>`
+    /// lines) from passed to skipped, with their reasons.
+    fn count_skips<'a>(&mut self, lines: impl Iterator<Item = &'a str>) {
+        for line in lines {
+            self.skipped += 1;
+            self.passed = self.passed.saturating_sub(1);
+            self.reasons
+                .push(line.trim_start_matches("mesh-skip: ").to_owned());
+        }
+    }
+
     fn line(&self) -> String {
         let mut s = format!(
             "{:<8} {} passed, {} failed, {} skipped ({:.1} s)",
@@ -165,15 +191,7 @@ fn vm_tier(opts: &crate::vm::Options) -> Tier {
     match crate::vm::run(opts) {
         Ok(outcome) => {
             for line in &outcome.result_lines {
-                if let Some((passed, failed, ignored)) = parse_result_line(line) {
-                    tier.passed += passed;
-                    tier.failed += failed;
-                    if ignored > 0 {
-                        tier.skipped += ignored;
-                        tier.reasons
-                            .push(format!("{ignored} ignored by the test harness"));
-                    }
-                }
+                tier.count_result(line);
             }
             for (name, code) in &outcome.statuses {
                 if *code != 0 && tier.failed == 0 {
@@ -181,12 +199,7 @@ fn vm_tier(opts: &crate::vm::Options) -> Tier {
                     eprintln!("vm tier: {name} exited with {code} in the guest");
                 }
             }
-            for line in &outcome.skips {
-                tier.skipped += 1;
-                tier.passed = tier.passed.saturating_sub(1);
-                tier.reasons
-                    .push(line.trim_start_matches("mesh-skip: ").to_owned());
-            }
+            tier.count_skips(outcome.skips.iter().map(String::as_str));
             tier.seconds = outcome.seconds;
         }
         Err(e) => {
@@ -284,16 +297,7 @@ fn cargo_tier(name: &'static str, privileged: bool, args: &[&str]) -> Result<Tie
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line?;
         println!("{line}");
-        if let Some((passed, failed, ignored)) = parse_result_line(&line) {
-            saw_result = true;
-            tier.passed += passed;
-            tier.failed += failed;
-            if ignored > 0 {
-                tier.skipped += ignored;
-                tier.reasons
-                    .push(format!("{ignored} ignored by the test harness"));
-            }
-        }
+        saw_result |= tier.count_result(&line);
     }
     let status = child.wait()?;
     if !status.success() && tier.failed == 0 {
@@ -305,12 +309,7 @@ fn cargo_tier(name: &'static str, privileged: bool, args: &[&str]) -> Result<Tie
         eprintln!("{name} tier: no test result line seen");
     }
     let skips = std::fs::read_to_string(&skip_log).unwrap_or_default();
-    for line in skips.lines().filter(|l| !l.is_empty()) {
-        tier.skipped += 1;
-        tier.passed = tier.passed.saturating_sub(1);
-        tier.reasons
-            .push(line.trim_start_matches("mesh-skip: ").to_owned());
-    }
+    tier.count_skips(skips.lines().filter(|l| !l.is_empty()));
     tier.seconds = started.elapsed().as_secs_f64();
     Ok(tier)
 }

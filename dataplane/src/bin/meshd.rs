@@ -550,6 +550,8 @@ struct Dataplane {
     ipvs: Option<IpvsSync>,
     /// ESP for encrypted networks, opened when the first one arrives.
     ipsec: Option<Ipsec>,
+    /// What the last tables asked of it (re-applied by each resync).
+    ipsec_spec: dataplane::ipsec::IpsecSpec,
     overlay: Overlay,
     timeouts: Timeouts,
     pin_dir: PathBuf,
@@ -618,6 +620,7 @@ impl Dataplane {
             sync,
             ipvs,
             ipsec: None,
+            ipsec_spec: Default::default(),
             overlay,
             timeouts,
             pin_dir,
@@ -661,6 +664,17 @@ impl Dataplane {
     }
 
     async fn resync(&mut self) {
+        // IPsec first, as on every update: re-read the kernel's states
+        // (keys included) and policies, and repair what drifted.
+        if let Some(ipsec) = self.ipsec.as_mut() {
+            match ipsec.reconcile(&self.ipsec_spec) {
+                Ok(r) if r.total() > r.nft_writes => {
+                    tracing::warn!(?r, "ipsec drift repaired");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "ipsec reconcile"),
+            }
+        }
         match self.overlay.reconcile().await {
             Ok(r) if r.changes > 0 => tracing::warn!(changes = r.changes, "overlay drift repaired"),
             Ok(_) => {}
@@ -703,6 +717,7 @@ impl Dataplane {
         if spec.is_empty() && self.ipsec.is_none() {
             return Ok(());
         }
+        self.ipsec_spec = spec.clone();
         if self.ipsec.is_none() {
             match Ipsec::open() {
                 Ok(x) => self.ipsec = Some(x),
