@@ -1,16 +1,22 @@
-//! The IPVS load-balancer backend (`meshd --lb-backend ipvs`): published
-//! ports as IPVS virtual services with NAT ("masq") forwarding to the tasks,
-//! through our own small generic-netlink module (no maintained crate speaks
-//! IPVS's netlink family).
+//! The IPVS load-balancer backend (`meshd --lb-backend ipvs`): every
+//! frontend as an IPVS virtual service with NAT ("masq") forwarding to the
+//! tasks, through our own small generic-netlink module (no maintained crate
+//! speaks IPVS's netlink family).
 //!
 //! It keeps the eBPF path's contract: [`IpvsSync`] is handed the same
 //! [`LbSpec`] (or [`LbChanges`]) and writes only the difference to the
-//! kernel. Replies must come back through the node that balanced the flow,
-//! so forwarded flows to a published port are marked in prerouting and
-//! masqueraded in postrouting (nftables table `ip mesh_ipvs`, as Swarm's
-//! ingress sandbox SNATs with iptables); `net.ipv4.vs.conntrack=1` lets
-//! netfilter NAT see IPVS's flows. VIPs (any-port frontends) stay on the eBPF
-//! path, which serves them on the overlay bridges (see docs/datapath.md).
+//! kernel.
+//! - A published port is a TCP or UDP service on each node address.
+//! - A VIP (any port, TCP and UDP) is a fwmark service, as Swarm's own
+//!   IPVS VIPs are: nftables marks packets to the VIP, and a local route
+//!   delivers them where IPVS looks. Real servers at port 0 get the port
+//!   the client asked for.
+//! - Replies must come back through the node that balanced the flow, so
+//!   both kinds are masqueraded in postrouting (nftables table
+//!   `ip mesh_ipvs`, as Swarm's ingress sandbox SNATs with iptables);
+//!   `net.ipv4.vs.conntrack=1` lets netfilter NAT see IPVS's flows.
+//!
+//! The eBPF program stays attached with no frontend, passing everything.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -51,6 +57,7 @@ const SVC_ATTR_AF: u16 = 1;
 const SVC_ATTR_PROTOCOL: u16 = 2;
 const SVC_ATTR_ADDR: u16 = 3;
 const SVC_ATTR_PORT: u16 = 4;
+const SVC_ATTR_FWMARK: u16 = 5;
 const SVC_ATTR_SCHED_NAME: u16 = 6;
 const SVC_ATTR_FLAGS: u16 = 7;
 const SVC_ATTR_TIMEOUT: u16 = 8;
@@ -81,7 +88,49 @@ pub struct VsKey {
     pub protocol: Protocol,
     pub address: Ipv4Addr,
     pub port: u16,
+    /// Non-zero: a VIP's any-port service, selected by this firewall mark
+    /// (set on packets to `address`); protocol and port do not apply.
+    #[serde(default)]
+    pub fwmark: u32,
 }
+
+impl VsKey {
+    /// A published port (or any frontend with a port).
+    pub fn port(protocol: Protocol, address: Ipv4Addr, port: u16) -> VsKey {
+        VsKey {
+            protocol,
+            address,
+            port,
+            fwmark: 0,
+        }
+    }
+
+    /// A VIP: every port, TCP and UDP, through its firewall mark, made of
+    /// the load-balancer service's id (unique per node).
+    pub fn vip(address: Ipv4Addr, id: u32) -> VsKey {
+        VsKey {
+            protocol: Protocol::Tcp,
+            address,
+            port: 0,
+            fwmark: VIP_MARK | (id & VIP_ID_MASK),
+        }
+    }
+
+    /// What identifies it to the kernel (a fwmark service has no address).
+    fn kernel_id(&self) -> (u32, u8, Ipv4Addr, u16) {
+        if self.fwmark != 0 {
+            (self.fwmark, 0, Ipv4Addr::UNSPECIFIED, 0)
+        } else {
+            (0, self.protocol.number(), self.address, self.port)
+        }
+    }
+}
+
+/// Marks a VIP's packets for its fwmark service: this bit and the service
+/// id in [`VIP_ID_MASK`]. The other bits stay free for [`MASQ_MARK`] and
+/// the IPsec mark.
+pub const VIP_MARK: u32 = 0x8000_0000;
+pub const VIP_ID_MASK: u32 = 0xffff;
 
 impl fmt::Display for VsKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -89,6 +138,9 @@ impl fmt::Display for VsKey {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
         };
+        if self.fwmark != 0 {
+            return write!(f, "FWM {:#x} (VIP {})", self.fwmark, self.address);
+        }
         write!(f, "{p} {}:{}", self.address, self.port)
     }
 }
@@ -151,6 +203,11 @@ fn addr16(a: Ipv4Addr) -> [u8; 16] {
 
 fn service_id(key: &VsKey) -> Attrs {
     let mut a = Attrs::new();
+    if key.fwmark != 0 {
+        a.u16(SVC_ATTR_AF, libc::AF_INET as u16)
+            .u32(SVC_ATTR_FWMARK, key.fwmark);
+        return a;
+    }
     a.u16(SVC_ATTR_AF, libc::AF_INET as u16)
         .u16(SVC_ATTR_PROTOCOL, u16::from(key.protocol.number()))
         .put(SVC_ATTR_ADDR, &addr16(key.address))
@@ -196,7 +253,8 @@ impl Ipvs {
             .request(self.family, flags, &genl(cmd, IPVS_GENL_VERSION, attrs), op)?)
     }
 
-    /// Every IPv4 TCP/UDP virtual service (fwmark services are not ours).
+    /// Every IPv4 virtual service: TCP/UDP ones by address and port,
+    /// fwmark ones by mark (their address reads 0.0.0.0).
     pub fn services(&mut self) -> Result<Vec<VirtualService>, IpvsError> {
         let replies = self.call(CMD_GET_SERVICE, NLM_F_DUMP, &Attrs::new(), || {
             "list IPVS services".to_owned()
@@ -207,8 +265,8 @@ impl Ipvs {
                 if k != CMD_ATTR_SERVICE {
                     continue;
                 }
-                let (mut af, mut proto, mut addr, mut port, mut sched) =
-                    (0, 0, None, 0, String::new());
+                let (mut af, mut proto, mut addr, mut port, mut sched, mut fwmark) =
+                    (0, 0, None, 0, String::new(), 0);
                 for (k, v) in nlsock::parse_attrs(v) {
                     match k {
                         SVC_ATTR_AF => af = nlsock::get_u16(v).unwrap_or(0),
@@ -217,25 +275,34 @@ impl Ipvs {
                             addr = Some(Ipv4Addr::new(v[0], v[1], v[2], v[3]));
                         }
                         SVC_ATTR_PORT if v.len() >= 2 => port = u16::from_be_bytes([v[0], v[1]]),
+                        SVC_ATTR_FWMARK => fwmark = nlsock::get_u32(v).unwrap_or(0),
                         SVC_ATTR_SCHED_NAME => {
                             sched = String::from_utf8_lossy(v).trim_end_matches('\0').to_owned();
                         }
                         _ => {}
                     }
                 }
-                let protocol = u8::try_from(proto).ok().and_then(Protocol::from_number);
-                if let (true, Some(protocol), Some(address)) =
-                    (af == libc::AF_INET as u16, protocol, addr)
-                {
-                    out.push(VirtualService {
-                        key: VsKey {
-                            protocol,
-                            address,
-                            port,
-                        },
-                        scheduler: sched,
-                    });
+                if af != libc::AF_INET as u16 {
+                    continue;
                 }
+                let key = if fwmark != 0 {
+                    VsKey {
+                        protocol: Protocol::Tcp,
+                        address: Ipv4Addr::UNSPECIFIED,
+                        port: 0,
+                        fwmark,
+                    }
+                } else {
+                    let protocol = u8::try_from(proto).ok().and_then(Protocol::from_number);
+                    let (Some(protocol), Some(address)) = (protocol, addr) else {
+                        continue;
+                    };
+                    VsKey::port(protocol, address, port)
+                };
+                out.push(VirtualService {
+                    key,
+                    scheduler: sched,
+                });
             }
         }
         Ok(out)
@@ -382,53 +449,42 @@ fn desired_of<'a>(
 ) -> BTreeMap<VsKey, Dests> {
     let mut want = BTreeMap::new();
     for s in services {
-        for f in s.frontends.iter().filter(|f| f.port != 0) {
-            let dests: Dests = s
-                .backends
-                .iter()
-                .map(|b| ((b.address, b.port), b.weight))
-                .collect();
-            for address in frontend_addresses(f, node_addresses) {
-                want.insert(
-                    VsKey {
-                        protocol: f.protocol,
-                        address,
-                        port: f.port,
-                    },
-                    dests.clone(),
-                );
+        let dests: Dests = s
+            .backends
+            .iter()
+            .map(|b| ((b.address, b.port), b.weight))
+            .collect();
+        for f in &s.frontends {
+            for key in frontend_keys(f, s.id, node_addresses) {
+                want.insert(key, dests.clone());
             }
         }
     }
     want
 }
 
-fn frontend_addresses(f: &FrontendSpec, node_addresses: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
-    f.address
-        .map_or_else(|| node_addresses.to_vec(), |a| vec![a])
+/// The IPVS services a frontend is: one per node address for a published
+/// port, one on its own address otherwise, and a fwmark service for a VIP
+/// (port 0: every port, TCP and UDP; real servers at port 0 get the port
+/// the client asked for).
+fn frontend_keys(f: &FrontendSpec, id: u32, node_addresses: &[Ipv4Addr]) -> Vec<VsKey> {
+    match (f.address, f.port) {
+        (Some(vip), 0) => vec![VsKey::vip(vip, id)],
+        (None, 0) => Vec::new(),
+        (Some(a), port) => vec![VsKey::port(f.protocol, a, port)],
+        (None, port) => node_addresses
+            .iter()
+            .map(|a| VsKey::port(f.protocol, *a, port))
+            .collect(),
+    }
 }
 
-/// Splits a spec between the eBPF path (any-port VIP frontends) and IPVS
-/// (ports): the first keeps only frontends with port 0.
-pub fn ebpf_share(services: &[ServiceSpec]) -> Vec<ServiceSpec> {
-    services
-        .iter()
-        .filter_map(|s| {
-            let frontends: Vec<FrontendSpec> = s
-                .frontends
-                .iter()
-                .filter(|f| f.port == 0)
-                .cloned()
-                .collect();
-            (!frontends.is_empty()).then(|| ServiceSpec {
-                frontends,
-                ..s.clone()
-            })
-        })
-        .collect()
-}
-
-/// The eBPF maps for VIPs (any-port frontends), IPVS for every port.
+/// IPVS for every frontend. The eBPF maps get neither frontends nor the
+/// bridges' NAT addresses, so the TC program passes everything to the
+/// stack (on a bridge it would drop what is not for the node's own
+/// address, VIPs included). The nftables table keeps that isolation
+/// instead: a new flow from a task may reach a VIP or the node's address
+/// on its own bridge, and nothing else of (or through) the node.
 pub struct WithIpvs<'a, M: LbMaps> {
     pub ebpf: Ebpf<'a, M>,
     pub ipvs: &'a mut IpvsSync,
@@ -436,11 +492,7 @@ pub struct WithIpvs<'a, M: LbMaps> {
 
 impl<M: LbMaps> LbTarget for WithIpvs<'_, M> {
     fn apply(&mut self, spec: &LbSpec) -> Result<ApplyReport, SyncError> {
-        let vips = LbSpec {
-            services: ebpf_share(&spec.services),
-            ..spec.clone()
-        };
-        let a = self.ebpf.apply(&vips)?;
+        let a = self.ebpf.apply(&ebpf_globals(spec))?;
         Ok(a.merged(self.ipvs.apply(spec)?))
     }
 
@@ -449,23 +501,26 @@ impl<M: LbMaps> LbTarget for WithIpvs<'_, M> {
         globals: &LbSpec,
         changes: &LbChanges,
     ) -> Result<ApplyReport, SyncError> {
-        let (vip_removed, port_removed) = changes.remove.iter().cloned().partition(|f| f.port == 0);
-        let vips = LbChanges {
-            upsert: ebpf_share(&changes.upsert),
-            remove: vip_removed,
-        };
-        let ports = LbChanges {
-            upsert: changes.upsert.clone(),
-            remove: port_removed,
-        };
-        let a = self.ebpf.apply_changes(globals, &vips)?;
-        Ok(a.merged(self.ipvs.apply_changes(globals, &ports)?))
+        let a = self
+            .ebpf
+            .apply_changes(&ebpf_globals(globals), &LbChanges::default())?;
+        Ok(a.merged(self.ipvs.apply_changes(globals, changes)?))
+    }
+}
+
+fn ebpf_globals(spec: &LbSpec) -> LbSpec {
+    LbSpec {
+        services: Vec::new(),
+        nat_interfaces: BTreeMap::new(),
+        ..spec.clone()
     }
 }
 
 /// Keeps IPVS equal to the load-balancer spec, writing only differences.
 pub struct IpvsSync {
     ipvs: Ipvs,
+    /// For VIPs' local routes.
+    routes: NlSocket,
     scheduler: &'static str,
     /// What we installed, as we believe the kernel has it.
     installed: BTreeMap<VsKey, Dests>,
@@ -493,16 +548,22 @@ impl IpvsSync {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
+        let owned: BTreeMap<_, VsKey> = owned.into_iter().map(|k| (k.kernel_id(), k)).collect();
         let mut installed = BTreeMap::new();
         for vs in ipvs.services()? {
-            if owned.contains(&vs.key) {
+            if let Some(key) = owned.get(&vs.key.kernel_id()) {
                 let dests = ipvs
-                    .dests(&vs.key)?
+                    .dests(key)?
                     .into_iter()
                     .map(|d| ((d.address, d.port), d.weight))
                     .collect();
-                installed.insert(vs.key, dests);
+                installed.insert(*key, dests);
             }
+        }
+        let mut routes = NlSocket::open(libc::NETLINK_ROUTE)
+            .map_err(|e| IpvsError::Io(format!("open a route netlink socket: {e}")))?;
+        for key in installed.keys().filter(|k| k.fwmark != 0) {
+            local_route(&mut routes, key.address, true)?;
         }
         let scheduler = probe_scheduler(&mut ipvs)?;
         nft("list tables").map_err(|e| {
@@ -512,6 +573,7 @@ impl IpvsSync {
         })?;
         Ok(IpvsSync {
             ipvs,
+            routes,
             scheduler,
             installed,
             state_file,
@@ -557,14 +619,28 @@ impl IpvsSync {
         }
         let want = desired_of(changes.upsert.iter(), &self.node_addresses);
         let mut keys: BTreeSet<VsKey> = want.keys().copied().collect();
-        for f in &changes.remove {
-            for address in frontend_addresses(f, &self.node_addresses) {
-                keys.insert(VsKey {
-                    protocol: f.protocol,
-                    address,
-                    port: f.port,
-                });
-            }
+        // A VIP's service is known by its mark, which carries an id: the
+        // installed one of that address goes if its id changed.
+        let vips: BTreeSet<Ipv4Addr> = want
+            .keys()
+            .filter(|k| k.fwmark != 0)
+            .map(|k| k.address)
+            .chain(
+                changes
+                    .remove
+                    .iter()
+                    .filter(|f| f.port == 0)
+                    .filter_map(|f| f.address),
+            )
+            .collect();
+        keys.extend(
+            self.installed
+                .keys()
+                .filter(|k| k.fwmark != 0 && vips.contains(&k.address))
+                .copied(),
+        );
+        for f in changes.remove.iter().filter(|f| f.port != 0) {
+            keys.extend(frontend_keys(f, 0, &self.node_addresses));
         }
         self.converge(&keys, &want)
     }
@@ -592,10 +668,18 @@ impl IpvsSync {
                         Err(IpvsError::Netlink(e)) if e.errno() == Some(libc::ESRCH) => {}
                         Err(e) => return Err(self.failed(e)),
                     }
+                    if key.fwmark != 0 {
+                        local_route(&mut self.routes, key.address, false)?;
+                    }
                     self.installed.remove(key);
                     report.frontend_removals += 1;
                 }
                 (None, Some(dests)) => {
+                    // A VIP is delivered locally (where IPVS looks), as
+                    // kube-proxy's IPVS mode binds service IPs to a dummy.
+                    if key.fwmark != 0 {
+                        local_route(&mut self.routes, key.address, true)?;
+                    }
                     match self.ipvs.add_service(key, self.scheduler) {
                         Ok(()) => {}
                         // Already there (a crash before the state was saved): adopt it.
@@ -708,6 +792,9 @@ impl IpvsSync {
                 Err(IpvsError::Netlink(e)) if e.errno() == Some(libc::ESRCH) => {}
                 Err(e) => return Err(e.into()),
             }
+            if k.fwmark != 0 {
+                local_route(&mut self.routes, k.address, false)?;
+            }
         }
         self.installed.clear();
         self.save()?;
@@ -720,11 +807,7 @@ impl IpvsSync {
 /// `mh` (Maglev hashing, as the eBPF path) where the kernel has it, else `rr`.
 fn probe_scheduler(ipvs: &mut Ipvs) -> Result<&'static str, IpvsError> {
     // A throwaway service on an address nobody uses (TEST-NET-1, port 9).
-    let probe = VsKey {
-        protocol: Protocol::Tcp,
-        address: Ipv4Addr::new(192, 0, 2, 254),
-        port: 9,
-    };
+    let probe = VsKey::port(Protocol::Tcp, Ipv4Addr::new(192, 0, 2, 254), 9);
     // Left behind by a crash mid-probe: gone first.
     let _ = ipvs.del_service(&probe);
     for sched in ["mh", "rr"] {
@@ -743,9 +826,72 @@ fn probe_scheduler(ipvs: &mut Ipvs) -> Result<&'static str, IpvsError> {
     ))
 }
 
+/// Marks our routes (`proto 0xb5` in `ip route`).
+const RTPROT_MESH: u8 = 0xb5;
+
+/// Adds (replacing) or deletes `local VIP dev lo table local`.
+fn local_route(sock: &mut NlSocket, vip: Ipv4Addr, add: bool) -> Result<(), IpvsError> {
+    const RTM_NEWROUTE: u16 = 24;
+    const RTM_DELROUTE: u16 = 25;
+    const NLM_F_REPLACE: u16 = 0x100;
+    const RT_TABLE_LOCAL: u8 = 255;
+    const RT_SCOPE_HOST: u8 = 254;
+    const RTN_LOCAL: u8 = 2;
+    const RTA_DST: u16 = 1;
+    const RTA_OIF: u16 = 4;
+    let mut p = vec![
+        libc::AF_INET as u8,
+        32,
+        0,
+        0,
+        RT_TABLE_LOCAL,
+        RTPROT_MESH,
+        RT_SCOPE_HOST,
+        RTN_LOCAL,
+    ];
+    p.extend_from_slice(&0u32.to_ne_bytes());
+    let mut attrs = Attrs::new();
+    // SAFETY: a NUL-terminated literal.
+    let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+    attrs.put(RTA_DST, &vip.octets()).u32(RTA_OIF, lo);
+    p.extend_from_slice(&attrs.0);
+    let (kind, flags) = if add {
+        (RTM_NEWROUTE, crate::nlsock::NLM_F_CREATE | NLM_F_REPLACE)
+    } else {
+        (RTM_DELROUTE, 0)
+    };
+    let verb = if add { "add" } else { "delete" };
+    match sock.request(kind, flags, &p, || {
+        format!("{verb} the local route for VIP {vip}")
+    }) {
+        Ok(_) => Ok(()),
+        Err(e) if !add && e.errno() == Some(libc::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn nft_ruleset(keys: &BTreeSet<VsKey>) -> String {
+    let vips: Vec<String> = keys
+        .iter()
+        .filter(|k| k.fwmark != 0)
+        .map(|k| format!("{} : {:#x}", k.address, k.fwmark))
+        .collect();
+    let vip_addrs: Vec<String> = keys
+        .iter()
+        .filter(|k| k.fwmark != 0)
+        .map(|k| k.address.to_string())
+        .collect();
+    let elements_of = |v: &[String]| {
+        if v.is_empty() {
+            String::new()
+        } else {
+            format!("elements = {{ {} }}", v.join(", "))
+        }
+    };
+    let (vips, vip_addrs) = (elements_of(&vips), elements_of(&vip_addrs));
     let elements: Vec<String> = keys
         .iter()
+        .filter(|k| k.fwmark == 0)
         .map(|k| {
             let p = match k.protocol {
                 Protocol::Tcp => "tcp",
@@ -760,17 +906,31 @@ fn nft_ruleset(keys: &BTreeSet<VsKey>) -> String {
         format!("elements = {{ {} }}", elements.join(", "))
     };
     let mark = format!(
-        "meta l4proto . ip daddr . th dport @published meta mark set meta mark | {MASQ_MARK:#x}"
+        "meta l4proto . ip daddr . th dport @published meta mark set meta mark | {MASQ_MARK:#x}; \
+         meta mark set ip daddr map @vips"
     );
+    let bridges = crate::overlay::BRIDGE_PREFIX;
+    // A VXLAN packet keeps the mark of the frame it carries: without its
+    // VIP bits, or IPVS would take the tunnel packet for the VIP again.
+    let (vxlan, keep) = (crate::netlink::VXLAN_PORT, !(VIP_MARK | VIP_ID_MASK));
     format!(
         "table ip {NFT_TABLE}\n\
          delete table ip {NFT_TABLE}\n\
          table ip {NFT_TABLE} {{\n\
          \tset published {{ type inet_proto . ipv4_addr . inet_service; {elements} }}\n\
+         \tmap vips {{ type ipv4_addr : mark; {vips} }}\n\
+         \tset vip_addrs {{ type ipv4_addr; {vip_addrs} }}\n\
          \tchain prerouting {{ type filter hook prerouting priority mangle; policy accept; {mark}; }}\n\
-         \tchain output {{ type route hook output priority mangle; policy accept; {mark}; }}\n\
+         \tchain output {{ type route hook output priority mangle; policy accept; \
+         udp dport {vxlan} meta mark set meta mark & {keep:#x}; {mark}; }}\n\
          \tchain postrouting {{ type nat hook postrouting priority srcnat; policy accept; \
-         meta mark & {MASQ_MARK:#x} == {MASQ_MARK:#x} masquerade; }}\n\
+         meta mark & {MASQ_MARK:#x} == {MASQ_MARK:#x} masquerade; \
+         meta mark & {VIP_MARK:#x} == {VIP_MARK:#x} masquerade; }}\n\
+         \tchain forward {{ type filter hook forward priority filter; policy accept; \
+         iifname \"{bridges}*\" ct direction original drop; }}\n\
+         \tchain input {{ type filter hook input priority filter; policy accept; \
+         iifname \"{bridges}*\" ip daddr @vip_addrs accept; \
+         iifname \"{bridges}*\" ct direction original fib daddr . iif type != local drop; }}\n\
          }}\n"
     )
 }
@@ -832,34 +992,50 @@ mod tests {
     }
 
     #[test]
-    fn published_ports_become_one_virtual_service_per_node_address_and_vips_stay_on_ebpf() {
+    fn published_ports_become_a_service_per_node_address_and_vips_a_fwmark_service() {
         let nodes = [Ipv4Addr::new(192, 168, 0, 1), Ipv4Addr::new(192, 168, 0, 2)];
         let want = desired_of(&[svc(8080, &[(5, 1), (6, 0)])], &nodes);
-        assert_eq!(want.len(), 2, "{want:?}");
+        assert_eq!(want.len(), 3, "{want:?}");
+        let vip = VsKey::vip(Ipv4Addr::new(10, 0, 0, 2), 1);
+        assert_eq!(vip.fwmark, 0x8000_0001);
+        assert!(want.contains_key(&vip), "{want:?}");
         for (k, dests) in &want {
-            assert_eq!(k.port, 8080);
-            assert!(nodes.contains(&k.address));
+            if k.fwmark == 0 {
+                assert_eq!(k.port, 8080);
+                assert!(nodes.contains(&k.address));
+            }
             assert_eq!(
                 dests.get(&(Ipv4Addr::new(10, 0, 0, 6), 80)),
                 Some(&0),
                 "draining = weight 0"
             );
         }
-        let ebpf = ebpf_share(&[svc(8080, &[(5, 1)])]);
-        assert_eq!(ebpf.len(), 1);
-        assert!(ebpf[0].frontends.iter().all(|f| f.port == 0));
+        // The kernel knows a fwmark service by its mark alone.
+        assert_eq!(vip.kernel_id(), (0x8000_0001, 0, Ipv4Addr::UNSPECIFIED, 0));
     }
 
     #[test]
-    fn the_nft_table_marks_exactly_the_published_keys() {
-        let keys = BTreeSet::from([VsKey {
-            protocol: Protocol::Udp,
-            address: Ipv4Addr::new(192, 168, 0, 1),
-            port: 5353,
-        }]);
+    fn the_nft_table_marks_exactly_the_published_keys_and_vips() {
+        let keys = BTreeSet::from([
+            VsKey::vip(Ipv4Addr::new(10, 0, 0, 2), 7),
+            VsKey {
+                fwmark: 0,
+                protocol: Protocol::Udp,
+                address: Ipv4Addr::new(192, 168, 0, 1),
+                port: 5353,
+            },
+        ]);
         let r = nft_ruleset(&keys);
         assert!(r.contains("elements = { udp . 192.168.0.1 . 5353 }"), "{r}");
-        assert!(r.contains("masquerade"));
+        assert!(r.contains("elements = { 10.0.0.2 : 0x80000007 }"), "{r}");
+        assert!(
+            r.contains("udp dport 4789 meta mark set meta mark & 0x7fff0000"),
+            "{r}"
+        );
+        assert!(
+            r.contains("meta mark & 0x80000000 == 0x80000000 masquerade"),
+            "{r}"
+        );
         assert!(!nft_ruleset(&BTreeSet::new()).contains("elements"));
     }
 }

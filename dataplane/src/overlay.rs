@@ -51,7 +51,7 @@ pub const ESP_OVERHEAD: u32 = 40;
 /// The smallest MTU IPv4 allows on a link.
 pub const MIN_MTU: u32 = 68;
 
-const BRIDGE_PREFIX: &str = "mbr-";
+pub const BRIDGE_PREFIX: &str = "mbr-";
 const VXLAN_PREFIX: &str = "mvx-";
 const VETH_PREFIX: &str = "mve-";
 
