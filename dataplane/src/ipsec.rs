@@ -66,6 +66,20 @@ impl IpsecSpec {
     pub fn is_empty(&self) -> bool {
         self.vnis.is_empty()
     }
+
+    /// This spec, still covering the VNIs and peers of `before` (applied
+    /// while the overlay may still carry them).
+    pub fn widened(&self, before: &IpsecSpec) -> IpsecSpec {
+        let mut w = self.clone();
+        if w.local.is_none() {
+            w.local = before.local;
+        }
+        w.vnis.extend(before.vnis.iter().copied());
+        if w.local == before.local {
+            w.peers.extend(before.peers.iter().copied());
+        }
+        w
+    }
 }
 
 /// The SPI of the SA from `src` to `dst` with key `key`: the same on both
@@ -79,6 +93,32 @@ pub fn spi(src: Ipv4Addr, dst: Ipv4Addr, key: u32) -> u32 {
     let d = ring::digest::digest(&ring::digest::SHA256, &input);
     let v = u32::from_be_bytes(d.as_ref()[..4].try_into().expect("4 bytes"));
     if v < 0x100 { v + 0x100 } else { v }
+}
+
+/// The key (and salt) of the SA from `src` to `dst` with ring key `id`:
+/// HKDF-SHA256 of the ring's secret, bound to the pair, the direction and
+/// the key id. Both ends derive the same; no two SAs share a key, so the
+/// GCM nonces (the ESP sequence number under one salt) never repeat under
+/// one key across SAs.
+pub fn sa_secret(ring_secret: &[u8], src: Ipv4Addr, dst: Ipv4Addr, id: u32) -> Vec<u8> {
+    struct Len(usize);
+    impl ring::hkdf::KeyType for Len {
+        fn len(&self) -> usize {
+            self.0
+        }
+    }
+    let mut info = Vec::with_capacity(20);
+    info.extend_from_slice(b"mesh-esp-sa");
+    info.extend_from_slice(&src.octets());
+    info.extend_from_slice(&dst.octets());
+    info.extend_from_slice(&id.to_be_bytes());
+    let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"mesh").extract(ring_secret);
+    let mut out = vec![0u8; ring_secret.len()];
+    let info = [info.as_slice()];
+    prk.expand(&info, Len(out.len()))
+        .and_then(|okm| okm.fill(&mut out))
+        .expect("HKDF-SHA256 expands 20 bytes");
+    out
 }
 
 /// One SA we keep: its endpoints and SPI (the key is its identity's part).
@@ -179,9 +219,11 @@ impl Ipsec {
         Ok(me)
     }
 
+    /// Reads our states and policies from the kernel; on failure, what was
+    /// known before is kept.
     fn read_back(&mut self) -> Result<(), String> {
-        self.states.clear();
-        self.policies.clear();
+        let mut states = BTreeMap::new();
+        let mut found = BTreeMap::new();
         let sas = self
             .sock
             .request(XFRM_MSG_GETSA, NLM_F_DUMP, &[], || {
@@ -204,7 +246,7 @@ impl Ipsec {
                     _ => None,
                 })
                 .unwrap_or_default();
-            self.states.insert(
+            states.insert(
                 SaKey {
                     src: i.saddr.to_ipv4(),
                     dst: i.id.daddr.to_ipv4(),
@@ -235,10 +277,11 @@ impl Ipsec {
                 && m.user_policy_info.direction == XFRM_POLICY_OUT
             {
                 let sel = &m.user_policy_info.selector;
-                self.policies
-                    .insert(sel.daddr.to_ipv4(), (sel.saddr.to_ipv4(), t.id.spi));
+                found.insert(sel.daddr.to_ipv4(), (sel.saddr.to_ipv4(), t.id.spi));
             }
         }
+        self.states = states;
+        self.policies = found;
         Ok(())
     }
 
@@ -264,7 +307,7 @@ impl Ipsec {
             self.vnis = Some(spec.vnis.clone());
             report.nft_writes += 1;
         }
-        let mut want: BTreeMap<SaKey, &Vec<u8>> = BTreeMap::new();
+        let mut want: BTreeMap<SaKey, Vec<u8>> = BTreeMap::new();
         let mut policies: BTreeMap<Ipv4Addr, (Ipv4Addr, u32)> = BTreeMap::new();
         if let (Some(local), false) = (spec.local, spec.vnis.is_empty()) {
             for &peer in &spec.peers {
@@ -276,7 +319,7 @@ impl Ipsec {
                                 dst,
                                 spi: spi(src, dst, id),
                             },
-                            secret,
+                            sa_secret(secret, src, dst, id),
                         );
                     }
                 }
@@ -287,7 +330,7 @@ impl Ipsec {
         }
         for (k, secret) in &want {
             match self.states.get(k) {
-                Some(s) if s == *secret => continue,
+                Some(s) if s == secret => continue,
                 Some(_) => {
                     // XFRM cannot change a state's key in place
                     // (XFRM_MSG_UPDSA keeps it): replace the state.
@@ -301,7 +344,7 @@ impl Ipsec {
                     report.states_added += 1;
                 }
             }
-            self.states.insert(*k, (*secret).clone());
+            self.states.insert(*k, secret.clone());
         }
         for (&peer, &(local, spi)) in &policies {
             if self.policies.get(&peer) == Some(&(local, spi)) {
@@ -398,10 +441,17 @@ impl Ipsec {
             })],
         };
         let flags = crate::nlsock::NLM_F_CREATE | crate::nlsock::NLM_F_EXCL;
+        let bytes = emit(&msg);
+        let op = || format!("add ESP state {} -> {} spi {:#010x}", k.src, k.dst, k.spi);
+        match self.sock.request(XFRM_MSG_NEWSA, flags, &bytes, op) {
+            Ok(_) => return Ok(()),
+            // One we did not know of (an unreadable dump, another writer):
+            // replaced, since its key cannot be changed in place.
+            Err(e) if e.errno() == Some(libc::EEXIST) => self.del_state(k)?,
+            Err(e) => return Err(xfrm_error(e)),
+        }
         self.sock
-            .request(XFRM_MSG_NEWSA, flags, &emit(&msg), || {
-                format!("add ESP state {} -> {} spi {:#010x}", k.src, k.dst, k.spi)
-            })
+            .request(XFRM_MSG_NEWSA, flags, &bytes, op)
             .map(drop)
             .map_err(xfrm_error)
     }
@@ -562,6 +612,19 @@ mod tests {
         assert_eq!(distinct.len(), all.len(), "{all:x?}");
         assert!(all.iter().all(|s| *s >= 0x100));
         assert_eq!(spi(a, b, 1), spi(a, b, 1), "both ends derive the same");
+    }
+
+    #[test]
+    fn each_sa_gets_its_own_key_both_ends_derive() {
+        let ring = [9u8; 20];
+        let (a, b) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
+        let ab = sa_secret(&ring, a, b, 1);
+        assert_eq!(ab.len(), 20);
+        assert_eq!(ab, sa_secret(&ring, a, b, 1), "deterministic");
+        assert_ne!(ab, sa_secret(&ring, b, a, 1), "per direction");
+        assert_ne!(ab, sa_secret(&ring, a, b, 2), "per key id");
+        assert_ne!(ab, sa_secret(&[8u8; 20], a, b, 1), "per ring secret");
+        assert_ne!(ab.as_slice(), ring.as_slice());
     }
 
     #[test]

@@ -105,14 +105,15 @@ impl VsKey {
         }
     }
 
-    /// A VIP: every port, TCP and UDP, through its firewall mark, made of
-    /// the load-balancer service's id (unique per node).
-    pub fn vip(address: Ipv4Addr, id: u32) -> VsKey {
+    /// A VIP: every port, TCP and UDP, through its firewall mark
+    /// ([`VIP_MARK`] and a slot that [`IpvsSync`] gives each VIP address;
+    /// slot 0 means "not given yet").
+    pub fn vip(address: Ipv4Addr, slot: u32) -> VsKey {
         VsKey {
             protocol: Protocol::Tcp,
             address,
             port: 0,
-            fwmark: VIP_MARK | (id & VIP_ID_MASK),
+            fwmark: VIP_MARK | (slot & VIP_SLOT_MASK),
         }
     }
 
@@ -126,11 +127,12 @@ impl VsKey {
     }
 }
 
-/// Marks a VIP's packets for its fwmark service: this bit and the service
-/// id in [`VIP_ID_MASK`]. The other bits stay free for [`MASQ_MARK`] and
-/// the IPsec mark.
+/// Marks a VIP's packets for its fwmark service: this bit and the VIP's
+/// slot in [`VIP_SLOT_MASK`] (given per address by [`IpvsSync`], kept in its
+/// state file). The other bits stay free for [`MASQ_MARK`] and the IPsec
+/// mark.
 pub const VIP_MARK: u32 = 0x8000_0000;
-pub const VIP_ID_MASK: u32 = 0xffff;
+pub const VIP_SLOT_MASK: u32 = 0xffff;
 
 impl fmt::Display for VsKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -455,7 +457,7 @@ fn desired_of<'a>(
             .map(|b| ((b.address, b.port), b.weight))
             .collect();
         for f in &s.frontends {
-            for key in frontend_keys(f, s.id, node_addresses) {
+            for key in frontend_keys(f, node_addresses) {
                 want.insert(key, dests.clone());
             }
         }
@@ -467,9 +469,9 @@ fn desired_of<'a>(
 /// port, one on its own address otherwise, and a fwmark service for a VIP
 /// (port 0: every port, TCP and UDP; real servers at port 0 get the port
 /// the client asked for).
-fn frontend_keys(f: &FrontendSpec, id: u32, node_addresses: &[Ipv4Addr]) -> Vec<VsKey> {
+fn frontend_keys(f: &FrontendSpec, node_addresses: &[Ipv4Addr]) -> Vec<VsKey> {
     match (f.address, f.port) {
-        (Some(vip), 0) => vec![VsKey::vip(vip, id)],
+        (Some(vip), 0) => vec![VsKey::vip(vip, 0)],
         (None, 0) => Vec::new(),
         (Some(a), port) => vec![VsKey::port(f.protocol, a, port)],
         (None, port) => node_addresses
@@ -540,6 +542,20 @@ impl IpvsSync {
     /// kernel has no IPVS or the host no `nft`.
     pub fn open(state_file: &Path) -> Result<IpvsSync, IpvsError> {
         let mut ipvs = Ipvs::open()?;
+        // With br_netfilter calling iptables for bridged frames, the
+        // isolation rule (forward from a bridge) would see every frame a
+        // task sends to another on its network, and drop it.
+        if std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
+            .is_ok_and(|v| v.trim() == "1")
+        {
+            return Err(IpvsError::Io(
+                "net.bridge.bridge-nf-call-iptables=1 (br_netfilter) would pass every bridged \
+                 frame of the overlays through the IPv4 forward hook, where --lb-backend ipvs \
+                 keeps tasks from routing through their node; set it to 0 in this namespace, or \
+                 use --lb-backend ebpf"
+                    .into(),
+            ));
+        }
         // Conntrack for IPVS's flows, so the masquerade applies to them.
         std::fs::write("/proc/sys/net/ipv4/vs/conntrack", "1")
             .map_err(|e| IpvsError::Io(format!("set net.ipv4.vs.conntrack=1: {e}")))?;
@@ -617,36 +633,66 @@ impl IpvsSync {
             self.node_addresses = globals.node_addresses.clone();
             return self.converge_all();
         }
-        let want = desired_of(changes.upsert.iter(), &self.node_addresses);
+        let want = self.give_slots(desired_of(changes.upsert.iter(), &self.node_addresses))?;
         let mut keys: BTreeSet<VsKey> = want.keys().copied().collect();
-        // A VIP's service is known by its mark, which carries an id: the
-        // installed one of that address goes if its id changed.
-        let vips: BTreeSet<Ipv4Addr> = want
-            .keys()
-            .filter(|k| k.fwmark != 0)
-            .map(|k| k.address)
-            .chain(
-                changes
-                    .remove
-                    .iter()
-                    .filter(|f| f.port == 0)
-                    .filter_map(|f| f.address),
-            )
-            .collect();
-        keys.extend(
-            self.installed
-                .keys()
-                .filter(|k| k.fwmark != 0 && vips.contains(&k.address))
-                .copied(),
-        );
-        for f in changes.remove.iter().filter(|f| f.port != 0) {
-            keys.extend(frontend_keys(f, 0, &self.node_addresses));
+        for f in &changes.remove {
+            keys.extend(
+                frontend_keys(f, &self.node_addresses)
+                    .into_iter()
+                    .filter_map(|k| self.slotted(k)),
+            );
         }
         self.converge(&keys, &want)
     }
 
+    /// `key` with its VIP slot, if it is a VIP that has one (others as
+    /// they are).
+    fn slotted(&self, key: VsKey) -> Option<VsKey> {
+        if key.fwmark == 0 {
+            return Some(key);
+        }
+        self.installed
+            .keys()
+            .find(|k| k.fwmark != 0 && k.address == key.address)
+            .copied()
+    }
+
+    /// Gives every VIP of `want` its slot: the one it has, else the lowest
+    /// free one. A VIP keeps its mark for as long as it is installed, so two
+    /// VIPs never share one.
+    fn give_slots(
+        &self,
+        want: BTreeMap<VsKey, Dests>,
+    ) -> Result<BTreeMap<VsKey, Dests>, SyncError> {
+        let mut used: BTreeSet<u32> = self
+            .installed
+            .keys()
+            .filter(|k| k.fwmark != 0)
+            .map(|k| k.fwmark & VIP_SLOT_MASK)
+            .collect();
+        let mut out = BTreeMap::new();
+        for (key, dests) in want {
+            let key =
+                match self.slotted(key) {
+                    Some(k) if k.fwmark & VIP_SLOT_MASK != 0 || k.fwmark == 0 => k,
+                    _ => {
+                        let slot = (1..=VIP_SLOT_MASK).find(|s| !used.contains(s)).ok_or_else(|| {
+                        SyncError::Ipvs(format!(
+                            "ipvs: no free VIP mark for {} ({VIP_SLOT_MASK} VIPs on this node)",
+                            key.address
+                        ))
+                    })?;
+                        used.insert(slot);
+                        VsKey::vip(key.address, slot)
+                    }
+                };
+            out.insert(key, dests);
+        }
+        Ok(out)
+    }
+
     fn converge_all(&mut self) -> Result<ApplyReport, SyncError> {
-        let want = desired_of(self.specs.values(), &self.node_addresses);
+        let want = self.give_slots(desired_of(self.specs.values(), &self.node_addresses))?;
         let keys: BTreeSet<VsKey> = want.keys().chain(self.installed.keys()).copied().collect();
         self.converge(&keys, &want)
     }
@@ -675,6 +721,10 @@ impl IpvsSync {
                     report.frontend_removals += 1;
                 }
                 (None, Some(dests)) => {
+                    // Owned before it exists: a crash from here on leaves
+                    // nothing the next meshd does not know to remove.
+                    self.installed.insert(*key, Dests::new());
+                    self.save()?;
                     // A VIP is delivered locally (where IPVS looks), as
                     // kube-proxy's IPVS mode binds service IPs to a dummy.
                     if key.fwmark != 0 {
@@ -684,7 +734,14 @@ impl IpvsSync {
                         Ok(()) => {}
                         // Already there (a crash before the state was saved): adopt it.
                         Err(IpvsError::Netlink(e)) if e.errno() == Some(libc::EEXIST) => {}
-                        Err(e) => return Err(self.failed(e)),
+                        Err(e) => {
+                            if key.fwmark != 0 {
+                                let _ = local_route(&mut self.routes, key.address, false);
+                            }
+                            self.installed.remove(key);
+                            let _ = self.save();
+                            return Err(self.failed(e));
+                        }
                     }
                     let existing: Dests = self
                         .ipvs
@@ -912,7 +969,10 @@ fn nft_ruleset(keys: &BTreeSet<VsKey>) -> String {
     let bridges = crate::overlay::BRIDGE_PREFIX;
     // A VXLAN packet keeps the mark of the frame it carries: without its
     // VIP bits, or IPVS would take the tunnel packet for the VIP again.
-    let (vxlan, keep) = (crate::netlink::VXLAN_PORT, !(VIP_MARK | VIP_ID_MASK));
+    // Only the IPsec mark may stay (set by `ip mesh_ipsec`'s own output
+    // chain, before or after this one): a masquerade mark on a tunnel
+    // packet would NAT it after the IPsec checks.
+    let (vxlan, keep) = (crate::netlink::VXLAN_PORT, crate::ipsec::ENCRYPT_MARK);
     format!(
         "table ip {NFT_TABLE}\n\
          delete table ip {NFT_TABLE}\n\
@@ -924,6 +984,7 @@ fn nft_ruleset(keys: &BTreeSet<VsKey>) -> String {
          \tchain output {{ type route hook output priority mangle; policy accept; \
          udp dport {vxlan} meta mark set meta mark & {keep:#x}; {mark}; }}\n\
          \tchain postrouting {{ type nat hook postrouting priority srcnat; policy accept; \
+         udp dport {vxlan} accept; \
          meta mark & {MASQ_MARK:#x} == {MASQ_MARK:#x} masquerade; \
          meta mark & {VIP_MARK:#x} == {VIP_MARK:#x} masquerade; }}\n\
          \tchain forward {{ type filter hook forward priority filter; policy accept; \
@@ -996,8 +1057,8 @@ mod tests {
         let nodes = [Ipv4Addr::new(192, 168, 0, 1), Ipv4Addr::new(192, 168, 0, 2)];
         let want = desired_of(&[svc(8080, &[(5, 1), (6, 0)])], &nodes);
         assert_eq!(want.len(), 3, "{want:?}");
-        let vip = VsKey::vip(Ipv4Addr::new(10, 0, 0, 2), 1);
-        assert_eq!(vip.fwmark, 0x8000_0001);
+        let vip = VsKey::vip(Ipv4Addr::new(10, 0, 0, 2), 0);
+        assert_eq!(vip.fwmark, VIP_MARK, "no slot until the sync gives one");
         assert!(want.contains_key(&vip), "{want:?}");
         for (k, dests) in &want {
             if k.fwmark == 0 {
@@ -1011,6 +1072,7 @@ mod tests {
             );
         }
         // The kernel knows a fwmark service by its mark alone.
+        let vip = VsKey::vip(Ipv4Addr::new(10, 0, 0, 2), 1);
         assert_eq!(vip.kernel_id(), (0x8000_0001, 0, Ipv4Addr::UNSPECIFIED, 0));
     }
 
@@ -1029,7 +1091,8 @@ mod tests {
         assert!(r.contains("elements = { udp . 192.168.0.1 . 5353 }"), "{r}");
         assert!(r.contains("elements = { 10.0.0.2 : 0x80000007 }"), "{r}");
         assert!(
-            r.contains("udp dport 4789 meta mark set meta mark & 0x7fff0000"),
+            r.contains("udp dport 4789 meta mark set meta mark & 0x400000")
+                && r.contains("udp dport 4789 accept"),
             "{r}"
         );
         assert!(

@@ -45,9 +45,14 @@ const INITRD_MODULES: &[&str] = &[
 const INITRD_LAYOUT: u32 = 2;
 /// Debian packages the tier needs on the host.
 pub const APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "kmod"];
-/// The guest's exit code for "the script ran to its end": QEMU exits with
-/// `(code << 1) | 1`.
+/// isa-debug-exit: a byte written to this port ends QEMU with exit status
+/// `(byte << 1) | 1`.
 const DEBUG_EXIT_PORT: u64 = 0xf4;
+/// The byte stage two writes when it ran to its end (status 85: not a
+/// status QEMU itself exits with).
+const GUEST_DONE: u8 = 0x2a;
+/// The byte stage one writes when it cannot set the guest up (status 255).
+const GUEST_SETUP_FAILED: u8 = 0x7f;
 
 /// Stage one, in the initramfs: mount the host's root and switch to it.
 const INIT: &str = r#"#!/bin/busybox sh
@@ -55,7 +60,7 @@ const INIT: &str = r#"#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-fail() { echo "mesh-vm: $*"; echo 7 > /proc/sys/kernel/sysrq; printf '\376' | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null; poweroff -f; }
+fail() { echo "mesh-vm: $*"; printf '\177' | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null; poweroff -f; }
 for m in netfs 9pnet 9pnet_virtio 9p; do insmod /modules/$m.ko || fail "insmod $m"; done
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /newroot || fail "mount the host root"
 # The workspace and target dir stay visible even under /tmp (a CI clone):
@@ -132,18 +137,21 @@ pub fn run(opts: &Options) -> Result<Outcome> {
         if boot.timed_out {
             bail!("the VM tier timed out after {:?}", opts.timeout);
         }
-        // TCG now and then oopses while the kernel patches its own text at
-        // boot (before any test ran): boot again, at most twice.
+        let code = boot.status.code();
+        if code == Some((i32::from(GUEST_SETUP_FAILED) << 1) | 1) {
+            bail!("the guest could not set itself up (see its last `mesh-vm:` line)");
+        }
+        // A guest that died before its tests (TCG has oopsed at boot):
+        // boot again, at most twice.
         if !boot.reached_stage2 && attempt < 3 {
             eprintln!("vm: the guest died before its tests ran (attempt {attempt}); booting again");
             attempt += 1;
             continue;
         }
-        // isa-debug-exit: (code << 1) | 1; code 0 = the script reached its end.
-        match boot.status.code() {
-            Some(1) => {}
-            Some(c) if c & 1 == 1 => bail!("the guest failed before its tests: code {}", c >> 1),
-            other => bail!("QEMU exited without the guest's verdict: {other:?} (a guest panic?)"),
+        if code != Some((i32::from(GUEST_DONE) << 1) | 1) {
+            bail!(
+                "QEMU exited without the guest's verdict: {code:?} (a guest panic, or QEMU failed)"
+            );
         }
         break boot.result_lines;
     };
@@ -238,6 +246,12 @@ fn boot(kernel: &Kernel, initrd: &Path, run_dir: &Path, deadline: Instant) -> Re
     let mut timed_out = false;
     let mut reached_stage2 = false;
     loop {
+        if Instant::now() >= deadline {
+            timed_out = true;
+            eprintln!("vm: no poweroff in time: killing QEMU (pid {})", child.id());
+            let _ = child.kill();
+            break;
+        }
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => {
                 let line = line.trim_end_matches('\r').to_owned();
@@ -252,12 +266,6 @@ fn boot(kernel: &Kernel, initrd: &Path, run_dir: &Path, deadline: Instant) -> Re
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        if Instant::now() >= deadline {
-            timed_out = true;
-            eprintln!("vm: no poweroff in time: killing QEMU (pid {})", child.id());
-            let _ = child.kill();
-            break;
         }
     }
     let status = child.wait()?;
@@ -518,7 +526,7 @@ cd /tmp
         ));
     }
     s.push_str(&format!(
-        "sync\nprintf '\\000' | dd of=/dev/port bs=1 seek={DEBUG_EXIT_PORT} count=1 2>/dev/null\nsleep 10\n"
+        "sync\nprintf '\\{GUEST_DONE:03o}' | dd of=/dev/port bs=1 seek={DEBUG_EXIT_PORT} count=1 2>/dev/null\nsleep 10\n"
     ));
     s
 }

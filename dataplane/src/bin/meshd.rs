@@ -242,9 +242,9 @@ struct DataplaneArgs {
     /// Between a task's SIGTERM and its SIGKILL (Docker's default: 10 s).
     #[arg(long, default_value_t = 10_000)]
     stop_grace_ms: u64,
-    /// What balances published ports: `ebpf` (TC with Maglev) or `ipvs`
-    /// (the kernel's IPVS, NAT forwarding, `mh` else `rr`). VIPs stay on
-    /// the eBPF path either way.
+    /// What balances published ports and VIPs: `ebpf` (TC with Maglev) or
+    /// `ipvs` (the kernel's IPVS, NAT forwarding, `mh` else `rr`; VIPs as
+    /// fwmark services).
     #[arg(long, value_enum, default_value_t = LbBackend::Ebpf)]
     lb_backend: LbBackend,
 }
@@ -263,7 +263,8 @@ fn ipvs_state_file(node: &str) -> PathBuf {
     Path::new(IPVS_STATE_DIR).join(format!("{node}.json"))
 }
 
-/// The load balancer's target: the eBPF maps, with IPVS for ports when on.
+/// The load balancer's target: the eBPF maps, or IPVS (the maps then
+/// keep no frontend).
 fn lb_target<'a>(
     datapath: &'a mut Datapath,
     sync: &'a mut LbSync,
@@ -546,10 +547,12 @@ struct Dataplane {
     node: String,
     datapath: Datapath,
     sync: LbSync,
-    /// `--lb-backend ipvs`: published ports go to IPVS.
+    /// `--lb-backend ipvs`: the load balancer is IPVS.
     ipvs: Option<IpvsSync>,
     /// ESP for encrypted networks, opened when the first one arrives.
     ipsec: Option<Ipsec>,
+    /// XFRM could not be opened, and only the drop rules are in place.
+    plaintext_blocked: bool,
     /// What the last tables asked of it (re-applied by each resync).
     ipsec_spec: dataplane::ipsec::IpsecSpec,
     overlay: Overlay,
@@ -584,7 +587,7 @@ impl Dataplane {
                 fs::create_dir_all(IPVS_STATE_DIR)
                     .with_context(|| format!("creating {IPVS_STATE_DIR}"))?;
                 let sync = IpvsSync::open(&ipvs_state_file(&node)).context("--lb-backend ipvs")?;
-                tracing::info!(scheduler = sync.scheduler(), "published ports go to IPVS");
+                tracing::info!(scheduler = sync.scheduler(), "the load balancer is IPVS");
                 Some(sync)
             }
         };
@@ -620,6 +623,7 @@ impl Dataplane {
             sync,
             ipvs,
             ipsec: None,
+            plaintext_blocked: false,
             ipsec_spec: Default::default(),
             overlay,
             timeouts,
@@ -707,14 +711,11 @@ impl Dataplane {
     /// anything: an encrypted network's VXLAN never flows in plaintext. A
     /// failure with the drop rules in place is logged (the network carries
     /// nothing until it is fixed); without them, the update fails.
-    fn sync_ipsec(
-        &mut self,
-        tables: &Tables,
-        node: &str,
-        underlay: Ipv4Addr,
-    ) -> Result<(), String> {
-        let spec = dataplane::tables::ipsec_spec(tables, node, underlay);
+    fn sync_ipsec(&mut self, spec: dataplane::ipsec::IpsecSpec) -> Result<(), String> {
         if spec.is_empty() && self.ipsec.is_none() {
+            if std::mem::take(&mut self.plaintext_blocked) {
+                dataplane::ipsec::remove_rules();
+            }
             return Ok(());
         }
         self.ipsec_spec = spec.clone();
@@ -724,6 +725,7 @@ impl Dataplane {
                 Err(e) => {
                     dataplane::ipsec::block_plaintext(&spec.vnis)
                         .map_err(|b| format!("encrypted networks: {e}; and {b}"))?;
+                    self.plaintext_blocked = true;
                     tracing::error!(
                         error = %e,
                         "encrypted networks carry nothing on this node: it cannot program ESP"
@@ -1083,7 +1085,12 @@ impl TableSink {
             return Ok(());
         };
         let mut dp = dp.lock().await;
-        dp.sync_ipsec(tables, &self.node, self.underlay)?;
+        // IPsec before the overlay wires anything new, and what the update
+        // takes away only after the overlay removed it: a VXLAN device of
+        // an encrypted network never exists without its protection.
+        let ipsec = dataplane::tables::ipsec_spec(tables, &self.node, self.underlay);
+        let widened = ipsec.widened(&dp.ipsec_spec);
+        dp.sync_ipsec(widened)?;
         let overlay = self.view.overlay(tables, update);
         let whole = matches!(overlay, OverlayUpdate::Whole(_));
         let report = match overlay {
@@ -1099,6 +1106,7 @@ impl TableSink {
             dp.sync_lb(tables, update, &self.view, self.underlay)
                 .await?;
         }
+        dp.sync_ipsec(ipsec)?;
         // After the overlay: a new task's namespace has its `lo` up.
         self.dns.update(tables, update, &self.node).await?;
         tracing::debug!(
