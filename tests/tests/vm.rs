@@ -47,7 +47,7 @@ mod encrypted {
     use mesh_tests::{Host, Topology, capture};
 
     use super::require_vm;
-    use crate::cluster::{Node, Task, json, place_task, token_from, wait_until};
+    use crate::cluster::{Node, Task, json, place_task, start_cluster, wait_until};
 
     const T: Duration = Duration::from_secs(30);
     const PORT: u16 = 9000;
@@ -164,41 +164,10 @@ mod encrypted {
         nodes.truncate(3);
         let (h1, h2, h3, rogue) = (topo.host(0), topo.host(1), topo.host(2), topo.host(3));
         // No periodic resync during the test: it would repair the wrong
-        // key below (a restart does, and is checked).
-        let common = |n: &Node<'_>| {
-            let mut v = n.common_args();
-            v.extend(n.dataplane_args());
-            v.extend(["--resync-interval".into(), "3600".into()]);
-            v
-        };
-        // Under TCG a short heartbeat period flaps nodes down and up.
-        let mut args = vec!["init".into(), "--heartbeat-period".into(), "2s".into()];
-        args.extend(common(&nodes[0]));
-        let lines = nodes[0].start(args);
-        let token = token_from(&lines, "worker");
-        let api = nodes[0].api();
-        for n in nodes.iter_mut().skip(1) {
-            let mut args = vec!["join".into()];
-            args.extend(common(n));
-            args.extend(["--token".into(), token.clone(), api.clone()]);
-            n.start(args);
-        }
+        // key below (a restart does, and is checked). Under TCG a short
+        // heartbeat period flaps nodes down and up.
+        let ids = start_cluster(&mut nodes, "2s", &["--resync-interval", "3600"]);
         let m = &nodes[0];
-        let ids: Vec<String> = {
-            let list = json(&m.meshctl_ok(&["node", "ls", "--format", "json"]));
-            nodes
-                .iter()
-                .map(|n| {
-                    list.as_array()
-                        .unwrap()
-                        .iter()
-                        .find(|x| x["hostname"] == n.host.label())
-                        .and_then(|x| x["id"].as_str())
-                        .expect("node listed")
-                        .to_owned()
-                })
-                .collect()
-        };
         m.meshctl_ok(&["network", "create", "--opt", "encrypted", "secret"]);
         m.meshctl_ok(&["network", "create", "plain"]);
         let vni = |name: &str| {
@@ -578,7 +547,7 @@ fn ipvs_sync_writes_only_the_difference() {
 fn ipvs_backend_serves_vips_and_published_ports_from_the_tables() {
     use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
-    use cluster::{Node, json, place_task, token_from, wait_until};
+    use cluster::{Node, json, place_task, start_cluster, wait_until};
     use dataplane::ipvs::Ipvs;
     use mesh_tests::{Topology, services};
 
@@ -592,39 +561,8 @@ fn ipvs_backend_serves_vips_and_published_ports_from_the_tables() {
     let mut nodes = Node::for_hosts(&topo);
     nodes.truncate(3);
     let (h1, client) = (topo.host(0), topo.host(3));
-    let common = |n: &Node<'_>| {
-        let mut v = n.common_args();
-        v.extend(n.dataplane_args());
-        v.extend(["--lb-backend".into(), "ipvs".into()]);
-        v
-    };
-    let mut args = vec!["init".into(), "--heartbeat-period".into(), "2s".into()];
-    args.extend(common(&nodes[0]));
-    let lines = nodes[0].start(args);
-    let token = token_from(&lines, "worker");
-    let api = nodes[0].api();
-    for n in nodes.iter_mut().skip(1) {
-        let mut args = vec!["join".into()];
-        args.extend(common(n));
-        args.extend(["--token".into(), token.clone(), api.clone()]);
-        n.start(args);
-    }
+    let ids = start_cluster(&mut nodes, "2s", &["--lb-backend", "ipvs"]);
     let m = &nodes[0];
-    let ids: Vec<String> = {
-        let list = json(&m.meshctl_ok(&["node", "ls", "--format", "json"]));
-        nodes
-            .iter()
-            .map(|n| {
-                list.as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|x| x["hostname"] == n.host.label())
-                    .and_then(|x| x["id"].as_str())
-                    .expect("node listed")
-                    .to_owned()
-            })
-            .collect()
-    };
     m.meshctl_ok(&["network", "create", "red"]);
     m.meshctl_ok(&[
         "service",

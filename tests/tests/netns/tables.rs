@@ -190,22 +190,7 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
         args.extend(["--token".into(), token.clone(), manager_api.clone()]);
         n.start(args);
     }
-    let ids: Vec<String> = {
-        let list = json(&nodes[0].meshctl_ok(&["node", "ls", "--format", "json"]));
-        nodes
-            .iter()
-            .map(|n| {
-                let h = n.host;
-                list.as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|n| n["hostname"] == h.label())
-                    .and_then(|n| n["id"].as_str())
-                    .expect("node listed")
-                    .to_owned()
-            })
-            .collect()
-    };
+    let ids = crate::cluster::node_ids(&nodes[0], &nodes);
 
     nodes[0].meshctl_ok(&["network", "create", "red"]);
     let vni = json(&nodes[0].meshctl_ok(&["network", "inspect", "red"]))[0]["vni"]

@@ -242,3 +242,44 @@ pub fn place_task(manager: &Node<'_>, service: &str, slot: u32, node_id: &str) -
         mac: format!("02:42:{a:02x}:{b:02x}:{c:02x}:{d:02x}"),
     }
 }
+
+/// Starts `nodes` as one cluster with their data planes: the first runs
+/// `meshd init` (heartbeat `heartbeat`), the others join it as workers.
+/// `extra` goes to every meshd. Returns the node ids, in `nodes`' order.
+pub fn start_cluster(nodes: &mut [Node<'_>], heartbeat: &str, extra: &[&str]) -> Vec<String> {
+    let common = |n: &Node<'_>| {
+        let mut v = n.common_args();
+        v.extend(n.dataplane_args());
+        v.extend(extra.iter().map(|a| (*a).to_owned()));
+        v
+    };
+    let mut args = vec!["init".into(), "--heartbeat-period".into(), heartbeat.into()];
+    args.extend(common(&nodes[0]));
+    let lines = nodes[0].start(args);
+    let token = token_from(&lines, "worker");
+    let api = nodes[0].api();
+    for n in nodes.iter_mut().skip(1) {
+        let mut args = vec!["join".into()];
+        args.extend(common(n));
+        args.extend(["--token".into(), token.clone(), api.clone()]);
+        n.start(args);
+    }
+    node_ids(&nodes[0], nodes)
+}
+
+/// The id of each of `nodes`, as the manager `m` lists them.
+pub fn node_ids(m: &Node<'_>, nodes: &[Node<'_>]) -> Vec<String> {
+    let list = json(&m.meshctl_ok(&["node", "ls", "--format", "json"]));
+    nodes
+        .iter()
+        .map(|n| {
+            list.as_array()
+                .expect("a node list")
+                .iter()
+                .find(|x| x["hostname"] == n.host.label())
+                .and_then(|x| x["id"].as_str())
+                .expect("node listed")
+                .to_owned()
+        })
+        .collect()
+}
