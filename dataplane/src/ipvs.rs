@@ -704,6 +704,16 @@ impl IpvsSync {
         want: &BTreeMap<VsKey, Dests>,
     ) -> Result<ApplyReport, SyncError> {
         let mut report = ApplyReport::default();
+        // Owned before they exist: a crash while creating them leaves
+        // nothing the next meshd does not know to remove.
+        let pending: Vec<VsKey> = keys
+            .iter()
+            .filter(|k| want.contains_key(k) && !self.installed.contains_key(k))
+            .copied()
+            .collect();
+        if !pending.is_empty() {
+            self.save_with(&pending)?;
+        }
         for key in keys {
             let have = self.installed.get(key).cloned();
             match (have, want.get(key)) {
@@ -721,27 +731,27 @@ impl IpvsSync {
                     report.frontend_removals += 1;
                 }
                 (None, Some(dests)) => {
-                    // Owned before it exists: a crash from here on leaves
-                    // nothing the next meshd does not know to remove.
-                    self.installed.insert(*key, Dests::new());
-                    self.save()?;
                     // A VIP is delivered locally (where IPVS looks), as
                     // kube-proxy's IPVS mode binds service IPs to a dummy.
-                    if key.fwmark != 0 {
-                        local_route(&mut self.routes, key.address, true)?;
-                    }
-                    match self.ipvs.add_service(key, self.scheduler) {
-                        Ok(()) => {}
-                        // Already there (a crash before the state was saved): adopt it.
-                        Err(IpvsError::Netlink(e)) if e.errno() == Some(libc::EEXIST) => {}
-                        Err(e) => {
-                            if key.fwmark != 0 {
-                                let _ = local_route(&mut self.routes, key.address, false);
-                            }
-                            self.installed.remove(key);
-                            let _ = self.save();
-                            return Err(self.failed(e));
+                    let route = if key.fwmark != 0 {
+                        local_route(&mut self.routes, key.address, true)
+                    } else {
+                        Ok(())
+                    };
+                    let created = route.and_then(|()| {
+                        match self.ipvs.add_service(key, self.scheduler) {
+                            // Already there (a crash before the state was
+                            // saved): adopt it.
+                            Err(IpvsError::Netlink(e)) if e.errno() == Some(libc::EEXIST) => Ok(()),
+                            r => r,
                         }
+                    });
+                    if let Err(e) = created {
+                        if key.fwmark != 0 {
+                            let _ = local_route(&mut self.routes, key.address, false);
+                        }
+                        let _ = self.save();
+                        return Err(self.failed(e));
                     }
                     let existing: Dests = self
                         .ipvs
@@ -803,7 +813,12 @@ impl IpvsSync {
 
     /// Records what we own (so a later meshd removes it when unwanted).
     fn save(&self) -> Result<(), SyncError> {
-        let keys: Vec<&VsKey> = self.installed.keys().collect();
+        self.save_with(&[])
+    }
+
+    /// Records what we own, and `pending`: keys about to be created.
+    fn save_with(&self, pending: &[VsKey]) -> Result<(), SyncError> {
+        let keys: BTreeSet<&VsKey> = self.installed.keys().chain(pending).collect();
         let tmp = self.state_file.with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec(&keys).expect("keys serialize"))
             .and_then(|()| std::fs::rename(&tmp, &self.state_file))
