@@ -161,6 +161,9 @@ pub struct Ipsec {
     policies: BTreeMap<Ipv4Addr, (Ipv4Addr, u32)>,
     /// The VNIs the nftables table is written for (`None`: unknown).
     vnis: Option<BTreeSet<u32>>,
+    /// The spec the last apply fully wrote: the same one again writes
+    /// nothing and derives no key (every table update asks).
+    applied: Option<IpsecSpec>,
 }
 
 fn addr(a: Ipv4Addr) -> Address {
@@ -214,6 +217,7 @@ impl Ipsec {
             states: BTreeMap::new(),
             policies: BTreeMap::new(),
             vnis: None,
+            applied: None,
         };
         me.read_back()?;
         Ok(me)
@@ -298,11 +302,21 @@ impl Ipsec {
     /// encrypted VNIs change. Errors name the object; what was applied
     /// stays, and the next apply retries the rest.
     pub fn apply(&mut self, spec: &IpsecSpec) -> Result<IpsecReport, String> {
+        if self.applied.as_ref() == Some(spec) {
+            return Ok(IpsecReport::default());
+        }
+        let applied = self.write(spec)?;
+        self.applied = Some(spec.clone());
+        Ok(applied)
+    }
+
+    fn write(&mut self, spec: &IpsecSpec) -> Result<IpsecReport, String> {
+        self.applied = None;
         let mut report = IpsecReport::default();
         // The drop rules come first: from here on no plaintext VXLAN of an
         // encrypted VNI enters or leaves, whatever else fails.
         if self.vnis.as_ref() != Some(&spec.vnis) {
-            crate::ipvs::nft(&nft_ruleset(&spec.vnis))
+            crate::nft::run(&nft_ruleset(&spec.vnis))
                 .map_err(|e| format!("nftables {NFT_TABLE}: {e}"))?;
             self.vnis = Some(spec.vnis.clone());
             report.nft_writes += 1;
@@ -389,6 +403,7 @@ impl Ipsec {
     pub fn reconcile(&mut self, spec: &IpsecSpec) -> Result<IpsecReport, String> {
         self.read_back()?;
         self.vnis = None;
+        self.applied = None;
         self.apply(spec)
     }
 
@@ -407,6 +422,7 @@ impl Ipsec {
         self.states.clear();
         remove_rules();
         self.vnis = None;
+        self.applied = None;
         Ok(policies.len() + states.len())
     }
 
@@ -558,12 +574,12 @@ pub fn probe() -> Result<(), String> {
 /// a kernel where XFRM itself is missing: the encrypted networks then carry
 /// nothing, never plaintext.
 pub fn block_plaintext(vnis: &BTreeSet<u32>) -> Result<(), String> {
-    crate::ipvs::nft(&nft_ruleset(vnis)).map_err(|e| format!("nftables {NFT_TABLE}: {e}"))
+    crate::nft::run(&nft_ruleset(vnis)).map_err(|e| format!("nftables {NFT_TABLE}: {e}"))
 }
 
 /// Removes the nftables table (`meshd down` where XFRM is missing).
 pub fn remove_rules() {
-    let _ = crate::ipvs::nft(&format!("delete table ip {NFT_TABLE}"));
+    let _ = crate::nft::run(&format!("delete table ip {NFT_TABLE}"));
 }
 
 fn nft_ruleset(vnis: &BTreeSet<u32>) -> String {

@@ -20,11 +20,9 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt, io,
-    io::Write as _,
+    fmt,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
 };
 
 use serde::{Deserialize, Serialize};
@@ -582,7 +580,7 @@ impl IpvsSync {
             local_route(&mut routes, key.address, true)?;
         }
         let scheduler = probe_scheduler(&mut ipvs)?;
-        nft("list tables").map_err(|e| {
+        crate::nft::run("list tables").map_err(|e| {
             IpvsError::Io(format!(
                 "--lb-backend ipvs needs nftables (`nft`) for the masquerade of balanced flows: {e}"
             ))
@@ -848,7 +846,7 @@ impl IpvsSync {
         if self.marked.as_ref() == Some(&keys) {
             return Ok(());
         }
-        nft(&nft_ruleset(&keys))
+        crate::nft::run(&nft_ruleset(&keys))
             .map_err(|e| SyncError::Ipvs(format!("nftables {NFT_TABLE}: {e}")))?;
         self.marked = Some(keys);
         report.config_writes += 1;
@@ -870,7 +868,7 @@ impl IpvsSync {
         }
         self.installed.clear();
         self.save()?;
-        let _ = nft(&format!("delete table ip {NFT_TABLE}"));
+        let _ = crate::nft::run(&format!("delete table ip {NFT_TABLE}"));
         self.marked = None;
         Ok(keys.len())
     }
@@ -1009,29 +1007,6 @@ fn nft_ruleset(keys: &BTreeSet<VsKey>) -> String {
          iifname \"{bridges}*\" ct direction original fib daddr . iif type != local drop; }}\n\
          }}\n"
     )
-}
-
-/// Runs `nft -f -` with `script`.
-pub(crate) fn nft(script: &str) -> Result<(), String> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run nft: {e}"))?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(script.as_bytes())
-        .map_err(|e: io::Error| format!("write to nft: {e}"))?;
-    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
-    }
 }
 
 #[cfg(test)]

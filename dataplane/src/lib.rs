@@ -11,6 +11,7 @@ pub mod ipvs;
 pub mod lb;
 pub mod maglev;
 pub mod netlink;
+pub mod nft;
 pub mod nlsock;
 pub mod overlay;
 pub mod runner;
