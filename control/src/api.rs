@@ -355,8 +355,16 @@ impl join_server::Join for JoinService {
         let addr: Ipv4Addr = r.addr.parse().map_err(|_| {
             Status::invalid_argument(format!("node address {:?} is not an IPv4 address", r.addr))
         })?;
-        if r.hostname.is_empty() {
-            return Err(Status::invalid_argument("hostname is empty"));
+        crate::state::check_hostname(&r.hostname)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if crate::state::looks_like_node_id(&r.hostname)
+            || m.with_state(|s| s.nodes.contains_key(&r.hostname))
+        {
+            return Err(Status::invalid_argument(format!(
+                "hostname {:?} looks like a node id (16 hex digits); a node's hostname may \
+                 never be mistaken for another node's id: join with another --hostname",
+                r.hostname
+            )));
         }
         if r.api_addr.is_empty() {
             return Err(Status::invalid_argument(
@@ -572,32 +580,45 @@ fn node_view(ctx: &Ctx, m: &Manager, node: &Node) -> NodeView {
     }
 }
 
-fn find_node<'a>(s: &'a State, target: &str) -> Result<&'a Node, Status> {
-    let matches: Vec<&Node> = s
+/// Resolves what a user typed to one node: an exact id first (ids are
+/// unique, and no hostname may look like one), then an exact hostname,
+/// then a unique id prefix. Hostnames need not be unique: a hostname two
+/// nodes share is refused with their ids, never resolved to the first.
+pub(crate) fn find_node<'a>(s: &'a State, target: &str) -> Result<&'a Node, Status> {
+    if let Some(node) = s.nodes.get(target) {
+        return Ok(node);
+    }
+    let ids = |nodes: &[&Node]| {
+        nodes
+            .iter()
+            .map(|n| n.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let named: Vec<&Node> = s.nodes.values().filter(|n| n.hostname == target).collect();
+    match named.as_slice() {
+        [one] => return Ok(one),
+        [] => {}
+        many => {
+            return Err(Status::invalid_argument(format!(
+                "{} nodes are named {target} ({}); use the node id",
+                many.len(),
+                ids(many)
+            )));
+        }
+    }
+    let by_prefix: Vec<&Node> = s
         .nodes
         .values()
-        .filter(|n| n.id == target || n.hostname == target)
+        .filter(|n| !target.is_empty() && n.id.starts_with(target))
         .collect();
-    match matches.as_slice() {
+    match by_prefix.as_slice() {
         [one] => Ok(one),
-        [] => {
-            let by_prefix: Vec<&Node> = s
-                .nodes
-                .values()
-                .filter(|n| !target.is_empty() && n.id.starts_with(target))
-                .collect();
-            match by_prefix.as_slice() {
-                [one] => Ok(one),
-                [] => Err(Status::not_found(format!("node {target} not found"))),
-                _ => Err(Status::invalid_argument(format!(
-                    "node {target} is ambiguous ({} nodes match); give more of the id",
-                    by_prefix.len()
-                ))),
-            }
-        }
-        _ => Err(Status::invalid_argument(format!(
-            "{} nodes are named {target}; use the node id",
-            matches.len()
+        [] => Err(Status::not_found(format!("node {target} not found"))),
+        many => Err(Status::invalid_argument(format!(
+            "node {target} is ambiguous: {} node ids start with it ({}); give more of the id",
+            many.len(),
+            ids(many)
         ))),
     }
 }

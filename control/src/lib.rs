@@ -19,3 +19,4 @@ pub mod state;
 pub mod store;
 pub mod tables;
 pub mod tls;
+pub mod units;

@@ -433,10 +433,9 @@ pub fn reconcile_some(
                     .map(|t| t.since_ms)
                     .collect();
                 if recent.len() as u32 > policy.max_attempts {
-                    let reopen = recent
-                        .iter()
-                        .min()
-                        .map_or(now_ms, |t| t.saturating_add(policy.window_ms) + 1);
+                    let reopen = recent.iter().min().map_or(now_ms, |t| {
+                        t.saturating_add(policy.window_ms).saturating_add(1)
+                    });
                     wake = Some(wake.map_or(reopen, |w| w.min(reopen)));
                     return true;
                 }

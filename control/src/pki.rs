@@ -173,7 +173,16 @@ impl Ca {
         ];
         let now = OffsetDateTime::now_utc();
         p.not_before = now - time::Duration::minutes(5);
-        p.not_after = now + time::Duration::try_from(lifetime).map_err(cert_err)?;
+        p.not_after = time::Duration::try_from(lifetime)
+            .ok()
+            .and_then(|d| now.checked_add(d))
+            .filter(|t| t.year() <= 9999)
+            .ok_or_else(|| {
+                PkiError::Cert(format!(
+                    "a certificate lifetime of {} s ends past the year 9999; use a shorter one",
+                    lifetime.as_secs()
+                ))
+            })?;
         let cert = csr.signed_by(&issuer).map_err(cert_err)?;
         Ok(cert.pem())
     }

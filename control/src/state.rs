@@ -51,6 +51,36 @@ fn invalid(msg: impl Into<String>) -> StateError {
     StateError::Invalid(msg.into())
 }
 
+/// Checks a node's hostname: an RFC 1123 host name (dot-separated labels
+/// of lowercase letters, digits and inner hyphens, 1-63 bytes each, at
+/// most 253 in all). Uppercase is refused rather than folded, so that one
+/// host has one spelling in `node ls`, constraints and logs.
+pub fn check_hostname(hostname: &str) -> Result<(), StateError> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if hostname.is_empty() || hostname.len() > 253 || !hostname.split('.').all(label_ok) {
+        return Err(invalid(format!(
+            "hostname {:?} is not a valid host name: use dot-separated labels of lowercase \
+             letters, digits and inner hyphens, each 1-63 characters, at most 253 in all",
+            hostname.chars().take(80).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `s` has the shape of a node id (16 lowercase hex digits).
+pub fn looks_like_node_id(s: &str) -> bool {
+    s.len() == 16
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// Checks a name against RFC 1123 label rules, so it can be a DNS name.
 pub fn check_name(kind: &str, name: &str) -> Result<(), StateError> {
     let ok = !name.is_empty()
@@ -871,22 +901,43 @@ impl Touched {
     }
 }
 
+/// Every persisted field counts; the allocator index and the
+/// orchestrator's touched set are derived, so they don't. Destructured so
+/// that a field added to [`State`] can't be left out of the comparison.
 impl PartialEq for State {
     fn eq(&self, other: &Self) -> bool {
+        let State {
+            cluster_id,
+            settings,
+            secrets,
+            nodes,
+            removed,
+            networks,
+            services,
+            tasks,
+            network_keys,
+            task_seq,
+            alloc: _,
+            touched: _,
+        } = self;
         (
-            &self.cluster_id,
-            &self.settings,
-            &self.nodes,
-            &self.networks,
-            &self.services,
-            &self.tasks,
+            cluster_id,
+            settings,
+            secrets,
+            nodes,
+            removed,
+            (networks, services, tasks),
+            network_keys,
+            task_seq,
         ) == (
             &other.cluster_id,
             &other.settings,
+            &other.secrets,
             &other.nodes,
-            &other.networks,
-            &other.services,
-            &other.tasks,
+            &other.removed,
+            (&other.networks, &other.services, &other.tasks),
+            &other.network_keys,
+            &other.task_seq,
         )
     }
 }
@@ -1206,19 +1257,13 @@ impl State {
         self.create_network(ingress_id, &spec, true)
     }
 
+    /// The node with this id. Commands address nodes by id only: names
+    /// are resolved to ids by the API, which refuses an ambiguous one.
     fn node_mut(&mut self, id: &str) -> Result<&mut Node, StateError> {
-        let found = self
-            .nodes
-            .values()
-            .find(|n| n.id == id || n.hostname == id)
-            .map(|n| n.id.clone());
-        match found {
-            Some(id) => Ok(self.nodes.get_mut(&id).expect("found")),
-            None => Err(StateError::NotFound {
-                kind: "node",
-                name: id.to_owned(),
-            }),
-        }
+        self.nodes.get_mut(id).ok_or_else(|| StateError::NotFound {
+            kind: "node",
+            name: id.to_owned(),
+        })
     }
 
     fn add_node(
@@ -1234,6 +1279,19 @@ impl State {
                 kind: "node id",
                 name: id.to_owned(),
             });
+        }
+        check_hostname(hostname)?;
+        if looks_like_node_id(hostname) {
+            return Err(invalid(format!(
+                "hostname {hostname:?} looks like a node id (16 hex digits); node ids and \
+                 hostnames must never be confused: use another hostname"
+            )));
+        }
+        if let Some(other) = self.nodes.values().find(|n| n.hostname == id) {
+            return Err(invalid(format!(
+                "node id {id} is already the hostname of node {}",
+                other.id
+            )));
         }
         if let Some(other) = self.nodes.values().find(|n| n.addr == addr) {
             return Err(invalid(format!(
@@ -1436,6 +1494,23 @@ impl State {
                 "service {}: a command is required",
                 spec.name
             )));
+        }
+        let max_ms = crate::units::SPEC_MAX.as_millis() as u64;
+        for (what, ms) in [
+            ("restart delay", spec.task.restart.delay_ms),
+            ("restart window", spec.task.restart.window_ms),
+            ("update delay", spec.update.delay_ms),
+            ("update monitor", spec.update.monitor_ms),
+            ("rollback delay", spec.rollback.delay_ms),
+            ("rollback monitor", spec.rollback.monitor_ms),
+        ] {
+            if ms > max_ms {
+                return Err(invalid(format!(
+                    "service {}: the {what} of {ms} ms is longer than the most a spec holds \
+                     (365 days)",
+                    spec.name
+                )));
+            }
         }
         crate::orchestrator::parse_constraints(&spec.task.constraints)
             .map_err(|e| invalid(format!("service {}: {e}", spec.name)))?;
@@ -2458,7 +2533,7 @@ mod tests {
         };
         let err = s
             .apply(&Command::UpdateNode {
-                id: "mgr".into(),
+                id: "m1".into(),
                 version: 1,
                 spec: demote.clone(),
             })
@@ -2469,14 +2544,14 @@ mod tests {
             ..demote.clone()
         };
         s.apply(&Command::UpdateNode {
-            id: "wrk".into(),
+            id: "w1".into(),
             version: 1,
             spec: drain.clone(),
         })
         .unwrap();
         let err = s
             .apply(&Command::UpdateNode {
-                id: "wrk".into(),
+                id: "w1".into(),
                 version: 1,
                 spec: drain,
             })
@@ -2500,9 +2575,9 @@ mod tests {
             .unwrap_err()
             .to_string()
         };
-        let err = remove(&mut s, "mgr", true);
+        let err = remove(&mut s, "m1", true);
         assert!(err.contains("demote it before removing it"), "{err}");
-        let err = remove(&mut s, "wrk", false);
+        let err = remove(&mut s, "w1", false);
         assert!(err.contains("is not down and can't be removed"), "{err}");
         s.apply(&Command::SetNodeStatus {
             id: "w1".into(),
@@ -2510,11 +2585,101 @@ mod tests {
         })
         .unwrap();
         s.apply(&Command::RemoveNode {
-            id: "wrk".into(),
+            id: "w1".into(),
             force: false,
         })
         .unwrap();
         assert_eq!(s.nodes.len(), 1);
+    }
+
+    /// A node is addressed by id only: a hostname that equals, or looks
+    /// like, another node's id is refused at join, and commands never
+    /// resolve a hostname (they once took "id or hostname, first match",
+    /// so a joiner named after a victim's id was marked down for it).
+    #[test]
+    fn node_identity_cannot_be_shadowed() {
+        let mut s = init();
+        let add = |s: &mut State, id: &str, hostname: &str, last: u8| {
+            s.apply(&Command::AddNode {
+                id: id.into(),
+                hostname: hostname.into(),
+                addr: Ipv4Addr::new(198, 18, 0, last),
+                api_addr: None,
+                role: Role::Worker,
+            })
+        };
+        add(&mut s, "00000000000000a1", "victim", 1).unwrap();
+        let before = serde_json::to_vec(&s).unwrap();
+        for (hostname, want) in [
+            ("00000000000000a1", "looks like a node id"),
+            ("0123456789abcdef", "looks like a node id"),
+            ("Victim", "not a valid host name"),
+            ("-x", "not a valid host name"),
+            ("a..b", "not a valid host name"),
+            ("", "not a valid host name"),
+            (&"a".repeat(64), "not a valid host name"),
+        ] {
+            let err = add(&mut s, "00000000000000b2", hostname, 2).unwrap_err();
+            assert!(err.to_string().contains(want), "{hostname:?}: {err}");
+            assert_eq!(
+                serde_json::to_vec(&s).unwrap(),
+                before,
+                "{hostname:?} left a trace"
+            );
+        }
+        // A new id may not equal an existing hostname either.
+        add(&mut s, "00000000000000c3", "00000000000000d4x.example", 3).unwrap();
+        let err = add(&mut s, "00000000000000d4x.example", "other", 4).unwrap_err();
+        assert!(err.to_string().contains("already the hostname"), "{err}");
+        s.apply(&Command::RemoveNode {
+            id: "00000000000000c3".into(),
+            force: true,
+        })
+        .unwrap();
+        // Two nodes may share a hostname; commands by hostname find neither.
+        add(&mut s, "00000000000000e5", "victim", 5).unwrap();
+        let err = s
+            .apply(&Command::SetNodeStatus {
+                id: "victim".into(),
+                status: NodeStatus::Down,
+            })
+            .unwrap_err();
+        assert_eq!(err.to_string(), "node victim not found");
+        s.apply(&Command::SetNodeStatus {
+            id: "00000000000000a1".into(),
+            status: NodeStatus::Down,
+        })
+        .unwrap();
+        assert_eq!(s.nodes["00000000000000a1"].status, NodeStatus::Down);
+        assert_eq!(s.nodes["00000000000000e5"].status, NodeStatus::Ready);
+    }
+
+    /// Equality sees every persisted field: it once ignored these four,
+    /// so replicas diverging in them compared equal.
+    #[test]
+    fn state_equality_covers_every_persisted_field() {
+        let base = init();
+        let mut changed: Vec<(&str, State)> = Vec::new();
+        let mut s = base.clone();
+        s.removed.insert("gone".into());
+        changed.push(("removed", s));
+        let mut s = base.clone();
+        s.task_seq += 1;
+        changed.push(("task_seq", s));
+        let mut s = base.clone();
+        s.secrets = Some(ClusterSecrets::default());
+        changed.push(("secrets", s));
+        let mut s = base.clone();
+        s.network_keys.push(NetworkKey {
+            id: 1,
+            secret: vec![0; 20],
+            created_ms: 0,
+        });
+        changed.push(("network_keys", s));
+        for (field, s) in changed {
+            assert_ne!(s, base, "{field} is not compared");
+        }
+        assert_eq!(base.clone(), base);
     }
 
     #[test]

@@ -428,14 +428,10 @@ impl Touched {
             Command::UpdateNode { id, .. }
             | Command::SetNodeStatus { id, .. }
             | Command::RemoveNode { id, .. } => {
-                // By id or hostname, as the state resolves it.
-                if let Some(n) = state
-                    .nodes
-                    .values()
-                    .find(|n| n.id == *id || n.hostname == *id)
-                {
-                    self.nodes.insert(n.id.clone());
-                    self.node_endpoints.insert(n.id.clone());
+                // By id, as the state resolves it (never by hostname).
+                if state.nodes.contains_key(id) {
+                    self.nodes.insert(id.clone());
+                    self.node_endpoints.insert(id.clone());
                 }
             }
             Command::CreateService { id, .. } => {
@@ -696,8 +692,7 @@ mod tests {
                 commands: vec![task("w2", "web", "b"), task("d1", "db", "b")],
             },
             status("b", NodeStatus::Down),
-            // By hostname, as the API allows.
-            status("host-b", NodeStatus::Ready),
+            status("b", NodeStatus::Ready),
             Command::UpdateService {
                 target: "web".into(),
                 version: 1,

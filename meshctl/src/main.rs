@@ -264,18 +264,16 @@ struct UpdateOpts {
     rollback_order: Option<String>,
 }
 
-/// "500ms", "5s", "2m", "1h" or plain seconds, in ms.
+/// "500ms", "5s", "2m", "1h30m" or plain seconds, in ms: at most a year
+/// (what a service spec holds), checked, never overflowing.
 fn parse_ms(s: &str) -> Result<u64, String> {
-    let bad = || format!("{s:?} is not a duration: use e.g. 500ms, 5s, 2m or 1h");
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    Ok(match unit {
-        "ms" => n,
-        "" | "s" => n * 1000,
-        "m" => n * 60_000,
-        "h" => n * 3_600_000,
-        _ => return Err(bad()),
-    })
+    control::units::Range {
+        what: "a service duration",
+        min: Duration::ZERO,
+        max: control::units::SPEC_MAX,
+    }
+    .parse_ms(s)
+    .map_err(|e| e.to_string())
 }
 
 /// Applies the `--<prefix>-*` options to `c`.
@@ -1782,6 +1780,47 @@ mod tests {
             let err = parse_scale(bad).unwrap_err();
             assert!(err.contains("use SERVICE=REPLICAS"), "{bad}: {err}");
         }
+    }
+
+    /// Every duration flag is checked: overflow and out-of-range values
+    /// are clap errors naming the range, never a panic.
+    #[test]
+    fn duration_flags_refuse_overflow_with_the_range() {
+        for flag in [
+            "--restart-delay",
+            "--restart-window",
+            "--update-delay",
+            "--update-monitor",
+            "--rollback-delay",
+            "--rollback-monitor",
+        ] {
+            for value in ["99999999999999999h", "9999999d", "99999999999999999999999"] {
+                let err = Cli::try_parse_from([
+                    "meshctl", "service", "create", "--name", "web", flag, value, "--", "/bin/web",
+                ])
+                .err()
+                .unwrap_or_else(|| panic!("{flag} {value} was accepted"));
+                let text = err.to_string();
+                assert!(
+                    text.contains("out of range") || text.contains("is not a duration"),
+                    "{flag} {value}: {text}"
+                );
+            }
+        }
+        assert!(
+            Cli::try_parse_from([
+                "meshctl",
+                "service",
+                "create",
+                "--name",
+                "web",
+                "--restart-delay",
+                "1h30m",
+                "--",
+                "/bin/web",
+            ])
+            .is_ok()
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use control::{
     agent::{Sink, Update},
     daemon::{self, Addresses, InitOptions, InitReport, Unlock},
     tables::Tables,
+    units::Range,
 };
 use dataplane::{
     bpffs,
@@ -59,7 +60,7 @@ enum Command {
         autolock: bool,
         /// Lifetime of node certificates (s, m, h or d suffix); they renew
         /// in the last third.
-        #[arg(long, default_value = "90d", value_parser = parse_duration)]
+        #[arg(long, default_value = "90d", value_parser = parse_cert_lifetime)]
         cert_lifetime: Duration,
         /// How often each node's agent sends a heartbeat to the leader.
         #[arg(long, default_value = "1s", value_parser = parse_period)]
@@ -70,7 +71,7 @@ enum Command {
         heartbeat_misses: u32,
         /// How often the leader adds a key to the encrypted networks' ring
         /// and drops the oldest (Swarm: 12h).
-        #[arg(long, default_value = "12h", value_parser = parse_duration)]
+        #[arg(long, default_value = "12h", value_parser = parse_rotation)]
         network_key_rotation: Duration,
         #[command(flatten)]
         dp: DataplaneArgs,
@@ -186,7 +187,9 @@ impl AddrArgs {
         let hostname = match &self.hostname {
             Some(h) => h.clone(),
             None => fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
+                // Host names are case-insensitive; the cluster keeps one
+                // spelling (lowercase), as DNS does.
+                .map(|h| h.trim().to_ascii_lowercase())
                 .context("reading the host name (or pass --hostname)")?,
         };
         Ok(Addresses {
@@ -294,41 +297,38 @@ fn parse_scope(s: &str) -> Result<String, String> {
     }
 }
 
-/// "250ms", "1s" or "2s": 50 ms to 60 s.
+/// The heartbeat period: "250ms", "1s" or "2s", 50 ms to 60 s.
 fn parse_period(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not a period: use e.g. 500ms or 1s");
-    let d = if let Some(ms) = s.strip_suffix("ms") {
-        Duration::from_millis(ms.parse().map_err(|_| bad())?)
-    } else {
-        Duration::from_secs(s.trim_end_matches('s').parse().map_err(|_| bad())?)
-    };
-    if !(Duration::from_millis(50)..=Duration::from_secs(60)).contains(&d) {
-        return Err(format!(
-            "{s:?}: the heartbeat period must be between 50ms and 60s"
-        ));
+    Range {
+        what: "the heartbeat period",
+        min: Duration::from_millis(50),
+        max: Duration::from_secs(60),
     }
-    Ok(d)
+    .parse(s)
+    .map_err(|e| e.to_string())
 }
 
-/// "90d", "12h", "30m", "45s" or plain seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration: use e.g. 90d, 12h, 30m or 45s"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
-    };
-    if secs < 6 {
-        return Err(format!(
-            "{s:?} is too short for a certificate lifetime or a key rotation (at least 6s)"
-        ));
+/// A certificate lifetime: "90d", "12h", "30m", "45s" or plain seconds,
+/// 6 s to 10 years (a certificate's dates must stay representable).
+fn parse_cert_lifetime(s: &str) -> Result<Duration, String> {
+    Range {
+        what: "a certificate lifetime",
+        min: Duration::from_secs(6),
+        max: Duration::from_secs(3650 * 86_400),
     }
-    Ok(Duration::from_secs(secs))
+    .parse(s)
+    .map_err(|e| e.to_string())
+}
+
+/// The network key rotation period: 6 s to a year.
+fn parse_rotation(s: &str) -> Result<Duration, String> {
+    Range {
+        what: "the network key rotation period",
+        min: Duration::from_secs(6),
+        max: Duration::from_secs(365 * 86_400),
+    }
+    .parse(s)
+    .map_err(|e| e.to_string())
 }
 
 /// How the control plane starts, if at all.
@@ -1215,4 +1215,34 @@ fn down(node: &NodeArgs) -> Result<()> {
         dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::Cli;
+
+    /// `meshd init --cert-lifetime 999999999999999999d` once panicked on
+    /// overflow; every duration flag now gives its range instead.
+    #[test]
+    fn duration_flags_refuse_overflow_with_the_range() {
+        for (flag, value) in [
+            ("--cert-lifetime", "999999999999999999d"),
+            ("--cert-lifetime", "9999999d"),
+            ("--cert-lifetime", "99999999999999999999999"),
+            ("--network-key-rotation", "99999999999999999h"),
+            ("--heartbeat-period", "99999999999999999999ms"),
+        ] {
+            let err = Cli::try_parse_from(["meshd", "init", flag, value])
+                .err()
+                .unwrap_or_else(|| panic!("{flag} {value} was accepted"));
+            let text = err.to_string();
+            assert!(
+                text.contains("out of range") || text.contains("is not a duration"),
+                "{flag} {value}: {text}"
+            );
+        }
+        assert!(Cli::try_parse_from(["meshd", "init", "--cert-lifetime", "3650d"]).is_ok());
+    }
 }
