@@ -536,14 +536,21 @@ impl Daemon {
             .await
             .map_err(|e| msg(format!("listening on {}: {e}", file.listen_addr)))?;
         let (stop, mut stopped) = watch::channel(false);
-        let incoming = tls.incoming(listener);
+        let limits = crate::gate::Limits::default();
+        let incoming = tls.incoming(listener, crate::gate::Admission::new(limits));
         let router = tonic::transport::Server::builder()
+            .max_concurrent_streams(limits.streams)
+            .http2_max_header_list_size(16 << 10)
+            .layer(crate::gate::AnonymousGate)
             .add_service(
                 RaftServer::new(RaftService(ctx.clone()))
                     .max_decoding_message_size(MAX_MESSAGE)
                     .max_encoding_message_size(MAX_MESSAGE),
             )
-            .add_service(JoinServer::new(JoinService(ctx.clone())))
+            .add_service(
+                JoinServer::new(JoinService(ctx.clone()))
+                    .max_decoding_message_size(crate::gate::JOIN_MESSAGE),
+            )
             .add_service(
                 DispatcherServer::new(DispatcherService(ctx.clone()))
                     .max_decoding_message_size(MAX_MESSAGE)

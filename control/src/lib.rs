@@ -10,6 +10,7 @@ pub mod allocator;
 pub mod api;
 pub mod daemon;
 pub mod dispatcher;
+pub mod gate;
 pub mod keys;
 pub mod manager;
 pub mod orchestrator;

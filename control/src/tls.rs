@@ -30,7 +30,7 @@ use rustls::{
     sign::CertifiedKey,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector, server::TlsStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::pki::MANAGER_SERVER_NAME;
@@ -208,14 +208,17 @@ impl Server {
     }
 
     /// Accepts TCP connections on `listener` and yields those whose TLS
-    /// handshake completes within 10 s. Failed handshakes are logged and
+    /// handshake completes in time and that `admission` lets in (see
+    /// [`crate::gate`]). Refused and failed connections are logged and
     /// dropped; they never stop the server.
     pub fn incoming(
         &self,
         listener: TcpListener,
-    ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+        admission: crate::gate::Admission,
+    ) -> tokio_stream::wrappers::ReceiverStream<Result<crate::gate::Admitted, io::Error>> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let acceptor = self.acceptor.clone();
+        let admission = Arc::new(admission);
         tokio::spawn(async move {
             loop {
                 // The listener closes as soon as the server stops reading.
@@ -231,17 +234,27 @@ impl Server {
                         continue;
                     }
                 };
+                let Some(slot) = admission.handshake() else {
+                    tracing::debug!("{peer}: too many TLS handshakes in flight; closed");
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
+                let admission = admission.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-                    {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send(Ok(tls)).await;
+                    let timeout = admission.limits.handshake_timeout;
+                    let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => return tracing::debug!("TLS handshake from {peer}: {e}"),
+                        Err(_) => return tracing::debug!("TLS handshake from {peer}: timed out"),
+                    };
+                    drop(slot);
+                    match admission.admit(tls) {
+                        Some(conn) => {
+                            let _ = tx.send(Ok(conn)).await;
                         }
-                        Ok(Err(e)) => tracing::debug!("TLS handshake from {peer}: {e}"),
-                        Err(_) => tracing::debug!("TLS handshake from {peer}: timed out"),
+                        None => tracing::debug!("{peer}: connection cap reached; closed"),
                     }
                 });
             }

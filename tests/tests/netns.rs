@@ -15,6 +15,8 @@ use mesh_tests::{
     require_root,
 };
 
+#[path = "netns/attack.rs"]
+mod attack;
 #[path = "netns/control.rs"]
 mod control;
 #[path = "netns/executor.rs"]
