@@ -542,6 +542,7 @@ impl Daemon {
             .max_concurrent_streams(limits.streams)
             .http2_max_header_list_size(16 << 10)
             .layer(crate::gate::AnonymousGate)
+            .layer(crate::deadline::DeadlineLayer)
             .add_service(
                 RaftServer::new(RaftService(ctx.clone()))
                     .max_decoding_message_size(MAX_MESSAGE)

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod allocator;
 pub mod api;
 pub mod daemon;
+pub mod deadline;
 pub mod dispatcher;
 pub mod gate;
 pub mod keys;

@@ -79,25 +79,133 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(3);
 /// plus commit timeout), so the leader's answer arrives.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(6);
 
-/// Why a write did not happen.
+/// Why a write did not succeed, and whether it may still have happened.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
     /// The state machine refused the command; the text is for the user.
     #[error("{0}")]
     Refused(String),
-    #[error("no quorum: {0}")]
+    /// Not applied: no leader, or the leader has no quorum. Safe to retry.
+    #[error("no quorum: {0} (not applied)")]
     NoQuorum(String),
+    /// Not applied: the leader's queue of writes is full. Retry shortly.
+    #[error("manager busy, retry: {0} (not applied)")]
+    Busy(String),
+    /// The write may or may not have been committed: it reached a leader
+    /// that then stopped answering, or did not commit in time.
+    #[error(
+        "outcome unknown: {0}. The write may have been applied: look (meshctl service ls, \
+         network ls or node ls) before retrying"
+    )]
+    Unknown(String),
     #[error("{0}")]
     Internal(String),
 }
+
+/// Prefixes that carry a [`WriteError`]'s kind across a forwarded write.
+const NO_QUORUM: &str = "no quorum: ";
+const BUSY: &str = "manager busy, retry: ";
+const UNKNOWN: &str = "outcome unknown: ";
 
 impl From<WriteError> for tonic::Status {
     fn from(e: WriteError) -> tonic::Status {
         match e {
             WriteError::Refused(m) => tonic::Status::failed_precondition(m),
-            e @ WriteError::NoQuorum(_) => tonic::Status::unavailable(e.to_string()),
+            e @ (WriteError::NoQuorum(_) | WriteError::Busy(_)) => {
+                tonic::Status::unavailable(e.to_string())
+            }
+            e @ WriteError::Unknown(_) => tonic::Status::unknown(e.to_string()),
             WriteError::Internal(m) => tonic::Status::internal(m),
         }
+    }
+}
+
+impl WriteError {
+    /// The error a forwarded write's status stands for.
+    fn from_leader(s: &tonic::Status, addr: &str) -> WriteError {
+        let m = s.message();
+        // Our own kinds first (their text ends in a note we don't repeat).
+        let inner = |prefix: &str| {
+            m.strip_prefix(prefix).map(|rest| {
+                rest.trim_end_matches(" (not applied)")
+                    .split(". The write may have been applied")
+                    .next()
+                    .unwrap_or(rest)
+                    .to_owned()
+            })
+        };
+        if let Some(r) = inner(NO_QUORUM) {
+            return WriteError::NoQuorum(r);
+        }
+        if let Some(r) = inner(BUSY) {
+            return WriteError::Busy(r);
+        }
+        if let Some(r) = inner(UNKNOWN) {
+            return WriteError::Unknown(r);
+        }
+        if m.starts_with(NOT_LEADER) {
+            return WriteError::Internal(m.to_owned());
+        }
+        let text = crate::daemon::status_text(s);
+        match s.code() {
+            Code::DeadlineExceeded | Code::Cancelled => {
+                WriteError::Unknown(format!("the leader at {addr} did not answer in time"))
+            }
+            // A connection that never opened carried nothing.
+            Code::Unavailable | Code::Unknown if never_sent(&text) => {
+                WriteError::NoQuorum(format!("cannot reach the leader at {addr}: {text}"))
+            }
+            Code::Unavailable | Code::Unknown => WriteError::Unknown(format!(
+                "the connection to the leader at {addr} failed during the write: {text}"
+            )),
+            _ => WriteError::Internal(format!("the leader at {addr} answered: {text}")),
+        }
+    }
+
+    /// Whether a retry may still have to find out about an earlier attempt.
+    fn maybe_applied(&self) -> bool {
+        matches!(self, WriteError::Unknown(_))
+    }
+}
+
+/// Whether a transport error's text says the request was never sent (the
+/// connection could not be made).
+fn never_sent(text: &str) -> bool {
+    [
+        "tcp connect error",
+        "Connection refused",
+        "No route to host",
+        "error trying to connect",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
+}
+
+/// How long a write may look for a leader and retry, by default and at
+/// most: longer than an election (about 1 s here, 4 s at worst).
+pub const WRITE_BUDGET: Duration = Duration::from_secs(8);
+
+/// A fresh request id for [`Command::Once`].
+fn new_request_id() -> String {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut raw = [0u8; 16];
+    // The system RNG does not fail on Linux; a zero id would only make
+    // this request share dedup with another failed-RNG one.
+    let _ = SystemRandom::new().fill(&mut raw);
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `cmd` made safe to retry: each ordinary command is applied at most once.
+fn once(cmd: &Command) -> Command {
+    match cmd {
+        Command::Init { .. } | Command::Once { .. } => cmd.clone(),
+        Command::Batch { commands } => Command::Batch {
+            commands: commands.iter().map(once).collect(),
+        },
+        other => Command::Once {
+            request: new_request_id(),
+            write: Box::new(other.clone()),
+        },
     }
 }
 
@@ -254,7 +362,7 @@ pub struct Manager {
     pub peers: Peers,
     /// Agent sessions and liveness (used while this manager leads).
     pub dispatcher: crate::dispatcher::Dispatcher,
-    proposals: tokio::sync::mpsc::UnboundedSender<Proposal>,
+    proposals: tokio::sync::mpsc::Sender<Proposal>,
     stop: tokio::sync::watch::Sender<bool>,
     /// The liveness and orchestrator loops, awaited on shutdown (they hold
     /// the manager while they work, and the store must be closed when
@@ -274,10 +382,13 @@ struct Proposal {
 /// batches beat more of them; see docs/BENCHMARKS.md).
 const BATCHES_IN_FLIGHT: usize = 1;
 const MAX_BATCH: usize = 512;
+/// Writes queued on the leader at most; past it a write is refused as
+/// "manager busy" (not applied) instead of queueing without bound.
+pub const PROPOSAL_QUEUE: usize = 8192;
 
 /// Commits queued writes: whatever has queued up goes out as one
 /// [`Command::Batch`] entry, with a few batches in flight.
-async fn batcher(raft: Raft, mut rx: tokio::sync::mpsc::UnboundedReceiver<Proposal>) {
+async fn batcher(raft: Raft, mut rx: tokio::sync::mpsc::Receiver<Proposal>) {
     let permits = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -330,13 +441,14 @@ async fn commit_batch(raft: &Raft, mut batch: Vec<Proposal>) {
 async fn commit(raft: &Raft, cmd: Command) -> Result<Outcome, WriteError> {
     match tokio::time::timeout(COMMIT_TIMEOUT, raft.client_write(cmd)).await {
         Ok(Ok(resp)) => resp.data.0.map_err(WriteError::Refused),
+        // Refused before it was appended.
         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(
             WriteError::Internal(format!("{NOT_LEADER} {:?}", f.leader_id)),
         ),
-        Ok(Err(e)) => Err(WriteError::Internal(format!("write failed: {e}"))),
-        Err(_) => Err(WriteError::NoQuorum(format!(
+        Ok(Err(e)) => Err(WriteError::Unknown(format!("the leader stopped: {e}"))),
+        Err(_) => Err(WriteError::Unknown(format!(
             "the write was not committed within {} s: a majority of managers is not answering \
-             (it is in this manager's log, and takes effect if a majority later accepts it)",
+             (it is in the leader's log, and takes effect if a majority later accepts it)",
             COMMIT_TIMEOUT.as_secs()
         ))),
     }
@@ -357,7 +469,7 @@ impl Manager {
         let raft = Raft::new(raft_id, Arc::new(config), peers.clone(), log, sm.clone())
             .await
             .map_err(|e| format!("starting Raft: {e}"))?;
-        let (proposals, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (proposals, rx) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
         tokio::spawn(batcher(raft.clone(), rx));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let m = Arc::new(Manager {
@@ -482,48 +594,110 @@ impl Manager {
         }
     }
 
-    /// Commits a command: here if this is the leader, else on the leader.
+    /// Commits a command: here if this is the leader, else on the leader,
+    /// within [`WRITE_BUDGET`] or, if it is shorter, what the caller waits
+    /// (its gRPC deadline, less a second to answer in).
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, WriteError> {
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let budget = crate::deadline::remaining().map_or(WRITE_BUDGET, |left| {
+            left.saturating_sub(Duration::from_secs(1))
+        });
+        self.propose_within(cmd, budget).await
+    }
+
+    /// Commits a command within `budget`: through an election it waits for
+    /// the new leader, and a write whose outcome was unknown is retried
+    /// under the same request id (see [`Command::Once`]), so that it
+    /// applies once. The error says "not applied" only when no attempt can
+    /// have been committed; otherwise the outcome is unknown.
+    pub async fn propose_within(
+        &self,
+        cmd: Command,
+        budget: Duration,
+    ) -> Result<Outcome, WriteError> {
+        let deadline = Instant::now() + budget.min(WRITE_BUDGET);
+        let cmd = once(&cmd);
+        let mut unknown: Option<WriteError> = None;
         loop {
-            let (leader, addr) = self
-                .leader(deadline.saturating_duration_since(Instant::now()))
-                .await?;
-            let result = if leader == self.raft_id {
-                self.write_local(cmd.clone()).await
-            } else {
-                self.forward(&addr, &cmd).await
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let result = match self.leader(remaining).await {
+                Ok((leader, _)) if leader == self.raft_id => self.write_local(cmd.clone()).await,
+                Ok((_, addr)) => self.forward(&addr, &cmd).await,
+                Err(e) => Err(e),
             };
-            match result {
-                // The leader changed under us: look again.
-                Err(WriteError::Internal(m)) if m.starts_with(NOT_LEADER) => {}
-                other => return other,
+            let e = match result {
+                Ok(out) => return Ok(out),
+                Err(e @ (WriteError::Refused(_) | WriteError::Busy(_))) => {
+                    // A refusal after an unknown attempt may be the first
+                    // attempt's own effect ("name in use"): say so.
+                    return Err(match (&e, unknown) {
+                        (WriteError::Busy(_), Some(u)) => u,
+                        _ => e,
+                    });
+                }
+                Err(WriteError::Internal(m)) if !m.starts_with(NOT_LEADER) => {
+                    return Err(unknown.unwrap_or(WriteError::Internal(m)));
+                }
+                Err(e) => e,
+            };
+            if e.maybe_applied() {
+                unknown = Some(e.clone());
             }
             if Instant::now() >= deadline {
-                return Err(WriteError::NoQuorum(
-                    "the leader kept changing; try again".into(),
-                ));
+                return Err(unknown.unwrap_or(match e {
+                    WriteError::Internal(_) => {
+                        WriteError::NoQuorum("the leader kept changing".into())
+                    }
+                    e => e,
+                }));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
-    /// Commits on this node, which must be the leader.
+    /// Commits on this node, which must be the leader. A request applied
+    /// before is answered with what it made, from this leader's state.
     pub async fn write_local(&self, cmd: Command) -> Result<Outcome, WriteError> {
         self.lead().await?;
         let (done, rx) = tokio::sync::oneshot::channel();
+        let original = cmd.clone();
         self.proposals
-            .send(Proposal { cmd, done })
-            .map_err(|_| WriteError::Internal("this manager is shutting down".into()))?;
-        rx.await
-            .map_err(|_| WriteError::Internal("this manager is shutting down".into()))?
+            .try_send(Proposal { cmd, done })
+            .map_err(|e| match e {
+                tokio::sync::mpsc::error::TrySendError::Full(_) => {
+                    WriteError::Busy(format!("{PROPOSAL_QUEUE} writes are queued on the leader"))
+                }
+                tokio::sync::mpsc::error::TrySendError::Closed(_) => {
+                    WriteError::Internal("this manager is shutting down".into())
+                }
+            })?;
+        let out = rx
+            .await
+            .map_err(|_| WriteError::Unknown("this manager shut down during the write".into()))??;
+        Ok(match (out, original) {
+            (Outcome::AlreadyApplied, Command::Once { write, .. }) => {
+                self.with_state(|s| s.outcome_of(&write))
+            }
+            (Outcome::Batch(results), Command::Batch { commands }) => Outcome::Batch(
+                results
+                    .into_iter()
+                    .zip(&commands)
+                    .map(|(r, c)| match (r, c) {
+                        (Ok(Outcome::AlreadyApplied), Command::Once { write, .. }) => {
+                            Ok(self.with_state(|s| s.outcome_of(write)))
+                        }
+                        (r, _) => r,
+                    })
+                    .collect(),
+            ),
+            (out, _) => out,
+        })
     }
 
     async fn forward(&self, addr: &str, cmd: &Command) -> Result<Outcome, WriteError> {
         let channel = self
             .peers
             .channel_with(addr, FORWARD_TIMEOUT)
-            .map_err(|s| WriteError::Internal(s.message().to_owned()))?;
+            .map_err(|s| WriteError::NoQuorum(s.message().to_owned()))?;
         let body = serde_json::to_vec(cmd).map_err(|e| WriteError::Internal(e.to_string()))?;
         match ClusterClient::new(channel)
             .propose(Blob { json: body })
@@ -532,38 +706,11 @@ impl Manager {
             Ok(reply) => {
                 let r: Result<Outcome, String> = serde_json::from_slice(&reply.into_inner().json)
                     .map_err(|e| {
-                    WriteError::Internal(format!("bad reply from the leader: {e}"))
+                    WriteError::Unknown(format!("bad reply from the leader: {e}"))
                 })?;
                 r.map_err(WriteError::Refused)
             }
-            Err(s) if s.code() == Code::Unavailable && s.message().starts_with("no quorum: ") => {
-                Err(WriteError::NoQuorum(
-                    s.message().trim_start_matches("no quorum: ").to_owned(),
-                ))
-            }
-            Err(s) if s.message().starts_with(NOT_LEADER) => {
-                Err(WriteError::Internal(s.message().to_owned()))
-            }
-            Err(s) if matches!(s.code(), Code::DeadlineExceeded | Code::Cancelled) => {
-                Err(WriteError::NoQuorum(format!(
-                    "the leader at {addr} did not answer within {} s; the write may or may not \
-                     have been applied: look before retrying",
-                    FORWARD_TIMEOUT.as_secs()
-                )))
-            }
-            Err(s)
-                if s.code() == Code::Unavailable
-                    || (s.code() == Code::Unknown && std::error::Error::source(&s).is_some()) =>
-            {
-                Err(WriteError::NoQuorum(format!(
-                    "cannot reach the leader at {addr}: {}",
-                    crate::daemon::status_text(&s)
-                )))
-            }
-            Err(s) => Err(WriteError::Internal(format!(
-                "the leader at {addr} answered: {}",
-                s.message()
-            ))),
+            Err(s) => Err(WriteError::from_leader(&s, addr)),
         }
     }
 

@@ -32,6 +32,17 @@ pub enum StateError {
     NotFound { kind: &'static str, name: String },
     #[error("{kind} name {name} is already in use")]
     NameInUse { kind: &'static str, name: String },
+    /// A create whose name exists with the very same spec: most likely an
+    /// earlier attempt of this create, whose outcome the caller missed.
+    #[error(
+        "{kind} {name} already exists, with the same spec (id {id}): an earlier attempt of \
+         this create was applied; nothing was changed"
+    )]
+    SameSpec {
+        kind: &'static str,
+        name: String,
+        id: String,
+    },
     #[error(
         "{kind} {name} was changed since you read it (version {current}, you sent {given}); read it again and retry"
     )]
@@ -791,6 +802,14 @@ pub enum Command {
     Batch {
         commands: Vec<Command>,
     },
+    /// `write`, applied at most once for `request`: a write retried
+    /// across a leader change (the first attempt may have committed) is
+    /// answered [`Outcome::AlreadyApplied`] the second time. The state
+    /// remembers the last [`RecentRequests::CAPACITY`] applied requests.
+    Once {
+        request: String,
+        write: Box<Command>,
+    },
 }
 
 /// What a command produced.
@@ -804,6 +823,57 @@ pub enum Outcome {
     Task(Task),
     /// One result per command of a [`Command::Batch`], in order.
     Batch(Vec<Result<Outcome, String>>),
+    /// A [`Command::Once`] whose request was applied before.
+    AlreadyApplied,
+}
+
+/// The requests of the last applied [`Command::Once`]s, oldest first:
+/// bounded, deterministic (every replica evicts the same ones), and
+/// persisted with the state so that a snapshot keeps them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    from = "std::collections::VecDeque<String>",
+    into = "std::collections::VecDeque<String>"
+)]
+pub struct RecentRequests {
+    order: std::collections::VecDeque<String>,
+    index: BTreeSet<String>,
+}
+
+impl RecentRequests {
+    /// Far more than the writes of any retry window (a few seconds).
+    pub const CAPACITY: usize = 16_384;
+
+    pub fn contains(&self, request: &str) -> bool {
+        self.index.contains(request)
+    }
+
+    fn insert(&mut self, request: &str) {
+        if self.index.insert(request.to_owned()) {
+            self.order.push_back(request.to_owned());
+            while self.order.len() > Self::CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.index.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+impl From<std::collections::VecDeque<String>> for RecentRequests {
+    fn from(order: std::collections::VecDeque<String>) -> Self {
+        let mut r = RecentRequests::default();
+        for req in order {
+            r.insert(&req);
+        }
+        r
+    }
+}
+
+impl From<RecentRequests> for std::collections::VecDeque<String> {
+    fn from(r: RecentRequests) -> Self {
+        r.order
+    }
 }
 
 /// Allocations derived from the entities; rebuilt by [`State::reindex`].
@@ -856,6 +926,9 @@ pub struct State {
     /// The last task `seq` handed out.
     #[serde(default)]
     pub task_seq: u64,
+    /// Requests already applied (see [`Command::Once`]).
+    #[serde(default)]
+    pub requests: RecentRequests,
     #[serde(skip)]
     alloc: Allocations,
     /// What changed since the orchestrator last looked.
@@ -917,6 +990,7 @@ impl PartialEq for State {
             tasks,
             network_keys,
             task_seq,
+            requests,
             alloc: _,
             touched: _,
         } = self;
@@ -928,7 +1002,7 @@ impl PartialEq for State {
             removed,
             (networks, services, tasks),
             network_keys,
-            task_seq,
+            (task_seq, requests),
         ) == (
             &other.cluster_id,
             &other.settings,
@@ -937,7 +1011,7 @@ impl PartialEq for State {
             &other.removed,
             (&other.networks, &other.services, &other.tasks),
             &other.network_keys,
-            &other.task_seq,
+            (&other.task_seq, &other.requests),
         )
     }
 }
@@ -1093,7 +1167,8 @@ impl State {
             | Command::RemoveNetwork { .. } => self.touched.everything(),
             Command::SetJoinToken { .. }
             | Command::RotateNetworkKeys { .. }
-            | Command::Batch { .. } => {}
+            | Command::Batch { .. }
+            | Command::Once { .. } => {}
             Command::CreateService { id, .. } => self.touched.service(id),
             Command::UpdateService { target, .. }
             | Command::RemoveService { target }
@@ -1116,6 +1191,27 @@ impl State {
                 }
             }
         }
+    }
+
+    /// What `cmd` made, read back from the state: the answer to a
+    /// request that was applied before ([`Outcome::AlreadyApplied`]).
+    pub fn outcome_of(&self, cmd: &Command) -> Outcome {
+        let found = match cmd {
+            Command::CreateService { id: target, .. }
+            | Command::UpdateService { target, .. }
+            | Command::RollbackService { target, .. } => self
+                .service_by_ref(target)
+                .map(|s| Outcome::Service(Box::new(s.clone()))),
+            Command::CreateNetwork { id, .. } => {
+                self.networks.get(id).cloned().map(Outcome::Network)
+            }
+            Command::AddNode { id, .. } | Command::UpdateNode { id, .. } => {
+                self.nodes.get(id).cloned().map(Outcome::Node)
+            }
+            Command::CreateTask { id, .. } => self.tasks.get(id).cloned().map(Outcome::Task),
+            _ => None,
+        };
+        found.unwrap_or(Outcome::Done)
     }
 
     /// Applies one command: all of it, or (with an error) none of it.
@@ -1234,6 +1330,17 @@ impl State {
                     })
                     .collect(),
             )),
+            Command::Once { request, write } => {
+                if matches!(**write, Command::Batch { .. } | Command::Once { .. }) {
+                    return Err(invalid("a request wraps one ordinary command"));
+                }
+                if self.requests.contains(request) {
+                    return Ok(Outcome::AlreadyApplied);
+                }
+                let out = self.apply(write)?;
+                self.requests.insert(request);
+                Ok(out)
+            }
         }
     }
 
@@ -1401,10 +1508,23 @@ impl State {
                 name: spec.name.clone(),
             });
         }
-        if self.network_by_ref(&spec.name).is_some() {
-            return Err(StateError::NameInUse {
-                kind: "network",
-                name: spec.name.clone(),
+        if let Some(other) = self.network_by_ref(&spec.name) {
+            // The same spec: a pool-picked subnet counts as the one it got.
+            let same = NetworkSpec {
+                subnet: spec.subnet.or(other.spec.subnet),
+                ..spec.clone()
+            } == other.spec;
+            return Err(if same {
+                StateError::SameSpec {
+                    kind: "network",
+                    name: spec.name.clone(),
+                    id: other.id.clone(),
+                }
+            } else {
+                StateError::NameInUse {
+                    kind: "network",
+                    name: spec.name.clone(),
+                }
             });
         }
         if self.networks.contains_key(id) {
@@ -1484,9 +1604,18 @@ impl State {
         if let Some(other) = self.service_by_ref(&spec.name)
             && Some(other.id.as_str()) != own_id
         {
-            return Err(StateError::NameInUse {
-                kind: "service",
-                name: spec.name.clone(),
+            // A create retried after an unknown outcome finds its own work.
+            return Err(if own_id.is_none() && other.spec == *spec {
+                StateError::SameSpec {
+                    kind: "service",
+                    name: spec.name.clone(),
+                    id: other.id.clone(),
+                }
+            } else {
+                StateError::NameInUse {
+                    kind: "service",
+                    name: spec.name.clone(),
+                }
             });
         }
         if spec.task.command.is_empty() || spec.task.command[0].is_empty() {
@@ -2229,7 +2358,16 @@ mod tests {
         let err = network(&mut s, "n2", "Front_1").unwrap_err().to_string();
         assert!(err.contains("is not DNS-safe"), "{err}");
         assert_eq!(
-            network(&mut s, "n2", "front").unwrap_err().to_string(),
+            s.apply(&Command::CreateNetwork {
+                id: "n2".into(),
+                spec: NetworkSpec {
+                    name: "front".into(),
+                    internal: true,
+                    ..NetworkSpec::default()
+                },
+            })
+            .unwrap_err()
+            .to_string(),
             "network name front is already in use"
         );
         let err = s
@@ -2652,6 +2790,64 @@ mod tests {
         .unwrap();
         assert_eq!(s.nodes["00000000000000a1"].status, NodeStatus::Down);
         assert_eq!(s.nodes["00000000000000e5"].status, NodeStatus::Ready);
+    }
+
+    /// A request applies once: the retry of a write whose first attempt
+    /// committed unseen is answered "already applied", and changes nothing.
+    /// A create retried by hand finds "already exists, same spec".
+    #[test]
+    fn a_request_applies_once_and_a_same_spec_create_says_so() {
+        let mut s = init();
+        let create = Command::CreateNetwork {
+            id: "n1".into(),
+            spec: NetworkSpec {
+                name: "front".into(),
+                ..NetworkSpec::default()
+            },
+        };
+        let once = Command::Once {
+            request: "r1".into(),
+            write: Box::new(create.clone()),
+        };
+        assert!(matches!(s.apply(&once).unwrap(), Outcome::Network(_)));
+        let after = serde_json::to_vec(&s).unwrap();
+        assert_eq!(s.apply(&once).unwrap(), Outcome::AlreadyApplied);
+        assert_eq!(serde_json::to_vec(&s).unwrap(), after);
+        assert!(matches!(s.outcome_of(&create), Outcome::Network(n) if n.id == "n1"));
+        // The request log survives a snapshot.
+        let mut copy: State = serde_json::from_slice(&after).unwrap();
+        copy.reindex().unwrap();
+        assert_eq!(copy.apply(&once).unwrap(), Outcome::AlreadyApplied);
+        // A new request with the same spec: not a conflict, but named.
+        let err = s
+            .apply(&Command::CreateNetwork {
+                id: "n2".into(),
+                spec: NetworkSpec {
+                    name: "front".into(),
+                    ..NetworkSpec::default()
+                },
+            })
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("already exists, with the same spec (id n1)"),
+            "{err}"
+        );
+        // A refused request is not recorded: it can be retried.
+        let bad = Command::Once {
+            request: "r2".into(),
+            write: Box::new(Command::RemoveNetwork {
+                target: "nope".into(),
+            }),
+        };
+        assert!(s.apply(&bad).is_err());
+        assert!(!s.requests.contains("r2"));
+        // The log is bounded, oldest out first.
+        let mut r = RecentRequests::default();
+        for i in 0..RecentRequests::CAPACITY + 2 {
+            r.insert(&i.to_string());
+        }
+        assert!(!r.contains("0") && !r.contains("1") && r.contains("2"));
     }
 
     /// Equality sees every persisted field: it once ignored these four,

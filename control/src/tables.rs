@@ -468,6 +468,7 @@ impl Touched {
                     self.add(state, c);
                 }
             }
+            Command::Once { write, .. } => self.add(state, write),
         }
     }
 

@@ -289,6 +289,10 @@ async fn a_lone_manager_refuses_writes_with_no_quorum() {
     for i in (0..3).filter(|&i| i != keep) {
         c.nodes[i].take().unwrap().stop().await;
     }
+    // Past the quorum lease, the leader knows: it refuses before it
+    // appends, so the write is "not applied" (within the lease it would
+    // append, and answer "outcome unknown").
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut api = client(&c.dirs[keep].0, c.api(keep));
     let err = api
         .create_service(proto::Blob {
@@ -298,6 +302,11 @@ async fn a_lone_manager_refuses_writes_with_no_quorum() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     assert!(err.message().starts_with("no quorum"), "{}", err.message());
+    assert!(
+        err.message().ends_with("(not applied)"),
+        "{}",
+        err.message()
+    );
     assert!(services(c.node(keep)).is_empty());
     c.stop().await;
 }
@@ -573,9 +582,24 @@ async fn validation_errors_reach_the_client_verbatim() {
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert!(err.message().contains("not DNS-safe"), "{}", err.message());
     create_service(&mut api, "web").await;
+    // The same create again: named as such, not as a conflict.
     let err = api
         .create_service(proto::Blob {
             json: serde_json::to_vec(&service("web")).unwrap(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("already exists, with the same spec"),
+        "{}",
+        err.message()
+    );
+    // Another spec under the name: a conflict.
+    let mut other = service("web");
+    other.task.command = vec!["/bin/other".into()];
+    let err = api
+        .create_service(proto::Blob {
+            json: serde_json::to_vec(&other).unwrap(),
         })
         .await
         .unwrap_err();

@@ -483,9 +483,26 @@ fn main() -> ExitCode {
 
 type Res<T = ()> = Result<T, String>;
 
-/// A status as the user should see it: the server's words.
+/// A status as the user should see it: the server's words. A call cut
+/// off before its answer (deadline, or the connection lost after sending)
+/// may have been applied, and says so: never "failed" for what may not have.
 fn err(s: tonic::Status) -> String {
-    daemon::status_text(&s)
+    let text = daemon::status_text(&s);
+    let cut_off = match s.code() {
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => true,
+        tonic::Code::Unavailable | tonic::Code::Unknown => {
+            std::error::Error::source(&s).is_some() && !text.contains("connect")
+        }
+        _ => false,
+    };
+    if cut_off && !text.starts_with("outcome unknown") {
+        format!(
+            "{text}. If this was a change, its outcome is unknown: it may have been applied; \
+             look (meshctl service ls, network ls or node ls) before retrying"
+        )
+    } else {
+        text
+    }
 }
 
 struct Client {
