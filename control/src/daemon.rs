@@ -403,8 +403,12 @@ pub async fn run(dir: &Path, unlock: Unlock) -> Result<Daemon, DaemonError> {
     Daemon::serve(dir, &file, creds_arc, manager).await
 }
 
+/// The unlock socket: in its own 0700 directory, so that no other user
+/// can reach it at any moment (a socket's own mode is set only after
+/// `bind`, and the process-wide umask can't be changed safely while other
+/// threads create files).
 pub fn unlock_socket(dir: &Path) -> PathBuf {
-    dir.join("unlock.sock")
+    dir.join("unlock").join("unlock.sock")
 }
 
 async fn open_keys(dir: &Path, unlock: Unlock) -> Result<DataKeys, DaemonError> {
@@ -417,44 +421,78 @@ async fn open_keys(dir: &Path, unlock: Unlock) -> Result<DataKeys, DaemonError> 
     }
 }
 
-/// Serves `<dir>/unlock.sock` until a client sends the right key.
+/// How long an unlock client may take to send its key line, and its most.
+const UNLOCK_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const UNLOCK_LINE_MAX: u64 = 1024;
+
+/// Serves the unlock socket until a client sends the right key. Clients
+/// are served concurrently, each with a read timeout and a bounded line:
+/// one that connects and says nothing holds up no one.
 async fn wait_for_unlock(dir: &Path) -> Result<DataKeys, DaemonError> {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let path = unlock_socket(dir);
-    let _ = std::fs::remove_file(&path);
+    let parent = path
+        .parent()
+        .expect("the socket has a directory")
+        .to_owned();
+    let _ = std::fs::remove_dir_all(&parent);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&parent)
+        .map_err(|e| msg(format!("{}: {e}", parent.display())))?;
     let listener = tokio::net::UnixListener::bind(&path)
         .map_err(|e| msg(format!("{}: {e}", path.display())))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| msg(format!("{}: {e}", path.display())))?;
     tracing::warn!(
         "this manager is locked (autolock): run `meshd unlock --data-dir {}` with the unlock key",
         dir.display()
     );
+    let (found, mut unlocked) = tokio::sync::mpsc::channel::<DataKeys>(1);
     loop {
-        let (stream, _) = listener
-            .accept()
-            .await
-            .map_err(|e| msg(format!("{}: {e}", path.display())))?;
-        let (r, mut w) = stream.into_split();
-        let mut line = String::new();
-        if BufReader::new(r).read_line(&mut line).await.is_err() {
-            continue;
-        }
-        let answer = match line.trim().parse::<UnlockKey>() {
-            Err(e) => Err(e),
-            Ok(k) => DataKeys::load(dir, Some(&k)),
-        };
-        match answer {
-            Ok(keys) => {
-                let _ = w.write_all(b"ok\n").await;
-                let _ = std::fs::remove_file(&path);
+        tokio::select! {
+            Some(keys) = unlocked.recv() => {
+                let _ = std::fs::remove_dir_all(&parent);
                 return Ok(keys);
             }
-            Err(e) => {
-                let _ = w.write_all(format!("error: {e}\n").as_bytes()).await;
+            accepted = listener.accept() => {
+                let (stream, _) = accepted.map_err(|e| msg(format!("{}: {e}", path.display())))?;
+                tokio::spawn(serve_unlock(stream, dir.to_owned(), found.clone()));
             }
+        }
+    }
+}
+
+/// One unlock client: a key line in, "ok" or "error: ..." out.
+async fn serve_unlock(
+    stream: tokio::net::UnixStream,
+    dir: PathBuf,
+    found: tokio::sync::mpsc::Sender<DataKeys>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(r.take(UNLOCK_LINE_MAX));
+    let read = reader.read_line(&mut line);
+    let answer = match tokio::time::timeout(UNLOCK_READ_TIMEOUT, read).await {
+        Err(_) => Err(format!(
+            "no key line within {} s",
+            UNLOCK_READ_TIMEOUT.as_secs()
+        )),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(_)) => line
+            .trim()
+            .parse::<UnlockKey>()
+            .and_then(|k| DataKeys::load(&dir, Some(&k)))
+            .map_err(|e| e.to_string()),
+    };
+    match answer {
+        Ok(keys) => {
+            let _ = w.write_all(b"ok\n").await;
+            let _ = found.send(keys).await;
+        }
+        Err(e) => {
+            let _ = w.write_all(format!("error: {e}\n").as_bytes()).await;
         }
     }
 }

@@ -439,7 +439,7 @@ async fn task_status(m: &Arc<Manager>, node: &str, r: TaskReport) {
                 observed: r.observed,
                 netns: r.netns,
                 exit_code: r.exit_code,
-                error: r.error,
+                error: r.error.map(crate::state::bound_report),
                 at_ms: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64),

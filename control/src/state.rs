@@ -62,6 +62,24 @@ fn invalid(msg: impl Into<String>) -> StateError {
     StateError::Invalid(msg.into())
 }
 
+/// The most a node's report on a task may carry in one string (its error,
+/// its namespace path): what reaches the Raft log is bounded.
+pub const REPORT_MAX: usize = 4096;
+
+/// `text` cut to at most [`REPORT_MAX`] bytes, on a character boundary,
+/// saying so at its end.
+pub fn bound_report(text: String) -> String {
+    const MARK: &str = " ... (truncated)";
+    if text.len() <= REPORT_MAX {
+        return text;
+    }
+    let mut end = REPORT_MAX - MARK.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MARK}", &text[..end])
+}
+
 /// Checks a node's hostname: an RFC 1123 host name (dot-separated labels
 /// of lowercase letters, digits and inner hyphens, 1-63 bytes each, at
 /// most 253 in all). Uppercase is refused rather than folded, so that one
@@ -2134,6 +2152,13 @@ impl State {
         error: &Option<String>,
         at_ms: u64,
     ) -> Result<Outcome, StateError> {
+        if error.as_ref().is_some_and(|e| e.len() > REPORT_MAX)
+            || netns.as_ref().is_some_and(|n| n.len() > REPORT_MAX)
+        {
+            return Err(invalid(format!(
+                "task {id}: a report's error and namespace path are at most {REPORT_MAX} bytes"
+            )));
+        }
         let t = self.task_mut(id)?;
         if t.ended() && observed != t.observed {
             return Err(invalid(format!(
@@ -2848,6 +2873,32 @@ mod tests {
             r.insert(&i.to_string());
         }
         assert!(!r.contains("0") && !r.contains("1") && r.contains("2"));
+    }
+
+    /// A worker's report is bounded before it reaches the log, and the
+    /// state refuses an unbounded one from anywhere else.
+    #[test]
+    fn task_reports_are_bounded() {
+        let long = "é".repeat(10_000);
+        let cut = bound_report(long.clone());
+        assert!(
+            cut.len() <= REPORT_MAX && cut.ends_with("(truncated)"),
+            "{}",
+            cut.len()
+        );
+        assert_eq!(bound_report("short".into()), "short");
+        let mut s = init();
+        let err = s
+            .apply(&Command::SetTaskStatus {
+                id: "t".into(),
+                observed: TaskState::Failed,
+                netns: None,
+                exit_code: None,
+                error: Some(long),
+                at_ms: 0,
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("at most 4096 bytes"), "{err}");
     }
 
     /// Equality sees every persisted field: it once ignored these four,

@@ -716,8 +716,23 @@ async fn an_autolocked_manager_waits_for_its_unlock_key() {
         daemon::unlock_socket(&d.0).exists().then_some(())
     })
     .await;
+    // Only its owner reaches it: a 0700 directory around a 0600 socket.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let sock = daemon::unlock_socket(&d.0);
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(sock.parent().unwrap()), 0o700);
+        assert_eq!(mode(&sock), 0o600);
+    }
+    // A client that connects and says nothing holds up no one.
+    let _silent = tokio::net::UnixStream::connect(daemon::unlock_socket(&d.0))
+        .await
+        .unwrap();
     let wrong = format!("MESHKEY-{}", "ab".repeat(32));
-    let err = daemon::send_unlock(&d.0, &wrong).await.unwrap_err();
+    let err = tokio::time::timeout(Duration::from_secs(5), daemon::send_unlock(&d.0, &wrong))
+        .await
+        .expect("served beside a silent client")
+        .unwrap_err();
     assert!(err.to_string().contains("key"), "{err}");
     assert!(!run.is_finished());
     daemon::send_unlock(&d.0, &key.to_string()).await.unwrap();

@@ -495,7 +495,12 @@ fn err(s: tonic::Status) -> String {
         }
         _ => false,
     };
-    if cut_off && !text.starts_with("outcome unknown") {
+    let never_connected = matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+        && std::error::Error::source(&s).is_some()
+        && text.contains("connect");
+    if never_connected {
+        format!("{text} (not applied: the manager could not be reached)")
+    } else if cut_off && !text.starts_with("outcome unknown") {
         format!(
             "{text}. If this was a change, its outcome is unknown: it may have been applied; \
              look (meshctl service ls, network ls or node ls) before retrying"

@@ -117,9 +117,9 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
         "/bin/server",
     ]);
 
-    // A steady stream of writes, through whichever manager is up.
-    let acked = Arc::new(Mutex::new(BTreeSet::new()));
-    let failed = Arc::new(Mutex::new(0u32));
+    // Steady streams of writes from WRITERS clients, each through the
+    // managers in turn (a killed one too: its refusals are counted).
+    let log = Arc::new(Mutex::new(WriteLog::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let pause = Arc::new(AtomicBool::new(false));
     let managers: Vec<(&Host, String)> = nodes[..3]
@@ -127,22 +127,22 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
         .map(|n| (n.host, n.dir.path().to_owned()))
         .collect();
     let mut election_ms = Vec::new();
+    let mut first_write_ms = Vec::new();
     std::thread::scope(|s| {
-        {
-            let acked = acked.clone();
-            let failed = failed.clone();
+        for w in 0..WRITERS {
+            let log = log.clone();
             let stop = stop.clone();
             let pause = pause.clone();
             let managers = managers.clone();
             s.spawn(move || {
-                let mut i = 0u32;
+                let mut i = w;
                 while !stop.load(Ordering::Relaxed) {
                     if pause.load(Ordering::Relaxed) {
                         std::thread::sleep(Duration::from_millis(20));
                         continue;
                     }
-                    let (host, dir) = &managers[i as usize % managers.len()];
-                    let name = format!("svc-{i}");
+                    let (host, dir) = &managers[i % managers.len()];
+                    let name = format!("w{w}-svc-{i}");
                     let out = host
                         .command(meshd::meshctl_bin())
                         .args(["--data-dir", dir, "--timeout", "10"])
@@ -158,16 +158,16 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
                         ])
                         .output()
                         .expect("meshctl");
-                    if out.status.success() {
-                        acked.lock().unwrap().insert(name);
-                    } else {
-                        *failed.lock().unwrap() += 1;
-                    }
-                    i += 1;
+                    log.lock().unwrap().record(
+                        name,
+                        out.status.success(),
+                        &String::from_utf8_lossy(&out.stderr),
+                    );
+                    i += WRITERS;
                 }
             });
         }
-        // However the rounds end (a failed assertion too), the writer stops.
+        // However the rounds end (a failed assertion too), the writers stop.
         struct StopOnDrop(Arc<AtomicBool>);
         impl Drop for StopOnDrop {
             fn drop(&mut self) {
@@ -175,7 +175,7 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
             }
         }
         let _stop = StopOnDrop(stop.clone());
-        for round in 0..10 {
+        for round in 0..LEADER_KILLS {
             // Writes pause while we check that the cluster is steady, and
             // run again during the kill.
             pause.store(true, Ordering::Relaxed);
@@ -199,7 +199,7 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
             pause.store(false, Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(300));
             let li = nodes.iter().position(|n| n.host.label() == name).unwrap();
-            let before = acked.lock().unwrap().len();
+            let before = log.lock().unwrap().acked.len();
             let killed = Instant::now();
             nodes[li].meshd.take().unwrap().kill();
             let new = wait_until("a new leader", Duration::from_secs(10), || {
@@ -211,8 +211,15 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
             });
             let ms = killed.elapsed().as_millis();
             election_ms.push(ms);
+            // Kill -> the first write acknowledged after it.
+            let first = wait_until("a write after the kill", Duration::from_secs(15), || {
+                log.lock().unwrap().first_ack_after(killed)
+            });
+            first_write_ms.push(first.as_millis());
             eprintln!(
-                "round {round}: killed leader {name}; {new} leads after {ms} ms ({before} writes acked so far)"
+                "round {round}: killed leader {name}; {new} leads after {ms} ms, first write \
+                 acked after {} ms ({before} writes acked so far)",
+                first.as_millis()
             );
             nodes[li].restart();
             // Back to three voters before the next kill.
@@ -240,16 +247,17 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
         }
         stop.store(true, Ordering::Relaxed);
     });
-    let acked = acked.lock().unwrap().clone();
-    eprintln!(
-        "leader elections after SIGKILL (ms): {election_ms:?}; writes acked {}, refused or failed {}",
-        acked.len(),
-        failed.lock().unwrap()
-    );
+    let log = log.lock().unwrap().clone();
+    let acked: BTreeSet<String> = log.acked.iter().map(|(n, _)| n.clone()).collect();
     assert!(
         acked.len() >= 10,
         "too few writes went through: {}",
         acked.len()
+    );
+    assert!(
+        log.other.is_empty(),
+        "writes that failed neither as 'not applied' nor as 'outcome unknown': {:?}",
+        &log.other[..log.other.len().min(5)]
     );
 
     // Every acknowledged write is there, on every manager.
@@ -271,6 +279,35 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
             },
         );
     }
+    // Every write reported "not applied" is absent; every "outcome
+    // unknown" is resolved by reading.
+    let have = present(&nodes[0]);
+    let ghosts: Vec<&String> = log
+        .not_applied
+        .iter()
+        .filter(|n| have.contains(*n))
+        .collect();
+    assert!(
+        ghosts.is_empty(),
+        "reported not applied, yet applied: {ghosts:?}"
+    );
+    let unknown_applied = log.unknown.iter().filter(|n| have.contains(*n)).count();
+    let stats = |v: &mut Vec<u128>| {
+        v.sort_unstable();
+        (v[0], v[v.len() / 2], v[v.len() - 1])
+    };
+    let (emin, emed, emax) = stats(&mut election_ms);
+    let (wmin, wmed, wmax) = stats(&mut first_write_ms);
+    println!(
+        "fault: {LEADER_KILLS} leader SIGKILLs under {WRITERS} writers: {} writes acked (0 lost), \
+         {} not applied (0 present), {} outcome unknown ({unknown_applied} applied, {} not); \
+         kill -> new leader ms min/median/max {emin}/{emed}/{emax}; kill -> first acked write \
+         ms {wmin}/{wmed}/{wmax}",
+        acked.len(),
+        log.not_applied.len(),
+        log.unknown.len(),
+        log.unknown.len() - unknown_applied,
+    );
 
     // Nothing in plaintext at rest: secrets nowhere, and the service's
     // name nowhere but in the agent's replica of the data-plane tables
@@ -401,6 +438,42 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
         !out.status.success() && err.contains("not valid for this cluster"),
         "{err}"
     );
+}
+
+/// Leader kills in the fault run, and concurrent writers during them.
+const LEADER_KILLS: usize = 20;
+const WRITERS: usize = 4;
+
+/// What the writers saw: each write acknowledged (with when), reported
+/// not applied, reported with an unknown outcome, or failing otherwise.
+#[derive(Default, Clone)]
+struct WriteLog {
+    acked: Vec<(String, Instant)>,
+    not_applied: Vec<String>,
+    unknown: Vec<String>,
+    other: Vec<String>,
+}
+
+impl WriteLog {
+    fn record(&mut self, name: String, ok: bool, stderr: &str) {
+        if ok {
+            self.acked.push((name, Instant::now()));
+        } else if stderr.contains("outcome unknown") || stderr.contains("its outcome is unknown") {
+            self.unknown.push(name);
+        } else if stderr.contains("(not applied)") {
+            self.not_applied.push(name);
+        } else {
+            self.other.push(format!("{name}: {}", stderr.trim()));
+        }
+    }
+
+    fn first_ack_after(&self, t: Instant) -> Option<Duration> {
+        self.acked
+            .iter()
+            .filter(|(_, at)| *at > t)
+            .map(|(_, at)| *at - t)
+            .min()
+    }
 }
 
 /// Files under `dir` whose raw bytes contain `needle`.
