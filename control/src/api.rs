@@ -726,16 +726,18 @@ impl cluster_server::Cluster for ClusterService {
         // so a refused demotion never touches the Raft membership.
         m.with_state(|s| s.clone().apply(&update))
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        if role == Role::Worker {
-            // Out of the voters first, so the Raft membership never counts
-            // a node the state calls a worker.
-            if let Some(id) = raft_id(&node.id) {
-                m.remove_voter(id).await?;
-            }
-        }
-        // Through propose: a leader that demoted itself has stepped down,
-        // and the write goes to the new leader.
+        // The role first, then the voter set: the state is the truth, and
+        // the leader's voter reconciler (Manager::reconcile_voters) removes
+        // a demoted voter if this call fails after the commit. The other
+        // order left a node out of the voters that the state still called
+        // a manager when the commit failed.
         let out = m.propose(update).await?;
+        if role == Role::Worker
+            && let Some(id) = raft_id(&node.id)
+            && let Err(e) = m.remove_voter(id).await
+        {
+            tracing::warn!(node = %node.id, "demoted; the leader will remove the voter: {e}");
+        }
         outcome_service(out)
     }
 

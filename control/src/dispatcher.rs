@@ -277,6 +277,10 @@ pub async fn liveness(m: Weak<Manager>, mut stop: tokio::sync::watch::Receiver<b
                 () = crate::agent::stopped(&mut stop) => return,
                 () = check_nodes(&mgr, since, &mut first_seen, period * misses, period) => {}
             }
+            tokio::select! {
+                () = crate::agent::stopped(&mut stop) => return,
+                () = mgr.reconcile_voters() => {}
+            }
         }
         drop(mgr);
         tokio::select! {

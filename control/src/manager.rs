@@ -169,8 +169,9 @@ impl WriteError {
 }
 
 /// Whether a transport error's text says the request was never sent (the
-/// connection could not be made).
-fn never_sent(text: &str) -> bool {
+/// TCP connection could not be made). Anything else, a reset or a TLS
+/// close included, may have come after the request went out.
+pub fn never_sent(text: &str) -> bool {
     [
         "tcp connect error",
         "Connection refused",
@@ -789,6 +790,38 @@ impl Manager {
             .await
             .map_err(|_| WriteError::NoQuorum("the membership change did not commit".into()))??;
         Ok(())
+    }
+
+    /// Makes the Raft voters agree with the state (leader only): a voter
+    /// the state calls a worker is removed. Demotion commits the role first
+    /// and removes the voter after; if that step fails (the leader died,
+    /// the change timed out), this brings membership and state together.
+    /// Voters the state does not know yet (a manager between its Raft join
+    /// and its `AddNode`) are left alone.
+    pub async fn reconcile_voters(&self) {
+        if !self.is_leader() {
+            return;
+        }
+        let voters: Vec<NodeId> = self
+            .metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        let demoted: Vec<NodeId> = self.with_state(|s| {
+            s.nodes
+                .values()
+                .filter(|n| n.spec.role == crate::state::Role::Worker)
+                .filter_map(|n| raft_id(&n.id))
+                .filter(|id| voters.contains(id))
+                .collect()
+        });
+        for id in demoted {
+            match self.remove_voter(id).await {
+                Ok(()) => tracing::info!("removed demoted manager {id:016x} from the Raft voters"),
+                Err(e) => tracing::warn!("demoted manager {id:016x} is still a voter: {e}"),
+            }
+        }
     }
 
     /// MANAGER STATUS of a Raft member, as this manager sees it.

@@ -479,13 +479,27 @@ async fn promote_demote_and_renewal() {
     let view: serde_json::Value = serde_json::from_slice(&view.json).unwrap();
     assert_eq!(view["manager_status"], "Reachable");
 
-    admin
-        .set_role(SetRoleRequest {
-            target: worker.clone(),
-            role: "worker".into(),
-        })
-        .await
-        .unwrap();
+    // A demotion whose role change committed but whose voter removal
+    // never ran (the leader died between the two steps): the state alone
+    // says worker, and the leader's reconciler removes the voter.
+    let node = c
+        .node(0)
+        .ctx
+        .manager()
+        .unwrap()
+        .with_state(|s| s.nodes[&worker].clone());
+    propose(
+        c.node(0),
+        control::state::Command::UpdateNode {
+            id: worker.clone(),
+            version: node.version,
+            spec: control::state::NodeSpec {
+                role: Role::Worker,
+                ..node.spec
+            },
+        },
+    )
+    .await;
     wait_for(
         "the demoted node to leave the voters",
         Duration::from_secs(20),

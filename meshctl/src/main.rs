@@ -483,30 +483,28 @@ fn main() -> ExitCode {
 
 type Res<T = ()> = Result<T, String>;
 
-/// A status as the user should see it: the server's words. A call cut
-/// off before its answer (deadline, or the connection lost after sending)
-/// may have been applied, and says so: never "failed" for what may not have.
+/// A status as the user should see it: the server's words. A call whose
+/// connection could not be made was not applied, and says so; a call cut
+/// off otherwise (deadline, connection lost or reset) may have been
+/// applied, and says that: never "not applied" for what may have been.
 fn err(s: tonic::Status) -> String {
     let text = daemon::status_text(&s);
-    let cut_off = match s.code() {
-        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => true,
-        tonic::Code::Unavailable | tonic::Code::Unknown => {
-            std::error::Error::source(&s).is_some() && !text.contains("connect")
-        }
-        _ => false,
-    };
-    let never_connected = matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
-        && std::error::Error::source(&s).is_some()
-        && text.contains("connect");
-    if never_connected {
-        format!("{text} (not applied: the manager could not be reached)")
-    } else if cut_off && !text.starts_with("outcome unknown") {
-        format!(
+    if text.contains("(not applied") || text.starts_with("outcome unknown") {
+        return text;
+    }
+    if control::manager::never_sent(&text) {
+        return format!("{text} (not applied: the manager could not be reached)");
+    }
+    match s.code() {
+        tonic::Code::DeadlineExceeded
+        | tonic::Code::Cancelled
+        | tonic::Code::Unavailable
+        | tonic::Code::Unknown
+        | tonic::Code::Internal => format!(
             "{text}. If this was a change, its outcome is unknown: it may have been applied; \
              look (meshctl service ls, network ls or node ls) before retrying"
-        )
-    } else {
-        text
+        ),
+        _ => text,
     }
 }
 

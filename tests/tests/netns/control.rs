@@ -149,6 +149,9 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
                         .args([
                             "service",
                             "create",
+                            // The commit, not convergence (which waits for
+                            // a dead node to be marked down).
+                            "--detach",
                             "--name",
                             &name,
                             "--replicas",
