@@ -88,6 +88,15 @@ pub struct Subnet {
 }
 
 impl Subnet {
+    /// The subnet of `prefix` bits that holds `addr` (host bits cleared).
+    pub fn containing(addr: Ipv4Addr, prefix: u8) -> Subnet {
+        let prefix = prefix.min(32);
+        Subnet {
+            network: u32::from(addr) & mask(prefix),
+            prefix,
+        }
+    }
+
     /// A subnet from an address (host bits must be zero) and a prefix length.
     pub fn new(addr: Ipv4Addr, prefix: u8) -> Result<Subnet, AllocError> {
         let bad = || AllocError::BadSubnet(format!("{addr}/{prefix}"));
@@ -222,6 +231,16 @@ impl SubnetPool {
 
     /// The first free /size in the pool for `network`.
     pub fn allocate(&mut self, network: &str) -> Result<Subnet, AllocError> {
+        self.allocate_avoiding(network, &[])
+    }
+
+    /// The first free /size in the pool for `network` that overlaps none
+    /// of `avoid` (the nodes' underlay prefixes).
+    pub fn allocate_avoiding(
+        &mut self,
+        network: &str,
+        avoid: &[Subnet],
+    ) -> Result<Subnet, AllocError> {
         let step = 1u64 << (32 - u32::from(self.size));
         let mut candidate = u64::from(self.pool.network);
         let end = u64::from(self.pool.network) + self.pool.size();
@@ -230,7 +249,13 @@ impl SubnetPool {
                 network: candidate as u32,
                 prefix: self.size,
             };
-            match self.taken.keys().find(|t| t.overlaps(&subnet)) {
+            match self
+                .taken
+                .keys()
+                .chain(avoid)
+                .filter(|t| t.overlaps(&subnet))
+                .max_by_key(|t| t.last())
+            {
                 // Jump past whatever is in the way.
                 Some(t) => candidate = (u64::from(t.last()) + 1).div_ceil(step) * step,
                 None => {

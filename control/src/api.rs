@@ -371,6 +371,19 @@ impl join_server::Join for JoinService {
                 "a joining node must give the address it serves gRPC on (--advertise-addr)",
             ));
         }
+        let underlay = r
+            .underlay
+            .iter()
+            .map(|p| {
+                p.parse::<crate::allocator::Subnet>()
+                    .map_err(|e| Status::invalid_argument(format!("underlay prefix {p:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if underlay.len() > 64 {
+            return Err(Status::invalid_argument(
+                "a node reports at most 64 underlay prefixes",
+            ));
+        }
         let node_id = new_node_id();
         let lifetime = std::time::Duration::from_secs(settings.cert_lifetime_secs);
         // Sign first: a bad request must not leave a node record behind.
@@ -383,6 +396,7 @@ impl join_server::Join for JoinService {
             addr,
             api_addr: Some(r.api_addr),
             role,
+            underlay,
         })
         .await?;
         let managers = m.with_state(manager_addrs);

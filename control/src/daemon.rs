@@ -105,6 +105,8 @@ pub struct Addresses {
     pub listen_addr: SocketAddr,
     /// Advertised gRPC address; defaults to addr:listen-port.
     pub api_addr: String,
+    /// The prefixes on the underlay interface (the one holding `addr`).
+    pub underlay: Vec<crate::allocator::Subnet>,
 }
 
 fn fresh_dir(dir: &Path) -> Result<(), DaemonError> {
@@ -267,6 +269,7 @@ async fn init_inner(
                 addr: at.addr,
                 api_addr: Some(at.api_addr.clone()),
                 role: Role::Manager,
+                underlay: at.underlay.clone(),
             })
             .await
             .map_err(|e| msg(format!("adding this node: {e}")))?;
@@ -315,6 +318,7 @@ pub async fn join(
             hostname: at.hostname.clone(),
             addr: at.addr.to_string(),
             api_addr: at.api_addr.clone(),
+            underlay: at.underlay.iter().map(ToString::to_string).collect(),
         })
         .await;
     let reply = match reply {

@@ -736,6 +736,7 @@ mod tests {
                 addr: std::net::Ipv4Addr::new(198, 18, 0, i as u8 + 1),
                 api_addr: None,
                 role,
+                underlay: Vec::new(),
             });
         }
 

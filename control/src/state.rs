@@ -169,6 +169,10 @@ pub struct Node {
     pub hostname: String,
     /// The node's underlay address (its VXLAN source).
     pub addr: Ipv4Addr,
+    /// The prefixes on the node's underlay interface, as it reported them
+    /// (at join, and when they change): no network may overlap them.
+    #[serde(default)]
+    pub underlay: Vec<Subnet>,
     /// Where a manager serves Raft and the API (host:port).
     #[serde(default)]
     pub api_addr: Option<String>,
@@ -736,7 +740,11 @@ pub enum Command {
         #[serde(default)]
         api_addr: Option<String>,
         role: Role,
+        /// The prefixes on its underlay interface.
+        #[serde(default)]
+        underlay: Vec<Subnet>,
     },
+
     UpdateNode {
         id: String,
         version: u64,
@@ -1278,7 +1286,9 @@ impl State {
                 addr,
                 api_addr,
                 role,
-            } => self.add_node(id, hostname, *addr, api_addr.clone(), *role),
+                underlay,
+            } => self.add_node(id, hostname, *addr, api_addr.clone(), *role, underlay),
+
             Command::UpdateNode { id, version, spec } => self.update_node(id, *version, spec),
             Command::SetNodeStatus { id, status } => {
                 let node = self.node_mut(id)?;
@@ -1398,6 +1408,7 @@ impl State {
         addr: Ipv4Addr,
         api_addr: Option<String>,
         role: Role,
+        underlay: &[Subnet],
     ) -> Result<Outcome, StateError> {
         if self.nodes.contains_key(id) || self.removed.contains(id) {
             return Err(StateError::NameInUse {
@@ -1418,6 +1429,11 @@ impl State {
                 other.id
             )));
         }
+        let mut prefixes = underlay.to_vec();
+        prefixes.push(Subnet::containing(addr, 32));
+        if let Some(clash) = self.underlay_clash(id, &prefixes) {
+            return Err(invalid(format!("node {hostname} can't join: {clash}")));
+        }
         if let Some(other) = self.nodes.values().find(|n| n.addr == addr) {
             return Err(invalid(format!(
                 "node address {addr} is already used by node {}",
@@ -1434,6 +1450,7 @@ impl State {
             version: 1,
             hostname: hostname.to_owned(),
             addr,
+            underlay: underlay.to_vec(),
             api_addr,
             spec: NodeSpec {
                 role,
@@ -1445,6 +1462,35 @@ impl State {
         };
         self.nodes.insert(id.to_owned(), node.clone());
         Ok(Outcome::Node(node))
+    }
+
+    /// Every node's underlay prefixes and address (as a /32), with the
+    /// node's hostname.
+    fn underlay_prefixes(&self) -> Vec<(String, Subnet)> {
+        self.nodes
+            .values()
+            .flat_map(|n| {
+                n.underlay
+                    .iter()
+                    .copied()
+                    .chain([Subnet::containing(n.addr, 32)])
+                    .map(|p| (n.hostname.clone(), p))
+            })
+            .collect()
+    }
+
+    /// Why node `id` may not have `prefixes` on its underlay: a network
+    /// overlaps one of them.
+    fn underlay_clash(&self, id: &str, prefixes: &[Subnet]) -> Option<String> {
+        self.networks.values().find_map(|net| {
+            let p = prefixes.iter().find(|p| p.overlaps(&net.subnet))?;
+            Some(format!(
+                "its underlay {p} overlaps network {} ({}); its tasks' addresses would shadow \
+                 the node addresses there. Move the node to an underlay outside every \
+                 network, or remove network {} (node {id})",
+                net.spec.name, net.subnet, net.spec.name
+            ))
+        })
     }
 
     fn managers(&self) -> usize {
@@ -1548,8 +1594,18 @@ impl State {
         if self.networks.contains_key(id) {
             return Err(invalid(format!("network id {id} is already in use")));
         }
+        let underlay = self.underlay_prefixes();
         let subnet = match spec.subnet {
             Some(s) => {
+                if let Some((node, prefix)) = underlay.iter().find(|(_, p)| p.overlaps(&s)) {
+                    return Err(invalid(format!(
+                        "subnet {s} for network {} overlaps the underlay of node {node} \
+                         ({prefix}, where its VXLAN and its managers' traffic run): a task \
+                         there would take a node's address and its traffic would go astray. \
+                         Pick a subnet outside every node's underlay",
+                        spec.name
+                    )));
+                }
                 if s.prefix() > 29 {
                     return Err(invalid(format!(
                         "subnet {s} for network {} is too small; use /29 or larger",
@@ -1559,7 +1615,10 @@ impl State {
                 self.alloc.subnets.reserve(&spec.name, s)?;
                 s
             }
-            None => self.alloc.subnets.allocate(&spec.name)?,
+            None => {
+                let avoid: Vec<Subnet> = underlay.iter().map(|(_, p)| *p).collect();
+                self.alloc.subnets.allocate_avoiding(&spec.name, &avoid)?
+            }
         };
         let vni = match self.alloc.vnis.allocate() {
             Ok(v) => v,
@@ -2237,10 +2296,20 @@ mod tests {
     }
 
     fn network(s: &mut State, id: &str, name: &str) -> Result<Network, StateError> {
+        network_with(s, id, name, None)
+    }
+
+    fn network_with(
+        s: &mut State,
+        id: &str,
+        name: &str,
+        subnet: Option<Subnet>,
+    ) -> Result<Network, StateError> {
         match s.apply(&Command::CreateNetwork {
             id: id.into(),
             spec: NetworkSpec {
                 name: name.into(),
+                subnet,
                 ..NetworkSpec::default()
             },
         })? {
@@ -2592,6 +2661,7 @@ mod tests {
             addr: Ipv4Addr::new(198, 18, 0, 1),
             api_addr: None,
             role: Role::Manager,
+            underlay: Vec::new(),
         })
         .unwrap();
         create(&mut s, "s1", spec("web", &["front"], &[(80, Some(8080))])).unwrap();
@@ -2666,6 +2736,7 @@ mod tests {
             addr: Ipv4Addr::new(198, 18, 0, 1),
             api_addr: None,
             role: Role::Manager,
+            underlay: Vec::new(),
         })
         .unwrap();
         s.apply(&Command::AddNode {
@@ -2674,6 +2745,7 @@ mod tests {
             addr: Ipv4Addr::new(198, 18, 0, 2),
             api_addr: None,
             role: Role::Worker,
+            underlay: Vec::new(),
         })
         .unwrap();
         let err = s
@@ -2683,6 +2755,7 @@ mod tests {
                 addr: Ipv4Addr::new(198, 18, 0, 2),
                 api_addr: None,
                 role: Role::Worker,
+                underlay: Vec::new(),
             })
             .unwrap_err();
         assert_eq!(
@@ -2769,6 +2842,7 @@ mod tests {
                 addr: Ipv4Addr::new(198, 18, 0, last),
                 api_addr: None,
                 role: Role::Worker,
+                underlay: Vec::new(),
             })
         };
         add(&mut s, "00000000000000a1", "victim", 1).unwrap();
@@ -2875,6 +2949,62 @@ mod tests {
         assert!(!r.contains("0") && !r.contains("1") && r.contains("2"));
     }
 
+    /// No network may overlap a node's underlay, given or picked from the
+    /// pool, and no node may join on an underlay a network overlaps.
+    #[test]
+    fn networks_stay_off_every_nodes_underlay() {
+        let mut s = init();
+        let sub = |t: &str| t.parse::<Subnet>().unwrap();
+        s.apply(&Command::AddNode {
+            id: "n1".into(),
+            hostname: "host1".into(),
+            addr: Ipv4Addr::new(10, 0, 1, 5),
+            api_addr: None,
+            role: Role::Worker,
+            underlay: vec![sub("10.0.1.0/24")],
+        })
+        .unwrap();
+        let before = serde_json::to_vec(&s).unwrap();
+        let err = network_with(&mut s, "x", "n4b", Some(sub("10.0.0.0/16"))).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("overlaps the underlay of node host1 (10.0.1.0/24"),
+            "{err}"
+        );
+        assert_eq!(serde_json::to_vec(&s).unwrap(), before);
+        // The pool skips it: ingress has 10.0.0.0/24, the next free is .2.
+        let picked = network_with(&mut s, "y", "auto", None).unwrap();
+        assert_eq!(picked.subnet.to_string(), "10.0.2.0/24");
+        // A node whose underlay a network overlaps can't join.
+        let err = s
+            .apply(&Command::AddNode {
+                id: "n2".into(),
+                hostname: "host2".into(),
+                addr: Ipv4Addr::new(10, 0, 2, 9),
+                api_addr: None,
+                role: Role::Worker,
+                underlay: vec![sub("10.0.2.0/24")],
+            })
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("overlaps network auto (10.0.2.0/24)"),
+            "{err}"
+        );
+        // Its address alone counts too.
+        let err = s
+            .apply(&Command::AddNode {
+                id: "n3".into(),
+                hostname: "host3".into(),
+                addr: Ipv4Addr::new(10, 0, 2, 10),
+                api_addr: None,
+                role: Role::Worker,
+                underlay: Vec::new(),
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("overlaps network auto"), "{err}");
+    }
+
     /// A worker's report is bounded before it reaches the log, and the
     /// state refuses an unbounded one from anywhere else.
     #[test]
@@ -2944,6 +3074,7 @@ mod tests {
                 addr: Ipv4Addr::new(198, 18, 0, 1),
                 api_addr: None,
                 role: Role::Manager,
+                underlay: Vec::new(),
             },
             Command::CreateNetwork {
                 id: "n1".into(),

@@ -670,6 +670,7 @@ mod tests {
                 addr: addr.parse().unwrap(),
                 api_addr: None,
                 role: Role::Worker,
+                underlay: Vec::new(),
             });
         }
         cmds.extend([

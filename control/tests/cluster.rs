@@ -59,6 +59,7 @@ fn addresses(i: u8) -> Addresses {
         addr: Ipv4Addr::new(198, 18, 0, i),
         listen_addr: listen,
         api_addr: listen.to_string(),
+        underlay: Vec::new(),
     }
 }
 

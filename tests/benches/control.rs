@@ -35,6 +35,7 @@ pub fn addresses(i: u8) -> Addresses {
         addr: Ipv4Addr::new(198, 18, 9, i),
         listen_addr: listen,
         api_addr: listen.to_string(),
+        underlay: Vec::new(),
     }
 }
 

@@ -374,6 +374,7 @@ impl Cluster {
                 addr,
                 api_addr: None,
                 role: Role::Worker,
+                underlay: Vec::new(),
             })
             .await
             .unwrap();
@@ -572,6 +573,7 @@ pub fn dns_qps(md: &mut String) {
             addr: Ipv4Addr::new(198, 18, 0, 1),
             api_addr: None,
             role: Role::Worker,
+            underlay: Vec::new(),
         },
         bench_network(),
     ];

@@ -157,6 +157,25 @@ struct AddrArgs {
     hostname: Option<String>,
 }
 
+/// The IPv4 prefixes on the interface that holds `addr`: what the cluster
+/// keeps every network out of. None when no local interface holds it (an
+/// address advertised through NAT); `addr` itself is still protected.
+async fn underlay_prefixes(addr: Ipv4Addr) -> Result<Vec<control::allocator::Subnet>> {
+    let nl = Netlink::current()?;
+    let Some(index) = nl.link_with_address(addr.into()).await? else {
+        return Ok(Vec::new());
+    };
+    Ok(nl
+        .addresses(index)
+        .await?
+        .into_iter()
+        .filter_map(|(ip, prefix)| match ip {
+            std::net::IpAddr::V4(v4) => Some(control::allocator::Subnet::containing(v4, prefix)),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect())
+}
+
 impl AddrArgs {
     fn resolve(&self) -> Result<Addresses> {
         let port = self.listen_addr.port();
@@ -192,11 +211,20 @@ impl AddrArgs {
                 .map(|h| h.trim().to_ascii_lowercase())
                 .context("reading the host name (or pass --hostname)")?,
         };
+        let underlay = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a runtime to read the underlay")?
+            .block_on(underlay_prefixes(node_addr))
+            .with_context(|| {
+                format!("reading the prefixes of the interface holding {node_addr}")
+            })?;
         Ok(Addresses {
             hostname,
             addr: node_addr,
             listen_addr: self.listen_addr,
             api_addr,
+            underlay,
         })
     }
 }

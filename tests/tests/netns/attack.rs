@@ -52,6 +52,7 @@ async fn flood(api: &str, ca_pem: String) -> usize {
                         addr: "198.18.0.99".into(),
                         api_addr: "198.18.0.99:2377".into(),
                         csr: String::from_utf8(body).expect("ascii"),
+                        underlay: Vec::new(),
                     })
                     .await
                     .map(|_| ())
@@ -172,5 +173,23 @@ fn a_manager_withstands_a_preauth_flood_and_a_shadowing_join() {
     let list = json(&manager.meshctl_ok(&["node", "ls", "--format", "json"]));
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
     manager.meshctl_ok(&["node", "inspect", &victim_id]);
+
+    // A network on the underlay is refused, naming the node (it once gave a
+    // node's bridge another node's address); the rest of the pool is used.
+    let (net, len) = mesh_tests::netns::underlay_prefix();
+    let out = manager.meshctl(&[
+        "network",
+        "create",
+        "--subnet",
+        &format!("{net}/{len}"),
+        "n4b",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a network on the underlay was accepted"
+    );
+    assert!(err.contains("overlaps the underlay of node host1"), "{err}");
+    manager.meshctl_ok(&["network", "create", "n4c"]);
     drop(nodes.pop());
 }

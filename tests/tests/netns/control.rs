@@ -463,7 +463,7 @@ impl WriteLog {
             self.acked.push((name, Instant::now()));
         } else if stderr.contains("outcome unknown") || stderr.contains("its outcome is unknown") {
             self.unknown.push(name);
-        } else if stderr.contains("(not applied)") {
+        } else if stderr.contains("(not applied") {
             self.not_applied.push(name);
         } else {
             self.other.push(format!("{name}: {}", stderr.trim()));
