@@ -538,6 +538,19 @@ pub fn status_text(s: &tonic::Status) -> String {
                     " (the node at that address is not a manager: its certificate does not name mesh-manager)",
                 );
             }
+            if chain.contains("UnknownIssuer") {
+                chain.push_str(
+                    " (the manager's certificate is not signed by the cluster CA this client \
+                     trusts: another cluster at that address, or the wrong --ca)",
+                );
+            }
+            if chain.contains("CertificateExpired") || chain.contains("Expired") {
+                chain.push_str(
+                    " (a certificate in this connection has expired: see `openssl x509 -enddate` \
+                     on the node's certs/node.crt; a node stopped past its certificate's lifetime \
+                     must join again)",
+                );
+            }
             let detail = chain
                 .strip_prefix("transport error")
                 .map(|d| d.trim_start_matches(": "))

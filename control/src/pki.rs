@@ -53,6 +53,19 @@ pub enum PkiError {
     TokenRefused,
     #[error("certificate is not a mesh node certificate: {0}")]
     NotANode(String),
+    #[error(
+        "certificate expired at {at}. A running node renews its certificate in the last third \
+         of its lifetime; this one was stopped for longer. Join the node again with a current \
+         token (`meshctl swarm join-token worker|manager` on a manager, then `meshd join`)"
+    )]
+    Expired { at: String },
+    #[error("certificate is not valid before {at}: check this host's clock")]
+    NotYetValid { at: String },
+    #[error(
+        "certificate is not signed by this cluster's CA (expected the CA with digest {expected}): \
+         it belongs to another cluster, or the CA was rotated since it was issued"
+    )]
+    ForeignCa { expected: String },
     #[error("the system random source failed")]
     Random,
 }
@@ -219,10 +232,19 @@ pub fn identity_der(der: &[u8], ca_der: &[u8], now: i64) -> Result<Identity, Pki
         x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::NotANode(e.to_string()))?;
     let (_, ca) = x509_parser::parse_x509_certificate(ca_der).map_err(cert_err)?;
     cert.verify_signature(Some(ca.public_key()))
-        .map_err(|_| PkiError::NotANode("not signed by this cluster's CA".into()))?;
+        .map_err(|_| PkiError::ForeignCa {
+            expected: der_digest(ca_der),
+        })?;
     let v = cert.validity();
-    if now < v.not_before.timestamp() || now > v.not_after.timestamp() {
-        return Err(PkiError::NotANode("expired or not yet valid".into()));
+    if now < v.not_before.timestamp() {
+        return Err(PkiError::NotYetValid {
+            at: v.not_before.to_string(),
+        });
+    }
+    if now > v.not_after.timestamp() {
+        return Err(PkiError::Expired {
+            at: v.not_after.to_string(),
+        });
     }
     let first = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
         it.next().and_then(|a| a.as_str().ok()).map(str::to_owned)
@@ -374,11 +396,15 @@ mod tests {
         let err = identity(&cert, &other.cert_pem, now())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("not signed by this cluster's CA"), "{err}");
+        assert!(
+            err.contains("not signed by this cluster's CA (expected the CA with digest "),
+            "{err}"
+        );
         let err = identity(&cert, &ca.cert_pem, now() + 91 * 86400)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("expired"), "{err}");
+        assert!(err.starts_with("certificate expired at "), "{err}");
+        assert!(err.contains("Join the node again"), "{err}");
         let err = ca
             .issue("garbage", "c", "n", Role::Worker, DEFAULT_CERT_LIFETIME)
             .unwrap_err();

@@ -541,6 +541,13 @@ impl Conn {
             }
             _ => Trust::Anonymous(ca),
         };
+        // A certificate the managers would refuse at the handshake is
+        // named here, with why, instead of "connection closed" there.
+        if let Trust::Node(creds) = &trust {
+            let creds = creds.read().expect("creds lock");
+            pki::identity(&creds.cert, &creds.ca, pki::now())
+                .map_err(|e| format!("this client's {e}"))?;
+        }
         let addr = match &self.host {
             Some(h) => h.clone(),
             None => self.local_manager()?,
