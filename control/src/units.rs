@@ -48,7 +48,7 @@ impl std::fmt::Display for Short {
             ("m", 60_000),
             ("s", 1000),
         ] {
-            if ms > 0 && ms % size == 0 {
+            if ms > 0 && ms.is_multiple_of(size) {
                 return write!(f, "{}{unit}", ms / size);
             }
         }
