@@ -1063,3 +1063,61 @@ impl cluster_server::Cluster for ClusterService {
         Ok(Response::new(Empty {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::state::{ClusterSettings, Command};
+
+    fn cluster(nodes: &[(&str, &str)]) -> State {
+        let mut s = State::default();
+        s.apply(&Command::Init {
+            cluster_id: "c".into(),
+            ingress_id: "ing".into(),
+            settings: ClusterSettings::default(),
+            secrets: None,
+        })
+        .unwrap();
+        for (i, (id, host)) in nodes.iter().enumerate() {
+            s.apply(&Command::AddNode {
+                id: (*id).into(),
+                hostname: (*host).into(),
+                addr: Ipv4Addr::new(198, 18, 0, i as u8 + 1),
+                api_addr: None,
+                role: Role::Worker,
+                underlay: Vec::new(),
+            })
+            .unwrap();
+        }
+        s
+    }
+
+    /// An exact id wins; a hostname two nodes share is refused with both
+    /// ids (it once resolved to whichever came first); a prefix must be
+    /// unique, and its refusal lists the candidates.
+    #[test]
+    fn node_names_resolve_to_one_id_or_are_refused_with_the_candidates() {
+        let s = cluster(&[
+            ("aaaa000000000001", "web"),
+            ("aaaa000000000002", "web"),
+            ("bbbb000000000003", "db"),
+        ]);
+        assert_eq!(find_node(&s, "aaaa000000000002").unwrap().id, "aaaa000000000002");
+        assert_eq!(find_node(&s, "db").unwrap().id, "bbbb000000000003");
+        assert_eq!(find_node(&s, "bbbb").unwrap().id, "bbbb000000000003");
+        let err = find_node(&s, "web").unwrap_err();
+        assert_eq!(
+            err.message(),
+            "2 nodes are named web (aaaa000000000001, aaaa000000000002); use the node id"
+        );
+        let err = find_node(&s, "aaaa").unwrap_err();
+        assert!(
+            err.message().contains("(aaaa000000000001, aaaa000000000002)"),
+            "{}",
+            err.message()
+        );
+        assert_eq!(find_node(&s, "zzz").unwrap_err().code(), tonic::Code::NotFound);
+    }
+}
