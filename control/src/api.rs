@@ -1104,7 +1104,10 @@ mod tests {
             ("aaaa000000000002", "web"),
             ("bbbb000000000003", "db"),
         ]);
-        assert_eq!(find_node(&s, "aaaa000000000002").unwrap().id, "aaaa000000000002");
+        assert_eq!(
+            find_node(&s, "aaaa000000000002").unwrap().id,
+            "aaaa000000000002"
+        );
         assert_eq!(find_node(&s, "db").unwrap().id, "bbbb000000000003");
         assert_eq!(find_node(&s, "bbbb").unwrap().id, "bbbb000000000003");
         let err = find_node(&s, "web").unwrap_err();
@@ -1114,10 +1117,14 @@ mod tests {
         );
         let err = find_node(&s, "aaaa").unwrap_err();
         assert!(
-            err.message().contains("(aaaa000000000001, aaaa000000000002)"),
+            err.message()
+                .contains("(aaaa000000000001, aaaa000000000002)"),
             "{}",
             err.message()
         );
-        assert_eq!(find_node(&s, "zzz").unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(
+            find_node(&s, "zzz").unwrap_err().code(),
+            tonic::Code::NotFound
+        );
     }
 }

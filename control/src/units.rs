@@ -90,6 +90,13 @@ impl Range {
         Ok(d)
     }
 
+    /// A clap value parser for this range.
+    pub fn parser(
+        self,
+    ) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+        move |s| self.parse(s).map_err(|e| e.to_string())
+    }
+
     /// As [`Range::parse`], in whole milliseconds (what specs store).
     pub fn parse_ms(&self, s: &str) -> Result<u64, DurationError> {
         // At most `max`, which callers keep far below u64::MAX ms.

@@ -60,10 +60,10 @@ enum Command {
         autolock: bool,
         /// Lifetime of node certificates (s, m, h or d suffix); they renew
         /// in the last third.
-        #[arg(long, default_value = "90d", value_parser = parse_cert_lifetime)]
+        #[arg(long, default_value = "90d", value_parser = CERT_LIFETIME.parser())]
         cert_lifetime: Duration,
         /// How often each node's agent sends a heartbeat to the leader.
-        #[arg(long, default_value = "1s", value_parser = parse_period)]
+        #[arg(long, default_value = "1s", value_parser = HEARTBEAT_PERIOD.parser())]
         heartbeat_period: Duration,
         /// Missed heartbeats after which the leader marks a node down and
         /// withdraws its endpoints.
@@ -71,7 +71,7 @@ enum Command {
         heartbeat_misses: u32,
         /// How often the leader adds a key to the encrypted networks' ring
         /// and drops the oldest (Swarm: 12h).
-        #[arg(long, default_value = "12h", value_parser = parse_rotation)]
+        #[arg(long, default_value = "12h", value_parser = KEY_ROTATION.parser())]
         network_key_rotation: Duration,
         #[command(flatten)]
         dp: DataplaneArgs,
@@ -325,39 +325,27 @@ fn parse_scope(s: &str) -> Result<String, String> {
     }
 }
 
-/// The heartbeat period: "250ms", "1s" or "2s", 50 ms to 60 s.
-fn parse_period(s: &str) -> Result<Duration, String> {
-    Range {
-        what: "the heartbeat period",
-        min: Duration::from_millis(50),
-        max: Duration::from_secs(60),
-    }
-    .parse(s)
-    .map_err(|e| e.to_string())
-}
+/// The heartbeat period: "250ms", "1s" or "2s".
+const HEARTBEAT_PERIOD: Range = Range {
+    what: "the heartbeat period",
+    min: Duration::from_millis(50),
+    max: Duration::from_secs(60),
+};
 
-/// A certificate lifetime: "90d", "12h", "30m", "45s" or plain seconds,
-/// 6 s to 10 years (a certificate's dates must stay representable).
-fn parse_cert_lifetime(s: &str) -> Result<Duration, String> {
-    Range {
-        what: "a certificate lifetime",
-        min: Duration::from_secs(6),
-        max: Duration::from_secs(3650 * 86_400),
-    }
-    .parse(s)
-    .map_err(|e| e.to_string())
-}
+/// A certificate lifetime: at most 10 years (its dates must stay
+/// representable).
+const CERT_LIFETIME: Range = Range {
+    what: "a certificate lifetime",
+    min: Duration::from_secs(6),
+    max: Duration::from_secs(3650 * 86_400),
+};
 
-/// The network key rotation period: 6 s to a year.
-fn parse_rotation(s: &str) -> Result<Duration, String> {
-    Range {
-        what: "the network key rotation period",
-        min: Duration::from_secs(6),
-        max: Duration::from_secs(365 * 86_400),
-    }
-    .parse(s)
-    .map_err(|e| e.to_string())
-}
+/// The network key rotation period.
+const KEY_ROTATION: Range = Range {
+    what: "the network key rotation period",
+    min: Duration::from_secs(6),
+    max: Duration::from_secs(365 * 86_400),
+};
 
 /// How the control plane starts, if at all.
 enum Start {
