@@ -82,6 +82,15 @@ pub trait Executor {
         &self,
         prepared: Self::Prepared,
     ) -> impl Future<Output = Result<Self::Task, ExecError>> + Send;
+    /// Task `id` as an earlier run of this executor left it running (a
+    /// restarted meshd takes its tasks over), or None.
+    fn adopt(&self, _id: &str) -> Option<Self::Task> {
+        None
+    }
+    /// Ends whatever an earlier run left behind apart from `keep`.
+    fn reap_others(&self, _keep: &std::collections::HashSet<String>) -> usize {
+        0
+    }
 }
 
 /// A prepared task.
@@ -104,7 +113,17 @@ pub trait RunningTask: Send {
     /// Frees what it held (namespace, cgroup) once it has ended; its log
     /// stays until the task record goes.
     fn remove(self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Whether it was adopted from an earlier run: its exit status can't
+    /// be read then (this process is not its parent), and `wait` gives
+    /// [`EXIT_UNKNOWN`] for a task that ended by itself.
+    fn adopted(&self) -> bool {
+        false
+    }
 }
+
+/// The exit code reported for an adopted task that ended by itself, as
+/// Docker reports a container whose status was lost.
+pub const EXIT_UNKNOWN: i32 = 255;
 
 /// Where cgroup v2 is mounted (`/sys/fs/cgroup` on a unified host,
 /// `/sys/fs/cgroup/unified` on a hybrid one).
@@ -158,9 +177,17 @@ impl ProcessExecutor {
     /// is killed, and those cgroups and its namespaces are removed. Logs
     /// stay. Returns how many tasks it found.
     pub fn reap(&self) -> usize {
+        self.reap_except(&std::collections::HashSet::new())
+    }
+
+    /// [`ProcessExecutor::reap`], sparing the tasks in `keep` (adopted).
+    pub fn reap_except(&self, keep: &std::collections::HashSet<String>) -> usize {
         let mut found = 0;
         if let Ok(dir) = fs::read_dir(&self.cgroups) {
             for e in dir.flatten().filter(|e| e.path().is_dir()) {
+                if keep.contains(e.file_name().to_string_lossy().as_ref()) {
+                    continue;
+                }
                 found += 1;
                 let _ = fs::write(e.path().join("cgroup.kill"), "1");
                 for _ in 0..100 {
@@ -178,7 +205,9 @@ impl ProcessExecutor {
                 // Only names this executor makes: prefix + a task id
                 // (cluster task ids are letters and digits).
                 let ours = name.strip_prefix(&self.netns_prefix).is_some_and(|id| {
-                    !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric())
+                    !id.is_empty()
+                        && id.bytes().all(|b| b.is_ascii_alphanumeric())
+                        && !keep.contains(id)
                 });
                 if ours {
                     let _ = remove_netns(&e.path());
@@ -186,6 +215,57 @@ impl ProcessExecutor {
             }
         }
         found
+    }
+
+    /// Where a running task's main process is recorded: "<pid> <start
+    /// time>" (the start time, in clock ticks since boot, tells a reused
+    /// pid apart).
+    fn pid_record(&self, task: &str) -> PathBuf {
+        self.dir.join(task).join("pid")
+    }
+
+    /// The task as an earlier run left it: its main process still alive
+    /// (same pid and start time), in its cgroup, with its namespace.
+    fn find_adoptable(&self, id: &str) -> Option<ProcessTask> {
+        check_id(id).ok()?;
+        let record = fs::read_to_string(self.pid_record(id)).ok()?;
+        let (pid, start) = record.trim().split_once(' ')?;
+        let pid: i32 = pid.parse().ok()?;
+        if start_time(pid)? != start.parse::<u64>().ok()? {
+            return None;
+        }
+        let cgroup = self.cgroup_path(id);
+        let in_cgroup = fs::read_to_string(cgroup.join("cgroup.procs"))
+            .ok()?
+            .lines()
+            .any(|l| l.trim() == pid.to_string());
+        let netns = self.netns_path(id);
+        if !in_cgroup || !netns.exists() {
+            return None;
+        }
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: a fresh fd we own.
+        let fd =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        // SAFETY: the AsyncFd owns the OwnedFd, which stays open (and the
+        // same fd) until the AsyncFd is dropped. Called on a runtime (the
+        // runner's), whose reactor it registers with.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .ok()?;
+        Some(ProcessTask {
+            id: id.to_owned(),
+            netns,
+            cgroup,
+            child: None,
+            adopted: Some(Adopted { pid, fd }),
+            exit: None,
+        })
     }
 
     /// The task's log: stdout and stderr, in the order written.
@@ -293,6 +373,19 @@ fn remove_netns(path: &Path) -> io::Result<()> {
 }
 
 /// Docker's reading of an exit status.
+/// A process's start time in clock ticks since boot (field 22 of
+/// `/proc/<pid>/stat`), or None if it is gone or a zombie.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count after its ')'.
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
 fn exit_code(status: std::process::ExitStatus) -> i32 {
     status
         .code()
@@ -303,6 +396,14 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
 impl Executor for ProcessExecutor {
     type Task = ProcessTask;
     type Prepared = PreparedTask;
+
+    fn adopt(&self, id: &str) -> Option<ProcessTask> {
+        self.find_adoptable(id)
+    }
+
+    fn reap_others(&self, keep: &std::collections::HashSet<String>) -> usize {
+        self.reap_except(keep)
+    }
 
     async fn prepare(&self, task: &TaskRun) -> Result<PreparedTask, ExecError> {
         check_id(&task.id)?;
@@ -338,6 +439,7 @@ impl Executor for ProcessExecutor {
                 netns,
                 cgroup: self.cgroup_path(&task.id),
                 child: None,
+                adopted: None,
                 exit: None,
             },
             resolv,
@@ -354,6 +456,13 @@ impl Executor for ProcessExecutor {
         } = p;
         match self.spawn(&run, &made, &resolv, log).await {
             Ok(child) => {
+                // So that a restarted meshd can take the task over.
+                if let Some(pid) = child.id()
+                    && let Some(start) = start_time(pid as i32)
+                    && let Err(e) = fs::write(self.pid_record(&run.id), format!("{pid} {start}\n"))
+                {
+                    tracing::warn!(task = %run.id, "recording its pid (it can't be adopted): {e}");
+                }
                 made.child = Some(child);
                 Ok(made)
             }
@@ -479,12 +588,24 @@ pub struct ProcessTask {
     netns: PathBuf,
     cgroup: PathBuf,
     child: Option<tokio::process::Child>,
+    /// Set for a task an earlier run started: its main process, watched
+    /// through a pidfd.
+    adopted: Option<Adopted>,
     exit: Option<i32>,
+}
+
+#[derive(Debug)]
+struct Adopted {
+    pid: i32,
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
 }
 
 impl ProcessTask {
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(tokio::process::Child::id)
+        match &self.adopted {
+            Some(a) => u32::try_from(a.pid).ok(),
+            None => self.child.as_ref().and_then(tokio::process::Child::id),
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -523,9 +644,19 @@ impl RunningTask for ProcessTask {
         &self.netns
     }
 
+    fn adopted(&self) -> bool {
+        self.adopted.is_some()
+    }
+
     async fn wait(&mut self) -> io::Result<i32> {
         if let Some(code) = self.exit {
             return Ok(code);
+        }
+        if let Some(a) = &self.adopted {
+            // A pidfd reads ready once the process has ended.
+            let _ = a.fd.readable().await?;
+            self.exit = Some(EXIT_UNKNOWN);
+            return Ok(EXIT_UNKNOWN);
         }
         let child = self
             .child

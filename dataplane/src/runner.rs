@@ -14,9 +14,12 @@
 //!   so no new flow reaches it. After the drain period (every node has
 //!   applied the withdrawal, open requests finish) it gets SIGTERM, and
 //!   SIGKILL after the stop grace; then `shutdown` with its exit code.
-//! - a task this node reported started but does not run (meshd restarted
-//!   and stopped its tasks on the way out): `failed`, "task lost: meshd
-//!   restarted", and the orchestrator replaces it.
+//! - meshd restarted: a task still assigned here whose process is alive is
+//!   adopted (watched again, not restarted: its connections survive); one
+//!   it reported started that is gone is `failed`, "task lost: meshd
+//!   restarted", and the orchestrator replaces it; what an earlier meshd
+//!   left that is no longer assigned here is ended. meshd leaving (SIGTERM
+//!   too) leaves its tasks running, as Docker's live-restore does.
 //!
 //! A task that ended stays ended here until the leader's assignments drop
 //! it, so a report still in flight never starts it twice.
@@ -81,9 +84,23 @@ pub async fn run<E>(
     // Ended here, and still assigned (the report is on its way).
     let mut ended: HashSet<String> = HashSet::new();
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<String>();
+    // Until the first assignments: what an earlier meshd left running is
+    // neither adopted nor ended yet.
+    let mut first = true;
     loop {
         let tasks = assigned.borrow_and_update().clone();
         if let Some(tasks) = tasks {
+            if std::mem::take(&mut first) {
+                adopt(&exec, &tasks, &mut running, &reports, timing, &ended_tx);
+                let keep: HashSet<String> = running.keys().cloned().collect();
+                let reaped = exec.reap_others(&keep);
+                if reaped > 0 {
+                    tracing::warn!(
+                        tasks = reaped,
+                        "ended tasks an earlier meshd left that this node no longer runs"
+                    );
+                }
+            }
             let ids: HashSet<&str> = tasks.iter().map(|a| a.id.as_str()).collect();
             ended.retain(|id| ids.contains(id.as_str()));
             // No longer assigned (removed, or ended and recorded): stop it
@@ -148,15 +165,57 @@ pub async fn run<E>(
             () = control::agent::stopped(&mut stop) => break,
         }
     }
-    // meshd is going away: its tasks go with it (Docker's default without
-    // live-restore), so nothing runs unwatched.
-    let mut waits = Vec::new();
+    // meshd is going away: its tasks stay (Docker's live-restore). The
+    // next meshd adopts them; if it comes back too late, the leader has
+    // marked this node down and placed them elsewhere, and the next meshd
+    // ends them (they are no longer assigned here).
     for (_, h) in running.drain() {
-        h.stop.send_replace(true);
-        waits.push(h.done);
+        h.done.abort();
     }
-    for w in waits {
-        let _ = w.await;
+}
+
+/// Takes over the tasks an earlier meshd started that are still assigned
+/// to run here and still alive: they are watched again, not restarted, so
+/// their connections and addresses survive the restart.
+fn adopt<E>(
+    exec: &Arc<E>,
+    tasks: &[Assignment],
+    running: &mut HashMap<String, Handle>,
+    reports: &mpsc::UnboundedSender<TaskReport>,
+    timing: StopTiming,
+    ended: &mpsc::UnboundedSender<String>,
+) where
+    E: Executor + Send + Sync + 'static,
+    E::Task: 'static,
+{
+    for a in tasks {
+        if a.desired > TaskState::Running
+            || a.observed < TaskState::Starting
+            || a.observed > TaskState::Running
+        {
+            continue;
+        }
+        let Some(task) = exec.adopt(&a.id) else {
+            continue;
+        };
+        tracing::info!(task = %a.id, name = %a.name, "adopted the task an earlier meshd started");
+        let _ = reports.send(report(&a.id, TaskState::Running, None, None, None));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let done = tokio::spawn(supervise(
+            task,
+            a.clone(),
+            reports.clone(),
+            timing,
+            stop_rx,
+            ended.clone(),
+        ));
+        running.insert(
+            a.id.clone(),
+            Handle {
+                stop: stop_tx,
+                done,
+            },
+        );
     }
 }
 
@@ -225,12 +284,25 @@ async fn lifecycle<E: Executor>(
             }
         }
     }
-    let mut task = match exec.launch(prepared).await {
+    let task = match exec.launch(prepared).await {
         Ok(t) => t,
         Err(e) => return rejected(e.to_string()),
     };
     tracing::info!(task = %a.id, name = %a.name, %netns, "task running");
     let _ = reports.send(report(&a.id, TaskState::Running, None, None, None));
+    supervise(task, a, reports, timing, stop, ended).await;
+}
+
+/// A running task until it ends or is stopped; then its report and
+/// removal.
+async fn supervise<T: RunningTask>(
+    mut task: T,
+    a: Assignment,
+    reports: mpsc::UnboundedSender<TaskReport>,
+    timing: StopTiming,
+    mut stop: watch::Receiver<bool>,
+    ended: mpsc::UnboundedSender<String>,
+) {
     let (observed, code) = tokio::select! {
         code = task.wait() => {
             let code = code.unwrap_or(255);
@@ -248,7 +320,15 @@ async fn lifecycle<E: Executor>(
             (TaskState::Shutdown, code)
         }
     };
-    let error = (observed == TaskState::Failed).then(|| format!("task: non-zero exit ({code})"));
+    let error = (observed == TaskState::Failed).then(|| {
+        if task.adopted() && code == crate::executor::EXIT_UNKNOWN {
+            "task: ended after meshd restarted; its exit status is unknown (this meshd \
+             adopted it and is not its parent)"
+                .to_owned()
+        } else {
+            format!("task: non-zero exit ({code})")
+        }
+    });
     tracing::info!(task = %a.id, name = %a.name, ?observed, code, "task ended");
     let _ = reports.send(report(&a.id, observed, None, Some(code), error));
     if let Err(e) = task.remove().await {

@@ -23,6 +23,8 @@ mod control;
 mod executor;
 #[path = "netns/overlay.rs"]
 mod overlay;
+#[path = "netns/restart.rs"]
+mod restart;
 #[path = "netns/services.rs"]
 mod services;
 #[path = "netns/tables.rs"]

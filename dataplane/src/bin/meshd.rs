@@ -969,12 +969,8 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
             let scope = &dp.task_scope;
             match ProcessExecutor::new(&d.dir.join("tasks"), &format!("{scope}-"), scope) {
                 Ok(exec) => {
-                    // Tasks an earlier meshd left running are ended: the
-                    // leader hears they were lost and places them again.
-                    let left = exec.reap();
-                    if left > 0 {
-                        tracing::warn!(tasks = left, "ended the tasks a previous meshd left running");
-                    }
+                    // Tasks an earlier meshd left running are adopted by
+                    // the runner if still assigned here, else ended.
                     tasks = Some(tokio::spawn(runner::run(
                         Arc::new(exec),
                         wired_rx,

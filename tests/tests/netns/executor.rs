@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane::executor::{ProcessExecutor, RunningTask as _, TaskRun};
+use dataplane::executor::{Executor as _, ProcessExecutor, RunningTask as _, TaskRun};
 use mesh_tests::require_root;
 
 /// An executor whose namespaces, cgroups and files carry this test's own
@@ -207,6 +207,34 @@ fn stop_ends_every_process_of_the_task_and_a_kill_reads_137() {
         assert!(!ns.exists(), "its namespace is still there");
         assert!(!s.exec.cgroup_path("t6").exists());
         assert_eq!(s.exec.reap(), 0, "nothing left the second time");
+
+        // A restarted meshd adopts instead: the same process, watched
+        // again through a pidfd (this executor is not its parent).
+        let left = s.exec.start(&s.run("t7", "exec sleep 600")).await.unwrap();
+        let pid = left.pid().unwrap();
+        std::mem::forget(left);
+        let again =
+            ProcessExecutor::new(&s.dir, &s.prefix, s.prefix.trim_end_matches('-')).unwrap();
+        assert!(
+            again.adopt("t8").is_none(),
+            "nothing to adopt under another id"
+        );
+        let mut adopted = again.adopt("t7").expect("the task is adopted");
+        assert!(adopted.adopted());
+        assert_eq!(adopted.pid(), Some(pid));
+        // Killed from outside: its end is seen, its status is not.
+        // SAFETY: the pid of a process this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let code = tokio::time::timeout(Duration::from_secs(5), adopted.wait())
+            .await
+            .expect("the adopted task's end is seen")
+            .unwrap();
+        assert_eq!(code, dataplane::executor::EXIT_UNKNOWN);
+        // SAFETY: reaping the zombie of a child this test started.
+        unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), 0) };
+        adopted.remove().await.unwrap();
+        // A stale record (the pid is gone) is not adopted.
+        assert!(again.adopt("t7").is_none());
     });
 }
 
