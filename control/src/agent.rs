@@ -54,6 +54,13 @@ pub trait Sink: Send + 'static {
         tables: &Tables,
         update: Update<'_>,
     ) -> impl Future<Output = Result<(), String>> + Send;
+    /// Whether the data plane already holds state from an earlier run (a
+    /// meshd restart, not a reboot): it is then newer than the saved
+    /// replica, which may miss the last second of changes, and is kept as
+    /// it is until the managers' current tables arrive.
+    fn warm(&self) -> bool {
+        false
+    }
 }
 
 const TABLES_FILE: &str = "tables.json";
@@ -92,6 +99,9 @@ pub struct Agent<S: Sink> {
     file: Option<PathBuf>,
     dirty: bool,
     saved_at: Option<Instant>,
+    /// A warm restart: the data plane is left as the kernel kept it until
+    /// the session has caught up (see [`Sink::warm`]).
+    hold: bool,
     /// The data plane failed to apply the replica: nothing is acked until
     /// a whole apply succeeds.
     failed: bool,
@@ -121,6 +131,7 @@ impl<S: Sink> Agent<S> {
             file: dir.map(|d| d.join(TABLES_FILE)),
             dirty: false,
             saved_at: None,
+            hold: false,
             failed: false,
             reports: None,
             unsent: VecDeque::new(),
@@ -142,8 +153,19 @@ impl<S: Sink> Agent<S> {
     }
 
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        if self.replica.revision > 0 {
-            // The last state, before any manager answers.
+        if self.replica.revision > 0 && self.sink.warm() {
+            // The kernel kept the data plane across the restart, and it is
+            // at least as new as the replica (saved at most every second):
+            // applying the replica could take back the newest changes (a
+            // task's veth, say). Nothing is touched until the session has
+            // caught up; with no manager, the kernel's state stays.
+            self.hold = true;
+            tracing::info!(
+                revision = self.replica.revision,
+                "data plane kept from the previous run; waiting for the current tables"
+            );
+        } else if self.replica.revision > 0 {
+            // After a reboot: the last state, before any manager answers.
             self.apply_whole().await;
             tracing::info!(
                 revision = self.replica.revision,
@@ -330,11 +352,30 @@ impl<S: Sink> Agent<S> {
                             self.dirty = true;
                             // A whole new base: on disk at once.
                             self.save();
-                            self.apply_whole().await;
+                            if !self.hold {
+                                self.apply_whole().await;
+                            }
                         }
                         DispatcherMessage::Delta { delta } => {
-                            if delta.revision > self.replica.revision {
+                            if delta.revision <= self.replica.revision {
+                            } else if self.hold {
+                                // Catching up: the replica only.
+                                if let Err(e) = self.replica.apply(&delta) {
+                                    tracing::warn!("catching up the tables: {e}");
+                                }
+                                self.dirty = true;
+                            } else {
                                 self.apply_delta(&delta).await;
+                            }
+                        }
+                        DispatcherMessage::CaughtUp { revision } => {
+                            if self.hold && self.replica.revision >= revision {
+                                // Current now: one whole apply reconciles
+                                // the kept data plane with it.
+                                self.hold = false;
+                                self.save();
+                                self.apply_whole().await;
+                                tracing::info!(revision, "data plane reconciled with the current tables");
                             }
                         }
                     }
@@ -344,7 +385,7 @@ impl<S: Sink> Agent<S> {
                 }
             }
             // Ack what the data plane holds, once per revision.
-            if !self.failed && acked != Some(self.replica.revision) {
+            if !self.failed && !self.hold && acked != Some(self.replica.revision) {
                 match send(&AgentMessage::Ack {
                     revision: self.replica.revision,
                 }) {

@@ -126,6 +126,9 @@ pub enum DispatcherMessage {
     /// This node's whole set of assigned tasks; sent at the start of a
     /// session and whenever it changes.
     Assignments { tasks: Vec<Assignment> },
+    /// The catch-up at the start of a session is complete: the agent now
+    /// holds the current tables (at `revision`).
+    CaughtUp { revision: Revision },
 }
 
 /// Prefix of the error a manager that is not the leader gives an agent,
@@ -493,6 +496,7 @@ async fn run_session(
         )
         .await;
         catch_up(m, tx, &mut sent).await?;
+        send(tx, &DispatcherMessage::CaughtUp { revision: sent }).await?;
         let assignments_changed = m.sm.assignments_changed(node);
         let mut assigned = m.with_state(|s| assignments(s, node));
         send(

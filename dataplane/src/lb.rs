@@ -565,6 +565,12 @@ impl LbSync {
 
     /// Rebuilds the sync state from what an earlier meshd left in the maps, so
     /// ids (and with them every conntrack entry) stay valid across restarts.
+    /// Whether the maps held a configuration (an earlier meshd applied
+    /// tables to them: a warm restart).
+    pub fn configured(&self) -> bool {
+        self.config.is_some()
+    }
+
     pub fn recover(
         config: Option<LbConfig>,
         node_addrs: impl IntoIterator<Item = Ipv4Addr>,

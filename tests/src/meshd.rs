@@ -77,8 +77,12 @@ pub fn start_control(host: &Host, args: &[&str]) -> (ChildGuard, Vec<String>) {
     let mut cmd = host.command(meshd_bin());
     cmd.args(args)
         // openraft logs every failed RPC to a killed peer; the tests read
-        // outcomes through meshctl instead.
-        .env("RUST_LOG", "warn,openraft=off")
+        // outcomes through meshctl instead. MESH_TEST_RUST_LOG overrides it
+        // when a test needs meshd's own account.
+        .env(
+            "RUST_LOG",
+            std::env::var("MESH_TEST_RUST_LOG").unwrap_or_else(|_| "warn,openraft=off".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
     let mut guard = host.spawn(&mut cmd);

@@ -958,7 +958,12 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
             };
             let wired = tokio::sync::watch::Sender::new(Default::default());
             let wired_rx = wired.subscribe();
+            let warm = match &dataplane {
+                Some(dp) => dp.lock().await.sync.configured(),
+                None => false,
+            };
             let link = d.start_agent(TableSink {
+                warm,
                 node: d.ctx.node_id.clone(),
                 underlay: file.addr,
                 view: NodeView::new(&d.ctx.node_id, file.addr),
@@ -1028,6 +1033,8 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
 /// The agent's view of the data plane: each update of the tables becomes
 /// this node's overlay, then its DNS records (swapped in one step).
 struct TableSink {
+    /// The data plane was kept from an earlier meshd (see `Sink::warm`).
+    warm: bool,
     node: String,
     /// This node's underlay address: where published ports answer.
     underlay: Ipv4Addr,
@@ -1082,6 +1089,10 @@ impl TableSink {
 }
 
 impl Sink for TableSink {
+    fn warm(&self) -> bool {
+        self.warm
+    }
+
     async fn apply(&mut self, tables: &Tables, update: Update<'_>) -> Result<(), String> {
         let r = self.apply_dataplane(tables, update).await;
         if r.is_ok() {
