@@ -119,6 +119,8 @@ enum Ended {
     /// Try this address next.
     Redirect(String),
     Failed(String),
+    /// The cluster removed this node (`node rm`): nothing more will come.
+    Removed(String),
 }
 
 impl<S: Sink> Agent<S> {
@@ -190,6 +192,11 @@ impl<S: Sink> Agent<S> {
             match self.session(&addr, &mut stop).await {
                 Ended::Stop => {
                     self.save();
+                    return;
+                }
+                Ended::Removed(why) => {
+                    tracing::error!("this node was removed from the cluster: {why}");
+                    self.ctx.removed.send_replace(Some(why));
                     return;
                 }
                 Ended::Redirect(to) => {
@@ -463,6 +470,10 @@ impl<S: Sink> Agent<S> {
 
 fn ended(s: &tonic::Status) -> Ended {
     let text = status_text(s);
+    // The state a manager answers from is committed: one is enough.
+    if crate::api::is_removal(s) {
+        return Ended::Removed(text);
+    }
     match s.message().strip_prefix(NOT_LEADER_DISPATCH) {
         Some(rest) => {
             let addr = rest.trim();

@@ -43,6 +43,17 @@ pub struct Ctx {
     pub checked: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Identity>>,
     /// Where this node's executor keeps its tasks' files (`<id>/output.log`).
     pub tasks_dir: Option<std::path::PathBuf>,
+    /// Set, with a manager's words, once the cluster has removed this
+    /// node (the agent or the upkeep loop hears it first).
+    pub removed: tokio::sync::watch::Sender<Option<String>>,
+}
+
+/// What a manager says to a node it removed (see [`Ctx::identify`]).
+pub const REMOVED: &str = "has been removed from the cluster";
+
+/// Whether `s` is a manager telling this node that it was removed.
+pub fn is_removal(s: &Status) -> bool {
+    s.code() == tonic::Code::PermissionDenied && s.message().contains(REMOVED)
 }
 
 /// The output of one task, as `service logs` shows it.

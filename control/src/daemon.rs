@@ -576,6 +576,7 @@ impl Daemon {
     ) -> Result<Daemon, DaemonError> {
         let current = creds.read().expect("creds lock").clone();
         let ctx = Arc::new(Ctx {
+            removed: tokio::sync::watch::Sender::new(None),
             node_id: file.node_id.clone(),
             cluster_id: file.cluster_id.clone(),
             ca_der: current.ca_bytes()?,
@@ -670,6 +671,7 @@ impl Daemon {
         let mut agent = Agent::new(self.ctx.clone(), sink, Some(self.dir.clone()));
         let reports = agent.task_reports();
         let assignments = agent.assignments();
+        let removed = self.ctx.removed.subscribe();
         let stop = self.stop.subscribe();
         if let Some(old) = self.agent.replace(tokio::spawn(agent.run(stop))) {
             old.abort();
@@ -677,6 +679,7 @@ impl Daemon {
         TaskLink {
             reports,
             assignments,
+            removed,
         }
     }
 
@@ -706,6 +709,8 @@ pub struct TaskLink {
     pub reports: tokio::sync::mpsc::UnboundedSender<crate::dispatcher::TaskReport>,
     /// The tasks the leader assigns this node.
     pub assignments: tokio::sync::watch::Receiver<Option<Vec<crate::dispatcher::Assignment>>>,
+    /// Some (the manager's words) once the cluster has removed this node.
+    pub removed: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// How often a node checks its standing (role, certificate, membership).
@@ -778,6 +783,9 @@ impl Upkeep {
         let who: Whoami = match NodeClient::new(channel.clone()).whoami(Empty {}).await {
             Ok(r) => serde_json::from_slice(&r.into_inner().json).map_err(|e| e.to_string())?,
             Err(s) => {
+                if crate::api::is_removal(&s) {
+                    self.ctx.removed.send_replace(Some(status_text(&s)));
+                }
                 return Err(format!(
                     "asking {addr} about this node: {}",
                     status_text(&s)

@@ -68,7 +68,17 @@ struct Handle {
     done: tokio::task::JoinHandle<()>,
 }
 
-/// Follows `assigned` until `stop` is set; then stops every task it runs.
+/// How the runner ends when `stop` is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStop {
+    /// meshd is restarting or leaving: the tasks stay, to be adopted.
+    LeaveTasks,
+    /// The node was removed from the cluster: every task is stopped.
+    EndTasks,
+}
+
+/// Follows `assigned` until `stop` is set; then leaves or ends its tasks,
+/// as `on_stop` says at that moment.
 pub async fn run<E>(
     exec: Arc<E>,
     wired: Wired,
@@ -76,6 +86,7 @@ pub async fn run<E>(
     reports: mpsc::UnboundedSender<TaskReport>,
     timing: StopTiming,
     mut stop: watch::Receiver<bool>,
+    on_stop: watch::Receiver<OnStop>,
 ) where
     E: Executor + Send + Sync + 'static,
     E::Task: 'static,
@@ -169,6 +180,19 @@ pub async fn run<E>(
     // next meshd adopts them; if it comes back too late, the leader has
     // marked this node down and placed them elsewhere, and the next meshd
     // ends them (they are no longer assigned here).
+    if *on_stop.borrow() == OnStop::EndTasks {
+        let mut waits = Vec::new();
+        for (_, h) in running.drain() {
+            h.stop.send_replace(true);
+            waits.push(h.done);
+        }
+        for w in waits {
+            let _ = w.await;
+        }
+        // And what an earlier run left that this one never adopted.
+        exec.reap_others(&HashSet::new());
+        return;
+    }
     for (_, h) in running.drain() {
         h.done.abort();
     }

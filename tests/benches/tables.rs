@@ -385,6 +385,7 @@ impl Cluster {
             };
             ctxs.push((
                 Arc::new(Ctx {
+                    removed: tokio::sync::watch::Sender::new(None),
                     node_id: id.clone(),
                     cluster_id: cluster_id.clone(),
                     ca_der: creds.ca_bytes().unwrap(),

@@ -248,6 +248,13 @@ impl ChildGuard {
         unsafe { libc::kill(self.pid() as i32, signal) };
     }
 
+    /// The child's exit status if it has exited (it is reaped then).
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().expect("try_wait"))
+    }
+
     /// Panics if the child has already exited (it was expected to be serving).
     pub fn assert_running(&mut self) {
         let child = self.child.as_mut().expect("child");

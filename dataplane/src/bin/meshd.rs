@@ -912,7 +912,7 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(async {
+    let removal = rt.block_on(async {
         let daemon = match start {
             Start::None => None,
             Start::Init { dir, at, opts } => {
@@ -948,7 +948,9 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
         };
         let mut daemon = daemon;
         let tasks_stop = tokio::sync::watch::Sender::new(false);
+        let on_stop = tokio::sync::watch::Sender::new(runner::OnStop::LeaveTasks);
         let mut tasks = None;
+        let mut removed = None;
         if let Some(d) = daemon.as_mut() {
             let file = control::daemon::NodeFile::load(&d.dir)?;
             let upstream = if dp.dns_upstream.is_empty() {
@@ -971,6 +973,7 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
                 dns: Dns::new(upstream),
                 wired,
             });
+            removed = Some(link.removed);
             let scope = &dp.task_scope;
             match ProcessExecutor::new(&d.dir.join("tasks"), &format!("{scope}-"), scope) {
                 Ok(exec) => {
@@ -986,6 +989,7 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
                             grace: Duration::from_millis(dp.stop_grace_ms),
                         },
                         tasks_stop.subscribe(),
+                        on_stop.subscribe(),
                     )));
                 }
                 Err(e) => tracing::error!(
@@ -1000,8 +1004,21 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
         let mut sweep = tokio::time::interval(Duration::from_secs(dp.sweep_interval.max(1)));
         let mut resync = tokio::time::interval(Duration::from_secs(dp.resync_interval.max(1)));
         resync.reset(); // the first full pass just happened
+        let mut removal = None;
         loop {
+            let was_removed = async {
+                match removed.as_mut() {
+                    Some(r) => r.wait_for(Option::is_some).await.ok().and_then(|v| v.clone()),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                why = was_removed => {
+                    // Its tasks end with it: they belong to the cluster.
+                    removal = Some(why.unwrap_or_else(|| "removed".into()));
+                    on_stop.send_replace(runner::OnStop::EndTasks);
+                    break;
+                }
                 r = tokio::signal::ctrl_c() => { r.context("waiting for SIGINT")?; break; }
                 _ = term.recv() => break,
                 _ = hup.recv() => {
@@ -1023,11 +1040,31 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
         if let Some(d) = daemon {
             d.stop().await;
         }
-        if let Some(d) = dataplane {
+        if let Some(d) = dataplane
+            && removal.is_none()
+        {
             tracing::info!(node = %d.lock().await.node, "exiting; the data path stays attached for the next start");
         }
-        anyhow::Ok(())
-    })
+        anyhow::Ok(removal)
+    })?;
+    let Some(why) = removal else {
+        return Ok(());
+    };
+    // A removed node leaves nothing of the cluster behind: its data plane
+    // (overlay, pins, IPsec) goes as `meshd down` takes it.
+    if let Some(node) = dp.node.clone() {
+        let args = NodeArgs {
+            node,
+            bpf_root: dp.bpf_root.clone(),
+        };
+        if let Err(e) = down(&args) {
+            tracing::warn!("tearing down the data plane: {e:#}");
+        }
+    }
+    bail!(
+        "this node was removed from the cluster ({why}); its tasks were stopped and its data \
+         plane removed. To bring it back, join again with a current token and a fresh --data-dir"
+    )
 }
 
 /// The agent's view of the data plane: each update of the tables becomes

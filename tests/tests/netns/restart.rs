@@ -186,4 +186,38 @@ fn a_meshd_restart_keeps_its_tasks_and_their_connections() {
             (names.len() == 2).then_some(())
         },
     );
+
+    // Removed by force while it runs: the node stops its tasks, takes its
+    // data plane down and exits, saying why (it once kept serving its last
+    // tables with its tasks running).
+    let worker_id = json(&m.meshctl_ok(&["node", "inspect", &victim]))[0]["id"]
+        .as_str()
+        .expect("node id")
+        .to_owned();
+    m.meshctl_ok(&["node", "rm", "--force", &worker_id]);
+    let status = wait_until(
+        "the removed node's meshd to exit",
+        Duration::from_secs(20),
+        || worker.meshd.as_mut().expect("running").try_wait(),
+    );
+    assert!(!status.success(), "a removed node exited 0");
+    let scope = dataplane::executor::cgroup2_mount()
+        .unwrap()
+        .join(worker.dir.task_scope());
+    let left: Vec<_> = std::fs::read_dir(&scope)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "tasks left running on the removed node: {left:?}"
+    );
+    assert!(
+        !worker.host.pin_dir().exists(),
+        "the removed node's pins are still there"
+    );
 }
