@@ -597,6 +597,25 @@ pub struct Info {
     pub networks: usize,
 }
 
+/// The metadata key a read's reply carries when the answering manager
+/// could not confirm its state is current: the reason, with its lag.
+pub const STALE_HEADER: &str = "mesh-stale";
+
+/// A read's reply, marked stale when the read barrier taken before the
+/// read (`Manager::read_barrier`) failed.
+fn mark(
+    reply: Result<Response<Blob>, Status>,
+    barrier: Result<(), String>,
+) -> Result<Response<Blob>, Status> {
+    let mut reply = reply?;
+    if let Err(why) = barrier
+        && let Ok(v) = tonic::metadata::MetadataValue::try_from(why.replace(['\r', '\n'], " "))
+    {
+        reply.metadata_mut().insert(STALE_HEADER, v);
+    }
+    Ok(reply)
+}
+
 fn node_view(ctx: &Ctx, m: &Manager, node: &Node) -> NodeView {
     NodeView {
         manager_status: raft_id(&node.id).and_then(|id| m.manager_status(id)),
@@ -682,20 +701,22 @@ impl cluster_server::Cluster for ClusterService {
 
     async fn list_nodes(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
+        let barrier = m.read_barrier().await;
         let views: Vec<NodeView> = m.with_state(|s| {
             s.nodes
                 .values()
                 .map(|n| node_view(&self.0, &m, n))
                 .collect()
         });
-        json(&views)
+        mark(json(&views), barrier)
     }
 
     async fn inspect_node(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
         let target = req.into_inner().target;
+        let barrier = m.read_barrier().await;
         let view = m.with_state(|s| find_node(s, &target).map(|n| node_view(&self.0, &m, n)))?;
-        json(&view)
+        mark(json(&view), barrier)
     }
 
     async fn update_node(&self, req: Request<Update>) -> Result<Response<Blob>, Status> {
@@ -798,17 +819,19 @@ impl cluster_server::Cluster for ClusterService {
 
     async fn list_networks(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
+        let barrier = m.read_barrier().await;
         let nets: Vec<Network> = m.with_state(|s| s.networks.values().cloned().collect());
-        json(&nets)
+        mark(json(&nets), barrier)
     }
 
     async fn inspect_network(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
+        let barrier = m.read_barrier().await;
         let target = req.into_inner().target;
         let net = m
             .with_state(|s| s.network_by_ref(&target).cloned())
             .ok_or_else(|| Status::not_found(format!("network {target} not found")))?;
-        json(&net)
+        mark(json(&net), barrier)
     }
 
     async fn remove_network(&self, req: Request<Remove>) -> Result<Response<Empty>, Status> {
@@ -831,6 +854,7 @@ impl cluster_server::Cluster for ClusterService {
 
     async fn list_services(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
+        let barrier = m.read_barrier().await;
         let svcs: Vec<ServiceView> = m.with_state(|s| {
             s.services
                 .values()
@@ -844,7 +868,7 @@ impl cluster_server::Cluster for ClusterService {
                 })
                 .collect()
         });
-        json(&svcs)
+        mark(json(&svcs), barrier)
     }
 
     async fn service_logs(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {
@@ -901,6 +925,7 @@ impl cluster_server::Cluster for ClusterService {
 
     async fn list_tasks(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
+        let barrier = m.read_barrier().await;
         let target = req.into_inner().target;
         let tasks = m.with_state(|s| {
             let svc = s.service_by_ref(&target)?;
@@ -921,16 +946,17 @@ impl cluster_server::Cluster for ClusterService {
         });
         let tasks =
             tasks.ok_or_else(|| Status::not_found(format!("service {target} not found")))?;
-        json(&tasks)
+        mark(json(&tasks), barrier)
     }
 
     async fn inspect_service(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
+        let barrier = m.read_barrier().await;
         let target = req.into_inner().target;
         let svc = m
             .with_state(|s| s.service_by_ref(&target).cloned())
             .ok_or_else(|| Status::not_found(format!("service {target} not found")))?;
-        json(&svc)
+        mark(json(&svc), barrier)
     }
 
     async fn update_service(&self, req: Request<Update>) -> Result<Response<Blob>, Status> {

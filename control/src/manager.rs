@@ -792,6 +792,67 @@ impl Manager {
         Ok(())
     }
 
+    /// Waits until this manager's state holds every write acknowledged
+    /// before the call (a read index): on the leader, a quorum confirms it
+    /// still leads; on a follower, the leader's applied index is fetched and
+    /// waited for. Err says why the state may be stale (and by how much), for
+    /// the reply to carry: reads are still served, marked.
+    pub async fn read_barrier(&self) -> Result<(), String> {
+        const WAIT: Duration = Duration::from_secs(1);
+        if self.is_leader() {
+            return match tokio::time::timeout(WAIT, self.raft.ensure_linearizable()).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("this manager can't confirm it still leads: {e}")),
+                Err(_) => Err(
+                    "this manager can't confirm it still leads: no quorum answered within 1 s"
+                        .into(),
+                ),
+            };
+        }
+        let m = self.metrics();
+        let Some(addr) = m.current_leader.and_then(|l| {
+            m.membership_config
+                .membership()
+                .get_node(&l)
+                .map(|n| n.addr.clone())
+        }) else {
+            return Err("this manager sees no leader: its state may miss the newest writes".into());
+        };
+        let channel = self
+            .peers
+            .channel_with(&addr, WAIT)
+            .map_err(|s| s.message().to_owned())?;
+        let info = tokio::time::timeout(WAIT, ClusterClient::new(channel).info(proto::Empty {}))
+            .await
+            .map_err(|_| format!("the leader at {addr} did not answer within 1 s"))?
+            .map_err(|s| {
+                format!(
+                    "cannot ask the leader at {addr}: {}",
+                    crate::daemon::status_text(&s)
+                )
+            })?;
+        let leader_applied = serde_json::from_slice::<serde_json::Value>(&info.into_inner().json)
+            .ok()
+            .and_then(|v| v["last_applied"].as_u64())
+            .unwrap_or(0);
+        let mut rx = self.raft.metrics();
+        let caught_up = tokio::time::timeout(
+            WAIT,
+            rx.wait_for(|m| m.last_applied.is_some_and(|l| l.index >= leader_applied)),
+        )
+        .await;
+        match caught_up {
+            Ok(Ok(_)) => Ok(()),
+            _ => {
+                let here = self.metrics().last_applied.map_or(0, |l| l.index);
+                Err(format!(
+                    "this manager is {} entries behind the leader (applied {here} of {leader_applied})",
+                    leader_applied.saturating_sub(here)
+                ))
+            }
+        }
+    }
+
     /// Makes the Raft voters agree with the state (leader only): a voter
     /// the state calls a worker is removed. Demotion commits the role first
     /// and removes the voter after; if that step fails (the leader died,

@@ -231,6 +231,26 @@ async fn three_managers_elect_replicate_and_survive_a_leader_change() {
     let mut api = client(&c.dirs[follower].0, c.api(follower));
     for i in 0..10 {
         create_service(&mut api, &format!("before-{i}")).await;
+        // Every manager's read, right after the write, holds it and is not
+        // marked stale: a follower reads after the leader's applied index.
+        for n in 0..3 {
+            let reply = client(&c.dirs[n].0, c.api(n))
+                .list_services(Empty {})
+                .await
+                .unwrap();
+            assert_eq!(
+                reply.metadata().get(control::api::STALE_HEADER),
+                None,
+                "manager {n}"
+            );
+            let have: Vec<serde_json::Value> =
+                serde_json::from_slice(&reply.into_inner().json).unwrap();
+            assert_eq!(
+                have.len(),
+                i + 1,
+                "manager {n} misses an acknowledged write"
+            );
+        }
     }
     for i in 0..3 {
         wait_for(
@@ -309,6 +329,20 @@ async fn a_lone_manager_refuses_writes_with_no_quorum() {
         err.message()
     );
     assert!(services(c.node(keep)).is_empty());
+    // Reads are still answered, marked stale with the reason: this manager
+    // can't confirm its state is current.
+    let reply = api.list_services(Empty {}).await.unwrap();
+    let why = reply
+        .metadata()
+        .get(control::api::STALE_HEADER)
+        .expect("a read without a quorum is marked stale")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        why.contains("can't confirm it still leads") || why.contains("no leader"),
+        "{why}"
+    );
     c.stop().await;
 }
 

@@ -590,7 +590,16 @@ fn blob<T: serde::Serialize>(v: &T) -> Blob {
     }
 }
 
+/// A reply's body; a reply the manager marked stale (it could not confirm
+/// its state is current) is said so on stderr, with the manager's reason.
 fn from_blob<T: for<'de> serde::Deserialize<'de>>(b: tonic::Response<Blob>) -> Res<T> {
+    if let Some(why) = b
+        .metadata()
+        .get(control::api::STALE_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        eprintln!("warning: this answer may be stale: {why}");
+    }
     serde_json::from_slice(&b.into_inner().json).map_err(|e| format!("bad reply: {e}"))
 }
 
