@@ -5,6 +5,7 @@
 //! - [`netns`]: network namespaces, hosts and the underlay topology builder.
 
 pub mod capture;
+pub mod figures;
 pub mod frames;
 pub mod meshd;
 pub mod netns;

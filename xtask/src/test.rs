@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use mesh_tests::{netns::leftovers, skip::SKIP_LOG_ENV};
+use mesh_tests::{figures::FIGURES_LOG_ENV, netns::leftovers, skip::SKIP_LOG_ENV};
 
 use crate::{cargo, target_dir};
 
@@ -74,6 +74,9 @@ pub fn run() -> Result<()> {
     crate::setup::run()?;
     let setup_secs = setup_started.elapsed().as_secs_f64();
 
+    // Figures the tests measured (faults, attacks), printed after the summary.
+    std::fs::create_dir_all(target_dir())?;
+    std::fs::write(figures_log(), "").context("reset the figures log")?;
     let mut tiers = vec![lint()];
     // meshd and meshctl are what the namespace tier runs; build them before
     // any test binary.
@@ -156,6 +159,10 @@ pub fn run() -> Result<()> {
         sum(|t| t.failed),
         sum(|t| t.skipped)
     );
+    let figures = std::fs::read_to_string(figures_log()).unwrap_or_default();
+    if !figures.trim().is_empty() {
+        println!("==== figures (docs/RELIABILITY.md)\n{}", figures.trim_end());
+    }
     if !problems.is_empty() {
         bail!("{}", problems.join("; "));
     }
@@ -285,6 +292,7 @@ fn cargo_tier(name: &'static str, privileged: bool, args: &[&str]) -> Result<Tie
     let mut child = cargo()
         .args(args)
         .env(SKIP_LOG_ENV, &skip_log)
+        .env(FIGURES_LOG_ENV, figures_log())
         .stdout(Stdio::piped())
         .spawn()
         .context("cannot start cargo test")?;
@@ -312,6 +320,11 @@ fn cargo_tier(name: &'static str, privileged: bool, args: &[&str]) -> Result<Tie
     tier.count_skips(skips.lines().filter(|l| !l.is_empty()));
     tier.seconds = started.elapsed().as_secs_f64();
     Ok(tier)
+}
+
+/// Where the test binaries append their figures during one run.
+fn figures_log() -> PathBuf {
+    target_dir().join("mesh-figures.log")
 }
 
 /// `test result: ok. 3 passed; 0 failed; 1 ignored; ...` -> (3, 0, 1).

@@ -117,10 +117,10 @@ fn a_manager_withstands_a_preauth_flood_and_a_shadowing_join() {
         // An authenticated call right after the flood is answered.
         let started = Instant::now();
         let out = manager.meshctl(&["node", "ls"]);
-        println!(
+        mesh_tests::figures::figure(&format!(
             "attack: authenticated node ls after the flood answered in {} ms",
             started.elapsed().as_millis()
-        );
+        ));
         assert!(
             out.status.success(),
             "{}",
@@ -130,13 +130,13 @@ fn a_manager_withstands_a_preauth_flood_and_a_shadowing_join() {
         (refused, sampler.join().expect("sampler"))
     });
     let growth_mib = peak.saturating_sub(before) / 1024;
-    println!(
+    mesh_tests::figures::figure(&format!(
         "attack: {FLOOD_CALLS} unauthenticated {} MiB bodies: manager RSS {} MiB -> peak {} MiB \
          (+{growth_mib} MiB), {refused} refused",
         FLOOD_BODY >> 20,
         before / 1024,
         peak / 1024
-    );
+    ));
     assert_eq!(
         refused, FLOOD_CALLS,
         "every unauthenticated call is refused"

@@ -301,7 +301,7 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
     };
     let (emin, emed, emax) = stats(&mut election_ms);
     let (wmin, wmed, wmax) = stats(&mut first_write_ms);
-    println!(
+    mesh_tests::figures::figure(&format!(
         "fault: {LEADER_KILLS} leader SIGKILLs under {WRITERS} writers: {} writes acked (0 lost), \
          {} not applied (0 present), {} outcome unknown ({unknown_applied} applied, {} not); \
          kill -> new leader ms min/median/max {emin}/{emed}/{emax}; kill -> first acked write \
@@ -310,7 +310,7 @@ fn managers_survive_leader_kills_restarts_and_a_partition() {
         log.not_applied.len(),
         log.unknown.len(),
         log.unknown.len() - unknown_applied,
-    );
+    ));
 
     // Nothing in plaintext at rest: secrets nowhere, and the service's
     // name nowhere but in the agent's replica of the data-plane tables

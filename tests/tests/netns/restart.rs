@@ -135,7 +135,7 @@ fn a_meshd_restart_keeps_its_tasks_and_their_connections() {
         .filter_map(|(_, r)| r.as_ref().ok())
         .filter_map(|b| b.split_whitespace().next())
         .collect();
-    println!(
+    mesh_tests::figures::figure(&format!(
         "fault: meshd SIGKILL + restart on {victim} under {OPEN} open requests: through the other \
          node {} of {} broken (answered by {by:?}); through the restarted node's own front {} of \
          {} broken",
@@ -143,7 +143,7 @@ fn a_meshd_restart_keeps_its_tasks_and_their_connections() {
         via_other.len(),
         broken(&via_restarted).len(),
         via_restarted.len(),
-    );
+    ));
     // The task on the restarted node outlived its meshd: flows to it
     // through the other node all finish (they broke when meshd reaped it);
     // flows through the restarted node's own front finish too (they broke
