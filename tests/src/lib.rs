@@ -9,6 +9,7 @@ pub mod figures;
 pub mod frames;
 pub mod meshd;
 pub mod netns;
+mod runlog;
 pub mod services;
 pub mod skip;
 

@@ -5,8 +5,6 @@
 //! file (as `cargo xtask test` sets it), appends that line there so the runner
 //! counts the test as skipped, not passed.
 
-use std::{fs::OpenOptions, io::Write as _};
-
 /// Env var naming the file skips are appended to.
 pub const SKIP_LOG_ENV: &str = "MESH_SKIP_LOG";
 
@@ -17,14 +15,7 @@ pub struct Skip;
 pub fn record_skip(test: &str, reason: &str) {
     let line = format!("mesh-skip: {test}: {reason}");
     eprintln!("{line}");
-    if let Ok(path) = std::env::var(SKIP_LOG_ENV) {
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .unwrap_or_else(|e| panic!("cannot append to {SKIP_LOG_ENV}={path}: {e}"));
-        writeln!(file, "{line}").expect("write skip log");
-    }
+    crate::runlog::append(SKIP_LOG_ENV, &line);
 }
 
 /// `Some` when running as root; otherwise records a skip for `test`.
