@@ -166,11 +166,13 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
     if p.outcome != outcome::PARSED || (p.ip_proto != IPPROTO_TCP && p.ip_proto != IPPROTO_UDP) {
         return Ok(other);
     }
+    // Not configured yet: no frontend to take, so the bridge's verdict
+    // (never a plain pass on an overlay bridge: that bypassed isolation).
     let Some(cfg) = LB_CONFIG.get(0) else {
-        return Ok(TC_ACT_OK);
+        return Ok(other);
     };
     if cfg.nat_addr_be[0] == 0 {
-        return Ok(TC_ACT_OK);
+        return Ok(other);
     }
     let flow = FlowKey {
         saddr_be: [p.saddr[0], 0, 0, 0],
@@ -319,6 +321,17 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
         backend.port_be,
     )?;
     Ok(redirect(out))
+}
+
+/// The verdict for a packet the program failed on: dropped on an overlay
+/// bridge (fail closed: a pass there would route a task's packet past
+/// network isolation), passed elsewhere (the underlay must keep working).
+pub fn on_error(ctx: &TcContext) -> i32 {
+    if nat_here(ctx) != 0 {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
+    }
 }
 
 /// The node's own address on the interface the packet arrived on (0: none).

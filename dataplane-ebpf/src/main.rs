@@ -2,7 +2,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action},
+    bindings::xdp_action,
     macros::{classifier, map, xdp},
     maps::PerCpuArray,
     programs::{TcContext, XdpContext},
@@ -52,11 +52,15 @@ pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// The L4 load balancer; see `dataplane_ebpf::lb`. Internal errors pass the
-/// packet on untouched rather than dropping it.
+/// The L4 load balancer; see `dataplane_ebpf::lb`. An internal error
+/// drops the packet on an overlay bridge (fail closed) and passes it on
+/// the underlay.
 #[classifier]
 pub fn tc_lb(ctx: TcContext) -> i32 {
-    dataplane_ebpf::lb::try_lb(&ctx).unwrap_or(TC_ACT_OK)
+    match dataplane_ebpf::lb::try_lb(&ctx) {
+        Ok(verdict) => verdict,
+        Err(_) => dataplane_ebpf::lb::on_error(&ctx),
+    }
 }
 
 #[cfg(not(test))]

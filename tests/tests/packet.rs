@@ -414,6 +414,7 @@ mod lb {
     use mesh_tests::{Netns, frames::*, netns::lb_test_namespace, require_root};
 
     const TC_ACT_OK: u32 = 0;
+    const TC_ACT_SHOT: u32 = 2;
     const TC_ACT_REDIRECT: u32 = 7;
     const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
     const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
@@ -772,6 +773,52 @@ mod lb {
         assert!(
             env.conntrack(client, DNS_PORT, UDP).is_none(),
             "no flow was created"
+        );
+    }
+
+    /// On an overlay bridge (v0 given the node's address there) the program
+    /// fails closed: before the load balancer is configured, a task's
+    /// packet to anywhere but that address is dropped, not passed (a pass
+    /// routed it past network isolation); to that address it passes.
+    #[test]
+    fn an_overlay_bridge_fails_closed_before_it_is_configured() {
+        let Some(_root) =
+            require_root("packet::lb::an_overlay_bridge_fails_closed_before_it_is_configured")
+        else {
+            return;
+        };
+        use dataplane::lb::LbMaps as _;
+        const HERE: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
+        let mut env = Env::new(&[1]);
+        env.dp
+            .lb_maps()
+            .set_nat_interface(env.ifindex, Some(HERE))
+            .expect("mark v0 as a bridge");
+        let task = (Ipv4Addr::new(10, 0, 0, 7), 40005);
+        let elsewhere = v4_flow(TCP, task, (Ipv4Addr::new(10, 0, 1, 9), 5432), 0x02, 0);
+        let to_here = v4_flow(TCP, task, (HERE, 53), 0x02, 0);
+        // Configured: isolation holds.
+        assert_eq!(env.run(&elsewhere).0, TC_ACT_SHOT, "configured, elsewhere");
+        assert_eq!(env.run(&to_here).0, TC_ACT_OK, "configured, to the bridge");
+        // Not configured (no NAT address): the same verdicts.
+        env.dp
+            .lb_maps()
+            .set_config(&dataplane_common::LbConfig {
+                nat_addr_be: [0; 4],
+                nat_port_min: 0,
+                nat_port_count: 0,
+                _pad: 0,
+            })
+            .expect("clear the config");
+        assert_eq!(
+            env.run(&elsewhere).0,
+            TC_ACT_SHOT,
+            "unconfigured, elsewhere"
+        );
+        assert_eq!(
+            env.run(&to_here).0,
+            TC_ACT_OK,
+            "unconfigured, to the bridge"
         );
     }
 
