@@ -197,11 +197,42 @@ pub async fn init(
     result
 }
 
+/// The ingress subnet for a cluster whose first node is `at`: Swarm's
+/// 10.0.0.0/24, or the first /24 of the address pool off that node's
+/// underlay (its prefixes and its address).
+fn ingress_subnet_for(at: &Addresses) -> Result<crate::allocator::Subnet, DaemonError> {
+    use crate::allocator::{Subnet, SubnetPool};
+    let defaults = ClusterSettings::default();
+    let mut avoid = at.underlay.clone();
+    avoid.push(Subnet::containing(at.addr, 32));
+    if !avoid.iter().any(|p| p.overlaps(&defaults.ingress_subnet)) {
+        return Ok(defaults.ingress_subnet);
+    }
+    SubnetPool::new(defaults.address_pool, 24)
+        .and_then(|mut pool| pool.allocate_avoiding("ingress", &avoid))
+        .map_err(|e| {
+            msg(format!(
+                "no /24 of the address pool {} is off this node's underlay ({}) for the ingress \
+                 network: {e}",
+                defaults.address_pool,
+                avoid
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+}
+
 async fn init_inner(
     dir: &Path,
     at: &Addresses,
     opts: &InitOptions,
 ) -> Result<(Daemon, InitReport), DaemonError> {
+    // Checked before anything is made: the ingress network must not
+    // overlap this node's underlay (the default 10.0.0.0/24 does on many
+    // hosts), else its own AddNode would be refused after Init committed.
+    let ingress_subnet = ingress_subnet_for(at)?;
     let cluster_id = api::new_id();
     let node_id = api::new_node_id();
     let ca = Ca::create(&cluster_id)?;
@@ -250,6 +281,7 @@ async fn init_inner(
                     heartbeat_period_ms: opts.heartbeat.as_millis().max(1) as u64,
                     heartbeat_misses: opts.heartbeat_misses.max(1),
                     network_key_rotation_secs: opts.network_key_rotation.as_secs().max(1),
+                    ingress_subnet,
                     ..ClusterSettings::default()
                 },
                 secrets: Some(ClusterSecrets {
@@ -881,5 +913,36 @@ impl Upkeep {
         }
         tracing::info!("certificate renewed (role {})", reply.role);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod ingress_tests {
+    use super::*;
+
+    fn at(addr: [u8; 4], underlay: &[&str]) -> Addresses {
+        Addresses {
+            hostname: "h".into(),
+            addr: addr.into(),
+            listen_addr: "127.0.0.1:2377".parse().unwrap(),
+            api_addr: "127.0.0.1:2377".into(),
+            underlay: underlay.iter().map(|p| p.parse().unwrap()).collect(),
+        }
+    }
+
+    /// A first node on 10.0.0.0/16 once got ingress 10.0.0.0/24 and its own
+    /// join was then refused after Init had committed: now ingress moves.
+    #[test]
+    fn the_ingress_subnet_stays_off_the_first_nodes_underlay() {
+        let got = |a| ingress_subnet_for(&a).unwrap().to_string();
+        assert_eq!(got(at([198, 18, 0, 1], &["198.18.0.0/24"])), "10.0.0.0/24");
+        assert_eq!(got(at([10, 0, 3, 7], &["10.0.0.0/16"])), "10.1.0.0/24");
+        // Its address alone (no local interface holds it) counts too.
+        assert_eq!(got(at([10, 0, 0, 9], &[])), "10.0.1.0/24");
+        let err = ingress_subnet_for(&at([10, 0, 0, 1], &["10.0.0.0/8"])).unwrap_err();
+        assert!(
+            err.to_string().contains("no /24 of the address pool"),
+            "{err}"
+        );
     }
 }

@@ -168,7 +168,13 @@ pub async fn run<E>(
             }
         }
         tokio::select! {
-            r = assigned.changed() => if r.is_err() { break },
+            r = assigned.changed() => if r.is_err() {
+                // The agent ended (meshd is stopping, or the node was
+                // removed): wait for meshd's word on what to do with the
+                // tasks, so that `on_stop` is read once it is set.
+                control::agent::stopped(&mut stop).await;
+                break;
+            },
             Some(id) = ended_rx.recv() => {
                 running.remove(&id);
                 ended.insert(id);
