@@ -231,6 +231,16 @@ impl ProcessExecutor {
         let record = fs::read_to_string(self.pid_record(id)).ok()?;
         let (pid, start) = record.trim().split_once(' ')?;
         let pid: i32 = pid.parse().ok()?;
+        // The pidfd first, then the checks: the fd pins the process the pid
+        // named, so a pid reused after the checks can't pass for the task.
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: a fresh fd we own.
+        let fd =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
         if start_time(pid)? != start.parse::<u64>().ok()? {
             return None;
         }
@@ -243,14 +253,6 @@ impl ProcessExecutor {
         if !in_cgroup || !netns.exists() {
             return None;
         }
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if fd < 0 {
-            return None;
-        }
-        // SAFETY: a fresh fd we own.
-        let fd =
-            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
         // SAFETY: the AsyncFd owns the OwnedFd, which stays open (and the
         // same fd) until the AsyncFd is dropped. Called on a runtime (the
         // runner's), whose reactor it registers with.
