@@ -364,15 +364,17 @@ impl<S: Sink> Agent<S> {
                             }
                         }
                         DispatcherMessage::Delta { delta } => {
-                            if delta.revision <= self.replica.revision {
-                            } else if self.hold {
-                                // Catching up: the replica only.
-                                if let Err(e) = self.replica.apply(&delta) {
-                                    tracing::warn!("catching up the tables: {e}");
+                            // An old delta (already held) changes nothing.
+                            if delta.revision > self.replica.revision {
+                                if self.hold {
+                                    // Catching up: the replica only.
+                                    if let Err(e) = self.replica.apply(&delta) {
+                                        tracing::warn!("catching up the tables: {e}");
+                                    }
+                                    self.dirty = true;
+                                } else {
+                                    self.apply_delta(&delta).await;
                                 }
-                                self.dirty = true;
-                            } else {
-                                self.apply_delta(&delta).await;
                             }
                         }
                         DispatcherMessage::CaughtUp { revision } => {
