@@ -35,6 +35,9 @@ pub mod maps {
     pub const FRONTEND_STATS: &str = "FRONTEND_STATS";
     /// Per-CPU array of [`crate::LbCounter`], indexed by backend id.
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    /// Per-CPU array of one u64: the rate limit of rejects (a GCRA's
+    /// theoretical arrival time, ns).
+    pub const REJECT_BUDGET: &str = "REJECT_BUDGET";
 
     /// Every map the object defines; a packet test checks each one resolves.
     pub const ALL: &[&str] = &[
@@ -50,6 +53,7 @@ pub mod maps {
         NAT_IFACES,
         FRONTEND_STATS,
         BACKEND_STATS,
+        REJECT_BUDGET,
     ];
 }
 
@@ -257,8 +261,11 @@ pub struct LbCounter {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// Packets answered with a TCP RST or an ICMP port unreachable (a
+    /// frontend with no backend).
+    pub rejected: u64,
 }
-const _: () = assert!(core::mem::size_of::<LbCounter>() == 24);
+const _: () = assert!(core::mem::size_of::<LbCounter>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -14,6 +14,8 @@
 //! Reverse path (backend -> nat_addr:nat_port, arriving on any device for
 //!   LB_CONFIG.nat_addr, or on the device that NAT_IFACES gives that address):
 //!   REVNAT hit -> source becomes the frontend, destination the client.
+//! A frontend with no backend answers a new flow with a TCP RST or an ICMP
+//!   port unreachable (see [`crate::reject`]), counted as `rejected`.
 //! Anything else, and every packet the parser did not fully parse
 //! (truncated, malformed, fragments), passes through untouched; except on
 //! an overlay bridge (an interface in NAT_IFACES), where an IPv4 packet not
@@ -38,7 +40,10 @@ use dataplane_common::{
     RevNat, limits, outcome,
 };
 
-use crate::parse::{self, IPPROTO_TCP, IPPROTO_UDP, Parsed};
+use crate::{
+    parse::{self, IPPROTO_TCP, IPPROTO_UDP, Parsed},
+    reject,
+};
 
 #[map(name = "FRONTENDS")]
 static FRONTENDS: HashMap<FrontendKey, Frontend> =
@@ -259,8 +264,19 @@ pub fn try_lb(ctx: &TcContext) -> Result<i32, i64> {
     let new_flow = backend.is_none();
     if new_flow {
         if frontend.backend_count == 0 || frontend.table_size == 0 {
+            // No backend: answer as a closed port does, rather than let the
+            // client wait out its timeouts.
             bump(&FRONTEND_STATS, frontend.id, bytes, false);
-            return Ok(TC_ACT_SHOT);
+            return Ok(match reject::reject(ctx, &p, now) {
+                Ok(reject::Rejected::Answered(verdict)) => {
+                    if let Some(c) = FRONTEND_STATS.get_ptr_mut(frontend.id) {
+                        // SAFETY: per-CPU slot, valid for the program's run.
+                        unsafe { (*c).rejected += 1 };
+                    }
+                    verdict
+                }
+                Ok(reject::Rejected::Dropped) | Err(_) => reject::FAILED,
+            });
         }
         let slot = flow_hash(&flow) % frontend.table_size;
         let Some(backend_id) = MAGLEV.get_value(frontend.id, &slot) else {

@@ -3,3 +3,4 @@
 
 pub mod lb;
 pub mod parse;
+pub mod reject;

@@ -36,6 +36,8 @@ pub enum LoadError {
         #[source]
         source: Box<EbpfError>,
     },
+    #[error("map {map}: a pinned map of another layout: {why}")]
+    Stale { map: &'static str, why: String },
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
     #[error("program {program}: {operation}")]
@@ -60,6 +62,43 @@ pub enum LoadError {
     },
 }
 
+/// Unpins every pinned map whose layout (key size, value size, capacity)
+/// differs from the object's: an upgrade that changed a map's layout then
+/// starts that map afresh, where reusing it would fail verification (a
+/// program reading past the old value's end) or misread its bytes. Maps
+/// whose layout is unchanged are kept, with their flows and counters.
+fn drop_stale_pins(pins: &[(&'static str, PathBuf)]) -> Result<(), LoadError> {
+    let object = aya_obj::Object::parse(OBJECT).map_err(|e| LoadError::Stale {
+        map: "(object)",
+        why: format!("parse the eBPF object: {e}"),
+    })?;
+    for (name, path) in pins {
+        let Some(want) = object.maps.get(*name) else {
+            continue;
+        };
+        let Ok(have) = aya::maps::MapInfo::from_pin(path) else {
+            continue;
+        };
+        let (h, w) = (
+            (have.key_size(), have.value_size(), have.max_entries()),
+            (want.key_size(), want.value_size(), want.max_entries()),
+        );
+        if h != w {
+            tracing::warn!(
+                map = name,
+                pinned = ?h,
+                object = ?w,
+                "pinned map has another layout (key, value, entries): starting it afresh"
+            );
+            std::fs::remove_file(path).map_err(|e| LoadError::Stale {
+                map: name,
+                why: format!("unpin {}: {e}", path.display()),
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// The loaded object: every program verified and loaded.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -71,10 +110,13 @@ impl Datapath {
     /// tables and conntrack survive a daemon restart.
     pub fn load(pin_dir: Option<&Path>) -> Result<Self, LoadError> {
         raise_memlock();
-        let pins: Vec<(&str, PathBuf)> = match pin_dir {
+        let pins: Vec<(&'static str, PathBuf)> = match pin_dir {
             Some(dir) => maps::ALL.iter().map(|m| (*m, dir.join(m))).collect(),
             None => Vec::new(),
         };
+        if !pins.is_empty() {
+            drop_stale_pins(&pins)?;
+        }
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());

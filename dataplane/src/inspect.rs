@@ -39,6 +39,7 @@ fn sum(values: &aya::maps::PerCpuValues<LbCounter>) -> LbCounter {
         packets: a.packets + c.packets,
         bytes: a.bytes + c.bytes,
         new_flows: a.new_flows + c.new_flows,
+        rejected: a.rejected + c.rejected,
     })
 }
 
@@ -103,8 +104,8 @@ impl fmt::Display for LbTable<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{:<24} {:<8} {:<22} {:>6} {:>10} {:>12} {:>8}",
-            "FRONTEND", "SERVICE", "BACKEND", "SLOTS", "PACKETS", "BYTES", "FLOWS"
+            "{:<24} {:<8} {:<22} {:>6} {:>10} {:>12} {:>8} {:>8}",
+            "FRONTEND", "SERVICE", "BACKEND", "SLOTS", "PACKETS", "BYTES", "FLOWS", "REJECTED"
         )?;
         for v in self.0 {
             let addr = if v.key.addr_be[0] == 0 {
@@ -125,13 +126,14 @@ impl fmt::Display for LbTable<'_> {
             };
             writeln!(
                 f,
-                "{front:<24} {:<8} {:<22} {:>6} {:>10} {:>12} {:>8}",
+                "{front:<24} {:<8} {:<22} {:>6} {:>10} {:>12} {:>8} {:>8}",
                 v.frontend.service_id,
                 format!("({} backends)", v.frontend.backend_count),
                 v.frontend.table_size,
                 v.stats.packets,
                 v.stats.bytes,
-                v.stats.new_flows
+                v.stats.new_flows,
+                v.stats.rejected
             )?;
             for b in &v.backends {
                 writeln!(

@@ -8,6 +8,7 @@ pub mod capture;
 pub mod figures;
 pub mod frames;
 pub mod meshd;
+pub mod model;
 pub mod netns;
 mod runlog;
 pub mod services;

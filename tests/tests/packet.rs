@@ -848,6 +848,128 @@ mod lb {
         );
     }
 
+    /// The `rejected` count of the frontend on `port` (summed over CPUs).
+    fn rejected(env: &Env, port: u16) -> u64 {
+        use aya::maps::PerCpuArray;
+        use dataplane_common::{Frontend, FrontendKey, LbCounter};
+        let fronts: HashMap<&MapData, FrontendKey, Frontend> =
+            HashMap::try_from(env.dp.ebpf().map(maps::FRONTENDS).unwrap()).unwrap();
+        let stats: PerCpuArray<&MapData, LbCounter> =
+            PerCpuArray::try_from(env.dp.ebpf().map(maps::FRONTEND_STATS).unwrap()).unwrap();
+        let (_, f) = fronts
+            .iter()
+            .map(Result::unwrap)
+            .find(|(k, _)| u16::from_be(k.port_be) == port && k.addr_be[0] == 0)
+            .expect("frontend on that port");
+        stats
+            .get(&f.id, 0)
+            .unwrap()
+            .iter()
+            .map(|c| c.rejected)
+            .sum()
+    }
+
+    /// A frontend with no backend answers as a closed port does: a TCP
+    /// segment gets a RST (RFC 793's two forms), a UDP datagram an ICMP
+    /// port unreachable quoting it; each counted. A RST, and a datagram with
+    /// IP options, get no answer and are dropped.
+    #[test]
+    fn a_frontend_with_no_backend_answers_with_a_reset_or_port_unreachable() {
+        let Some(_root) = require_root(
+            "packet::lb::a_frontend_with_no_backend_answers_with_a_reset_or_port_unreachable",
+        ) else {
+            return;
+        };
+        use mesh_tests::model;
+        let mut env = Env::new(&[]);
+        let client = (CLIENT, 40010);
+        let check = |what: &str, input: &[u8], out: &[u8]| {
+            let want = model::reject(input, 14).expect("an answer is due");
+            assert_eq!(out, &want[..], "{what}: answer bytes");
+            assert_eq!(&out[0..6], &input[6..12], "{what}: back to the sender's MAC");
+            assert_eq!(&out[26..30], &input[30..34], "{what}: from the frontend");
+            assert_eq!(&out[30..34], &input[26..30], "{what}: to the client");
+        };
+        // A SYN: RST|ACK acking the SYN.
+        let syn = v4_flow(TCP, client, (NODE, WEB_PORT), 0x02, 0);
+        let (rv, out) = env.run(&syn);
+        assert_eq!(rv, TC_ACT_REDIRECT, "syn: {out:02x?}");
+        check("syn", &syn, &out);
+        assert_eq!(out.len(), 54);
+        assert_eq!(out[47], 0x14, "RST|ACK");
+        assert_eq!(&out[42..46], &2u32.to_be_bytes(), "ack = seq 1 + SYN");
+        assert!(v4_checksums_ok(&out), "rst checksums");
+        // Data on an established flow whose backends all went: RST at its ack.
+        let mut data = v4_flow(TCP, client, (NODE, WEB_PORT), 0x18, 100);
+        data[42..46].copy_from_slice(&777u32.to_be_bytes());
+        fix_v4_checksums(&mut data);
+        let (rv, out) = env.run(&data);
+        assert_eq!(rv, TC_ACT_REDIRECT);
+        check("data", &data, &out);
+        assert_eq!(out[47], 0x04, "RST alone");
+        assert_eq!(&out[38..42], &777u32.to_be_bytes(), "seq = its ack");
+        assert!(v4_checksums_ok(&out));
+        // UDP: ICMP port unreachable, quoting the IP and UDP headers.
+        let q = v4_flow(UDP, (CLIENT, 33334), (NODE, DNS_PORT), 0, 40);
+        let (rv, out) = env.run(&q);
+        assert_eq!(rv, TC_ACT_REDIRECT, "udp: {out:02x?}");
+        check("udp", &q, &out);
+        assert_eq!((out[23], out[34], out[35]), (ICMP, 3, 3), "icmp 3/3");
+        assert_eq!(&out[42..70], &q[14..42], "the quote");
+        assert_eq!(checksum(&out[14..34]), 0, "ip checksum");
+        assert_eq!(checksum(&out[34..70]), 0, "icmp checksum");
+        // No answer: a RST, a datagram with IP options, a broadcast source.
+        let rst = v4_flow(TCP, client, (NODE, WEB_PORT), 0x04, 0);
+        let udp_opts = v4_flow(UDP, (CLIENT, 33335), (NODE, DNS_PORT), 0, 8);
+        let udp_opts = {
+            let l4 = udp_opts[34..].to_vec();
+            let mut f = cat(&[&eth(ETH_IP), &ipv4(UDP, l4.len(), &[1, 1, 1, 0], 0), &l4]);
+            set_v4_endpoints(&mut f, (CLIENT, 33335), (NODE, DNS_PORT));
+            f
+        };
+        let bcast = v4_flow(
+            UDP,
+            (Ipv4Addr::BROADCAST, 68),
+            (NODE, DNS_PORT),
+            0,
+            8,
+        );
+        for (what, frame) in [("rst", rst), ("ip options", udp_opts), ("broadcast", bcast)] {
+            assert_eq!(model::reject(&frame, 14), None, "{what}: the model");
+            let (rv, _) = env.run(&frame);
+            assert_eq!(rv, TC_ACT_SHOT, "{what}: dropped unanswered");
+        }
+        assert_eq!(rejected(&env, WEB_PORT), 2, "web rejects counted");
+        assert_eq!(rejected(&env, DNS_PORT), 1, "dns rejects counted");
+        // With a backend again, the same SYN is forwarded, not refused.
+        env.apply(&[1]);
+        expect_forward(&mut env, &syn, client, WEB_PORT, TCP);
+    }
+
+    /// Answers are rate-limited: a burst of SYNs to a frontend with no
+    /// backend gets at most the burst (plus what the clock refilled)
+    /// answered; the rest are dropped.
+    #[test]
+    fn rejects_are_rate_limited() {
+        let Some(_root) = require_root("packet::lb::rejects_are_rate_limited") else {
+            return;
+        };
+        let mut env = Env::new(&[]);
+        let sent = 2000u16;
+        let mut answered = 0u64;
+        for i in 0..sent {
+            let syn = v4_flow(TCP, (CLIENT, 20000 + i), (NODE, WEB_PORT), 0x02, 0);
+            match env.run(&syn).0 {
+                TC_ACT_REDIRECT => answered += 1,
+                TC_ACT_SHOT => {}
+                v => panic!("verdict {v}"),
+            }
+        }
+        assert!(answered >= 100, "the burst is answered: {answered}");
+        assert!(answered < u64::from(sent), "not all {sent} answered: {answered}");
+        assert_eq!(rejected(&env, WEB_PORT), answered);
+    }
+
     #[test]
     fn a_udp_flow_to_a_removed_backend_is_resteered_at_once() {
         let Some(_root) =
@@ -869,4 +991,68 @@ mod lb {
         );
         assert!(rest.contains(&next.octets()[2]));
     }
+}
+
+/// A pin directory under bpffs, removed on drop.
+struct PinDir(std::path::PathBuf);
+
+impl PinDir {
+    fn new(what: &str) -> PinDir {
+        let dir = std::path::Path::new(mesh_tests::netns::BPF_ROOT)
+            .join(format!("{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the pin dir");
+        PinDir(dir)
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An upgrade that changed a map's layout must still load: the pinned map
+/// of the old layout is started afresh (reusing it failed verification),
+/// while a map whose layout is unchanged keeps its entries.
+#[test]
+fn a_pinned_map_of_another_layout_is_replaced_and_the_others_kept() {
+    let Some(_root) =
+        require_root("packet::a_pinned_map_of_another_layout_is_replaced_and_the_others_kept")
+    else {
+        return;
+    };
+    use aya::maps::{HashMap, MapData, MapInfo};
+    use dataplane_common::limits;
+    let pins = PinDir::new("mesh-stale-pins");
+    {
+        let mut dp = Datapath::load(Some(&pins.0)).expect("first load");
+        let mut nodes: HashMap<&mut MapData, [u32; 4], u32> =
+            HashMap::try_from(dp.ebpf_mut().map_mut(maps::NODE_ADDRS).unwrap()).unwrap();
+        nodes.insert([7, 0, 0, 0], 1, 0).expect("insert a node address");
+    }
+    // The counters as an older build pinned them: 24-byte values.
+    let stale = pins.0.join(maps::FRONTEND_STATS);
+    std::fs::remove_file(&stale).expect("unpin");
+    let entries = limits::MAX_FRONTENDS.to_string();
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&stale)
+        .args(["type", "percpu_array", "key", "4", "value", "24", "entries", &entries])
+        .args(["name", "FRONTEND_STATS"])
+        .output()
+        .expect("run bpftool");
+    assert!(out.status.success(), "bpftool: {out:?}");
+    assert_eq!(MapInfo::from_pin(&stale).unwrap().value_size(), 24);
+
+    let dp = Datapath::load(Some(&pins.0)).expect("a stale pin must not stop the load");
+    let info = MapInfo::from_pin(&stale).expect("re-pinned");
+    assert_eq!(
+        info.value_size() as usize,
+        std::mem::size_of::<dataplane_common::LbCounter>(),
+        "started afresh at the new layout"
+    );
+    let nodes: HashMap<&MapData, [u32; 4], u32> =
+        HashMap::try_from(dp.ebpf().map(maps::NODE_ADDRS).unwrap()).unwrap();
+    assert_eq!(nodes.get(&[7, 0, 0, 0], 0).ok(), Some(1), "unchanged map kept");
 }

@@ -84,6 +84,54 @@ fn the_sweeper_expires_idle_udp_but_keeps_idle_tcp() {
     meshd::down(h1);
 }
 
+/// A published port with no backend refuses at once, as a closed port
+/// does: a TCP connect fails with "connection refused" (the RST reached
+/// the client through the real device), and a connected UDP socket gets
+/// ECONNREFUSED from the ICMP port unreachable. Nothing waits for a timeout.
+#[test]
+fn a_published_port_with_no_backend_refuses_at_once() {
+    let Some(_root) = require_root("netns::lb::a_published_port_with_no_backend_refuses_at_once")
+    else {
+        return;
+    };
+    let mut topo = Topology::new(1);
+    topo.add_host("client");
+    let (h1, client) = (topo.host(0), topo.host(1));
+    let task = h1.add_task(0);
+    let config = write_config_with(h1, &[&task], &[], serde_json::json!({}));
+    let daemon = meshd::start(h1, Some(&config), &[]);
+    let web = SocketAddr::from((h1.addr(), WEB));
+    wait_for("the web frontend to be loaded", T * 2, || {
+        dataplane::inspect::read_lb(&h1.pin_dir()).is_ok_and(|v| v.len() >= 2)
+    });
+    let tcp = client.enter(|| std::net::TcpStream::connect_timeout(&web, T));
+    let e = tcp.expect_err("no backend: the connect must fail");
+    assert_eq!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "refused by a RST, not timed out: {e}"
+    );
+    let udp = client.enter(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        s.connect(SocketAddr::from((h1.addr(), DNS))).unwrap();
+        s.send(b"q").unwrap();
+        let mut buf = [0u8; 64];
+        s.recv(&mut buf)
+    });
+    let e = udp.expect_err("no backend: no answer");
+    assert_eq!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "refused by an ICMP port unreachable, not timed out: {e}"
+    );
+    let views = dataplane::inspect::read_lb(&h1.pin_dir()).expect("read the maps");
+    let rejected: u64 = views.iter().map(|v| v.stats.rejected).sum();
+    assert_eq!(rejected, 2, "both refusals counted: {views:?}");
+    drop(daemon);
+    meshd::down(h1);
+}
+
 /// This kernel has no IPVS: `--lb-backend ipvs` refuses to start, says why,
 /// and leaves no data plane behind.
 #[test]
