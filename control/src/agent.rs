@@ -9,6 +9,10 @@
 //! - The replica is saved to `tables.json` in the data dir, so a restarted
 //!   node resumes from its revision; and while no manager answers, the
 //!   data plane keeps running on the last state it was given.
+//! - The encrypted networks' key ring is never written there: it lives in
+//!   memory only, and a started agent asks for it in its hello. Until it
+//!   arrives, encrypted networks carry nothing (IPsec fails closed), and
+//!   SAs the kernel kept across a meshd restart keep working.
 
 use std::{
     collections::VecDeque,
@@ -74,6 +78,17 @@ pub fn load_replica(dir: &std::path::Path) -> Tables {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default()
+}
+
+/// The replica as it is saved: without the key ring.
+fn at_rest(replica: &Tables) -> std::borrow::Cow<'_, Tables> {
+    if replica.entries.contains_key(&Key::NetworkKeys) {
+        let mut t = replica.clone();
+        t.entries.remove(&Key::NetworkKeys);
+        std::borrow::Cow::Owned(t)
+    } else {
+        std::borrow::Cow::Borrowed(replica)
+    }
 }
 
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -228,10 +243,8 @@ impl<S: Sink> Agent<S> {
         }
         if let Some(path) = &self.file {
             let tmp = path.with_extension("json.tmp");
-            // Owner-only: the replica holds the encrypted networks' key ring
-            // (as readable as the node's own key beside it, which fetches
-            // the same ring from the dispatcher).
-            let r = serde_json::to_vec(&self.replica)
+            // Owner-only, and without the key ring (see the module doc).
+            let r = serde_json::to_vec(&at_rest(&self.replica))
                 .map_err(|e| e.to_string())
                 .and_then(|b| write_private(&tmp, &b).map_err(|e| e.to_string()))
                 .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
@@ -259,6 +272,7 @@ impl<S: Sink> Agent<S> {
         let _ = tx
             .send(up(&AgentMessage::Hello {
                 revision: self.replica.revision,
+                want_keys: self.replica.network_keys().is_none(),
             }))
             .await;
         let mut client = DispatcherClient::new(channel)
@@ -377,6 +391,9 @@ impl<S: Sink> Agent<S> {
                                 }
                             }
                         }
+                        DispatcherMessage::Keys { entry } => {
+                            self.set_keys(entry.map(|b| *b)).await;
+                        }
                         DispatcherMessage::CaughtUp { revision } => {
                             if self.hold && self.replica.revision >= revision {
                                 // Current now: one whole apply reconciles
@@ -404,6 +421,36 @@ impl<S: Sink> Agent<S> {
                 }
             }
         }
+    }
+
+    /// Puts the key ring the dispatcher sent into the replica (same
+    /// revision) and hands the change to the data plane, unless holding.
+    async fn set_keys(&mut self, entry: Option<Value>) {
+        let key = Key::NetworkKeys;
+        let old = self.replica.entries.get(&key).cloned();
+        if old == entry {
+            return;
+        }
+        match &entry {
+            Some(v) => self.replica.entries.insert(key.clone(), v.clone()),
+            None => self.replica.entries.remove(&key),
+        };
+        if self.hold {
+            return;
+        }
+        let applied = [Applied {
+            key,
+            old,
+            new: entry,
+        }];
+        let r = if self.failed {
+            self.sink.apply(&self.replica, Update::Whole).await
+        } else {
+            self.sink
+                .apply(&self.replica, Update::Delta(&applied))
+                .await
+        };
+        self.settle(r);
     }
 
     /// Hands the whole replica to the sink; on failure, retried later.

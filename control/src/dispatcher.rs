@@ -41,6 +41,10 @@ pub enum AgentMessage {
     /// First message: the revision the agent has applied (0: none).
     Hello {
         revision: Revision,
+        /// The agent has no key ring (it is never written to disk): send
+        /// it with the catch-up ([`DispatcherMessage::Keys`]).
+        #[serde(default)]
+        want_keys: bool,
     },
     Heartbeat,
     /// The agent applied everything up to `revision` to its data plane.
@@ -129,6 +133,10 @@ pub enum DispatcherMessage {
     /// The catch-up at the start of a session is complete: the agent now
     /// holds the current tables (at `revision`).
     CaughtUp { revision: Revision },
+    /// The encrypted networks' key ring as the tables hold it now (`None`:
+    /// none), for an agent that asked in its hello. It changes no
+    /// revision: the ring is part of the tables, only kept off the disk.
+    Keys { entry: Option<Box<crate::tables::Value>> },
 }
 
 /// Prefix of the error a manager that is not the leader gives an agent,
@@ -467,7 +475,11 @@ async fn run_session(
     let hello = tokio::time::timeout(Duration::from_secs(5), next(&mut inbound))
         .await
         .map_err(|_| Status::deadline_exceeded("no hello from the agent within 5 s"))??;
-    let Some(AgentMessage::Hello { revision }) = hello else {
+    let Some(AgentMessage::Hello {
+        revision,
+        want_keys,
+    }) = hello
+    else {
         return Err(Status::invalid_argument(
             "an agent session starts with a hello",
         ));
@@ -496,6 +508,18 @@ async fn run_session(
         )
         .await;
         catch_up(m, tx, &mut sent).await?;
+        if want_keys {
+            // At least as new as the catch-up; a later change comes as a
+            // delta like any other.
+            let entry = m.sm.with_book(|_, b| {
+                b.tables()
+                    .entries
+                    .get(&crate::tables::Key::NetworkKeys)
+                    .cloned()
+                    .map(Box::new)
+            });
+            send(tx, &DispatcherMessage::Keys { entry }).await?;
+        }
         send(tx, &DispatcherMessage::CaughtUp { revision: sent }).await?;
         let assignments_changed = m.sm.assignments_changed(node);
         let mut assigned = m.with_state(|s| assignments(s, node));

@@ -873,8 +873,22 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
             id: "net-red".into(),
             spec: NetworkSpec {
                 name: "red".into(),
+                // Encrypted: the tables carry a key ring, which agents
+                // hold in memory only.
+                encrypted: true,
                 ..NetworkSpec::default()
             },
+        },
+    )
+    .await;
+    wait_for(
+        "the leader to fill the key ring",
+        Duration::from_secs(5),
+        || {
+            book_of(&manager)
+                .network_keys()
+                .is_some_and(|k| k.keys.len() == control::keys::RING)
+                .then_some(())
         },
     )
     .await;
@@ -915,14 +929,28 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
         .await;
         eprintln!("agent {i} at revision {}", want.revision);
     }
-    // Each agent saves its replica (at most once a second).
+    // Each agent saves its replica (at most once a second), without the
+    // key ring: no secret of it is on disk.
+    let mut at_rest = want.clone();
+    at_rest.entries.remove(&control::tables::Key::NetworkKeys);
+    let secrets: Vec<String> = want
+        .network_keys()
+        .expect("a key ring")
+        .keys
+        .iter()
+        .map(|k| k.secret.iter().map(|b| format!("{b:02x}")).collect())
+        .collect();
     for d in std::iter::once(&manager).chain(&workers) {
         wait_for(
             "the saved replica to catch up",
             Duration::from_secs(5),
-            || (control::agent::load_replica(&d.dir) == want).then_some(()),
+            || (control::agent::load_replica(&d.dir) == at_rest).then_some(()),
         )
         .await;
+        let file = std::fs::read_to_string(d.dir.join("tables.json")).unwrap();
+        for secret in &secrets {
+            assert!(!file.contains(secret.as_str()), "a network key in tables.json");
+        }
     }
     // The leader saw every ack.
     let m = manager.ctx.manager().unwrap();
@@ -967,6 +995,7 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
     // It restarts from its saved revision, catches up, and is ready again.
     let saved = control::agent::load_replica(&w2_dir);
     assert!(saved.revision > 0, "the agent saved its tables");
+    assert!(saved.network_keys().is_none(), "no key ring at rest");
     let mut w2 = daemon::run(&w2_dir, daemon::Unlock::Wait).await.unwrap();
     let r2 = Recorder::default();
     let w2_reports = w2.start_agent(r2.clone()).reports;
@@ -981,7 +1010,7 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
     assert_eq!(endpoints_on(&want, &ids[1]), 0, "task-0 was removed");
     for r in [&rec[0], &rec[1], &r2] {
         wait_for(
-            "every agent, the restarted one too, to match",
+            "every agent, the restarted one too, to match (its key ring fetched)",
             Duration::from_secs(10),
             || (*r.0.lock().unwrap() == want).then_some(()),
         )
