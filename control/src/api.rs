@@ -329,12 +329,9 @@ pub struct JoinService(pub Arc<Ctx>);
 
 /// Which role a presented token grants, comparing in constant time.
 fn token_role(token: &JoinToken, secrets: &crate::state::ClusterSecrets) -> Option<Role> {
-    [Role::Worker, Role::Manager].into_iter().find(|&role| {
-        secrets
-            .token(role)
-            .parse::<JoinToken>()
-            .is_ok_and(|stored| token.check(&stored.secret_hash()).is_ok())
-    })
+    [Role::Worker, Role::Manager]
+        .into_iter()
+        .find(|&role| secrets.join(role).is_some_and(|r| token.check(r).is_ok()))
 }
 
 #[tonic::async_trait]
@@ -992,22 +989,30 @@ impl cluster_server::Cluster for ClusterService {
         let secrets = m
             .with_state(|s| s.secrets.clone())
             .ok_or_else(|| Status::unavailable("the cluster state is not replicated here yet"))?;
-        if !r.rotate {
-            return Ok(Response::new(JoinTokenResponse {
-                token: secrets.token(role).to_owned(),
-            }));
-        }
         let digest =
             pki::ca_digest(&secrets.ca_cert).map_err(|e| Status::internal(e.to_string()))?;
-        let token = JoinToken::generate(&digest)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .to_string();
-        m.propose(Command::SetJoinToken {
-            role,
-            token: token.clone(),
-        })
-        .await?;
-        Ok(Response::new(JoinTokenResponse { token }))
+        if !r.rotate {
+            let record = secrets.join(role).ok_or_else(|| {
+                let word = match role {
+                    Role::Worker => "worker",
+                    Role::Manager => "manager",
+                };
+                Status::failed_precondition(format!(
+                    "this cluster keeps no {word} join token (its state predates hashed tokens): \
+                     make one with `meshctl swarm join-token --rotate {word}`"
+                ))
+            })?;
+            let token = JoinToken::derive(&digest, &secrets.ca_key, role, &record.nonce);
+            return Ok(Response::new(JoinTokenResponse {
+                token: token.to_string(),
+            }));
+        }
+        let (token, record) = JoinToken::issue(&digest, &secrets.ca_key, role)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        m.propose(Command::SetJoinToken { role, record }).await?;
+        Ok(Response::new(JoinTokenResponse {
+            token: token.to_string(),
+        }))
     }
 
     async fn rotate_network_key(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {

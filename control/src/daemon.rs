@@ -250,8 +250,9 @@ async fn init_inner(
         key,
     };
     let digest = ca.digest()?;
-    let worker_token = JoinToken::generate(&digest)?.to_string();
-    let manager_token = JoinToken::generate(&digest)?.to_string();
+    let (worker_token, worker_join) = JoinToken::issue(&digest, ca.key_pem(), Role::Worker)?;
+    let (manager_token, manager_join) = JoinToken::issue(&digest, ca.key_pem(), Role::Manager)?;
+    let (worker_token, manager_token) = (worker_token.to_string(), manager_token.to_string());
     let keys = DataKeys::create(dir, opts.autolock)?;
     let unlock_key = keys.unlock.clone();
     let creds_arc = Arc::new(RwLock::new(creds.clone()));
@@ -287,8 +288,8 @@ async fn init_inner(
                 secrets: Some(ClusterSecrets {
                     ca_cert: ca.cert_pem.clone(),
                     ca_key: ca.key_pem().to_owned(),
-                    worker_token: worker_token.clone(),
-                    manager_token: manager_token.clone(),
+                    worker_join: Some(worker_join),
+                    manager_join: Some(manager_join),
                     unlock_key: unlock_key.as_ref().map(ToString::to_string),
                 }),
             })

@@ -4,8 +4,13 @@
 //!
 //! The digest in a token pins the CA: a joining node checks the CA
 //! certificate the manager presents against it before sending anything, so
-//! a token is useless against a different (impostor) cluster. Managers keep
-//! only a hash of each token's secret.
+//! a token is useless against a different (impostor) cluster.
+//!
+//! The state never holds a token's secret: it keeps a [`TokenRecord`] (a
+//! nonce and a salted SHA-256 of the secret), and a presented secret is
+//! compared with it in constant time. The secret is an HMAC of the nonce
+//! under the CA key, so `join-token` can show it again to whoever holds the
+//! CA key (a manager), and a rotation (a new nonce) makes the old one fail.
 
 use std::{fmt, str::FromStr, time::Duration};
 
@@ -19,7 +24,7 @@ use ring::{
 };
 use time::OffsetDateTime;
 
-use crate::state::Role;
+use crate::state::{Role, TokenRecord};
 
 /// Default certificate lifetime (Swarm's is 90 days too).
 pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
@@ -72,6 +77,14 @@ pub enum PkiError {
 
 fn cert_err(e: impl fmt::Display) -> PkiError {
     PkiError::Cert(e.to_string())
+}
+
+/// SHA-256 of salt and secret, in hex: what a [`TokenRecord`] keeps.
+fn salted_hash(salt: &str, secret: &str) -> String {
+    let mut input = Vec::with_capacity(salt.len() + secret.len());
+    input.extend(salt.as_bytes());
+    input.extend(secret.as_bytes());
+    hex(digest(&SHA256, &input).as_ref())
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -280,30 +293,44 @@ pub struct JoinToken {
 }
 
 impl JoinToken {
-    /// A new token for the CA with this digest.
-    pub fn generate(ca_digest: &str) -> Result<JoinToken, PkiError> {
-        let mut raw = [0u8; 16];
-        SystemRandom::new()
-            .fill(&mut raw)
-            .map_err(|_| PkiError::Random)?;
-        Ok(JoinToken {
+    /// The token of `role` whose record has `nonce`, under the CA key.
+    pub fn derive(ca_digest: &str, ca_key_pem: &str, role: Role, nonce: &str) -> JoinToken {
+        use ring::hmac;
+        let key = hmac::Key::new(hmac::HMAC_SHA256, ca_key_pem.as_bytes());
+        let msg = format!("mesh join token/{}/{nonce}", role_name(role));
+        let tag = hmac::sign(&key, msg.as_bytes());
+        JoinToken {
             ca_digest: ca_digest.to_owned(),
-            secret: hex(&raw),
-        })
+            secret: hex(&tag.as_ref()[..16]),
+        }
     }
 
-    /// What the managers store instead of the secret.
-    pub fn secret_hash(&self) -> String {
-        hex(digest(&SHA256, self.secret.as_bytes()).as_ref())
+    /// A new token of `role` (a new nonce) and the record the state keeps
+    /// of it.
+    pub fn issue(
+        ca_digest: &str,
+        ca_key_pem: &str,
+        role: Role,
+    ) -> Result<(JoinToken, TokenRecord), PkiError> {
+        let rng = SystemRandom::new();
+        let mut nonce = [0u8; 16];
+        let mut salt = [0u8; 16];
+        rng.fill(&mut nonce).map_err(|_| PkiError::Random)?;
+        rng.fill(&mut salt).map_err(|_| PkiError::Random)?;
+        let nonce = hex(&nonce);
+        let token = JoinToken::derive(ca_digest, ca_key_pem, role, &nonce);
+        let salt = hex(&salt);
+        let hash = salted_hash(&salt, &token.secret);
+        Ok((token, TokenRecord { nonce, salt, hash }))
     }
 
-    /// Checks the secret against a stored hash, in constant time.
-    pub fn check(&self, stored_hash: &str) -> Result<(), PkiError> {
-        let ours = self.secret_hash();
-        let same = ours.len() == stored_hash.len()
+    /// Checks the secret against a record, in constant time.
+    pub fn check(&self, record: &TokenRecord) -> Result<(), PkiError> {
+        let ours = salted_hash(&record.salt, &self.secret);
+        let same = ours.len() == record.hash.len()
             && ours
                 .bytes()
-                .zip(stored_hash.bytes())
+                .zip(record.hash.bytes())
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0;
         if same {
@@ -414,7 +441,8 @@ mod tests {
     #[test]
     fn tokens_pin_the_ca_and_only_their_secret_passes() {
         let ca = Ca::create("c").unwrap();
-        let token = JoinToken::generate(&ca.digest().unwrap()).unwrap();
+        let digest = ca.digest().unwrap();
+        let (token, record) = JoinToken::issue(&digest, ca.key_pem(), Role::Worker).unwrap();
         let text = token.to_string();
         assert!(
             text.starts_with("MESH-1-") && text.len() == 7 + 64 + 1 + 32,
@@ -427,13 +455,32 @@ mod tests {
             "Debug leaks the secret"
         );
         parsed.check_ca(&ca.cert_pem).unwrap();
-        parsed.check(&token.secret_hash()).unwrap();
-        // A rotated token: new secret, the old hash no longer matches.
-        let rotated = JoinToken::generate(&token.ca_digest).unwrap();
-        assert!(matches!(
-            token.check(&rotated.secret_hash()),
-            Err(PkiError::TokenRefused)
-        ));
+        parsed.check(&record).unwrap();
+        // The record keeps neither the secret nor its plain hash.
+        let kept = format!("{record:?}");
+        assert!(!kept.contains(&token.secret), "the record holds the secret");
+        assert!(!kept.contains(&salted_hash("", &token.secret)));
+        // The CA key and the nonce give the same token again (join-token).
+        assert_eq!(
+            JoinToken::derive(&digest, ca.key_pem(), Role::Worker, &record.nonce),
+            token
+        );
+        // The other role, another CA key: other secrets.
+        assert_ne!(
+            JoinToken::derive(&digest, ca.key_pem(), Role::Manager, &record.nonce),
+            token
+        );
+        let other = Ca::create("c").unwrap();
+        assert_ne!(
+            JoinToken::derive(&digest, other.key_pem(), Role::Worker, &record.nonce),
+            token
+        );
+        // A rotated token: new nonce and salt; each fails the other's record.
+        let (rotated, new_record) = JoinToken::issue(&digest, ca.key_pem(), Role::Worker).unwrap();
+        assert_ne!(rotated, token);
+        assert!(matches!(token.check(&new_record), Err(PkiError::TokenRefused)));
+        assert!(matches!(rotated.check(&record), Err(PkiError::TokenRefused)));
+        rotated.check(&new_record).unwrap();
         // An impostor CA.
         let impostor = Ca::create("c").unwrap();
         let err = parsed.check_ca(&impostor.cert_pem).unwrap_err().to_string();

@@ -638,8 +638,13 @@ fn default_cert_lifetime() -> u64 {
 pub struct ClusterSecrets {
     pub ca_cert: String,
     pub ca_key: String,
-    pub worker_token: String,
-    pub manager_token: String,
+    /// The join tokens, as records: never their secrets (see
+    /// [`crate::pki`]). `None` in a state from before tokens were kept
+    /// this way: `join-token --rotate` makes one.
+    #[serde(default)]
+    pub worker_join: Option<TokenRecord>,
+    #[serde(default)]
+    pub manager_join: Option<TokenRecord>,
     /// Set with autolock: the key that wraps every manager's data key.
     #[serde(default)]
     pub unlock_key: Option<String>,
@@ -652,12 +657,23 @@ impl fmt::Debug for ClusterSecrets {
 }
 
 impl ClusterSecrets {
-    pub fn token(&self, role: Role) -> &str {
+    /// The record of `role`'s join token.
+    pub fn join(&self, role: Role) -> Option<&TokenRecord> {
         match role {
-            Role::Manager => &self.manager_token,
-            Role::Worker => &self.worker_token,
+            Role::Manager => self.manager_join.as_ref(),
+            Role::Worker => self.worker_join.as_ref(),
         }
     }
+}
+
+/// What the state keeps of a join token: the nonce its secret is derived
+/// from (with the CA key), and a salted SHA-256 of the secret to check a
+/// presented one against. Hex strings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub nonce: String,
+    pub salt: String,
+    pub hash: String,
 }
 impl Default for ClusterSettings {
     fn default() -> Self {
@@ -731,7 +747,7 @@ pub enum Command {
     /// Replaces a join token (rotation): the old one is refused from then on.
     SetJoinToken {
         role: Role,
-        token: String,
+        record: TokenRecord,
     },
     AddNode {
         id: String,
@@ -1269,14 +1285,18 @@ impl State {
                 self.network_keys.drain(..extra);
                 Ok(Outcome::Done)
             }
-            Command::SetJoinToken { role, token } => {
+            Command::SetJoinToken { role, record } => {
                 let secrets = self
                     .secrets
                     .as_mut()
                     .ok_or_else(|| invalid("this cluster has no join tokens"))?;
+                let hexed = |s: &str, len| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+                if !(hexed(&record.nonce, 32) && hexed(&record.salt, 32) && hexed(&record.hash, 64)) {
+                    return Err(invalid("a join token record is 3 hex strings (nonce, salt, hash)"));
+                }
                 match role {
-                    Role::Manager => secrets.manager_token = token.clone(),
-                    Role::Worker => secrets.worker_token = token.clone(),
+                    Role::Manager => secrets.manager_join = Some(record.clone()),
+                    Role::Worker => secrets.worker_join = Some(record.clone()),
                 }
                 Ok(Outcome::Done)
             }

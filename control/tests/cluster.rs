@@ -413,6 +413,17 @@ async fn joining_and_calling_are_refused_without_the_right_credentials() {
     // A rotated token: the old one is refused, the new one works.
     let mut admin = client(&c.dirs[0].0, &mgr);
     let old = c.report.worker_token.clone();
+    // Shown again: derived from the CA key, not read back from the state.
+    let shown = admin
+        .join_token(JoinTokenRequest {
+            role: "worker".into(),
+            rotate: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    assert_eq!(shown, old, "join-token shows the token init gave");
     let new = admin
         .join_token(JoinTokenRequest {
             role: "worker".into(),
