@@ -9,6 +9,16 @@
 //!   carrying [`ENCRYPT_MARK`] must go through ESP with the *primary* key's
 //!   SPI. A rotation adds the new key's states first, then moves the policy
 //!   to the new SPI, then drops the states of keys that left the ring.
+//! - **Sequence numbers never restart under a peer's replay window.** A
+//!   peer keeps the highest sequence number it saw per SA; an out SA made
+//!   again (drift repair, a reboot, `meshd down`) starts at 1 and would be
+//!   dropped as replays until it passed that number. So every out SA this
+//!   node has sent with is recorded ([`SentRecord`], in the data dir:
+//!   reboots too). One made again is *spent*: its pair sends with the next
+//!   newer key of the ring instead, whose SAs no one has sent with (the
+//!   peer accepts every key of the ring). When the ring turns, the pair
+//!   moves on as the others do. Only two re-creations within one rotation
+//!   period leave no fresh key (logged; the pair then waits out the window).
 //! - **nftables** (`ip mesh_ipsec`): marks VXLAN packets of encrypted VNIs
 //!   in output (the reroute applies the policy), drops such packets that
 //!   would leave without IPsec (`rt ipsec missing`: a missing key or policy
@@ -21,7 +31,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
 };
+
+use serde::{Deserialize, Serialize};
 
 use netlink_packet_core::{Emitable, Parseable};
 use netlink_packet_xfrm::{
@@ -122,11 +135,62 @@ pub fn sa_secret(ring_secret: &[u8], src: Ipv4Addr, dst: Ipv4Addr, id: u32) -> V
 }
 
 /// One SA we keep: its endpoints and SPI (the key is its identity's part).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SaKey {
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
     pub spi: u32,
+}
+
+/// The out SAs this node has sent with, and those of them made again
+/// since (spent: a peer's replay window is past their new sequence
+/// numbers). Saved as JSON when given a path; entries go with their key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentRecord {
+    pub sent: BTreeSet<SaKey>,
+    pub spent: BTreeSet<SaKey>,
+}
+
+impl SentRecord {
+    fn load(path: &Path) -> SentRecord {
+        match std::fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                // Unreadable: every SA looks unsent. A pair may then wait
+                // out its peer's window once; nothing worse.
+                tracing::warn!(path = %path.display(), "ignoring an unreadable IPsec record: {e}");
+                SentRecord::default()
+            }),
+            Err(_) => SentRecord::default(),
+        }
+    }
+
+    fn save(&self, path: &Path) -> Result<(), String> {
+        let tmp = path.with_extension("tmp");
+        let bytes = serde_json::to_vec(self).map_err(|e| e.to_string())?;
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| format!("saving {}: {e}", path.display()))
+    }
+}
+
+/// The key a pair sends with: the primary, unless its out SA was made
+/// again after being sent with; then the next newer key not spent. `None`
+/// with no usable key; `(id, true)` when every candidate is spent.
+fn sending_key(
+    spec: &IpsecSpec,
+    local: Ipv4Addr,
+    peer: Ipv4Addr,
+    spent: &BTreeSet<SaKey>,
+) -> Option<(u32, bool)> {
+    let primary = spec.primary.filter(|p| spec.keys.contains_key(p))?;
+    let fresh = spec.keys.keys().copied().filter(|&id| id >= primary).find(|&id| {
+        !spent.contains(&SaKey {
+            src: local,
+            dst: peer,
+            spi: spi(local, peer, id),
+        })
+    });
+    Some(fresh.map_or((primary, true), |id| (id, false)))
 }
 
 /// Counts of what one apply changed.
@@ -138,6 +202,8 @@ pub struct IpsecReport {
     pub policies_set: usize,
     pub policies_removed: usize,
     pub nft_writes: usize,
+    /// Out states made again after they were sent with (see the module doc).
+    pub states_spent: usize,
 }
 
 impl IpsecReport {
@@ -164,6 +230,9 @@ pub struct Ipsec {
     /// The spec the last apply fully wrote: the same one again writes
     /// nothing and derives no key (every table update asks).
     applied: Option<IpsecSpec>,
+    record: SentRecord,
+    /// Where `record` is saved (none: kept in memory).
+    record_path: Option<PathBuf>,
 }
 
 fn addr(a: Ipv4Addr) -> Address {
@@ -208,7 +277,8 @@ fn emit(msg: &impl Emitable) -> Vec<u8> {
 impl Ipsec {
     /// Opens XFRM in this namespace and reads back what an earlier meshd
     /// installed (our reqid, our mark), so a restart rewrites nothing.
-    pub fn open() -> Result<Ipsec, String> {
+    /// `record`: where the SAs sent with are kept (see the module doc).
+    pub fn open(record: Option<&Path>) -> Result<Ipsec, String> {
         let sock = NlSocket::open(libc::NETLINK_XFRM).map_err(|e| {
             format!("open an XFRM netlink socket: {e} (this kernel has no CONFIG_XFRM_USER)")
         })?;
@@ -218,6 +288,8 @@ impl Ipsec {
             policies: BTreeMap::new(),
             vnis: None,
             applied: None,
+            record: record.map(SentRecord::load).unwrap_or_default(),
+            record_path: record.map(Path::to_owned),
         };
         me.read_back()?;
         Ok(me)
@@ -337,11 +409,9 @@ impl Ipsec {
                         );
                     }
                 }
-                if let Some(p) = spec.primary.filter(|p| spec.keys.contains_key(p)) {
-                    policies.insert(peer, (local, spi(local, peer, p)));
-                }
             }
         }
+        let mut record = self.record.clone();
         for (k, secret) in &want {
             match self.states.get(k) {
                 Some(s) if s == secret => continue,
@@ -359,6 +429,25 @@ impl Ipsec {
                 }
             }
             self.states.insert(*k, secret.clone());
+            // Made again after it was sent with: its sequence restarted.
+            if record.sent.contains(k) && record.spent.insert(*k) {
+                tracing::info!(src = %k.src, dst = %k.dst, spi = format_args!("{:#x}", k.spi),
+                    "an ESP state sent with before was made again; its pair moves to a newer key");
+                report.states_spent += 1;
+            }
+        }
+        if let (Some(local), false) = (spec.local, spec.vnis.is_empty()) {
+            for &peer in &spec.peers {
+                if let Some((id, stale)) = sending_key(spec, local, peer, &record.spent) {
+                    if stale {
+                        tracing::warn!(%peer, key = id,
+                            "every key to this peer was sent with and made again: its replay \
+                             window drops packets until the sequence passes it (the next \
+                             rotation ends this)");
+                    }
+                    policies.insert(peer, (local, spi(local, peer, id)));
+                }
+            }
         }
         for (&peer, &(local, spi)) in &policies {
             if self.policies.get(&peer) == Some(&(local, spi)) {
@@ -368,6 +457,17 @@ impl Ipsec {
             self.policies.insert(peer, (local, spi));
             report.policies_set += 1;
         }
+        for (&peer, &(local, spi)) in &self.policies {
+            record.sent.insert(SaKey {
+                src: local,
+                dst: peer,
+                spi,
+            });
+        }
+        // Keys that left the ring, peers that left: forgotten.
+        record.sent.retain(|k| want.contains_key(k));
+        record.spent.retain(|k| want.contains_key(k));
+        self.keep_record(record)?;
         let stale: Vec<(Ipv4Addr, Ipv4Addr)> = self
             .policies
             .iter()
@@ -391,6 +491,22 @@ impl Ipsec {
             report.states_removed += 1;
         }
         Ok(report)
+    }
+
+    fn keep_record(&mut self, record: SentRecord) -> Result<(), String> {
+        if record == self.record {
+            return Ok(());
+        }
+        if let Some(path) = &self.record_path {
+            record.save(path)?;
+        }
+        self.record = record;
+        Ok(())
+    }
+
+    /// The SAs sent with, and those spent (for tests and `inspect`).
+    pub fn record(&self) -> &SentRecord {
+        &self.record
     }
 
     /// Whether the drop rules for `vnis` are in place (then a failed apply
@@ -558,7 +674,7 @@ pub fn probe() -> Result<(), String> {
                 std::io::Error::last_os_error()
             ));
         }
-        let mut x = Ipsec::open()?;
+        let mut x = Ipsec::open(None)?;
         let k = SaKey {
             src: Ipv4Addr::new(192, 0, 2, 1),
             dst: Ipv4Addr::new(192, 0, 2, 2),
@@ -641,6 +757,65 @@ mod tests {
         assert_ne!(ab, sa_secret(&ring, a, b, 2), "per key id");
         assert_ne!(ab, sa_secret(&[8u8; 20], a, b, 1), "per ring secret");
         assert_ne!(ab.as_slice(), ring.as_slice());
+    }
+
+    #[test]
+    fn a_pair_whose_state_was_made_again_sends_with_the_next_fresh_key() {
+        let (a, b, c) = (
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            Ipv4Addr::new(10, 0, 0, 3),
+        );
+        let spec = IpsecSpec {
+            local: Some(a),
+            peers: BTreeSet::from([b, c]),
+            vnis: BTreeSet::from([4097]),
+            keys: BTreeMap::from([(4, vec![1; 20]), (5, vec![2; 20]), (6, vec![3; 20])]),
+            primary: Some(5),
+        };
+        let out = |peer, id| SaKey {
+            src: a,
+            dst: peer,
+            spi: spi(a, peer, id),
+        };
+        let mut spent = BTreeSet::new();
+        assert_eq!(sending_key(&spec, a, b, &spent), Some((5, false)), "the primary");
+        // The older key never comes back, even unspent.
+        spent.insert(out(b, 5));
+        assert_eq!(sending_key(&spec, a, b, &spent), Some((6, false)), "the newer key");
+        assert_eq!(sending_key(&spec, a, c, &spent), Some((5, false)), "per pair");
+        spent.insert(out(b, 6));
+        assert_eq!(
+            sending_key(&spec, a, b, &spent),
+            Some((5, true)),
+            "nothing fresh: the primary, flagged"
+        );
+        let none = IpsecSpec {
+            primary: Some(9),
+            ..spec.clone()
+        };
+        assert_eq!(sending_key(&none, a, b, &spent), None, "a primary not in the ring");
+    }
+
+    #[test]
+    fn the_sent_record_survives_a_round_trip_and_ignores_garbage() {
+        let dir = std::env::temp_dir().join(format!("mesh-ipsec-record-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ipsec-sent.json");
+        let k = SaKey {
+            src: Ipv4Addr::new(10, 0, 0, 1),
+            dst: Ipv4Addr::new(10, 0, 0, 2),
+            spi: 0x1234,
+        };
+        let r = SentRecord {
+            sent: BTreeSet::from([k]),
+            spent: BTreeSet::from([k]),
+        };
+        r.save(&path).unwrap();
+        assert_eq!(SentRecord::load(&path), r);
+        std::fs::write(&path, b"{not json").unwrap();
+        assert_eq!(SentRecord::load(&path), SentRecord::default());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

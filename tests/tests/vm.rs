@@ -55,7 +55,7 @@ mod encrypted {
     /// (peer underlay address, SPI of its out policy) on `host`.
     fn policies(host: &Host) -> BTreeMap<Ipv4Addr, u32> {
         host.enter(|| {
-            Ipsec::open()
+            Ipsec::open(None)
                 .map(|x| x.installed().1.into_iter().collect())
                 .unwrap_or_default()
         })
@@ -367,9 +367,18 @@ mod encrypted {
             })
         };
         dial().expect("TCP t3 -> t1 with the right key");
+        // Push h1's replay window for h3's SA far ahead: 20,000 datagrams
+        // t3 -> t1. A state h3 makes again starts at sequence 1 and would
+        // be dropped as replays until it passed them.
+        t3.ns.enter(|| {
+            let s = std::net::UdpSocket::bind((t3.ip, 0)).expect("bind in t3");
+            for _ in 0..20_000 {
+                let _ = s.send_to(b"seq", (t1.ip, 9));
+            }
+        });
         // With iproute2, not our code: every state of h3 replaced by one
         // with the same SPI and another key.
-        let (states, _) = h3.enter(|| Ipsec::open().expect("XFRM").installed());
+        let (states, _) = h3.enter(|| Ipsec::open(None).expect("XFRM").installed());
         assert_eq!(states.len(), 2 * 2 * 3, "2 peers x 2 directions x 3 keys");
         for k in &states {
             let (src, dst, spi) = (
@@ -428,6 +437,27 @@ mod encrypted {
             t3.reaches(t1.ip).then_some(())
         });
         dial().expect("TCP t3 -> t1 after the repair");
+        // It did so without waiting out h1's window: the states it sent with
+        // are spent, and it sends to h1 with the ring's newest key, whose
+        // SA nobody had sent with.
+        let newest = *last.0.iter().max().expect("a ring");
+        assert_eq!(
+            policies(h3).get(&h1.addr()),
+            Some(&spi(h3.addr(), h1.addr(), newest)),
+            "h3 -> h1 moved to the newest key"
+        );
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(std::path::Path::new(nodes[2].dir.path()).join("ipsec-sent.json"))
+                .expect("h3's IPsec record"),
+        )
+        .expect("JSON");
+        assert!(
+            record["spent"].as_array().is_some_and(|a| !a.is_empty()),
+            "no spent state recorded: {record}"
+        );
+        for _ in 0..3 {
+            assert!(t3.reaches(t1.ip), "a ping lost after the repair");
+        }
         drop(nodes);
         for h in [h1, h2, h3] {
             mesh_tests::meshd::down(h);

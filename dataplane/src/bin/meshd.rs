@@ -571,6 +571,8 @@ struct Dataplane {
     plaintext_blocked: bool,
     /// What the last tables asked of it (re-applied by each resync).
     ipsec_spec: dataplane::ipsec::IpsecSpec,
+    /// Where the ESP states sent with are recorded (the data dir).
+    ipsec_record: Option<PathBuf>,
     overlay: Overlay,
     timeouts: Timeouts,
     pin_dir: PathBuf,
@@ -594,6 +596,7 @@ impl Dataplane {
         underlay: &str,
         config: Option<NodeConfig>,
         tables: bool,
+        data_dir: Option<&Path>,
     ) -> Result<Dataplane> {
         let node = dp.node.clone().context("--underlay needs --node")?;
         // IPVS first: a kernel without it refuses before anything is loaded.
@@ -641,6 +644,7 @@ impl Dataplane {
             ipsec: None,
             plaintext_blocked: false,
             ipsec_spec: Default::default(),
+            ipsec_record: data_dir.map(|d| d.join("ipsec-sent.json")),
             overlay,
             timeouts,
             pin_dir,
@@ -736,7 +740,7 @@ impl Dataplane {
         }
         self.ipsec_spec = spec.clone();
         if self.ipsec.is_none() {
-            match Ipsec::open() {
+            match Ipsec::open(self.ipsec_record.as_deref()) {
                 Ok(x) => self.ipsec = Some(x),
                 Err(e) => {
                     dataplane::ipsec::block_plaintext(&spec.vnis)
@@ -942,7 +946,14 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
         }
         let dataplane = match &dp.underlay {
             Some(underlay) => Some(Arc::new(tokio::sync::Mutex::new(
-                Dataplane::start(&dp, underlay, config, daemon.is_some()).await?,
+                Dataplane::start(
+                    &dp,
+                    underlay,
+                    config,
+                    daemon.is_some(),
+                    daemon.as_ref().map(|d| d.dir.as_path()),
+                )
+                .await?,
             ))),
             None => None,
         };
@@ -1235,7 +1246,9 @@ fn down(node: &NodeArgs) -> Result<()> {
             .context("removing the overlay links")
     })?;
     // ESP states and policies of encrypted networks, and their drop rules.
-    match Ipsec::open() {
+    // The record of SAs sent with stays in the data dir: the peers' replay
+    // windows outlive this teardown.
+    match Ipsec::open(None) {
         Ok(mut x) => {
             let n = x.teardown().map_err(anyhow::Error::msg)?;
             if n > 0 {
