@@ -1056,3 +1056,6 @@ fn a_pinned_map_of_another_layout_is_replaced_and_the_others_kept() {
         HashMap::try_from(dp.ebpf().map(maps::NODE_ADDRS).unwrap()).unwrap();
     assert_eq!(nodes.get(&[7, 0, 0, 0], 0).ok(), Some(1), "unchanged map kept");
 }
+
+#[path = "packet/differential.rs"]
+mod differential;

@@ -367,15 +367,6 @@ mod encrypted {
             })
         };
         dial().expect("TCP t3 -> t1 with the right key");
-        // Push h1's replay window for h3's SA far ahead: 20,000 datagrams
-        // t3 -> t1. A state h3 makes again starts at sequence 1 and would
-        // be dropped as replays until it passed them.
-        t3.ns.enter(|| {
-            let s = std::net::UdpSocket::bind((t3.ip, 0)).expect("bind in t3");
-            for _ in 0..20_000 {
-                let _ = s.send_to(b"seq", (t1.ip, 9));
-            }
-        });
         // With iproute2, not our code: every state of h3 replaced by one
         // with the same SPI and another key.
         let (states, _) = h3.enter(|| Ipsec::open(None).expect("XFRM").installed());
@@ -432,7 +423,7 @@ mod encrypted {
             "3600".into(),
         ];
         args.extend(nodes[2].dataplane_args());
-        nodes[2].start(args);
+        nodes[2].start(args.clone());
         wait_until("the restarted h3 to repair its keys", T, || {
             t3.reaches(t1.ip).then_some(())
         });
@@ -458,6 +449,51 @@ mod encrypted {
         for _ in 0..3 {
             assert!(t3.reaches(t1.ip), "a ping lost after the repair");
         }
+
+        // Drift repair under a far-ahead replay window: the ring turns (h3
+        // keeps the key it sends with, now the primary), 20,000 datagrams
+        // t3 -> t1 push h1's window for that SA far ahead, then the state
+        // is deleted behind meshd's back and repaired (by a restart here).
+        // Made again, it would start at sequence 1 and be dropped as
+        // replays until it passed 20,000; the pair moves to the new key.
+        let ring = ring_of(&nodes[0].meshctl_ok(&["swarm", "rotate-network-key"]));
+        assert_eq!(ring.1, newest, "the newest key became the primary");
+        let fresh = *ring.0.iter().max().expect("a ring");
+        wait_until("h3 to have the new key's states", T, || {
+            let (states, _) = h3.enter(|| Ipsec::open(None).expect("XFRM").installed());
+            states
+                .iter()
+                .any(|k| k.spi == spi(h3.addr(), h1.addr(), fresh))
+                .then_some(())
+        });
+        assert_eq!(
+            policies(h3).get(&h1.addr()),
+            Some(&spi(h3.addr(), h1.addr(), newest)),
+            "h3 -> h1 stays on its key across the rotation"
+        );
+        t3.ns.enter(|| {
+            let s = std::net::UdpSocket::bind((t3.ip, 0)).expect("bind in t3");
+            for _ in 0..20_000 {
+                let _ = s.send_to(b"seq", (t1.ip, 9));
+            }
+        });
+        assert!(t3.reaches(t1.ip));
+        let spi_hex = format!("{:#x}", spi(h3.addr(), h1.addr(), newest));
+        let (src, dst) = (h3.addr().to_string(), h1.addr().to_string());
+        h3.exec_ok(
+            "ip",
+            &["xfrm", "state", "delete", "src", &src, "dst", &dst, "proto", "esp", "spi", &spi_hex],
+        );
+        drop(nodes[2].meshd.take());
+        nodes[2].start(args.clone());
+        wait_until("h3 to repair the deleted state without waiting out the window", T, || {
+            t3.reaches(t1.ip).then_some(())
+        });
+        assert_eq!(
+            policies(h3).get(&h1.addr()),
+            Some(&spi(h3.addr(), h1.addr(), fresh)),
+            "h3 -> h1 moved to the fresh key"
+        );
         drop(nodes);
         for h in [h1, h2, h3] {
             mesh_tests::meshd::down(h);

@@ -1,9 +1,5 @@
-//! The reference model of what mesh's eBPF programs must do to a packet,
-//! written plainly from the RFCs, for packet tests to compare the real
-//! programs against.
-//!
-//! - [`reject`]: the answer of a frontend with no backend (a TCP RST, an
-//!   ICMP port unreachable), or `None` where none is due.
+//! The answer of a frontend with no backend (RFC 793's RST, RFC 792's
+//! port unreachable), or none where none is due (RFC 1122 3.2.2).
 
 use crate::frames::{ICMP, TCP, UDP, checksum};
 
