@@ -577,6 +577,12 @@ pub fn status_text(s: &tonic::Status) -> String {
                      trusts: another cluster at that address, or the wrong --ca)",
                 );
             }
+            if chain.contains("UnknownCA") || chain.contains("UnknownCa") {
+                chain.push_str(
+                    " (the manager does not trust this node's certificate: it was issued by \
+                     another cluster's CA; this node must join this cluster with its token)",
+                );
+            }
             if chain.contains("CertificateExpired") || chain.contains("Expired") {
                 chain.push_str(
                     " (a certificate in this connection has expired: see `openssl x509 -enddate` \
@@ -626,11 +632,12 @@ impl Daemon {
             .map_err(|e| msg(format!("listening on {}: {e}", file.listen_addr)))?;
         let (stop, mut stopped) = watch::channel(false);
         let limits = crate::gate::Limits::default();
-        let incoming = tls.incoming(listener, crate::gate::Admission::new(limits));
+        let certs = Arc::new(crate::gate::CertCheck::new(ctx.ca_der.clone()));
+        let incoming = tls.incoming(listener, crate::gate::Admission::new(limits, certs.clone()));
         let router = tonic::transport::Server::builder()
             .max_concurrent_streams(limits.streams)
             .http2_max_header_list_size(16 << 10)
-            .layer(crate::gate::AnonymousGate)
+            .layer(crate::gate::AnonymousGate(certs))
             .layer(crate::deadline::DeadlineLayer)
             .add_service(
                 RaftServer::new(RaftService(ctx.clone()))

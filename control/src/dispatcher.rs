@@ -136,7 +136,9 @@ pub enum DispatcherMessage {
     /// The encrypted networks' key ring as the tables hold it now (`None`:
     /// none), for an agent that asked in its hello. It changes no
     /// revision: the ring is part of the tables, only kept off the disk.
-    Keys { entry: Option<Box<crate::tables::Value>> },
+    Keys {
+        entry: Option<Box<crate::tables::Value>>,
+    },
 }
 
 /// Prefix of the error a manager that is not the leader gives an agent,

@@ -14,6 +14,13 @@
 //!   its body is read ([`AnonymousGate`]); the large message limit of the
 //!   authenticated services never applies to a stranger.
 //!
+//! - Certificates: a client certificate the cluster CA did not sign, or
+//!   one that expired, completes the handshake (see `tls::Server`) but
+//!   counts as none: [`CertCheck`] checks every certificate at admission
+//!   and on every call, and such a connection's calls are refused with the
+//!   reason ("certificate expired at …", "not signed by this cluster's
+//!   CA …") instead of a bare "connection closed".
+//!
 //! Authenticated calls are then checked per RPC by [`crate::api`].
 
 use std::{
@@ -67,20 +74,71 @@ impl Default for Limits {
     }
 }
 
+/// Checks client certificates against the cluster CA (signature,
+/// validity, a mesh role), remembering results by certificate.
+#[derive(Debug)]
+pub struct CertCheck {
+    ca_der: Vec<u8>,
+    /// Certificate -> its expiry (ok) or why it is refused.
+    seen: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Result<i64, String>>>,
+}
+
+impl CertCheck {
+    pub fn new(ca_der: Vec<u8>) -> CertCheck {
+        CertCheck {
+            ca_der,
+            seen: Default::default(),
+        }
+    }
+
+    /// Ok for a certificate of this cluster, valid now; else why not.
+    pub fn check(&self, der: &[u8]) -> Result<(), String> {
+        let now = crate::pki::now();
+        let cached = self.seen.lock().expect("seen lock").get(der).cloned();
+        let result = match cached {
+            Some(Ok(not_after)) if not_after >= now => Ok(not_after),
+            Some(Err(e)) => Err(e),
+            _ => crate::pki::identity_der(der, &self.ca_der, now)
+                .map(|id| id.not_after)
+                .map_err(|e| format!("client certificate refused: {e}")),
+        };
+        let mut seen = self.seen.lock().expect("seen lock");
+        if seen.len() >= 4096 {
+            seen.clear();
+        }
+        seen.insert(der.to_vec(), result.clone());
+        result.map(|_| ())
+    }
+
+    /// The connection's certificate, checked: Ok(true) verified, Ok(false)
+    /// none, Err(why) refused.
+    fn verdict(
+        &self,
+        certs: Option<&[rustls::pki_types::CertificateDer<'_>]>,
+    ) -> Result<bool, String> {
+        match certs.and_then(|c| c.first()) {
+            None => Ok(false),
+            Some(c) => self.check(c.as_ref()).map(|()| true),
+        }
+    }
+}
+
 /// The permits a connection holds while it is open.
 pub struct Admission {
     handshakes: Arc<Semaphore>,
     connections: Arc<Semaphore>,
     anonymous: Arc<Semaphore>,
+    certs: Arc<CertCheck>,
     pub limits: Limits,
 }
 
 impl Admission {
-    pub fn new(limits: Limits) -> Admission {
+    pub fn new(limits: Limits, certs: Arc<CertCheck>) -> Admission {
         Admission {
             handshakes: Arc::new(Semaphore::new(limits.handshakes)),
             connections: Arc::new(Semaphore::new(limits.connections)),
             anonymous: Arc::new(Semaphore::new(limits.anonymous)),
+            certs,
             limits,
         }
     }
@@ -92,11 +150,8 @@ impl Admission {
 
     /// Admits a connection whose handshake completed, or None past a cap.
     pub fn admit(&self, tls: TlsStream<TcpStream>) -> Option<Admitted> {
-        let anonymous = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .is_none_or(|c| c.is_empty());
+        // A refused certificate counts as none.
+        let anonymous = self.certs.verdict(tls.get_ref().1.peer_certificates()) != Ok(true);
         let total = self.connections.clone().try_acquire_owned().ok()?;
         let anon = if anonymous {
             Some(self.anonymous.clone().try_acquire_owned().ok()?)
@@ -167,28 +222,34 @@ impl AsyncWrite for Admitted {
 
 /// The layer that refuses every call but Join from a connection without a
 /// client certificate, from the request's headers alone.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AnonymousGate;
+#[derive(Debug, Clone)]
+pub struct AnonymousGate(pub Arc<CertCheck>);
 
 impl<S> tower::Layer<S> for AnonymousGate {
     type Service = Gated<S>;
 
     fn layer(&self, inner: S) -> Gated<S> {
-        Gated { inner }
+        Gated {
+            inner,
+            certs: self.0.clone(),
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct Gated<S> {
     inner: S,
+    certs: Arc<CertCheck>,
 }
 
-/// Whether the request came over a connection with a client certificate.
-fn authenticated<B>(req: &http::Request<B>) -> bool {
-    req.extensions()
+/// Whether the request came with a client certificate of this cluster
+/// (Ok(false): none; Err: one that is refused, and why).
+fn authenticated<B>(certs: &CertCheck, req: &http::Request<B>) -> Result<bool, String> {
+    let peer = req
+        .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
-        .and_then(TlsConnectInfo::peer_certs)
-        .is_some_and(|c| !c.is_empty())
+        .and_then(TlsConnectInfo::peer_certs);
+    certs.verdict(peer.as_deref().map(|c| c.as_slice()))
 }
 
 impl<S, B> tower::Service<http::Request<B>> for Gated<S>
@@ -204,14 +265,18 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if authenticated(&req) || req.uri().path().starts_with(JOIN_PATH) {
+        let verdict = authenticated(&self.certs, &req);
+        if verdict == Ok(true) || req.uri().path().starts_with(JOIN_PATH) {
             return Either::Right(self.inner.call(req));
         }
         // The body is dropped unread: h2 resets the stream.
-        let status = tonic::Status::unauthenticated(
-            "no client certificate: this call needs a mesh node certificate \
-             (meshctl on a manager uses the one in its data dir; elsewhere pass --cert and --key)",
-        );
+        let status = match verdict {
+            Err(why) => tonic::Status::unauthenticated(why),
+            Ok(_) => tonic::Status::unauthenticated(
+                "no client certificate: this call needs a mesh node certificate \
+                 (meshctl on a manager uses the one in its data dir; elsewhere pass --cert and --key)",
+            ),
+        };
         Either::Left(ready(Ok(status.into_http())))
     }
 }

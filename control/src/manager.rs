@@ -348,12 +348,32 @@ pub fn raft_id(node_id: &str) -> Option<NodeId> {
     u64::from_str_radix(node_id, 16).ok().filter(|&n| n != 0)
 }
 
+/// Another voter's status: unreachable unless heard from (or, on a
+/// follower, while there is a leader); behind while its log (`matched`,
+/// known on the leader) misses entries this manager applied.
+fn peer_status(heard: bool, applied: u64, matched: Option<u64>) -> ManagerStatus {
+    if !heard {
+        return ManagerStatus::Unreachable;
+    }
+    match matched {
+        Some(at) if at < applied => ManagerStatus::Behind {
+            entries: applied - at,
+        },
+        _ => ManagerStatus::Reachable,
+    }
+}
+
 /// How a manager sees another, for `node ls`'s MANAGER STATUS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum ManagerStatus {
     Leader,
     Reachable,
     Unreachable,
+    /// Reachable, but missing this many committed entries (the leader's
+    /// view): its reads wait, its state is not yet the cluster's.
+    Behind {
+        entries: u64,
+    },
 }
 
 pub struct Manager {
@@ -885,7 +905,8 @@ impl Manager {
         }
     }
 
-    /// MANAGER STATUS of a Raft member, as this manager sees it.
+    /// MANAGER STATUS of a Raft member, as this manager sees it (see
+    /// [`peer_status`]).
     pub fn manager_status(&self, id: NodeId) -> Option<ManagerStatus> {
         let m = self.metrics();
         let membership = m.membership_config.membership();
@@ -912,11 +933,17 @@ impl Manager {
         // Followers only talk to the leader: they report voters as
         // reachable while they have one, and leave liveness to its view.
         let follower_view = m.state != ServerState::Leader && m.current_leader.is_some();
-        Some(if fresh || follower_view {
-            ManagerStatus::Reachable
-        } else {
-            ManagerStatus::Unreachable
-        })
+        // The leader knows how far each follower's log matches its own.
+        let matched = m
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&id).copied())
+            .map(|l| l.map_or(0, |l| l.index));
+        Some(peer_status(
+            fresh || follower_view,
+            m.last_applied.map_or(0, |l| l.index),
+            matched,
+        ))
     }
 
     /// Set once [`Manager::shutdown`] starts: tasks holding the manager
@@ -1087,3 +1114,25 @@ pub async fn orchestrate(m: Weak<Manager>, mut stop: tokio::sync::watch::Receive
 
 /// Prefix of the error a non-leader gives to a forwarded write.
 pub const NOT_LEADER: &str = "not the leader:";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_voter_missing_applied_entries_is_behind_not_reachable() {
+        assert_eq!(peer_status(false, 10, Some(10)), ManagerStatus::Unreachable);
+        assert_eq!(peer_status(true, 10, Some(10)), ManagerStatus::Reachable);
+        assert_eq!(
+            peer_status(true, 100, Some(36)),
+            ManagerStatus::Behind { entries: 64 }
+        );
+        // Nothing matched yet (a new or restarted follower): behind by all.
+        assert_eq!(
+            peer_status(true, 5, Some(0)),
+            ManagerStatus::Behind { entries: 5 }
+        );
+        // A follower's view: no replication figures, so no lag to show.
+        assert_eq!(peer_status(true, 100, None), ManagerStatus::Reachable);
+    }
+}

@@ -478,8 +478,14 @@ mod tests {
         // A rotated token: new nonce and salt; each fails the other's record.
         let (rotated, new_record) = JoinToken::issue(&digest, ca.key_pem(), Role::Worker).unwrap();
         assert_ne!(rotated, token);
-        assert!(matches!(token.check(&new_record), Err(PkiError::TokenRefused)));
-        assert!(matches!(rotated.check(&record), Err(PkiError::TokenRefused)));
+        assert!(matches!(
+            token.check(&new_record),
+            Err(PkiError::TokenRefused)
+        ));
+        assert!(matches!(
+            rotated.check(&record),
+            Err(PkiError::TokenRefused)
+        ));
         rotated.check(&new_record).unwrap();
         // An impostor CA.
         let impostor = Ca::create("c").unwrap();

@@ -1290,9 +1290,13 @@ impl State {
                     .secrets
                     .as_mut()
                     .ok_or_else(|| invalid("this cluster has no join tokens"))?;
-                let hexed = |s: &str, len| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
-                if !(hexed(&record.nonce, 32) && hexed(&record.salt, 32) && hexed(&record.hash, 64)) {
-                    return Err(invalid("a join token record is 3 hex strings (nonce, salt, hash)"));
+                let hexed =
+                    |s: &str, len| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+                if !(hexed(&record.nonce, 32) && hexed(&record.salt, 32) && hexed(&record.hash, 64))
+                {
+                    return Err(invalid(
+                        "a join token record is 3 hex strings (nonce, salt, hash)",
+                    ));
                 }
                 match role {
                     Role::Manager => secrets.manager_join = Some(record.clone()),
@@ -2298,6 +2302,10 @@ impl State {
         Ok(Outcome::Done)
     }
 }
+
+#[cfg(test)]
+#[path = "state_props.rs"]
+mod props;
 
 #[cfg(test)]
 mod tests {

@@ -26,7 +26,10 @@ use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
-    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    server::{
+        ClientHello, ResolvesServerCert, WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
     sign::CertifiedKey,
 };
 use tokio::net::{TcpListener, TcpStream};
@@ -185,16 +188,78 @@ pub struct Server {
     pub cert: Arc<SwappableCert>,
 }
 
+/// The server's client-certificate check: WebPKI against the cluster CA,
+/// except that a certificate it refuses (expired, from another CA) still
+/// completes the handshake, proof of its key included. In TLS 1.3 a
+/// refusal in the handshake reaches the client only as "connection
+/// closed"; let in, the connection is treated as having no certificate
+/// ([`crate::gate::CertCheck`] checks every certificate again), and its
+/// calls are refused with the reason.
+#[derive(Debug)]
+struct Lenient(Arc<dyn ClientCertVerifier>);
+
+impl ClientCertVerifier for Lenient {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        match self.0.verify_client_cert(end_entity, intermediates, now) {
+            Err(rustls::Error::InvalidCertificate(e)) => {
+                tracing::debug!("a client certificate fails WebPKI ({e:?}); its calls are refused");
+                Ok(ClientCertVerified::assertion())
+            }
+            r => r,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
 impl Server {
     pub fn new(creds: &Credentials) -> Result<Server, TlsError> {
         let provider = provider();
         let mut roots = RootCertStore::empty();
         roots.add(creds.ca_der()?)?;
-        let verifier =
+        let verifier = Arc::new(Lenient(
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .allow_unauthenticated()
                 .build()
-                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+                .map_err(|e| TlsError::Verifier(e.to_string()))?,
+        ));
         let cert = Arc::new(SwappableCert(RwLock::new(creds.certified_key()?)));
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?

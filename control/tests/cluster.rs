@@ -446,6 +446,105 @@ async fn joining_and_calling_are_refused_without_the_right_credentials() {
         .unwrap();
     joined.stop().await;
 
+    // A worker's certificate on every manager-only API: refused from the
+    // headers, whatever the call.
+    let mut w = client(&c.dirs[1].0, &mgr);
+    let calls: Vec<(&str, Result<(), tonic::Status>)> = vec![
+        (
+            "join-token",
+            w.join_token(JoinTokenRequest {
+                role: "manager".into(),
+                rotate: true,
+            })
+            .await
+            .map(|_| ()),
+        ),
+        ("unlock-key", w.unlock_key(Empty {}).await.map(|_| ())),
+        (
+            "rotate-network-key",
+            w.rotate_network_key(Empty {}).await.map(|_| ()),
+        ),
+        (
+            "node rm",
+            w.remove_node(Remove {
+                target: c.node(0).ctx.node_id.clone(),
+                force: true,
+            })
+            .await
+            .map(|_| ()),
+        ),
+        ("service ls", w.list_services(Empty {}).await.map(|_| ())),
+    ];
+    for (what, r) in calls {
+        let err = r.expect_err(what);
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{what}: {err:?}");
+    }
+    assert_eq!(
+        c.node(0)
+            .ctx
+            .manager()
+            .unwrap()
+            .with_state(|s| s.nodes.len()),
+        3
+    );
+
+    // A certificate from another cluster's CA, and an expired one from
+    // this CA: each refused in the handshake, and said so.
+    let ca_cert = Credentials::load(&daemon::certs_dir(&c.dirs[0].0))
+        .unwrap()
+        .ca;
+    let forged = |ca: &pki::Ca, lifetime| {
+        let (key, csr) = pki::node_key_and_csr().unwrap();
+        let cert = ca
+            .issue(&csr, "sec", "ffffffffffffffff", Role::Manager, lifetime)
+            .unwrap();
+        Credentials {
+            ca: ca_cert.clone(),
+            cert,
+            key,
+        }
+    };
+    let call = |creds: Credentials| {
+        let mgr = mgr.clone();
+        async move {
+            let ch = tls::channel(
+                &mgr,
+                Trust::Node(Arc::new(RwLock::new(creds))),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            ClusterClient::new(ch)
+                .list_nodes(Empty {})
+                .await
+                .unwrap_err()
+        }
+    };
+    let foreign = pki::Ca::create("other").unwrap();
+    let err = call(forged(&foreign, Duration::from_secs(3600))).await;
+    let text = daemon::status_text(&err);
+    assert!(
+        text.contains("not signed by this cluster's CA") && text.contains("another cluster"),
+        "foreign certificate: {text}"
+    );
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let secrets = c
+        .node(0)
+        .ctx
+        .manager()
+        .unwrap()
+        .with_state(|s| s.secrets.clone())
+        .unwrap();
+    let ours = pki::Ca::from_pem(&secrets.ca_cert, &secrets.ca_key);
+    let short = forged(&ours, Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let err = call(short).await;
+    let text = daemon::status_text(&err);
+    assert!(
+        text.contains("certificate expired at") && text.contains("Join the node again"),
+        "expired certificate: {text}"
+    );
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
     // A removed node reconnecting with its old certificate.
     let worker_id = c.node(1).ctx.node_id.clone();
     c.nodes[1].take().unwrap().stop().await;
@@ -960,7 +1059,10 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
         .await;
         let file = std::fs::read_to_string(d.dir.join("tables.json")).unwrap();
         for secret in &secrets {
-            assert!(!file.contains(secret.as_str()), "a network key in tables.json");
+            assert!(
+                !file.contains(secret.as_str()),
+                "a network key in tables.json"
+            );
         }
     }
     // The leader saw every ack.

@@ -85,7 +85,9 @@ pub fn reject(ctx: &TcContext, p: &Parsed, now: u64) -> Result<Rejected, i64> {
     // SAFETY: as above.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: a plain redirect to the device's egress.
-    Ok(Rejected::Answered(unsafe { bpf_redirect(ifindex, 0) } as i32))
+    Ok(Rejected::Answered(
+        unsafe { bpf_redirect(ifindex, 0) } as i32
+    ))
 }
 
 /// The verdict for a packet whose answer failed half-way.

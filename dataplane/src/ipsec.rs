@@ -183,13 +183,18 @@ fn sending_key(
     spent: &BTreeSet<SaKey>,
 ) -> Option<(u32, bool)> {
     let primary = spec.primary.filter(|p| spec.keys.contains_key(p))?;
-    let fresh = spec.keys.keys().copied().filter(|&id| id >= primary).find(|&id| {
-        !spent.contains(&SaKey {
-            src: local,
-            dst: peer,
-            spi: spi(local, peer, id),
-        })
-    });
+    let fresh = spec
+        .keys
+        .keys()
+        .copied()
+        .filter(|&id| id >= primary)
+        .find(|&id| {
+            !spent.contains(&SaKey {
+                src: local,
+                dst: peer,
+                spi: spi(local, peer, id),
+            })
+        });
     Some(fresh.map_or((primary, true), |id| (id, false)))
 }
 
@@ -779,11 +784,23 @@ mod tests {
             spi: spi(a, peer, id),
         };
         let mut spent = BTreeSet::new();
-        assert_eq!(sending_key(&spec, a, b, &spent), Some((5, false)), "the primary");
+        assert_eq!(
+            sending_key(&spec, a, b, &spent),
+            Some((5, false)),
+            "the primary"
+        );
         // The older key never comes back, even unspent.
         spent.insert(out(b, 5));
-        assert_eq!(sending_key(&spec, a, b, &spent), Some((6, false)), "the newer key");
-        assert_eq!(sending_key(&spec, a, c, &spent), Some((5, false)), "per pair");
+        assert_eq!(
+            sending_key(&spec, a, b, &spent),
+            Some((6, false)),
+            "the newer key"
+        );
+        assert_eq!(
+            sending_key(&spec, a, c, &spent),
+            Some((5, false)),
+            "per pair"
+        );
         spent.insert(out(b, 6));
         assert_eq!(
             sending_key(&spec, a, b, &spent),
@@ -794,7 +811,11 @@ mod tests {
             primary: Some(9),
             ..spec.clone()
         };
-        assert_eq!(sending_key(&none, a, b, &spent), None, "a primary not in the ring");
+        assert_eq!(
+            sending_key(&none, a, b, &spent),
+            None,
+            "a primary not in the ring"
+        );
     }
 
     #[test]

@@ -678,6 +678,9 @@ async fn node(c: &mut Client, cmd: NodeCmd) -> Res {
                             Some(ManagerStatus::Leader) => "Leader".into(),
                             Some(ManagerStatus::Reachable) => "Reachable".into(),
                             Some(ManagerStatus::Unreachable) => "Unreachable".into(),
+                            Some(ManagerStatus::Behind { entries }) => {
+                                format!("Behind ({entries} entries)")
+                            }
                             None => String::new(),
                         },
                     ]);
@@ -1664,6 +1667,73 @@ async fn swarm(c: &mut Client, cmd: SwarmCmd) -> Res {
                 ring.primary.map_or("-".to_owned(), |p| p.to_string())
             );
             Ok(())
+        }
+    }
+}
+
+/// Property tests of the flag parsers: no input panics them; what they
+/// accept is in range; every well-formed value parses to what it says.
+#[cfg(test)]
+mod parser_props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn publish_never_panics_and_accepts_only_real_ports(s in ".{0,60}") {
+            if let Ok(p) = parse_publish(&s) {
+                prop_assert!(p.target != 0);
+                prop_assert!(p.published != Some(0));
+            } else {
+                prop_assert!(parse_publish(&s).unwrap_err().contains("--publish"));
+            }
+        }
+
+        #[test]
+        fn publish_short_and_long_forms_parse_to_what_they_say(
+            published in prop::option::of(1u16..),
+            target in 1u16..,
+            udp in any::<bool>(),
+            host in any::<bool>(),
+        ) {
+            let proto = if udp { Protocol::Udp } else { Protocol::Tcp };
+            let suffix = if udp { "/udp" } else { "" };
+            let short = match published {
+                Some(p) => format!("{p}:{target}{suffix}"),
+                None => format!("{target}{suffix}"),
+            };
+            let p = parse_publish(&short).unwrap();
+            prop_assert_eq!((p.published, p.target, p.protocol, p.mode), (published, target, proto, PublishMode::Ingress));
+            let mut long = vec![format!("target={target}"), format!("protocol={}", if udp { "udp" } else { "tcp" })];
+            if let Some(p) = published {
+                long.push(format!("published={p}"));
+            }
+            long.push(format!("mode={}", if host { "host" } else { "ingress" }));
+            let p = parse_publish(&long.join(",")).unwrap();
+            let mode = if host { PublishMode::Host } else { PublishMode::Ingress };
+            prop_assert_eq!((p.published, p.target, p.protocol, p.mode), (published, target, proto, mode));
+        }
+
+        #[test]
+        fn publish_refuses_ports_out_of_range(bad in prop_oneof![Just(0u64), 65536u64..u64::MAX]) {
+            for s in [format!("{bad}:80"), format!("8080:{bad}"), format!("target={bad}")] {
+                let e = parse_publish(&s).unwrap_err();
+                prop_assert!(e.contains("is not 1-65535"), "{}", e);
+            }
+        }
+
+        #[test]
+        fn scale_never_panics_and_round_trips(s in ".{0,40}", name in "[a-z][a-z0-9_-]{0,20}", n in any::<u32>()) {
+            if let Ok((name, _)) = parse_scale(&s) {
+                prop_assert!(!name.is_empty());
+            }
+            prop_assert_eq!(parse_scale(&format!("{name}={n}")).unwrap(), (name, n));
+        }
+
+        #[test]
+        fn durations_never_panic(s in ".{0,40}") {
+            let _ = parse_ms(&s);
         }
     }
 }

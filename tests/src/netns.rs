@@ -61,6 +61,21 @@ pub struct Netns {
     file: File,
 }
 
+/// Runs `f` on a fresh thread in the namespace bound at `path` (one a
+/// test's own meshd made for a task, say).
+pub fn enter_path<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> T {
+    let file = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let fd = file.as_raw_fd();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            setns(fd).expect("setns into a task's namespace");
+            f()
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
 impl Netns {
     /// Creates `mesh-<pid>-<n>`.
     pub fn new() -> Netns {

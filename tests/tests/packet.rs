@@ -886,7 +886,11 @@ mod lb {
         let check = |what: &str, input: &[u8], out: &[u8]| {
             let want = model::reject(input, 14).expect("an answer is due");
             assert_eq!(out, &want[..], "{what}: answer bytes");
-            assert_eq!(&out[0..6], &input[6..12], "{what}: back to the sender's MAC");
+            assert_eq!(
+                &out[0..6],
+                &input[6..12],
+                "{what}: back to the sender's MAC"
+            );
             assert_eq!(&out[26..30], &input[30..34], "{what}: from the frontend");
             assert_eq!(&out[30..34], &input[26..30], "{what}: to the client");
         };
@@ -927,13 +931,7 @@ mod lb {
             set_v4_endpoints(&mut f, (CLIENT, 33335), (NODE, DNS_PORT));
             f
         };
-        let bcast = v4_flow(
-            UDP,
-            (Ipv4Addr::BROADCAST, 68),
-            (NODE, DNS_PORT),
-            0,
-            8,
-        );
+        let bcast = v4_flow(UDP, (Ipv4Addr::BROADCAST, 68), (NODE, DNS_PORT), 0, 8);
         for (what, frame) in [("rst", rst), ("ip options", udp_opts), ("broadcast", bcast)] {
             assert_eq!(model::reject(&frame, 14), None, "{what}: the model");
             let (rv, _) = env.run(&frame);
@@ -966,7 +964,10 @@ mod lb {
             }
         }
         assert!(answered >= 100, "the burst is answered: {answered}");
-        assert!(answered < u64::from(sent), "not all {sent} answered: {answered}");
+        assert!(
+            answered < u64::from(sent),
+            "not all {sent} answered: {answered}"
+        );
         assert_eq!(rejected(&env, WEB_PORT), answered);
     }
 
@@ -1029,7 +1030,9 @@ fn a_pinned_map_of_another_layout_is_replaced_and_the_others_kept() {
         let mut dp = Datapath::load(Some(&pins.0)).expect("first load");
         let mut nodes: HashMap<&mut MapData, [u32; 4], u32> =
             HashMap::try_from(dp.ebpf_mut().map_mut(maps::NODE_ADDRS).unwrap()).unwrap();
-        nodes.insert([7, 0, 0, 0], 1, 0).expect("insert a node address");
+        nodes
+            .insert([7, 0, 0, 0], 1, 0)
+            .expect("insert a node address");
     }
     // The counters as an older build pinned them: 24-byte values.
     let stale = pins.0.join(maps::FRONTEND_STATS);
@@ -1038,7 +1041,16 @@ fn a_pinned_map_of_another_layout_is_replaced_and_the_others_kept() {
     let out = std::process::Command::new("bpftool")
         .args(["map", "create"])
         .arg(&stale)
-        .args(["type", "percpu_array", "key", "4", "value", "24", "entries", &entries])
+        .args([
+            "type",
+            "percpu_array",
+            "key",
+            "4",
+            "value",
+            "24",
+            "entries",
+            &entries,
+        ])
         .args(["name", "FRONTEND_STATS"])
         .output()
         .expect("run bpftool");
@@ -1054,7 +1066,11 @@ fn a_pinned_map_of_another_layout_is_replaced_and_the_others_kept() {
     );
     let nodes: HashMap<&MapData, [u32; 4], u32> =
         HashMap::try_from(dp.ebpf().map(maps::NODE_ADDRS).unwrap()).unwrap();
-    assert_eq!(nodes.get(&[7, 0, 0, 0], 0).ok(), Some(1), "unchanged map kept");
+    assert_eq!(
+        nodes.get(&[7, 0, 0, 0], 0).ok(),
+        Some(1),
+        "unchanged map kept"
+    );
 }
 
 #[path = "packet/differential.rs"]

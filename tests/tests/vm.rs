@@ -482,13 +482,18 @@ mod encrypted {
         let (src, dst) = (h3.addr().to_string(), h1.addr().to_string());
         h3.exec_ok(
             "ip",
-            &["xfrm", "state", "delete", "src", &src, "dst", &dst, "proto", "esp", "spi", &spi_hex],
+            &[
+                "xfrm", "state", "delete", "src", &src, "dst", &dst, "proto", "esp", "spi",
+                &spi_hex,
+            ],
         );
         drop(nodes[2].meshd.take());
         nodes[2].start(args.clone());
-        wait_until("h3 to repair the deleted state without waiting out the window", T, || {
-            t3.reaches(t1.ip).then_some(())
-        });
+        wait_until(
+            "h3 to repair the deleted state without waiting out the window",
+            T,
+            || t3.reaches(t1.ip).then_some(()),
+        );
         assert_eq!(
             policies(h3).get(&h1.addr()),
             Some(&spi(h3.addr(), h1.addr(), fresh)),

@@ -127,7 +127,10 @@ pub enum Verdict {
     Reply(Vec<u8>),
     /// A frontend with no backend: redirected with this answer, or (none
     /// due, or the rate limit spent) dropped; counted either way.
-    Reject { frontend: u32, answer: Option<Vec<u8>> },
+    Reject {
+        frontend: u32,
+        answer: Option<Vec<u8>>,
+    },
 }
 
 /// The flow hash every node computes alike (the program's contract: the
@@ -216,7 +219,9 @@ impl Model {
         if !self.node_addrs.contains(&p.daddr) {
             return None;
         }
-        self.frontends.get(&key([0; 4], p.dport, p.ip_proto)).copied()
+        self.frontends
+            .get(&key([0; 4], p.dport, p.ip_proto))
+            .copied()
     }
 
     /// What the program must do with `frame`; the model's state is not
@@ -264,7 +269,8 @@ impl Model {
         let tcp = p.ip_proto == 6;
         let reopened = tcp && p.tcp_flags & (SYN | ACK) == SYN && ct.is_some_and(|c| c.closing);
         let tracked = ct.filter(|_| !reopened);
-        let mut backend = tracked.and_then(|c| self.backends.get(&c.backend).map(|b| (c.backend, *b)));
+        let mut backend =
+            tracked.and_then(|c| self.backends.get(&c.backend).map(|b| (c.backend, *b)));
         let new_flow = backend.is_none();
         if new_flow {
             if front.backend_count == 0 || front.table_size == 0 {
@@ -352,7 +358,10 @@ impl Model {
                 nat_port: kept,
                 new_flow,
             } => {
-                for (map, id) in [(&mut self.front_stats, *frontend), (&mut self.back_stats, *backend)] {
+                for (map, id) in [
+                    (&mut self.front_stats, *frontend),
+                    (&mut self.back_stats, *backend),
+                ] {
                     let s = map.entry(id).or_default();
                     s[0] += 1;
                     s[1] += bytes;
@@ -402,7 +411,10 @@ impl Model {
     /// has been quiet a second): near full, the program's random tries may
     /// all miss a free port, and the packet is dropped.
     pub fn nat_occupancy(&self, v: &Verdict) -> f64 {
-        let Verdict::Forward { flow, to, nat_addr, .. } = v else {
+        let Verdict::Forward {
+            flow, to, nat_addr, ..
+        } = v
+        else {
             return 0.0;
         };
         let at = |dport, proto| Flow {
@@ -423,7 +435,10 @@ impl Model {
     /// Whether a fresh SNAT port may be `port` for this forward: no live
     /// flow of another client holds it (one that closed may be reused).
     pub fn port_free(&self, v: &Verdict, port: u16) -> bool {
-        let Verdict::Forward { flow, to, nat_addr, .. } = v else {
+        let Verdict::Forward {
+            flow, to, nat_addr, ..
+        } = v
+        else {
             return false;
         };
         let key = Flow {

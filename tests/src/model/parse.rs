@@ -190,7 +190,11 @@ fn ipv6(frame: &[u8], mut p: Parsed, off: usize) -> Parsed {
                     return p;
                 }
                 let (n, hdrlen) = (frame[off], usize::from(frame[off + 1]));
-                let len = if next == 51 { (hdrlen + 2) * 4 } else { (hdrlen + 1) * 8 };
+                let len = if next == 51 {
+                    (hdrlen + 2) * 4
+                } else {
+                    (hdrlen + 1) * 8
+                };
                 next = n;
                 len
             }
@@ -234,7 +238,11 @@ fn ipv6(frame: &[u8], mut p: Parsed, off: usize) -> Parsed {
 
 fn l4(frame: &[u8], mut p: Parsed, off: usize, l3_end: usize) -> Parsed {
     p.l4_off = off;
-    let done = if p.frag == Frag::First { FRAGMENT } else { PARSED };
+    let done = if p.frag == Frag::First {
+        FRAGMENT
+    } else {
+        PARSED
+    };
     let truncated = |mut p: Parsed| {
         p.l4_off = 0;
         p.outcome = TRUNCATED;

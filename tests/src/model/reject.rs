@@ -40,9 +40,7 @@ pub fn reject(frame: &[u8], l3: usize) -> Option<Vec<u8>> {
             let (rseq, rack, rflags) = if flags & TCP_ACK != 0 {
                 (ack, 0, TCP_RST)
             } else {
-                let n = payload
-                    + u32::from(flags & TCP_SYN != 0)
-                    + u32::from(flags & TCP_FIN != 0);
+                let n = payload + u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
                 (0, seq.wrapping_add(n), TCP_RST | TCP_ACK)
             };
             out.extend(ipv4_header(TCP, 40, dst, src, true));

@@ -1,6 +1,7 @@
 //! meshd restarts under load: a node's meshd is SIGKILLed and started
-//! again while requests through the routing mesh are open, some of them to
-//! the task on that node. The task must outlive its meshd: adopted by the
+//! again while requests are open, 20 through the routing mesh's published
+//! port (half of them entering through the restarted node) and 20 from a
+//! task to the service's VIP; some of each reach the task on that node. The task must outlive its meshd: adopted by the
 //! next one, not reaped, not replaced, and no open request broken: not
 //! those to the task, nor those that entered through the restarted node's
 //! own load balancer.
@@ -12,7 +13,8 @@ use mesh_tests::{Topology, meshd, require_root, services};
 use super::control::{Node, json, token_from, wait_until};
 
 const PUBLISHED: u16 = 8080;
-const OPEN: usize = 12;
+/// Requests open through the published port, and to the VIP from a task.
+const OPEN: usize = 20;
 
 /// (task id, name, node hostname, observed) of every task of `service`
 /// meant to run.
@@ -64,11 +66,14 @@ fn a_meshd_restart_keeps_its_tasks_and_their_connections() {
     let web = meshd::mesh_web_bin();
     let (first, rest) = nodes.split_at_mut(1);
     let (m, worker) = (&first[0], &mut rest[0]);
+    m.meshctl_ok(&["network", "create", "red"]);
     m.meshctl_ok(&[
         "service",
         "create",
         "--name",
         "web",
+        "--network",
+        "red",
         "--replicas",
         "2",
         "--publish",
@@ -88,25 +93,66 @@ fn a_meshd_restart_keeps_its_tasks_and_their_connections() {
         },
     );
     let victim = worker.host.label().to_owned();
+    // The VIP on red, and the namespace of the task on the manager's node
+    // (VIP flows from it are balanced by that node over both tasks).
+    let red = json(&m.meshctl_ok(&["network", "inspect", "red"]))[0]["id"].clone();
+    let vip: std::net::Ipv4Addr = json(&m.meshctl_ok(&["service", "inspect", "web"]))[0]["vips"]
+        .as_array()
+        .expect("vips")
+        .iter()
+        .find(|v| v["network"] == red)
+        .and_then(|v| v["addr"].as_str())
+        .expect("a VIP on red")
+        .parse()
+        .expect("an address");
+    let here = m.host.label().to_owned();
+    let task_ns = json(&m.meshctl_ok(&["service", "ps", "web", "--format", "json"]))
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .find(|t| t["desired"] == "running" && t["node_hostname"] == here.as_str())
+        .and_then(|t| t["netns"].as_str())
+        .map(std::path::PathBuf::from)
+        .expect("the manager node's task namespace");
 
     // Open requests through both nodes' published port, each held 2.5 s
     // by the task that answers it; wait until all are established.
     let fronts = [m.host.addr(), worker.host.addr()];
-    let restarted = std::thread::scope(|s| {
+    let (restarted, to_vip) = std::thread::scope(|s| {
         let open: Vec<_> = (0..OPEN)
             .map(|i| {
                 let front = SocketAddr::from((fronts[i % 2], PUBLISHED));
                 s.spawn(move || {
                     client.enter(|| {
-                        services::http_get(front, &format!("/slow/2500/{i}"))
+                        services::http_get(front, &format!("/slow/3000/{i}"))
                             .map_err(|e| format!("{front}: {e}"))
+                    })
+                })
+            })
+            .collect();
+        let task_ns = &task_ns;
+        let vip_open: Vec<_> = (0..OPEN)
+            .map(|i| {
+                let to = SocketAddr::from((vip, 80));
+                s.spawn(move || {
+                    mesh_tests::netns::enter_path(task_ns, || {
+                        services::http_get(to, &format!("/slow/3000/vip{i}"))
+                            .map_err(|e| format!("{to}: {e}"))
                     })
                 })
             })
             .collect();
         wait_until("the open requests", Duration::from_secs(10), || {
             let out = client.exec("ss", &["-Htn", "state", "established"]);
-            (String::from_utf8_lossy(&out.stdout).lines().count() >= OPEN).then_some(())
+            let vips = mesh_tests::netns::enter_path(&task_ns, || {
+                std::process::Command::new("ss")
+                    .args(["-Htn", "state", "established", "dst", &vip.to_string()])
+                    .output()
+                    .expect("ss")
+            });
+            (String::from_utf8_lossy(&out.stdout).lines().count() >= OPEN
+                && String::from_utf8_lossy(&vips.stdout).lines().count() >= OPEN)
+                .then_some(())
         });
         // SIGKILL the worker's meshd and start it again, data plane and all.
         let n = &mut *worker;
@@ -117,10 +163,22 @@ fn a_meshd_restart_keeps_its_tasks_and_their_connections() {
         args.push(n.dir.task_scope());
         args.extend(dataplane(n));
         n.start(args);
-        open.into_iter()
-            .map(|h| h.join().expect("request thread"))
-            .collect::<Vec<_>>()
+        (
+            open.into_iter()
+                .map(|h| h.join().expect("request thread"))
+                .collect::<Vec<_>>(),
+            vip_open
+                .into_iter()
+                .map(|h| h.join().expect("request thread"))
+                .collect::<Vec<_>>(),
+        )
     });
+    let vip_broken: Vec<&String> = to_vip.iter().filter_map(|r| r.as_ref().err()).collect();
+    let vip_by: BTreeSet<&str> = to_vip
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .filter_map(|b| b.split_whitespace().next())
+        .collect();
     // Requests i % 2 == 0 entered through the manager's node, the others
     // through the restarted node's own load balancer.
     let (via_other, via_restarted): (Vec<_>, Vec<_>) =
@@ -136,14 +194,25 @@ fn a_meshd_restart_keeps_its_tasks_and_their_connections() {
         .filter_map(|b| b.split_whitespace().next())
         .collect();
     mesh_tests::figures::figure(&format!(
-        "fault: meshd SIGKILL + restart on {victim} under {OPEN} open requests: through the other \
+        "fault: meshd SIGKILL + restart on {victim} under {OPEN} open requests through the \
+         published port and {OPEN} to the VIP: through the other \
          node {} of {} broken (answered by {by:?}); through the restarted node's own front {} of \
-         {} broken",
+         {} broken; from a task to the VIP {} of {OPEN} broken (answered by {vip_by:?})",
         broken(&via_other).len(),
         via_other.len(),
         broken(&via_restarted).len(),
         via_restarted.len(),
+        vip_broken.len(),
     ));
+    assert!(
+        vip_broken.is_empty(),
+        "requests to the VIP broke: {vip_broken:?}"
+    );
+    assert_eq!(
+        vip_by.len(),
+        2,
+        "the VIP requests did not reach both tasks: {vip_by:?}"
+    );
     // The task on the restarted node outlived its meshd: flows to it
     // through the other node all finish (they broke when meshd reaped it);
     // flows through the restarted node's own front finish too (they broke

@@ -164,7 +164,8 @@ fn model_of(dp: &Datapath, here: Option<Addr>) -> Model {
             },
         );
         if let Ok(t) = tables.get(&f.id, 0) {
-            m.maglev.insert(f.id, t.iter().map(Result::unwrap).collect());
+            m.maglev
+                .insert(f.id, t.iter().map(Result::unwrap).collect());
         }
     }
     for e in backs.iter() {
@@ -240,23 +241,34 @@ fn generate(rng: &mut Rng, replies: &[Flow]) -> Case {
     };
     let options: Vec<u8> = if rng.chance(8) {
         let words = 1 + rng.below(10) as usize;
-        (0..words * 4).map(|i| if i % 4 == 0 { 1 } else { rng.next() as u8 }).collect()
+        (0..words * 4)
+            .map(|i| if i % 4 == 0 { 1 } else { rng.next() as u8 })
+            .collect()
     } else {
         Vec::new()
     };
     let (kind, mut frame) = match rng.below(100) {
         0..40 => {
             let port = if proto == TCP { WEB } else { DNS };
-            ("published", build(proto, client, (NODE, port), flags, payload, &options))
+            (
+                "published",
+                build(proto, client, (NODE, port), flags, payload, &options),
+            )
         }
         40..55 => {
             let any = 1 + rng.below(65535) as u16;
             let port = *rng.pick(&[80u16, 5432, 6379, any]);
-            ("vip", build(proto, client, (VIP, port), flags, payload, &options))
+            (
+                "vip",
+                build(proto, client, (VIP, port), flags, payload, &options),
+            )
         }
         55..57 => {
             let port = if proto == TCP { EMPTY_TCP } else { EMPTY_UDP };
-            ("no backend", build(proto, client, (NODE, port), flags, payload, &options))
+            (
+                "no backend",
+                build(proto, client, (NODE, port), flags, payload, &options),
+            )
         }
         57..75 if !replies.is_empty() => {
             // A reply to a flow the program made: from its backend to its
@@ -264,7 +276,14 @@ fn generate(rng: &mut Rng, replies: &[Flow]) -> Case {
             let f = *rng.pick(replies);
             (
                 "reply",
-                build(f.proto, (f.saddr, f.sport), (f.daddr, f.dport), flags, payload, &options),
+                build(
+                    f.proto,
+                    (f.saddr, f.sport),
+                    (f.daddr, f.dport),
+                    flags,
+                    payload,
+                    &options,
+                ),
             )
         }
         57..80 => {
@@ -281,7 +300,10 @@ fn generate(rng: &mut Rng, replies: &[Flow]) -> Case {
             } else {
                 ([198, 18, 0, 7 + rng.below(5) as u8], WEB)
             };
-            ("not a frontend", build(proto, client, dst, flags, payload, &options))
+            (
+                "not a frontend",
+                build(proto, client, dst, flags, payload, &options),
+            )
         }
         88..92 => ("icmp", v4(ICMP, &icmp_echo(8))),
         92..95 => {
@@ -455,8 +477,10 @@ fn run(seed: u64, packets: u64, here: Option<Addr>) -> Tally {
         let mut replies: Vec<Flow> = Vec::new();
         // MESH_FUZZ_TRACE=1: each flow's history, printed with a mismatch.
         let trace = std::env::var_os("MESH_FUZZ_TRACE").is_some();
-        let mut history: std::collections::HashMap<Flow, Vec<(u64, &'static str, u8, u32, Option<u16>)>> =
-            Default::default();
+        let mut history: std::collections::HashMap<
+            Flow,
+            Vec<(u64, &'static str, u8, u32, Option<u16>)>,
+        > = Default::default();
         for i in 0..packets {
             let case = generate(&mut rng, &replies);
             let frame = &case.frame;
@@ -501,7 +525,10 @@ fn run(seed: u64, packets: u64, here: Option<Addr>) -> Tally {
                 })
                 .unwrap_or_else(|e| panic!("xdp test run of {} ({}): {e}", hex(frame), case.kind));
             if x.return_value != XDP_PASS || out[..x.data_size_out as usize] != frame[..] {
-                fail(format!("xdp_parse: verdict {} or bytes changed", x.return_value));
+                fail(format!(
+                    "xdp_parse: verdict {} or bytes changed",
+                    x.return_value
+                ));
             }
             let len = frame.len() as u64;
             let count = |c: &mut dataplane_common::Counter| {
@@ -587,10 +614,20 @@ fn run(seed: u64, packets: u64, here: Option<Addr>) -> Tally {
                     if nat_port.is_none() && rv == TC_ACT_SHOT {
                         let full = model.nat_occupancy(&want);
                         if full < 0.75 {
-                            fail(format!("dropped with the SNAT range {:.0}% full", full * 100.0));
+                            fail(format!(
+                                "dropped with the SNAT range {:.0}% full",
+                                full * 100.0
+                            ));
                         }
                         t.exhausted += 1;
-                        model.commit(frame, &Verdict::Unroutable { frontend: *frontend }, None, false);
+                        model.commit(
+                            frame,
+                            &Verdict::Unroutable {
+                                frontend: *frontend,
+                            },
+                            None,
+                            false,
+                        );
                         continue;
                     }
                     t.forward += 1;
@@ -612,7 +649,8 @@ fn run(seed: u64, packets: u64, here: Option<Addr>) -> Tally {
                         }
                     };
                     match entry {
-                        Some(e) if e.backend_id == *backend && u16::from_be(e.nat_port_be) == port => {}
+                        Some(e)
+                            if e.backend_id == *backend && u16::from_be(e.nat_port_be) == port => {}
                         e => fail(format!(
                             "conntrack {e:?}, want backend {backend} nat port {port}"
                         )),
@@ -643,7 +681,9 @@ fn run(seed: u64, packets: u64, here: Option<Addr>) -> Tally {
                 let kernel = ct.get(&flow_key(&flow), 0).ok().map(|e| e.backend_id);
                 let ours = model.conntrack.get(&flow).map(|c| c.backend);
                 if kernel != ours {
-                    fail(format!("conntrack of a non-forward: {kernel:?}, want {ours:?}"));
+                    fail(format!(
+                        "conntrack of a non-forward: {kernel:?}, want {ours:?}"
+                    ));
                 }
             }
             if trace && p.outcome == parse::PARSED {
@@ -660,7 +700,12 @@ fn run(seed: u64, packets: u64, here: Option<Addr>) -> Tally {
                 let before = model.revnat.len();
                 model.commit(frame, &want, learned, answered);
                 if model.revnat.len() > before
-                    && let (Verdict::Forward { flow, to, nat_addr, .. }, Some(port)) = (&want, learned)
+                    && let (
+                        Verdict::Forward {
+                            flow, to, nat_addr, ..
+                        },
+                        Some(port),
+                    ) = (&want, learned)
                 {
                     replies.push(Flow {
                         saddr: to.0,
@@ -692,10 +737,16 @@ fn run(seed: u64, packets: u64, here: Option<Addr>) -> Tally {
         (maps::FRONTEND_STATS, &model.front_stats),
         (maps::BACKEND_STATS, &model.back_stats),
     ] {
-        let a: PerCpuArray<&MapData, LbCounter> = PerCpuArray::try_from(ebpf.map(map).unwrap()).unwrap();
+        let a: PerCpuArray<&MapData, LbCounter> =
+            PerCpuArray::try_from(ebpf.map(map).unwrap()).unwrap();
         for id in 0..64u32 {
             let got = a.get(&id, 0).unwrap().iter().fold([0u64; 4], |s, c| {
-                [s[0] + c.packets, s[1] + c.bytes, s[2] + c.new_flows, s[3] + c.rejected]
+                [
+                    s[0] + c.packets,
+                    s[1] + c.bytes,
+                    s[2] + c.new_flows,
+                    s[3] + c.rejected,
+                ]
             });
             let want = stats.get(&id).copied().unwrap_or_default();
             if got != want {
@@ -760,7 +811,10 @@ fn tc_lb_and_the_parser_match_the_model_on_random_frames() {
             t.exhausted,
             t.untestable
         ));
-        assert!(t.forward > 0 && t.reply > 0 && t.pass > 0 && t.drop > 0, "{t:?}");
+        assert!(
+            t.forward > 0 && t.reply > 0 && t.pass > 0 && t.drop > 0,
+            "{t:?}"
+        );
         all.extend(t.mismatches);
     }
     let total: u64 = packets + (packets / 10).max(1);

@@ -1,0 +1,286 @@
+//! Property tests of the state machine: random command sequences (nodes,
+//! networks, services with VIPs and published ports, tasks, removals,
+//! status reports, batches, retried requests) applied to a [`State`] keep
+//! its invariants:
+//!
+//! - no address is handed out twice on a network (task addresses, VIPs,
+//!   nodes' load-balancer addresses, the gateway), and no published port
+//!   twice;
+//! - a refused command leaves the serialized state byte-identical;
+//! - a snapshot (serialized, loaded, reindexed) equals the state, and
+//!   goes on equal to it under the same commands;
+//! - replaying the log from scratch gives the same bytes.
+//!
+//! `PROPTEST_CASES` sets how many sequences run (default 64 here; the
+//! fuzz command runs more).
+
+use std::collections::BTreeSet;
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn init() -> Command {
+    Command::Init {
+        cluster_id: "c1".into(),
+        ingress_id: "ing".into(),
+        settings: ClusterSettings {
+            // A small pool and small subnets: collisions are likely.
+            address_pool: "10.9.0.0/22".parse().expect("valid"),
+            subnet_size: 26,
+            ..ClusterSettings::default()
+        },
+        secrets: None,
+    }
+}
+
+const NODES: [&str; 3] = ["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb", "cccccccccccccccc"];
+const NETS: [&str; 3] = ["red", "blue", "green"];
+const SERVICES: [&str; 4] = ["web", "db", "cache", "api"];
+
+fn service_spec(name: &str, nets: &[&str], port: Option<u16>, replicas: u32) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        mode: ServiceMode::Replicated { replicas },
+        task: TaskTemplate {
+            command: vec!["/bin/true".into()],
+            env: vec![],
+            networks: nets
+                .iter()
+                .map(|n| NetworkAttachment {
+                    target: (*n).into(),
+                    aliases: vec![],
+                })
+                .collect(),
+            restart: RestartPolicy::default(),
+            constraints: vec![],
+        },
+        endpoint: EndpointSpec {
+            mode: EndpointMode::Vip,
+            ports: port
+                .map(|p| PortConfig {
+                    protocol: Protocol::Tcp,
+                    target: 80,
+                    published: Some(p),
+                    mode: PublishMode::Ingress,
+                })
+                .into_iter()
+                .collect(),
+        },
+        update: UpdateConfig::default(),
+        rollback: UpdateConfig::default(),
+    }
+}
+
+/// One random command, over a small universe of names so that they meet.
+fn command() -> impl Strategy<Value = Command> {
+    let node = prop::sample::select(NODES.to_vec());
+    let net = prop::sample::select(NETS.to_vec());
+    let svc = prop::sample::select(SERVICES.to_vec());
+    let task = (0u8..12).prop_map(|i| format!("t{i}"));
+    let port = prop::option::of(prop::sample::select(vec![8080u16, 8081, 8082]));
+    prop_oneof![
+        1 => (node.clone(), 1u8..6).prop_map(|(id, last)| Command::AddNode {
+            id: id.into(),
+            hostname: format!("host-{}", &id[..1]),
+            addr: Ipv4Addr::new(198, 18, 0, last),
+            api_addr: None,
+            role: Role::Worker,
+            underlay: vec![],
+        }),
+        1 => (node.clone(), any::<bool>()).prop_map(|(id, force)| Command::RemoveNode {
+            id: id.into(),
+            force,
+        }),
+        1 => (node.clone(), any::<bool>()).prop_map(|(id, down)| Command::SetNodeStatus {
+            id: id.into(),
+            status: if down { NodeStatus::Down } else { NodeStatus::Ready },
+        }),
+        1 => net.clone().prop_map(|n| Command::CreateNetwork {
+            id: format!("net-{n}"),
+            spec: NetworkSpec {
+                name: n.into(),
+                ..NetworkSpec::default()
+            },
+        }),
+        1 => net.clone().prop_map(|n| Command::RemoveNetwork { target: n.into() }),
+        1 => (svc.clone(), prop::sample::subsequence(NETS.to_vec(), 0..3), port.clone(), 0u32..4)
+            .prop_map(|(s, nets, port, replicas)| Command::CreateService {
+                id: format!("svc-{s}"),
+                spec: service_spec(s, &nets, port, replicas),
+            }),
+        1 => (svc.clone(), prop::sample::subsequence(NETS.to_vec(), 0..3), port, 0u32..4, 0u64..4)
+            .prop_map(|(s, nets, port, replicas, version)| Command::UpdateService {
+                target: s.into(),
+                version,
+                spec: service_spec(s, &nets, port, replicas),
+            }),
+        1 => svc.clone().prop_map(|s| Command::RemoveService { target: s.into() }),
+        4 => (task.clone(), svc, 1u32..4, node).prop_map(|(id, s, slot, n)| Command::CreateTask {
+            id,
+            service: format!("svc-{s}"),
+            slot,
+            node: n.into(),
+            netns: None,
+        }),
+        1 => task.clone().prop_map(|id| Command::RemoveTask { id }),
+        1 => task.clone().prop_map(|id| Command::ShutdownTask { id }),
+        1 => (task, prop::sample::select(vec![
+            TaskState::Starting,
+            TaskState::Running,
+            TaskState::Complete,
+            TaskState::Failed,
+        ]))
+        .prop_map(|(id, observed)| Command::SetTaskStatus {
+            id,
+            observed,
+            netns: None,
+            exit_code: None,
+            error: Some("x".repeat(5000)),
+            at_ms: 1,
+        }),
+    ]
+}
+
+/// Commands, some in batches, some as retried requests.
+fn commands() -> impl Strategy<Value = Vec<Command>> {
+    let one = prop_oneof![
+        6 => command(),
+        1 => prop::collection::vec(command(), 0..4).prop_map(|commands| Command::Batch { commands }),
+        1 => (0u8..4, command()).prop_map(|(r, c)| Command::Once {
+            request: format!("req-{r}"),
+            write: Box::new(c),
+        }),
+    ];
+    prop::collection::vec(one, 1..60)
+}
+
+fn bytes(s: &State) -> Vec<u8> {
+    serde_json::to_vec(s).expect("the state serializes")
+}
+
+/// No address twice on a network, no published port twice.
+fn check_unique(s: &State) -> Result<(), String> {
+    let mut taken: BTreeSet<(String, Ipv4Addr)> = BTreeSet::new();
+    let mut take = |net: &str, addr: Ipv4Addr, what: String| {
+        if taken.insert((net.to_owned(), addr)) {
+            Ok(())
+        } else {
+            Err(format!("{addr} on {net} handed out twice ({what})"))
+        }
+    };
+    for n in s.networks.values() {
+        take(&n.id, n.gateway, "gateway".into())?;
+        if !n.subnet.contains(n.gateway) {
+            return Err(format!("gateway {} outside {}", n.gateway, n.subnet));
+        }
+    }
+    for t in s.tasks.values() {
+        for a in &t.attachments {
+            if t.ended() {
+                continue;
+            }
+            take(&a.network, a.addr, format!("task {}", t.id))?;
+        }
+    }
+    for svc in s.services.values() {
+        for v in &svc.vips {
+            take(&v.network, v.addr, format!("VIP of {}", svc.id))?;
+        }
+    }
+    for node in s.nodes.values() {
+        for (net, addr) in &node.lb_addrs {
+            take(net, *addr, format!("node {}", node.id))?;
+        }
+    }
+    let mut ports = BTreeSet::new();
+    for svc in s.services.values() {
+        for p in &svc.ports {
+            if let Some(published) = p.published
+                && p.mode == PublishMode::Ingress
+                && !ports.insert((published, p.protocol))
+            {
+                return Err(format!("published port {published} twice"));
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn random_command_sequences_keep_the_state_invariants(log in commands()) {
+        let mut s = State::default();
+        s.apply(&init()).expect("init");
+        let mut applied = vec![init()];
+        // A cluster to work on: nodes, networks, services; the random
+        // commands then meet things that exist.
+        let setup: Vec<Command> = NODES
+            .iter()
+            .enumerate()
+            .map(|(i, id)| Command::AddNode {
+                id: (*id).into(),
+                hostname: format!("node-{i}"),
+                addr: Ipv4Addr::new(198, 18, 1, i as u8 + 1),
+                api_addr: None,
+                role: Role::Worker,
+                underlay: vec![],
+            })
+            .chain(NETS[..2].iter().map(|n| Command::CreateNetwork {
+                id: format!("net-{n}"),
+                spec: NetworkSpec { name: (*n).into(), ..NetworkSpec::default() },
+            }))
+            .chain([
+                Command::CreateService { id: "svc-web".into(), spec: service_spec("web", &["red", "blue"], Some(8080), 3) },
+                Command::CreateService { id: "svc-db".into(), spec: service_spec("db", &["red"], None, 1) },
+            ])
+            .collect();
+        for cmd in &setup {
+            s.apply(cmd).expect("the setup applies");
+            applied.push(cmd.clone());
+        }
+        for (i, cmd) in log.iter().enumerate() {
+            let before = bytes(&s);
+            match s.apply(cmd) {
+                Ok(_) => applied.push(cmd.clone()),
+                Err(e) => prop_assert_eq!(
+                    &bytes(&s), &before,
+                    "command {} ({:?}) was refused ({}) but changed the state", i, cmd, e
+                ),
+            }
+            if let Err(e) = check_unique(&s) {
+                prop_assert!(false, "after command {} ({:?}): {}", i, cmd, e);
+            }
+            for t in s.tasks.values() {
+                prop_assert!(
+                    t.error.as_ref().is_none_or(|e| e.len() <= REPORT_MAX),
+                    "an unbounded report"
+                );
+            }
+        }
+        // A snapshot: loaded and reindexed, it is the state.
+        let mut snap: State = serde_json::from_slice(&bytes(&s)).expect("the snapshot loads");
+        snap.reindex().expect("the snapshot reindexes");
+        prop_assert!(snap == s, "the snapshot differs from the state");
+        // And stays so under the same commands.
+        for cmd in log.iter().take(10) {
+            let (a, b) = (s.apply(cmd).map_err(|e| e.to_string()), snap.apply(cmd).map_err(|e| e.to_string()));
+            prop_assert_eq!(a.is_ok(), b.is_ok(), "{:?}: {:?} vs {:?}", cmd, a, b);
+            prop_assert_eq!(bytes(&s), bytes(&snap));
+        }
+        // The log replayed from nothing gives the same bytes.
+        let mut replay = State::default();
+        for cmd in &applied {
+            replay.apply(cmd).expect("an applied command applies again");
+        }
+        for cmd in log.iter().take(10) {
+            let _ = replay.apply(cmd);
+        }
+        prop_assert_eq!(bytes(&replay), bytes(&s));
+    }
+}
