@@ -348,15 +348,21 @@ pub fn raft_id(node_id: &str) -> Option<NodeId> {
     u64::from_str_radix(node_id, 16).ok().filter(|&n| n != 0)
 }
 
+/// A follower this many applied entries short of the leader is behind.
+/// Under a steady write load a healthy follower trails by the entries in
+/// flight (a handful); one restarting or stuck trails by hundreds.
+const BEHIND_ENTRIES: u64 = 64;
+
 /// Another voter's status: unreachable unless heard from (or, on a
 /// follower, while there is a leader); behind while its log (`matched`,
-/// known on the leader) misses entries this manager applied.
+/// known on the leader) misses [`BEHIND_ENTRIES`] or more entries this
+/// manager applied.
 fn peer_status(heard: bool, applied: u64, matched: Option<u64>) -> ManagerStatus {
     if !heard {
         return ManagerStatus::Unreachable;
     }
     match matched {
-        Some(at) if at < applied => ManagerStatus::Behind {
+        Some(at) if applied.saturating_sub(at) >= BEHIND_ENTRIES => ManagerStatus::Behind {
             entries: applied - at,
         },
         _ => ManagerStatus::Reachable,
@@ -1129,9 +1135,11 @@ mod tests {
         );
         // Nothing matched yet (a new or restarted follower): behind by all.
         assert_eq!(
-            peer_status(true, 5, Some(0)),
-            ManagerStatus::Behind { entries: 5 }
+            peer_status(true, 500, Some(0)),
+            ManagerStatus::Behind { entries: 500 }
         );
+        // The entries in flight under load are not "behind".
+        assert_eq!(peer_status(true, 100, Some(90)), ManagerStatus::Reachable);
         // A follower's view: no replication figures, so no lag to show.
         assert_eq!(peer_status(true, 100, None), ManagerStatus::Reachable);
     }

@@ -91,7 +91,7 @@ pub fn reject(ctx: &TcContext, p: &Parsed, now: u64) -> Result<Rejected, i64> {
 }
 
 /// The verdict for a packet whose answer failed half-way.
-pub const FAILED: i32 = TC_ACT_SHOT as i32;
+pub const FAILED: i32 = TC_ACT_SHOT;
 
 #[inline(always)]
 fn allowed(now: u64) -> bool {

@@ -144,7 +144,7 @@ fn a_meshd_restart_keeps_its_tasks_and_their_connections() {
             .collect();
         wait_until("the open requests", Duration::from_secs(10), || {
             let out = client.exec("ss", &["-Htn", "state", "established"]);
-            let vips = mesh_tests::netns::enter_path(&task_ns, || {
+            let vips = mesh_tests::netns::enter_path(task_ns, || {
                 std::process::Command::new("ss")
                     .args(["-Htn", "state", "established", "dst", &vip.to_string()])
                     .output()

@@ -411,6 +411,10 @@ fn refix(f: &mut [u8]) {
     }
 }
 
+/// One packet of a flow, for `MESH_FUZZ_TRACE`: (index, kind, TCP flags,
+/// verdict, SNAT port).
+type Event = (u64, &'static str, u8, u32, Option<u16>);
+
 /// Tallies of one run.
 #[derive(Default, Debug)]
 struct Tally {
@@ -477,10 +481,7 @@ fn run(seed: u64, packets: u64, here: Option<Addr>) -> Tally {
         let mut replies: Vec<Flow> = Vec::new();
         // MESH_FUZZ_TRACE=1: each flow's history, printed with a mismatch.
         let trace = std::env::var_os("MESH_FUZZ_TRACE").is_some();
-        let mut history: std::collections::HashMap<
-            Flow,
-            Vec<(u64, &'static str, u8, u32, Option<u16>)>,
-        > = Default::default();
+        let mut history: std::collections::HashMap<Flow, Vec<Event>> = Default::default();
         for i in 0..packets {
             let case = generate(&mut rng, &replies);
             let frame = &case.frame;
