@@ -23,6 +23,8 @@ mod control;
 mod executor;
 #[path = "netns/overlay.rs"]
 mod overlay;
+#[path = "netns/partition.rs"]
+mod partition;
 #[path = "netns/restart.rs"]
 mod restart;
 #[path = "netns/services.rs"]
