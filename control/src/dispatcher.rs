@@ -279,6 +279,7 @@ pub async fn liveness(m: Weak<Manager>, mut stop: tokio::sync::watch::Receiver<b
         let Some(mgr) = m.upgrade() else { return };
         let (period, misses) = timing(&mgr);
         let tick = (period / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+        mgr.sample_applied();
         if !mgr.is_leader() {
             if leading_since.take().is_some() {
                 mgr.dispatcher.clear();

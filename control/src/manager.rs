@@ -348,22 +348,28 @@ pub fn raft_id(node_id: &str) -> Option<NodeId> {
     u64::from_str_radix(node_id, 16).ok().filter(|&n| n != 0)
 }
 
-/// A follower this many applied entries short of the leader is behind.
-/// Under a steady write load a healthy follower trails by the entries in
-/// flight (a handful); one restarting or stuck trails by hundreds.
-const BEHIND_ENTRIES: u64 = 64;
+/// A follower that has not matched what the leader applied this long ago
+/// is behind. Under a steady write load a healthy follower trails by the
+/// entries in flight (milliseconds' worth); one restarting, stuck or cut
+/// off trails by seconds.
+const BEHIND_AFTER: Duration = Duration::from_secs(2);
 
 /// Another voter's status: unreachable unless heard from (or, on a
 /// follower, while there is a leader); behind while its log (`matched`,
-/// known on the leader) misses [`BEHIND_ENTRIES`] or more entries this
-/// manager applied.
-fn peer_status(heard: bool, applied: u64, matched: Option<u64>) -> ManagerStatus {
+/// known on the leader) misses entries the leader applied
+/// [`BEHIND_AFTER`] ago (`then`), by `applied - matched` entries.
+fn peer_status(
+    heard: bool,
+    then: Option<u64>,
+    applied: u64,
+    matched: Option<u64>,
+) -> ManagerStatus {
     if !heard {
         return ManagerStatus::Unreachable;
     }
-    match matched {
-        Some(at) if applied.saturating_sub(at) >= BEHIND_ENTRIES => ManagerStatus::Behind {
-            entries: applied - at,
+    match (matched, then) {
+        (Some(at), Some(then)) if at < then => ManagerStatus::Behind {
+            entries: applied.saturating_sub(at),
         },
         _ => ManagerStatus::Reachable,
     }
@@ -395,6 +401,10 @@ pub struct Manager {
     /// the manager while they work, and the store must be closed when
     /// shutdown returns).
     liveness: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// While leading: the applied index, sampled by the liveness loop
+    /// (see [`Manager::sample_applied`]), to tell a follower that trails
+    /// by the entries in flight from one that is behind.
+    applied_history: std::sync::Mutex<std::collections::VecDeque<(Instant, u64)>>,
 }
 
 /// A write waiting to be committed by the batcher.
@@ -508,6 +518,7 @@ impl Manager {
             proposals,
             stop,
             liveness: Default::default(),
+            applied_history: Default::default(),
         });
         let tasks = vec![
             tokio::spawn(crate::dispatcher::liveness(
@@ -647,7 +658,9 @@ impl Manager {
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let result = match self.leader(remaining).await {
-                Ok((leader, _)) if leader == self.raft_id => self.write_local(cmd.clone()).await,
+                Ok((leader, _)) if leader == self.raft_id => {
+                    self.write_local_within(cmd.clone(), remaining).await
+                }
                 Ok((_, addr)) => self.forward(&addr, &cmd).await,
                 Err(e) => Err(e),
             };
@@ -663,6 +676,11 @@ impl Manager {
                 }
                 Err(WriteError::Internal(m)) if !m.starts_with(NOT_LEADER) => {
                     return Err(unknown.unwrap_or(WriteError::Internal(m)));
+                }
+                // This manager leads but no majority answers it (it is cut
+                // off): no new leader will reach it here, so say so now.
+                Err(e @ WriteError::NoQuorum(_)) if self.is_leader() => {
+                    return Err(unknown.unwrap_or(e));
                 }
                 Err(e) => e,
             };
@@ -684,6 +702,18 @@ impl Manager {
     /// Commits on this node, which must be the leader. A request applied
     /// before is answered with what it made, from this leader's state.
     pub async fn write_local(&self, cmd: Command) -> Result<Outcome, WriteError> {
+        self.write_local_within(cmd, WRITE_BUDGET).await
+    }
+
+    /// [`Manager::write_local`], waiting at most `budget` for the commit: a
+    /// leader cut off after it took the write (its quorum check passed an
+    /// instant before) answers in time, with an unknown outcome.
+    pub async fn write_local_within(
+        &self,
+        cmd: Command,
+        budget: Duration,
+    ) -> Result<Outcome, WriteError> {
+        let deadline = Instant::now() + budget;
         self.lead().await?;
         let (done, rx) = tokio::sync::oneshot::channel();
         let original = cmd.clone();
@@ -697,9 +727,36 @@ impl Manager {
                     WriteError::Internal("this manager is shutting down".into())
                 }
             })?;
-        let out = rx
+        // Answered when it commits, when the budget ends, or as soon as no
+        // quorum has acknowledged this leader for QUORUM_STALE (it was cut
+        // off after it took the write): each of the last two leaves the
+        // outcome unknown.
+        let wait = async {
+            let mut rx = rx;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    r = &mut rx => return r.map_err(|_| {
+                        WriteError::Unknown("this manager shut down during the write".into())
+                    }),
+                    _ = tick.tick() => {
+                        if let Err(WriteError::NoQuorum(why)) = self.quorum_now() {
+                            return Err(WriteError::Unknown(format!(
+                                "the write was proposed, then this leader lost its quorum: {why}"
+                            )));
+                        }
+                    }
+                }
+            }
+        };
+        let out = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), wait)
             .await
-            .map_err(|_| WriteError::Unknown("this manager shut down during the write".into()))??;
+            .map_err(|_| {
+                WriteError::Unknown(format!(
+                    "the write was proposed but no quorum acknowledged it within {} ms",
+                    budget.as_millis()
+                ))
+            })???;
         Ok(match (out, original) {
             (Outcome::AlreadyApplied, Command::Once { write, .. }) => {
                 self.with_state(|s| s.outcome_of(&write))
@@ -911,6 +968,24 @@ impl Manager {
         }
     }
 
+    /// Records the applied index (the leader's liveness loop calls this
+    /// every tick; leadership lost, the history is dropped).
+    pub fn sample_applied(&self) {
+        let mut h = self.applied_history.lock().expect("history lock");
+        if !self.is_leader() {
+            h.clear();
+            return;
+        }
+        let applied = self.metrics().last_applied.map_or(0, |l| l.index);
+        h.push_back((Instant::now(), applied));
+        while h
+            .front()
+            .is_some_and(|(t, _)| t.elapsed() > BEHIND_AFTER * 4)
+        {
+            h.pop_front();
+        }
+    }
+
     /// MANAGER STATUS of a Raft member, as this manager sees it (see
     /// [`peer_status`]).
     pub fn manager_status(&self, id: NodeId) -> Option<ManagerStatus> {
@@ -945,8 +1020,17 @@ impl Manager {
             .as_ref()
             .and_then(|r| r.get(&id).copied())
             .map(|l| l.map_or(0, |l| l.index));
+        let then = self
+            .applied_history
+            .lock()
+            .expect("history lock")
+            .iter()
+            .rev()
+            .find(|(t, _)| t.elapsed() >= BEHIND_AFTER)
+            .map(|(_, i)| *i);
         Some(peer_status(
             fresh || follower_view,
+            then,
             m.last_applied.map_or(0, |l| l.index),
             matched,
         ))
@@ -1127,20 +1211,37 @@ mod tests {
 
     #[test]
     fn a_voter_missing_applied_entries_is_behind_not_reachable() {
-        assert_eq!(peer_status(false, 10, Some(10)), ManagerStatus::Unreachable);
-        assert_eq!(peer_status(true, 10, Some(10)), ManagerStatus::Reachable);
         assert_eq!(
-            peer_status(true, 100, Some(36)),
+            peer_status(false, Some(10), 10, Some(10)),
+            ManagerStatus::Unreachable
+        );
+        assert_eq!(
+            peer_status(true, Some(10), 10, Some(10)),
+            ManagerStatus::Reachable
+        );
+        // Short of what was applied 2 s ago: behind, by all it misses now.
+        assert_eq!(
+            peer_status(true, Some(80), 100, Some(36)),
             ManagerStatus::Behind { entries: 64 }
         );
-        // Nothing matched yet (a new or restarted follower): behind by all.
+        // Nothing matched yet (a new or restarted follower).
         assert_eq!(
-            peer_status(true, 500, Some(0)),
+            peer_status(true, Some(400), 500, Some(0)),
             ManagerStatus::Behind { entries: 500 }
         );
-        // The entries in flight under load are not "behind".
-        assert_eq!(peer_status(true, 100, Some(90)), ManagerStatus::Reachable);
-        // A follower's view: no replication figures, so no lag to show.
-        assert_eq!(peer_status(true, 100, None), ManagerStatus::Reachable);
+        // Trailing by the entries in flight under load is not "behind".
+        assert_eq!(
+            peer_status(true, Some(80), 100, Some(90)),
+            ManagerStatus::Reachable
+        );
+        // No history yet (a new leader), or a follower's view.
+        assert_eq!(
+            peer_status(true, None, 100, Some(0)),
+            ManagerStatus::Reachable
+        );
+        assert_eq!(
+            peer_status(true, Some(80), 100, None),
+            ManagerStatus::Reachable
+        );
     }
 }

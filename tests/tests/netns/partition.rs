@@ -144,47 +144,63 @@ fn a_partitioned_leader_refuses_writes_keeps_forwarding_and_converges_after_the_
         .exec_ok("nft", &["-f", file.to_str().expect("utf-8")]);
     let _ = std::fs::remove_file(&file);
     let at = Instant::now();
+    let mut refused_figure = None;
 
-    // The cut leader refuses writes: "not applied", and soon.
-    let refused = wait_until(
-        "the cut leader to refuse a write",
-        Duration::from_secs(10),
-        || {
-            let started = Instant::now();
-            let out = cut
-                .host
-                .command(meshd::meshctl_bin())
-                .args(["--data-dir", cut.dir.path(), "--timeout", "3"])
-                .args([
-                    "service",
-                    "create",
-                    "--detach",
-                    "--name",
-                    "cut-write",
-                    "--replicas",
-                    "0",
-                    "--",
-                    "/bin/true",
-                ])
-                .output()
-                .expect("meshctl");
-            let err = String::from_utf8_lossy(&out.stderr).to_string();
-            (!out.status.success()).then(|| (at.elapsed(), started.elapsed(), err))
-        },
-    );
-    assert!(
-        refused.2.contains("not applied") || refused.2.contains("outcome unknown"),
-        "a refusal says what became of the write: {}",
-        refused.2
-    );
-    // The majority elects a new leader and takes writes.
+    // The majority elects a new leader (watched from the cut on), while
+    // the cut leader refuses writes: a write it took in the instant of the
+    // cut has an unknown outcome; from a second on (no quorum has acked it
+    // since) writes are refused at once, "not applied".
     let majority: Vec<&Node<'_>> = nodes.iter().filter(|n| n.host.label() != l).collect();
-    let new = wait_until(
-        "a new leader on the majority side",
-        Duration::from_secs(15),
-        || leader(majority[0]).filter(|n| *n != l),
-    );
-    let elected = at.elapsed();
+    let (new, elected) = std::thread::scope(|s| {
+        let watch = s.spawn(|| {
+            let new = wait_until(
+                "a new leader on the majority side",
+                Duration::from_secs(15),
+                || leader(majority[0]).filter(|n| *n != l),
+            );
+            (new, at.elapsed())
+        });
+        let mut first_unknown = None;
+        let refused = wait_until(
+            "the cut leader to refuse a write",
+            Duration::from_secs(15),
+            || {
+                let started = Instant::now();
+                let out = cut
+                    .host
+                    .command(meshd::meshctl_bin())
+                    .args(["--data-dir", cut.dir.path(), "--timeout", "5"])
+                    .args([
+                        "service",
+                        "create",
+                        "--detach",
+                        "--name",
+                        "cut-write",
+                        "--replicas",
+                        "0",
+                        "--",
+                        "/bin/true",
+                    ])
+                    .output()
+                    .expect("meshctl");
+                let err = String::from_utf8_lossy(&out.stderr).to_string();
+                assert!(!out.status.success(), "the cut leader took a write: {err}");
+                assert!(
+                    !err.contains("Timeout expired"),
+                    "the manager did not answer in time: {err}"
+                );
+                if err.contains("(not applied") {
+                    return Some((at.elapsed(), started.elapsed(), err));
+                }
+                assert!(err.contains("outcome unknown"), "{err}");
+                first_unknown.get_or_insert(at.elapsed());
+                None
+            },
+        );
+        refused_figure = Some((refused, first_unknown));
+        watch.join().expect("watch")
+    });
+    let (refused, first_unknown) = refused_figure.take().expect("the refusal");
     majority[0].meshctl_ok(&[
         "service",
         "create",
@@ -221,27 +237,97 @@ fn a_partitioned_leader_refuses_writes_keeps_forwarding_and_converges_after_the_
     let converged = healed.elapsed();
     let cut_write = services_on(cut).contains("cut-write");
     assert!(
-        !cut_write || !refused.2.contains("not applied"),
-        "a write reported not applied is present after the heal"
+        !cut_write || first_unknown.is_some(),
+        "a write only ever reported not applied is present after the heal"
     );
     wait_until(
         "the healed node's published port to reach 3 tasks",
         Duration::from_secs(20),
         || (answered(30).len() == 3).then_some(()),
     );
+    // Node death: a non-leader's meshd SIGKILLed and its underlay link
+    // cut. Until its task's backend is out of every other node's load
+    // balancer (DNS is served from the same tables, applied in the same
+    // revision).
+    let leader_now = wait_until("a leader", Duration::from_secs(10), || leader(&nodes[0]));
+    // A follower running a task of web (the cut node's were replaced while
+    // it was away), and that task's addresses.
+    let (di, dead_addrs) = wait_until(
+        "a follower with a running task",
+        Duration::from_secs(20),
+        || {
+            let tasks = json(&nodes[0].meshctl_ok(&["service", "ps", "web", "--format", "json"]));
+            nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| n.host.label() != leader_now)
+                .find_map(|(i, n)| {
+                    let addrs: BTreeSet<std::net::Ipv4Addr> = tasks
+                        .as_array()?
+                        .iter()
+                        .filter(|t| {
+                            t["desired"] == "running"
+                                && t["observed"] == "running"
+                                && t["node_hostname"] == n.host.label()
+                        })
+                        .flat_map(|t| t["attachments"].as_array().cloned().unwrap_or_default())
+                        .filter_map(|a| a["addr"].as_str()?.parse().ok())
+                        .collect();
+                    (!addrs.is_empty()).then_some((i, addrs))
+                })
+        },
+    );
+    let dead = nodes[di].host.label().to_owned();
+    let in_lb = |n: &Node<'_>| {
+        dataplane::inspect::read_lb(&n.host.pin_dir()).is_ok_and(|views| {
+            views
+                .iter()
+                .flat_map(|v| &v.backends)
+                .any(|b| dead_addrs.contains(&b.address))
+        })
+    };
+    let victim = nodes[di].meshd.take().expect("running");
+    let survivors: Vec<&Node<'_>> = nodes.iter().filter(|n| n.host.label() != dead).collect();
+    assert!(
+        survivors.iter().all(|n| in_lb(n)),
+        "the dead node's task is not balanced to yet"
+    );
+    let port = format!("p{}", nodes[di].host.index());
+    let underlay = topo.underlay().name().to_owned();
+    victim.kill();
+    let killed = Instant::now();
+    let st = std::process::Command::new("ip")
+        .args(["-n", &underlay, "link", "set", &port, "down"])
+        .status()
+        .expect("ip");
+    assert!(st.success());
+    wait_until(
+        "the dead node's task out of every load balancer",
+        Duration::from_secs(30),
+        || survivors.iter().all(|n| !in_lb(n)).then_some(()),
+    );
+    let withdrawn = killed.elapsed();
     mesh_tests::figures::figure(&format!(
-        "fault: leader {l} cut from the other managers (nftables, port 2377): a write on it \
-         refused {} ms after the cut (the call took {} ms: {}); {new} elected {} ms after the \
-         cut; the cut node's published port reached all 3 tasks during the partition; every \
-         manager converged {} ms after the heal",
+        "fault: node death ({dead}: meshd SIGKILL + underlay link down): its task out of every \
+         other node's load balancer after {} ms (heartbeat 1 s x 3 misses)",
+        withdrawn.as_millis()
+    ));
+
+    mesh_tests::figures::figure(&format!(
+        "fault: leader {l} cut from the other managers (nftables, port 2377): a write in flight \
+         at the cut answered 'outcome unknown' at {} ms; writes refused 'not applied' from {} ms \
+         after the cut (that call took {} ms); {new} elected {} ms after the cut; the cut node's \
+         published port reached all 3 tasks during the partition; every manager converged {} ms \
+         after the heal",
+        first_unknown.map_or(0, |d| d.as_millis()),
         refused.0.as_millis(),
         refused.1.as_millis(),
-        refused.2.lines().last().unwrap_or_default().trim(),
         elected.as_millis(),
         converged.as_millis(),
     ));
+    let hosts: Vec<_> = nodes.iter().map(|n| n.host).collect();
     drop(nodes);
-    for h in topo.hosts() {
+    for h in hosts {
         meshd::down(h);
     }
 }
