@@ -443,12 +443,16 @@ impl<S: Sink> Agent<S> {
             old,
             new: entry,
         }];
+        self.hand(&applied).await;
+    }
+
+    /// Hands these changes to the sink; after a failure the data plane's
+    /// state is unknown, and only the whole table brings it back.
+    async fn hand(&mut self, applied: &[Applied]) {
         let r = if self.failed {
             self.sink.apply(&self.replica, Update::Whole).await
         } else {
-            self.sink
-                .apply(&self.replica, Update::Delta(&applied))
-                .await
+            self.sink.apply(&self.replica, Update::Delta(applied)).await
         };
         self.settle(r);
     }
@@ -484,16 +488,7 @@ impl<S: Sink> Agent<S> {
         if self.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
             self.save();
         }
-        // After a failure the data plane's state is unknown: only the whole
-        // table brings it back.
-        let r = if self.failed {
-            self.sink.apply(&self.replica, Update::Whole).await
-        } else {
-            self.sink
-                .apply(&self.replica, Update::Delta(&applied))
-                .await
-        };
-        self.settle(r);
+        self.hand(&applied).await;
     }
 
     fn settle(&mut self, r: Result<(), String>) {

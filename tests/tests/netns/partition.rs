@@ -250,33 +250,24 @@ fn a_partitioned_leader_refuses_writes_keeps_forwarding_and_converges_after_the_
     // balancer (DNS is served from the same tables, applied in the same
     // revision).
     let leader_now = wait_until("a leader", Duration::from_secs(10), || leader(&nodes[0]));
-    // A follower running a task of web (the cut node's were replaced while
-    // it was away), and that task's addresses.
-    let (di, dead_addrs) = wait_until(
-        "a follower with a running task",
-        Duration::from_secs(20),
-        || {
-            let tasks = json(&nodes[0].meshctl_ok(&["service", "ps", "web", "--format", "json"]));
-            nodes
+    // A node running a task of web, a follower if one does (the cut node's
+    // tasks were replaced while it was away), and that task's addresses.
+    let (di, dead_addrs) = wait_until("a node with a task of web", Duration::from_secs(20), || {
+        let tasks = json(&nodes[0].meshctl_ok(&["service", "ps", "web", "--format", "json"]));
+        // Followers first; the leader only if it alone runs a task.
+        let mut order: Vec<(usize, &Node<'_>)> = nodes.iter().enumerate().collect();
+        order.sort_by_key(|(_, n)| n.host.label() == leader_now);
+        order.into_iter().find_map(|(i, n)| {
+            let addrs: BTreeSet<std::net::Ipv4Addr> = tasks
+                .as_array()?
                 .iter()
-                .enumerate()
-                .filter(|(_, n)| n.host.label() != leader_now)
-                .find_map(|(i, n)| {
-                    let addrs: BTreeSet<std::net::Ipv4Addr> = tasks
-                        .as_array()?
-                        .iter()
-                        .filter(|t| {
-                            t["desired"] == "running"
-                                && t["observed"] == "running"
-                                && t["node_hostname"] == n.host.label()
-                        })
-                        .flat_map(|t| t["attachments"].as_array().cloned().unwrap_or_default())
-                        .filter_map(|a| a["addr"].as_str()?.parse().ok())
-                        .collect();
-                    (!addrs.is_empty()).then_some((i, addrs))
-                })
-        },
-    );
+                .filter(|t| t["desired"] == "running" && t["node_hostname"] == n.host.label())
+                .flat_map(|t| t["attachments"].as_array().cloned().unwrap_or_default())
+                .filter_map(|a| a["addr"].as_str()?.parse().ok())
+                .collect();
+            (!addrs.is_empty()).then_some((i, addrs))
+        })
+    });
     let dead = nodes[di].host.label().to_owned();
     let in_lb = |n: &Node<'_>| {
         dataplane::inspect::read_lb(&n.host.pin_dir()).is_ok_and(|views| {
@@ -288,9 +279,10 @@ fn a_partitioned_leader_refuses_writes_keeps_forwarding_and_converges_after_the_
     };
     let victim = nodes[di].meshd.take().expect("running");
     let survivors: Vec<&Node<'_>> = nodes.iter().filter(|n| n.host.label() != dead).collect();
-    assert!(
-        survivors.iter().all(|n| in_lb(n)),
-        "the dead node's task is not balanced to yet"
+    wait_until(
+        "the task to be in every other node's load balancer",
+        Duration::from_secs(20),
+        || survivors.iter().all(|n| in_lb(n)).then_some(()),
     );
     let port = format!("p{}", nodes[di].host.index());
     let underlay = topo.underlay().name().to_owned();
