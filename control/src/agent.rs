@@ -127,6 +127,9 @@ pub struct Agent<S: Sink> {
     /// The tasks the leader assigned this node (None: not heard yet). Kept
     /// while no session is open: the tasks keep running.
     assigned: watch::Sender<Option<Vec<Assignment>>>,
+    /// The prefixes on this node's underlay interface, from the node's
+    /// watcher; sent after each hello and whenever they change.
+    underlay: Option<watch::Receiver<Vec<crate::allocator::Subnet>>>,
 }
 
 enum Ended {
@@ -141,7 +144,7 @@ enum Ended {
 impl<S: Sink> Agent<S> {
     pub fn new(ctx: Arc<Ctx>, sink: S, dir: Option<PathBuf>) -> Agent<S> {
         let replica = dir.as_deref().map(load_replica).unwrap_or_default();
-        Agent {
+        let mut agent = Agent {
             ctx,
             sink,
             replica,
@@ -153,7 +156,21 @@ impl<S: Sink> Agent<S> {
             reports: None,
             unsent: VecDeque::new(),
             assigned: watch::Sender::new(None),
+            underlay: None,
+        };
+        if agent.replica.entries.contains_key(&Key::NetworkKeys) {
+            // Saved by an older meshd, key ring included: rewritten without
+            // it now, not at the next change (a quiet cluster has none).
+            agent.dirty = true;
+            agent.save();
         }
+        agent
+    }
+
+    /// Reports what `prefixes` holds to the dispatcher, now and whenever it
+    /// changes (the cluster keeps every network off those prefixes).
+    pub fn follow_underlay(&mut self, prefixes: watch::Receiver<Vec<crate::allocator::Subnet>>) {
+        self.underlay = Some(prefixes);
     }
 
     /// Where the executor sends what this node's tasks did; the agent
@@ -298,6 +315,8 @@ impl<S: Sink> Agent<S> {
         // heartbeat; an ack not sent is retried on the next beat (only the
         // latest matters).
         let mut acked: Option<Revision> = None;
+        // Sent once per session, then on every change.
+        let mut underlay_due = self.underlay.is_some();
         let send = |m: &AgentMessage| match tx.try_send(up(m)) {
             Ok(()) => Ok(true),
             Err(mpsc::error::TrySendError::Full(_)) => Ok(false),
@@ -317,16 +336,37 @@ impl<S: Sink> Agent<S> {
                     Err(e) => return e,
                 }
             }
+            if underlay_due && let Some(rx) = &self.underlay {
+                let prefixes = rx.borrow().clone();
+                match send(&AgentMessage::Underlay { prefixes }) {
+                    Ok(sent) => underlay_due = !sent,
+                    Err(e) => return e,
+                }
+            }
             let report = async {
                 match &mut self.reports {
                     Some(rx) => rx.recv().await,
                     None => std::future::pending().await,
                 }
             };
+            let underlay_changed = async {
+                let ok = match &mut self.underlay {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => false,
+                };
+                if !ok {
+                    // No watcher, or it ended: nothing more will change.
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 () = stopped(stop) => return Ended::Stop,
                 Some(r) = report => {
                     self.unsent.push_back(r);
+                    continue;
+                }
+                () = underlay_changed => {
+                    underlay_due = true;
                     continue;
                 }
                 _ = save.tick() => self.save(),

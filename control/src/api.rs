@@ -387,7 +387,7 @@ impl join_server::Join for JoinService {
                     .map_err(|e| Status::invalid_argument(format!("underlay prefix {p:?}: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if underlay.len() > 64 {
+        if underlay.len() > crate::state::MAX_UNDERLAY_PREFIXES {
             return Err(Status::invalid_argument(
                 "a node reports at most 64 underlay prefixes",
             ));

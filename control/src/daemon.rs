@@ -639,6 +639,7 @@ impl Daemon {
             .http2_max_header_list_size(16 << 10)
             .layer(crate::gate::AnonymousGate(certs))
             .layer(crate::deadline::DeadlineLayer)
+            .layer(crate::reply::BoundStatusLayer)
             .add_service(
                 RaftServer::new(RaftService(ctx.clone()))
                     .max_decoding_message_size(MAX_MESSAGE)
@@ -707,8 +708,17 @@ impl Daemon {
     /// Starts this node's agent, which feeds `sink` (the data plane) from
     /// the leader's dispatcher. The returned ends connect the node's
     /// executor: the tasks assigned to it, and where its reports go.
-    pub fn start_agent<S: Sink>(&mut self, sink: S) -> TaskLink {
+    /// `underlay` follows the prefixes on the node's underlay interface;
+    /// the agent reports their changes.
+    pub fn start_agent<S: Sink>(
+        &mut self,
+        sink: S,
+        underlay: Option<tokio::sync::watch::Receiver<Vec<crate::allocator::Subnet>>>,
+    ) -> TaskLink {
         let mut agent = Agent::new(self.ctx.clone(), sink, Some(self.dir.clone()));
+        if let Some(rx) = underlay {
+            agent.follow_underlay(rx);
+        }
         let reports = agent.task_reports();
         let assignments = agent.assignments();
         let removed = self.ctx.removed.subscribe();

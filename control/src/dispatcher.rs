@@ -53,6 +53,13 @@ pub enum AgentMessage {
     },
     /// What one of this node's tasks did.
     TaskStatus(TaskReport),
+    /// The prefixes on this node's underlay interface now: sent after the
+    /// hello and whenever they change, committed as
+    /// [`Command::SetNodeUnderlay`](crate::state::Command::SetNodeUnderlay)
+    /// when they differ from the state's.
+    Underlay {
+        prefixes: Vec<crate::allocator::Subnet>,
+    },
 }
 
 /// A node's report on one of its tasks, committed as
@@ -469,6 +476,32 @@ async fn task_status(m: &Arc<Manager>, node: &str, r: TaskReport) {
     }
 }
 
+/// Records a node's underlay prefixes when they changed. A network that
+/// overlaps the new prefixes is not refused (it exists already) but named
+/// in a warning: its tasks' addresses shadow the node's there.
+async fn underlay(m: &Arc<Manager>, node: &str, mut prefixes: Vec<crate::allocator::Subnet>) {
+    prefixes.sort();
+    prefixes.dedup();
+    let known = m.with_state(|s| s.nodes.get(node).map(|n| n.underlay.clone()));
+    if known.is_none_or(|k| k == prefixes) {
+        return;
+    }
+    let cmd = crate::state::Command::SetNodeUnderlay {
+        id: node.to_owned(),
+        underlay: prefixes.clone(),
+    };
+    match m.propose(cmd).await {
+        Ok(_) => {
+            let clash = m.with_state(|s| s.underlay_clash(node, &prefixes));
+            match clash {
+                Some(why) => tracing::warn!(%node, "node underlay changed: {why}"),
+                None => tracing::info!(%node, ?prefixes, "node underlay changed"),
+            }
+        }
+        Err(e) => tracing::info!(%node, "node underlay not recorded: {e}"),
+    }
+}
+
 async fn run_session(
     m: &Arc<Manager>,
     node: &str,
@@ -549,6 +582,7 @@ async fn run_session(
                         });
                     }
                     Some(AgentMessage::TaskStatus(r)) => task_status(m, node, r).await,
+                    Some(AgentMessage::Underlay { prefixes }) => underlay(m, node, prefixes).await,
                     Some(AgentMessage::Hello { .. }) => {
                         return Err(Status::invalid_argument("hello sent twice"));
                     }

@@ -75,13 +75,21 @@ impl Default for Limits {
 }
 
 /// Checks client certificates against the cluster CA (signature,
-/// validity, a mesh role), remembering results by certificate.
+/// validity, a mesh role), remembering the good ones by digest.
+///
+/// Only acceptances are cached, keyed by the certificate's SHA-256: a
+/// refusal is worked out again each time, so a client can't pin memory
+/// with made-up certificates (up to 64 KiB each), and a refusal that time
+/// can heal (not valid yet, under clock skew) is not kept.
 #[derive(Debug)]
 pub struct CertCheck {
     ca_der: Vec<u8>,
-    /// Certificate -> its expiry (ok) or why it is refused.
-    seen: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Result<i64, String>>>,
+    /// Certificate digest -> its expiry.
+    seen: std::sync::Mutex<std::collections::HashMap<[u8; 32], i64>>,
 }
+
+/// How many accepted certificates are remembered (32 bytes + 8 each).
+const SEEN_MAX: usize = 4096;
 
 impl CertCheck {
     pub fn new(ca_der: Vec<u8>) -> CertCheck {
@@ -94,20 +102,23 @@ impl CertCheck {
     /// Ok for a certificate of this cluster, valid now; else why not.
     pub fn check(&self, der: &[u8]) -> Result<(), String> {
         let now = crate::pki::now();
-        let cached = self.seen.lock().expect("seen lock").get(der).cloned();
-        let result = match cached {
-            Some(Ok(not_after)) if not_after >= now => Ok(not_after),
-            Some(Err(e)) => Err(e),
-            _ => crate::pki::identity_der(der, &self.ca_der, now)
-                .map(|id| id.not_after)
-                .map_err(|e| format!("client certificate refused: {e}")),
-        };
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, der)
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes");
+        let cached = self.seen.lock().expect("seen lock").get(&digest).copied();
+        if cached.is_some_and(|not_after| not_after >= now) {
+            return Ok(());
+        }
+        let not_after = crate::pki::identity_der(der, &self.ca_der, now)
+            .map(|id| id.not_after)
+            .map_err(|e| format!("client certificate refused: {e}"))?;
         let mut seen = self.seen.lock().expect("seen lock");
-        if seen.len() >= 4096 {
+        if seen.len() >= SEEN_MAX {
             seen.clear();
         }
-        seen.insert(der.to_vec(), result.clone());
-        result.map(|_| ())
+        seen.insert(digest, not_after);
+        Ok(())
     }
 
     /// The connection's certificate, checked: Ok(true) verified, Ok(false)
@@ -278,5 +289,41 @@ where
             ),
         };
         Either::Left(ready(Ok(status.into_http())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Ca, DEFAULT_CERT_LIFETIME, node_key_and_csr, pem_to_der};
+    use crate::state::Role;
+
+    /// Only acceptances are remembered: made-up or foreign certificates
+    /// leave nothing behind, however many are tried.
+    #[test]
+    fn refusals_are_not_cached_and_acceptances_are() {
+        let ca = Ca::create("c1").unwrap();
+        let check = CertCheck::new(pem_to_der(&ca.cert_pem).unwrap());
+        let other = Ca::create("c1").unwrap();
+        let (_key, csr) = node_key_and_csr().unwrap();
+        let foreign = other
+            .issue(&csr, "c1", "node-x", Role::Worker, DEFAULT_CERT_LIFETIME)
+            .unwrap();
+        let foreign = pem_to_der(&foreign).unwrap();
+        for i in 0..100u32 {
+            let mut junk = vec![0x30u8; 1024];
+            junk.extend_from_slice(&i.to_be_bytes());
+            assert!(check.check(&junk).is_err());
+            let e = check.check(&foreign).unwrap_err();
+            assert!(e.contains("not signed by this cluster's CA"), "{e}");
+        }
+        assert_eq!(check.seen.lock().unwrap().len(), 0);
+        let ours = ca
+            .issue(&csr, "c1", "node-y", Role::Worker, DEFAULT_CERT_LIFETIME)
+            .unwrap();
+        let ours = pem_to_der(&ours).unwrap();
+        check.check(&ours).unwrap();
+        check.check(&ours).unwrap();
+        assert_eq!(check.seen.lock().unwrap().len(), 1);
     }
 }

@@ -16,6 +16,7 @@ pub mod keys;
 pub mod manager;
 pub mod orchestrator;
 pub mod pki;
+pub mod reply;
 pub mod seal;
 pub mod state;
 pub mod store;

@@ -75,9 +75,11 @@ const QUORUM_STALE: Duration = Duration::from_millis(1000);
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(3);
 /// RPC timeout between managers.
 const RPC_TIMEOUT: Duration = Duration::from_secs(3);
-/// A forwarded write: longer than the leader's own worst case (quorum wait
-/// plus commit timeout), so the leader's answer arrives.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(6);
+/// A forwarded write's outer bound: longer than the leader's largest
+/// budget, so the leader's answer arrives. Each forward also tells the
+/// leader its own remaining budget (`grpc-timeout`), which the leader
+/// keeps to.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(WRITE_BUDGET.as_secs() + 2);
 
 /// Why a write did not succeed, and whether it may still have happened.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -661,7 +663,7 @@ impl Manager {
                 Ok((leader, _)) if leader == self.raft_id => {
                     self.write_local_within(cmd.clone(), remaining).await
                 }
-                Ok((_, addr)) => self.forward(&addr, &cmd).await,
+                Ok((_, addr)) => self.forward(&addr, &cmd, remaining).await,
                 Err(e) => Err(e),
             };
             let e = match result {
@@ -777,16 +779,23 @@ impl Manager {
         })
     }
 
-    async fn forward(&self, addr: &str, cmd: &Command) -> Result<Outcome, WriteError> {
+    /// Sends a write to the leader, which works on it for `budget` (plus
+    /// the second it keeps to answer in): the answer comes back before
+    /// this manager's own caller gives up.
+    async fn forward(
+        &self,
+        addr: &str,
+        cmd: &Command,
+        budget: Duration,
+    ) -> Result<Outcome, WriteError> {
         let channel = self
             .peers
             .channel_with(addr, FORWARD_TIMEOUT)
             .map_err(|s| WriteError::NoQuorum(s.message().to_owned()))?;
         let body = serde_json::to_vec(cmd).map_err(|e| WriteError::Internal(e.to_string()))?;
-        match ClusterClient::new(channel)
-            .propose(Blob { json: body })
-            .await
-        {
+        let mut request = tonic::Request::new(Blob { json: body });
+        request.set_timeout(budget + Duration::from_secs(1));
+        match ClusterClient::new(channel).propose(request).await {
             Ok(reply) => {
                 let r: Result<Outcome, String> = serde_json::from_slice(&reply.into_inner().json)
                     .map_err(|e| {

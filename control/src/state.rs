@@ -66,6 +66,9 @@ fn invalid(msg: impl Into<String>) -> StateError {
 /// its namespace path): what reaches the Raft log is bounded.
 pub const REPORT_MAX: usize = 4096;
 
+/// How many underlay prefixes a node may report (at join and after).
+pub const MAX_UNDERLAY_PREFIXES: usize = 64;
+
 /// `text` cut to at most [`REPORT_MAX`] bytes, on a character boundary,
 /// saying so at its end.
 pub fn bound_report(text: String) -> String {
@@ -770,6 +773,12 @@ pub enum Command {
         id: String,
         status: NodeStatus,
     },
+    /// A node's underlay interface changed after it joined: the prefixes it
+    /// holds now, which every network must stay off from then on.
+    SetNodeUnderlay {
+        id: String,
+        underlay: Vec<Subnet>,
+    },
     RemoveNode {
         id: String,
         force: bool,
@@ -1208,6 +1217,7 @@ impl State {
             | Command::CreateNetwork { .. }
             | Command::RemoveNetwork { .. } => self.touched.everything(),
             Command::SetJoinToken { .. }
+            | Command::SetNodeUnderlay { .. }
             | Command::RotateNetworkKeys { .. }
             | Command::Batch { .. }
             | Command::Once { .. } => {}
@@ -1322,6 +1332,7 @@ impl State {
                 }
                 Ok(Outcome::Node(node.clone()))
             }
+            Command::SetNodeUnderlay { id, underlay } => self.set_node_underlay(id, underlay),
             Command::RemoveNode { id, force } => self.remove_node(id, *force),
             Command::CreateNetwork { id, spec } => self.create_network(id, spec, false),
             Command::RemoveNetwork { target } => self.remove_network(target),
@@ -1453,6 +1464,12 @@ impl State {
                 other.id
             )));
         }
+        if underlay.len() > MAX_UNDERLAY_PREFIXES {
+            return Err(invalid(format!(
+                "a node reports at most {MAX_UNDERLAY_PREFIXES} underlay prefixes, not {}",
+                underlay.len()
+            )));
+        }
         let mut prefixes = underlay.to_vec();
         prefixes.push(Subnet::containing(addr, 32));
         if let Some(clash) = self.underlay_clash(id, &prefixes) {
@@ -1503,9 +1520,31 @@ impl State {
             .collect()
     }
 
+    /// Records what node `id`'s underlay holds now. This is a fact about
+    /// the host, not a request: it is recorded even when a network already
+    /// overlaps it (refusing it would only let the next `network create`
+    /// land on it too); the dispatcher warns with [`State::underlay_clash`].
+    fn set_node_underlay(&mut self, id: &str, underlay: &[Subnet]) -> Result<Outcome, StateError> {
+        if underlay.len() > MAX_UNDERLAY_PREFIXES {
+            return Err(invalid(format!(
+                "a node reports at most {MAX_UNDERLAY_PREFIXES} underlay prefixes, not {}",
+                underlay.len()
+            )));
+        }
+        let node = self.node_mut(id)?;
+        let mut sorted = underlay.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        if node.underlay != sorted {
+            node.underlay = sorted;
+            node.version += 1;
+        }
+        Ok(Outcome::Node(node.clone()))
+    }
+
     /// Why node `id` may not have `prefixes` on its underlay: a network
     /// overlaps one of them.
-    fn underlay_clash(&self, id: &str, prefixes: &[Subnet]) -> Option<String> {
+    pub fn underlay_clash(&self, id: &str, prefixes: &[Subnet]) -> Option<String> {
         self.networks.values().find_map(|net| {
             let p = prefixes.iter().find(|p| p.overlaps(&net.subnet))?;
             Some(format!(
@@ -3031,6 +3070,47 @@ mod tests {
             })
             .unwrap_err();
         assert!(err.to_string().contains("overlaps network auto"), "{err}");
+
+        // host1's underlay grows after it joined: recorded (a fact, even
+        // where a network overlaps it), and kept off from then on.
+        s.apply(&Command::SetNodeUnderlay {
+            id: "n1".into(),
+            underlay: vec![sub("10.0.1.0/24"), sub("10.0.9.0/24"), sub("10.0.2.0/24")],
+        })
+        .unwrap();
+        assert!(
+            s.underlay_clash("n1", &s.nodes["n1"].underlay)
+                .unwrap()
+                .contains("network auto")
+        );
+        let err = network_with(&mut s, "z", "late", Some(sub("10.0.9.128/25"))).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("overlaps the underlay of node host1 (10.0.9.0/24"),
+            "{err}"
+        );
+        let picked = network_with(&mut s, "w", "next", None).unwrap();
+        assert_eq!(picked.subnet.to_string(), "10.0.3.0/24");
+        // Bounded, and only for a node that exists.
+        let before = serde_json::to_vec(&s).unwrap();
+        let many = (0..65)
+            .map(|i| Subnet::containing(Ipv4Addr::new(192, 168, i, 0), 24))
+            .collect();
+        assert!(
+            s.apply(&Command::SetNodeUnderlay {
+                id: "n1".into(),
+                underlay: many
+            })
+            .is_err()
+        );
+        assert!(
+            s.apply(&Command::SetNodeUnderlay {
+                id: "nope".into(),
+                underlay: vec![]
+            })
+            .is_err()
+        );
+        assert_eq!(serde_json::to_vec(&s).unwrap(), before);
     }
 
     /// A worker's report is bounded before it reaches the log, and the

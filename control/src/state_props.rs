@@ -96,6 +96,11 @@ fn command() -> impl Strategy<Value = Command> {
             id: id.into(),
             status: if down { NodeStatus::Down } else { NodeStatus::Ready },
         }),
+        1 => (node.clone(), prop::collection::vec(prop::sample::select(vec!["10.0.0.0/24", "10.0.1.0/24", "198.18.0.0/24", "172.16.0.0/12"]), 0..3))
+            .prop_map(|(id, p)| Command::SetNodeUnderlay {
+                id: id.into(),
+                underlay: p.iter().map(|p| p.parse().unwrap()).collect(),
+            }),
         1 => net.clone().prop_map(|n| Command::CreateNetwork {
             id: format!("net-{n}"),
             spec: NetworkSpec {

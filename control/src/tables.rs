@@ -420,7 +420,8 @@ impl Touched {
             Command::Init { .. }
             | Command::CreateNetwork { .. }
             | Command::RemoveNetwork { .. } => self.networks = true,
-            Command::SetJoinToken { .. } => {}
+            // The underlay prefixes steer the allocator, not the tables.
+            Command::SetJoinToken { .. } | Command::SetNodeUnderlay { .. } => {}
             Command::RotateNetworkKeys { .. } => self.network_keys = true,
             Command::AddNode { id, .. } => {
                 self.node_endpoints.insert(id.clone());

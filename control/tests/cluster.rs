@@ -16,6 +16,9 @@ use control::{
 };
 use proto::{Empty, JoinTokenRequest, Ref, Remove, SetRoleRequest, cluster_client::ClusterClient};
 
+#[path = "cluster/wire.rs"]
+mod wire;
+
 struct TempDir(PathBuf);
 
 impl TempDir {
@@ -967,9 +970,12 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
         );
     }
     let rec: Vec<Recorder> = (0..3).map(|_| Recorder::default()).collect();
-    manager.start_agent(rec[0].clone());
+    manager.start_agent(rec[0].clone(), None);
+    // Worker 1 follows its underlay interface (meshd polls netlink).
+    let (underlay_tx, underlay_rx) = tokio::sync::watch::channel(Vec::new());
+    let mut follow = Some(underlay_rx);
     for (w, r) in workers.iter_mut().zip(&rec[1..]) {
-        w.start_agent(r.clone());
+        w.start_agent(r.clone(), follow.take());
     }
     let ids: Vec<String> = std::iter::once(&manager)
         .chain(&workers)
@@ -1039,6 +1045,45 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
         .await;
         eprintln!("agent {i} at revision {}", want.revision);
     }
+
+    // Worker 1's underlay gains a prefix after it joined: the cluster
+    // learns it, and keeps networks off it from then on.
+    let grown: Vec<control::allocator::Subnet> = vec!["10.77.0.0/16".parse().unwrap()];
+    underlay_tx.send_replace(grown.clone());
+    wait_for(
+        "the new underlay prefix to reach the state",
+        Duration::from_secs(5),
+        || {
+            (manager
+                .ctx
+                .manager()
+                .unwrap()
+                .with_state(|s| s.nodes[&ids[1]].underlay.clone())
+                == grown)
+                .then_some(())
+        },
+    )
+    .await;
+    let refused = manager
+        .ctx
+        .manager()
+        .unwrap()
+        .propose(Command::CreateNetwork {
+            id: "net-clash".into(),
+            spec: NetworkSpec {
+                name: "clash".into(),
+                subnet: Some("10.77.3.0/24".parse().unwrap()),
+                ..NetworkSpec::default()
+            },
+        })
+        .await
+        .expect_err("a subnet on a node's new underlay prefix is refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("overlaps the underlay of node"),
+        "{refused}"
+    );
     // Each agent saves its replica (at most once a second), without the
     // key ring: no secret of it is on disk.
     let mut at_rest = want.clone();
@@ -1109,9 +1154,28 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
     let saved = control::agent::load_replica(&w2_dir);
     assert!(saved.revision > 0, "the agent saved its tables");
     assert!(saved.network_keys().is_none(), "no key ring at rest");
+    // As an older meshd left it: the key ring on disk. The agent rewrites
+    // the file without it as it starts, not at its next change.
+    let mut old = saved.clone();
+    old.entries.insert(
+        control::tables::Key::NetworkKeys,
+        want.entries[&control::tables::Key::NetworkKeys].clone(),
+    );
+    std::fs::write(
+        w2_dir.join("tables.json"),
+        serde_json::to_vec(&old).unwrap(),
+    )
+    .unwrap();
     let mut w2 = daemon::run(&w2_dir, daemon::Unlock::Wait).await.unwrap();
     let r2 = Recorder::default();
-    let w2_reports = w2.start_agent(r2.clone()).reports;
+    let w2_reports = w2.start_agent(r2.clone(), None).reports;
+    let file = std::fs::read_to_string(w2_dir.join("tables.json")).unwrap();
+    for s in &secrets {
+        assert!(
+            !file.contains(s.as_str()),
+            "a key of the ring is still on disk"
+        );
+    }
     wait_for(
         "worker 2 to be ready again",
         Duration::from_secs(10),

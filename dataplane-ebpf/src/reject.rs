@@ -79,7 +79,13 @@ pub fn reject(ctx: &TcContext, p: &Parsed, now: u64) -> Result<Rejected, i64> {
     } else {
         port_unreachable(ctx, p)?;
     }
-    // Our checksums are whole; a stale CHECKSUM_COMPLETE must not follow.
+    // Our checksums are whole. RESET turns a CHECKSUM_UNNECESSARY verdict
+    // (the NIC's, for the packet we rewrote) into NONE, so the receiver
+    // checks ours. It leaves COMPLETE and PARTIAL as they were: a stale
+    // COMPLETE only makes the receiver verify in software (and may log a
+    // csum fault); PARTIAL comes from a local socket through a veth, whose
+    // peer trusts it. A NIC that finished a PARTIAL checksum in hardware
+    // would spoil ours, but such packets are sent, not received, here.
     // SAFETY: the skb is the program's context.
     unsafe { bpf_csum_level(ctx.skb.skb, u64::from(BPF_CSUM_LEVEL_RESET)) };
     // SAFETY: as above.

@@ -164,11 +164,20 @@ impl SentRecord {
         }
     }
 
+    /// Durable when it returns: the file and its directory are synced,
+    /// as a record lost to a power cut would let sequences restart.
     fn save(&self, path: &Path) -> Result<(), String> {
+        use std::io::Write;
         let tmp = path.with_extension("tmp");
         let bytes = serde_json::to_vec(self).map_err(|e| e.to_string())?;
-        std::fs::write(&tmp, bytes)
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::File::create(&tmp)
+            .and_then(|mut f| {
+                f.write_all(&bytes)?;
+                f.sync_all()
+            })
             .and_then(|()| std::fs::rename(&tmp, path))
+            .and_then(|()| std::fs::File::open(dir)?.sync_all())
             .map_err(|e| format!("saving {}: {e}", path.display()))
     }
 }
@@ -416,7 +425,23 @@ impl Ipsec {
                 }
             }
         }
+        // The record is durable before the kernel acts on it: a state sent
+        // with before is marked spent before it is made again, and a pair's
+        // out SA is marked sent before the policy points traffic at it. A
+        // crash between the two steps then costs at most a fresh key, never
+        // a sequence restarted under a peer's replay window.
         let mut record = self.record.clone();
+        for (k, secret) in &want {
+            if self.states.get(k) != Some(secret)
+                && record.sent.contains(k)
+                && record.spent.insert(*k)
+            {
+                tracing::info!(src = %k.src, dst = %k.dst, spi = format_args!("{:#x}", k.spi),
+                    "an ESP state sent with before is made again; its pair moves to a newer key");
+                report.states_spent += 1;
+            }
+        }
+        self.keep_record(record.clone())?;
         for (k, secret) in &want {
             match self.states.get(k) {
                 Some(s) if s == secret => continue,
@@ -434,12 +459,6 @@ impl Ipsec {
                 }
             }
             self.states.insert(*k, secret.clone());
-            // Made again after it was sent with: its sequence restarted.
-            if record.sent.contains(k) && record.spent.insert(*k) {
-                tracing::info!(src = %k.src, dst = %k.dst, spi = format_args!("{:#x}", k.spi),
-                    "an ESP state sent with before was made again; its pair moves to a newer key");
-                report.states_spent += 1;
-            }
         }
         if let (Some(local), false) = (spec.local, spec.vnis.is_empty()) {
             for &peer in &spec.peers {
@@ -455,6 +474,14 @@ impl Ipsec {
             }
         }
         for (&peer, &(local, spi)) in &policies {
+            record.sent.insert(SaKey {
+                src: local,
+                dst: peer,
+                spi,
+            });
+        }
+        self.keep_record(record.clone())?;
+        for (&peer, &(local, spi)) in &policies {
             if self.policies.get(&peer) == Some(&(local, spi)) {
                 continue;
             }
@@ -462,16 +489,16 @@ impl Ipsec {
             self.policies.insert(peer, (local, spi));
             report.policies_set += 1;
         }
-        for (&peer, &(local, spi)) in &self.policies {
-            record.sent.insert(SaKey {
-                src: local,
-                dst: peer,
-                spi,
-            });
+        // Entries go with their key: once no key of the ring makes an SA's
+        // SPI, that SA can never be made again. Not with an empty ring (the
+        // keys are not known yet, as after a reboot): forgetting then would
+        // restart sequences the peers remember. A peer that left keeps its
+        // entries until their keys leave the ring, as its SAs may return.
+        if !spec.keys.is_empty() {
+            let live = |k: &SaKey| spec.keys.keys().any(|&id| spi(k.src, k.dst, id) == k.spi);
+            record.sent.retain(live);
+            record.spent.retain(live);
         }
-        // Keys that left the ring, peers that left: forgotten.
-        record.sent.retain(|k| want.contains_key(k));
-        record.spent.retain(|k| want.contains_key(k));
         self.keep_record(record)?;
         let stale: Vec<(Ipv4Addr, Ipv4Addr)> = self
             .policies

@@ -15,5 +15,7 @@ pub mod nft;
 pub mod nlsock;
 pub mod overlay;
 pub mod runner;
+#[cfg(test)]
+mod spec_props;
 pub mod stats;
 pub mod tables;

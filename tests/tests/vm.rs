@@ -499,6 +499,48 @@ mod encrypted {
             Some(&spi(h3.addr(), h1.addr(), fresh)),
             "h3 -> h1 moved to the fresh key"
         );
+
+        // A reboot of h3: the kernel forgets every SA (and the LB and the
+        // overlay); the data dir keeps the record. The restart applies the
+        // saved tables first, which hold no key ring, then gets the ring
+        // from the dispatcher. The record must outlive that keyless apply:
+        // h1's window for the fresh key is pushed far ahead first, so a
+        // pair that forgot it sent with that key would be dropped as
+        // replays.
+        t3.ns.enter(|| {
+            let s = std::net::UdpSocket::bind((t3.ip, 0)).expect("bind in t3");
+            for _ in 0..20_000 {
+                let _ = s.send_to(b"seq", (t1.ip, 9));
+            }
+        });
+        drop(nodes[2].meshd.take());
+        mesh_tests::meshd::down(h3);
+        nodes[2].start(args.clone());
+        wait_until("the rebooted h3 to program its policies", T, || {
+            (policies(h3).len() == 2).then_some(())
+        });
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(std::path::Path::new(nodes[2].dir.path()).join("ipsec-sent.json"))
+                .expect("h3's IPsec record"),
+        )
+        .expect("JSON");
+        let fresh_spi = u64::from(spi(h3.addr(), h1.addr(), fresh));
+        assert!(
+            record["spent"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|k| k["spi"].as_u64() == Some(fresh_spi))),
+            "the reboot forgot that h3 sent with the fresh key: {record}"
+        );
+        // Every key from the primary up is spent now: the next rotation
+        // gives h3 an unspent one, and t3 talks to t1 again.
+        let ring = ring_of(&nodes[0].meshctl_ok(&["swarm", "rotate-network-key"]));
+        let newer = *ring.0.iter().max().expect("a ring");
+        wait_until("h3 -> h1 to move to the rotation's new key", T, || {
+            (policies(h3).get(&h1.addr()) == Some(&spi(h3.addr(), h1.addr(), newer))).then_some(())
+        });
+        wait_until("t3 to reach t1 after the reboot", T, || {
+            t3.reaches(t1.ip).then_some(())
+        });
         drop(nodes);
         for h in [h1, h2, h3] {
             mesh_tests::meshd::down(h);

@@ -176,6 +176,44 @@ async fn underlay_prefixes(addr: Ipv4Addr) -> Result<Vec<control::allocator::Sub
         .collect())
 }
 
+/// How often a node re-reads its underlay prefixes (a netlink dump).
+const UNDERLAY_POLL: Duration = Duration::from_secs(5);
+
+/// Follows the prefixes on the interface holding `addr`, re-read every
+/// [`UNDERLAY_POLL`]; the agent reports each change to the cluster. Starts
+/// from what the interface holds now, so a session never reports a
+/// placeholder. The watcher ends when nobody follows it.
+async fn watch_underlay(
+    addr: Ipv4Addr,
+) -> Result<tokio::sync::watch::Receiver<Vec<control::allocator::Subnet>>> {
+    let mut now = underlay_prefixes(addr).await?;
+    now.sort();
+    let (tx, rx) = tokio::sync::watch::channel(now);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tx.closed() => return,
+                () = tokio::time::sleep(UNDERLAY_POLL) => {}
+            }
+            match underlay_prefixes(addr).await {
+                Ok(mut p) => {
+                    p.sort();
+                    tx.send_if_modified(|old| {
+                        let changed = *old != p;
+                        if changed {
+                            tracing::info!(?p, "the underlay interface's prefixes changed");
+                            *old = p;
+                        }
+                        changed
+                    });
+                }
+                Err(e) => tracing::debug!("reading the underlay prefixes: {e:#}"),
+            }
+        }
+    });
+    Ok(rx)
+}
+
 impl AddrArgs {
     fn resolve(&self) -> Result<Addresses> {
         let port = self.listen_addr.port();
@@ -975,6 +1013,13 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
                 Some(dp) => dp.lock().await.sync.configured(),
                 None => false,
             };
+            let underlay = match watch_underlay(file.addr).await {
+                Ok(rx) => Some(rx),
+                Err(e) => {
+                    tracing::warn!("not following the underlay's prefixes: {e:#}");
+                    None
+                }
+            };
             let link = d.start_agent(TableSink {
                 warm,
                 node: d.ctx.node_id.clone(),
@@ -983,7 +1028,7 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
                 dataplane: dataplane.clone(),
                 dns: Dns::new(upstream),
                 wired,
-            });
+            }, underlay);
             removed = Some(link.removed);
             let scope = &dp.task_scope;
             match ProcessExecutor::new(&d.dir.join("tasks"), &format!("{scope}-"), scope) {
