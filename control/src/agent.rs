@@ -33,22 +33,7 @@ use crate::{
     tls::{self, Trust},
 };
 
-/// One entry a delta changed: what it was and what it is now.
-#[derive(Debug, Clone)]
-pub struct Applied {
-    pub key: Key,
-    pub old: Option<Value>,
-    pub new: Option<Value>,
-}
-
-/// What changed since the sink's last call.
-#[derive(Debug, Clone, Copy)]
-pub enum Update<'a> {
-    /// Everything may have changed (a snapshot, or the state at start).
-    Whole,
-    /// Exactly these entries changed.
-    Delta(&'a [Applied]),
-}
+pub use model::session::{Applied, Update};
 
 /// The data plane, as the agent drives it.
 pub trait Sink: Send + 'static {

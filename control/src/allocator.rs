@@ -4,9 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt,
     net::Ipv4Addr,
-    str::FromStr,
 };
 
 /// First VNI handed out; lower ones are left for the operator (Swarm starts at 4096 too).
@@ -76,123 +74,11 @@ pub enum AllocError {
     VniExhausted,
 }
 
-/// An IPv4 network: address (host bits zero) and prefix length. Serialized
-/// as its text form, `10.0.1.0/24`.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(try_from = "String", into = "String")]
-pub struct Subnet {
-    network: u32,
-    prefix: u8,
-}
+pub use model::{Subnet, SubnetError};
 
-impl Subnet {
-    /// The subnet of `prefix` bits that holds `addr` (host bits cleared).
-    pub fn containing(addr: Ipv4Addr, prefix: u8) -> Subnet {
-        let prefix = prefix.min(32);
-        Subnet {
-            network: u32::from(addr) & mask(prefix),
-            prefix,
-        }
-    }
-
-    /// A subnet from an address (host bits must be zero) and a prefix length.
-    pub fn new(addr: Ipv4Addr, prefix: u8) -> Result<Subnet, AllocError> {
-        let bad = || AllocError::BadSubnet(format!("{addr}/{prefix}"));
-        if prefix > 32 {
-            return Err(bad());
-        }
-        let network = u32::from(addr);
-        if network & !mask(prefix) != 0 {
-            return Err(bad());
-        }
-        Ok(Subnet { network, prefix })
-    }
-
-    pub fn network(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.network)
-    }
-
-    pub fn prefix(&self) -> u8 {
-        self.prefix
-    }
-
-    fn size(&self) -> u64 {
-        1u64 << (32 - u32::from(self.prefix))
-    }
-
-    fn last(&self) -> u32 {
-        (u64::from(self.network) + self.size() - 1) as u32
-    }
-
-    pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        u32::from(addr) & mask(self.prefix) == self.network
-    }
-
-    /// Whether `addr` is a host address of this subnet: inside it, and neither
-    /// the network nor (for prefixes up to /30) the broadcast address.
-    pub fn is_host(&self, addr: Ipv4Addr) -> bool {
-        let a = u32::from(addr);
-        self.contains(addr) && (self.prefix >= 31 || (a != self.network && a != self.last()))
-    }
-
-    pub fn overlaps(&self, other: &Subnet) -> bool {
-        self.network <= other.last() && other.network <= self.last()
-    }
-
-    /// The gateway: the first host address, as in Docker.
-    pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.network + 1)
-    }
-
-    /// The enclosing subnet `bits` prefix lengths shorter (at least /0).
-    fn widened(&self, bits: u8) -> Subnet {
-        let prefix = self.prefix.saturating_sub(bits);
-        Subnet {
-            network: self.network & mask(prefix),
-            prefix,
-        }
-    }
-}
-
-fn mask(prefix: u8) -> u32 {
-    if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix))
-    }
-}
-
-impl fmt::Display for Subnet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.network(), self.prefix)
-    }
-}
-
-impl From<Subnet> for String {
-    fn from(subnet: Subnet) -> String {
-        subnet.to_string()
-    }
-}
-
-impl TryFrom<String> for Subnet {
-    type Error = AllocError;
-
-    fn try_from(text: String) -> Result<Subnet, AllocError> {
-        text.parse()
-    }
-}
-
-impl FromStr for Subnet {
-    type Err = AllocError;
-
-    fn from_str(s: &str) -> Result<Subnet, AllocError> {
-        let bad = || AllocError::BadSubnet(s.to_owned());
-        let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
-        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-        Subnet::new(addr, prefix).map_err(|_| bad())
+impl From<SubnetError> for AllocError {
+    fn from(e: SubnetError) -> AllocError {
+        AllocError::BadSubnet(e.0)
     }
 }
 
@@ -219,7 +105,7 @@ impl Default for SubnetPool {
 impl SubnetPool {
     /// A pool handing out /`size` subnets of `pool`.
     pub fn new(pool: Subnet, size: u8) -> Result<SubnetPool, AllocError> {
-        if size < pool.prefix || size > 30 {
+        if size < pool.prefix() || size > 30 {
             return Err(AllocError::BadSubnet(format!("{pool} split into /{size}")));
         }
         Ok(SubnetPool {
@@ -242,13 +128,11 @@ impl SubnetPool {
         avoid: &[Subnet],
     ) -> Result<Subnet, AllocError> {
         let step = 1u64 << (32 - u32::from(self.size));
-        let mut candidate = u64::from(self.pool.network);
-        let end = u64::from(self.pool.network) + self.pool.size();
+        let mut candidate = u64::from(self.pool.first());
+        let end = u64::from(self.pool.first()) + self.pool.size();
         while candidate < end {
-            let subnet = Subnet {
-                network: candidate as u32,
-                prefix: self.size,
-            };
+            // Aligned to the step, so its host bits are zero.
+            let subnet = Subnet::containing(Ipv4Addr::from(candidate as u32), self.size);
             match self
                 .taken
                 .keys()
@@ -411,7 +295,7 @@ impl AddressPool {
 
     fn usable(&self) -> std::ops::RangeInclusive<u32> {
         // network, gateway (first host) and broadcast are reserved.
-        (self.subnet.network + 2)..=(self.subnet.last().saturating_sub(1))
+        (self.subnet.first() + 2)..=(self.subnet.last().saturating_sub(1))
     }
 
     pub fn allocate(&mut self) -> Result<Ipv4Addr, AllocError> {

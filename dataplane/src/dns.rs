@@ -26,12 +26,6 @@ use std::{
     time::Duration,
 };
 
-use control::{
-    agent::{Applied, Update},
-    allocator::Subnet,
-    state::EndpointMode,
-    tables::{Key, Tables, Value},
-};
 use hickory_proto::{
     op::{Message, Metadata, ResponseCode},
     rr::{Name, RData, Record, RecordType, rdata::A, rdata::PTR},
@@ -41,6 +35,11 @@ use hickory_server::{
     net::runtime::Time,
     server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
     zone_handler::MessageResponseBuilder,
+};
+use model::{
+    EndpointMode, Subnet,
+    session::{Applied, Update},
+    tables::{Key, Tables, Value},
 };
 
 use crate::netlink::in_netns;
@@ -672,7 +671,7 @@ impl Dns {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use control::tables::{EndpointEntry, Key, NetworkEntry, ServiceEntry, Value};
+    use model::tables::{EndpointEntry, Key, NetworkEntry, ServiceEntry, Value};
 
     fn tables() -> Tables {
         let mut t = Tables::default();
@@ -709,7 +708,7 @@ mod tests {
                     .collect(),
             })
         };
-        use control::state::EndpointMode::{Dnsrr, Vip};
+        use model::EndpointMode::{Dnsrr, Vip};
         t.entries.insert(
             Key::Service { id: "web".into() },
             svc(
@@ -811,7 +810,7 @@ mod tests {
         if let Some(Value::Service(mut web)) =
             t.entries.get(&Key::Service { id: "web".into() }).cloned()
         {
-            web.endpoint_mode = control::state::EndpointMode::Dnsrr;
+            web.endpoint_mode = model::EndpointMode::Dnsrr;
             web.vips.clear();
             step(
                 &mut t,

@@ -35,7 +35,7 @@ use std::{
     path::PathBuf,
 };
 
-use control::allocator::Subnet;
+use model::Subnet;
 use serde::{Deserialize, Serialize};
 
 use crate::netlink::{

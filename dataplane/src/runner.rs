@@ -30,9 +30,9 @@ use std::{
     time::Duration,
 };
 
-use control::{
-    dispatcher::{Assignment, TaskReport},
-    state::TaskState,
+use model::{
+    TaskState,
+    session::{Assignment, TaskReport},
 };
 use tokio::sync::{mpsc, watch};
 
@@ -172,14 +172,14 @@ pub async fn run<E>(
                 // The agent ended (meshd is stopping, or the node was
                 // removed): wait for meshd's word on what to do with the
                 // tasks, so that `on_stop` is read once it is set.
-                control::agent::stopped(&mut stop).await;
+                stopped(&mut stop).await;
                 break;
             },
             Some(id) = ended_rx.recv() => {
                 running.remove(&id);
                 ended.insert(id);
             }
-            () = control::agent::stopped(&mut stop) => break,
+            () = stopped(&mut stop) => break,
         }
     }
     // meshd is going away: its tasks stay (Docker's live-restore). The
@@ -306,7 +306,7 @@ async fn lifecycle<E: Executor>(
                     tracing::warn!(task = %a.id, %netns, "networks not wired after {WIRE_WAIT:?}; starting anyway");
                 }
             }
-            () = control::agent::stopped(&mut stop) => {
+            () = stopped(&mut stop) => {
                 prepared.discard().await;
                 let _ = reports.send(report(&a.id, TaskState::Shutdown, None, None, None));
                 let _ = ended.send(a.id);
@@ -339,7 +339,7 @@ async fn supervise<T: RunningTask>(
             let observed = if code == 0 { TaskState::Complete } else { TaskState::Failed };
             (observed, code)
         }
-        () = control::agent::stopped(&mut stop) => {
+        () = stopped(&mut stop) => {
             // The endpoints are already withdrawn; let open flows finish,
             // unless the process ends first.
             let drained = tokio::time::timeout(timing.drain, task.wait()).await;
@@ -365,4 +365,9 @@ async fn supervise<T: RunningTask>(
         tracing::warn!(task = %a.id, "removing the task's namespace and cgroup: {e}");
     }
     let _ = ended.send(a.id);
+}
+
+/// Resolves once `stop` says true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }

@@ -1,6 +1,6 @@
 //! From the control plane's tables to what this node's kernel should hold.
 //!
-//! The agent ([`control::agent`]) keeps a replica of the cluster's tables;
+//! The agent (`control::agent`) keeps a replica of the cluster's tables;
 //! this module picks this node's share of it:
 //! - the **overlay**: every network this node has its own address on (every
 //!   node on `ingress`; another network from this node's first task there),
@@ -21,9 +21,9 @@ use std::{
     path::PathBuf,
 };
 
-use control::{
-    agent::Update,
-    state::{EndpointMode, Protocol as PortProtocol, PublishMode},
+use model::{
+    EndpointMode, Protocol as PortProtocol, PublishMode,
+    session::Update,
     tables::{EndpointEntry, Key, NodeEndpointEntry, ServiceEntry, Tables, Value},
 };
 
@@ -174,7 +174,7 @@ impl NodeView {
         tables: &Tables,
         network: &str,
         task: &str,
-        c: &control::agent::Applied,
+        c: &model::session::Applied,
         out: &mut Vec<Change>,
     ) {
         let (mut old, mut new) = (endpoint(&c.old), endpoint(&c.new));
@@ -230,7 +230,7 @@ impl NodeView {
 
     /// Whether `changes` change which networks this node is on, or one of
     /// them: its entry, this node's address there, or the VIPs on it.
-    fn needs_whole(&self, changes: &[control::agent::Applied]) -> bool {
+    fn needs_whole(&self, changes: &[model::session::Applied]) -> bool {
         changes.iter().any(|c| match &c.key {
             Key::Network { id } => self.local.contains_key(id),
             Key::NodeEndpoint { node, .. } => *node == self.node,
@@ -554,7 +554,7 @@ impl LbView {
     pub fn delta(
         &mut self,
         tables: &Tables,
-        changes: &[control::agent::Applied],
+        changes: &[model::session::Applied],
         networks: &BTreeMap<String, Ipv4Addr>,
     ) -> LbChanges {
         let mut affected = BTreeSet::new();
@@ -750,9 +750,9 @@ impl LbView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use control::{
-        agent::Applied,
-        state::PortConfig,
+    use model::{
+        PortConfig,
+        session::Applied,
         tables::{EndpointEntry, Key, NetworkEntry, ServiceEntry, Value},
     };
 

@@ -586,7 +586,7 @@ pub fn dns_qps(md: &mut String) {
     ns.exec_ok("ip", &["link", "set", "lo", "up"]);
     let path = ns.path();
     // The asking task: the first service's task lives in our namespace.
-    let mut tables = Tables::derive(&state, 1);
+    let mut tables = control::tables::derive(&state, 1);
     let mut first = true;
     for v in tables.entries.values_mut() {
         if let control::tables::Value::Endpoint(e) = v {

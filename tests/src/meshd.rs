@@ -24,7 +24,7 @@ pub fn meshd_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("MESHD") {
         return path.into();
     }
-    beside_test("meshd", "cargo build -p dataplane --bins")
+    beside_test("meshd", "cargo build -p meshd")
 }
 
 /// Where meshctl is: `$MESHCTL`, else next to meshd or the test binary.

@@ -147,6 +147,8 @@ pub fn run() -> Result<()> {
         "build",
         "--package",
         "dataplane",
+        "--package",
+        "meshd",
         "--bins",
         "--package",
         "meshctl",

@@ -83,6 +83,8 @@ pub fn build_binaries() -> Result<()> {
         "--package",
         "dataplane",
         "--package",
+        "meshd",
+        "--package",
         "meshctl",
         "--bins",
     ]))
