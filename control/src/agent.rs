@@ -25,10 +25,13 @@ use proto::{Blob, dispatcher_client::DispatcherClient};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use model::session::{
+    AgentMessage, Assignment, DispatcherMessage, NOT_LEADER_DISPATCH, TaskReport,
+};
+
 use crate::{
-    api::Ctx,
-    daemon::{MAX_MESSAGE, status_text},
-    dispatcher::{AgentMessage, Assignment, DispatcherMessage, NOT_LEADER_DISPATCH, TaskReport},
+    context::Ctx,
+    grpc::{MAX_MESSAGE, status_text},
     tables::{Key, Revision, Tables, Value},
     tls::{self, Trust},
 };
@@ -540,7 +543,7 @@ impl<S: Sink> Agent<S> {
 fn ended(s: &tonic::Status) -> Ended {
     let text = status_text(s);
     // The state a manager answers from is committed: one is enough.
-    if crate::api::is_removal(s) {
+    if crate::grpc::is_removal(s) {
         return Ended::Removed(text);
     }
     match s.message().strip_prefix(NOT_LEADER_DISPATCH) {
@@ -556,7 +559,4 @@ fn ended(s: &tonic::Status) -> Ended {
     }
 }
 
-/// Resolves once `stop` is set (the daemon is stopping).
-pub async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
+pub use crate::shutdown::stopped;

@@ -8,53 +8,25 @@
 //! - `Raft` and `Cluster` need a manager certificate, and a node the state
 //!   still lists as a manager.
 
-use std::{
-    net::Ipv4Addr,
-    sync::{Arc, RwLock},
-};
+use std::{net::Ipv4Addr, sync::Arc};
 
 use proto::{
     AddManagerRequest, Blob, Empty, JoinRequest, JoinResponse, JoinTokenRequest, JoinTokenResponse,
     Ref, Remove, RenewRequest, RenewResponse, SetRoleRequest, UnlockKeyResponse, Update,
-    cluster_client::ClusterClient, cluster_server, join_server, node_server, raft_server,
+    cluster_server, join_server, node_server, raft_server,
 };
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
 use crate::{
     manager::{Manager, ManagerStatus, NOT_LEADER, WriteError, raft_id},
-    pki::{self, Ca, Identity, JoinToken},
+    pki::{self, Ca, JoinToken},
     state::{Command, Network, Node, NodeSpec, Outcome, Role, Service, State, Task, TaskState},
-    tls::Credentials,
 };
 
-/// What every service needs: who this node is, and its manager (if any).
-pub struct Ctx {
-    pub node_id: String,
-    pub cluster_id: String,
-    pub ca_der: Vec<u8>,
-    pub api_addr: String,
-    pub creds: Arc<RwLock<Credentials>>,
-    pub manager: RwLock<Option<Arc<Manager>>>,
-    /// The managers' API addresses, as last heard (kept by the upkeep loop).
-    pub managers: RwLock<Vec<String>>,
-    /// Certificates already checked (signature, names), by their DER; the
-    /// validity window is still checked on every call.
-    pub checked: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Identity>>,
-    /// Where this node's executor keeps its tasks' files (`<id>/output.log`).
-    pub tasks_dir: Option<std::path::PathBuf>,
-    /// Set, with a manager's words, once the cluster has removed this
-    /// node (the agent or the upkeep loop hears it first).
-    pub removed: tokio::sync::watch::Sender<Option<String>>,
-}
+pub use crate::context::Ctx;
 
-/// What a manager says to a node it removed (see [`Ctx::identify`]).
-pub const REMOVED: &str = "has been removed from the cluster";
-
-/// Whether `s` is a manager telling this node that it was removed.
-pub fn is_removal(s: &Status) -> bool {
-    s.code() == tonic::Code::PermissionDenied && s.message().contains(REMOVED)
-}
+pub use crate::grpc::{REMOVED, is_removal};
 
 /// The output of one task, as `service logs` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -145,132 +117,7 @@ fn parse_role(role: &str) -> Result<Role, Status> {
     }
 }
 
-/// A new random id: 25 characters of [0-9a-z], like Swarm's.
-pub fn new_id() -> String {
-    use ring::rand::{SecureRandom, SystemRandom};
-    let mut raw = [0u8; 25];
-    SystemRandom::new().fill(&mut raw).expect("system random");
-    raw.iter()
-        .map(|b| char::from(b"0123456789abcdefghijklmnopqrstuvwxyz"[(*b % 36) as usize]))
-        .collect()
-}
-
-/// A new node id: 16 hex digits, which are also its Raft id.
-pub fn new_node_id() -> String {
-    use ring::rand::{SecureRandom, SystemRandom};
-    loop {
-        let mut raw = [0u8; 8];
-        SystemRandom::new().fill(&mut raw).expect("system random");
-        let n = u64::from_be_bytes(raw);
-        if n != 0 {
-            return format!("{n:016x}");
-        }
-    }
-}
-
-impl Ctx {
-    pub fn manager(&self) -> Result<Arc<Manager>, Status> {
-        self.manager
-            .read()
-            .expect("manager lock")
-            .clone()
-            .ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "node {} is not a manager: worker nodes can't view or modify cluster state; \
-                 use a manager's address",
-                    self.node_id
-                ))
-            })
-    }
-
-    /// The caller's identity, from its certificate.
-    pub(crate) fn identify<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
-        let certs = req.peer_certs().filter(|c| !c.is_empty()).ok_or_else(|| {
-            Status::unauthenticated(
-                "no client certificate: this call needs a mesh node certificate \
-                 (meshctl on a manager uses the one in its data dir; elsewhere pass --cert and --key)",
-            )
-        })?;
-        let cached = self
-            .checked
-            .lock()
-            .expect("checked lock")
-            .get(certs[0].as_ref())
-            .cloned();
-        let id = match cached {
-            Some(id) if id.not_after >= pki::now() => id,
-            _ => {
-                let id = pki::identity_der(&certs[0], &self.ca_der, pki::now()).map_err(|e| {
-                    Status::unauthenticated(format!("client certificate refused: {e}"))
-                })?;
-                let mut checked = self.checked.lock().expect("checked lock");
-                if checked.len() >= 4096 {
-                    checked.clear();
-                }
-                checked.insert(certs[0].to_vec(), id.clone());
-                id
-            }
-        };
-        if id.cluster_id != self.cluster_id {
-            return Err(Status::unauthenticated(format!(
-                "client certificate is for cluster {}, not this one ({})",
-                id.cluster_id, self.cluster_id
-            )));
-        }
-        if let Some(m) = self.manager.read().expect("manager lock").as_ref()
-            && m.with_state(|s| s.removed.contains(&id.node_id))
-        {
-            return Err(Status::permission_denied(format!(
-                "node {} has been removed from the cluster; its certificate is no longer accepted. \
-                 To come back it must join again with a token",
-                id.node_id
-            )));
-        }
-        Ok(id)
-    }
-
-    /// The caller, who must hold a manager certificate; and our manager.
-    fn require_manager<T>(&self, req: &Request<T>) -> Result<(Identity, Arc<Manager>), Status> {
-        let id = self.identify(req)?;
-        if id.role != Role::Manager {
-            return Err(Status::permission_denied(format!(
-                "node {} holds a worker certificate: worker nodes can't view or modify cluster \
-                 state; run meshctl on a manager, pass a manager's --cert/--key, or promote the node",
-                id.node_id
-            )));
-        }
-        let m = self.manager()?;
-        let role = m.with_state(|s| s.nodes.get(&id.node_id).map(|n| n.spec.role));
-        if role.is_none() {
-            return Err(Status::permission_denied(format!(
-                "node {} is not a member of this cluster as this manager sees it; if it has just \
-                 joined, retry in a moment",
-                id.node_id
-            )));
-        }
-        if role == Some(Role::Worker) {
-            return Err(Status::permission_denied(format!(
-                "node {} has been demoted to worker; its manager certificate is no longer accepted",
-                id.node_id
-            )));
-        }
-        Ok((id, m))
-    }
-
-    /// Runs `f` against the leader's Cluster API with this node's
-    /// certificate (for calls that only the leader can serve).
-    async fn on_leader<T, F, Fut>(&self, m: &Manager, f: F) -> Result<T, Status>
-    where
-        F: FnOnce(ClusterClient<tonic::transport::Channel>) -> Fut,
-        Fut: Future<Output = Result<Response<T>, Status>>,
-    {
-        let (_, addr) = m.leader(std::time::Duration::from_secs(3)).await?;
-        let channel = m.peers.channel(&addr)?;
-        f(ClusterClient::new(channel))
-            .await
-            .map(Response::into_inner)
-    }
-}
+pub use crate::ids::{new_id, new_node_id};
 
 // ----- Raft -----
 
@@ -436,7 +283,7 @@ async fn fetch_log(ctx: &Ctx, node: &str, api: Option<&str>, id: &str) -> Result
     let reply = tokio::time::timeout(
         std::time::Duration::from_secs(5),
         proto::node_client::NodeClient::new(channel)
-            .max_decoding_message_size(crate::daemon::MAX_MESSAGE)
+            .max_decoding_message_size(crate::grpc::MAX_MESSAGE)
             .task_logs(Ref { target: id.into() }),
     )
     .await
@@ -1054,7 +901,10 @@ impl cluster_server::Cluster for ClusterService {
                 .await?;
             return Ok(Response::new(b));
         }
-        json(&m.dispatcher.progress(&m))
+        json(
+            &m.sm
+                .with_book(|state, book| m.dispatcher.progress(state, book.revision())),
+        )
     }
 
     async fn propose(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {

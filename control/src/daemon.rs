@@ -36,8 +36,24 @@ use crate::{
     tls::{self, Credentials, Trust},
 };
 
-/// Largest gRPC message (Raft batches and snapshots).
-pub const MAX_MESSAGE: usize = 64 << 20;
+pub use crate::grpc::{MAX_MESSAGE, status_text};
+
+/// Starts this node's manager, with the dispatcher's liveness check (which
+/// marks silent nodes down) beside it.
+async fn start_manager(
+    id: crate::store::NodeId,
+    dir: &Path,
+    key: crate::seal::Key,
+    creds: Arc<RwLock<Credentials>>,
+) -> Result<Arc<Manager>, String> {
+    let m = Manager::start(id, dir, key, creds).await?;
+    m.keep_task(tokio::spawn(crate::dispatcher::liveness(
+        Arc::downgrade(&m),
+        m.stopping(),
+    )));
+    Ok(m)
+}
+
 const NODE_FILE: &str = "node.json";
 
 #[derive(Debug, thiserror::Error)]
@@ -257,7 +273,7 @@ async fn init_inner(
     let unlock_key = keys.unlock.clone();
     let creds_arc = Arc::new(RwLock::new(creds.clone()));
     let id = raft_id(&node_id).expect("a fresh node id is a raft id");
-    let manager = Manager::start(id, dir, keys.data, creds_arc.clone())
+    let manager = start_manager(id, dir, keys.data, creds_arc.clone())
         .await
         .map_err(msg)?;
     let file = NodeFile {
@@ -400,7 +416,7 @@ pub async fn join(
         };
         let id = raft_id(&reply.node_id).ok_or_else(|| msg("the manager sent a bad node id"))?;
         Some(
-            Manager::start(id, dir, keys.data, creds_arc.clone())
+            start_manager(id, dir, keys.data, creds_arc.clone())
                 .await
                 .map_err(msg)?,
         )
@@ -430,7 +446,7 @@ pub async fn run(dir: &Path, unlock: Unlock) -> Result<Daemon, DaemonError> {
         let keys = open_keys(dir, unlock).await?;
         let rid = raft_id(&file.node_id).ok_or_else(|| msg("node.json has a bad node id"))?;
         Some(
-            Manager::start(rid, dir, keys.data, creds_arc.clone())
+            start_manager(rid, dir, keys.data, creds_arc.clone())
                 .await
                 .map_err(msg)?,
         )
@@ -556,53 +572,6 @@ pub async fn send_unlock(dir: &Path, key: &str) -> Result<(), DaemonError> {
     match line.trim() {
         "ok" => Ok(()),
         other => Err(msg(other.trim_start_matches("error: ").to_owned())),
-    }
-}
-
-/// A status as users should read it: the message, with the code only when
-/// the message alone would not say what happened.
-pub fn status_text(s: &tonic::Status) -> String {
-    let msg = s.message();
-    match std::error::Error::source(s) {
-        Some(src) => {
-            let mut chain = tls::chain(src);
-            if chain.contains("NotValidForName") || chain.contains("not valid for name") {
-                chain.push_str(
-                    " (the node at that address is not a manager: its certificate does not name mesh-manager)",
-                );
-            }
-            if chain.contains("UnknownIssuer") {
-                chain.push_str(
-                    " (the manager's certificate is not signed by the cluster CA this client \
-                     trusts: another cluster at that address, or the wrong --ca)",
-                );
-            }
-            if chain.contains("UnknownCA") || chain.contains("UnknownCa") {
-                chain.push_str(
-                    " (the manager does not trust this node's certificate: it was issued by \
-                     another cluster's CA; this node must join this cluster with its token)",
-                );
-            }
-            if chain.contains("CertificateExpired") || chain.contains("Expired") {
-                chain.push_str(
-                    " (a certificate in this connection has expired: see `openssl x509 -enddate` \
-                     on the node's certs/node.crt; a node stopped past its certificate's lifetime \
-                     must join again)",
-                );
-            }
-            let detail = chain
-                .strip_prefix("transport error")
-                .map(|d| d.trim_start_matches(": "))
-                .unwrap_or(&chain);
-            match (msg, detail) {
-                ("" | "transport error", "") => "transport error".into(),
-                ("" | "transport error", d) => d.to_owned(),
-                (m, "") => m.to_owned(),
-                (m, d) => format!("{m}: {d}"),
-            }
-        }
-        None if msg.is_empty() => format!("{:?}", s.code()),
-        None => msg.to_owned(),
     }
 }
 
@@ -756,9 +725,9 @@ impl Daemon {
 /// What connects a node's executor to its agent.
 pub struct TaskLink {
     /// Reports on this node's tasks, for the dispatcher.
-    pub reports: tokio::sync::mpsc::UnboundedSender<crate::dispatcher::TaskReport>,
+    pub reports: tokio::sync::mpsc::UnboundedSender<model::session::TaskReport>,
     /// The tasks the leader assigns this node.
-    pub assignments: tokio::sync::watch::Receiver<Option<Vec<crate::dispatcher::Assignment>>>,
+    pub assignments: tokio::sync::watch::Receiver<Option<Vec<model::session::Assignment>>>,
     /// Some (the manager's words) once the cluster has removed this node.
     pub removed: tokio::sync::watch::Receiver<Option<String>>,
 }
@@ -833,7 +802,7 @@ impl Upkeep {
         let who: Whoami = match NodeClient::new(channel.clone()).whoami(Empty {}).await {
             Ok(r) => serde_json::from_slice(&r.into_inner().json).map_err(|e| e.to_string())?,
             Err(s) => {
-                if crate::api::is_removal(&s) {
+                if crate::grpc::is_removal(&s) {
                     self.ctx.removed.send_replace(Some(status_text(&s)));
                 }
                 return Err(format!(
@@ -872,7 +841,7 @@ impl Upkeep {
                     DataKeys::create(&self.dir, false).map_err(|e| e.to_string())?
                 };
                 let id = raft_id(&self.file.node_id).ok_or("bad node id")?;
-                let m = Manager::start(id, &self.dir, keys.data, self.ctx.creds.clone()).await?;
+                let m = start_manager(id, &self.dir, keys.data, self.ctx.creds.clone()).await?;
                 *self.ctx.manager.write().expect("manager lock") = Some(m);
                 tracing::info!("promoted: Raft started");
             }

@@ -17,18 +17,17 @@
 use std::{
     collections::HashMap,
     pin::Pin,
-    sync::{Arc, Mutex, Weak},
+    sync::{Arc, Weak},
     time::{Duration, Instant},
 };
 
 use proto::{Blob, dispatcher_server};
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    api::Ctx,
+    context::Ctx,
     manager::Manager,
     state::{Command, NodeStatus},
     tables::{Catchup, Revision},
@@ -62,117 +61,9 @@ pub fn assignments(state: &crate::state::State, node: &str) -> Vec<Assignment> {
         .collect()
 }
 
-/// Prefix of the error a manager that is not the leader gives an agent,
-/// followed by the leader's API address when known.
-pub const NOT_LEADER_DISPATCH: &str = "not the leader; the dispatcher is at";
+pub use model::session::NOT_LEADER_DISPATCH;
 
-#[derive(Debug, Clone)]
-struct Session {
-    /// Distinguishes a replaced session from the current one.
-    token: u64,
-    last_heartbeat: Instant,
-    acked: Revision,
-    connected: bool,
-}
-
-/// The leader's view of its agents.
-#[derive(Debug, Default)]
-pub struct Dispatcher {
-    sessions: Mutex<HashMap<String, Session>>,
-    next_token: Mutex<u64>,
-    /// One clone per running session task (each holds the manager).
-    running: Arc<()>,
-}
-
-/// One node's convergence, as `meshctl` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeProgress {
-    pub id: String,
-    pub hostname: String,
-    pub status: NodeStatus,
-    /// The revision the node's agent last acked (None: no session since
-    /// this leader took over).
-    pub acked: Option<Revision>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Progress {
-    /// The tables' current revision on the leader.
-    pub revision: Revision,
-    pub nodes: Vec<NodeProgress>,
-}
-
-impl Progress {
-    /// Nodes that are up and have not yet applied `revision`.
-    pub fn pending(&self, revision: Revision) -> Vec<&NodeProgress> {
-        self.nodes
-            .iter()
-            .filter(|n| n.status == NodeStatus::Ready && n.acked.unwrap_or(0) < revision)
-            .collect()
-    }
-}
-
-impl Dispatcher {
-    /// Waits (up to `limit`) until every session task has ended; they end
-    /// on [`Manager::stopping`].
-    pub async fn wait_sessions_closed(&self, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while Arc::strong_count(&self.running) > 1 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn open(&self, node: &str) -> u64 {
-        let token = {
-            let mut t = self.next_token.lock().expect("token lock");
-            *t += 1;
-            *t
-        };
-        // Acked starts over: the agent acks what it holds right after the
-        // welcome (it may have lost its saved tables).
-        self.sessions.lock().expect("sessions lock").insert(
-            node.to_owned(),
-            Session {
-                token,
-                last_heartbeat: Instant::now(),
-                acked: 0,
-                connected: true,
-            },
-        );
-        token
-    }
-
-    fn with_session(&self, node: &str, token: u64, f: impl FnOnce(&mut Session)) {
-        if let Some(s) = self.sessions.lock().expect("sessions lock").get_mut(node)
-            && s.token == token
-        {
-            f(s)
-        }
-    }
-
-    /// Forgets every session (this manager stopped leading).
-    fn clear(&self) {
-        self.sessions.lock().expect("sessions lock").clear();
-    }
-
-    /// What the leader knows about each node of `m`'s state.
-    pub fn progress(&self, m: &Manager) -> Progress {
-        let sessions = self.sessions.lock().expect("sessions lock");
-        m.sm.with_book(|state, book| Progress {
-            revision: book.revision(),
-            nodes: state
-                .nodes
-                .values()
-                .map(|n| NodeProgress {
-                    id: n.id.clone(),
-                    hostname: n.hostname.clone(),
-                    status: n.status,
-                    acked: sessions.get(&n.id).map(|s| s.acked),
-                })
-                .collect(),
-        })
-    }
-}
+pub use crate::sessions::{Dispatcher, NodeProgress, Progress};
 
 /// The heartbeat period and misses from the cluster settings.
 fn timing(m: &Manager) -> (Duration, u32) {
@@ -209,11 +100,11 @@ pub async fn liveness(m: Weak<Manager>, mut stop: tokio::sync::watch::Receiver<b
         } else {
             let since = *leading_since.get_or_insert_with(Instant::now);
             tokio::select! {
-                () = crate::agent::stopped(&mut stop) => return,
+                () = crate::shutdown::stopped(&mut stop) => return,
                 () = check_nodes(&mgr, since, &mut first_seen, period * misses, period) => {}
             }
             tokio::select! {
-                () = crate::agent::stopped(&mut stop) => return,
+                () = crate::shutdown::stopped(&mut stop) => return,
                 () = mgr.reconcile_voters() => {}
             }
         }
@@ -236,14 +127,7 @@ async fn check_nodes(
         m.with_state(|s| s.nodes.values().map(|n| (n.id.clone(), n.status)).collect());
     let now = Instant::now();
     first_seen.retain(|id, _| nodes.iter().any(|(n, _)| n == id));
-    let seen: HashMap<String, (Instant, bool)> = m
-        .dispatcher
-        .sessions
-        .lock()
-        .expect("sessions lock")
-        .iter()
-        .map(|(k, s)| (k.clone(), (s.last_heartbeat, s.connected)))
-        .collect();
+    let seen = m.dispatcher.heard();
     for (id, status) in nodes {
         let since = (*first_seen.entry(id.clone()).or_insert(now)).max(leading_since);
         let (last, connected) = match seen.get(&id) {
@@ -501,7 +385,7 @@ async fn run_session(
                         return Err(Status::invalid_argument("hello sent twice"));
                     }
                 },
-                () = crate::agent::stopped(&mut stopping) => {
+                () = crate::shutdown::stopped(&mut stopping) => {
                     return Err(Status::unavailable("this manager is shutting down"));
                 }
                 r = revisions.changed() => {

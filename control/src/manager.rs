@@ -148,7 +148,7 @@ impl WriteError {
         if m.starts_with(NOT_LEADER) {
             return WriteError::Internal(m.to_owned());
         }
-        let text = crate::daemon::status_text(s);
+        let text = crate::grpc::status_text(s);
         match s.code() {
             Code::DeadlineExceeded | Code::Cancelled => {
                 WriteError::Unknown(format!("the leader at {addr} did not answer in time"))
@@ -291,8 +291,8 @@ impl PeerClient {
             .channel(&self.addr)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
         let mut client = RaftClient::new(channel)
-            .max_decoding_message_size(crate::daemon::MAX_MESSAGE)
-            .max_encoding_message_size(crate::daemon::MAX_MESSAGE);
+            .max_decoding_message_size(crate::grpc::MAX_MESSAGE)
+            .max_encoding_message_size(crate::grpc::MAX_MESSAGE);
         let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let request = Blob { json: body };
         let reply = match kind {
@@ -396,7 +396,7 @@ pub struct Manager {
     pub sm: StateMachineStore,
     pub peers: Peers,
     /// Agent sessions and liveness (used while this manager leads).
-    pub dispatcher: crate::dispatcher::Dispatcher,
+    pub dispatcher: crate::sessions::Dispatcher,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
     stop: tokio::sync::watch::Sender<bool>,
     /// The liveness and orchestrator loops, awaited on shutdown (they hold
@@ -522,15 +522,15 @@ impl Manager {
             liveness: Default::default(),
             applied_history: Default::default(),
         });
-        let tasks = vec![
-            tokio::spawn(crate::dispatcher::liveness(
-                Arc::downgrade(&m),
-                stopped.clone(),
-            )),
-            tokio::spawn(orchestrate(Arc::downgrade(&m), stopped)),
-        ];
+        let tasks = vec![tokio::spawn(orchestrate(Arc::downgrade(&m), stopped))];
         *m.liveness.lock().expect("liveness lock") = tasks;
         Ok(m)
+    }
+
+    /// Keeps `task` with this manager's own, awaited when it stops (the
+    /// dispatcher's liveness check, which the daemon starts beside it).
+    pub fn keep_task(&self, task: tokio::task::JoinHandle<()>) {
+        self.liveness.lock().expect("liveness lock").push(task);
     }
 
     /// Makes this manager the only voter of a new cluster.
@@ -920,7 +920,7 @@ impl Manager {
             .map_err(|s| {
                 format!(
                     "cannot ask the leader at {addr}: {}",
-                    crate::daemon::status_text(&s)
+                    crate::grpc::status_text(&s)
                 )
             })?;
         let leader_applied = serde_json::from_slice::<serde_json::Value>(&info.into_inner().json)
@@ -1076,12 +1076,7 @@ impl Manager {
     }
 }
 
-/// The leader's clock, as the state records it (ms since the Unix epoch).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::ids::now_ms;
 
 /// Waits this long after a change before looking, so that a burst of
 /// changes is one look and one batch.
@@ -1138,7 +1133,7 @@ pub async fn orchestrate(m: Weak<Manager>, mut stop: tokio::sync::watch::Receive
                     None
                 } else {
                     Some(mgr.with_state(|s| {
-                        crate::orchestrator::reconcile_some(s, now, &touched, crate::api::new_id)
+                        crate::orchestrator::reconcile_some(s, now, &touched, crate::ids::new_id)
                     }))
                 };
                 if let Some(plan) = plan {
@@ -1193,7 +1188,7 @@ pub async fn orchestrate(m: Weak<Manager>, mut stop: tokio::sync::watch::Receive
         }
         if backoff {
             tokio::select! {
-                () = crate::agent::stopped(&mut stop) => return,
+                () = crate::shutdown::stopped(&mut stop) => return,
                 () = tokio::time::sleep(pause) => continue,
             }
         }
@@ -1201,7 +1196,7 @@ pub async fn orchestrate(m: Weak<Manager>, mut stop: tokio::sync::watch::Receive
             Duration::from_millis(w.saturating_sub(now_ms())).min(pause)
         });
         tokio::select! {
-            () = crate::agent::stopped(&mut stop) => return,
+            () = crate::shutdown::stopped(&mut stop) => return,
             r = changes.changed() => {
                 if r.is_err() { return; }
                 tokio::time::sleep(ORCHESTRATE_SETTLE).await;

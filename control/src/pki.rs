@@ -27,7 +27,7 @@ use time::OffsetDateTime;
 use crate::state::{Role, TokenRecord};
 
 /// Default certificate lifetime (Swarm's is 90 days too).
-pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
+pub use model::DEFAULT_CERT_LIFETIME;
 const TOKEN_PREFIX: &str = "MESH-1-";
 const OU_MANAGER: &str = "mesh-manager";
 const OU_WORKER: &str = "mesh-worker";

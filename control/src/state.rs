@@ -561,9 +561,9 @@ impl State {
                 Ok(out)
             }
             Command::RotateNetworkKeys { keys } => {
-                crate::keys::validate(&self.network_keys, keys).map_err(invalid)?;
+                model::ring::validate(&self.network_keys, keys).map_err(invalid)?;
                 self.network_keys.extend(keys.iter().cloned());
-                let extra = self.network_keys.len().saturating_sub(crate::keys::RING);
+                let extra = self.network_keys.len().saturating_sub(model::ring::RING);
                 self.network_keys.drain(..extra);
                 Ok(Outcome::Done)
             }
@@ -1053,7 +1053,7 @@ impl State {
                 )));
             }
         }
-        crate::orchestrator::parse_constraints(&spec.task.constraints)
+        model::constraint::parse_constraints(&spec.task.constraints)
             .map_err(|e| invalid(format!("service {}: {e}", spec.name)))?;
         for e in &spec.task.env {
             match e.split_once('=') {
@@ -1421,7 +1421,7 @@ impl State {
                     attachments.push(TaskAttachment {
                         network: net,
                         addr,
-                        mac: crate::tables::mac_of(addr),
+                        mac: model::tables::mac_of(addr),
                     });
                 }
                 Err(e) => {

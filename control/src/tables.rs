@@ -65,7 +65,7 @@ pub fn derive_key(state: &State, key: &Key) -> Option<Value> {
                 encrypted: n.spec.encrypted,
             })
         }),
-        Key::NetworkKeys => crate::keys::primary(&state.network_keys).map(|p| {
+        Key::NetworkKeys => model::ring::primary(&state.network_keys).map(|p| {
             Value::NetworkKeys(NetworkKeysEntry {
                 keys: state.network_keys.clone(),
                 primary: p.id,

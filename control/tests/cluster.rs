@@ -1112,7 +1112,8 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
     }
     // The leader saw every ack.
     let m = manager.ctx.manager().unwrap();
-    let progress = m.dispatcher.progress(&m);
+    let progress =
+        m.sm.with_book(|state, book| m.dispatcher.progress(state, book.revision()));
     assert!(progress.pending(want.revision).is_empty(), "{progress:?}");
 
     // Worker 2 goes silent: the leader commits it down, and its endpoint

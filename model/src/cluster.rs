@@ -7,9 +7,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Role, Subnet};
 
-/// How often the leader adds a key to the encrypted networks' ring by
-/// default (Swarm: 12 h).
-pub const DEFAULT_NETWORK_KEY_ROTATION: Duration = Duration::from_secs(12 * 3600);
 /// A node certificate's lifetime by default (Swarm: 90 days).
 pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
 
@@ -40,7 +37,7 @@ pub struct ClusterSettings {
 }
 
 fn default_network_key_rotation() -> u64 {
-    DEFAULT_NETWORK_KEY_ROTATION.as_secs()
+    crate::ring::DEFAULT_ROTATION.as_secs()
 }
 
 fn default_heartbeat_period() -> u64 {

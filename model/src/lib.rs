@@ -7,8 +7,10 @@
 
 pub mod cluster;
 pub mod command;
+pub mod constraint;
 pub mod network;
 pub mod node;
+pub mod ring;
 pub mod service;
 pub mod session;
 pub mod subnet;

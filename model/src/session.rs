@@ -112,3 +112,7 @@ pub enum Update<'a> {
     /// Exactly these entries changed.
     Delta(&'a [Applied]),
 }
+
+/// Prefix of the error a manager that is not the leader gives an agent,
+/// followed by the leader's API address when known.
+pub const NOT_LEADER_DISPATCH: &str = "not the leader; the dispatcher is at";
