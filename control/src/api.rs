@@ -73,12 +73,6 @@ fn read_task_log(dir: &std::path::Path, id: &str) -> Result<String, Status> {
     Ok(String::from_utf8_lossy(&raw).into_owned())
 }
 
-/// Set by the data plane (meshd): whether this host's kernel can run
-/// encrypted networks. Unset (a control plane without a data plane), an
-/// encrypted network is taken as asked.
-pub static ENCRYPTION_CHECK: std::sync::OnceLock<fn() -> Result<(), String>> =
-    std::sync::OnceLock::new();
-
 /// The key ring without its secrets (`meshctl swarm rotate-network-key`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRing {
@@ -644,7 +638,7 @@ impl cluster_server::Cluster for ClusterService {
         let (_, m) = self.0.require_manager(&req)?;
         let spec: crate::state::NetworkSpec = parse("network spec", &req.into_inner().json)?;
         if spec.encrypted
-            && let Some(check) = ENCRYPTION_CHECK.get()
+            && let Some(check) = self.0.manager_config.encryption_check
             && let Err(why) = check()
         {
             return Err(Status::failed_precondition(format!(

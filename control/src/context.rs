@@ -32,6 +32,8 @@ pub struct Ctx {
     /// Set, with a manager's words, once the cluster has removed this
     /// node (the agent or the upkeep loop hears it first).
     pub removed: tokio::sync::watch::Sender<Option<String>>,
+    /// What this node's manager starts with (now or when promoted).
+    pub manager_config: crate::manager::ManagerConfig,
 }
 
 impl Ctx {

@@ -29,7 +29,7 @@ use crate::{
     agent::{Agent, Sink},
     api::{self, ClusterService, Ctx, JoinService, NodeService, RaftService, Whoami},
     dispatcher::DispatcherService,
-    manager::{Manager, raft_id},
+    manager::{Manager, ManagerConfig, raft_id},
     pki::{self, Ca, JoinToken},
     seal::{DataKeys, SealError, UnlockKey},
     state::{ClusterSecrets, ClusterSettings, Command, Role},
@@ -45,8 +45,9 @@ async fn start_manager(
     dir: &Path,
     key: crate::seal::Key,
     creds: Arc<RwLock<Credentials>>,
+    config: &ManagerConfig,
 ) -> Result<Arc<Manager>, String> {
-    let m = Manager::start(id, dir, key, creds).await?;
+    let m = Manager::start(id, dir, key, creds, config).await?;
     m.keep_task(tokio::spawn(crate::dispatcher::liveness(
         Arc::downgrade(&m),
         m.stopping(),
@@ -202,8 +203,18 @@ pub async fn init(
     at: &Addresses,
     opts: &InitOptions,
 ) -> Result<(Daemon, InitReport), DaemonError> {
+    init_with(dir, at, opts, &ManagerConfig::default()).await
+}
+
+/// [`init`], with this manager's configuration.
+pub async fn init_with(
+    dir: &Path,
+    at: &Addresses,
+    opts: &InitOptions,
+    config: &ManagerConfig,
+) -> Result<(Daemon, InitReport), DaemonError> {
     fresh_dir(dir)?;
-    let result = init_inner(dir, at, opts).await;
+    let result = init_inner(dir, at, opts, config).await;
     if result.is_err() {
         // Leave nothing half-made behind: init can simply be run again.
         let _ = std::fs::remove_file(dir.join("raft.redb"));
@@ -244,6 +255,7 @@ async fn init_inner(
     dir: &Path,
     at: &Addresses,
     opts: &InitOptions,
+    config: &ManagerConfig,
 ) -> Result<(Daemon, InitReport), DaemonError> {
     // Checked before anything is made: the ingress network must not
     // overlap this node's underlay (the default 10.0.0.0/24 does on many
@@ -273,7 +285,7 @@ async fn init_inner(
     let unlock_key = keys.unlock.clone();
     let creds_arc = Arc::new(RwLock::new(creds.clone()));
     let id = raft_id(&node_id).expect("a fresh node id is a raft id");
-    let manager = start_manager(id, dir, keys.data, creds_arc.clone())
+    let manager = start_manager(id, dir, keys.data, creds_arc.clone(), config)
         .await
         .map_err(msg)?;
     let file = NodeFile {
@@ -285,7 +297,7 @@ async fn init_inner(
         api_addr: at.api_addr.clone(),
         managers: vec![at.api_addr.clone()],
     };
-    let daemon = Daemon::serve(dir, &file, creds_arc, Some(manager.clone())).await?;
+    let daemon = Daemon::serve(dir, &file, creds_arc, Some(manager.clone()), config).await?;
     let setup = async {
         manager.bootstrap(&at.api_addr).await.map_err(msg)?;
         manager
@@ -347,6 +359,18 @@ pub async fn join(
     at: &Addresses,
     token: &str,
     remote: &str,
+) -> Result<Daemon, DaemonError> {
+    join_with(dir, at, token, remote, &ManagerConfig::default()).await
+}
+
+/// [`join`], with the configuration this node's manager (if it becomes
+/// one) starts with.
+pub async fn join_with(
+    dir: &Path,
+    at: &Addresses,
+    token: &str,
+    remote: &str,
+    config: &ManagerConfig,
 ) -> Result<Daemon, DaemonError> {
     let token: JoinToken = token.parse()?;
     fresh_dir(dir)?;
@@ -416,7 +440,7 @@ pub async fn join(
         };
         let id = raft_id(&reply.node_id).ok_or_else(|| msg("the manager sent a bad node id"))?;
         Some(
-            start_manager(id, dir, keys.data, creds_arc.clone())
+            start_manager(id, dir, keys.data, creds_arc.clone(), config)
                 .await
                 .map_err(msg)?,
         )
@@ -425,7 +449,7 @@ pub async fn join(
     };
     creds.save(&certs_dir(dir))?;
     file.save(dir)?;
-    Daemon::serve(dir, &file, creds_arc, manager).await
+    Daemon::serve(dir, &file, creds_arc, manager, config).await
 }
 
 /// How a locked data dir gets its unlock key.
@@ -438,6 +462,15 @@ pub enum Unlock {
 
 /// Starts a node from its data dir.
 pub async fn run(dir: &Path, unlock: Unlock) -> Result<Daemon, DaemonError> {
+    run_with(dir, unlock, &ManagerConfig::default()).await
+}
+
+/// [`run`], with this node's manager configuration.
+pub async fn run_with(
+    dir: &Path,
+    unlock: Unlock,
+    config: &ManagerConfig,
+) -> Result<Daemon, DaemonError> {
     let file = NodeFile::load(dir)?;
     let creds = Credentials::load(&certs_dir(dir))?;
     let id = pki::identity(&creds.cert, &creds.ca, pki::now())?;
@@ -446,14 +479,14 @@ pub async fn run(dir: &Path, unlock: Unlock) -> Result<Daemon, DaemonError> {
         let keys = open_keys(dir, unlock).await?;
         let rid = raft_id(&file.node_id).ok_or_else(|| msg("node.json has a bad node id"))?;
         Some(
-            start_manager(rid, dir, keys.data, creds_arc.clone())
+            start_manager(rid, dir, keys.data, creds_arc.clone(), config)
                 .await
                 .map_err(msg)?,
         )
     } else {
         None
     };
-    Daemon::serve(dir, &file, creds_arc, manager).await
+    Daemon::serve(dir, &file, creds_arc, manager, config).await
 }
 
 /// The unlock socket: in its own 0700 directory, so that no other user
@@ -581,9 +614,11 @@ impl Daemon {
         file: &NodeFile,
         creds: Arc<RwLock<Credentials>>,
         manager: Option<Arc<Manager>>,
+        config: &ManagerConfig,
     ) -> Result<Daemon, DaemonError> {
         let current = creds.read().expect("creds lock").clone();
         let ctx = Arc::new(Ctx {
+            manager_config: *config,
             removed: tokio::sync::watch::Sender::new(None),
             node_id: file.node_id.clone(),
             cluster_id: file.cluster_id.clone(),
@@ -841,7 +876,14 @@ impl Upkeep {
                     DataKeys::create(&self.dir, false).map_err(|e| e.to_string())?
                 };
                 let id = raft_id(&self.file.node_id).ok_or("bad node id")?;
-                let m = start_manager(id, &self.dir, keys.data, self.ctx.creds.clone()).await?;
+                let m = start_manager(
+                    id,
+                    &self.dir,
+                    keys.data,
+                    self.ctx.creds.clone(),
+                    &self.ctx.manager_config,
+                )
+                .await?;
                 *self.ctx.manager.write().expect("manager lock") = Some(m);
                 tracing::info!("promoted: Raft started");
             }

@@ -39,33 +39,46 @@ use crate::{
 
 pub type Raft = openraft::Raft<TypeConfig>;
 
+/// What a manager is started with, passed in (no process globals).
+#[derive(Debug, Clone, Copy)]
+pub struct ManagerConfig {
+    /// Raft entries between snapshots (tests lower it to exercise
+    /// compaction and snapshot installs); at least 10.
+    pub snapshot_every: u64,
+    /// Whether this host's kernel can run encrypted networks, as the data
+    /// plane probes it (meshd sets it). `None` (a control plane without a
+    /// data plane): an encrypted network is taken as asked.
+    pub encryption_check: Option<fn() -> Result<(), String>>,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            snapshot_every: 10_000,
+            encryption_check: None,
+        }
+    }
+}
+
 /// Raft timing: 75 ms heartbeats, elections after 0.3–0.6 s of silence.
 /// A follower refuses to vote while its leader's lease lasts (openraft
 /// sets it to the maximum election timeout since the last heartbeat), so
 /// the first candidate is often turned away and the second round wins: a
 /// dead leader is replaced in about 1 s.
-pub fn raft_config() -> Config {
-    let snapshot_every = SNAPSHOT_EVERY.load(std::sync::atomic::Ordering::Relaxed);
+pub fn raft_config(config: &ManagerConfig) -> Config {
+    let snapshot_every = config.snapshot_every.max(10);
     Config {
         cluster_name: "mesh".into(),
         heartbeat_interval: 75,
         election_timeout_min: 300,
         election_timeout_max: 600,
-        // Compaction: snapshot every 10k entries, keep 1k behind it for
-        // followers that lag a little.
+        // Compaction: snapshot every 10k entries (by default), keep a tenth
+        // of that behind it for followers that lag a little.
         snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_every),
         max_in_snapshot_log_to_keep: snapshot_every / 10,
         max_payload_entries: 1_000,
         ..Config::default()
     }
-}
-
-static SNAPSHOT_EVERY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(10_000);
-
-/// Entries between snapshots for managers started from now on (tests
-/// lower it to exercise compaction and snapshot installs).
-pub fn set_snapshot_interval(entries: u64) {
-    SNAPSHOT_EVERY.store(entries.max(10), std::sync::atomic::Ordering::Relaxed);
 }
 
 /// How long a leader may go without a quorum's acknowledgement before it
@@ -500,14 +513,21 @@ impl Manager {
         dir: &Path,
         key: Key,
         creds: Arc<RwLock<Credentials>>,
+        config: &ManagerConfig,
     ) -> Result<Arc<Manager>, String> {
         let (log, sm) = store::open(&dir.join("raft.redb"), key)
             .map_err(|e| format!("opening the Raft store in {}: {e}", dir.display()))?;
-        let config = raft_config().validate().map_err(|e| e.to_string())?;
+        let raft_config = raft_config(config).validate().map_err(|e| e.to_string())?;
         let peers = Peers::new(creds);
-        let raft = Raft::new(raft_id, Arc::new(config), peers.clone(), log, sm.clone())
-            .await
-            .map_err(|e| format!("starting Raft: {e}"))?;
+        let raft = Raft::new(
+            raft_id,
+            Arc::new(raft_config),
+            peers.clone(),
+            log,
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| format!("starting Raft: {e}"))?;
         let (proposals, rx) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
         tokio::spawn(batcher(raft.clone(), rx));
         let (stop, stopped) = tokio::sync::watch::channel(false);

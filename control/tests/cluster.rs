@@ -10,6 +10,7 @@ use std::{
 
 use control::{
     daemon::{self, Addresses, Daemon, InitOptions, InitReport},
+    manager::ManagerConfig,
     pki,
     state::{EndpointSpec, NetworkSpec, Role, ServiceMode, ServiceSpec, TaskTemplate},
     tls::{self, Credentials, Trust},
@@ -160,13 +161,25 @@ impl Cluster {
     /// One manager (init) plus `managers - 1` joined managers and
     /// `workers` workers, all voters in place.
     async fn start(tag: &str, managers: usize, workers: usize) -> Cluster {
+        Cluster::start_with(tag, managers, workers, &ManagerConfig::default()).await
+    }
+
+    /// [`Cluster::start`], every manager started with `config`.
+    async fn start_with(
+        tag: &str,
+        managers: usize,
+        workers: usize,
+        config: &ManagerConfig,
+    ) -> Cluster {
         let dirs: Vec<TempDir> = (0..managers + workers)
             .map(|i| TempDir::new(&format!("{tag}{i}")))
             .collect();
         let addrs: Vec<Addresses> = (0..managers + workers)
             .map(|i| addresses(i as u8 + 1))
             .collect();
-        let (first, report) = daemon::init(&dirs[0].0, &addrs[0], &opts()).await.unwrap();
+        let (first, report) = daemon::init_with(&dirs[0].0, &addrs[0], &opts(), config)
+            .await
+            .unwrap();
         let mut nodes = vec![Some(first)];
         for i in 1..managers + workers {
             let token = if i < managers {
@@ -174,7 +187,7 @@ impl Cluster {
             } else {
                 &report.worker_token
             };
-            let d = daemon::join(&dirs[i].0, &addrs[i], token, &addrs[0].api_addr)
+            let d = daemon::join_with(&dirs[i].0, &addrs[i], token, &addrs[0].api_addr, config)
                 .await
                 .unwrap();
             nodes.push(Some(d));
@@ -796,9 +809,13 @@ fn purged(d: &Daemon) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_manager_joining_after_compaction_gets_a_snapshot() {
-    // Snapshot (and purge the log) every 30 entries from here on.
-    control::manager::set_snapshot_interval(30);
-    let c = Cluster::start("snap", 1, 0).await;
+    // Snapshot (and purge the log) every 30 entries: this cluster only
+    // (a process-wide setting once reached every test's managers).
+    let every30 = ManagerConfig {
+        snapshot_every: 30,
+        ..ManagerConfig::default()
+    };
+    let c = Cluster::start_with("snap", 1, 0, &every30).await;
     let mut api = client(&c.dirs[0].0, c.api(0));
     for i in 0..100 {
         create_service(&mut api, &format!("s{i}")).await;

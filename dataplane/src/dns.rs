@@ -361,6 +361,8 @@ struct Handler {
     /// The networks of the task (updated when its attachments change).
     scope: Arc<RwLock<Vec<String>>>,
     upstream: Arc<Vec<SocketAddr>>,
+    /// The shuffle's state, per server.
+    rng: std::sync::atomic::AtomicU64,
 }
 
 /// A local task's namespace and networks in `tables` (None: not a local,
@@ -384,16 +386,19 @@ fn task_networks(tables: &Tables, node: &str, task: &str) -> Option<(PathBuf, Ve
     out
 }
 
-/// A small xorshift: shuffling answers needs no cryptographic randomness.
-fn shuffle<T>(v: &mut [T]) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static STATE: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
+/// The shuffle's first state.
+const RNG_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// A small xorshift over `state`: shuffling answers needs no cryptographic
+/// randomness.
+fn shuffle<T>(v: &mut [T], state: &std::sync::atomic::AtomicU64) {
+    use std::sync::atomic::Ordering;
     for i in (1..v.len()).rev() {
-        let mut x = STATE.load(Ordering::Relaxed);
+        let mut x = state.load(Ordering::Relaxed);
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        STATE.store(x, Ordering::Relaxed);
+        state.store(x, Ordering::Relaxed);
         v.swap(i, (x % (i as u64 + 1)) as usize);
     }
 }
@@ -449,7 +454,7 @@ impl RequestHandler for Handler {
         let owner = Name::from(query.name().clone());
         let records: Vec<Record> = match answer {
             Answer::Addresses(mut addrs, ttl) => {
-                shuffle(&mut addrs);
+                shuffle(&mut addrs, &self.rng);
                 addrs
                     .into_iter()
                     .map(|a| Record::from_rdata(owner.clone(), ttl, RData::A(A(a))))
@@ -648,6 +653,7 @@ impl Dns {
             zone: self.zone.clone(),
             scope: scope.clone(),
             upstream: self.upstream.clone(),
+            rng: std::sync::atomic::AtomicU64::new(RNG_SEED),
         });
         server.register_socket(tokio::net::UdpSocket::from_std(udp)?);
         server.register_listener(
@@ -895,9 +901,10 @@ mod tests {
     fn shuffling_reorders_but_keeps_every_address() {
         let base = ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"]);
         let mut orders = std::collections::HashSet::new();
+        let rng = std::sync::atomic::AtomicU64::new(RNG_SEED);
         for _ in 0..50 {
             let mut v = base.clone();
-            shuffle(&mut v);
+            shuffle(&mut v, &rng);
             let mut sorted = v.clone();
             sorted.sort();
             assert_eq!(sorted, base);

@@ -487,8 +487,6 @@ fn main() -> Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    // A manager refuses encrypted networks this kernel cannot protect.
-    let _ = control::api::ENCRYPTION_CHECK.set(dataplane::ipsec::probe);
     match Cli::parse().command {
         Command::Init {
             ctl,
@@ -954,11 +952,16 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    // A manager refuses encrypted networks this kernel cannot protect.
+    let manager_config = control::manager::ManagerConfig {
+        encryption_check: Some(dataplane::ipsec::probe),
+        ..Default::default()
+    };
     let removal = rt.block_on(async {
         let daemon = match start {
             Start::None => None,
             Start::Init { dir, at, opts } => {
-                let (d, report) = daemon::init(&dir, &at, &opts).await?;
+                let (d, report) = daemon::init_with(&dir, &at, &opts, &manager_config).await?;
                 print_init(&report, &at);
                 Some(d)
             }
@@ -968,7 +971,7 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
                 token,
                 manager,
             } => {
-                let d = daemon::join(&dir, &at, &token, &manager).await?;
+                let d = daemon::join_with(&dir, &at, &token, &manager, &manager_config).await?;
                 let role = if d.ctx.manager.read().expect("lock").is_some() {
                     "manager"
                 } else {
@@ -977,7 +980,7 @@ fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
                 println!("This node joined a swarm as a {role}.");
                 Some(d)
             }
-            Start::Run { dir, unlock } => Some(daemon::run(&dir, unlock).await?),
+            Start::Run { dir, unlock } => Some(daemon::run_with(&dir, unlock, &manager_config).await?),
         };
         if let Some(d) = &daemon {
             tracing::info!(node = %d.ctx.node_id, api = %d.ctx.api_addr, data_dir = %d.dir.display(), "control plane serving");

@@ -395,6 +395,7 @@ impl Cluster {
                     managers: RwLock::new(vec![at.api_addr.clone()]),
                     checked: Default::default(),
                     tasks_dir: None,
+                    manager_config: Default::default(),
                 }),
                 addr,
             ));
