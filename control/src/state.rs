@@ -479,39 +479,26 @@ impl State {
         self.touched.everything();
     }
 
+    /// Marks for the orchestrator what `cmd` may change ([`Command::touches`]):
+    /// a node or network change can move any service's tasks.
     fn touch(&mut self, cmd: &Command) {
-        match cmd {
-            Command::Init { .. }
-            | Command::AddNode { .. }
-            | Command::UpdateNode { .. }
-            | Command::SetNodeStatus { .. }
-            | Command::RemoveNode { .. }
-            | Command::CreateNetwork { .. }
-            | Command::RemoveNetwork { .. } => self.touched.everything(),
-            Command::SetJoinToken { .. }
-            | Command::SetNodeUnderlay { .. }
-            | Command::RotateNetworkKeys { .. }
-            | Command::Batch { .. }
-            | Command::Once { .. } => {}
-            Command::CreateService { id, .. } => self.touched.service(id),
-            Command::UpdateService { target, .. }
-            | Command::RemoveService { target }
-            | Command::RollbackService { target, .. } => {
-                if let Some(id) = self.service_by_ref(target).map(|s| s.id.clone()) {
-                    self.touched.service(&id);
+        for t in cmd.touches() {
+            match t {
+                Touch::Networks | Touch::NewNode(_) | Touch::Node(_) => self.touched.everything(),
+                Touch::NetworkKeys => {}
+                Touch::NewService(id) | Touch::UpdateStatus(id) => self.touched.service(id),
+                Touch::Service(target)
+                | Touch::NewTask {
+                    service: target, ..
+                } => {
+                    if let Some(id) = self.service_by_ref(target).map(|s| s.id.clone()) {
+                        self.touched.service(&id);
+                    }
                 }
-            }
-            Command::SetUpdateStatus { service, .. } => self.touched.service(service),
-            Command::CreateTask { service, .. } => {
-                if let Some(id) = self.service_by_ref(service).map(|s| s.id.clone()) {
-                    self.touched.service(&id);
-                }
-            }
-            Command::RemoveTask { id }
-            | Command::ShutdownTask { id }
-            | Command::SetTaskStatus { id, .. } => {
-                if let Some(s) = self.tasks.get(id).map(|t| t.service.clone()) {
-                    self.touched.service(&s);
+                Touch::Task(id) => {
+                    if let Some(s) = self.tasks.get(id).map(|t| t.service.clone()) {
+                        self.touched.service(&s);
+                    }
                 }
             }
         }

@@ -26,7 +26,7 @@ use std::{
     sync::Arc,
 };
 
-use crate::state::{Command, NodeStatus, State, Task};
+use crate::state::{Command, NodeStatus, State, Task, Touch};
 
 pub use model::tables::*;
 
@@ -184,61 +184,49 @@ impl Touched {
         t
     }
 
+    /// What `cmd` may change for the tables ([`Command::touches`]),
+    /// resolved against `state` before it applies.
     fn add(&mut self, state: &State, cmd: &Command) {
-        match cmd {
-            Command::Init { .. }
-            | Command::CreateNetwork { .. }
-            | Command::RemoveNetwork { .. } => self.networks = true,
-            // The underlay prefixes steer the allocator, not the tables.
-            Command::SetJoinToken { .. } | Command::SetNodeUnderlay { .. } => {}
-            Command::RotateNetworkKeys { .. } => self.network_keys = true,
-            Command::AddNode { id, .. } => {
-                self.node_endpoints.insert(id.clone());
-            }
-            Command::UpdateNode { id, .. }
-            | Command::SetNodeStatus { id, .. }
-            | Command::RemoveNode { id, .. } => {
-                // By id, as the state resolves it (never by hostname).
-                if state.nodes.contains_key(id) {
-                    self.nodes.insert(id.clone());
-                    self.node_endpoints.insert(id.clone());
+        for t in cmd.touches() {
+            match t {
+                Touch::Networks => self.networks = true,
+                Touch::NetworkKeys => self.network_keys = true,
+                Touch::NewNode(id) => {
+                    self.node_endpoints.insert(id.to_owned());
+                }
+                Touch::Node(id) => {
+                    // By id, as the state resolves it (never by hostname).
+                    if state.nodes.contains_key(id) {
+                        self.nodes.insert(id.to_owned());
+                        self.node_endpoints.insert(id.to_owned());
+                    }
+                }
+                Touch::NewService(id) => {
+                    self.services.insert(id.to_owned());
+                }
+                Touch::UpdateStatus(_) => {}
+                Touch::Service(target) => {
+                    if let Some(s) = state.service_by_ref(target) {
+                        self.services.insert(s.id.clone());
+                        // Removing a service removes its tasks; an update
+                        // may rename it, which renames its tasks' DNS names.
+                        self.tasks.extend(
+                            state
+                                .tasks
+                                .values()
+                                .filter(|t| t.service == s.id)
+                                .map(|t| t.id.clone()),
+                        );
+                    }
+                }
+                Touch::NewTask { id, node, .. } => {
+                    self.tasks.insert(id.to_owned());
+                    self.node_endpoints.insert(node.to_owned());
+                }
+                Touch::Task(id) => {
+                    self.tasks.insert(id.to_owned());
                 }
             }
-            Command::CreateService { id, .. } => {
-                self.services.insert(id.clone());
-            }
-            Command::SetUpdateStatus { .. } => {}
-            Command::UpdateService { target, .. }
-            | Command::RemoveService { target }
-            | Command::RollbackService { target, .. } => {
-                if let Some(s) = state.service_by_ref(target) {
-                    self.services.insert(s.id.clone());
-                    // Removing a service removes its tasks; an update may
-                    // rename it, which renames its tasks' DNS names.
-                    self.tasks.extend(
-                        state
-                            .tasks
-                            .values()
-                            .filter(|t| t.service == s.id)
-                            .map(|t| t.id.clone()),
-                    );
-                }
-            }
-            Command::CreateTask { id, node, .. } => {
-                self.tasks.insert(id.clone());
-                self.node_endpoints.insert(node.clone());
-            }
-            Command::RemoveTask { id }
-            | Command::ShutdownTask { id }
-            | Command::SetTaskStatus { id, .. } => {
-                self.tasks.insert(id.clone());
-            }
-            Command::Batch { commands } => {
-                for c in commands {
-                    self.add(state, c);
-                }
-            }
-            Command::Once { write, .. } => self.add(state, write),
         }
     }
 

@@ -153,3 +153,77 @@ pub enum Outcome {
     /// A [`Command::Once`] whose request was applied before.
     AlreadyApplied,
 }
+
+/// What a command may change, named by the ids or names it carries. This is
+/// the one table of it: the orchestrator's touched set (`control::state`)
+/// and the tables' delta derivation (`control::tables`) both read it, each
+/// resolving names against the state before the command applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touch<'a> {
+    /// The settings or the set of networks.
+    Networks,
+    /// The encrypted networks' key ring.
+    NetworkKeys,
+    /// A node that joins (by id).
+    NewNode(&'a str),
+    /// A node that exists (by id).
+    Node(&'a str),
+    /// A service being created (by id).
+    NewService(&'a str),
+    /// An existing service's spec, by id or name: its tasks' names follow it.
+    Service(&'a str),
+    /// A service's rolling-update status (by id): the orchestrator's
+    /// business, not the tables'.
+    UpdateStatus(&'a str),
+    /// A task being created for a service (id or name) on a node.
+    NewTask {
+        id: &'a str,
+        service: &'a str,
+        node: &'a str,
+    },
+    /// An existing task (by id).
+    Task(&'a str),
+}
+
+impl Command {
+    /// What this command may change; a batch's (or a retried request's)
+    /// commands are looked into.
+    pub fn touches(&self) -> Vec<Touch<'_>> {
+        let mut out = Vec::new();
+        self.touches_into(&mut out);
+        out
+    }
+
+    fn touches_into<'a>(&'a self, out: &mut Vec<Touch<'a>>) {
+        match self {
+            Command::Init { .. }
+            | Command::CreateNetwork { .. }
+            | Command::RemoveNetwork { .. } => out.push(Touch::Networks),
+            // The join tokens are secrets, not objects; the underlay
+            // prefixes steer the allocator only.
+            Command::SetJoinToken { .. } | Command::SetNodeUnderlay { .. } => {}
+            Command::RotateNetworkKeys { .. } => out.push(Touch::NetworkKeys),
+            Command::AddNode { id, .. } => out.push(Touch::NewNode(id)),
+            Command::UpdateNode { id, .. }
+            | Command::SetNodeStatus { id, .. }
+            | Command::RemoveNode { id, .. } => out.push(Touch::Node(id)),
+            Command::CreateService { id, .. } => out.push(Touch::NewService(id)),
+            Command::UpdateService { target, .. }
+            | Command::RemoveService { target }
+            | Command::RollbackService { target, .. } => out.push(Touch::Service(target)),
+            Command::SetUpdateStatus { service, .. } => out.push(Touch::UpdateStatus(service)),
+            Command::CreateTask {
+                id, service, node, ..
+            } => out.push(Touch::NewTask { id, service, node }),
+            Command::RemoveTask { id }
+            | Command::ShutdownTask { id }
+            | Command::SetTaskStatus { id, .. } => out.push(Touch::Task(id)),
+            Command::Batch { commands } => {
+                for c in commands {
+                    c.touches_into(out);
+                }
+            }
+            Command::Once { write, .. } => write.touches_into(out),
+        }
+    }
+}
