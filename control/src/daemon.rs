@@ -67,6 +67,8 @@ pub enum DaemonError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Pki(#[from] pki::PkiError),
+    #[error(transparent)]
+    Cert(#[from] mtls::CertError),
 }
 
 fn msg(m: impl Into<String>) -> DaemonError {

@@ -26,24 +26,14 @@ use time::OffsetDateTime;
 
 use crate::state::{Role, TokenRecord};
 
+pub use mtls::identity::{
+    Identity, MANAGER_SERVER_NAME, ca_digest, der_digest, identity, identity_der, now, pem_to_der,
+    role_name,
+};
+
 /// Default certificate lifetime (Swarm's is 90 days too).
 pub use model::DEFAULT_CERT_LIFETIME;
 const TOKEN_PREFIX: &str = "MESH-1-";
-const OU_MANAGER: &str = "mesh-manager";
-const OU_WORKER: &str = "mesh-worker";
-
-/// The name a role has in certificates (OU and a DNS SAN). TLS clients
-/// connect to managers under [`MANAGER_SERVER_NAME`].
-pub fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Manager => OU_MANAGER,
-        Role::Worker => OU_WORKER,
-    }
-}
-
-/// The server name clients verify a manager's certificate against.
-pub const MANAGER_SERVER_NAME: &str = OU_MANAGER;
-
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
     #[error("{0}")]
@@ -56,23 +46,10 @@ pub enum PkiError {
     CaMismatch { expected: String, presented: String },
     #[error("the join token is not valid for this cluster (wrong or rotated)")]
     TokenRefused,
-    #[error("certificate is not a mesh node certificate: {0}")]
-    NotANode(String),
-    #[error(
-        "certificate expired at {at}. A running node renews its certificate in the last third \
-         of its lifetime; this one was stopped for longer. Join the node again with a current \
-         token (`meshctl swarm join-token worker|manager` on a manager, then `meshd join`)"
-    )]
-    Expired { at: String },
-    #[error("certificate is not valid before {at}: check this host's clock")]
-    NotYetValid { at: String },
-    #[error(
-        "certificate is not signed by this cluster's CA (expected the CA with digest {expected}): \
-         it belongs to another cluster, or the CA was rotated since it was issued"
-    )]
-    ForeignCa { expected: String },
     #[error("the system random source failed")]
     Random,
+    #[error(transparent)]
+    Identity(#[from] mtls::CertError),
 }
 
 fn cert_err(e: impl fmt::Display) -> PkiError {
@@ -87,32 +64,7 @@ fn salted_hash(salt: &str, secret: &str) -> String {
     hex(digest(&SHA256, &input).as_ref())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// SHA-256 of a certificate's DER, in hex: what join tokens pin.
-pub fn ca_digest(ca_cert_pem: &str) -> Result<String, PkiError> {
-    Ok(der_digest(&pem_to_der(ca_cert_pem)?))
-}
-
-/// SHA-256 of DER bytes, in hex (a certificate as TLS hands it over).
-pub fn der_digest(der: &[u8]) -> String {
-    hex(digest(&SHA256, der).as_ref())
-}
-
-/// Seconds since the epoch, as certificate validity is compared.
-pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, PkiError> {
-    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(cert_err)?;
-    Ok(p.contents)
-}
+use mtls::identity::hex;
 
 /// The cluster's root CA.
 #[derive(Clone)]
@@ -161,7 +113,7 @@ impl Ca {
     }
 
     pub fn digest(&self) -> Result<String, PkiError> {
-        ca_digest(&self.cert_pem)
+        Ok(ca_digest(&self.cert_pem)?)
     }
 
     /// Signs a node's CSR: the certificate names `node_id`, its role and
@@ -221,63 +173,6 @@ pub fn node_key_and_csr() -> Result<(String, String), PkiError> {
         .serialize_request(&key)
         .map_err(cert_err)?;
     Ok((key.serialize_pem(), csr.pem().map_err(cert_err)?))
-}
-
-/// Who a node certificate says it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    pub node_id: String,
-    pub role: Role,
-    pub cluster_id: String,
-    /// Seconds since the epoch.
-    pub not_after: i64,
-}
-
-/// Reads and checks a node certificate: signed by `ca_cert_pem`, within its
-/// validity, with a mesh role.
-pub fn identity(cert_pem: &str, ca_cert_pem: &str, now: i64) -> Result<Identity, PkiError> {
-    identity_der(&pem_to_der(cert_pem)?, &pem_to_der(ca_cert_pem)?, now)
-}
-
-/// [`identity`] for DER certificates (as TLS hands them over).
-pub fn identity_der(der: &[u8], ca_der: &[u8], now: i64) -> Result<Identity, PkiError> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::NotANode(e.to_string()))?;
-    let (_, ca) = x509_parser::parse_x509_certificate(ca_der).map_err(cert_err)?;
-    cert.verify_signature(Some(ca.public_key()))
-        .map_err(|_| PkiError::ForeignCa {
-            expected: der_digest(ca_der),
-        })?;
-    let v = cert.validity();
-    if now < v.not_before.timestamp() {
-        return Err(PkiError::NotYetValid {
-            at: v.not_before.to_string(),
-        });
-    }
-    if now > v.not_after.timestamp() {
-        return Err(PkiError::Expired {
-            at: v.not_after.to_string(),
-        });
-    }
-    let first = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
-        it.next().and_then(|a| a.as_str().ok()).map(str::to_owned)
-    };
-    let subject = cert.subject();
-    let node_id =
-        first(&mut subject.iter_common_name()).ok_or_else(|| PkiError::NotANode("no CN".into()))?;
-    let role = match first(&mut subject.iter_organizational_unit()).as_deref() {
-        Some(OU_MANAGER) => Role::Manager,
-        Some(OU_WORKER) => Role::Worker,
-        other => return Err(PkiError::NotANode(format!("role {other:?}"))),
-    };
-    let cluster_id =
-        first(&mut subject.iter_organization()).ok_or_else(|| PkiError::NotANode("no O".into()))?;
-    Ok(Identity {
-        node_id,
-        role,
-        cluster_id,
-        not_after: v.not_after.timestamp(),
-    })
 }
 
 /// Whether a certificate should be renewed: in the last third of its life.
