@@ -19,27 +19,17 @@ use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    manager::{Manager, ManagerStatus, NOT_LEADER, WriteError, raft_id},
+    manager::{Manager, NOT_LEADER, WriteError, raft_id},
     pki::{self, Ca, JoinToken},
-    state::{Command, Network, Node, NodeSpec, Outcome, Role, Service, State, Task, TaskState},
+    state::{Command, Network, Node, NodeSpec, Outcome, Role, State, TaskState},
 };
 
 pub use crate::context::Ctx;
+pub use model::api::{
+    Info, KeyRing, NodeView, STALE_HEADER, ServiceView, TaskLog, TaskView, Whoami,
+};
 
 pub use crate::grpc::{REMOVED, is_removal};
-
-/// The output of one task, as `service logs` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TaskLog {
-    pub id: String,
-    pub name: String,
-    pub node_hostname: String,
-    /// Its stdout and stderr, in the order written (the last 1 MiB).
-    pub text: String,
-    /// Why the log could not be read (the node is down, ...).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
 
 /// The most of one task's log a call returns (its end).
 const LOG_TAIL_BYTES: u64 = 1 << 20;
@@ -71,23 +61,6 @@ fn read_task_log(dir: &std::path::Path, id: &str) -> Result<String, Status> {
     f.read_to_end(&mut raw)
         .map_err(|e| Status::internal(e.to_string()))?;
     Ok(String::from_utf8_lossy(&raw).into_owned())
-}
-
-/// The key ring without its secrets (`meshctl swarm rotate-network-key`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyRing {
-    /// Key ids, oldest first, with their creation time (ms).
-    pub keys: Vec<(u32, u64)>,
-    pub primary: Option<u32>,
-}
-
-impl KeyRing {
-    pub fn of(keys: &[crate::state::NetworkKey]) -> KeyRing {
-        KeyRing {
-            keys: keys.iter().map(|k| (k.id, k.created_ms)).collect(),
-            primary: crate::keys::primary(keys).map(|k| k.id),
-        }
-    }
 }
 
 fn json<T: Serialize>(v: &T) -> Result<Response<Blob>, Status> {
@@ -298,16 +271,6 @@ pub fn manager_addrs(s: &State) -> Vec<String> {
 
 pub struct NodeService(pub Arc<Ctx>);
 
-/// What `Node/Whoami` answers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Whoami {
-    pub node: Node,
-    pub managers: Vec<String>,
-    /// The cluster's certificate lifetime: renewal starts in its last third.
-    #[serde(default)]
-    pub cert_lifetime_secs: u64,
-}
-
 #[tonic::async_trait]
 impl node_server::Node for NodeService {
     async fn whoami(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
@@ -391,53 +354,6 @@ pub fn role_str(role: Role) -> &'static str {
 // ----- Cluster -----
 
 pub struct ClusterService(pub Arc<Ctx>);
-
-/// A node with its Raft standing, as `node ls/inspect` show it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeView {
-    #[serde(flatten)]
-    pub node: Node,
-    pub manager_status: Option<ManagerStatus>,
-    /// Whether this is the manager that answered.
-    pub is_self: bool,
-}
-
-/// A service with its task count, as `service ls` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ServiceView {
-    #[serde(flatten)]
-    pub service: Service,
-    /// Tasks observed running.
-    pub running: usize,
-}
-
-/// A task with the names `service ps` shows.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TaskView {
-    #[serde(flatten)]
-    pub task: Task,
-    /// `svc.slot`, or `svc.node-id.task-id` for a global service's task.
-    pub name: String,
-    pub node_hostname: String,
-}
-
-/// What `Cluster/Info` answers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Info {
-    pub cluster_id: String,
-    pub node_id: String,
-    pub leader: Option<String>,
-    pub term: u64,
-    pub last_applied: Option<u64>,
-    pub managers: usize,
-    pub nodes: usize,
-    pub services: usize,
-    pub networks: usize,
-}
-
-/// The metadata key a read's reply carries when the answering manager
-/// could not confirm its state is current: the reason, with its lag.
-pub const STALE_HEADER: &str = "mesh-stale";
 
 /// A read's reply, marked stale when the read barrier taken before the
 /// read (`Manager::read_barrier`) failed.

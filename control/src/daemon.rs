@@ -22,7 +22,6 @@ use proto::{
     join_server::JoinServer, node_client::NodeClient, node_server::NodeServer,
     raft_server::RaftServer,
 };
-use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use crate::{
@@ -55,7 +54,7 @@ async fn start_manager(
     Ok(m)
 }
 
-const NODE_FILE: &str = "node.json";
+use mtls::datadir::NODE_FILE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -69,51 +68,15 @@ pub enum DaemonError {
     Pki(#[from] pki::PkiError),
     #[error(transparent)]
     Cert(#[from] mtls::CertError),
+    #[error(transparent)]
+    NodeFile(#[from] NodeFileError),
 }
 
 fn msg(m: impl Into<String>) -> DaemonError {
     DaemonError::Msg(m.into())
 }
 
-/// Who this node is; `node.json` in the data dir.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeFile {
-    pub node_id: String,
-    pub cluster_id: String,
-    pub hostname: String,
-    pub addr: Ipv4Addr,
-    pub listen_addr: SocketAddr,
-    /// Where other nodes reach this node's gRPC server.
-    pub api_addr: String,
-    /// Last known managers' API addresses.
-    pub managers: Vec<String>,
-}
-
-impl NodeFile {
-    pub fn load(dir: &Path) -> Result<NodeFile, DaemonError> {
-        let path = dir.join(NODE_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            msg(format!(
-                "{}: {e} (is this node part of a cluster? start one with `meshd init` or join with `meshd join`)",
-                path.display()
-            ))
-        })?;
-        serde_json::from_str(&text).map_err(|e| msg(format!("{}: {e}", path.display())))
-    }
-
-    fn save(&self, dir: &Path) -> Result<(), DaemonError> {
-        let path = dir.join(NODE_FILE);
-        let tmp = dir.join(".node.json.tmp");
-        let text = serde_json::to_string_pretty(self).expect("serializable");
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| msg(format!("{}: {e}", path.display())))
-    }
-}
-
-pub fn certs_dir(dir: &Path) -> PathBuf {
-    dir.join("certs")
-}
+pub use mtls::datadir::{NodeFile, NodeFileError, certs_dir};
 
 /// Where a node listens and what it tells others.
 #[derive(Debug, Clone)]
@@ -337,7 +300,8 @@ async fn init_inner(
             .await
             .map_err(|e| msg(format!("adding this node: {e}")))?;
         creds.save(&certs_dir(dir))?;
-        file.save(dir)
+        file.save(dir)?;
+        Ok::<(), DaemonError>(())
     };
     if let Err(e) = setup.await {
         daemon.stop().await;

@@ -183,19 +183,7 @@ impl WriteError {
     }
 }
 
-/// Whether a transport error's text says the request was never sent (the
-/// TCP connection could not be made). Anything else, a reset or a TLS
-/// close included, may have come after the request went out.
-pub fn never_sent(text: &str) -> bool {
-    [
-        "tcp connect error",
-        "Connection refused",
-        "No route to host",
-        "error trying to connect",
-    ]
-    .iter()
-    .any(|needle| text.contains(needle))
-}
+pub use model::api::never_sent;
 
 /// How long a write may look for a leader and retry, by default and at
 /// most: longer than an election (about 1 s here, 4 s at worst).
@@ -390,18 +378,7 @@ fn peer_status(
     }
 }
 
-/// How a manager sees another, for `node ls`'s MANAGER STATUS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub enum ManagerStatus {
-    Leader,
-    Reachable,
-    Unreachable,
-    /// Reachable, but missing this many committed entries (the leader's
-    /// view): its reads wait, its state is not yet the cluster's.
-    Behind {
-        entries: u64,
-    },
-}
+pub use model::api::ManagerStatus;
 
 pub struct Manager {
     pub raft_id: NodeId,

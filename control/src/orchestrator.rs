@@ -30,7 +30,7 @@ use crate::state::{
     Service, ServiceMode, State, Task, TaskState, Touched, UpdateOrder, UpdateState, UpdateStatus,
 };
 
-pub use model::constraint::{Constraint, Field, parse_constraints};
+pub use model::constraint::{Constraint, Field, parse_constraints, takes};
 
 /// The commands [`reconcile`] wants, and the slots it could not place.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -52,13 +52,6 @@ fn keeps(node: Option<&Node>, constraints: &[Constraint]) -> bool {
             && n.spec.availability != Availability::Drain
             && constraints.iter().all(|c| c.matches(n))
     })
-}
-
-/// May `node` get a new task of a service with `constraints`?
-pub fn takes(node: &Node, constraints: &[Constraint]) -> bool {
-    node.status == NodeStatus::Ready
-        && node.spec.availability == Availability::Active
-        && constraints.iter().all(|c| c.matches(node))
 }
 
 /// Task counts per node, kept up to date as the plan places and removes.

@@ -8,12 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::{Deserialize, Serialize};
-
-use crate::{
-    state::{NodeStatus, State},
-    tables::Revision,
-};
+use crate::{state::State, tables::Revision};
 
 #[derive(Debug, Clone)]
 pub(crate) struct Session {
@@ -24,6 +19,8 @@ pub(crate) struct Session {
     pub(crate) connected: bool,
 }
 
+pub use model::api::{NodeProgress, Progress};
+
 /// The leader's view of its agents.
 #[derive(Debug, Default)]
 pub struct Dispatcher {
@@ -31,34 +28,6 @@ pub struct Dispatcher {
     next_token: Mutex<u64>,
     /// One clone per running session task (each holds the manager).
     pub(crate) running: Arc<()>,
-}
-
-/// One node's convergence, as `meshctl` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeProgress {
-    pub id: String,
-    pub hostname: String,
-    pub status: NodeStatus,
-    /// The revision the node's agent last acked (None: no session since
-    /// this leader took over).
-    pub acked: Option<Revision>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Progress {
-    /// The tables' current revision on the leader.
-    pub revision: Revision,
-    pub nodes: Vec<NodeProgress>,
-}
-
-impl Progress {
-    /// Nodes that are up and have not yet applied `revision`.
-    pub fn pending(&self, revision: Revision) -> Vec<&NodeProgress> {
-        self.nodes
-            .iter()
-            .filter(|n| n.status == NodeStatus::Ready && n.acked.unwrap_or(0) < revision)
-            .collect()
-    }
 }
 
 impl Dispatcher {

@@ -11,18 +11,17 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use control::{
-    api::{Info, NodeView, ServiceView, TaskView},
-    daemon::{self, NodeFile},
-    dispatcher::{NodeProgress, Progress},
-    manager::ManagerStatus,
-    pki,
-    state::{
-        Availability, Command, EndpointMode, EndpointSpec, Network, NetworkAttachment, NetworkSpec,
-        Node, NodeSpec, NodeStatus, Outcome, PortConfig, Protocol, PublishMode, Role, Service,
-        ServiceMode, ServiceSpec, TaskState, TaskTemplate,
-    },
-    tls::{self, Credentials, Trust},
+use model::{
+    Availability, Command, EndpointMode, EndpointSpec, Network, NetworkAttachment, NetworkSpec,
+    Node, NodeSpec, NodeStatus, Outcome, PortConfig, Protocol, PublishMode, Role, Service,
+    ServiceMode, ServiceSpec, TaskState, TaskTemplate,
+    api::{Info, ManagerStatus, NodeProgress, NodeView, Progress, ServiceView, TaskView},
+};
+use mtls::{
+    client::{self as tls, Credentials, Trust},
+    datadir::{NodeFile, certs_dir},
+    grpc::{MAX_MESSAGE, status_text},
+    identity as pki,
 };
 use proto::{
     Blob, Empty, JoinTokenRequest, Ref, Remove, SetRoleRequest, Update,
@@ -267,10 +266,10 @@ struct UpdateOpts {
 /// "500ms", "5s", "2m", "1h30m" or plain seconds, in ms: at most a year
 /// (what a service spec holds), checked, never overflowing.
 fn parse_ms(s: &str) -> Result<u64, String> {
-    control::units::Range {
+    model::units::Range {
         what: "a service duration",
         min: Duration::ZERO,
-        max: control::units::SPEC_MAX,
+        max: model::units::SPEC_MAX,
     }
     .parse_ms(s)
     .map_err(|e| e.to_string())
@@ -279,14 +278,14 @@ fn parse_ms(s: &str) -> Result<u64, String> {
 /// Applies the `--<prefix>-*` options to `c`.
 #[allow(clippy::too_many_arguments)]
 fn apply_update_opts(
-    c: &mut control::state::UpdateConfig,
+    c: &mut model::UpdateConfig,
     parallelism: Option<u32>,
     delay: Option<u64>,
     monitor: Option<u64>,
     failure_action: Option<&str>,
     order: Option<&str>,
 ) {
-    use control::state::{FailureAction, UpdateOrder};
+    use model::{FailureAction, UpdateOrder};
     if let Some(p) = parallelism {
         c.parallelism = p;
     }
@@ -488,11 +487,11 @@ type Res<T = ()> = Result<T, String>;
 /// off otherwise (deadline, connection lost or reset) may have been
 /// applied, and says that: never "not applied" for what may have been.
 fn err(s: tonic::Status) -> String {
-    let text = daemon::status_text(&s);
+    let text = status_text(&s);
     if text.contains("(not applied") || text.starts_with("outcome unknown") {
         return text;
     }
-    if control::manager::never_sent(&text) {
+    if model::api::never_sent(&text) {
         return format!("{text} (not applied: the manager could not be reached)");
     }
     match s.code() {
@@ -519,7 +518,7 @@ fn read(path: &Path, what: &str) -> Res<String> {
 
 impl Conn {
     fn connect(&self) -> Res<Client> {
-        let from_dir = Credentials::load(&daemon::certs_dir(&self.data_dir));
+        let from_dir = Credentials::load(&certs_dir(&self.data_dir));
         let ca = match (&self.ca, &from_dir) {
             (Some(p), _) => read(p, "CA certificate")?,
             (None, Ok(c)) => c.ca.clone(),
@@ -556,8 +555,8 @@ impl Conn {
             .map_err(|e| e.to_string())?;
         Ok(Client {
             api: ClusterClient::new(channel)
-                .max_decoding_message_size(daemon::MAX_MESSAGE)
-                .max_encoding_message_size(daemon::MAX_MESSAGE),
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
             addr,
         })
     }
@@ -565,8 +564,7 @@ impl Conn {
     /// This node's API if it is a manager, else the first known manager.
     fn local_manager(&self) -> Res<String> {
         let file = NodeFile::load(&self.data_dir).map_err(|e| e.to_string())?;
-        let creds =
-            Credentials::load(&daemon::certs_dir(&self.data_dir)).map_err(|e| e.to_string())?;
+        let creds = Credentials::load(&certs_dir(&self.data_dir)).map_err(|e| e.to_string())?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -595,7 +593,7 @@ fn blob<T: serde::Serialize>(v: &T) -> Blob {
 fn from_blob<T: for<'de> serde::Deserialize<'de>>(b: tonic::Response<Blob>) -> Res<T> {
     if let Some(why) = b
         .metadata()
-        .get(control::api::STALE_HEADER)
+        .get(model::api::STALE_HEADER)
         .and_then(|v| v.to_str().ok())
     {
         eprintln!("warning: this answer may be stale: {why}");
@@ -999,7 +997,7 @@ fn apply_opts(spec: &mut ServiceSpec, o: ServiceOpts, creating: bool) -> Res {
         };
     }
     if !o.constraint.is_empty() {
-        control::orchestrator::parse_constraints(&o.constraint)?;
+        model::constraint::parse_constraints(&o.constraint)?;
         spec.task.constraints = o.constraint;
     }
     let u = &o.update;
@@ -1020,11 +1018,9 @@ fn apply_opts(spec: &mut ServiceSpec, o: ServiceOpts, creating: bool) -> Res {
         u.rollback_order.as_deref(),
     );
     match o.restart_condition.as_deref() {
-        Some("any") => spec.task.restart.condition = control::state::RestartCondition::Any,
-        Some("on-failure") => {
-            spec.task.restart.condition = control::state::RestartCondition::OnFailure
-        }
-        Some("none") => spec.task.restart.condition = control::state::RestartCondition::None,
+        Some("any") => spec.task.restart.condition = model::RestartCondition::Any,
+        Some("on-failure") => spec.task.restart.condition = model::RestartCondition::OnFailure,
+        Some("none") => spec.task.restart.condition = model::RestartCondition::None,
         _ => {}
     }
     if let Some(d) = o.restart_delay {
@@ -1349,7 +1345,7 @@ async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
             tail,
             no_trunc,
         } => {
-            let logs: Vec<control::api::TaskLog> = from_blob(
+            let logs: Vec<model::api::TaskLog> = from_blob(
                 c.api
                     .service_logs(Ref { target: service })
                     .await
@@ -1446,8 +1442,8 @@ async fn converge(c: &mut Client, wait: &Wait) -> Res {
 
 /// `docker service logs`' shape: `name.id@node    | line`, the prefix
 /// padded to one width.
-fn logs_text(logs: &[control::api::TaskLog], tail: Option<usize>, no_trunc: bool) -> String {
-    let prefix = |l: &control::api::TaskLog| {
+fn logs_text(logs: &[model::api::TaskLog], tail: Option<usize>, no_trunc: bool) -> String {
+    let prefix = |l: &model::api::TaskLog| {
         let id = if no_trunc {
             l.id.as_str()
         } else {
@@ -1472,7 +1468,7 @@ fn logs_text(logs: &[control::api::TaskLog], tail: Option<usize>, no_trunc: bool
 /// task of the current spec, and a rolling update has ended. An update that
 /// paused or rolled back is an error, with the orchestrator's reason.
 async fn converge_tasks(c: &mut Client, wait: &Wait, service: &str, updating: bool) -> Res {
-    use control::state::UpdateState;
+    use model::UpdateState;
     if wait.detach {
         return Ok(());
     }
@@ -1501,13 +1497,12 @@ async fn converge_tasks(c: &mut Client, wait: &Wait, service: &str, updating: bo
             // One per node that can take one now, as the orchestrator
             // decides it.
             ServiceMode::Global => {
-                let constraints =
-                    control::orchestrator::parse_constraints(&s.spec.task.constraints)?;
+                let constraints = model::constraint::parse_constraints(&s.spec.task.constraints)?;
                 let nodes: Vec<NodeView> =
                     from_blob(c.api.list_nodes(Empty {}).await.map_err(err)?)?;
                 nodes
                     .iter()
-                    .filter(|n| control::orchestrator::takes(&n.node, &constraints))
+                    .filter(|n| model::constraint::takes(&n.node, &constraints))
                     .count()
                     .max(live.len())
             }
@@ -1575,7 +1570,7 @@ async fn task(c: &mut Client, cmd: TaskCmd) -> Res {
             let out = propose(
                 c,
                 Command::CreateTask {
-                    id: control::api::new_id(),
+                    id: mtls::ids::new_id(),
                     service,
                     slot,
                     node,
@@ -1658,7 +1653,7 @@ async fn swarm(c: &mut Client, cmd: SwarmCmd) -> Res {
             Ok(())
         }
         SwarmCmd::RotateNetworkKey => {
-            let ring: control::api::KeyRing =
+            let ring: model::api::KeyRing =
                 from_blob(c.api.rotate_network_key(Empty {}).await.map_err(err)?)?;
             let ids: Vec<String> = ring.keys.iter().map(|(id, _)| id.to_string()).collect();
             println!(
@@ -1741,7 +1736,7 @@ mod parser_props {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use control::state::NodeStatus;
+    use model::NodeStatus;
 
     #[test]
     fn service_ps_shows_each_slot_then_its_history_like_docker() {
@@ -2002,7 +1997,7 @@ mod tests {
 
     #[test]
     fn logs_are_prefixed_like_docker_and_tail_per_task() {
-        let log = |name: &str, id: &str, host: &str, text: &str| control::api::TaskLog {
+        let log = |name: &str, id: &str, host: &str, text: &str| model::api::TaskLog {
             id: id.into(),
             name: name.into(),
             node_hostname: host.into(),

@@ -4,7 +4,7 @@
 
 use std::{fmt, str::FromStr};
 
-use crate::{Node, Role};
+use crate::{Availability, Node, NodeStatus, Role};
 
 /// What a constraint looks at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,4 +103,11 @@ impl Constraint {
 /// Parses every constraint of a spec; the first bad one is the error.
 pub fn parse_constraints(texts: &[String]) -> Result<Vec<Constraint>, String> {
     texts.iter().map(|t| t.parse()).collect()
+}
+
+/// May `node` get a new task of a service with `constraints`?
+pub fn takes(node: &Node, constraints: &[Constraint]) -> bool {
+    node.status == NodeStatus::Ready
+        && node.spec.availability == Availability::Active
+        && constraints.iter().all(|c| c.matches(node))
 }

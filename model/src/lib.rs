@@ -5,6 +5,7 @@
 //! consensus. The state machine that applies commands lives in `control`;
 //! the data plane in `dataplane` reads the tables through these types.
 
+pub mod api;
 pub mod cluster;
 pub mod command;
 pub mod constraint;
@@ -16,6 +17,7 @@ pub mod session;
 pub mod subnet;
 pub mod tables;
 pub mod task;
+pub mod units;
 
 pub use cluster::*;
 pub use command::*;

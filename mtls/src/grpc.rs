@@ -4,7 +4,7 @@
 
 use tonic::Status;
 
-use crate::tls;
+use crate::client as tls;
 
 /// Largest gRPC message (Raft batches and snapshots).
 pub const MAX_MESSAGE: usize = 64 << 20;
