@@ -250,40 +250,51 @@ fn a_partitioned_leader_refuses_writes_keeps_forwarding_and_converges_after_the_
     // balancer (DNS is served from the same tables, applied in the same
     // revision).
     let leader_now = wait_until("a leader", Duration::from_secs(10), || leader(&nodes[0]));
-    // A node running a task of web, a follower if one does (the cut node's
-    // tasks were replaced while it was away), and that task's addresses.
-    let (di, dead_addrs) = wait_until("a node with a task of web", Duration::from_secs(20), || {
-        let tasks = json(&nodes[0].meshctl_ok(&["service", "ps", "web", "--format", "json"]));
-        // Followers first; the leader only if it alone runs a task.
-        let mut order: Vec<(usize, &Node<'_>)> = nodes.iter().enumerate().collect();
-        order.sort_by_key(|(_, n)| n.host.label() == leader_now);
-        order.into_iter().find_map(|(i, n)| {
-            let addrs: BTreeSet<std::net::Ipv4Addr> = tasks
-                .as_array()?
-                .iter()
-                .filter(|t| t["desired"] == "running" && t["node_hostname"] == n.host.label())
-                .flat_map(|t| t["attachments"].as_array().cloned().unwrap_or_default())
-                .filter_map(|a| a["addr"].as_str()?.parse().ok())
-                .collect();
-            (!addrs.is_empty()).then_some((i, addrs))
-        })
-    });
-    let dead = nodes[di].host.label().to_owned();
-    let in_lb = |n: &Node<'_>| {
-        dataplane::inspect::read_lb(&n.host.pin_dir()).is_ok_and(|views| {
-            views
-                .iter()
-                .flat_map(|v| &v.backends)
-                .any(|b| dead_addrs.contains(&b.address))
-        })
+    // A node running a task of web that every other node balances to, a
+    // follower if one does (the cut node's tasks were replaced while it was
+    // away), and that task's addresses. Chosen afresh on every look: just
+    // after the heal a node may still be marked down and its tasks
+    // replaced, and a task chosen then would never reach the others.
+    let backends = |n: &Node<'_>| -> BTreeSet<std::net::Ipv4Addr> {
+        dataplane::inspect::read_lb(&n.host.pin_dir())
+            .map(|views| {
+                views
+                    .iter()
+                    .flat_map(|v| &v.backends)
+                    .map(|b| b.address)
+                    .collect()
+            })
+            .unwrap_or_default()
     };
+    let (di, dead_addrs) = wait_until(
+        "a node whose task of web is in every other node's load balancer",
+        Duration::from_secs(30),
+        || {
+            let tasks = json(&nodes[0].meshctl_ok(&["service", "ps", "web", "--format", "json"]));
+            // Followers first; the leader only if it alone runs a task.
+            let mut order: Vec<(usize, &Node<'_>)> = nodes.iter().enumerate().collect();
+            order.sort_by_key(|(_, n)| n.host.label() == leader_now);
+            order.into_iter().find_map(|(i, n)| {
+                let addrs: BTreeSet<std::net::Ipv4Addr> = tasks
+                    .as_array()?
+                    .iter()
+                    .filter(|t| t["desired"] == "running" && t["node_hostname"] == n.host.label())
+                    .flat_map(|t| t["attachments"].as_array().cloned().unwrap_or_default())
+                    .filter_map(|a| a["addr"].as_str()?.parse().ok())
+                    .collect();
+                let everywhere = !addrs.is_empty()
+                    && nodes
+                        .iter()
+                        .filter(|o| o.host.label() != n.host.label())
+                        .all(|o| !backends(o).is_disjoint(&addrs));
+                everywhere.then_some((i, addrs))
+            })
+        },
+    );
+    let dead = nodes[di].host.label().to_owned();
+    let in_lb = |n: &Node<'_>| !backends(n).is_disjoint(&dead_addrs);
     let victim = nodes[di].meshd.take().expect("running");
     let survivors: Vec<&Node<'_>> = nodes.iter().filter(|n| n.host.label() != dead).collect();
-    wait_until(
-        "the task to be in every other node's load balancer",
-        Duration::from_secs(20),
-        || survivors.iter().all(|n| in_lb(n)).then_some(()),
-    );
     let port = format!("p{}", nodes[di].host.index());
     let underlay = topo.underlay().name().to_owned();
     victim.kill();
