@@ -19,6 +19,8 @@ pub mod keys;
 pub mod manager;
 pub mod orchestrator;
 pub mod pki;
+#[cfg(test)]
+mod props;
 pub mod reply;
 pub mod seal;
 pub mod sessions;

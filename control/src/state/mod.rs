@@ -665,16 +665,12 @@ impl State {
             }
         }
     }
-
 }
 
 mod networks;
 mod nodes;
 mod services;
 mod tasks;
-
-#[cfg(test)]
-mod props;
 
 #[cfg(test)]
 mod tests;

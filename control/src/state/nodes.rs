@@ -120,7 +120,11 @@ impl State {
     /// the host, not a request: it is recorded even when a network already
     /// overlaps it (refusing it would only let the next `network create`
     /// land on it too); the dispatcher warns with [`State::underlay_clash`].
-    pub(super) fn set_node_underlay(&mut self, id: &str, underlay: &[Subnet]) -> Result<Outcome, StateError> {
+    pub(super) fn set_node_underlay(
+        &mut self,
+        id: &str,
+        underlay: &[Subnet],
+    ) -> Result<Outcome, StateError> {
         if underlay.len() > MAX_UNDERLAY_PREFIXES {
             return Err(invalid(format!(
                 "a node reports at most {MAX_UNDERLAY_PREFIXES} underlay prefixes, not {}",

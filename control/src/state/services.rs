@@ -5,7 +5,11 @@ use super::*;
 
 impl State {
     /// Everything about a service spec that does not need allocation.
-    pub(super) fn check_service(&self, spec: &ServiceSpec, own_id: Option<&str>) -> Result<(), StateError> {
+    pub(super) fn check_service(
+        &self,
+        spec: &ServiceSpec,
+        own_id: Option<&str>,
+    ) -> Result<(), StateError> {
         check_name("service", &spec.name)?;
         if let Some(other) = self.service_by_ref(&spec.name)
             && Some(other.id.as_str()) != own_id
@@ -258,7 +262,11 @@ impl State {
         }
     }
 
-    pub(super) fn create_service(&mut self, id: &str, spec: &ServiceSpec) -> Result<Outcome, StateError> {
+    pub(super) fn create_service(
+        &mut self,
+        id: &str,
+        spec: &ServiceSpec,
+    ) -> Result<Outcome, StateError> {
         self.check_service(spec, None)?;
         if self.services.contains_key(id) {
             return Err(invalid(format!("service id {id} is already in use")));
@@ -330,7 +338,11 @@ impl State {
 
     /// The previous spec comes back (its ports and VIPs allocated again as
     /// an update would); the spec rolled back from becomes the previous.
-    pub(super) fn rollback_service(&mut self, target: &str, message: &str) -> Result<Outcome, StateError> {
+    pub(super) fn rollback_service(
+        &mut self,
+        target: &str,
+        message: &str,
+    ) -> Result<Outcome, StateError> {
         let old = self.service_owned(target)?;
         let Some(previous) = old.previous.clone() else {
             return Err(invalid(format!(

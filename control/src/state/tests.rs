@@ -870,8 +870,7 @@ fn replicas_and_snapshots_agree() {
     }
     assert_eq!(a, b);
     // A snapshot round trip, then the same next command on both.
-    let mut restored: State =
-        serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
+    let mut restored: State = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
     restored.reindex().unwrap();
     assert_eq!(restored, a);
     let next = Command::CreateService {

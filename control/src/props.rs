@@ -15,11 +15,11 @@
 //! `PROPTEST_CASES` sets how many sequences run (default 64 here; the
 //! fuzz command runs more).
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use proptest::prelude::*;
 
-use super::*;
+use crate::state::*;
 
 fn init() -> Command {
     Command::Init {
