@@ -4,31 +4,34 @@
 
 use crate::*;
 
+/// The help heading of the connection flags: shown after a command's own.
+const CONNECTION: &str = "Connection options";
+
 #[derive(Args)]
 pub(crate) struct Conn {
     /// The local node's data dir: its credentials and manager addresses.
     #[arg(
         long,
-        global = true,
+        global = true, help_heading = CONNECTION,
         default_value = "/var/lib/mesh",
         env = "MESH_DATA_DIR"
     )]
     pub(crate) data_dir: PathBuf,
     /// A manager's API address (host:port); default: this node if it is a
     /// manager, else the managers it knows.
-    #[arg(long, short = 'H', global = true, env = "MESH_HOST")]
+    #[arg(long, short = 'H', global = true, help_heading = CONNECTION, env = "MESH_HOST")]
     pub(crate) host: Option<String>,
     /// Client certificate (PEM), instead of the data dir's.
-    #[arg(long, global = true, requires = "key")]
+    #[arg(long, global = true, help_heading = CONNECTION, requires = "key")]
     pub(crate) cert: Option<PathBuf>,
     /// Client key (PEM).
-    #[arg(long, global = true, requires = "cert")]
+    #[arg(long, global = true, help_heading = CONNECTION, requires = "cert")]
     pub(crate) key: Option<PathBuf>,
     /// The cluster CA (PEM), instead of the data dir's.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = CONNECTION)]
     pub(crate) ca: Option<PathBuf>,
     /// Per-call timeout in seconds.
-    #[arg(long, global = true, default_value_t = 15)]
+    #[arg(long, global = true, help_heading = CONNECTION, default_value_t = 15)]
     pub(crate) timeout: u64,
 }
 

@@ -202,6 +202,28 @@ mod tests {
     use super::*;
     use model::NodeStatus;
 
+    /// A command's help lists its own options first, then the connection
+    /// flags as a group of their own.
+    #[test]
+    fn help_shows_the_commands_own_options_before_the_connection_group() {
+        use clap::CommandFactory;
+        let mut cli = Cli::command();
+        // Global flags reach the subcommands when the command is built.
+        cli.build();
+        let help = cli
+            .find_subcommand_mut("service")
+            .and_then(|s| s.find_subcommand_mut("ls"))
+            .expect("service ls")
+            .render_help()
+            .to_string();
+        let own = help.find("--format").expect("its own option");
+        let heading = help
+            .find("Connection options:")
+            .expect("a connection group");
+        let host = help.find("--host").expect("the connection flags");
+        assert!(own < heading && heading < host, "{help}");
+    }
+
     #[test]
     fn service_ps_shows_each_slot_then_its_history_like_docker() {
         let now = 10_000_000_u64;
