@@ -230,11 +230,19 @@ pub fn udp_ask(socket: &UdpSocket, to: SocketAddr, msg: &str) -> std::io::Result
 }
 
 /// One HTTP/1.0 GET of `path` from `to` (a fresh connection); the body,
-/// trimmed. For `mesh-web` tasks, whose body names who answered.
+/// trimmed. For `mesh-web` tasks, whose body names who answered. The read
+/// waits 3 s for the answer, plus the hold of a `/slow/MS/...` request
+/// (mesh-web says nothing until MS have passed: a 3 s read on a 3 s hold
+/// raced the server, and lost under load).
 pub fn http_get(to: SocketAddr, path: &str) -> std::io::Result<String> {
     use std::io::Read as _;
+    let hold = path
+        .strip_prefix("/slow/")
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_millis);
     let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
-    c.set_read_timeout(Some(Duration::from_secs(3)))?;
+    c.set_read_timeout(Some(Duration::from_secs(3) + hold))?;
     write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
     let mut out = String::new();
     c.read_to_string(&mut out)?;
