@@ -39,8 +39,11 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// Debian packages the VM tier needs on the host (`cargo xtask vm`).
+pub const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "kmod"];
+
 fn apt() -> Result<()> {
-    apt_install(&[APT_PACKAGES, crate::vm::APT_PACKAGES].concat())
+    apt_install(&[APT_PACKAGES, VM_PACKAGES].concat())
 }
 
 /// Installs the Debian packages of `packages` that are missing (root only).

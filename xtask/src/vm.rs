@@ -43,8 +43,6 @@ const INITRD_MODULES: &[&str] = &[
 /// Bumped whenever `initrd` puts something else into the image: part of
 /// its cache key, with everything that goes in.
 const INITRD_LAYOUT: u32 = 2;
-/// Debian packages the tier needs on the host.
-pub const APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "kmod"];
 /// isa-debug-exit: a byte written to this port ends QEMU with exit status
 /// `(byte << 1) | 1`.
 const DEBUG_EXIT_PORT: u64 = 0xf4;
@@ -102,7 +100,7 @@ pub fn run(opts: &Options) -> Result<Outcome> {
     if !crate::is_root() {
         bail!("the VM tier boots QEMU and runs privileged tests: run it as root");
     }
-    crate::setup::apt_install(APT_PACKAGES)?;
+    crate::setup::apt_install(crate::setup::VM_PACKAGES)?;
     let dir = target_dir().join("vm");
     fs::create_dir_all(&dir)?;
     let kernel = kernel(&dir)?;

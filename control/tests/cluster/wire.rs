@@ -150,14 +150,18 @@ async fn mutated_grpc_bodies_are_refused_cleanly_and_the_manager_keeps_serving()
     // Each call: a body built from random field values (structure kept).
     type Make<'a> = Box<dyn Fn(&mut Rng) -> Vec<u8> + 'a>;
     let pick = |rng: &mut Rng| pool[rng.below(pool.len())].clone();
-    let by_ref: Make = Box::new(|rng| Ref { target: pick(rng) }.encode_to_vec());
-    let remove: Make = Box::new(|rng| {
-        Remove {
-            target: pick(rng),
-            force: rng.below(2) == 0,
-        }
-        .encode_to_vec()
-    });
+    // The bodies several calls share, one maker per use.
+    let empty = || -> Make { Box::new(|_| Empty {}.encode_to_vec()) };
+    let by_ref = || -> Make { Box::new(move |rng| Ref { target: pick(rng) }.encode_to_vec()) };
+    let remove = |random_force: bool| -> Make {
+        Box::new(move |rng| {
+            Remove {
+                target: pick(rng),
+                force: random_force && rng.below(2) == 0,
+            }
+            .encode_to_vec()
+        })
+    };
     let update: Make = Box::new(|rng| {
         proto::Update {
             target: pick(rng),
@@ -170,21 +174,11 @@ async fn mutated_grpc_bodies_are_refused_cleanly_and_the_manager_keeps_serving()
         }
         .encode_to_vec()
     });
-    let empty: Make = Box::new(|_| Empty {}.encode_to_vec());
     let blob = |doc: serde_json::Value| -> Make { Box::new(move |rng| json_body(rng, &doc)) };
     let calls: Vec<(&str, Make)> = vec![
-        (
-            "/mesh.v1.Cluster/Info",
-            Box::new(|_| Empty {}.encode_to_vec()),
-        ),
-        (
-            "/mesh.v1.Cluster/ListNodes",
-            Box::new(|_| Empty {}.encode_to_vec()),
-        ),
-        (
-            "/mesh.v1.Cluster/InspectNode",
-            Box::new(|rng| Ref { target: pick(rng) }.encode_to_vec()),
-        ),
+        ("/mesh.v1.Cluster/Info", empty()),
+        ("/mesh.v1.Cluster/ListNodes", empty()),
+        ("/mesh.v1.Cluster/InspectNode", by_ref()),
         (
             "/mesh.v1.Cluster/UpdateNode",
             Box::new(|rng| {
@@ -220,41 +214,17 @@ async fn mutated_grpc_bodies_are_refused_cleanly_and_the_manager_keeps_serving()
             }),
         ),
         ("/mesh.v1.Cluster/CreateNetwork", blob(network)),
-        (
-            "/mesh.v1.Cluster/ListNetworks",
-            Box::new(|_| Empty {}.encode_to_vec()),
-        ),
-        (
-            "/mesh.v1.Cluster/InspectNetwork",
-            Box::new(|rng| Ref { target: pick(rng) }.encode_to_vec()),
-        ),
-        ("/mesh.v1.Cluster/RemoveNetwork", remove),
+        ("/mesh.v1.Cluster/ListNetworks", empty()),
+        ("/mesh.v1.Cluster/InspectNetwork", by_ref()),
+        ("/mesh.v1.Cluster/RemoveNetwork", remove(true)),
         ("/mesh.v1.Cluster/CreateService", blob(service.clone())),
-        ("/mesh.v1.Cluster/ListServices", empty),
-        ("/mesh.v1.Cluster/InspectService", by_ref),
+        ("/mesh.v1.Cluster/ListServices", empty()),
+        ("/mesh.v1.Cluster/InspectService", by_ref()),
         ("/mesh.v1.Cluster/UpdateService", update),
-        (
-            "/mesh.v1.Cluster/RemoveService",
-            Box::new(|rng| {
-                Remove {
-                    target: pick(rng),
-                    force: false,
-                }
-                .encode_to_vec()
-            }),
-        ),
-        (
-            "/mesh.v1.Cluster/ServiceLogs",
-            Box::new(|rng| Ref { target: pick(rng) }.encode_to_vec()),
-        ),
-        (
-            "/mesh.v1.Cluster/ListTasks",
-            Box::new(|rng| Ref { target: pick(rng) }.encode_to_vec()),
-        ),
-        (
-            "/mesh.v1.Cluster/Progress",
-            Box::new(|_| Empty {}.encode_to_vec()),
-        ),
+        ("/mesh.v1.Cluster/RemoveService", remove(false)),
+        ("/mesh.v1.Cluster/ServiceLogs", by_ref()),
+        ("/mesh.v1.Cluster/ListTasks", by_ref()),
+        ("/mesh.v1.Cluster/Progress", empty()),
         (
             "/mesh.v1.Cluster/JoinToken",
             Box::new(|rng| {
@@ -265,22 +235,13 @@ async fn mutated_grpc_bodies_are_refused_cleanly_and_the_manager_keeps_serving()
                 .encode_to_vec()
             }),
         ),
-        (
-            "/mesh.v1.Cluster/UnlockKey",
-            Box::new(|_| Empty {}.encode_to_vec()),
-        ),
-        (
-            "/mesh.v1.Node/Whoami",
-            Box::new(|_| Empty {}.encode_to_vec()),
-        ),
+        ("/mesh.v1.Cluster/UnlockKey", empty()),
+        ("/mesh.v1.Node/Whoami", empty()),
         (
             "/mesh.v1.Node/Renew",
             Box::new(|rng| proto::RenewRequest { csr: pick(rng) }.encode_to_vec()),
         ),
-        (
-            "/mesh.v1.Node/TaskLogs",
-            Box::new(|rng| Ref { target: pick(rng) }.encode_to_vec()),
-        ),
+        ("/mesh.v1.Node/TaskLogs", by_ref()),
         (
             "/mesh.v1.Join/Join",
             Box::new(|rng| {
