@@ -296,6 +296,11 @@ impl<S: Sink> Agent<S> {
         let mut period = Duration::from_secs(1);
         let mut misses = 3u32;
         let mut beat = tokio::time::interval(period);
+        // Heartbeats go out from their own task: a long apply (a whole
+        // table, a slow kernel) holds up this loop, and must not make the
+        // leader think the node died.
+        let (beat_period, beat_rx) = watch::channel(period);
+        let _heartbeats = Heartbeats(tokio::spawn(heartbeats(tx.clone(), beat_rx)));
         let mut save = tokio::time::interval(SAVE_EVERY);
         let mut heard = Instant::now();
         // The agent never blocks on sending: the dispatcher may be busy
@@ -368,9 +373,6 @@ impl<S: Sink> Agent<S> {
                         // Retry the whole state until the data plane takes it.
                         self.apply_whole().await;
                     }
-                    if let Err(e) = send(&AgentMessage::Heartbeat) {
-                        return e;
-                    }
                 }
                 msg = inbound.message() => {
                     let msg = match msg {
@@ -386,6 +388,7 @@ impl<S: Sink> Agent<S> {
                             period = Duration::from_millis(heartbeat_ms.max(10));
                             misses = m.max(1);
                             beat = tokio::time::interval(period);
+                            beat_period.send_replace(period);
                             tracing::info!(manager = %addr, revision = self.replica.revision, "agent session open");
                         }
                         DispatcherMessage::Heartbeat => {}
@@ -560,3 +563,36 @@ fn ended(s: &tonic::Status) -> Ended {
 }
 
 pub use crate::shutdown::stopped;
+
+/// Sends a heartbeat every period (the current one from `period`) until
+/// the session's queue closes. A full queue skips a beat: the dispatcher
+/// is then behind in reading, and any message counts as one.
+async fn heartbeats(tx: mpsc::Sender<Blob>, mut period: watch::Receiver<Duration>) {
+    let beat = Blob {
+        json: serde_json::to_vec(&AgentMessage::Heartbeat).expect("a heartbeat serializes"),
+    };
+    loop {
+        let every = *period.borrow_and_update();
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            r = period.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
+        if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(beat.clone()) {
+            return;
+        }
+    }
+}
+
+/// Ends the heartbeat task with its session.
+struct Heartbeats(tokio::task::JoinHandle<()>);
+
+impl Drop for Heartbeats {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -213,6 +213,12 @@ impl dispatcher_server::Dispatcher for DispatcherService {
 
 type Out = mpsc::Sender<Result<Blob, Status>>;
 
+/// Task reports and underlay changes read but not yet committed; a full
+/// queue holds the reader back (the agent keeps the rest).
+const REPORT_QUEUE: usize = 64;
+/// How long a closed session's read reports may take to commit.
+const REPORT_DRAIN: Duration = Duration::from_secs(5);
+
 async fn send(tx: &Out, msg: &DispatcherMessage) -> Result<(), Status> {
     tx.send(Ok(blob(msg)?))
         .await
@@ -364,54 +370,98 @@ async fn run_session(
             },
         )
         .await?;
-        let mut leadership = tokio::time::interval(period);
-        loop {
-            tokio::select! {
-                msg = next(&mut inbound) => match msg? {
-                    None => return Ok(()),
-                    Some(AgentMessage::Heartbeat) => {
-                        m.dispatcher.with_session(node, token, |s| s.last_heartbeat = Instant::now());
-                        send(tx, &DispatcherMessage::Heartbeat).await?;
+        // Three parts run side by side, so that neither a slow agent (a
+        // long apply leaves the queue to it full) nor a slow commit (a task
+        // report during an election) delays reading its heartbeats:
+        // - the reader takes every message as it arrives, and any message
+        //   counts as the agent heard;
+        // - the reporter commits task reports and underlay changes, in
+        //   order;
+        // - the writer sends deltas and assignments.
+        let (reports, mut to_commit) = mpsc::channel::<AgentMessage>(REPORT_QUEUE);
+        let reader = async {
+            loop {
+                let Some(msg) = next(&mut inbound).await? else {
+                    return Ok(());
+                };
+                m.dispatcher
+                    .with_session(node, token, |s| s.last_heartbeat = Instant::now());
+                match msg {
+                    AgentMessage::Heartbeat => {
+                        // Only so the agent hears something: a full queue
+                        // already carries plenty for it.
+                        let _ = tx.try_send(Ok(blob(&DispatcherMessage::Heartbeat)?));
                     }
-                    Some(AgentMessage::Ack { revision }) => {
-                        m.dispatcher.with_session(node, token, |s| {
-                            s.acked = s.acked.max(revision);
-                            s.last_heartbeat = Instant::now();
-                        });
+                    AgentMessage::Ack { revision } => {
+                        m.dispatcher
+                            .with_session(node, token, |s| s.acked = s.acked.max(revision));
                     }
-                    Some(AgentMessage::TaskStatus(r)) => task_status(m, node, r).await,
-                    Some(AgentMessage::Underlay { prefixes }) => underlay(m, node, prefixes).await,
-                    Some(AgentMessage::Hello { .. }) => {
+                    AgentMessage::Hello { .. } => {
                         return Err(Status::invalid_argument("hello sent twice"));
                     }
-                },
-                () = crate::shutdown::stopped(&mut stopping) => {
-                    return Err(Status::unavailable("this manager is shutting down"));
-                }
-                r = revisions.changed() => {
-                    if r.is_err() {
-                        return Err(Status::unavailable("this manager is shutting down"));
-                    }
-                    catch_up(m, tx, &mut sent).await?;
-                }
-                // Woken only when this node's tasks changed (the state marks
-                // the nodes; the others' sessions sleep on).
-                () = assignments_changed.notified() => {
-                    let now = m.with_state(|s| assignments(s, node));
-                    if now != assigned {
-                        assigned = now;
-                        send(tx, &DispatcherMessage::Assignments { tasks: assigned.clone() }).await?;
-                    }
-                }
-                _ = leadership.tick() => {
-                    if !m.is_leader() {
-                        return Err(Status::unavailable(format!(
-                            "{NOT_LEADER_DISPATCH} another manager (leadership moved)"
-                        )));
+                    report @ (AgentMessage::TaskStatus(_) | AgentMessage::Underlay { .. }) => {
+                        if reports.send(report).await.is_err() {
+                            return Ok(());
+                        }
                     }
                 }
             }
+        };
+        let reporter = async {
+            while let Some(report) = to_commit.recv().await {
+                match report {
+                    AgentMessage::TaskStatus(r) => task_status(m, node, r).await,
+                    AgentMessage::Underlay { prefixes } => underlay(m, node, prefixes).await,
+                    _ => {}
+                }
+            }
+        };
+        let writer = async {
+            let mut leadership = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    () = crate::shutdown::stopped(&mut stopping) => {
+                        return Err(Status::unavailable("this manager is shutting down"));
+                    }
+                    r = revisions.changed() => {
+                        if r.is_err() {
+                            return Err(Status::unavailable("this manager is shutting down"));
+                        }
+                        catch_up(m, tx, &mut sent).await?;
+                    }
+                    // Woken only when this node's tasks changed (the state
+                    // marks the nodes; the others' sessions sleep on).
+                    () = assignments_changed.notified() => {
+                        let now = m.with_state(|s| assignments(s, node));
+                        if now != assigned {
+                            assigned = now;
+                            send(tx, &DispatcherMessage::Assignments { tasks: assigned.clone() }).await?;
+                        }
+                    }
+                    _ = leadership.tick() => {
+                        if !m.is_leader() {
+                            return Err(Status::unavailable(format!(
+                                "{NOT_LEADER_DISPATCH} another manager (leadership moved)"
+                            )));
+                        }
+                    }
+                }
+            }
+        };
+        tokio::pin!(reporter);
+        let ended = tokio::select! {
+            r = reader => r,
+            r = writer => r,
+            // Never first: its sender lives until the session ends.
+            () = &mut reporter => Ok(()),
+        };
+        // What was read is committed before the session is let go: the
+        // agent counts a report sent once it left.
+        drop(reports);
+        if tokio::time::timeout(REPORT_DRAIN, reporter).await.is_err() {
+            tracing::warn!(%node, "task reports of a closed session not all committed within {REPORT_DRAIN:?}");
         }
+        ended
     }
     .await;
     m.dispatcher

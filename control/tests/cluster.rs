@@ -1272,3 +1272,99 @@ async fn agents_follow_the_tables_and_a_silent_node_is_withdrawn() {
         d.stop().await;
     }
 }
+
+/// A data plane that takes `delay` over every apply (a whole table on a
+/// slow kernel, an emulated VM), recording the tables it was handed.
+#[derive(Clone)]
+struct SlowSink {
+    delay: Duration,
+    applied: Recorder,
+}
+
+impl control::agent::Sink for SlowSink {
+    async fn apply(
+        &mut self,
+        tables: &control::tables::Tables,
+        update: control::agent::Update<'_>,
+    ) -> Result<(), String> {
+        tokio::time::sleep(self.delay).await;
+        self.applied.apply(tables, update).await
+    }
+}
+
+/// The VM tier lost pings on an encrypted network: under emulation a
+/// restarted node's whole apply outlasted 3 heartbeat periods, the agent
+/// sent no heartbeat while applying, and the leader withdrew the node's
+/// endpoints just after the node had repaired them. Heartbeats are the
+/// agent's liveness, not the speed of its data plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_whose_data_plane_applies_slowly_is_not_taken_for_dead() {
+    use control::state::{Command, NodeStatus};
+    let dirs: Vec<TempDir> = (0..2).map(|i| TempDir::new(&format!("slow{i}"))).collect();
+    let addrs: Vec<Addresses> = (0..2).map(|i| addresses(i as u8 + 1)).collect();
+    let heartbeat = Duration::from_millis(200);
+    let (mut manager, report) = daemon::init(
+        &dirs[0].0,
+        &addrs[0],
+        &InitOptions {
+            heartbeat,
+            heartbeat_misses: 3,
+            ..opts()
+        },
+    )
+    .await
+    .unwrap();
+    let mut worker = daemon::join(
+        &dirs[1].0,
+        &addrs[1],
+        &report.worker_token,
+        &addrs[0].api_addr,
+    )
+    .await
+    .unwrap();
+    manager.start_agent(Recorder::default(), None);
+    let slow = SlowSink {
+        // 2.5 times the 600 ms after which a silent node is down.
+        delay: Duration::from_millis(1500),
+        applied: Recorder::default(),
+    };
+    worker.start_agent(slow.clone(), None);
+    let id = worker.ctx.node_id.clone();
+    let m = manager.ctx.manager().unwrap();
+    let status = || m.with_state(|s| s.nodes[&id].status);
+    wait_for("the worker's first apply", Duration::from_secs(10), || {
+        (slow.applied.0.lock().unwrap().revision > 0).then_some(())
+    })
+    .await;
+    // Three changes: three slow applies in a row, 4.5 s of them.
+    for i in 0..3 {
+        propose(
+            &manager,
+            Command::CreateNetwork {
+                id: format!("net-slow{i}"),
+                spec: NetworkSpec {
+                    name: format!("slow{i}"),
+                    ..NetworkSpec::default()
+                },
+            },
+        )
+        .await;
+    }
+    let want = book_of(&manager).revision;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while slow.applied.0.lock().unwrap().revision < want {
+        assert_eq!(
+            status(),
+            NodeStatus::Ready,
+            "the worker was marked down while applying"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker never applied revision {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status(), NodeStatus::Ready);
+    worker.stop().await;
+    manager.stop().await;
+}
