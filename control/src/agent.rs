@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proto::{Blob, dispatcher_client::DispatcherClient};
+use proto::{Internal, dispatcher_client::DispatcherClient};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -270,9 +270,9 @@ impl<S: Sink> Agent<S> {
             Ok(c) => c,
             Err(e) => return Ended::Failed(e.to_string()),
         };
-        let (tx, rx) = mpsc::channel::<Blob>(16);
-        let up = |m: &AgentMessage| Blob {
-            json: serde_json::to_vec(m).expect("agent message serializes"),
+        let (tx, rx) = mpsc::channel::<Internal>(16);
+        let up = |m: &AgentMessage| Internal {
+            body: crate::codec::encode(m).expect("agent message encodes"),
         };
         let _ = tx
             .send(up(&AgentMessage::Hello {
@@ -378,7 +378,7 @@ impl<S: Sink> Agent<S> {
                     let msg = match msg {
                         Err(s) => return ended(&s),
                         Ok(None) => return Ended::Failed("the dispatcher closed the session".into()),
-                        Ok(Some(b)) => match serde_json::from_slice::<DispatcherMessage>(&b.json) {
+                        Ok(Some(b)) => match crate::codec::decode::<DispatcherMessage>(&b.body) {
                             Ok(m) => m,
                             Err(e) => return Ended::Failed(format!("invalid dispatcher message: {e}")),
                         },
@@ -567,9 +567,9 @@ pub use crate::shutdown::stopped;
 /// Sends a heartbeat every period (the current one from `period`) until
 /// the session's queue closes. A full queue skips a beat: the dispatcher
 /// is then behind in reading, and any message counts as one.
-async fn heartbeats(tx: mpsc::Sender<Blob>, mut period: watch::Receiver<Duration>) {
-    let beat = Blob {
-        json: serde_json::to_vec(&AgentMessage::Heartbeat).expect("a heartbeat serializes"),
+async fn heartbeats(tx: mpsc::Sender<Internal>, mut period: watch::Receiver<Duration>) {
+    let beat = Internal {
+        body: crate::codec::encode(&AgentMessage::Heartbeat).expect("a heartbeat encodes"),
     };
     loop {
         let every = *period.borrow_and_update();

@@ -19,14 +19,14 @@ use std::{
 use proto::{
     AddManagerRequest, Empty, JoinRequest, RenewRequest, cluster_client::ClusterClient,
     cluster_server::ClusterServer, dispatcher_server::DispatcherServer, join_client::JoinClient,
-    join_server::JoinServer, node_client::NodeClient, node_server::NodeServer,
+    join_server::JoinServer, member_client::MemberClient, member_server::MemberServer,
     raft_server::RaftServer,
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use crate::{
     agent::{Agent, Sink},
-    api::{self, ClusterService, Ctx, JoinService, NodeService, RaftService, Whoami},
+    api::{self, ClusterService, Ctx, JoinService, MemberService, RaftService, Whoami},
     dispatcher::DispatcherService,
     manager::{Manager, ManagerConfig, raft_id},
     pki::{self, Ca, JoinToken},
@@ -384,10 +384,8 @@ pub async fn join_with(
         cert: reply.cert,
         key,
     };
-    let role = match reply.role.as_str() {
-        "manager" => Role::Manager,
-        _ => Role::Worker,
-    };
+    let role = <Role as proto::convert::FromWire>::from_wire(reply.role, "role")
+        .map_err(|e| msg(format!("{remote} answered the join with {e}")))?;
     let file = NodeFile {
         node_id: reply.node_id.clone(),
         cluster_id: reply.cluster_id,
@@ -624,7 +622,7 @@ impl Daemon {
                     .max_decoding_message_size(MAX_MESSAGE)
                     .max_encoding_message_size(MAX_MESSAGE),
             )
-            .add_service(NodeServer::new(NodeService(ctx.clone())))
+            .add_service(MemberServer::new(MemberService(ctx.clone())))
             .add_service(
                 ClusterServer::new(ClusterService(ctx.clone()))
                     .max_decoding_message_size(MAX_MESSAGE)
@@ -800,8 +798,9 @@ impl Upkeep {
         let Some((addr, channel)) = self.channel() else {
             return Ok(());
         };
-        let who: Whoami = match NodeClient::new(channel.clone()).whoami(Empty {}).await {
-            Ok(r) => serde_json::from_slice(&r.into_inner().json).map_err(|e| e.to_string())?,
+        let who: Whoami = match MemberClient::new(channel.clone()).whoami(Empty {}).await {
+            Ok(r) => Whoami::try_from(r.into_inner())
+                .map_err(|e| format!("{addr} answered an invalid record of this node: {e}"))?,
             Err(s) => {
                 if crate::grpc::is_removal(&s) {
                     self.ctx.removed.send_replace(Some(status_text(&s)));
@@ -890,7 +889,7 @@ impl Upkeep {
 
     async fn renew(&mut self, channel: tonic::transport::Channel) -> Result<(), String> {
         let (key, csr) = pki::node_key_and_csr().map_err(|e| e.to_string())?;
-        let reply = NodeClient::new(channel)
+        let reply = MemberClient::new(channel)
             .renew(RenewRequest { csr })
             .await
             .map_err(|s| format!("renewing the certificate: {}", status_text(&s)))?
@@ -906,7 +905,10 @@ impl Upkeep {
         if let Some(m) = self.ctx.manager.read().expect("manager lock").as_ref() {
             m.peers.reset();
         }
-        tracing::info!("certificate renewed (role {})", reply.role);
+        tracing::info!(
+            "certificate renewed (role {})",
+            proto::Role::try_from(reply.role).map_or("unknown", |r| r.as_str_name())
+        );
         Ok(())
     }
 }

@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proto::{Blob, dispatcher_server};
+use proto::{Internal, dispatcher_server};
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -160,11 +160,11 @@ async fn check_nodes(
 
 pub struct DispatcherService(pub Arc<Ctx>);
 
-type SessionStream = Pin<Box<dyn Stream<Item = Result<Blob, Status>> + Send>>;
+type SessionStream = Pin<Box<dyn Stream<Item = Result<Internal, Status>> + Send>>;
 
-fn blob(msg: &DispatcherMessage) -> Result<Blob, Status> {
-    serde_json::to_vec(msg)
-        .map(|json| Blob { json })
+fn blob(msg: &DispatcherMessage) -> Result<Internal, Status> {
+    crate::codec::encode(msg)
+        .map(|body| Internal { body })
         .map_err(|e| Status::internal(e.to_string()))
 }
 
@@ -174,7 +174,7 @@ impl dispatcher_server::Dispatcher for DispatcherService {
 
     async fn session(
         &self,
-        req: Request<Streaming<Blob>>,
+        req: Request<Streaming<Internal>>,
     ) -> Result<Response<SessionStream>, Status> {
         let id = self.0.identify(&req)?;
         let m = self.0.manager()?;
@@ -211,7 +211,7 @@ impl dispatcher_server::Dispatcher for DispatcherService {
     }
 }
 
-type Out = mpsc::Sender<Result<Blob, Status>>;
+type Out = mpsc::Sender<Result<Internal, Status>>;
 
 /// Task reports and underlay changes read but not yet committed; a full
 /// queue holds the reader back (the agent keeps the rest).
@@ -243,10 +243,10 @@ async fn catch_up(m: &Manager, tx: &Out, sent: &mut Revision) -> Result<(), Stat
     Ok(())
 }
 
-async fn next(inbound: &mut Streaming<Blob>) -> Result<Option<AgentMessage>, Status> {
+async fn next(inbound: &mut Streaming<Internal>) -> Result<Option<AgentMessage>, Status> {
     match inbound.message().await? {
         None => Ok(None),
-        Some(b) => serde_json::from_slice(&b.json)
+        Some(b) => crate::codec::decode(&b.body)
             .map(Some)
             .map_err(|e| Status::invalid_argument(format!("invalid agent message: {e}"))),
     }
@@ -309,7 +309,7 @@ async fn underlay(m: &Arc<Manager>, node: &str, mut prefixes: Vec<crate::allocat
 async fn run_session(
     m: &Arc<Manager>,
     node: &str,
-    mut inbound: Streaming<Blob>,
+    mut inbound: Streaming<Internal>,
     tx: &Out,
 ) -> Result<(), Status> {
     let hello = tokio::time::timeout(Duration::from_secs(5), next(&mut inbound))

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod allocator;
 pub mod api;
+pub mod codec;
 pub mod context;
 pub mod daemon;
 pub mod deadline;

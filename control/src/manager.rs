@@ -26,7 +26,7 @@ use openraft::{
         InstallSnapshotResponse, VoteRequest, VoteResponse,
     },
 };
-use proto::{Blob, cluster_client::ClusterClient, raft_client::RaftClient};
+use proto::{Internal, cluster_client::ClusterClient, raft_client::RaftClient};
 use serde::{Serialize, de::DeserializeOwned};
 use tonic::{Code, transport::Channel};
 
@@ -294,8 +294,9 @@ impl PeerClient {
         let mut client = RaftClient::new(channel)
             .max_decoding_message_size(crate::grpc::MAX_MESSAGE)
             .max_encoding_message_size(crate::grpc::MAX_MESSAGE);
-        let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let request = Blob { json: body };
+        let body =
+            crate::codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let request = Internal { body };
         let reply = match kind {
             "append" => client.append_entries(request).await,
             "vote" => client.vote(request).await,
@@ -313,9 +314,8 @@ impl PeerClient {
             .lock()
             .expect("contacts lock")
             .insert(self.target, Instant::now());
-        let r: Result<Resp, RaftError<NodeId, E>> =
-            serde_json::from_slice(&reply.into_inner().json)
-                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let r: Result<Resp, RaftError<NodeId, E>> = crate::codec::decode(&reply.into_inner().body)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -789,15 +789,13 @@ impl Manager {
             .peers
             .channel_with(addr, FORWARD_TIMEOUT)
             .map_err(|s| WriteError::NoQuorum(s.message().to_owned()))?;
-        let body = serde_json::to_vec(cmd).map_err(|e| WriteError::Internal(e.to_string()))?;
-        let mut request = tonic::Request::new(Blob { json: body });
+        let body = crate::codec::encode(cmd).map_err(|e| WriteError::Internal(e.to_string()))?;
+        let mut request = tonic::Request::new(Internal { body });
         request.set_timeout(budget + Duration::from_secs(1));
         match ClusterClient::new(channel).propose(request).await {
             Ok(reply) => {
-                let r: Result<Outcome, String> = serde_json::from_slice(&reply.into_inner().json)
-                    .map_err(|e| {
-                    WriteError::Unknown(format!("bad reply from the leader: {e}"))
-                })?;
+                let r: Result<Outcome, String> = crate::codec::decode(&reply.into_inner().body)
+                    .map_err(|e| WriteError::Unknown(format!("bad reply from the leader: {e}")))?;
                 r.map_err(WriteError::Refused)
             }
             Err(s) => Err(WriteError::from_leader(&s, addr)),
@@ -920,10 +918,7 @@ impl Manager {
                     crate::grpc::status_text(&s)
                 )
             })?;
-        let leader_applied = serde_json::from_slice::<serde_json::Value>(&info.into_inner().json)
-            .ok()
-            .and_then(|v| v["last_applied"].as_u64())
-            .unwrap_or(0);
+        let leader_applied = info.into_inner().last_applied.unwrap_or(0);
         let mut rx = self.raft.metrics();
         let caught_up = tokio::time::timeout(
             WAIT,

@@ -231,11 +231,9 @@ impl Cluster {
 }
 
 async fn create_service(c: &mut ClusterClient<tonic::transport::Channel>, name: &str) {
-    c.create_service(proto::Blob {
-        json: serde_json::to_vec(&service(name)).unwrap(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("creating {name}: {}", e.message()));
+    c.create_service(proto::ServiceSpec::from(service(name)))
+        .await
+        .unwrap_or_else(|e| panic!("creating {name}: {}", e.message()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -259,8 +257,7 @@ async fn three_managers_elect_replicate_and_survive_a_leader_change() {
                 None,
                 "manager {n}"
             );
-            let have: Vec<serde_json::Value> =
-                serde_json::from_slice(&reply.into_inner().json).unwrap();
+            let have = reply.into_inner().services;
             assert_eq!(
                 have.len(),
                 i + 1,
@@ -332,9 +329,7 @@ async fn a_lone_manager_refuses_writes_with_no_quorum() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut api = client(&c.dirs[keep].0, c.api(keep));
     let err = api
-        .create_service(proto::Blob {
-            json: serde_json::to_vec(&service("lonely")).unwrap(),
-        })
+        .create_service(proto::ServiceSpec::from(service("lonely")))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
@@ -432,7 +427,7 @@ async fn joining_and_calling_are_refused_without_the_right_credentials() {
     // Shown again: derived from the CA key, not read back from the state.
     let shown = admin
         .join_token(JoinTokenRequest {
-            role: "worker".into(),
+            role: proto::Role::Worker.into(),
             rotate: false,
         })
         .await
@@ -442,7 +437,7 @@ async fn joining_and_calling_are_refused_without_the_right_credentials() {
     assert_eq!(shown, old, "join-token shows the token init gave");
     let new = admin
         .join_token(JoinTokenRequest {
-            role: "worker".into(),
+            role: proto::Role::Worker.into(),
             rotate: true,
         })
         .await
@@ -469,7 +464,7 @@ async fn joining_and_calling_are_refused_without_the_right_credentials() {
         (
             "join-token",
             w.join_token(JoinTokenRequest {
-                role: "manager".into(),
+                role: proto::Role::Manager.into(),
                 rotate: true,
             })
             .await
@@ -592,7 +587,7 @@ impl NodeClientExt {
             Duration::from_secs(10),
         )
         .unwrap();
-        proto::node_client::NodeClient::new(ch)
+        proto::member_client::MemberClient::new(ch)
             .whoami(Empty {})
             .await
             .map(|_| ())
@@ -607,7 +602,7 @@ async fn promote_demote_and_renewal() {
     admin
         .set_role(SetRoleRequest {
             target: worker.clone(),
-            role: "manager".into(),
+            role: proto::Role::Manager.into(),
         })
         .await
         .unwrap();
@@ -637,8 +632,11 @@ async fn promote_demote_and_renewal() {
         .await
         .unwrap()
         .into_inner();
-    let view: serde_json::Value = serde_json::from_slice(&view.json).unwrap();
-    assert_eq!(view["manager_status"], "Reachable");
+    let view = control::api::NodeView::try_from(view).unwrap();
+    assert_eq!(
+        view.manager_status,
+        Some(model::api::ManagerStatus::Reachable)
+    );
 
     // A demotion whose role change committed but whose voter removal
     // never ran (the leader died between the two steps): the state alone
@@ -745,13 +743,10 @@ async fn validation_errors_reach_the_client_verbatim() {
     let c = Cluster::start("valid", 1, 0).await;
     let mut api = client(&c.dirs[0].0, c.api(0));
     let err = api
-        .create_network(proto::Blob {
-            json: serde_json::to_vec(&NetworkSpec {
-                name: "Bad_Name".into(),
-                ..Default::default()
-            })
-            .unwrap(),
-        })
+        .create_network(proto::NetworkSpec::from(NetworkSpec {
+            name: "Bad_Name".into(),
+            ..Default::default()
+        }))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
@@ -759,9 +754,7 @@ async fn validation_errors_reach_the_client_verbatim() {
     create_service(&mut api, "web").await;
     // The same create again: named as such, not as a conflict.
     let err = api
-        .create_service(proto::Blob {
-            json: serde_json::to_vec(&service("web")).unwrap(),
-        })
+        .create_service(proto::ServiceSpec::from(service("web")))
         .await
         .unwrap_err();
     assert!(
@@ -773,9 +766,7 @@ async fn validation_errors_reach_the_client_verbatim() {
     let mut other = service("web");
     other.task.command = vec!["/bin/other".into()];
     let err = api
-        .create_service(proto::Blob {
-            json: serde_json::to_vec(&other).unwrap(),
-        })
+        .create_service(proto::ServiceSpec::from(other))
         .await
         .unwrap_err();
     assert!(
@@ -783,18 +774,50 @@ async fn validation_errors_reach_the_client_verbatim() {
         "{}",
         err.message()
     );
-    let err = api
-        .create_service(proto::Blob {
-            json: b"{\"name\": 3}".to_vec(),
-        })
-        .await
-        .unwrap_err();
+    // What protobuf cannot say is refused naming the field: a required
+    // message missing, an enum value this manager does not know.
+    let mut no_mode = proto::ServiceSpec::from(service("nomode"));
+    no_mode.mode = None;
+    let err = api.create_service(no_mode).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(
-        err.message().starts_with("invalid service spec"),
-        "{}",
-        err.message()
+    assert_eq!(err.message(), "invalid service spec: mode: missing");
+    let mut odd = service("odd");
+    odd.endpoint.ports.push(control::state::PortConfig {
+        protocol: control::state::Protocol::Tcp,
+        target: 80,
+        published: None,
+        mode: Default::default(),
+    });
+    let mut odd = proto::ServiceSpec::from(odd);
+    odd.endpoint.as_mut().unwrap().ports[0].protocol = 7;
+    let err = api.create_service(odd).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        err.message(),
+        "invalid service spec: endpoint.ports[0].protocol: 7 is not a known protocol"
     );
+    let mut port0 = proto::ServiceSpec::from(service("port0"));
+    port0.endpoint = Some(proto::EndpointSpec {
+        mode: 0,
+        ports: vec![proto::PortConfig {
+            protocol: proto::Protocol::Udp.into(),
+            target: 70_000,
+            published: None,
+            mode: 0,
+        }],
+    });
+    let err = api.create_service(port0).await.unwrap_err();
+    assert_eq!(
+        err.message(),
+        "invalid service spec: endpoint.ports[0].target: 70000 is not a port (1-65535)"
+    );
+    let services = api
+        .list_services(Empty {})
+        .await
+        .unwrap()
+        .into_inner()
+        .services;
+    assert_eq!(services.len(), 1, "a refused spec left a service behind");
     c.stop().await;
 }
 

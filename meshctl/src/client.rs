@@ -137,23 +137,21 @@ impl Conn {
     }
 }
 
-pub(crate) fn blob<T: serde::Serialize>(v: &T) -> Blob {
-    Blob {
-        json: serde_json::to_vec(v).expect("serializable"),
-    }
-}
-
-/// A reply's body; a reply the manager marked stale (it could not confirm
-/// its state is current) is said so on stderr, with the manager's reason.
-pub(crate) fn from_blob<T: for<'de> serde::Deserialize<'de>>(b: tonic::Response<Blob>) -> Res<T> {
-    if let Some(why) = b
+/// A reply as the model type; a reply the manager marked stale (it could
+/// not confirm its state is current) is said so on stderr, with the
+/// manager's reason.
+pub(crate) fn from_reply<P, M>(r: tonic::Response<P>) -> Res<M>
+where
+    M: TryFrom<P, Error = proto::WireError>,
+{
+    if let Some(why) = r
         .metadata()
         .get(model::api::STALE_HEADER)
         .and_then(|v| v.to_str().ok())
     {
         eprintln!("warning: this answer may be stale: {why}");
     }
-    serde_json::from_slice(&b.into_inner().json).map_err(|e| format!("bad reply: {e}"))
+    M::try_from(r.into_inner()).map_err(|e| format!("the manager answered an invalid reply: {e}"))
 }
 
 pub(crate) fn print_json<T: serde::Serialize>(v: &T) {

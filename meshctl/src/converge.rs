@@ -19,7 +19,7 @@ pub(crate) async fn converge(c: &mut Client, wait: &Wait) -> Res {
         return Ok(());
     }
     let progress = async |c: &mut Client| -> Res<Progress> {
-        from_blob(c.api.progress(Empty {}).await.map_err(err)?)
+        from_reply(c.api.progress(Empty {}).await.map_err(err)?)
     };
     let target = progress(c).await?.revision;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -80,7 +80,7 @@ pub(crate) async fn converge_tasks(
     let mut shown: Option<String> = None;
     loop {
         let s = inspect_service(c, service).await?;
-        let tasks: Vec<TaskView> = from_blob(
+        let tasks: Vec<TaskView> = from_reply(
             c.api
                 .list_tasks(Ref {
                     target: s.id.clone(),
@@ -103,7 +103,7 @@ pub(crate) async fn converge_tasks(
             ServiceMode::Global => {
                 let constraints = model::constraint::parse_constraints(&s.spec.task.constraints)?;
                 let nodes: Vec<NodeView> =
-                    from_blob(c.api.list_nodes(Empty {}).await.map_err(err)?)?;
+                    from_reply(c.api.list_nodes(Empty {}).await.map_err(err)?)?;
                 nodes
                     .iter()
                     .filter(|n| model::constraint::takes(&n.node, &constraints))

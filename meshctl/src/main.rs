@@ -12,9 +12,9 @@ use std::{
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use model::{
-    Availability, Command, EndpointMode, EndpointSpec, Network, NetworkAttachment, NetworkSpec,
-    Node, NodeSpec, NodeStatus, Outcome, PortConfig, Protocol, PublishMode, Role, Service,
-    ServiceMode, ServiceSpec, TaskState, TaskTemplate,
+    Availability, EndpointMode, EndpointSpec, Network, NetworkAttachment, NetworkSpec, Node,
+    NodeSpec, NodeStatus, PortConfig, Protocol, PublishMode, Role, Service, ServiceMode,
+    ServiceSpec, Task, TaskState, TaskTemplate,
     api::{Info, ManagerStatus, NodeProgress, NodeView, Progress, ServiceView, TaskView},
 };
 use mtls::{
@@ -24,8 +24,8 @@ use mtls::{
     identity as pki,
 };
 use proto::{
-    Blob, Empty, JoinTokenRequest, Ref, Remove, SetRoleRequest, Update,
-    cluster_client::ClusterClient,
+    CreateTaskRequest, Empty, JoinTokenRequest, Ref, Remove, SetRoleRequest, UpdateNodeRequest,
+    UpdateServiceRequest, cluster_client::ClusterClient,
 };
 use tonic::transport::Channel;
 
@@ -112,7 +112,7 @@ async fn run(cli: Cli) -> Res {
         Cmd::Swarm(cmd) => swarm(&mut c, cmd).await,
         Cmd::Task(cmd) => task(&mut c, cmd).await,
         Cmd::Info { format } => {
-            let info: Info = from_blob(c.api.info(Empty {}).await.map_err(err)?)?;
+            let info: Info = from_reply(c.api.info(Empty {}).await.map_err(err)?)?;
             if format == Format::Json {
                 print_json(&info);
             } else {

@@ -18,7 +18,7 @@ use control::{
     state::{ServiceMode, ServiceSpec, TaskTemplate},
     tls::{self, Credentials, Trust},
 };
-use proto::{Blob, cluster_client::ClusterClient};
+use proto::cluster_client::ClusterClient;
 use tonic::transport::Channel;
 
 const RUN: Duration = Duration::from_secs(5);
@@ -39,8 +39,8 @@ pub fn addresses(i: u8) -> Addresses {
     }
 }
 
-fn spec(name: String) -> Vec<u8> {
-    serde_json::to_vec(&ServiceSpec {
+fn spec(name: String) -> proto::ServiceSpec {
+    proto::ServiceSpec::from(ServiceSpec {
         name,
         mode: ServiceMode::Replicated { replicas: 0 },
         task: TaskTemplate {
@@ -52,7 +52,6 @@ fn spec(name: String) -> Vec<u8> {
         update: Default::default(),
         rollback: Default::default(),
     })
-    .unwrap()
 }
 
 fn client(dir: &Path, addr: &str) -> ClusterClient<Channel> {
@@ -89,12 +88,7 @@ async fn load(dir: &Path, addr: &str, clients: usize, channels: usize, tag: &str
             let mut i = 0u64;
             while start.elapsed() < RUN {
                 let t = Instant::now();
-                match api
-                    .create_service(Blob {
-                        json: spec(format!("{tag}-{c}-{i}")),
-                    })
-                    .await
-                {
+                match api.create_service(spec(format!("{tag}-{c}-{i}"))).await {
                     Ok(_) => lat.push(t.elapsed()),
                     Err(_) => errors += 1,
                 }

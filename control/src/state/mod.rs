@@ -50,6 +50,12 @@ pub enum StateError {
     },
     #[error("network {network} is in use by service(s) {services}; remove them first")]
     NetworkInUse { network: String, services: String },
+    #[error(
+        "network {network} has active endpoints: task(s) {tasks} still run on it (their service \
+         left the network, and a rolling update has not replaced them yet); wait for them to \
+         stop, or remove them"
+    )]
+    NetworkHasEndpoints { network: String, tasks: String },
     #[error(transparent)]
     Alloc(#[from] AllocError),
 }

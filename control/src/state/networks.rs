@@ -109,6 +109,27 @@ impl State {
                 services: users.join(", "),
             });
         }
+        // A task keeps its addresses until it ends, whatever its service
+        // says now: the subnet must not go back to the pool under it (the
+        // next network would hand its address out again).
+        let attached: Vec<String> = self
+            .tasks
+            .values()
+            .filter(|t| !t.ended() && t.attachments.iter().any(|a| a.network == network.id))
+            .map(|t| {
+                let service = self
+                    .services
+                    .get(&t.service)
+                    .map_or(t.service.as_str(), |s| s.spec.name.as_str());
+                t.name(service)
+            })
+            .collect();
+        if !attached.is_empty() {
+            return Err(StateError::NetworkHasEndpoints {
+                network: network.spec.name.clone(),
+                tasks: attached.join(", "),
+            });
+        }
         self.networks.remove(&network.id);
         for n in self.nodes.values_mut() {
             n.lb_addrs.remove(&network.id);

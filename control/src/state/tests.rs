@@ -447,6 +447,75 @@ fn tasks_get_an_address_and_mac_per_network_and_release_them() {
     assert_eq!(again.vips[0].addr, Ipv4Addr::new(10, 0, 1, 2));
 }
 
+/// Found by the state properties: a service that left a network let the
+/// network go while its old task still had an address there; the subnet
+/// went back to the pool, and the next network handed the same address
+/// out again under the running task. Docker refuses the removal ("network
+/// has active endpoints"); so does mesh, until the task ends.
+#[test]
+fn a_network_with_a_running_task_on_it_stays_until_the_task_ends() {
+    let mut s = init();
+    let front = network(&mut s, "n1", "front").unwrap();
+    s.apply(&Command::AddNode {
+        id: "node1".into(),
+        hostname: "h1".into(),
+        addr: Ipv4Addr::new(198, 18, 0, 1),
+        api_addr: None,
+        role: Role::Worker,
+        underlay: Vec::new(),
+    })
+    .unwrap();
+    let web = create(&mut s, "s1", spec("web", &["front"], &[])).unwrap();
+    s.apply(&Command::CreateTask {
+        id: "t1".into(),
+        service: "web".into(),
+        slot: 1,
+        node: "node1".into(),
+        netns: None,
+    })
+    .unwrap();
+    // The service leaves the network; its task still runs there.
+    s.apply(&Command::UpdateService {
+        target: "web".into(),
+        version: web.version,
+        spec: spec("web", &[], &[]),
+    })
+    .unwrap();
+    let before = serde_json::to_vec(&s).unwrap();
+    let err = s
+        .apply(&Command::RemoveNetwork {
+            target: "front".into(),
+        })
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "network front has active endpoints: task(s) web.1 still run on it (their service \
+         left the network, and a rolling update has not replaced them yet); wait for them to \
+         stop, or remove them"
+    );
+    assert_eq!(
+        serde_json::to_vec(&s).unwrap(),
+        before,
+        "refused, yet changed"
+    );
+    // Once it ended, the network goes, and its subnet with it.
+    s.apply(&Command::SetTaskStatus {
+        id: "t1".into(),
+        observed: TaskState::Complete,
+        netns: None,
+        exit_code: Some(0),
+        error: None,
+        at_ms: 1,
+    })
+    .unwrap();
+    s.apply(&Command::RemoveNetwork {
+        target: "front".into(),
+    })
+    .unwrap();
+    let again = network(&mut s, "n2", "again").unwrap();
+    assert_eq!(again.subnet, front.subnet);
+}
+
 #[test]
 fn nodes_are_versioned_and_guarded() {
     let mut s = init();

@@ -1,12 +1,14 @@
 //! gRPC request decoding, fuzzed through a live manager: every unary call
-//! of the Cluster, Node and Join services gets random and mutated protobuf
-//! bodies (valid encodings with bytes flipped, cut short or padded, and
-//! valid envelopes around mutated JSON), on an authenticated connection.
+//! of the Cluster, Member and Join services gets random and mutated
+//! protobuf bodies (typed messages with random field values, enum values
+//! outside their range, missing required messages; and those encodings
+//! with bytes flipped, cut short or padded), on an authenticated
+//! connection.
 //! Each is answered with a status a client can act on; none panics a
 //! handler (which would surface as a reset stream: Unknown, Internal or
 //! Unavailable), and the manager keeps serving. The manager-to-manager
 //! calls (Raft, Propose, AddManager) are left out: they decode openraft's
-//! types and `Command` JSON, covered by the state-machine properties.
+//! types and `Command`s, covered by the state-machine properties.
 
 use super::*;
 use prost::Message as _;
@@ -88,15 +90,19 @@ fn mutate(rng: &mut Rng, valid: &[u8]) -> Vec<u8> {
     b
 }
 
-/// A valid JSON document for the calls that carry one, mutated.
-fn json_body(rng: &mut Rng, doc: &serde_json::Value) -> Vec<u8> {
-    let text = serde_json::to_vec(doc).unwrap();
-    let json = if rng.below(2) == 0 {
-        mutate(rng, &text)
-    } else {
-        text
-    };
-    proto::Blob { json }.encode_to_vec()
+/// An enum value: mostly a defined one, sometimes unspecified or out of
+/// range.
+fn enum_value(rng: &mut Rng, defined: i32) -> i32 {
+    match rng.below(8) {
+        0 => 0,
+        1 => [-1, defined + 1, i32::MAX][rng.below(3)],
+        _ => rng.below(defined as usize + 1) as i32,
+    }
+}
+
+/// Sometimes absent.
+fn maybe<T>(rng: &mut Rng, f: impl FnOnce(&mut Rng) -> T) -> Option<T> {
+    (rng.below(5) != 0).then(|| f(rng))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -120,9 +126,6 @@ async fn mutated_grpc_bodies_are_refused_cleanly_and_the_manager_keeps_serving()
         .and_then(|s| s.parse().ok())
         .unwrap_or(40);
     let mut rng = Rng(seed);
-    let network =
-        serde_json::json!({"name": "blue", "subnet": "10.9.0.0/24", "labels": {"a": "b"}});
-    let service = serde_json::to_value(service("api")).unwrap();
     let node_id = c.node(0).ctx.node_id.clone();
     // Field values that have broken parsers elsewhere: empty, huge,
     // control characters, prefixes of real ids, near-miss names.
@@ -145,7 +148,6 @@ async fn mutated_grpc_bodies_are_refused_cleanly_and_the_manager_keeps_serving()
         "10.0.0.0/8".into(),
         c.report.worker_token.clone(),
     ];
-    let spec = serde_json::to_vec(&service).unwrap();
     let token = c.report.worker_token.clone();
     // Each call: a body built from random field values (structure kept).
     type Make<'a> = Box<dyn Fn(&mut Rng) -> Vec<u8> + 'a>;
@@ -162,19 +164,55 @@ async fn mutated_grpc_bodies_are_refused_cleanly_and_the_manager_keeps_serving()
             .encode_to_vec()
         })
     };
-    let update: Make = Box::new(|rng| {
-        proto::Update {
+    let network_spec = |rng: &mut Rng| proto::NetworkSpec {
+        name: pick(rng),
+        subnet: maybe(rng, |rng| {
+            ["10.9.0.0/24", "10.9.0.1/24", "300.0.0.0/8", ""][rng.below(4)].into()
+        }),
+        encrypted: rng.below(2) == 0,
+        internal: rng.below(2) == 0,
+        attachable: rng.below(2) == 0,
+    };
+    let service_spec = |rng: &mut Rng| {
+        let mut spec = proto::ServiceSpec::from(service("api"));
+        spec.name = pick(rng);
+        spec.mode = maybe(rng, |rng| proto::ServiceMode {
+            mode: maybe(rng, |rng| {
+                proto::service_mode::Mode::Replicated(proto::ReplicatedMode {
+                    replicas: [0, 1, 3, u32::MAX][rng.below(4)],
+                })
+            }),
+        });
+        if rng.below(3) == 0 {
+            spec.task = None;
+        }
+        spec.endpoint = maybe(rng, |rng| proto::EndpointSpec {
+            mode: enum_value(rng, 1),
+            ports: (0..rng.below(3))
+                .map(|_| proto::PortConfig {
+                    protocol: enum_value(rng, 2),
+                    target: [0, 80, 65_535, 65_536, u32::MAX][rng.below(5)],
+                    published: maybe(rng, |rng| [0, 30_000, 70_000][rng.below(3)]),
+                    mode: enum_value(rng, 1),
+                })
+                .collect(),
+        });
+        spec.update = maybe(rng, |rng| proto::UpdateConfig {
+            parallelism: rng.below(3) as u32,
+            failure_action: enum_value(rng, 2),
+            order: enum_value(rng, 1),
+            ..Default::default()
+        });
+        spec
+    };
+    let update: Make = Box::new(move |rng| {
+        proto::UpdateServiceRequest {
             target: pick(rng),
             version: [0, 1, 2, u64::MAX][rng.below(4)],
-            spec: if rng.below(2) == 0 {
-                mutate(rng, &spec)
-            } else {
-                spec.clone()
-            },
+            spec: maybe(rng, |rng| service_spec(rng)),
         }
         .encode_to_vec()
     });
-    let blob = |doc: serde_json::Value| -> Make { Box::new(move |rng| json_body(rng, &doc)) };
     let calls: Vec<(&str, Make)> = vec![
         ("/mesh.v1.Cluster/Info", empty()),
         ("/mesh.v1.Cluster/ListNodes", empty()),
@@ -182,13 +220,14 @@ async fn mutated_grpc_bodies_are_refused_cleanly_and_the_manager_keeps_serving()
         (
             "/mesh.v1.Cluster/UpdateNode",
             Box::new(|rng| {
-                proto::Update {
+                proto::UpdateNodeRequest {
                     target: pick(rng),
                     version: rng.below(3) as u64,
-                    spec: mutate(
-                        rng,
-                        br#"{"role":"worker","availability":"active","labels":{}}"#,
-                    ),
+                    spec: maybe(rng, |rng| proto::NodeSpec {
+                        role: enum_value(rng, 2),
+                        availability: enum_value(rng, 3),
+                        labels: [(pick(rng), pick(rng))].into(),
+                    }),
                 }
                 .encode_to_vec()
             }),
@@ -198,7 +237,7 @@ async fn mutated_grpc_bodies_are_refused_cleanly_and_the_manager_keeps_serving()
             Box::new(|rng| {
                 SetRoleRequest {
                     target: pick(rng),
-                    role: pick(rng),
+                    role: enum_value(rng, 2),
                 }
                 .encode_to_vec()
             }),
@@ -213,35 +252,55 @@ async fn mutated_grpc_bodies_are_refused_cleanly_and_the_manager_keeps_serving()
                 .encode_to_vec()
             }),
         ),
-        ("/mesh.v1.Cluster/CreateNetwork", blob(network)),
+        (
+            "/mesh.v1.Cluster/CreateNetwork",
+            Box::new(move |rng| network_spec(rng).encode_to_vec()),
+        ),
         ("/mesh.v1.Cluster/ListNetworks", empty()),
         ("/mesh.v1.Cluster/InspectNetwork", by_ref()),
         ("/mesh.v1.Cluster/RemoveNetwork", remove(true)),
-        ("/mesh.v1.Cluster/CreateService", blob(service.clone())),
+        (
+            "/mesh.v1.Cluster/CreateService",
+            Box::new(move |rng| service_spec(rng).encode_to_vec()),
+        ),
         ("/mesh.v1.Cluster/ListServices", empty()),
         ("/mesh.v1.Cluster/InspectService", by_ref()),
         ("/mesh.v1.Cluster/UpdateService", update),
+        ("/mesh.v1.Cluster/RollbackService", by_ref()),
         ("/mesh.v1.Cluster/RemoveService", remove(false)),
         ("/mesh.v1.Cluster/ServiceLogs", by_ref()),
         ("/mesh.v1.Cluster/ListTasks", by_ref()),
+        (
+            "/mesh.v1.Cluster/CreateTask",
+            Box::new(|rng| {
+                proto::CreateTaskRequest {
+                    service: pick(rng),
+                    node: pick(rng),
+                    slot: [0, 1, u32::MAX][rng.below(3)],
+                    netns: maybe(rng, |rng| pick(rng)),
+                }
+                .encode_to_vec()
+            }),
+        ),
+        ("/mesh.v1.Cluster/RemoveTask", by_ref()),
         ("/mesh.v1.Cluster/Progress", empty()),
         (
             "/mesh.v1.Cluster/JoinToken",
             Box::new(|rng| {
                 JoinTokenRequest {
-                    role: pick(rng),
+                    role: enum_value(rng, 2),
                     rotate: false,
                 }
                 .encode_to_vec()
             }),
         ),
         ("/mesh.v1.Cluster/UnlockKey", empty()),
-        ("/mesh.v1.Node/Whoami", empty()),
+        ("/mesh.v1.Member/Whoami", empty()),
         (
-            "/mesh.v1.Node/Renew",
+            "/mesh.v1.Member/Renew",
             Box::new(|rng| proto::RenewRequest { csr: pick(rng) }.encode_to_vec()),
         ),
-        ("/mesh.v1.Node/TaskLogs", by_ref()),
+        ("/mesh.v1.Member/TaskLogs", by_ref()),
         (
             "/mesh.v1.Join/Join",
             Box::new(|rng| {
@@ -316,7 +375,7 @@ async fn mutated_grpc_bodies_are_refused_cleanly_and_the_manager_keeps_serving()
         .list_nodes(Empty {})
         .await
         .expect("the manager still answers");
-    assert!(!nodes.into_inner().json.is_empty());
+    assert_eq!(nodes.into_inner().nodes.len(), 1);
     eprintln!(
         "grpc fuzz: {} calls over {} methods in {} ms (seed {seed}), answers {answered:?}",
         calls.len() * per_call,

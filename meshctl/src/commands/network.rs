@@ -75,13 +75,18 @@ pub(crate) async fn network(c: &mut Client, cmd: NetworkCmd) -> Res {
                     }
                 }
             }
-            let n: Network = from_blob(c.api.create_network(blob(&spec)).await.map_err(err)?)?;
+            let n: Network = from_reply(
+                c.api
+                    .create_network(proto::NetworkSpec::from(spec))
+                    .await
+                    .map_err(err)?,
+            )?;
             println!("{}", n.id);
             Ok(())
         }
         NetworkCmd::Ls { format, quiet } => {
             let mut nets: Vec<Network> =
-                from_blob(c.api.list_networks(Empty {}).await.map_err(err)?)?;
+                from_reply(c.api.list_networks(Empty {}).await.map_err(err)?)?;
             nets.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
             if quiet {
                 nets.iter().for_each(|n| println!("{}", short(&n.id)));
@@ -107,7 +112,7 @@ pub(crate) async fn network(c: &mut Client, cmd: NetworkCmd) -> Res {
             let mut out = Vec::new();
             for target in networks {
                 let n: Network =
-                    from_blob(c.api.inspect_network(Ref { target }).await.map_err(err)?)?;
+                    from_reply(c.api.inspect_network(Ref { target }).await.map_err(err)?)?;
                 out.push(n);
             }
             print_json(&out);

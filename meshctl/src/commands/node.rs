@@ -66,7 +66,7 @@ pub(crate) async fn node(c: &mut Client, cmd: NodeCmd) -> Res {
     match cmd {
         NodeCmd::Ls { format, quiet } => {
             let mut nodes: Vec<NodeView> =
-                from_blob(c.api.list_nodes(Empty {}).await.map_err(err)?)?;
+                from_reply(c.api.list_nodes(Empty {}).await.map_err(err)?)?;
             nodes.sort_by(|a, b| {
                 a.node
                     .hostname
@@ -109,7 +109,7 @@ pub(crate) async fn node(c: &mut Client, cmd: NodeCmd) -> Res {
             let mut out = Vec::new();
             for target in nodes {
                 let v: NodeView =
-                    from_blob(c.api.inspect_node(Ref { target }).await.map_err(err)?)?;
+                    from_reply(c.api.inspect_node(Ref { target }).await.map_err(err)?)?;
                 out.push(v);
             }
             print_json(&out);
@@ -136,7 +136,7 @@ pub(crate) async fn node(c: &mut Client, cmd: NodeCmd) -> Res {
             label_rm,
             node,
         } => {
-            let view: NodeView = from_blob(
+            let view: NodeView = from_reply(
                 c.api
                     .inspect_node(Ref {
                         target: node.clone(),
@@ -162,10 +162,10 @@ pub(crate) async fn node(c: &mut Client, cmd: NodeCmd) -> Res {
                 }
             }
             c.api
-                .update_node(Update {
+                .update_node(UpdateNodeRequest {
                     target: view.node.id.clone(),
                     version: view.node.version,
-                    spec: serde_json::to_vec(&spec).expect("serializable"),
+                    spec: Some(spec.into()),
                 })
                 .await
                 .map_err(err)?;
@@ -177,7 +177,7 @@ pub(crate) async fn node(c: &mut Client, cmd: NodeCmd) -> Res {
 
 pub(crate) async fn set_role(c: &mut Client, nodes: Vec<String>, role: Role) -> Res {
     for target in nodes {
-        let before: NodeView = from_blob(
+        let before: NodeView = from_reply(
             c.api
                 .inspect_node(Ref {
                     target: target.clone(),
@@ -185,20 +185,19 @@ pub(crate) async fn set_role(c: &mut Client, nodes: Vec<String>, role: Role) -> 
                 .await
                 .map_err(err)?,
         )?;
-        let word = if role == Role::Manager {
-            "manager"
-        } else {
-            "worker"
+        let word = match role {
+            Role::Manager => "manager",
+            Role::Worker => "worker",
         };
         if before.node.spec.role == role {
             println!("Node {target} is already a {word} in the swarm.");
             continue;
         }
-        let _: Node = from_blob(
+        let _: Node = from_reply(
             c.api
                 .set_role(SetRoleRequest {
                     target: target.clone(),
-                    role: word.into(),
+                    role: proto::Role::from(role).into(),
                 })
                 .await
                 .map_err(err)?,

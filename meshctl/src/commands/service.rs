@@ -371,7 +371,7 @@ pub(crate) fn apply_opts(spec: &mut ServiceSpec, o: ServiceOpts, creating: bool)
 }
 
 pub(crate) async fn inspect_service(c: &mut Client, target: &str) -> Res<Service> {
-    from_blob(
+    from_reply(
         c.api
             .inspect_service(Ref {
                 target: target.to_owned(),
@@ -384,10 +384,10 @@ pub(crate) async fn inspect_service(c: &mut Client, target: &str) -> Res<Service
 /// Replaces `cur`'s spec, refused if the service changed since it was read.
 pub(crate) async fn update_spec(c: &mut Client, cur: &Service, spec: ServiceSpec) -> Res {
     c.api
-        .update_service(Update {
+        .update_service(UpdateServiceRequest {
             target: cur.id.clone(),
             version: cur.version,
-            spec: serde_json::to_vec(&spec).expect("serializable"),
+            spec: Some(spec.into()),
         })
         .await
         .map_err(err)?;
@@ -432,14 +432,19 @@ pub(crate) async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
                 return Err("--replicas cannot be used with --mode global".into());
             }
             apply_opts(&mut spec, opts, true)?;
-            let s: Service = from_blob(c.api.create_service(blob(&spec)).await.map_err(err)?)?;
+            let s: Service = from_reply(
+                c.api
+                    .create_service(proto::ServiceSpec::from(spec))
+                    .await
+                    .map_err(err)?,
+            )?;
             println!("{}", s.id);
             converge(c, &wait).await?;
             converge_tasks(c, &wait, &s.id, false).await
         }
         ServiceCmd::Ls { format, quiet } => {
             let mut svcs: Vec<ServiceView> =
-                from_blob(c.api.list_services(Empty {}).await.map_err(err)?)?;
+                from_reply(c.api.list_services(Empty {}).await.map_err(err)?)?;
             svcs.sort_by(|a, b| a.service.spec.name.cmp(&b.service.spec.name));
             if quiet {
                 svcs.iter()
@@ -474,7 +479,7 @@ pub(crate) async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
             format,
             no_trunc,
         } => {
-            let tasks: Vec<TaskView> = from_blob(
+            let tasks: Vec<TaskView> = from_reply(
                 c.api
                     .list_tasks(Ref {
                         target: service.clone(),
@@ -550,7 +555,7 @@ pub(crate) async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
             tail,
             no_trunc,
         } => {
-            let logs: Vec<model::api::TaskLog> = from_blob(
+            let logs: Vec<model::api::TaskLog> = from_reply(
                 c.api
                     .service_logs(Ref { target: service })
                     .await
@@ -564,16 +569,12 @@ pub(crate) async fn service(c: &mut Client, cmd: ServiceCmd) -> Res {
         }
         ServiceCmd::Rollback { wait, service } => {
             let cur = inspect_service(c, &service).await?;
-            let r: Result<Outcome, String> = from_blob(
-                c.api
-                    .propose(blob(&Command::RollbackService {
-                        target: cur.id.clone(),
-                        message: String::new(),
-                    }))
-                    .await
-                    .map_err(err)?,
-            )?;
-            r?;
+            c.api
+                .rollback_service(Ref {
+                    target: cur.id.clone(),
+                })
+                .await
+                .map_err(err)?;
             println!("{service}");
             converge(c, &wait).await?;
             converge_tasks(c, &wait, &service, false).await

@@ -33,14 +33,14 @@ pub(crate) async fn swarm(c: &mut Client, cmd: SwarmCmd) -> Res {
             rotate,
             quiet,
         } => {
-            let word = match role {
-                RoleArg::Worker => "worker",
-                RoleArg::Manager => "manager",
+            let (word, role) = match role {
+                RoleArg::Worker => ("worker", Role::Worker),
+                RoleArg::Manager => ("manager", Role::Manager),
             };
             let token = c
                 .api
                 .join_token(JoinTokenRequest {
-                    role: word.into(),
+                    role: proto::Role::from(role).into(),
                     rotate,
                 })
                 .await
@@ -81,7 +81,7 @@ pub(crate) async fn swarm(c: &mut Client, cmd: SwarmCmd) -> Res {
         }
         SwarmCmd::RotateNetworkKey => {
             let ring: model::api::KeyRing =
-                from_blob(c.api.rotate_network_key(Empty {}).await.map_err(err)?)?;
+                from_reply(c.api.rotate_network_key(Empty {}).await.map_err(err)?)?;
             let ids: Vec<String> = ring.keys.iter().map(|(id, _)| id.to_string()).collect();
             println!(
                 "Network key ring rotated: keys {} (nodes send with key {})",

@@ -23,10 +23,6 @@ pub(crate) enum TaskCmd {
 }
 
 pub(crate) async fn task(c: &mut Client, cmd: TaskCmd) -> Res {
-    let propose = async |c: &mut Client, cmd: Command| -> Res<Outcome> {
-        let r: Result<Outcome, String> = from_blob(c.api.propose(blob(&cmd)).await.map_err(err)?)?;
-        r
-    };
     match cmd {
         TaskCmd::Create {
             service,
@@ -34,31 +30,29 @@ pub(crate) async fn task(c: &mut Client, cmd: TaskCmd) -> Res {
             slot,
             netns,
         } => {
-            let out = propose(
-                c,
-                Command::CreateTask {
-                    id: mtls::ids::new_id(),
-                    service,
-                    slot,
-                    node,
-                    netns,
-                },
-            )
-            .await?;
-            match out {
-                Outcome::Task(t) => {
-                    println!("{}", t.id);
-                    for a in &t.attachments {
-                        println!("{} {}", a.network, a.addr);
-                    }
-                    Ok(())
-                }
-                other => Err(format!("unexpected answer {other:?}")),
+            let t: Task = from_reply(
+                c.api
+                    .create_task(CreateTaskRequest {
+                        service,
+                        node,
+                        slot,
+                        netns,
+                    })
+                    .await
+                    .map_err(err)?,
+            )?;
+            println!("{}", t.id);
+            for a in &t.attachments {
+                println!("{} {}", a.network, a.addr);
             }
+            Ok(())
         }
         TaskCmd::Rm { tasks } => {
             for id in tasks {
-                propose(c, Command::RemoveTask { id: id.clone() }).await?;
+                c.api
+                    .remove_task(Ref { target: id.clone() })
+                    .await
+                    .map_err(err)?;
                 println!("{id}");
             }
             Ok(())

@@ -6,7 +6,7 @@
 use std::{path::Path, time::Instant};
 
 use mesh_tests::{Topology, meshd, require_root};
-use proto::{Blob, JoinRequest, cluster_client::ClusterClient, join_client::JoinClient};
+use proto::{JoinRequest, ServiceSpec, cluster_client::ClusterClient, join_client::JoinClient};
 
 use crate::cluster::{DataDir, Node, json, token_from};
 
@@ -36,11 +36,14 @@ async fn flood(api: &str, ca_pem: String) -> usize {
         )
         .expect("channel");
         calls.push(tokio::spawn(async move {
-            let body = vec![b'x'; FLOOD_BODY];
+            let body = "x".repeat(FLOOD_BODY);
             if i % 2 == 0 {
                 ClusterClient::new(channel)
                     .max_encoding_message_size(usize::MAX)
-                    .create_service(Blob { json: body })
+                    .create_service(ServiceSpec {
+                        name: body,
+                        ..Default::default()
+                    })
                     .await
                     .map(|_| ())
             } else {
@@ -51,7 +54,7 @@ async fn flood(api: &str, ca_pem: String) -> usize {
                         hostname: "h".into(),
                         addr: "198.18.0.99".into(),
                         api_addr: "198.18.0.99:2377".into(),
-                        csr: String::from_utf8(body).expect("ascii"),
+                        csr: body,
                         underlay: Vec::new(),
                     })
                     .await

@@ -1,366 +1,42 @@
-//! The gRPC services a node serves: Raft, Join, Node and Cluster.
-//!
-//! Authorization is per call, from the caller's certificate (the TLS layer
-//! accepts connections without one, because joining needs none):
-//! - no certificate: only `Join`;
-//! - a certificate must be signed by this cluster's CA, be within its
-//!   validity, name this cluster, and name a node that was not removed;
-//! - `Raft` and `Cluster` need a manager certificate, and a node the state
-//!   still lists as a manager.
+//! `Cluster`: the API `meshctl` drives, for manager certificates only.
+//! Reads take the read barrier and say when they may be stale; writes
+//! become commands of the state machine (followers forward them to the
+//! leader), and answer with the record as committed.
 
-use std::{net::Ipv4Addr, sync::Arc};
+use std::sync::Arc;
 
 use proto::{
-    AddManagerRequest, Blob, Empty, JoinRequest, JoinResponse, JoinTokenRequest, JoinTokenResponse,
-    Ref, Remove, RenewRequest, RenewResponse, SetRoleRequest, UnlockKeyResponse, Update,
-    cluster_server, join_server, node_server, raft_server,
+    AddManagerRequest, CreateTaskRequest, Empty, Internal, JoinTokenRequest, JoinTokenResponse,
+    Ref, Remove, SetRoleRequest, UnlockKeyResponse, UpdateNodeRequest, UpdateServiceRequest,
+    cluster_server,
 };
-use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
+use super::{
+    Ctx, Info, KeyRing, NodeView, STALE_HEADER, ServiceView, TaskLog, TaskView, from_wire,
+    internal,
+    member::{fetch_log, read_task_log},
+    new_id, parse_internal, required, role,
+};
 use crate::{
     manager::{Manager, NOT_LEADER, WriteError, raft_id},
-    pki::{self, Ca, JoinToken},
+    pki::{self, JoinToken},
     state::{Command, Network, Node, NodeSpec, Outcome, Role, State, TaskState},
 };
 
-pub use crate::context::Ctx;
-pub use model::api::{
-    Info, KeyRing, NodeView, STALE_HEADER, ServiceView, TaskLog, TaskView, Whoami,
-};
-
-pub use crate::grpc::{REMOVED, is_removal};
-
-/// The most of one task's log a call returns (its end).
-const LOG_TAIL_BYTES: u64 = 1 << 20;
-
-/// The end of task `id`'s log under `dir`.
-fn read_task_log(dir: &std::path::Path, id: &str) -> Result<String, Status> {
-    use std::io::{Read as _, Seek as _};
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if !ok {
-        return Err(Status::invalid_argument(format!("{id:?} is not a task id")));
-    }
-    let path = dir.join(id).join("output.log");
-    let mut f = std::fs::File::open(&path).map_err(|e| {
-        Status::not_found(format!(
-            "task {id} has no log on this node ({}): {e}",
-            path.display()
-        ))
-    })?;
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if len > LOG_TAIL_BYTES {
-        f.seek(std::io::SeekFrom::Start(len - LOG_TAIL_BYTES))
-            .map_err(|e| Status::internal(e.to_string()))?;
-    }
-    let mut raw = Vec::new();
-    f.read_to_end(&mut raw)
-        .map_err(|e| Status::internal(e.to_string()))?;
-    Ok(String::from_utf8_lossy(&raw).into_owned())
+/// A reply of the model type `M`, as its wire message `P`.
+fn reply<M, P: From<M>>(m: M) -> Result<Response<P>, Status> {
+    Ok(Response::new(P::from(m)))
 }
-
-fn json<T: Serialize>(v: &T) -> Result<Response<Blob>, Status> {
-    serde_json::to_vec(v)
-        .map(|json| Response::new(Blob { json }))
-        .map_err(|e| Status::internal(e.to_string()))
-}
-
-fn parse<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, Status> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| Status::invalid_argument(format!("invalid {what}: {e}")))
-}
-
-fn parse_role(role: &str) -> Result<Role, Status> {
-    match role {
-        "manager" => Ok(Role::Manager),
-        "worker" => Ok(Role::Worker),
-        other => Err(Status::invalid_argument(format!(
-            "unknown role {other:?}: use worker or manager"
-        ))),
-    }
-}
-
-pub use crate::ids::{new_id, new_node_id};
-
-// ----- Raft -----
-
-pub struct RaftService(pub Arc<Ctx>);
-
-impl RaftService {
-    fn manager<T>(&self, req: &Request<T>) -> Result<Arc<Manager>, Status> {
-        let id = self.0.identify(req)?;
-        if id.role != Role::Manager {
-            return Err(Status::permission_denied(format!(
-                "node {} holds a worker certificate and cannot take part in Raft",
-                id.node_id
-            )));
-        }
-        let m = self.0.manager()?;
-        // A node this manager does not know yet may be a manager that just
-        // joined; one it knows as a worker was demoted and keeps out.
-        if m.with_state(|s| {
-            s.nodes
-                .get(&id.node_id)
-                .is_some_and(|n| n.spec.role == Role::Worker)
-        }) {
-            return Err(Status::permission_denied(format!(
-                "node {} has been demoted to worker and cannot take part in Raft",
-                id.node_id
-            )));
-        }
-        Ok(m)
-    }
-}
-
-#[tonic::async_trait]
-impl raft_server::Raft for RaftService {
-    async fn append_entries(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
-        let m = self.manager(&req)?;
-        let rpc = parse("append-entries request", &req.into_inner().json)?;
-        json(&m.raft.append_entries(rpc).await)
-    }
-
-    async fn vote(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
-        let m = self.manager(&req)?;
-        let rpc = parse("vote request", &req.into_inner().json)?;
-        json(&m.raft.vote(rpc).await)
-    }
-
-    async fn install_snapshot(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
-        let m = self.manager(&req)?;
-        let rpc = parse("install-snapshot request", &req.into_inner().json)?;
-        json(&m.raft.install_snapshot(rpc).await)
-    }
-}
-
-// ----- Join -----
-
-pub struct JoinService(pub Arc<Ctx>);
-
-/// Which role a presented token grants, comparing in constant time.
-fn token_role(token: &JoinToken, secrets: &crate::state::ClusterSecrets) -> Option<Role> {
-    [Role::Worker, Role::Manager]
-        .into_iter()
-        .find(|&role| secrets.join(role).is_some_and(|r| token.check(r).is_ok()))
-}
-
-#[tonic::async_trait]
-impl join_server::Join for JoinService {
-    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
-        let m = self.0.manager()?;
-        let r = req.into_inner();
-        let token: JoinToken = r
-            .token
-            .parse()
-            .map_err(|e: pki::PkiError| Status::invalid_argument(e.to_string()))?;
-        let (secrets, settings, cluster_id) =
-            m.with_state(|s| (s.secrets.clone(), s.settings.clone(), s.cluster_id.clone()));
-        let (Some(secrets), Some(settings), Some(cluster_id)) = (secrets, settings, cluster_id)
-        else {
-            return Err(Status::unavailable(
-                "this manager has not received the cluster state yet; try again",
-            ));
-        };
-        token
-            .check_ca(&secrets.ca_cert)
-            .map_err(|e| Status::permission_denied(e.to_string()))?;
-        let role = token_role(&token, &secrets).ok_or_else(|| {
-            Status::permission_denied(
-                "the join token is not valid for this cluster: it is wrong, or it was rotated. \
-                 Get the current one with `meshctl swarm join-token worker|manager`",
-            )
-        })?;
-        let addr: Ipv4Addr = r.addr.parse().map_err(|_| {
-            Status::invalid_argument(format!("node address {:?} is not an IPv4 address", r.addr))
-        })?;
-        crate::state::check_hostname(&r.hostname)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if crate::state::looks_like_node_id(&r.hostname)
-            || m.with_state(|s| s.nodes.contains_key(&r.hostname))
-        {
-            return Err(Status::invalid_argument(format!(
-                "hostname {:?} looks like a node id (16 hex digits); a node's hostname may \
-                 never be mistaken for another node's id: join with another --hostname",
-                r.hostname
-            )));
-        }
-        if r.api_addr.is_empty() {
-            return Err(Status::invalid_argument(
-                "a joining node must give the address it serves gRPC on (--advertise-addr)",
-            ));
-        }
-        let underlay = r
-            .underlay
-            .iter()
-            .map(|p| {
-                p.parse::<crate::allocator::Subnet>()
-                    .map_err(|e| Status::invalid_argument(format!("underlay prefix {p:?}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if underlay.len() > crate::state::MAX_UNDERLAY_PREFIXES {
-            return Err(Status::invalid_argument(
-                "a node reports at most 64 underlay prefixes",
-            ));
-        }
-        let node_id = new_node_id();
-        let lifetime = std::time::Duration::from_secs(settings.cert_lifetime_secs);
-        // Sign first: a bad request must not leave a node record behind.
-        let cert = Ca::from_pem(&secrets.ca_cert, &secrets.ca_key)
-            .issue(&r.csr, &cluster_id, &node_id, role, lifetime)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        m.propose(Command::AddNode {
-            id: node_id.clone(),
-            hostname: r.hostname,
-            addr,
-            api_addr: Some(r.api_addr),
-            role,
-            underlay,
-        })
-        .await?;
-        let managers = m.with_state(manager_addrs);
-        Ok(Response::new(JoinResponse {
-            node_id,
-            role: pki::role_name(role).trim_start_matches("mesh-").into(),
-            cluster_id,
-            cert,
-            ca: secrets.ca_cert.clone(),
-            managers,
-            unlock_key: match role {
-                Role::Manager => secrets.unlock_key.clone().unwrap_or_default(),
-                Role::Worker => String::new(),
-            },
-        }))
-    }
-}
-
-/// Task `id`'s log from the node at `api` (mTLS, this node's certificate).
-async fn fetch_log(ctx: &Ctx, node: &str, api: Option<&str>, id: &str) -> Result<String, Status> {
-    let api = api.ok_or_else(|| Status::unavailable("the node has no API address"))?;
-    let channel = crate::tls::node_channel(
-        api,
-        ctx.creds.clone(),
-        node,
-        std::time::Duration::from_secs(2),
-    )
-    .map_err(|e| Status::unavailable(e.to_string()))?;
-    let reply = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        proto::node_client::NodeClient::new(channel)
-            .max_decoding_message_size(crate::grpc::MAX_MESSAGE)
-            .task_logs(Ref { target: id.into() }),
-    )
-    .await
-    .map_err(|_| Status::deadline_exceeded("no answer within 5 s"))??;
-    parse("task log", &reply.into_inner().json)
-}
-
-/// The API addresses of the managers.
-pub fn manager_addrs(s: &State) -> Vec<String> {
-    s.nodes
-        .values()
-        .filter(|n| n.spec.role == Role::Manager)
-        .filter_map(|n| n.api_addr.clone())
-        .collect()
-}
-
-// ----- Node -----
-
-pub struct NodeService(pub Arc<Ctx>);
-
-#[tonic::async_trait]
-impl node_server::Node for NodeService {
-    async fn whoami(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
-        let id = self.0.identify(&req)?;
-        let m = self.0.manager()?;
-        let (node, managers, lifetime) = m.with_state(|s| {
-            (
-                s.nodes.get(&id.node_id).cloned(),
-                manager_addrs(s),
-                s.settings.as_ref().map_or(0, |x| x.cert_lifetime_secs),
-            )
-        });
-        let node = node.ok_or_else(|| {
-            Status::not_found(format!("node {} is not in the cluster state", id.node_id))
-        })?;
-        json(&Whoami {
-            node,
-            managers,
-            cert_lifetime_secs: lifetime,
-        })
-    }
-
-    async fn task_logs(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {
-        let id = self.0.identify(&req)?;
-        if id.role != Role::Manager {
-            return Err(Status::permission_denied(
-                "task logs are for managers (they may hold secrets)",
-            ));
-        }
-        let dir = self
-            .0
-            .tasks_dir
-            .as_deref()
-            .ok_or_else(|| Status::failed_precondition("this node runs no tasks"))?;
-        let task = req.into_inner().target;
-        let text = read_task_log(dir, &task)?;
-        json(&text)
-    }
-
-    async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
-        let id = self.0.identify(&req)?;
-        let m = self.0.manager()?;
-        let (role, secrets, settings) = m.with_state(|s| {
-            (
-                s.nodes.get(&id.node_id).map(|n| n.spec.role),
-                s.secrets.clone(),
-                s.settings.clone(),
-            )
-        });
-        let role = role.ok_or_else(|| {
-            Status::not_found(format!("node {} is not in the cluster state", id.node_id))
-        })?;
-        let (Some(secrets), Some(settings)) = (secrets, settings) else {
-            return Err(Status::unavailable(
-                "the cluster state is not replicated here yet",
-            ));
-        };
-        let cert = Ca::from_pem(&secrets.ca_cert, &secrets.ca_key)
-            .issue(
-                &req.into_inner().csr,
-                &id.cluster_id,
-                &id.node_id,
-                role,
-                std::time::Duration::from_secs(settings.cert_lifetime_secs),
-            )
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        Ok(Response::new(RenewResponse {
-            cert,
-            role: role_str(role).into(),
-        }))
-    }
-}
-
-pub fn role_str(role: Role) -> &'static str {
-    match role {
-        Role::Manager => "manager",
-        Role::Worker => "worker",
-    }
-}
-
-// ----- Cluster -----
 
 pub struct ClusterService(pub Arc<Ctx>);
 
 /// A read's reply, marked stale when the read barrier taken before the
 /// read (`Manager::read_barrier`) failed.
-fn mark(
-    reply: Result<Response<Blob>, Status>,
+fn mark<P>(
+    reply: Result<Response<P>, Status>,
     barrier: Result<(), String>,
-) -> Result<Response<Blob>, Status> {
+) -> Result<Response<P>, Status> {
     let mut reply = reply?;
     if let Err(why) = barrier
         && let Ok(v) = tonic::metadata::MetadataValue::try_from(why.replace(['\r', '\n'], " "))
@@ -421,18 +97,44 @@ pub(crate) fn find_node<'a>(s: &'a State, target: &str) -> Result<&'a Node, Stat
     }
 }
 
-fn outcome_service(o: Outcome) -> Result<Response<Blob>, Status> {
-    match o {
-        Outcome::Service(s) => json(&*s),
-        Outcome::Network(n) => json(&n),
-        Outcome::Node(n) => json(&n),
-        other => json(&other),
-    }
+/// The record a write committed, as `what` (a service, a network, ...).
+fn outcome<M, P: From<M>>(
+    o: Outcome,
+    what: &str,
+    pick: impl FnOnce(Outcome) -> Option<M>,
+) -> Result<Response<P>, Status> {
+    let text = format!("{o:?}");
+    pick(o).map(reply).unwrap_or_else(|| {
+        Err(Status::internal(format!(
+            "the state machine answered {text} where it commits a {what}"
+        )))
+    })
+}
+
+fn committed_service(o: Outcome) -> Result<Response<proto::Service>, Status> {
+    outcome(o, "service", |o| match o {
+        Outcome::Service(s) => Some(*s),
+        _ => None,
+    })
+}
+
+fn committed_network(o: Outcome) -> Result<Response<proto::Network>, Status> {
+    outcome(o, "network", |o| match o {
+        Outcome::Network(n) => Some(n),
+        _ => None,
+    })
+}
+
+fn committed_node(o: Outcome) -> Result<Response<proto::Node>, Status> {
+    outcome(o, "node", |o| match o {
+        Outcome::Node(n) => Some(n),
+        _ => None,
+    })
 }
 
 #[tonic::async_trait]
 impl cluster_server::Cluster for ClusterService {
-    async fn info(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
+    async fn info(&self, req: Request<Empty>) -> Result<Response<proto::Info>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
         let metrics = m.metrics();
         let info = m.with_state(|s| Info {
@@ -450,10 +152,10 @@ impl cluster_server::Cluster for ClusterService {
             services: s.services.len(),
             networks: s.networks.len(),
         });
-        json(&info)
+        reply(info)
     }
 
-    async fn list_nodes(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
+    async fn list_nodes(&self, req: Request<Empty>) -> Result<Response<proto::NodeList>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
         let barrier = m.read_barrier().await;
         let views: Vec<NodeView> = m.with_state(|s| {
@@ -462,21 +164,24 @@ impl cluster_server::Cluster for ClusterService {
                 .map(|n| node_view(&self.0, &m, n))
                 .collect()
         });
-        mark(json(&views), barrier)
+        mark(reply(views), barrier)
     }
 
-    async fn inspect_node(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {
+    async fn inspect_node(&self, req: Request<Ref>) -> Result<Response<proto::NodeView>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
         let target = req.into_inner().target;
         let barrier = m.read_barrier().await;
         let view = m.with_state(|s| find_node(s, &target).map(|n| node_view(&self.0, &m, n)))?;
-        mark(json(&view), barrier)
+        mark(reply(view), barrier)
     }
 
-    async fn update_node(&self, req: Request<Update>) -> Result<Response<Blob>, Status> {
+    async fn update_node(
+        &self,
+        req: Request<UpdateNodeRequest>,
+    ) -> Result<Response<proto::Node>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
         let u = req.into_inner();
-        let spec: NodeSpec = parse("node spec", &u.spec)?;
+        let spec: NodeSpec = from_wire(required(u.spec, "the node spec")?, "node spec")?;
         let (id, role) =
             m.with_state(|s| find_node(s, &u.target).map(|n| (n.id.clone(), n.spec.role)))?;
         if spec.role != role {
@@ -491,13 +196,16 @@ impl cluster_server::Cluster for ClusterService {
                 spec,
             })
             .await?;
-        outcome_service(out)
+        committed_node(out)
     }
 
-    async fn set_role(&self, req: Request<SetRoleRequest>) -> Result<Response<Blob>, Status> {
+    async fn set_role(
+        &self,
+        req: Request<SetRoleRequest>,
+    ) -> Result<Response<proto::Node>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
         let r = req.into_inner();
-        let role = parse_role(&r.role)?;
+        let role = role(r.role)?;
         if !m.is_leader() {
             let reply = self
                 .0
@@ -507,7 +215,7 @@ impl cluster_server::Cluster for ClusterService {
         }
         let node = m.with_state(|s| find_node(s, &r.target).cloned())?;
         if node.spec.role == role {
-            return json(&node);
+            return reply(node);
         }
         if role == Role::Manager && node.api_addr.is_none() {
             return Err(Status::failed_precondition(format!(
@@ -538,7 +246,7 @@ impl cluster_server::Cluster for ClusterService {
         {
             tracing::warn!(node = %node.id, "demoted; the leader will remove the voter: {e}");
         }
-        outcome_service(out)
+        committed_node(out)
     }
 
     async fn remove_node(&self, req: Request<Remove>) -> Result<Response<Empty>, Status> {
@@ -550,9 +258,12 @@ impl cluster_server::Cluster for ClusterService {
         Ok(Response::new(Empty {}))
     }
 
-    async fn create_network(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+    async fn create_network(
+        &self,
+        req: Request<proto::NetworkSpec>,
+    ) -> Result<Response<proto::Network>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
-        let spec: crate::state::NetworkSpec = parse("network spec", &req.into_inner().json)?;
+        let spec: crate::state::NetworkSpec = from_wire(req.into_inner(), "network spec")?;
         if spec.encrypted
             && let Some(check) = self.0.manager_config.encryption_check
             && let Err(why) = check()
@@ -568,24 +279,27 @@ impl cluster_server::Cluster for ClusterService {
         let out = m
             .propose(Command::CreateNetwork { id: new_id(), spec })
             .await?;
-        outcome_service(out)
+        committed_network(out)
     }
 
-    async fn list_networks(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
+    async fn list_networks(
+        &self,
+        req: Request<Empty>,
+    ) -> Result<Response<proto::NetworkList>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
         let barrier = m.read_barrier().await;
         let nets: Vec<Network> = m.with_state(|s| s.networks.values().cloned().collect());
-        mark(json(&nets), barrier)
+        mark(reply(nets), barrier)
     }
 
-    async fn inspect_network(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {
+    async fn inspect_network(&self, req: Request<Ref>) -> Result<Response<proto::Network>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
         let barrier = m.read_barrier().await;
         let target = req.into_inner().target;
         let net = m
             .with_state(|s| s.network_by_ref(&target).cloned())
             .ok_or_else(|| Status::not_found(format!("network {target} not found")))?;
-        mark(json(&net), barrier)
+        mark(reply(net), barrier)
     }
 
     async fn remove_network(&self, req: Request<Remove>) -> Result<Response<Empty>, Status> {
@@ -597,16 +311,22 @@ impl cluster_server::Cluster for ClusterService {
         Ok(Response::new(Empty {}))
     }
 
-    async fn create_service(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+    async fn create_service(
+        &self,
+        req: Request<proto::ServiceSpec>,
+    ) -> Result<Response<proto::Service>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
-        let spec = parse("service spec", &req.into_inner().json)?;
+        let spec = from_wire(req.into_inner(), "service spec")?;
         let out = m
             .propose(Command::CreateService { id: new_id(), spec })
             .await?;
-        outcome_service(out)
+        committed_service(out)
     }
 
-    async fn list_services(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
+    async fn list_services(
+        &self,
+        req: Request<Empty>,
+    ) -> Result<Response<proto::ServiceList>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
         let barrier = m.read_barrier().await;
         let svcs: Vec<ServiceView> = m.with_state(|s| {
@@ -622,10 +342,13 @@ impl cluster_server::Cluster for ClusterService {
                 })
                 .collect()
         });
-        mark(json(&svcs), barrier)
+        mark(reply(svcs), barrier)
     }
 
-    async fn service_logs(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {
+    async fn service_logs(
+        &self,
+        req: Request<Ref>,
+    ) -> Result<Response<proto::TaskLogList>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
         let target = req.into_inner().target;
         // (task id, name, node id, hostname, node API address), oldest first.
@@ -674,10 +397,10 @@ impl cluster_server::Cluster for ClusterService {
                 error,
             });
         }
-        json(&out)
+        reply(out)
     }
 
-    async fn list_tasks(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {
+    async fn list_tasks(&self, req: Request<Ref>) -> Result<Response<proto::TaskList>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
         let barrier = m.read_barrier().await;
         let target = req.into_inner().target;
@@ -700,23 +423,26 @@ impl cluster_server::Cluster for ClusterService {
         });
         let tasks =
             tasks.ok_or_else(|| Status::not_found(format!("service {target} not found")))?;
-        mark(json(&tasks), barrier)
+        mark(reply(tasks), barrier)
     }
 
-    async fn inspect_service(&self, req: Request<Ref>) -> Result<Response<Blob>, Status> {
+    async fn inspect_service(&self, req: Request<Ref>) -> Result<Response<proto::Service>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
         let barrier = m.read_barrier().await;
         let target = req.into_inner().target;
         let svc = m
             .with_state(|s| s.service_by_ref(&target).cloned())
             .ok_or_else(|| Status::not_found(format!("service {target} not found")))?;
-        mark(json(&svc), barrier)
+        mark(reply(svc), barrier)
     }
 
-    async fn update_service(&self, req: Request<Update>) -> Result<Response<Blob>, Status> {
+    async fn update_service(
+        &self,
+        req: Request<UpdateServiceRequest>,
+    ) -> Result<Response<proto::Service>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
         let u = req.into_inner();
-        let spec = parse("service spec", &u.spec)?;
+        let spec = from_wire(required(u.spec, "the service spec")?, "service spec")?;
         let out = m
             .propose(Command::UpdateService {
                 target: u.target,
@@ -724,7 +450,7 @@ impl cluster_server::Cluster for ClusterService {
                 spec,
             })
             .await?;
-        outcome_service(out)
+        committed_service(out)
     }
 
     async fn remove_service(&self, req: Request<Remove>) -> Result<Response<Empty>, Status> {
@@ -736,13 +462,57 @@ impl cluster_server::Cluster for ClusterService {
         Ok(Response::new(Empty {}))
     }
 
+    async fn rollback_service(
+        &self,
+        req: Request<Ref>,
+    ) -> Result<Response<proto::Service>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let out = m
+            .propose(Command::RollbackService {
+                target: req.into_inner().target,
+                message: String::new(),
+            })
+            .await?;
+        committed_service(out)
+    }
+
+    async fn create_task(
+        &self,
+        req: Request<CreateTaskRequest>,
+    ) -> Result<Response<proto::Task>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        let r = req.into_inner();
+        let out = m
+            .propose(Command::CreateTask {
+                id: new_id(),
+                service: r.service,
+                slot: r.slot,
+                node: r.node,
+                netns: r.netns,
+            })
+            .await?;
+        outcome(out, "task", |o| match o {
+            Outcome::Task(t) => Some(t),
+            _ => None,
+        })
+    }
+
+    async fn remove_task(&self, req: Request<Ref>) -> Result<Response<Empty>, Status> {
+        let (_, m) = self.0.require_manager(&req)?;
+        m.propose(Command::RemoveTask {
+            id: req.into_inner().target,
+        })
+        .await?;
+        Ok(Response::new(Empty {}))
+    }
+
     async fn join_token(
         &self,
         req: Request<JoinTokenRequest>,
     ) -> Result<Response<JoinTokenResponse>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
         let r = req.into_inner();
-        let role = parse_role(&r.role)?;
+        let role = role(r.role)?;
         let secrets = m
             .with_state(|s| s.secrets.clone())
             .ok_or_else(|| Status::unavailable("the cluster state is not replicated here yet"))?;
@@ -772,7 +542,10 @@ impl cluster_server::Cluster for ClusterService {
         }))
     }
 
-    async fn rotate_network_key(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
+    async fn rotate_network_key(
+        &self,
+        req: Request<Empty>,
+    ) -> Result<Response<proto::KeyRing>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
         let now = crate::manager::now_ms();
         let keys = m.with_state(|s| {
@@ -785,7 +558,7 @@ impl cluster_server::Cluster for ClusterService {
         })?;
         m.propose(Command::RotateNetworkKeys { keys }).await?;
         let ring = m.with_state(|s| KeyRing::of(&s.network_keys));
-        json(&ring)
+        reply(ring)
     }
 
     async fn unlock_key(&self, req: Request<Empty>) -> Result<Response<UnlockKeyResponse>, Status> {
@@ -801,7 +574,7 @@ impl cluster_server::Cluster for ClusterService {
         Ok(Response::new(UnlockKeyResponse { key }))
     }
 
-    async fn progress(&self, req: Request<Empty>) -> Result<Response<Blob>, Status> {
+    async fn progress(&self, req: Request<Empty>) -> Result<Response<proto::Progress>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
         if !m.is_leader() {
             let r = req.into_inner();
@@ -811,18 +584,15 @@ impl cluster_server::Cluster for ClusterService {
                 .await?;
             return Ok(Response::new(b));
         }
-        json(
-            &m.sm
-                .with_book(|state, book| m.dispatcher.progress(state, book.revision())),
-        )
+        reply(m.sm.with_book(|state, book| m.dispatcher.progress(state, book.revision())))
     }
 
-    async fn propose(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+    async fn propose(&self, req: Request<Internal>) -> Result<Response<Internal>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
-        let cmd: Command = parse("command", &req.into_inner().json)?;
+        let cmd: Command = parse_internal("command", req.get_ref())?;
         match m.write_local(cmd).await {
-            Ok(out) => json(&Ok::<_, String>(out)),
-            Err(WriteError::Refused(msg)) => json(&Err::<Outcome, _>(msg)),
+            Ok(out) => internal(&Ok::<_, String>(out)).map(Response::new),
+            Err(WriteError::Refused(msg)) => internal(&Err::<Outcome, _>(msg)).map(Response::new),
             Err(WriteError::Internal(msg)) if msg.starts_with(NOT_LEADER) => {
                 Err(Status::unavailable(msg))
             }
