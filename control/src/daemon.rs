@@ -602,6 +602,13 @@ impl Daemon {
         let limits = crate::gate::Limits::default();
         let certs = Arc::new(crate::gate::CertCheck::new(ctx.ca_der.clone()));
         let incoming = tls.incoming(listener, crate::gate::Admission::new(limits, certs.clone()));
+        // gRPC server reflection, so that grpcurl and other clients can
+        // list and call the typed API (with a node certificate: the gate
+        // keeps anonymous connections to Join).
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| msg(format!("building the reflection service: {e}")))?;
         let router = tonic::transport::Server::builder()
             .max_concurrent_streams(limits.streams)
             .http2_max_header_list_size(16 << 10)
@@ -622,6 +629,7 @@ impl Daemon {
                     .max_decoding_message_size(MAX_MESSAGE)
                     .max_encoding_message_size(MAX_MESSAGE),
             )
+            .add_service(reflection)
             .add_service(MemberServer::new(MemberService(ctx.clone())))
             .add_service(
                 ClusterServer::new(ClusterService(ctx.clone()))

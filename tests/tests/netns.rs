@@ -15,6 +15,8 @@ use mesh_tests::{
     require_root,
 };
 
+#[path = "netns/api.rs"]
+mod api;
 #[path = "netns/attack.rs"]
 mod attack;
 #[path = "netns/control.rs"]
