@@ -33,19 +33,22 @@ use crate::{
     context::Ctx,
     grpc::{MAX_MESSAGE, status_text},
     tables::{Key, Revision, Tables, Value},
-    tls::{self, Trust},
+    ca::tls::{self, Trust},
 };
 
 pub use model::session::{Applied, Update};
 
 /// The data plane, as the agent drives it.
 pub trait Sink: Send + 'static {
+    /// Why an update was not applied: logged with its whole chain, and the
+    /// revision stays unacknowledged until the whole table applies.
+    type Error: std::error::Error + Send + Sync + 'static;
     /// Makes the data plane match `tables`, which `update` just produced.
     fn apply(
         &mut self,
         tables: &Tables,
         update: Update<'_>,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// Whether the data plane already holds state from an earlier run (a
     /// meshd restart, not a reboot): it is then newer than the saved
     /// replica, which may miss the last second of changes, and is kept as
@@ -485,13 +488,13 @@ impl<S: Sink> Agent<S> {
         } else {
             self.sink.apply(&self.replica, Update::Delta(applied)).await
         };
-        self.settle(r);
+        self.settle(r.map_err(|e| mtls::client::chain(&e)));
     }
 
     /// Hands the whole replica to the sink; on failure, retried later.
     async fn apply_whole(&mut self) {
         let r = self.sink.apply(&self.replica, Update::Whole).await;
-        self.settle(r);
+        self.settle(r.map_err(|e| mtls::client::chain(&e)));
     }
 
     async fn apply_delta(&mut self, delta: &crate::tables::Delta) {

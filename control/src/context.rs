@@ -8,10 +8,10 @@ use proto::cluster_client::ClusterClient;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    manager::Manager,
-    pki::{self, Identity},
+    raft::manager::Manager,
+    ca::pki::{self, Identity},
     state::Role,
-    tls::Credentials,
+    ca::tls::Credentials,
 };
 
 /// What every service needs: who this node is, and its manager (if any).
@@ -33,7 +33,7 @@ pub struct Ctx {
     /// node (the agent or the upkeep loop hears it first).
     pub removed: tokio::sync::watch::Sender<Option<String>>,
     /// What this node's manager starts with (now or when promoted).
-    pub manager_config: crate::manager::ManagerConfig,
+    pub manager_config: crate::raft::manager::ManagerConfig,
 }
 
 impl Ctx {

@@ -6,7 +6,7 @@
 //! - `node.json`: who this node is (ids, addresses, last known managers);
 //!   written last by init/join, so its presence means "part of a cluster";
 //! - `certs/ca.crt`, `certs/node.crt`, `certs/node.key` (0600);
-//! - managers only: `keys/` (the data key, wrapped; [`crate::seal`]) and
+//! - managers only: `keys/` (the data key, wrapped; [`crate::raft::seal`]) and
 //!   `raft.redb` (log, vote, snapshots; every record sealed).
 
 use std::{
@@ -28,11 +28,11 @@ use crate::{
     agent::{Agent, Sink},
     api::{self, ClusterService, Ctx, JoinService, MemberService, RaftService, Whoami},
     dispatcher::DispatcherService,
-    manager::{Manager, ManagerConfig, raft_id},
-    pki::{self, Ca, JoinToken},
-    seal::{DataKeys, SealError, UnlockKey},
+    raft::manager::{Manager, ManagerConfig, raft_id},
+    ca::pki::{self, Ca, JoinToken},
+    raft::seal::{DataKeys, SealError, UnlockKey},
     state::{ClusterSecrets, ClusterSettings, Command, Role},
-    tls::{self, Credentials, Trust},
+    ca::tls::{self, Credentials, Trust},
 };
 
 pub use crate::grpc::{MAX_MESSAGE, status_text};
@@ -40,9 +40,9 @@ pub use crate::grpc::{MAX_MESSAGE, status_text};
 /// Starts this node's manager, with the dispatcher's liveness check (which
 /// marks silent nodes down) beside it.
 async fn start_manager(
-    id: crate::store::NodeId,
+    id: crate::raft::store::NodeId,
     dir: &Path,
-    key: crate::seal::Key,
+    key: crate::raft::seal::Key,
     creds: Arc<RwLock<Credentials>>,
     config: &ManagerConfig,
 ) -> Result<Arc<Manager>, String> {
@@ -599,9 +599,9 @@ impl Daemon {
             .await
             .map_err(|e| msg(format!("listening on {}: {e}", file.listen_addr)))?;
         let (stop, mut stopped) = watch::channel(false);
-        let limits = crate::gate::Limits::default();
-        let certs = Arc::new(crate::gate::CertCheck::new(ctx.ca_der.clone()));
-        let incoming = tls.incoming(listener, crate::gate::Admission::new(limits, certs.clone()));
+        let limits = crate::ca::gate::Limits::default();
+        let certs = Arc::new(crate::ca::gate::CertCheck::new(ctx.ca_der.clone()));
+        let incoming = tls.incoming(listener, crate::ca::gate::Admission::new(limits, certs.clone()));
         // gRPC server reflection, so that grpcurl and other clients can
         // list and call the typed API (with a node certificate: the gate
         // keeps anonymous connections to Join).
@@ -612,7 +612,7 @@ impl Daemon {
         let router = tonic::transport::Server::builder()
             .max_concurrent_streams(limits.streams)
             .http2_max_header_list_size(16 << 10)
-            .layer(crate::gate::AnonymousGate(certs))
+            .layer(crate::ca::gate::AnonymousGate(certs))
             .layer(crate::deadline::DeadlineLayer)
             .layer(crate::reply::BoundStatusLayer)
             .add_service(
@@ -622,7 +622,7 @@ impl Daemon {
             )
             .add_service(
                 JoinServer::new(JoinService(ctx.clone()))
-                    .max_decoding_message_size(crate::gate::JOIN_MESSAGE),
+                    .max_decoding_message_size(crate::ca::gate::JOIN_MESSAGE),
             )
             .add_service(
                 DispatcherServer::new(DispatcherService(ctx.clone()))

@@ -1,33 +1,37 @@
-//! The manager side of mesh: the replicated state model and its allocator,
-//! the Raft store (sealed at rest), the PKI, mTLS, the manager (Raft over
-//! gRPC) with its write path, the gRPC API, the daemon lifecycle, the
-//! data-plane tables derived from the state, the leader's dispatcher (agent
-//! sessions, liveness), the node agent, and the orchestrator with its
-//! scheduler.
+//! The cluster side of mesh, by concern:
+//! - the replicated model: [`state`] (records and how commands change
+//!   them), [`allocator`] (IPAM, VNIs, ports), [`keys`] (the encrypted
+//!   networks' key ring), [`tables`] (what every node's data plane is
+//!   told, derived from the state);
+//! - Raft: [`raft`] (manager, durable store, sealing at rest), [`codec`]
+//!   (the binary encoding of entries, snapshots and internal bodies);
+//! - identity: [`ca`] (PKI, mTLS, the unauthenticated front door);
+//! - serving: [`api`] (the gRPC services), [`dispatcher`] (agent sessions
+//!   and liveness, on the leader), [`orchestrator`] (tasks per service,
+//!   scheduling, rolling updates), [`daemon`] (a node's lifecycle);
+//! - the node's end of the session: [`agent`].
+//!
+//! The pure parts (state, allocator, keys, tables, orchestrator's
+//! reconcile) use no tokio or tonic.
 
 pub mod agent;
 pub mod allocator;
 pub mod api;
+pub mod ca;
 pub mod codec;
 pub mod context;
 pub mod daemon;
 pub mod deadline;
 pub mod dispatcher;
-pub mod gate;
 pub use mtls::grpc;
 pub use mtls::ids;
 pub mod keys;
-pub mod manager;
 pub mod orchestrator;
-pub mod pki;
 #[cfg(test)]
 mod props;
+pub mod raft;
 pub mod reply;
-pub mod seal;
-pub mod sessions;
 pub mod shutdown;
 pub mod state;
-pub mod store;
 pub mod tables;
-pub mod tls;
 pub use model::units;

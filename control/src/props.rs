@@ -163,8 +163,9 @@ fn commands() -> impl Strategy<Value = Vec<Command>> {
     prop::collection::vec(one, 1..60)
 }
 
+/// The state as a snapshot holds it.
 fn bytes(s: &State) -> Vec<u8> {
-    serde_json::to_vec(s).expect("the state serializes")
+    crate::codec::encode(s).expect("the state serializes")
 }
 
 /// No address twice on a network, no published port twice.
@@ -319,7 +320,7 @@ proptest! {
         // (proto::convert), is itself: the typed API loses nothing.
         prop_assert_eq!(wire_round_trip(&s), Ok(()));
         // A snapshot: loaded and reindexed, it is the state.
-        let mut snap: State = serde_json::from_slice(&bytes(&s)).expect("the snapshot loads");
+        let mut snap: State = crate::codec::decode(&bytes(&s)).expect("the snapshot loads");
         snap.reindex().expect("the snapshot reindexes");
         prop_assert!(snap == s, "the snapshot differs from the state");
         // And stays so under the same commands.
@@ -328,10 +329,18 @@ proptest! {
             prop_assert_eq!(a.is_ok(), b.is_ok(), "{:?}: {:?} vs {:?}", cmd, a, b);
             prop_assert_eq!(bytes(&s), bytes(&snap));
         }
-        // The log replayed from nothing gives the same bytes.
+        // The tables as a session carries them to an agent.
+        let tables = book.tables();
+        let carried: model::Tables = crate::codec::decode(&crate::codec::encode(&tables).unwrap())
+            .expect("the tables decode");
+        prop_assert!(&carried == tables, "the tables changed on the way");
+        // The log, as its entries are stored and replicated, replayed from
+        // nothing gives the same bytes.
         let mut replay = State::default();
         for cmd in &applied {
-            replay.apply(cmd).expect("an applied command applies again");
+            let stored = crate::codec::encode(cmd).expect("a command encodes");
+            let cmd: Command = crate::codec::decode(&stored).expect("a stored command decodes");
+            replay.apply(&cmd).expect("an applied command applies again");
         }
         for cmd in log.iter().take(10) {
             let _ = replay.apply(cmd);
@@ -340,8 +349,8 @@ proptest! {
     }
 }
 
-/// A valid spec's JSON with `flips` bytes replaced: what a client (or a
-/// hostile peer) may send in a request body.
+/// A valid body with `flips` bytes replaced: what a broken or hostile
+/// peer may send as a manager-internal body (see `codec`).
 fn mutated(json: &[u8], flips: &[(usize, u8)]) -> Vec<u8> {
     let mut b = json.to_vec();
     for &(at, v) in flips {
@@ -359,7 +368,8 @@ proptest! {
         ..ProptestConfig::default()
     })]
 
-    /// Request bodies as the API decodes them (JSON specs and commands):
+    /// Bodies as managers and agents decode them (postcard commands, specs
+    /// and session messages):
     /// arbitrary or mutated bytes never panic the decoder, and a service
     /// or network spec that decodes is applied whole or refused with the
     /// state untouched.
@@ -369,32 +379,34 @@ proptest! {
         noise in prop::collection::vec(any::<u8>(), 0..200),
         replicas in 0u32..5,
     ) {
-        let _ = serde_json::from_slice::<Command>(&noise);
-        let _ = serde_json::from_slice::<ServiceSpec>(&noise);
+        let _ = crate::codec::decode::<Command>(&noise);
+        let _ = crate::codec::decode::<ServiceSpec>(&noise);
+        let _ = crate::codec::decode::<model::DispatcherMessage>(&noise);
+        let _ = crate::codec::decode::<model::AgentMessage>(&noise);
         let mut s = State::default();
         s.apply(&init()).unwrap();
         s.apply(&Command::CreateNetwork {
             id: "net-red".into(),
             spec: NetworkSpec { name: "red".into(), ..NetworkSpec::default() },
         }).unwrap();
-        let spec = serde_json::to_vec(&service_spec("web", &["red"], Some(8080), replicas)).unwrap();
-        if let Ok(spec) = serde_json::from_slice::<ServiceSpec>(&mutated(&spec, &flips)) {
+        let spec = crate::codec::encode(&service_spec("web", &["red"], Some(8080), replicas)).unwrap();
+        if let Ok(spec) = crate::codec::decode::<ServiceSpec>(&mutated(&spec, &flips)) {
             let before = bytes(&s);
             if s.apply(&Command::CreateService { id: "svc-x".into(), spec }).is_err() {
                 prop_assert_eq!(bytes(&s), before);
             }
             prop_assert!(check_unique(&s).is_ok());
         }
-        let net = serde_json::to_vec(&NetworkSpec { name: "blue".into(), ..NetworkSpec::default() }).unwrap();
-        if let Ok(spec) = serde_json::from_slice::<NetworkSpec>(&mutated(&net, &flips)) {
+        let net = crate::codec::encode(&NetworkSpec { name: "blue".into(), ..NetworkSpec::default() }).unwrap();
+        if let Ok(spec) = crate::codec::decode::<NetworkSpec>(&mutated(&net, &flips)) {
             let before = bytes(&s);
             if s.apply(&Command::CreateNetwork { id: "net-x".into(), spec }).is_err() {
                 prop_assert_eq!(bytes(&s), before);
             }
             prop_assert!(check_unique(&s).is_ok());
         }
-        let cmd = serde_json::to_vec(&Command::RemoveService { target: "web".into() }).unwrap();
-        if let Ok(cmd) = serde_json::from_slice::<Command>(&mutated(&cmd, &flips)) {
+        let cmd = crate::codec::encode(&Command::RemoveService { target: "web".into() }).unwrap();
+        if let Ok(cmd) = crate::codec::decode::<Command>(&mutated(&cmd, &flips)) {
             let before = bytes(&s);
             if s.apply(&cmd).is_err() {
                 prop_assert_eq!(bytes(&s), before);
@@ -411,7 +423,7 @@ proptest! {
             "MESH-1-[0-9a-f]{60,68}-[0-9a-zA-Z]{0,40}",
         ],
     ) {
-        if let Ok(t) = text.parse::<crate::pki::JoinToken>() {
+        if let Ok(t) = text.parse::<crate::ca::pki::JoinToken>() {
             prop_assert_eq!(t.to_string(), text);
         }
     }

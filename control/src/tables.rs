@@ -382,7 +382,7 @@ mod tests {
     fn web() -> ServiceSpec {
         spec(serde_json::json!({
             "name": "web",
-            "mode": {"mode": "replicated", "replicas": 2},
+            "mode": {"replicated": {"replicas": 2}},
             "task": {"command": ["/bin/web"], "networks": [{"target": "red", "aliases": ["www"]}]},
             "endpoint": {"mode": "vip", "ports": [{"protocol": "tcp", "target": 80, "published": 8080}]}
         }))
@@ -391,7 +391,7 @@ mod tests {
     fn db() -> ServiceSpec {
         spec(serde_json::json!({
             "name": "db",
-            "mode": {"mode": "replicated", "replicas": 1},
+            "mode": {"replicated": {"replicas": 1}},
             "task": {"command": ["/bin/db"], "networks": [{"target": "red"}]},
             "endpoint": {"mode": "dnsrr"}
         }))

@@ -953,11 +953,12 @@ async fn an_autolocked_manager_waits_for_its_unlock_key() {
 struct Recorder(Arc<std::sync::Mutex<control::tables::Tables>>);
 
 impl control::agent::Sink for Recorder {
+    type Error = std::convert::Infallible;
     async fn apply(
         &mut self,
         tables: &control::tables::Tables,
         _: control::agent::Update<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Self::Error> {
         *self.0.lock().unwrap() = tables.clone();
         Ok(())
     }
@@ -1305,11 +1306,12 @@ struct SlowSink {
 }
 
 impl control::agent::Sink for SlowSink {
+    type Error = std::convert::Infallible;
     async fn apply(
         &mut self,
         tables: &control::tables::Tables,
         update: control::agent::Update<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Self::Error> {
         tokio::time::sleep(self.delay).await;
         self.applied.apply(tables, update).await
     }

@@ -4,7 +4,6 @@
 pub mod bpffs;
 pub mod dns;
 pub mod ebpf;
-pub mod executor;
 pub mod inspect;
 pub mod ipsec;
 pub mod ipvs;
@@ -14,7 +13,6 @@ pub mod netlink;
 pub mod nft;
 pub mod nlsock;
 pub mod overlay;
-pub mod runner;
 #[cfg(test)]
 mod spec_props;
 pub mod stats;

@@ -250,7 +250,7 @@ mod tests {
         let service: Service = serde_json::from_value(serde_json::json!({
             "id": "s1", "version": 1, "previous": null, "vips": [],
             "ports": [{"protocol": "tcp", "target": 80, "published": 8080, "mode": "host"}],
-            "spec": {"name": "web", "mode": {"mode": "replicated", "replicas": 3},
+            "spec": {"name": "web", "mode": {"replicated": {"replicas": 3}},
                      "task": {"command": ["/bin/web"]}},
         }))
         .unwrap();

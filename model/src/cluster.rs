@@ -129,14 +129,22 @@ impl fmt::Debug for NetworkKey {
     }
 }
 
+/// Hex in human-readable formats (JSON: `meshctl`, the node file), raw
+/// bytes in binary ones (the Raft log and snapshots).
 mod hex_bytes {
-    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error as _};
 
     pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        if !s.is_human_readable() {
+            return b.serialize(s);
+        }
         s.serialize_str(&b.iter().map(|x| format!("{x:02x}")).collect::<String>())
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        if !d.is_human_readable() {
+            return Vec::<u8>::deserialize(d);
+        }
         let s = String::deserialize(d)?;
         if s.len() % 2 != 0 {
             return Err(D::Error::custom("odd-length hex"));

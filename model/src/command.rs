@@ -8,7 +8,7 @@ use crate::*;
 
 /// One entry of the replicated log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "command")]
+#[serde(rename_all = "snake_case")]
 pub enum Command {
     /// The first entry: settings and the ingress network.
     Init {

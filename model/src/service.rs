@@ -59,7 +59,7 @@ pub struct EndpointSpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase", tag = "mode")]
+#[serde(rename_all = "lowercase")]
 pub enum ServiceMode {
     Replicated { replicas: u32 },
     Global,
@@ -122,7 +122,7 @@ pub struct TaskTemplate {
     pub restart: RestartPolicy,
     /// Placement constraints, as `docker service create --constraint`:
     /// `node.role==manager`, `node.hostname!=a`, `node.labels.zone==east`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub constraints: Vec<String>,
 }
 
@@ -200,7 +200,7 @@ pub struct Service {
     pub ports: Vec<PortConfig>,
     /// The rolling update (or rollback) the orchestrator is carrying out,
     /// or the last one's outcome.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub update_status: Option<UpdateStatus>,
 }
 

@@ -1,6 +1,6 @@
 //! The agent session: what a node's agent and the leader's dispatcher say
-//! to each other (JSON documents in `Blob`s of the `Dispatcher.Session`
-//! stream), and what the agent hands its data plane after each change.
+//! to each other (binary bodies, see `control::codec`, of the
+//! `Dispatcher.Session` stream), and what the agent hands its data plane after each change.
 
 use std::sync::Arc;
 
@@ -10,7 +10,7 @@ use crate::tables::{Delta, Key, Revision, Tables, Value};
 
 /// What an agent sends.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum AgentMessage {
     /// First message: the revision the agent has applied (0: none).
     Hello {
@@ -72,7 +72,7 @@ pub struct Assignment {
 
 /// What the dispatcher sends.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum DispatcherMessage {
     /// First message: how often to send heartbeats.
     Welcome { heartbeat_ms: u64, misses: u32 },

@@ -14,7 +14,7 @@ use crate::{EndpointMode, PortConfig, Subnet};
 pub type Revision = u64;
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Key {
     Network {
         id: String,
@@ -82,7 +82,7 @@ pub struct EndpointEntry {
     pub netns: Option<String>,
     /// Told to stop, still running: load balancers keep its open flows
     /// and send it no new ones; DNS no longer names it.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub draining: bool,
 }
 
@@ -97,7 +97,7 @@ pub struct NodeEndpointEntry {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Value {
     Network(NetworkEntry),
     NetworkKeys(NetworkKeysEntry),

@@ -43,7 +43,7 @@ pub struct Task {
     #[serde(default)]
     pub netns: Option<String>,
     /// The process's exit code (128 + signal), once it ended.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub exit_code: Option<i32>,
     /// Creation order in the cluster: the newest task of a slot is its
     /// current one, the rest its history.
@@ -61,7 +61,7 @@ pub struct Task {
     /// was recorded): no node's executor starts it, and the orchestrator
     /// neither counts, stops nor replaces it. Its endpoints serve as any
     /// other's.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub attached: bool,
     /// The service's task template when this task was created: what the
     /// node runs. A task whose template differs from its service's is out

@@ -1,6 +1,6 @@
 //! What a node certificate says: its node id (CN), role (OU) and cluster
 //! (O), checked against the cluster CA and the clock. Issuing lives with
-//! the CA (`control::pki`).
+//! the CA (`control::ca::pki`).
 
 use std::fmt;
 

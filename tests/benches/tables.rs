@@ -170,7 +170,8 @@ struct SinkStats {
 }
 
 impl Sink for BenchSink {
-    async fn apply(&mut self, tables: &Tables, update: Update<'_>) -> Result<(), String> {
+    type Error = dataplane::lb::SyncError;
+    async fn apply(&mut self, tables: &Tables, update: Update<'_>) -> Result<(), Self::Error> {
         let t0 = Instant::now();
         let overlay = self.view.overlay(tables, update);
         // As meshd does: a whole overlay means a whole load balancer.
@@ -190,8 +191,7 @@ impl Sink for BenchSink {
                     sync: &mut self.sync,
                     maps: &mut self.maps,
                 },
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
         let t2 = Instant::now();
         match update {
             Update::Whole => self.zone = Zone::from_tables(tables),
@@ -301,7 +301,7 @@ impl Agents {
 
 /// Commits `cmds` in order, many at a time (the leader batches them):
 /// each service goes in before its task.
-async fn bulk(m: &control::manager::Manager, cmds: Vec<Command>) {
+async fn bulk(m: &control::raft::manager::Manager, cmds: Vec<Command>) {
     let (services, tasks): (Vec<Command>, Vec<Command>) = cmds
         .into_iter()
         .partition(|c| matches!(c, Command::CreateService { .. }));

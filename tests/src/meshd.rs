@@ -276,7 +276,7 @@ pub fn remove_task_scope(scope: &str) {
 }
 
 /// Where cgroup v2 is mounted. The same lookup as the executor's
-/// (`dataplane::executor::cgroup2_mount`): this crate cannot depend on
+/// (`node::executor::cgroup2_mount`): this crate cannot depend on
 /// `dataplane`, because xtask uses it before bpf-linker exists.
 pub fn cgroup2_mount() -> Option<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;

@@ -998,11 +998,13 @@ mod lb {
 struct PinDir(std::path::PathBuf);
 
 impl PinDir {
+    /// A fresh directory on the bpffs at `BPF_ROOT`, mounted here if no
+    /// earlier test did (on a fresh machine this test may run first).
     fn new(what: &str) -> PinDir {
-        let dir = std::path::Path::new(mesh_tests::netns::BPF_ROOT)
-            .join(format!("{what}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the pin dir");
+        let root = std::path::Path::new(mesh_tests::netns::BPF_ROOT);
+        let name = format!("{what}-{}", std::process::id());
+        let _ = std::fs::remove_dir_all(root.join(&name));
+        let dir = dataplane::bpffs::prepare_node_dir(root, &name).expect("create the pin dir");
         PinDir(dir)
     }
 }

@@ -19,8 +19,8 @@ use super::{
     new_id, parse_internal, required, role,
 };
 use crate::{
-    manager::{Manager, NOT_LEADER, WriteError, raft_id},
-    pki::{self, JoinToken},
+    raft::manager::{Manager, NOT_LEADER, WriteError, raft_id},
+    ca::pki::{self, JoinToken},
     state::{Command, Network, Node, NodeSpec, Outcome, Role, State, TaskState},
 };
 
@@ -547,7 +547,7 @@ impl cluster_server::Cluster for ClusterService {
         req: Request<Empty>,
     ) -> Result<Response<proto::KeyRing>, Status> {
         let (_, m) = self.0.require_manager(&req)?;
-        let now = crate::manager::now_ms();
+        let now = crate::raft::manager::now_ms();
         let keys = m.with_state(|s| {
             if !s.networks.values().any(|n| n.spec.encrypted) {
                 return Err(Status::failed_precondition(

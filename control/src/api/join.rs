@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Ctx, manager_addrs, new_node_id};
 use crate::{
-    pki::{self, Ca, JoinToken},
+    ca::pki::{self, Ca, JoinToken},
     state::{Command, Role},
 };
 

@@ -9,7 +9,7 @@ use proto::{Empty, Ref, RenewRequest, RenewResponse, member_server};
 use tonic::{Request, Response, Status};
 
 use super::{Ctx, Whoami, manager_addrs};
-use crate::{pki::Ca, state::Role};
+use crate::{ca::pki::Ca, state::Role};
 
 /// The most of one task's log a call returns (its end).
 const LOG_TAIL_BYTES: u64 = 1 << 20;
@@ -51,7 +51,7 @@ pub(super) async fn fetch_log(
     id: &str,
 ) -> Result<String, Status> {
     let api = api.ok_or_else(|| Status::unavailable("the node has no API address"))?;
-    let channel = crate::tls::node_channel(
+    let channel = crate::ca::tls::node_channel(
         api,
         ctx.creds.clone(),
         node,

@@ -8,7 +8,7 @@ use proto::{Internal, raft_server};
 use tonic::{Request, Response, Status};
 
 use super::{Ctx, internal, parse_internal};
-use crate::{manager::Manager, state::Role};
+use crate::{raft::manager::Manager, state::Role};
 
 fn reply<T: serde::Serialize>(v: &T) -> Result<Response<Internal>, Status> {
     internal(v).map(Response::new)

@@ -56,9 +56,9 @@ fn reflection_lists_and_describes_the_api_and_a_call_built_from_it_is_answered()
     let ca = creds.ca.clone();
     manager.host.run(|| async move {
         let channel =
-            |trust| control::tls::channel(&api, trust, Duration::from_secs(10)).expect("channel");
+            |trust| control::ca::tls::channel(&api, trust, Duration::from_secs(10)).expect("channel");
         let node = || {
-            channel(control::tls::Trust::Node(Arc::new(RwLock::new(
+            channel(control::ca::tls::Trust::Node(Arc::new(RwLock::new(
                 creds.clone(),
             ))))
         };
@@ -179,7 +179,7 @@ fn reflection_lists_and_describes_the_api_and_a_call_built_from_it_is_answered()
         assert_eq!(only.status, proto::NodeStatus::Ready as i32);
 
         // Without a certificate: refused, as every call but Join is.
-        let anonymous = channel(control::tls::Trust::Anonymous(ca));
+        let anonymous = channel(control::ca::tls::Trust::Anonymous(ca));
         let err = reflect(anonymous, MessageRequest::ListServices(String::new()))
             .await
             .expect_err("reflection without a certificate");
@@ -188,6 +188,6 @@ fn reflection_lists_and_describes_the_api_and_a_call_built_from_it_is_answered()
 }
 
 /// The node's credentials from its certs dir.
-fn mtls_creds(certs: &Path) -> control::tls::Credentials {
-    control::tls::Credentials::load(certs).expect("the node's credentials")
+fn mtls_creds(certs: &Path) -> control::ca::tls::Credentials {
+    control::ca::tls::Credentials::load(certs).expect("the node's credentials")
 }

@@ -29,9 +29,9 @@ const FLOOD_BODY: usize = 60 << 20;
 async fn flood(api: &str, ca_pem: String) -> usize {
     let mut calls = Vec::new();
     for i in 0..FLOOD_CALLS {
-        let channel = control::tls::channel(
+        let channel = control::ca::tls::channel(
             api,
-            control::tls::Trust::Anonymous(ca_pem.clone()),
+            control::ca::tls::Trust::Anonymous(ca_pem.clone()),
             std::time::Duration::from_secs(30),
         )
         .expect("channel");

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane::executor::{Executor as _, ProcessExecutor, RunningTask as _, TaskRun};
+use node::executor::{Executor as _, ProcessExecutor, RunningTask as _, TaskRun};
 use mesh_tests::require_root;
 
 /// An executor whose namespaces, cgroups and files carry this test's own
@@ -26,7 +26,7 @@ impl Scratch {
         let group = format!("mesh-test-{pid}-{tag}");
         let prefix = format!("{group}-");
         let exec = ProcessExecutor::new(&dir, &prefix, &group).expect("executor");
-        let group = dataplane::executor::cgroup2_mount().unwrap().join(&group);
+        let group = node::executor::cgroup2_mount().unwrap().join(&group);
         Scratch {
             exec,
             dir,
@@ -229,7 +229,7 @@ fn stop_ends_every_process_of_the_task_and_a_kill_reads_137() {
             .await
             .expect("the adopted task's end is seen")
             .unwrap();
-        assert_eq!(code, dataplane::executor::EXIT_UNKNOWN);
+        assert_eq!(code, node::executor::EXIT_UNKNOWN);
         // SAFETY: reaping the zombie of a child this test started.
         unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), 0) };
         adopted.remove().await.unwrap();

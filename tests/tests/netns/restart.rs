@@ -270,7 +270,7 @@ fn a_meshd_restart_keeps_its_tasks_and_their_connections() {
         || worker.meshd.as_mut().expect("running").try_wait(),
     );
     assert!(!status.success(), "a removed node exited 0");
-    let scope = dataplane::executor::cgroup2_mount()
+    let scope = node::executor::cgroup2_mount()
         .unwrap()
         .join(worker.dir.task_scope());
     let left: Vec<_> = std::fs::read_dir(&scope)

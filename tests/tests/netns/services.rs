@@ -201,7 +201,7 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
         .iter()
         .find(|n| n.host.label() == host)
         .expect("its node");
-    let procs = dataplane::executor::cgroup2_mount()
+    let procs = node::executor::cgroup2_mount()
         .unwrap()
         .join(owner.dir.task_scope())
         .join(&victim_id)

@@ -31,10 +31,10 @@ use serde::{Serialize, de::DeserializeOwned};
 use tonic::{Code, transport::Channel};
 
 use crate::{
-    seal::Key,
+    raft::seal::Key,
     state::{Command, Outcome, State},
-    store::{self, NodeId, StateMachineStore, TypeConfig},
-    tls::{self, Credentials, Trust},
+    raft::store::{self, NodeId, StateMachineStore, TypeConfig},
+    ca::tls::{self, Credentials, Trust},
 };
 
 pub type Raft = openraft::Raft<TypeConfig>;
@@ -386,7 +386,7 @@ pub struct Manager {
     pub sm: StateMachineStore,
     pub peers: Peers,
     /// Agent sessions and liveness (used while this manager leads).
-    pub dispatcher: crate::sessions::Dispatcher,
+    pub dispatcher: crate::dispatcher::sessions::Dispatcher,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
     stop: tokio::sync::watch::Sender<bool>,
     /// The liveness and orchestrator loops, awaited on shutdown (they hold
@@ -493,7 +493,7 @@ impl Manager {
         config: &ManagerConfig,
     ) -> Result<Arc<Manager>, String> {
         let (log, sm) = store::open(&dir.join("raft.redb"), key)
-            .map_err(|e| format!("opening the Raft store in {}: {e}", dir.display()))?;
+            .map_err(|e| format!("opening the Raft store: {e}"))?;
         let raft_config = raft_config(config).validate().map_err(|e| e.to_string())?;
         let peers = Peers::new(creds);
         let raft = Raft::new(

@@ -229,7 +229,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SealError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::TempDir;
+    use crate::raft::store::tests::TempDir;
 
     #[test]
     fn records_are_bound_to_their_slot() {

@@ -101,7 +101,7 @@ impl CertCheck {
 
     /// Ok for a certificate of this cluster, valid now; else why not.
     pub fn check(&self, der: &[u8]) -> Result<(), String> {
-        let now = crate::pki::now();
+        let now = crate::ca::pki::now();
         let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, der)
             .as_ref()
             .try_into()
@@ -110,7 +110,7 @@ impl CertCheck {
         if cached.is_some_and(|not_after| not_after >= now) {
             return Ok(());
         }
-        let not_after = crate::pki::identity_der(der, &self.ca_der, now)
+        let not_after = crate::ca::pki::identity_der(der, &self.ca_der, now)
             .map(|id| id.not_after)
             .map_err(|e| format!("client certificate refused: {e}"))?;
         let mut seen = self.seen.lock().expect("seen lock");
@@ -295,7 +295,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{Ca, DEFAULT_CERT_LIFETIME, node_key_and_csr, pem_to_der};
+    use crate::ca::pki::{Ca, DEFAULT_CERT_LIFETIME, node_key_and_csr, pem_to_der};
     use crate::state::Role;
 
     /// Only acceptances are remembered: made-up or foreign certificates

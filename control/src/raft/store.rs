@@ -5,6 +5,10 @@
 //! redb because it is pure Rust (no C++ toolchain, unlike RocksDB), ACID with
 //! an fsync per committed write transaction, and one file per manager.
 //!
+//! The file's format is versioned ([`FORMAT`], in its own table): records
+//! are sealed postcard ([`crate::codec`]). A file in another format is
+//! refused with what to do ([`OpenError::Format`]), never half-read.
+//!
 //! Appends go to a writer thread that commits whatever has queued up in one
 //! transaction (group commit), then tells openraft those entries are
 //! durable. Until then they are held in memory, where readers see them (as
@@ -32,7 +36,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    seal::Key,
+    raft::seal::Key,
     state::{Command, Outcome, State},
     tables::{Book, Revision, Touched},
 };
@@ -50,6 +54,12 @@ openraft::declare_raft_types!(
 pub type NodeId = u64;
 type StoreError = StorageError<NodeId>;
 
+/// The store's format. 1: JSON records (wave 1, before the format was
+/// recorded). 2: postcard records, externally tagged enums.
+pub const FORMAT: u32 = 2;
+
+const VERSION: TableDefinition<&str, u32> = TableDefinition::new("version");
+const FORMAT_KEY: &str = "format";
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const VOTE: &str = "vote";
@@ -63,7 +73,7 @@ fn any(e: impl std::fmt::Display) -> AnyError {
 
 /// Serializes and seals a record for `slot`.
 fn encode<T: Serialize>(key: &Key, slot: &str, v: &T) -> Result<Vec<u8>, StoreError> {
-    let plain = serde_json::to_vec(v).map_err(|e| StorageIOError::write(any(e)))?;
+    let plain = crate::codec::encode(v).map_err(|e| StorageIOError::write(any(e)))?;
     key.seal(slot.as_bytes(), &plain)
         .map_err(|e| StorageIOError::write(any(e)).into())
 }
@@ -85,13 +95,90 @@ fn decode<T: for<'de> Deserialize<'de>>(
     let plain = key
         .open(slot.as_bytes(), bytes)
         .map_err(|e| StorageIOError::read(any(e)))?;
-    serde_json::from_slice(&plain).map_err(|e| StorageIOError::read(any(e)).into())
+    crate::codec::decode(&plain).map_err(|e| StorageIOError::read(any(e)).into())
+}
+
+/// Why a store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(
+        "{path} holds a Raft store in format {found}; this meshd reads format {FORMAT} only. \
+         Its log cannot be carried over: stop this manager, move its data directory aside, \
+         and join it again (meshd join with a manager token); it then receives the cluster's \
+         state from the leader. For a single-manager cluster, keep running the meshd that \
+         wrote it until the cluster has another manager"
+    )]
+    Format { path: String, found: u32 },
+    #[error("{path}: {source}")]
+    Storage {
+        path: String,
+        #[source]
+        source: StoreError,
+    },
+}
+
+/// Checks (or, for a new file, records) the format: `Ok` when the file is
+/// in [`FORMAT`], the format found otherwise. A file with records and no
+/// recorded format is format 1.
+fn check_format(db: &Database) -> Result<Result<(), u32>, StoreError> {
+    let r = |e: &dyn std::fmt::Display| StorageIOError::read(any(e));
+    let tx = db.begin_read().map_err(|e| r(&e))?;
+    let recorded = match tx.open_table(VERSION) {
+        Ok(t) => t.get(FORMAT_KEY).map_err(|e| r(&e))?.map(|v| v.value()),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(r(&e).into()),
+    };
+    let found = match recorded {
+        Some(f) => Some(f),
+        None => {
+            let log = match tx.open_table(LOG) {
+                Ok(t) => t.len().map_err(|e| r(&e))?,
+                Err(redb::TableError::TableDoesNotExist(_)) => 0,
+                Err(e) => return Err(r(&e).into()),
+            };
+            let meta = match tx.open_table(META) {
+                Ok(t) => t.len().map_err(|e| r(&e))?,
+                Err(redb::TableError::TableDoesNotExist(_)) => 0,
+                Err(e) => return Err(r(&e).into()),
+            };
+            (log + meta > 0).then_some(1)
+        }
+    };
+    drop(tx);
+    match found {
+        Some(f) if f == FORMAT => Ok(Ok(())),
+        Some(f) => Ok(Err(f)),
+        None => {
+            let w = |e: &dyn std::fmt::Display| StorageIOError::write(any(e));
+            let tx = db.begin_write().map_err(|e| w(&e))?;
+            tx.open_table(VERSION)
+                .map_err(|e| w(&e))?
+                .insert(FORMAT_KEY, FORMAT)
+                .map_err(|e| w(&e))?;
+            tx.commit().map_err(|e| w(&e))?;
+            Ok(Ok(()))
+        }
+    }
 }
 
 /// Opens (or creates) the store at `path` (one redb file shared by the log
 /// and the state machine), every record sealed with `key`.
-pub fn open(path: &Path, key: Key) -> Result<(LogStore, StateMachineStore), StoreError> {
-    let db = Database::create(path).map_err(|e| StorageIOError::read(any(e)))?;
+pub fn open(path: &Path, key: Key) -> Result<(LogStore, StateMachineStore), OpenError> {
+    let storage = |source| OpenError::Storage {
+        path: path.display().to_string(),
+        source,
+    };
+    let db = Database::create(path).map_err(|e| storage(StorageIOError::read(any(e)).into()))?;
+    if let Err(found) = check_format(&db).map_err(storage)? {
+        return Err(OpenError::Format {
+            path: path.display().to_string(),
+            found,
+        });
+    }
+    open_db(db, key).map_err(storage)
+}
+
+fn open_db(db: Database, key: Key) -> Result<(LogStore, StateMachineStore), StoreError> {
     let db = Arc::new(db);
     let key = Arc::new(key);
     let tx = db
@@ -524,7 +611,7 @@ impl StateMachineStore {
     fn load(db: Arc<Database>, key: Arc<Key>) -> Result<StateMachineStore, StoreError> {
         let mut applied = Applied::default();
         if let Some(snap) = meta_get::<StoredSnapshot>(&db, &key, SNAPSHOT)? {
-            applied = serde_json::from_slice(&snap.data)
+            applied = crate::codec::decode(&snap.data)
                 .map_err(|e| StorageIOError::read_state_machine(any(e)))?;
         }
         applied
@@ -615,7 +702,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let (data, last_applied, membership) = {
             let a = self.applied.lock().expect("state lock");
             (
-                serde_json::to_vec(&*a).map_err(|e| StorageIOError::write_state_machine(any(e)))?,
+                crate::codec::encode(&*a).map_err(|e| StorageIOError::write_state_machine(any(e)))?,
                 a.last_applied,
                 a.membership.clone(),
             )
@@ -717,7 +804,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StoreError> {
         let data = snapshot.into_inner();
-        let mut new: Applied = serde_json::from_slice(&data)
+        let mut new: Applied = crate::codec::decode(&data)
             .map_err(|e| StorageIOError::read_state_machine(any(e)))?;
         new.last_applied = meta.last_log_id;
         new.membership = meta.last_membership.clone();
@@ -800,7 +887,10 @@ pub(crate) mod tests {
     impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for Builder {
         async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StoreError> {
             let dir = TempDir::new();
-            let (log, sm) = open(&dir.0.join("raft.redb"), test_key())?;
+            let (log, sm) = open(&dir.0.join("raft.redb"), test_key()).map_err(|e| match e {
+                OpenError::Storage { source, .. } => source,
+                other => StorageIOError::read(any(other)).into(),
+            })?;
             Ok((dir, log, sm))
         }
     }
@@ -886,7 +976,7 @@ pub(crate) mod tests {
     #[test]
     fn no_service_name_or_secret_is_stored_in_plaintext() {
         let dir = TempDir::new();
-        let keys = crate::seal::DataKeys::create(dir.path(), false).unwrap();
+        let keys = crate::raft::seal::DataKeys::create(dir.path(), false).unwrap();
         let (name, secret) = ("zebra-unique-svc", "hunter2-xyzzy-secret");
         let mut spec = crate::state::ServiceSpec {
             name: name.into(),
@@ -916,7 +1006,7 @@ pub(crate) mod tests {
                 },
             ),
         ];
-        let plain = serde_json::to_vec(&entries).unwrap();
+        let plain = crate::codec::encode(&entries).unwrap();
         assert!(
             plain.windows(secret.len()).any(|w| w == secret.as_bytes()),
             "the check itself works"
@@ -953,7 +1043,7 @@ pub(crate) mod tests {
             }
         }
         // And it reads back with the keys from the data dir.
-        let keys = crate::seal::DataKeys::load(dir.path(), None).unwrap();
+        let keys = crate::raft::seal::DataKeys::load(dir.path(), None).unwrap();
         let (_, sm) = open(&dir.path().join("raft.redb"), keys.data).unwrap();
         assert!(sm.state().service_by_ref(name).is_some());
     }
@@ -961,5 +1051,52 @@ pub(crate) mod tests {
     #[test]
     fn openraft_storage_conformance_suite_passes() {
         Suite::test_all(Builder).unwrap();
+    }
+
+    /// A file as wave 1 wrote it: JSON records, no recorded format.
+    fn wave_one_file(path: &Path) {
+        let db = Database::create(path).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut log = tx.open_table(LOG).unwrap();
+            let plain = serde_json::to_vec(&serde_json::json!({"log_id": {}, "payload": "Blank"})).unwrap();
+            let sealed = test_key().seal(log_slot(1).as_bytes(), &plain).unwrap();
+            log.insert(1, sealed.as_slice()).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
+    #[test]
+    fn a_file_in_another_format_is_refused_untouched_and_says_what_to_do() {
+        let dir = TempDir::new();
+        let path = dir.path().join("raft.redb");
+        wave_one_file(&path);
+        let before = std::fs::read(&path).unwrap();
+        let err = open(&path, test_key()).err().expect("a format-1 file is refused");
+        assert!(matches!(err, OpenError::Format { found: 1, .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("format 1") && text.contains("format 2"), "{text}");
+        assert!(text.contains("join it again"), "{text}");
+        assert_eq!(std::fs::read(&path).unwrap(), before, "a refused file is not written");
+
+        // A newer format than this meshd knows.
+        let path = dir.path().join("newer.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(VERSION).unwrap().insert(FORMAT_KEY, FORMAT + 1).unwrap();
+            tx.commit().unwrap();
+        }
+        let err = open(&path, test_key()).err().expect("a newer file is refused");
+        assert!(matches!(err, OpenError::Format { found, .. } if found == FORMAT + 1), "{err:?}");
+
+        // A new file records the format and opens again.
+        let path = dir.path().join("new.redb");
+        drop(open(&path, test_key()).unwrap());
+        drop(open(&path, test_key()).unwrap());
+        let db = Database::open(&path).unwrap();
+        let tx = db.begin_read().unwrap();
+        let v = tx.open_table(VERSION).unwrap().get(FORMAT_KEY).unwrap().map(|v| v.value());
+        assert_eq!(v, Some(FORMAT));
     }
 }

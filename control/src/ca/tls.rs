@@ -64,7 +64,7 @@ pub struct Server {
 /// completes the handshake, proof of its key included. In TLS 1.3 a
 /// refusal in the handshake reaches the client only as "connection
 /// closed"; let in, the connection is treated as having no certificate
-/// ([`crate::gate::CertCheck`] checks every certificate again), and its
+/// ([`crate::ca::gate::CertCheck`] checks every certificate again), and its
 /// calls are refused with the reason.
 #[derive(Debug)]
 struct Lenient(Arc<dyn ClientCertVerifier>);
@@ -145,13 +145,13 @@ impl Server {
 
     /// Accepts TCP connections on `listener` and yields those whose TLS
     /// handshake completes in time and that `admission` lets in (see
-    /// [`crate::gate`]). Refused and failed connections are logged and
+    /// [`crate::ca::gate`]). Refused and failed connections are logged and
     /// dropped; they never stop the server.
     pub fn incoming(
         &self,
         listener: TcpListener,
-        admission: crate::gate::Admission,
-    ) -> tokio_stream::wrappers::ReceiverStream<Result<crate::gate::Admitted, io::Error>> {
+        admission: crate::ca::gate::Admission,
+    ) -> tokio_stream::wrappers::ReceiverStream<Result<crate::ca::gate::Admitted, io::Error>> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let acceptor = self.acceptor.clone();
         let admission = Arc::new(admission);

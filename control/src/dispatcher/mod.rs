@@ -14,6 +14,8 @@
 //! a session again is committed `ready`. Heartbeats themselves stay in the
 //! leader's memory; a new leader gives every node a full grace period.
 
+pub mod sessions;
+
 use std::{
     collections::HashMap,
     pin::Pin,
@@ -28,7 +30,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     context::Ctx,
-    manager::Manager,
+    raft::manager::Manager,
     state::{Command, NodeStatus},
     tables::{Catchup, Revision},
 };
@@ -63,7 +65,7 @@ pub fn assignments(state: &crate::state::State, node: &str) -> Vec<Assignment> {
 
 pub use model::session::NOT_LEADER_DISPATCH;
 
-pub use crate::sessions::{Dispatcher, NodeProgress, Progress};
+pub use crate::dispatcher::sessions::{Dispatcher, NodeProgress, Progress};
 
 /// The heartbeat period and misses from the cluster settings.
 fn timing(m: &Manager) -> (Duration, u32) {
