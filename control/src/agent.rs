@@ -30,10 +30,10 @@ use model::session::{
 };
 
 use crate::{
+    ca::tls::{self, Trust},
     context::Ctx,
     grpc::{MAX_MESSAGE, status_text},
     tables::{Key, Revision, Tables, Value},
-    ca::tls::{self, Trust},
 };
 
 pub use model::session::{Applied, Update};

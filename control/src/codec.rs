@@ -34,7 +34,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use model::{Command, DispatcherMessage, Tables};
+    use model::{Command, session::DispatcherMessage};
 
     #[test]
     fn trailing_bytes_and_truncation_are_refused() {
@@ -42,7 +42,9 @@ mod tests {
         let mut long = body.clone();
         long.push(0);
         assert!(decode::<DispatcherMessage>(&long).is_err());
-        let cmd = Command::RemoveService { target: "abcdef".into() };
+        let cmd = Command::RemoveService {
+            target: "abcdef".into(),
+        };
         let body = encode(&cmd).unwrap();
         assert_eq!(decode::<Command>(&body).unwrap(), cmd);
         for cut in 0..body.len() {

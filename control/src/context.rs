@@ -8,10 +8,10 @@ use proto::cluster_client::ClusterClient;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    raft::manager::Manager,
     ca::pki::{self, Identity},
-    state::Role,
     ca::tls::Credentials,
+    raft::manager::Manager,
+    state::Role,
 };
 
 /// What every service needs: who this node is, and its manager (if any).

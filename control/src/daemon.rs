@@ -27,12 +27,12 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use crate::{
     agent::{Agent, Sink},
     api::{self, ClusterService, Ctx, JoinService, MemberService, RaftService, Whoami},
+    ca::pki::{self, Ca, JoinToken},
+    ca::tls::{self, Credentials, Trust},
     dispatcher::DispatcherService,
     raft::manager::{Manager, ManagerConfig, raft_id},
-    ca::pki::{self, Ca, JoinToken},
     raft::seal::{DataKeys, SealError, UnlockKey},
     state::{ClusterSecrets, ClusterSettings, Command, Role},
-    ca::tls::{self, Credentials, Trust},
 };
 
 pub use crate::grpc::{MAX_MESSAGE, status_text};
@@ -601,7 +601,10 @@ impl Daemon {
         let (stop, mut stopped) = watch::channel(false);
         let limits = crate::ca::gate::Limits::default();
         let certs = Arc::new(crate::ca::gate::CertCheck::new(ctx.ca_der.clone()));
-        let incoming = tls.incoming(listener, crate::ca::gate::Admission::new(limits, certs.clone()));
+        let incoming = tls.incoming(
+            listener,
+            crate::ca::gate::Admission::new(limits, certs.clone()),
+        );
         // gRPC server reflection, so that grpcurl and other clients can
         // list and call the typed API (with a node certificate: the gate
         // keeps anonymous connections to Join).

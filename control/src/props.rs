@@ -331,7 +331,7 @@ proptest! {
         }
         // The tables as a session carries them to an agent.
         let tables = book.tables();
-        let carried: model::Tables = crate::codec::decode(&crate::codec::encode(&tables).unwrap())
+        let carried: model::tables::Tables = crate::codec::decode(&crate::codec::encode(&tables).unwrap())
             .expect("the tables decode");
         prop_assert!(&carried == tables, "the tables changed on the way");
         // The log, as its entries are stored and replicated, replayed from
@@ -381,8 +381,8 @@ proptest! {
     ) {
         let _ = crate::codec::decode::<Command>(&noise);
         let _ = crate::codec::decode::<ServiceSpec>(&noise);
-        let _ = crate::codec::decode::<model::DispatcherMessage>(&noise);
-        let _ = crate::codec::decode::<model::AgentMessage>(&noise);
+        let _ = crate::codec::decode::<model::session::DispatcherMessage>(&noise);
+        let _ = crate::codec::decode::<model::session::AgentMessage>(&noise);
         let mut s = State::default();
         s.apply(&init()).unwrap();
         s.apply(&Command::CreateNetwork {

@@ -9,11 +9,11 @@ use std::{
 };
 
 use control::{
+    ca::pki,
+    ca::tls::{self, Credentials, Trust},
     daemon::{self, Addresses, Daemon, InitOptions, InitReport},
-    manager::ManagerConfig,
-    pki,
+    raft::manager::ManagerConfig,
     state::{EndpointSpec, NetworkSpec, Role, ServiceMode, ServiceSpec, TaskTemplate},
-    tls::{self, Credentials, Trust},
 };
 use proto::{Empty, JoinTokenRequest, Ref, Remove, SetRoleRequest, cluster_client::ClusterClient};
 

@@ -351,7 +351,6 @@ impl From<Mode> for XdpMode {
     }
 }
 
-
 impl DataplaneArgs {
     /// The node's data-plane options, when `--underlay` asks for one.
     pub(crate) fn options(&self) -> Result<Option<node::Options>> {

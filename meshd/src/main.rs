@@ -10,7 +10,10 @@ use std::fs;
 use anyhow::{Context as _, Result, bail};
 use clap::Parser as _;
 use control::daemon::{self, InitOptions, Unlock};
-use dataplane::{inspect::{LbTable, read_lb}, stats::ParserStats};
+use dataplane::{
+    inspect::{LbTable, read_lb},
+    stats::ParserStats,
+};
 use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, Command, LbCommand, NodeArgs, Start};
@@ -79,19 +82,21 @@ fn main() -> Result<()> {
             dp,
         } => {
             let start = match data_dir {
-                Some(dir) => Start::Run {
-                    dir,
-                    unlock: match unlock_key_file {
-                        Some(f) => {
-                            let text = fs::read_to_string(&f)
-                                .with_context(|| format!("reading {}", f.display()))?;
-                            Unlock::Key(text.trim().parse().with_context(|| {
-                                format!("{}: not an unlock key", f.display())
-                            })?)
-                        }
-                        None => Unlock::Wait,
-                    },
-                },
+                Some(dir) => {
+                    Start::Run {
+                        dir,
+                        unlock: match unlock_key_file {
+                            Some(f) => {
+                                let text = fs::read_to_string(&f)
+                                    .with_context(|| format!("reading {}", f.display()))?;
+                                Unlock::Key(text.trim().parse().with_context(|| {
+                                    format!("{}: not an unlock key", f.display())
+                                })?)
+                            }
+                            None => Unlock::Wait,
+                        },
+                    }
+                }
                 None if dp.underlay.is_some() => Start::None,
                 None => bail!(
                     "nothing to run: give --data-dir (the control plane of a node that ran init or join) and/or --node and --underlay (the data plane)"

@@ -44,7 +44,7 @@ fn print_init(report: &InitReport, at: &Addresses) {
 
 async fn start_control(
     start: Start,
-    config: &control::manager::ManagerConfig,
+    config: &control::raft::manager::ManagerConfig,
 ) -> Result<Option<daemon::Daemon>> {
     Ok(match start {
         Start::None => None,
@@ -87,7 +87,7 @@ pub(crate) fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     // A manager refuses encrypted networks this kernel cannot protect.
-    let manager_config = control::manager::ManagerConfig {
+    let manager_config = control::raft::manager::ManagerConfig {
         encryption_check: Some(dataplane::ipsec::probe),
         ..Default::default()
     };

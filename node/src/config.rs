@@ -122,7 +122,10 @@ impl NodeConfig {
     ) -> Result<(), ConfigError> {
         for iface in &self.endpoint_interfaces {
             datapath
-                .attach_lb(iface, Some(&crate::lifecycle::link_pin(pin_dir, "tc", iface)))
+                .attach_lb(
+                    iface,
+                    Some(&crate::lifecycle::link_pin(pin_dir, "tc", iface)),
+                )
                 .map_err(|source| ConfigError::Attach {
                     iface: iface.clone(),
                     source,

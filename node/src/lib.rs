@@ -13,14 +13,14 @@
 //! `model`'s. This crate holds the order and the lifecycle between them.
 
 pub mod config;
-mod lifecycle;
 pub mod error;
 pub mod executor;
+mod lifecycle;
 mod node;
 pub mod reconcile;
 pub mod runner;
 pub mod underlay;
 
-pub use lifecycle::{Dataplane, LbBackend, Options, down};
 pub use error::{ApplyError, DownError, StartError};
+pub use lifecycle::{Dataplane, LbBackend, Options, down};
 pub use node::{Node, WiredCounts};

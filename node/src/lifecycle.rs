@@ -141,8 +141,7 @@ impl Dataplane {
         };
         let pin_dir = bpffs::prepare_node_dir(&opts.bpf_root, &node)?;
         // The LB routes NATed packets; bpf_fib_lookup refuses unless forwarding is on.
-        fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
-            .map_err(StartError::Forwarding)?;
+        fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").map_err(StartError::Forwarding)?;
         let underlay = &opts.underlay;
         let mut datapath = Datapath::load(Some(&pin_dir))?;
         datapath.attach_parser(

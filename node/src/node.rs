@@ -10,9 +10,8 @@ use dataplane::{
     tables::{NodeView, OverlayUpdate},
 };
 use model::{
-    Tables,
     session::Update,
-    tables::{Key, Value},
+    tables::{Key, Tables, Value},
 };
 use tokio::sync::{Mutex, watch};
 
@@ -59,7 +58,11 @@ impl Node {
         }
     }
 
-    async fn apply_dataplane(&mut self, tables: &Tables, update: Update<'_>) -> Result<(), ApplyError> {
+    async fn apply_dataplane(
+        &mut self,
+        tables: &Tables,
+        update: Update<'_>,
+    ) -> Result<(), ApplyError> {
         let Some(dp) = &self.dataplane else {
             return Ok(());
         };
@@ -80,7 +83,8 @@ impl Node {
         // changed) needs a whole load balancer.
         if dp.lb_from_tables {
             let update = if whole { Update::Whole } else { update };
-            dp.sync_lb(tables, update, &self.view, self.underlay).await?;
+            dp.sync_lb(tables, update, &self.view, self.underlay)
+                .await?;
         }
         // 4. IPsec, exact.
         dp.sync_ipsec(ipsec)?;

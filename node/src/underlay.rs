@@ -33,7 +33,9 @@ const POLL: Duration = Duration::from_secs(5);
 /// [`POLL`]; the agent reports each change to the cluster. Starts from
 /// what the interface holds now, so a session never reports a placeholder.
 /// The watcher ends when nobody follows it.
-pub async fn watch(addr: Ipv4Addr) -> Result<tokio::sync::watch::Receiver<Vec<Subnet>>, NetlinkError> {
+pub async fn watch(
+    addr: Ipv4Addr,
+) -> Result<tokio::sync::watch::Receiver<Vec<Subnet>>, NetlinkError> {
     let mut now = prefixes(addr).await?;
     now.sort();
     let (tx, rx) = tokio::sync::watch::channel(now);

@@ -13,10 +13,10 @@ use std::{
 };
 
 use control::{
+    ca::pki,
+    ca::tls::{self, Credentials, Trust},
     daemon::{self, Addresses, Daemon, InitOptions},
-    pki,
     state::{ServiceMode, ServiceSpec, TaskTemplate},
-    tls::{self, Credentials, Trust},
 };
 use proto::cluster_client::ClusterClient;
 use tonic::transport::Channel;

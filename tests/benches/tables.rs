@@ -28,14 +28,14 @@ use std::{
 use control::{
     agent::{Agent, Sink, Update},
     api::Ctx,
+    ca::pki::{self, Ca},
+    ca::tls::Credentials,
     daemon::{self, InitOptions},
-    pki::{self, Ca},
     state::{
         Command, EndpointMode, EndpointSpec, NetworkAttachment, NetworkSpec, Role, ServiceMode,
         ServiceSpec, State, TaskTemplate,
     },
     tables::{Revision, Tables},
-    tls::Credentials,
 };
 use dataplane::{
     dns::Zone,
@@ -180,18 +180,17 @@ impl Sink for BenchSink {
         let t1 = Instant::now();
         let update_lb = if whole { Update::Whole } else { update };
         let nat = BTreeMap::new();
-        self.lb
-            .sync(
-                tables,
-                update_lb,
-                self.view.networks(),
-                vec![self.underlay],
-                nat,
-                &mut dataplane::lb::Ebpf {
-                    sync: &mut self.sync,
-                    maps: &mut self.maps,
-                },
-            )?;
+        self.lb.sync(
+            tables,
+            update_lb,
+            self.view.networks(),
+            vec![self.underlay],
+            nat,
+            &mut dataplane::lb::Ebpf {
+                sync: &mut self.sync,
+                maps: &mut self.maps,
+            },
+        )?;
         let t2 = Instant::now();
         match update {
             Update::Whole => self.zone = Zone::from_tables(tables),

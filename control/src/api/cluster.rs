@@ -19,8 +19,8 @@ use super::{
     new_id, parse_internal, required, role,
 };
 use crate::{
-    raft::manager::{Manager, NOT_LEADER, WriteError, raft_id},
     ca::pki::{self, JoinToken},
+    raft::manager::{Manager, NOT_LEADER, WriteError, raft_id},
     state::{Command, Network, Node, NodeSpec, Outcome, Role, State, TaskState},
 };
 

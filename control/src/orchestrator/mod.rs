@@ -26,8 +26,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::state::{
-    Availability, Command, FailureAction, Node, NodeStatus, RestartCondition, RestartPolicy,
-    Service, ServiceMode, State, Task, TaskState, Touched, UpdateOrder, UpdateState, UpdateStatus,
+    Command, RestartCondition, RestartPolicy, Service, ServiceMode, State, Task, TaskState, Touched,
 };
 
 pub use model::constraint::{Constraint, Field, parse_constraints, takes};

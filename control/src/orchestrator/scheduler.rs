@@ -9,7 +9,7 @@ use crate::state::{Availability, Command, Node, NodeStatus, Service, State};
 use model::constraint::{Constraint, takes};
 
 /// May `node` keep a task of a service with `constraints`?
-fn keeps(node: Option<&Node>, constraints: &[Constraint]) -> bool {
+pub(super) fn keeps(node: Option<&Node>, constraints: &[Constraint]) -> bool {
     node.is_some_and(|n| {
         n.status == NodeStatus::Ready
             && n.spec.availability != Availability::Drain
@@ -20,20 +20,20 @@ fn keeps(node: Option<&Node>, constraints: &[Constraint]) -> bool {
 /// Task counts per node, kept up to date as the plan places and removes.
 /// Counted on first use: a look that places and stops nothing (the common
 /// case) costs nothing here.
-struct Load<'s> {
-    state: &'s State,
-    counts: Option<Counts>,
+pub(super) struct Load<'s> {
+    pub(super) state: &'s State,
+    pub(super) counts: Option<Counts>,
 }
 
 #[derive(Default)]
-struct Counts {
-    total: BTreeMap<String, u32>,
+pub(super) struct Counts {
+    pub(super) total: BTreeMap<String, u32>,
     /// (service id, node id) -> tasks.
-    service: BTreeMap<(String, String), u32>,
+    pub(super) service: BTreeMap<(String, String), u32>,
 }
 
 impl Counts {
-    fn add(&mut self, service: &str, node: &str, n: i64) {
+    pub(super) fn add(&mut self, service: &str, node: &str, n: i64) {
         let bump = |c: &mut u32| *c = (i64::from(*c) + n).max(0) as u32;
         bump(self.total.entry(node.to_owned()).or_default());
         bump(
@@ -45,14 +45,14 @@ impl Counts {
 }
 
 impl<'s> Load<'s> {
-    fn new(state: &'s State) -> Load<'s> {
+    pub(super) fn new(state: &'s State) -> Load<'s> {
         Load {
             state,
             counts: None,
         }
     }
 
-    fn counts(&mut self) -> &mut Counts {
+    pub(super) fn counts(&mut self) -> &mut Counts {
         let state = self.state;
         self.counts.get_or_insert_with(|| {
             let mut c = Counts::default();
@@ -63,12 +63,12 @@ impl<'s> Load<'s> {
         })
     }
 
-    fn add(&mut self, service: &str, node: &str, n: i64) {
+    pub(super) fn add(&mut self, service: &str, node: &str, n: i64) {
         self.counts().add(service, node, n);
     }
 
     /// The spread strategy's choice among `candidates`.
-    fn pick<'a>(
+    pub(super) fn pick<'a>(
         &mut self,
         service: &str,
         candidates: impl Iterator<Item = &'a Node>,
@@ -89,7 +89,7 @@ impl<'s> Load<'s> {
 
 /// Why no node takes a task of a service with `constraints`, in Swarm's
 /// words.
-fn no_node(state: &State, constraints: &[Constraint]) -> String {
+pub(super) fn no_node(state: &State, constraints: &[Constraint]) -> String {
     let ready = state
         .nodes
         .values()
@@ -112,7 +112,7 @@ fn no_node(state: &State, constraints: &[Constraint]) -> String {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn place(
+pub(super) fn place(
     state: &State,
     svc: &Service,
     slot: u32,

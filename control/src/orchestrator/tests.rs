@@ -2,6 +2,7 @@
 //! the leader would, and what the plan says.
 
 use super::*;
+use crate::state::*;
 use crate::state::{ClusterSettings, NodeSpec, Role, ServiceSpec};
 
 /// A cluster of `nodes` (hostname, role) and a counter for task ids.
@@ -378,8 +379,7 @@ fn an_ended_task_is_replaced_as_its_restart_policy_says_and_kept_as_history() {
     drop(all);
     // A manager that loads this state from a snapshot (indexes rebuilt)
     // counts the next restart the same way.
-    let mut copy: State =
-        serde_json::from_str(&serde_json::to_string(&w.state).unwrap()).unwrap();
+    let mut copy: State = serde_json::from_str(&serde_json::to_string(&w.state).unwrap()).unwrap();
     copy.reindex().unwrap();
     let mut twin = World {
         state: copy,

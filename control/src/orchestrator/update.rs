@@ -8,18 +8,18 @@ use crate::state::*;
 use model::constraint::Constraint;
 
 /// One service's rolling update, as [`reconcile`] carries it out.
-struct Rollout<'a, 'p> {
-    state: &'a State,
-    svc: &'a Service,
-    status: &'a UpdateStatus,
-    now_ms: u64,
-    constraints: &'p [Constraint],
-    slots: &'p BTreeMap<(u32, &'a str), Vec<&'a Task>>,
-    filled: &'p mut BTreeSet<(u32, &'a str)>,
-    renewed: &'p mut BTreeSet<(u32, &'a str)>,
-    load: &'p mut Load<'a>,
-    creates: &'p mut Vec<Command>,
-    plan: &'p mut Plan,
+pub(super) struct Rollout<'a, 'p> {
+    pub(super) state: &'a State,
+    pub(super) svc: &'a Service,
+    pub(super) status: &'a UpdateStatus,
+    pub(super) now_ms: u64,
+    pub(super) constraints: &'p [Constraint],
+    pub(super) slots: &'p BTreeMap<(u32, &'a str), Vec<&'a Task>>,
+    pub(super) filled: &'p mut BTreeSet<(u32, &'a str)>,
+    pub(super) renewed: &'p mut BTreeSet<(u32, &'a str)>,
+    pub(super) load: &'p mut Load<'a>,
+    pub(super) creates: &'p mut Vec<Command>,
+    pub(super) plan: &'p mut Plan,
 }
 
 /// Replaces the tasks whose template is out of date, `parallelism` at a
@@ -34,7 +34,7 @@ struct Rollout<'a, 'p> {
 ///   the new one runs;
 /// - when no task is out of date and every new one has settled, the update
 ///   is completed.
-fn rolling_update(r: &mut Rollout<'_, '_>, new_id: &mut impl FnMut() -> String) {
+pub(super) fn rolling_update(r: &mut Rollout<'_, '_>, new_id: &mut impl FnMut() -> String) {
     let svc = r.svc;
     let rollback = r.status.state.rollback();
     let config = if rollback {

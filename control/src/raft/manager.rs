@@ -31,10 +31,10 @@ use serde::{Serialize, de::DeserializeOwned};
 use tonic::{Code, transport::Channel};
 
 use crate::{
-    raft::seal::Key,
-    state::{Command, Outcome, State},
-    raft::store::{self, NodeId, StateMachineStore, TypeConfig},
     ca::tls::{self, Credentials, Trust},
+    raft::seal::Key,
+    raft::store::{self, NodeId, StateMachineStore, TypeConfig},
+    state::{Command, Outcome, State},
 };
 
 pub type Raft = openraft::Raft<TypeConfig>;

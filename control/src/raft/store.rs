@@ -32,7 +32,7 @@ use openraft::{
     SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
     storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot},
 };
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -702,7 +702,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let (data, last_applied, membership) = {
             let a = self.applied.lock().expect("state lock");
             (
-                crate::codec::encode(&*a).map_err(|e| StorageIOError::write_state_machine(any(e)))?,
+                crate::codec::encode(&*a)
+                    .map_err(|e| StorageIOError::write_state_machine(any(e)))?,
                 a.last_applied,
                 a.membership.clone(),
             )
@@ -804,8 +805,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StoreError> {
         let data = snapshot.into_inner();
-        let mut new: Applied = crate::codec::decode(&data)
-            .map_err(|e| StorageIOError::read_state_machine(any(e)))?;
+        let mut new: Applied =
+            crate::codec::decode(&data).map_err(|e| StorageIOError::read_state_machine(any(e)))?;
         new.last_applied = meta.last_log_id;
         new.membership = meta.last_membership.clone();
         new.rebuild()
@@ -1059,7 +1060,8 @@ pub(crate) mod tests {
         let tx = db.begin_write().unwrap();
         {
             let mut log = tx.open_table(LOG).unwrap();
-            let plain = serde_json::to_vec(&serde_json::json!({"log_id": {}, "payload": "Blank"})).unwrap();
+            let plain =
+                serde_json::to_vec(&serde_json::json!({"log_id": {}, "payload": "Blank"})).unwrap();
             let sealed = test_key().seal(log_slot(1).as_bytes(), &plain).unwrap();
             log.insert(1, sealed.as_slice()).unwrap();
         }
@@ -1072,23 +1074,40 @@ pub(crate) mod tests {
         let path = dir.path().join("raft.redb");
         wave_one_file(&path);
         let before = std::fs::read(&path).unwrap();
-        let err = open(&path, test_key()).err().expect("a format-1 file is refused");
+        let err = open(&path, test_key())
+            .err()
+            .expect("a format-1 file is refused");
         assert!(matches!(err, OpenError::Format { found: 1, .. }), "{err:?}");
         let text = err.to_string();
-        assert!(text.contains("format 1") && text.contains("format 2"), "{text}");
+        assert!(
+            text.contains("format 1") && text.contains("format 2"),
+            "{text}"
+        );
         assert!(text.contains("join it again"), "{text}");
-        assert_eq!(std::fs::read(&path).unwrap(), before, "a refused file is not written");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            before,
+            "a refused file is not written"
+        );
 
         // A newer format than this meshd knows.
         let path = dir.path().join("newer.redb");
         {
             let db = Database::create(&path).unwrap();
             let tx = db.begin_write().unwrap();
-            tx.open_table(VERSION).unwrap().insert(FORMAT_KEY, FORMAT + 1).unwrap();
+            tx.open_table(VERSION)
+                .unwrap()
+                .insert(FORMAT_KEY, FORMAT + 1)
+                .unwrap();
             tx.commit().unwrap();
         }
-        let err = open(&path, test_key()).err().expect("a newer file is refused");
-        assert!(matches!(err, OpenError::Format { found, .. } if found == FORMAT + 1), "{err:?}");
+        let err = open(&path, test_key())
+            .err()
+            .expect("a newer file is refused");
+        assert!(
+            matches!(err, OpenError::Format { found, .. } if found == FORMAT + 1),
+            "{err:?}"
+        );
 
         // A new file records the format and opens again.
         let path = dir.path().join("new.redb");
@@ -1096,7 +1115,12 @@ pub(crate) mod tests {
         drop(open(&path, test_key()).unwrap());
         let db = Database::open(&path).unwrap();
         let tx = db.begin_read().unwrap();
-        let v = tx.open_table(VERSION).unwrap().get(FORMAT_KEY).unwrap().map(|v| v.value());
+        let v = tx
+            .open_table(VERSION)
+            .unwrap()
+            .get(FORMAT_KEY)
+            .unwrap()
+            .map(|v| v.value());
         assert_eq!(v, Some(FORMAT));
     }
 }

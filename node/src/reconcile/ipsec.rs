@@ -22,8 +22,12 @@ impl Dataplane {
             match Ipsec::open(self.ipsec_record.as_deref()) {
                 Ok(x) => self.ipsec = Some(x),
                 Err(open) => {
-                    dataplane::ipsec::block_plaintext(&spec.vnis)
-                        .map_err(|block| ApplyError::IpsecUnavailable { open: open.clone(), block })?;
+                    dataplane::ipsec::block_plaintext(&spec.vnis).map_err(|block| {
+                        ApplyError::IpsecUnavailable {
+                            open: open.clone(),
+                            block,
+                        }
+                    })?;
                     self.plaintext_blocked = true;
                     tracing::error!(
                         error = %open,

@@ -8,7 +8,7 @@ use dataplane::{
     overlay,
     tables::{LbView, NodeView},
 };
-use model::{Tables, session::Update};
+use model::{session::Update, tables::Tables};
 
 use crate::{Dataplane, error::ApplyError, lifecycle::lb_target};
 
@@ -87,15 +87,15 @@ impl Dataplane {
     async fn refresh_bridges(&mut self) -> Result<(), ApplyError> {
         let mut bridges = BTreeMap::new();
         for name in self.lb_bridges.keys() {
-            let link = self
-                .overlay
-                .netlink()
-                .link(name)
-                .await
-                .map_err(|source| ApplyError::Bridge {
-                    bridge: name.clone(),
-                    source,
-                })?;
+            let link =
+                self.overlay
+                    .netlink()
+                    .link(name)
+                    .await
+                    .map_err(|source| ApplyError::Bridge {
+                        bridge: name.clone(),
+                        source,
+                    })?;
             // Not built (yet): the overlay reports why, and a retry follows.
             let Some(link) = link else { continue };
             bridges.insert(name.clone(), link.index);

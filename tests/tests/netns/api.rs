@@ -55,8 +55,9 @@ fn reflection_lists_and_describes_the_api_and_a_call_built_from_it_is_answered()
     let creds = mtls_creds(&certs);
     let ca = creds.ca.clone();
     manager.host.run(|| async move {
-        let channel =
-            |trust| control::ca::tls::channel(&api, trust, Duration::from_secs(10)).expect("channel");
+        let channel = |trust| {
+            control::ca::tls::channel(&api, trust, Duration::from_secs(10)).expect("channel")
+        };
         let node = || {
             channel(control::ca::tls::Trust::Node(Arc::new(RwLock::new(
                 creds.clone(),

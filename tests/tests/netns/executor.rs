@@ -7,8 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use node::executor::{Executor as _, ProcessExecutor, RunningTask as _, TaskRun};
 use mesh_tests::require_root;
+use node::executor::{Executor as _, ProcessExecutor, RunningTask as _, TaskRun};
 
 /// An executor whose namespaces, cgroups and files carry this test's own
 /// names; all of them are removed on Drop, also after a panic.

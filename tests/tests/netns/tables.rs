@@ -220,7 +220,8 @@ fn tables_drive_every_node_and_a_dead_worker_is_withdrawn() {
     let t2 = place_task(&nodes[0], "web", 2, &ids[2]);
     // `service scale`: every argument is checked before anything changes.
     let replicas = || {
-        json(&nodes[0].meshctl_ok(&["service", "inspect", "web"]))[0]["spec"]["mode"]["replicated"]["replicas"]
+        json(&nodes[0].meshctl_ok(&["service", "inspect", "web"]))[0]["spec"]["mode"]["replicated"]
+            ["replicas"]
             .as_u64()
     };
     let bad = nodes[0].meshctl(&["service", "scale", "web=3", "nosuch=1"]);
