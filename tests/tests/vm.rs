@@ -164,9 +164,12 @@ mod encrypted {
         nodes.truncate(3);
         let (h1, h2, h3, rogue) = (topo.host(0), topo.host(1), topo.host(2), topo.host(3));
         // No periodic resync during the test: it would repair the wrong
-        // key below (a restart does, and is checked). Under TCG a short
-        // heartbeat period flaps nodes down and up.
-        let ids = start_cluster(&mut nodes, "2s", &["--resync-interval", "3600"]);
+        // key below (a restart does, and is checked). Under TCG a meshd
+        // restart (eBPF verification included) can outlast 3 periods of
+        // 2 s, and the leader then rightly withdraws the node's endpoints
+        // (the task's address goes with them) while the test uses them:
+        // Swarm's 5 s period keeps a restart from looking like node death.
+        let ids = start_cluster(&mut nodes, "5s", &["--resync-interval", "3600"]);
         let m = &nodes[0];
         m.meshctl_ok(&["network", "create", "--opt", "encrypted", "secret"]);
         m.meshctl_ok(&["network", "create", "plain"]);
@@ -678,7 +681,7 @@ fn ipvs_backend_serves_vips_and_published_ports_from_the_tables() {
     let mut nodes = Node::for_hosts(&topo);
     nodes.truncate(3);
     let (h1, client) = (topo.host(0), topo.host(3));
-    let ids = start_cluster(&mut nodes, "2s", &["--lb-backend", "ipvs"]);
+    let ids = start_cluster(&mut nodes, "5s", &["--lb-backend", "ipvs"]);
     let m = &nodes[0];
     m.meshctl_ok(&["network", "create", "red"]);
     m.meshctl_ok(&[
