@@ -536,6 +536,17 @@ struct TaskServer {
     server: Server<Handler>,
 }
 
+/// A task's DNS server could not be started: 127.0.0.11:53 in its
+/// namespace would not bind (the others are still served).
+#[derive(Debug, thiserror::Error)]
+#[error("dns for task {task} in {}: {source}", netns.display())]
+pub struct ServeError {
+    pub task: String,
+    pub netns: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
 /// The embedded DNS of one node: a server per local task.
 pub struct Dns {
     zone: SharedZone,
@@ -574,7 +585,7 @@ impl Dns {
         tables: &Tables,
         update: Update<'_>,
         node: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), ServeError> {
         // The local tasks whose servers may need to change, and what each
         // should be now (namespace, networks); None: not served any more.
         let mut want: BTreeMap<String, Option<(PathBuf, Vec<String>)>> = BTreeMap::new();
@@ -630,8 +641,12 @@ impl Dns {
                 Ok(s) => {
                     self.tasks.insert(task, s);
                 }
-                Err(e) => {
-                    let e = format!("dns for task {task} in {}: {e}", netns.display());
+                Err(source) => {
+                    let e = ServeError {
+                        task,
+                        netns,
+                        source,
+                    };
                     tracing::warn!("{e}");
                     first_error.get_or_insert(e);
                 }

@@ -134,6 +134,91 @@ pub fn sa_secret(ring_secret: &[u8], src: Ipv4Addr, dst: Ipv4Addr, id: u32) -> V
     out
 }
 
+/// An XFRM operation, with the peer and SPI it concerns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XfrmOp {
+    ListStates,
+    ListPolicies,
+    AddState(SaKey),
+    DeleteState(SaKey),
+    SetPolicy {
+        local: Ipv4Addr,
+        peer: Ipv4Addr,
+        spi: u32,
+    },
+    DeletePolicy {
+        local: Ipv4Addr,
+        peer: Ipv4Addr,
+    },
+}
+
+impl std::fmt::Display for XfrmOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            XfrmOp::ListStates => write!(f, "list XFRM states"),
+            XfrmOp::ListPolicies => write!(f, "list XFRM policies"),
+            XfrmOp::AddState(k) => write!(f, "add ESP state {} -> {} spi {:#010x}", k.src, k.dst, k.spi),
+            XfrmOp::DeleteState(k) => {
+                write!(f, "delete ESP state {} -> {} spi {:#010x}", k.src, k.dst, k.spi)
+            }
+            XfrmOp::SetPolicy { local, peer, spi } => {
+                write!(f, "set the ESP policy {local} -> {peer} (spi {spi:#010x})")
+            }
+            XfrmOp::DeletePolicy { local, peer } => write!(f, "delete the ESP policy {local} -> {peer}"),
+        }
+    }
+}
+
+/// The kernel refused an XFRM request: what was asked, and why, with what
+/// a missing kernel feature would explain.
+#[derive(Debug, thiserror::Error)]
+#[error("{op}: {source}{}", hint(source.raw_os_error()))]
+pub struct XfrmError {
+    pub op: XfrmOp,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl XfrmError {
+    pub fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+}
+
+fn hint(errno: Option<i32>) -> String {
+    match errno {
+        Some(libc::EPROTONOSUPPORT) | Some(libc::ENOPROTOOPT) => {
+            " (this kernel has no ESP or no XFRM netlink: CONFIG_INET_ESP, CONFIG_XFRM_USER)".into()
+        }
+        Some(libc::ENOENT) | Some(libc::ENOSYS) => {
+            format!(" (this kernel has no {AEAD} for ESP: CONFIG_CRYPTO_GCM, CONFIG_INET_ESP)")
+        }
+        _ => String::new(),
+    }
+}
+
+/// Why IPsec is not as asked. What was applied before the failure stays,
+/// and the next apply retries the rest.
+#[derive(Debug, thiserror::Error)]
+pub enum IpsecError {
+    #[error("opening an XFRM netlink socket: {0} (this kernel has no CONFIG_XFRM_USER)")]
+    Socket(#[source] std::io::Error),
+    #[error(transparent)]
+    Xfrm(#[from] XfrmError),
+    #[error("nftables {NFT_TABLE}: {0}")]
+    Nft(#[source] crate::nft::NftError),
+    #[error("saving {path}: {source}")]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot make a namespace to test ESP in: {0}")]
+    ProbeNamespace(#[source] std::io::Error),
+    #[error("the ESP probe panicked")]
+    ProbePanicked,
+}
+
 /// One SA we keep: its endpoints and SPI (the key is its identity's part).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SaKey {
@@ -166,10 +251,10 @@ impl SentRecord {
 
     /// Durable when it returns: the file and its directory are synced,
     /// as a record lost to a power cut would let sequences restart.
-    fn save(&self, path: &Path) -> Result<(), String> {
+    fn save(&self, path: &Path) -> Result<(), IpsecError> {
         use std::io::Write;
         let tmp = path.with_extension("tmp");
-        let bytes = serde_json::to_vec(self).map_err(|e| e.to_string())?;
+        let bytes = serde_json::to_vec(self).expect("a record of addresses and numbers serializes");
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::File::create(&tmp)
             .and_then(|mut f| {
@@ -178,7 +263,10 @@ impl SentRecord {
             })
             .and_then(|()| std::fs::rename(&tmp, path))
             .and_then(|()| std::fs::File::open(dir)?.sync_all())
-            .map_err(|e| format!("saving {}: {e}", path.display()))
+            .map_err(|source| IpsecError::Record {
+                path: path.to_owned(),
+                source,
+            })
     }
 }
 
@@ -253,15 +341,11 @@ fn addr(a: Ipv4Addr) -> Address {
     Address::from_ipv4(&a)
 }
 
-fn xfrm_error(e: NlError) -> String {
-    match e.errno() {
-        Some(libc::EPROTONOSUPPORT) | Some(libc::ENOPROTOOPT) => format!(
-            "{e} (this kernel has no ESP or no XFRM netlink: CONFIG_INET_ESP, CONFIG_XFRM_USER)"
-        ),
-        Some(libc::ENOENT) | Some(libc::ENOSYS) => {
-            format!("{e} (this kernel has no {AEAD} for ESP: CONFIG_CRYPTO_GCM, CONFIG_INET_ESP)")
-        }
-        _ => e.to_string(),
+/// The kernel's refusal of `op`.
+fn refused(op: XfrmOp) -> impl FnOnce(NlError) -> XfrmError {
+    move |e| XfrmError {
+        op,
+        source: e.source,
     }
 }
 
@@ -292,10 +376,8 @@ impl Ipsec {
     /// Opens XFRM in this namespace and reads back what an earlier meshd
     /// installed (our reqid, our mark), so a restart rewrites nothing.
     /// `record`: where the SAs sent with are kept (see the module doc).
-    pub fn open(record: Option<&Path>) -> Result<Ipsec, String> {
-        let sock = NlSocket::open(libc::NETLINK_XFRM).map_err(|e| {
-            format!("open an XFRM netlink socket: {e} (this kernel has no CONFIG_XFRM_USER)")
-        })?;
+    pub fn open(record: Option<&Path>) -> Result<Ipsec, IpsecError> {
+        let sock = NlSocket::open(libc::NETLINK_XFRM).map_err(IpsecError::Socket)?;
         let mut me = Ipsec {
             sock,
             states: BTreeMap::new(),
@@ -311,15 +393,13 @@ impl Ipsec {
 
     /// Reads our states and policies from the kernel; on failure, what was
     /// known before is kept.
-    fn read_back(&mut self) -> Result<(), String> {
+    fn read_back(&mut self) -> Result<(), XfrmError> {
         let mut states = BTreeMap::new();
         let mut found = BTreeMap::new();
         let sas = self
             .sock
-            .request(XFRM_MSG_GETSA, NLM_F_DUMP, &[], || {
-                "list XFRM states".into()
-            })
-            .map_err(xfrm_error)?;
+            .request(XFRM_MSG_GETSA, NLM_F_DUMP, &[], || XfrmOp::ListStates.to_string())
+            .map_err(refused(XfrmOp::ListStates))?;
         for body in sas {
             let Ok(m) = SaModify::parse(&body) else {
                 continue;
@@ -348,9 +428,9 @@ impl Ipsec {
         let policies = self
             .sock
             .request(XFRM_MSG_GETPOLICY, NLM_F_DUMP, &[], || {
-                "list XFRM policies".into()
+                XfrmOp::ListPolicies.to_string()
             })
-            .map_err(xfrm_error)?;
+            .map_err(refused(XfrmOp::ListPolicies))?;
         for body in policies {
             let Ok(m) = PolicyModify::parse(&body) else {
                 continue;
@@ -387,7 +467,7 @@ impl Ipsec {
     /// policies (to the primary key), then old states go; nftables when the
     /// encrypted VNIs change. Errors name the object; what was applied
     /// stays, and the next apply retries the rest.
-    pub fn apply(&mut self, spec: &IpsecSpec) -> Result<IpsecReport, String> {
+    pub fn apply(&mut self, spec: &IpsecSpec) -> Result<IpsecReport, IpsecError> {
         if self.applied.as_ref() == Some(spec) {
             return Ok(IpsecReport::default());
         }
@@ -396,14 +476,13 @@ impl Ipsec {
         Ok(applied)
     }
 
-    fn write(&mut self, spec: &IpsecSpec) -> Result<IpsecReport, String> {
+    fn write(&mut self, spec: &IpsecSpec) -> Result<IpsecReport, IpsecError> {
         self.applied = None;
         let mut report = IpsecReport::default();
         // The drop rules come first: from here on no plaintext VXLAN of an
         // encrypted VNI enters or leaves, whatever else fails.
         if self.vnis.as_ref() != Some(&spec.vnis) {
-            crate::nft::run(&nft_ruleset(&spec.vnis))
-                .map_err(|e| format!("nftables {NFT_TABLE}: {e}"))?;
+            crate::nft::run(&nft_ruleset(&spec.vnis)).map_err(IpsecError::Nft)?;
             self.vnis = Some(spec.vnis.clone());
             report.nft_writes += 1;
         }
@@ -525,7 +604,7 @@ impl Ipsec {
         Ok(report)
     }
 
-    fn keep_record(&mut self, record: SentRecord) -> Result<(), String> {
+    fn keep_record(&mut self, record: SentRecord) -> Result<(), IpsecError> {
         if record == self.record {
             return Ok(());
         }
@@ -548,7 +627,7 @@ impl Ipsec {
     }
 
     /// Re-reads the kernel, then applies `spec` (drift repaired).
-    pub fn reconcile(&mut self, spec: &IpsecSpec) -> Result<IpsecReport, String> {
+    pub fn reconcile(&mut self, spec: &IpsecSpec) -> Result<IpsecReport, IpsecError> {
         self.read_back()?;
         self.vnis = None;
         self.applied = None;
@@ -556,7 +635,7 @@ impl Ipsec {
     }
 
     /// Everything of ours goes (`meshd down`).
-    pub fn teardown(&mut self) -> Result<usize, String> {
+    pub fn teardown(&mut self) -> Result<usize, XfrmError> {
         let policies: Vec<(Ipv4Addr, Ipv4Addr)> =
             self.policies.iter().map(|(p, (l, _))| (*p, *l)).collect();
         for (peer, local) in &policies {
@@ -574,7 +653,7 @@ impl Ipsec {
         Ok(policies.len() + states.len())
     }
 
-    fn set_state(&mut self, k: &SaKey, secret: &[u8]) -> Result<(), String> {
+    fn set_state(&mut self, k: &SaKey, secret: &[u8]) -> Result<(), XfrmError> {
         let mut name = [0u8; 64];
         name[..AEAD.len()].copy_from_slice(AEAD.as_bytes());
         let info = UserSaInfo {
@@ -606,21 +685,24 @@ impl Ipsec {
         };
         let flags = crate::nlsock::NLM_F_CREATE | crate::nlsock::NLM_F_EXCL;
         let bytes = emit(&msg);
-        let op = || format!("add ESP state {} -> {} spi {:#010x}", k.src, k.dst, k.spi);
-        match self.sock.request(XFRM_MSG_NEWSA, flags, &bytes, op) {
+        let op = XfrmOp::AddState(*k);
+        match self
+            .sock
+            .request(XFRM_MSG_NEWSA, flags, &bytes, || op.to_string())
+        {
             Ok(_) => return Ok(()),
             // One we did not know of (an unreadable dump, another writer):
             // replaced, since its key cannot be changed in place.
             Err(e) if e.errno() == Some(libc::EEXIST) => self.del_state(k)?,
-            Err(e) => return Err(xfrm_error(e)),
+            Err(e) => return Err(refused(op)(e)),
         }
         self.sock
-            .request(XFRM_MSG_NEWSA, flags, &bytes, op)
+            .request(XFRM_MSG_NEWSA, flags, &bytes, || op.to_string())
             .map(drop)
-            .map_err(xfrm_error)
+            .map_err(refused(op))
     }
 
-    fn del_state(&mut self, k: &SaKey) -> Result<(), String> {
+    fn del_state(&mut self, k: &SaKey) -> Result<(), XfrmError> {
         let msg = SaDel {
             user_sa_id: UserSaId {
                 daddr: addr(k.dst),
@@ -630,19 +712,18 @@ impl Ipsec {
             },
             nlas: vec![XfrmAttrs::SrcAddr(addr(k.src))],
         };
-        match self.sock.request(XFRM_MSG_DELSA, 0, &emit(&msg), || {
-            format!(
-                "delete ESP state {} -> {} spi {:#010x}",
-                k.src, k.dst, k.spi
-            )
-        }) {
+        let op = XfrmOp::DeleteState(*k);
+        match self
+            .sock
+            .request(XFRM_MSG_DELSA, 0, &emit(&msg), || op.to_string())
+        {
             Ok(_) => Ok(()),
             Err(e) if e.errno() == Some(libc::ESRCH) => Ok(()),
-            Err(e) => Err(xfrm_error(e)),
+            Err(e) => Err(refused(op)(e)),
         }
     }
 
-    fn set_policy(&mut self, local: Ipv4Addr, peer: Ipv4Addr, spi: u32) -> Result<(), String> {
+    fn set_policy(&mut self, local: Ipv4Addr, peer: Ipv4Addr, spi: u32) -> Result<(), XfrmError> {
         let msg = PolicyModify {
             user_policy_info: UserPolicyInfo {
                 selector: selector(local, peer),
@@ -667,15 +748,14 @@ impl Ipsec {
                 mark(),
             ],
         };
+        let op = XfrmOp::SetPolicy { local, peer, spi };
         self.sock
-            .request(XFRM_MSG_UPDPOLICY, 0, &emit(&msg), || {
-                format!("set the ESP policy {local} -> {peer} (spi {spi:#010x})")
-            })
+            .request(XFRM_MSG_UPDPOLICY, 0, &emit(&msg), || op.to_string())
             .map(drop)
-            .map_err(xfrm_error)
+            .map_err(refused(op))
     }
 
-    fn del_policy(&mut self, local: Ipv4Addr, peer: Ipv4Addr) -> Result<(), String> {
+    fn del_policy(&mut self, local: Ipv4Addr, peer: Ipv4Addr) -> Result<(), XfrmError> {
         let msg = PolicyDel {
             user_policy_id: UserPolicyId {
                 selector: selector(local, peer),
@@ -684,12 +764,14 @@ impl Ipsec {
             },
             nlas: vec![mark()],
         };
-        match self.sock.request(XFRM_MSG_DELPOLICY, 0, &emit(&msg), || {
-            format!("delete the ESP policy {local} -> {peer}")
-        }) {
+        let op = XfrmOp::DeletePolicy { local, peer };
+        match self
+            .sock
+            .request(XFRM_MSG_DELPOLICY, 0, &emit(&msg), || op.to_string())
+        {
             Ok(_) => Ok(()),
             Err(e) if e.errno() == Some(libc::ENOENT) => Ok(()),
-            Err(e) => Err(xfrm_error(e)),
+            Err(e) => Err(refused(op)(e)),
         }
     }
 }
@@ -697,14 +779,11 @@ impl Ipsec {
 /// Whether this kernel can run encrypted networks: adds an rfc4106 ESP
 /// state in a throwaway network namespace (nothing of the host's is
 /// touched) and says why not.
-pub fn probe() -> Result<(), String> {
+pub fn probe() -> Result<(), IpsecError> {
     std::thread::spawn(|| {
         // SAFETY: unshare only affects this (short-lived) thread.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            return Err(format!(
-                "cannot make a namespace to test ESP in: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(IpsecError::ProbeNamespace(std::io::Error::last_os_error()));
         }
         let mut x = Ipsec::open(None)?;
         let k = SaKey {
@@ -712,17 +791,17 @@ pub fn probe() -> Result<(), String> {
             dst: Ipv4Addr::new(192, 0, 2, 2),
             spi: 0x1000,
         };
-        x.set_state(&k, &[7u8; 20])
+        Ok(x.set_state(&k, &[7u8; 20])?)
     })
     .join()
-    .unwrap_or_else(|_| Err("the ESP probe panicked".into()))
+    .unwrap_or(Err(IpsecError::ProbePanicked))
 }
 
 /// Only the nftables part: no VXLAN of `vnis` in or out without IPsec. For
 /// a kernel where XFRM itself is missing: the encrypted networks then carry
 /// nothing, never plaintext.
-pub fn block_plaintext(vnis: &BTreeSet<u32>) -> Result<(), String> {
-    crate::nft::run(&nft_ruleset(vnis)).map_err(|e| format!("nftables {NFT_TABLE}: {e}"))
+pub fn block_plaintext(vnis: &BTreeSet<u32>) -> Result<(), IpsecError> {
+    crate::nft::run(&nft_ruleset(vnis)).map_err(IpsecError::Nft)
 }
 
 /// Removes the nftables table (`meshd down` where XFRM is missing).

@@ -3,29 +3,45 @@
 //! overlays each keep their own table.
 
 use std::{
-    io::Write as _,
+    io::{self, Write as _},
     process::{Command, Stdio},
 };
 
-/// Runs `nft -f -` with `script`; nft's complaint on failure.
-pub fn run(script: &str) -> Result<(), String> {
+/// Why a ruleset was not applied (the transaction then changed nothing).
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("cannot run nft: {0}")]
+    Spawn(#[source] io::Error),
+    #[error("writing the ruleset to nft: {0}")]
+    Write(#[source] io::Error),
+    #[error("waiting for nft: {0}")]
+    Wait(#[source] io::Error),
+    /// nft ran and refused: what it said on stderr.
+    #[error("nft refused the ruleset: {stderr}")]
+    Refused { stderr: String },
+}
+
+/// Runs `nft -f -` with `script`.
+pub fn run(script: &str) -> Result<(), NftError> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run nft: {e}"))?;
+        .map_err(NftError::Spawn)?;
     child
         .stdin
         .take()
         .expect("piped")
         .write_all(script.as_bytes())
-        .map_err(|e: std::io::Error| format!("write to nft: {e}"))?;
-    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+        .map_err(NftError::Write)?;
+    let out = child.wait_with_output().map_err(NftError::Wait)?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        Err(NftError::Refused {
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
     }
 }

@@ -88,7 +88,7 @@ pub(crate) fn serve(start: Start, dp: DataplaneArgs) -> Result<()> {
         .context("starting the tokio runtime")?;
     // A manager refuses encrypted networks this kernel cannot protect.
     let manager_config = control::raft::manager::ManagerConfig {
-        encryption_check: Some(dataplane::ipsec::probe),
+        encryption_check: Some(|| dataplane::ipsec::probe().map_err(|e| e.to_string())),
         ..Default::default()
     };
     let removal = rt.block_on(async {

@@ -5,7 +5,12 @@
 use std::path::PathBuf;
 
 use dataplane::{
-    bpffs::BpffsError, ebpf::LoadError, ipvs::IpvsError, lb::SyncError, netlink::NetlinkError,
+    bpffs::BpffsError,
+    ebpf::LoadError,
+    ipsec::{IpsecError, XfrmError},
+    ipvs::IpvsError,
+    lb::SyncError,
+    netlink::NetlinkError,
     overlay::OverlayError,
 };
 
@@ -42,9 +47,15 @@ pub enum StartError {
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("ipsec: {0}")]
-    Ipsec(String),
+    Ipsec(#[from] IpsecError),
+    /// XFRM could not be opened, and the plaintext of the encrypted
+    /// networks could not be blocked either.
     #[error("encrypted networks: {open}; and blocking their plaintext: {block}")]
-    IpsecUnavailable { open: String, block: String },
+    IpsecUnavailable {
+        open: IpsecError,
+        #[source]
+        block: IpsecError,
+    },
     #[error("overlay: {0}")]
     Overlay(#[from] OverlayError),
     #[error("load balancer: {0}")]
@@ -61,8 +72,8 @@ pub enum ApplyError {
         #[source]
         source: LoadError,
     },
-    #[error("dns: {0}")]
-    Dns(String),
+    #[error(transparent)]
+    Dns(#[from] dataplane::dns::ServeError),
 }
 
 /// `meshd down` could not remove everything; what it names is left.
@@ -73,7 +84,7 @@ pub enum DownError {
     #[error("removing the overlay links: {0}")]
     Overlay(#[source] OverlayError),
     #[error("removing the IPsec states and policies: {0}")]
-    Ipsec(String),
+    Ipsec(#[source] XfrmError),
     #[error("removing the IPVS services: {0}")]
     Ipvs(#[source] IpvsError),
     #[error("removing the IPVS services: {0}")]

@@ -89,10 +89,7 @@ impl Node {
         // 4. IPsec, exact.
         dp.sync_ipsec(ipsec)?;
         // 5. DNS, after the overlay: a new task's namespace has its `lo` up.
-        self.dns
-            .update(tables, update, &self.node)
-            .await
-            .map_err(ApplyError::Dns)?;
+        self.dns.update(tables, update, &self.node).await?;
         tracing::debug!(
             revision = tables.revision,
             overlay_changes = report.map(|r| r.changes),

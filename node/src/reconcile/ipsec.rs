@@ -22,12 +22,9 @@ impl Dataplane {
             match Ipsec::open(self.ipsec_record.as_deref()) {
                 Ok(x) => self.ipsec = Some(x),
                 Err(open) => {
-                    dataplane::ipsec::block_plaintext(&spec.vnis).map_err(|block| {
-                        ApplyError::IpsecUnavailable {
-                            open: open.clone(),
-                            block,
-                        }
-                    })?;
+                    if let Err(block) = dataplane::ipsec::block_plaintext(&spec.vnis) {
+                        return Err(ApplyError::IpsecUnavailable { open, block });
+                    }
                     self.plaintext_blocked = true;
                     tracing::error!(
                         error = %open,
@@ -48,7 +45,7 @@ impl Dataplane {
                 tracing::error!(error = %e, "ipsec: encrypted networks are blocked until this is fixed");
                 Ok(())
             }
-            Err(e) => Err(ApplyError::Ipsec(e)),
+            Err(e) => Err(e.into()),
         }
     }
 
