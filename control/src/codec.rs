@@ -85,7 +85,16 @@ mod tests {
         let binary = encode(&t).unwrap();
         let json = serde_json::to_vec(&t).unwrap();
         assert_eq!(decode::<Tables>(&binary).unwrap(), t);
-        eprintln!("1000 endpoints: {} bytes postcard, {} bytes JSON", binary.len(), json.len());
-        assert!(binary.len() * 2 < json.len(), "{} vs {}", binary.len(), json.len());
+        eprintln!(
+            "1000 endpoints: {} bytes postcard, {} bytes JSON",
+            binary.len(),
+            json.len()
+        );
+        assert!(
+            binary.len() * 2 < json.len(),
+            "{} vs {}",
+            binary.len(),
+            json.len()
+        );
     }
 }

@@ -157,14 +157,24 @@ impl std::fmt::Display for XfrmOp {
         match self {
             XfrmOp::ListStates => write!(f, "list XFRM states"),
             XfrmOp::ListPolicies => write!(f, "list XFRM policies"),
-            XfrmOp::AddState(k) => write!(f, "add ESP state {} -> {} spi {:#010x}", k.src, k.dst, k.spi),
+            XfrmOp::AddState(k) => write!(
+                f,
+                "add ESP state {} -> {} spi {:#010x}",
+                k.src, k.dst, k.spi
+            ),
             XfrmOp::DeleteState(k) => {
-                write!(f, "delete ESP state {} -> {} spi {:#010x}", k.src, k.dst, k.spi)
+                write!(
+                    f,
+                    "delete ESP state {} -> {} spi {:#010x}",
+                    k.src, k.dst, k.spi
+                )
             }
             XfrmOp::SetPolicy { local, peer, spi } => {
                 write!(f, "set the ESP policy {local} -> {peer} (spi {spi:#010x})")
             }
-            XfrmOp::DeletePolicy { local, peer } => write!(f, "delete the ESP policy {local} -> {peer}"),
+            XfrmOp::DeletePolicy { local, peer } => {
+                write!(f, "delete the ESP policy {local} -> {peer}")
+            }
         }
     }
 }
@@ -398,7 +408,9 @@ impl Ipsec {
         let mut found = BTreeMap::new();
         let sas = self
             .sock
-            .request(XFRM_MSG_GETSA, NLM_F_DUMP, &[], || XfrmOp::ListStates.to_string())
+            .request(XFRM_MSG_GETSA, NLM_F_DUMP, &[], || {
+                XfrmOp::ListStates.to_string()
+            })
             .map_err(refused(XfrmOp::ListStates))?;
         for body in sas {
             let Ok(m) = SaModify::parse(&body) else {

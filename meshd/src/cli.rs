@@ -137,9 +137,6 @@ pub(crate) struct AddrArgs {
     pub(crate) hostname: Option<String>,
 }
 
-/// The IPv4 prefixes on the interface that holds `addr`: what the cluster
-/// keeps every network out of. None when no local interface holds it (an
-
 impl AddrArgs {
     pub(crate) fn resolve(&self) -> Result<Addresses> {
         let port = self.listen_addr.port();
@@ -249,8 +246,6 @@ pub(crate) enum LbBackend {
     Ebpf,
     Ipvs,
 }
-
-/// Where IPVS mode keeps the set of services it installed (runtime state:
 
 pub(crate) fn parse_scope(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()

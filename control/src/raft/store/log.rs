@@ -13,6 +13,30 @@ pub struct LogStore {
     writer: Arc<Writer>,
 }
 
+impl LogStore {
+    /// The log of `db`, with its writer thread started.
+    pub(super) fn start(db: Arc<Database>, key: Arc<Key>) -> Result<LogStore, StoreError> {
+        let pending = Arc::new(Mutex::new(BTreeMap::new()));
+        let (tx, rx) = mpsc::channel();
+        let thread = {
+            let (db, key, pending) = (db.clone(), key.clone(), pending.clone());
+            std::thread::Builder::new()
+                .name("raft-log-writer".into())
+                .spawn(move || log_writer(db, key, pending, rx))
+                .map_err(|e| StorageIOError::write_logs(any(e)))?
+        };
+        Ok(LogStore {
+            db,
+            key,
+            pending,
+            writer: Arc::new(Writer {
+                tx: Some(tx),
+                thread: Some(thread),
+            }),
+        })
+    }
+}
+
 /// The writer thread's queue. When the last handle drops, the queue closes
 /// and the thread is joined, so the database is closed when the store is.
 struct Writer {
@@ -307,4 +331,3 @@ fn write_log(
     tx.commit()
         .map_err(|e| StorageIOError::write_logs(any(e)).into())
 }
-

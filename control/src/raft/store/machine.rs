@@ -48,7 +48,7 @@ pub struct StateMachineStore {
 }
 
 impl StateMachineStore {
-    fn load(db: Arc<Database>, key: Arc<Key>) -> Result<StateMachineStore, StoreError> {
+    pub(super) fn load(db: Arc<Database>, key: Arc<Key>) -> Result<StateMachineStore, StoreError> {
         let mut applied = Applied::default();
         if let Some(snap) = meta_get::<StoredSnapshot>(&db, &key, SNAPSHOT)? {
             applied = crate::codec::decode(&snap.data)
@@ -278,4 +278,3 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         )
     }
 }
-

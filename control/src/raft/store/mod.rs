@@ -191,24 +191,7 @@ fn open_db(db: Database, key: Key) -> Result<(LogStore, StateMachineStore), Stor
             .map_err(|e| StorageIOError::write(any(e)))?;
     }
     tx.commit().map_err(|e| StorageIOError::write(any(e)))?;
-    let pending = Arc::new(Mutex::new(BTreeMap::new()));
-    let (tx, rx) = mpsc::channel();
-    let thread = {
-        let (db, key, pending) = (db.clone(), key.clone(), pending.clone());
-        std::thread::Builder::new()
-            .name("raft-log-writer".into())
-            .spawn(move || log_writer(db, key, pending, rx))
-            .map_err(|e| StorageIOError::write_logs(any(e)))?
-    };
-    let logs = LogStore {
-        db: db.clone(),
-        key: key.clone(),
-        pending,
-        writer: Arc::new(Writer {
-            tx: Some(tx),
-            thread: Some(thread),
-        }),
-    };
+    let logs = LogStore::start(db.clone(), key.clone())?;
     let sm = StateMachineStore::load(db, key)?;
     Ok((logs, sm))
 }
@@ -265,5 +248,3 @@ pub(crate) mod tests;
 
 pub use log::LogStore;
 pub use machine::StateMachineStore;
-use log::Writer;
-
