@@ -5,10 +5,7 @@
 use std::{collections::HashMap, net::Ipv4Addr, sync::Arc};
 
 use control::agent::Sink;
-use dataplane::{
-    dns::Dns,
-    tables::{NodeView, OverlayUpdate},
-};
+use dataplane::{dns::Dns, tables::NodeView};
 use model::{
     session::Update,
     tables::{Key, Tables, Value},
@@ -67,32 +64,21 @@ impl Node {
             return Ok(());
         };
         let mut dp = dp.lock().await;
-        // 1. IPsec, widened: what the update adds, nothing it removes.
-        let ipsec = dataplane::tables::ipsec_spec(tables, &self.node, self.underlay);
-        let widened = ipsec.widened(&dp.ipsec_spec);
-        dp.sync_ipsec(widened)?;
-        // 2. The overlay.
-        let overlay = self.view.overlay(tables, update);
-        let whole = matches!(overlay, OverlayUpdate::Whole(_));
-        let report = match overlay {
-            OverlayUpdate::Unchanged => None,
-            OverlayUpdate::Changes(c) => Some(dp.overlay.apply_changes(&c).await?),
-            OverlayUpdate::Whole(spec) => Some(dp.overlay.apply(spec).await?),
-        };
-        // 3. The load balancer; a whole overlay (the node's networks
-        // changed) needs a whole load balancer.
-        if dp.lb_from_tables {
-            let update = if whole { Update::Whole } else { update };
-            dp.sync_lb(tables, update, &self.view, self.underlay)
-                .await?;
-        }
-        // 4. IPsec, exact.
-        dp.sync_ipsec(ipsec)?;
+        // 1-4: IPsec widened, the overlay, the load balancer, IPsec exact.
+        let changes = crate::reconcile::apply_in_order(
+            &mut *dp,
+            &mut self.view,
+            tables,
+            update,
+            &self.node,
+            self.underlay,
+        )
+        .await?;
         // 5. DNS, after the overlay: a new task's namespace has its `lo` up.
         self.dns.update(tables, update, &self.node).await?;
         tracing::debug!(
             revision = tables.revision,
-            overlay_changes = report.map(|r| r.changes),
+            overlay_changes = changes,
             dns_tasks = self.dns.served(),
             "tables applied"
         );

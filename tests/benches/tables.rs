@@ -313,6 +313,67 @@ async fn bulk(m: &control::raft::manager::Manager, cmds: Vec<Command>) {
     }
 }
 
+/// `count` worker nodes added to the cluster, each with its own node
+/// certificate: their agents' contexts and ids.
+async fn add_nodes(
+    m: &control::raft::manager::Manager,
+    api_addr: &str,
+    count: usize,
+) -> (Vec<(Arc<Ctx>, Ipv4Addr)>, Vec<String>) {
+    let (secrets, cluster_id) =
+        m.with_state(|s| (s.secrets.clone().unwrap(), s.cluster_id.clone().unwrap()));
+    let ca = Ca::from_pem(&secrets.ca_cert, &secrets.ca_key);
+    let mut ctxs = Vec::new();
+    let mut nodes = Vec::new();
+    for i in 0..count {
+        let id = control::api::new_node_id();
+        let addr = Ipv4Addr::new(198, 18, 10 + (i / 250) as u8, (i % 250) as u8 + 1);
+        let (key, csr) = pki::node_key_and_csr().unwrap();
+        let cert = ca
+            .issue(
+                &csr,
+                &cluster_id,
+                &id,
+                Role::Worker,
+                pki::DEFAULT_CERT_LIFETIME,
+            )
+            .unwrap();
+        m.propose(Command::AddNode {
+            id: id.clone(),
+            hostname: format!("sim-{i}"),
+            addr,
+            api_addr: None,
+            role: Role::Worker,
+            underlay: Vec::new(),
+        })
+        .await
+        .unwrap();
+        let creds = Credentials {
+            ca: secrets.ca_cert.clone(),
+            cert,
+            key,
+        };
+        ctxs.push((
+            Arc::new(Ctx {
+                removed: tokio::sync::watch::Sender::new(None),
+                node_id: id.clone(),
+                cluster_id: cluster_id.clone(),
+                ca_der: creds.ca_bytes().unwrap(),
+                api_addr: String::new(),
+                creds: Arc::new(RwLock::new(creds)),
+                manager: RwLock::new(None),
+                managers: RwLock::new(vec![api_addr.to_owned()]),
+                checked: Default::default(),
+                tasks_dir: None,
+                manager_config: Default::default(),
+            }),
+            addr,
+        ));
+        nodes.push(id);
+    }
+    (ctxs, nodes)
+}
+
 /// One cluster: a manager and `AGENTS` agents, with `services` services.
 struct Cluster {
     manager: daemon::Daemon,
@@ -348,58 +409,7 @@ impl Cluster {
                 }
             });
         }
-        // AGENTS nodes with their own certificates.
-        let (secrets, cluster_id) =
-            m.with_state(|s| (s.secrets.clone().unwrap(), s.cluster_id.clone().unwrap()));
-        let ca = Ca::from_pem(&secrets.ca_cert, &secrets.ca_key);
-        let mut ctxs = Vec::new();
-        let mut nodes = Vec::new();
-        for i in 0..AGENTS {
-            let id = control::api::new_node_id();
-            let addr = Ipv4Addr::new(198, 18, 10 + (i / 250) as u8, (i % 250) as u8 + 1);
-            let (key, csr) = pki::node_key_and_csr().unwrap();
-            let cert = ca
-                .issue(
-                    &csr,
-                    &cluster_id,
-                    &id,
-                    Role::Worker,
-                    pki::DEFAULT_CERT_LIFETIME,
-                )
-                .unwrap();
-            m.propose(Command::AddNode {
-                id: id.clone(),
-                hostname: format!("sim-{i}"),
-                addr,
-                api_addr: None,
-                role: Role::Worker,
-                underlay: Vec::new(),
-            })
-            .await
-            .unwrap();
-            let creds = Credentials {
-                ca: secrets.ca_cert.clone(),
-                cert,
-                key,
-            };
-            ctxs.push((
-                Arc::new(Ctx {
-                    removed: tokio::sync::watch::Sender::new(None),
-                    node_id: id.clone(),
-                    cluster_id: cluster_id.clone(),
-                    ca_der: creds.ca_bytes().unwrap(),
-                    api_addr: String::new(),
-                    creds: Arc::new(RwLock::new(creds)),
-                    manager: RwLock::new(None),
-                    managers: RwLock::new(vec![at.api_addr.clone()]),
-                    checked: Default::default(),
-                    tasks_dir: None,
-                    manager_config: Default::default(),
-                }),
-                addr,
-            ));
-            nodes.push(id);
-        }
+        let (ctxs, nodes) = add_nodes(&m, &at.api_addr, AGENTS).await;
         m.propose(bench_network()).await.unwrap();
         // The agents start after the bulk load (no fan-out of it) and
         // catch up from a snapshot.
@@ -687,4 +697,133 @@ pub fn dns_qps(md: &mut String) {
     .unwrap();
     writeln!(md, "| dnsmasq | {theirs:.0} |").unwrap();
     writeln!(md, "\nRatio mesh / dnsmasq: {:.2}.\n", ours / theirs).unwrap();
+}
+
+/// Endpoints for (g): services of `TASKS_PER_SERVICE` tasks each.
+const ENDPOINTS: usize = 100_000;
+const TASKS_PER_SERVICE: usize = 100;
+
+/// This process's resident memory, after giving freed heap back to the
+/// kernel (so what is counted is what is live, not the allocator's spare).
+fn rss_bytes() -> u64 {
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe { libc::malloc_trim(0) };
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// (g) Resident memory per endpoint: one manager and one agent (the real
+/// agent, its replica, overlay view, DNS zone and load-balancer view, the
+/// map writes left out as the kernel keeps them) at 100,000 endpoints,
+/// above the same pair empty.
+pub fn memory_per_endpoint(md: &mut String) {
+    let base = super::control_bench::scratch("memory");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (empty, loaded_manager, loaded_both, state_bytes, table_bytes) = rt.block_on(async {
+        let at = super::control_bench::addresses(3);
+        let opts = InitOptions {
+            heartbeat_misses: 100,
+            ..InitOptions::default()
+        };
+        let (manager, _) = daemon::init(&base, &at, &opts).await.unwrap();
+        let m = manager.ctx.manager().unwrap();
+        let (ctxs, nodes) = add_nodes(&m, &at.api_addr, 1).await;
+        m.propose(Command::CreateNetwork {
+            id: "net-bench".into(),
+            spec: NetworkSpec {
+                name: "bench".into(),
+                subnet: Some("10.128.0.0/14".parse().unwrap()),
+                ..NetworkSpec::default()
+            },
+        })
+        .await
+        .unwrap();
+        let stats = Arc::<SinkStats>::default();
+        let agents = start_agents(&ctxs, &stats);
+        agents.wait_all(m.sm.with_book(|_, b| b.revision())).await;
+        agents.stop().await;
+        let empty = rss_bytes();
+        let mut cmds = Vec::new();
+        for s in 0..ENDPOINTS / TASKS_PER_SERVICE {
+            let name = format!("svc-{s}");
+            cmds.push(Command::CreateService {
+                id: format!("s{s:05}"),
+                spec: service(&name),
+            });
+            for t in 0..TASKS_PER_SERVICE {
+                cmds.push(Command::CreateTask {
+                    id: format!("t{s:05}x{t:03}"),
+                    service: name.clone(),
+                    slot: t as u32 + 1,
+                    node: nodes[0].clone(),
+                    netns: Some(format!("/run/netns/bench-{s}-{t}")),
+                });
+            }
+        }
+        eprintln!("(g) loading {ENDPOINTS} endpoints");
+        bulk(&m, cmds).await;
+        let loaded_manager = rss_bytes();
+        let agents = start_agents(&ctxs, &stats);
+        let revision = m.sm.with_book(|_, b| b.revision());
+        agents.wait_all(revision).await;
+        let loaded_both = rss_bytes();
+        let endpoints = m.sm.with_book(|_, b| b.tables().endpoints().count());
+        assert_eq!(endpoints, ENDPOINTS, "every task has its endpoint");
+        let state_bytes = m.with_state(|s| control::codec::encode(s).unwrap().len());
+        let table_bytes =
+            m.sm.with_book(|_, b| control::codec::encode(b.tables()).unwrap().len());
+        agents.stop().await;
+        drop(ctxs);
+        manager.stop().await;
+        (empty, loaded_manager, loaded_both, state_bytes, table_bytes)
+    });
+    let _ = std::fs::remove_dir_all(&base);
+    let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / ENDPOINTS as f64;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    writeln!(md, "## (g) Memory per endpoint\n").unwrap();
+    writeln!(
+        md,
+        "One manager (gRPC over mTLS, redb with fsync, snapshots every 10k entries) and one \
+         agent in this process; {ENDPOINTS} endpoints ({} services of {TASKS_PER_SERVICE} \
+         tasks, each task one endpoint on one network, all on the agent's node, so the agent's \
+         replica, overlay view, DNS zone and load-balancer view hold every one). Resident \
+         memory (VmRSS after `malloc_trim`) above the same pair with the network and the node \
+         but no service.\n",
+        ENDPOINTS / TASKS_PER_SERVICE
+    )
+    .unwrap();
+    writeln!(md, "| | resident | per endpoint |").unwrap();
+    writeln!(md, "|---|---:|---:|").unwrap();
+    writeln!(md, "| empty (baseline) | {:.1} MiB | |", mib(empty)).unwrap();
+    writeln!(
+        md,
+        "| manager, {ENDPOINTS} endpoints | {:.1} MiB | {:.0} B |",
+        mib(loaded_manager),
+        per(empty, loaded_manager)
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| manager + agent, {ENDPOINTS} endpoints | {:.1} MiB | **{:.0} B** |",
+        mib(loaded_both),
+        per(empty, loaded_both)
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "\nFor scale: the state encodes to {:.0} B per endpoint (tasks, services, VIPs), the \
+         tables to {:.0} B (target: at most 1 KiB in all, manager plus agent).\n",
+        state_bytes as f64 / ENDPOINTS as f64,
+        table_bytes as f64 / ENDPOINTS as f64
+    )
+    .unwrap();
 }

@@ -18,3 +18,71 @@
 
 mod ipsec;
 mod lb;
+mod parts;
+
+use std::{future::Future, net::Ipv4Addr};
+
+use dataplane::{
+    ipsec::IpsecSpec,
+    tables::{NodeView, OverlayUpdate},
+};
+use model::{session::Update, tables::Tables};
+
+use crate::error::ApplyError;
+
+/// The parts of a node an update reaches, each bringing itself to what it
+/// is handed and writing only the difference. [`crate::Dataplane`] is the
+/// real one; the tests use a fake that records the calls.
+pub(crate) trait Parts: Send {
+    /// The IPsec spec last handed to [`Parts::ipsec`].
+    fn ipsec_applied(&self) -> &IpsecSpec;
+    fn ipsec(&mut self, spec: IpsecSpec) -> Result<(), ApplyError>;
+    /// Netlink changes made.
+    fn overlay(
+        &mut self,
+        update: OverlayUpdate,
+    ) -> impl Future<Output = Result<u64, ApplyError>> + Send;
+    /// Whether the load balancer follows the tables (a node with a
+    /// control plane), rather than a `--config` file.
+    fn lb_follows_tables(&self) -> bool;
+    fn lb(
+        &mut self,
+        tables: &Tables,
+        update: Update<'_>,
+        view: &NodeView,
+        underlay: Ipv4Addr,
+    ) -> impl Future<Output = Result<(), ApplyError>> + Send;
+}
+
+/// Steps 1 to 4 of an update, in order; the first failure stops the rest
+/// (so nothing is taken away while what replaces it is not in place).
+/// Returns the overlay's netlink changes, if it had any to make.
+pub(crate) async fn apply_in_order<P: Parts>(
+    parts: &mut P,
+    view: &mut NodeView,
+    tables: &Tables,
+    update: Update<'_>,
+    node: &str,
+    underlay: Ipv4Addr,
+) -> Result<Option<u64>, ApplyError> {
+    let exact = dataplane::tables::ipsec_spec(tables, node, underlay);
+    let widened = exact.widened(parts.ipsec_applied());
+    parts.ipsec(widened)?;
+    let overlay = view.overlay(tables, update);
+    let whole = matches!(overlay, OverlayUpdate::Whole(_));
+    let changes = match overlay {
+        OverlayUpdate::Unchanged => None,
+        other => Some(parts.overlay(other).await?),
+    };
+    if parts.lb_follows_tables() {
+        // A whole overlay (the node's networks changed) needs a whole
+        // load balancer.
+        let update = if whole { Update::Whole } else { update };
+        parts.lb(tables, update, view, underlay).await?;
+    }
+    parts.ipsec(exact)?;
+    Ok(changes)
+}
+
+#[cfg(test)]
+mod tests;
