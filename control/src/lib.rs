@@ -7,7 +7,8 @@
 //!   (the binary encoding of entries, snapshots and internal bodies);
 //! - identity: [`ca`] (PKI, mTLS, the unauthenticated front door);
 //! - serving: [`api`] (the gRPC services), [`dispatcher`] (agent sessions
-//!   and liveness, on the leader), [`orchestrator`] (tasks per service,
+//!   and liveness, on the leader) with its registry [`sessions`] (read by
+//!   the manager too), [`orchestrator`] (tasks per service,
 //!   scheduling, rolling updates), [`daemon`] (a node's lifecycle);
 //! - the node's end of the session: [`agent`].
 //!
@@ -31,6 +32,7 @@ pub mod orchestrator;
 mod props;
 pub mod raft;
 pub mod reply;
+pub mod sessions;
 pub mod shutdown;
 pub mod state;
 pub mod tables;

@@ -122,17 +122,14 @@ impl NodeConfig {
     ) -> Result<(), ConfigError> {
         for iface in &self.endpoint_interfaces {
             datapath
-                .attach_lb(
-                    iface,
-                    Some(&crate::lifecycle::link_pin(pin_dir, "tc", iface)),
-                )
+                .attach_lb(iface, Some(&crate::attach::link_pin(pin_dir, "tc", iface)))
                 .map_err(|source| ConfigError::Attach {
                     iface: iface.clone(),
                     source,
                 })?;
         }
         if let Some(lb) = &self.lb {
-            let report = crate::lifecycle::lb_target(datapath, sync, ipvs)
+            let report = crate::attach::lb_target(datapath, sync, ipvs)
                 .apply(lb)
                 .map_err(ConfigError::Apply)?;
             tracing::info!(

@@ -12,6 +12,7 @@
 //! the cluster protocol (agent session, tables) is `control`'s and
 //! `model`'s. This crate holds the order and the lifecycle between them.
 
+mod attach;
 pub mod config;
 pub mod error;
 pub mod executor;

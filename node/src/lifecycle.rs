@@ -18,14 +18,15 @@ use dataplane::{
     bpffs,
     ebpf::{Datapath, monotonic_ns},
     ipsec::{Ipsec, IpsecSpec},
-    ipvs::{IpvsSync, WithIpvs},
-    lb::{Ebpf, LbSync, LbTarget, Timeouts},
+    ipvs::IpvsSync,
+    lb::{LbSync, Timeouts},
     netlink::Netlink,
     overlay::{Overlay, OverlaySpec},
     tables::LbView,
 };
 
 use crate::{
+    attach::link_pin,
     config::NodeConfig,
     error::{DownError, StartError},
 };
@@ -60,27 +61,6 @@ const IPVS_STATE_DIR: &str = "/run/mesh/ipvs";
 
 fn ipvs_state_file(node: &str) -> PathBuf {
     Path::new(IPVS_STATE_DIR).join(format!("{node}.json"))
-}
-
-pub(crate) fn link_pin(dir: &Path, kind: &str, iface: &str) -> PathBuf {
-    dir.join(format!("link_{kind}_{iface}"))
-}
-
-/// The load balancer's target: the eBPF maps, or IPVS (the maps then
-/// keep no frontend).
-pub(crate) fn lb_target<'a>(
-    datapath: &'a mut Datapath,
-    sync: &'a mut LbSync,
-    ipvs: &'a mut Option<IpvsSync>,
-) -> Box<dyn LbTarget + 'a> {
-    let ebpf = Ebpf {
-        sync,
-        maps: datapath.lb_maps(),
-    };
-    match ipvs {
-        Some(ipvs) => Box::new(WithIpvs { ebpf, ipvs }),
-        None => Box::new(ebpf),
-    }
 }
 
 /// The loaded data plane and what keeps it in shape.

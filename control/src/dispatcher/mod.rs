@@ -14,8 +14,6 @@
 //! a session again is committed `ready`. Heartbeats themselves stay in the
 //! leader's memory; a new leader gives every node a full grace period.
 
-pub mod sessions;
-
 use std::{
     collections::HashMap,
     pin::Pin,
@@ -65,7 +63,7 @@ pub fn assignments(state: &crate::state::State, node: &str) -> Vec<Assignment> {
 
 pub use model::session::NOT_LEADER_DISPATCH;
 
-pub use crate::dispatcher::sessions::{Dispatcher, NodeProgress, Progress};
+pub use crate::sessions::{Dispatcher, NodeProgress, Progress};
 
 /// The heartbeat period and misses from the cluster settings.
 fn timing(m: &Manager) -> (Duration, u32) {

@@ -386,7 +386,7 @@ pub struct Manager {
     pub sm: StateMachineStore,
     pub peers: Peers,
     /// Agent sessions and liveness (used while this manager leads).
-    pub dispatcher: crate::dispatcher::sessions::Dispatcher,
+    pub dispatcher: crate::sessions::Dispatcher,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
     stop: tokio::sync::watch::Sender<bool>,
     /// The liveness and orchestrator loops, awaited on shutdown (they hold

@@ -10,7 +10,7 @@ use dataplane::{
 };
 use model::{session::Update, tables::Tables};
 
-use crate::{Dataplane, error::ApplyError, lifecycle::lb_target};
+use crate::{Dataplane, attach::lb_target, error::ApplyError};
 
 impl Dataplane {
     /// Makes the load balancer match the tables. On a whole update:
