@@ -262,29 +262,39 @@ fn start_agents(ctxs: &[(Arc<Ctx>, Ipv4Addr)], stats: &Arc<SinkStats>) -> Agents
 
 impl Agents {
     async fn wait_all(&self, revision: Revision) -> Instant {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let mut last = None;
-            let mut all = true;
-            for a in &self.applied {
-                let (r, t) = *a.lock().unwrap();
-                if r < revision {
-                    all = false;
-                    break;
-                }
-                last = Some(last.map_or(t, |l: Instant| l.max(t)));
-            }
-            if all {
-                return last.unwrap();
-            }
-            if Instant::now() >= deadline {
-                let at: Vec<Revision> = self.applied.iter().map(|a| a.lock().unwrap().0).collect();
+        match self.wait_for(revision, Duration::from_secs(120)).await {
+            Ok(t) => t,
+            Err(at) => {
                 let behind = at.iter().filter(|r| **r < revision).count();
                 panic!(
                     "agents did not reach revision {revision}: {behind} of {} behind, lowest at {:?}",
                     at.len(),
                     at.iter().min()
                 );
+            }
+        }
+    }
+
+    /// When the last agent applied `revision`, or where each agent was
+    /// when `limit` ran out.
+    async fn wait_for(
+        &self,
+        revision: Revision,
+        limit: Duration,
+    ) -> Result<Instant, Vec<Revision>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let at: Vec<(Revision, Instant)> =
+                self.applied.iter().map(|a| *a.lock().unwrap()).collect();
+            if at.iter().all(|(r, _)| *r >= revision) {
+                return Ok(at
+                    .iter()
+                    .map(|(_, t)| *t)
+                    .max()
+                    .unwrap_or_else(Instant::now));
+            }
+            if Instant::now() >= deadline {
+                return Err(at.into_iter().map(|(r, _)| r).collect());
             }
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
@@ -796,14 +806,11 @@ pub fn memory_per_endpoint(md: &mut String) {
             // Bounded: a node that cannot take this table in is a finding to
             // report, not a hang.
             let caught_up = Instant::now();
-            let reached = loop {
-                let at = agents.applied[0].lock().unwrap().0;
-                if at >= revision || caught_up.elapsed() > Duration::from_secs(CATCH_UP_S) {
-                    break at;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            };
-            let catch_up = (reached >= revision).then(|| caught_up.elapsed());
+            let waited = agents
+                .wait_for(revision, Duration::from_secs(CATCH_UP_S))
+                .await;
+            let catch_up = waited.as_ref().ok().map(|_| caught_up.elapsed());
+            let reached = waited.as_ref().map_or_else(|at| at[0], |_| revision);
             if catch_up.is_none() {
                 eprintln!(
                     "(g) the agent reached revision {reached} of {revision} in {CATCH_UP_S} s"

@@ -117,6 +117,19 @@ pub enum OpenError {
     },
 }
 
+/// Records in `table`; 0 when the file has no such table.
+fn rows<K: redb::Key + 'static, V: redb::Value + 'static>(
+    tx: &redb::ReadTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<u64, StoreError> {
+    let r = |e: &dyn std::fmt::Display| StoreError::from(StorageIOError::read(any(e)));
+    match tx.open_table(table) {
+        Ok(t) => t.len().map_err(|e| r(&e)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(e) => Err(r(&e)),
+    }
+}
+
 /// Checks (or, for a new file, records) the format: `Ok` when the file is
 /// in [`FORMAT`], the format found otherwise. A file with records and no
 /// recorded format is format 1.
@@ -130,19 +143,7 @@ fn check_format(db: &Database) -> Result<Result<(), u32>, StoreError> {
     };
     let found = match recorded {
         Some(f) => Some(f),
-        None => {
-            let log = match tx.open_table(LOG) {
-                Ok(t) => t.len().map_err(|e| r(&e))?,
-                Err(redb::TableError::TableDoesNotExist(_)) => 0,
-                Err(e) => return Err(r(&e).into()),
-            };
-            let meta = match tx.open_table(META) {
-                Ok(t) => t.len().map_err(|e| r(&e))?,
-                Err(redb::TableError::TableDoesNotExist(_)) => 0,
-                Err(e) => return Err(r(&e).into()),
-            };
-            (log + meta > 0).then_some(1)
-        }
+        None => (rows(&tx, LOG)? + rows(&tx, META)? > 0).then_some(1),
     };
     drop(tx);
     match found {
