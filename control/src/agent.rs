@@ -111,6 +111,8 @@ pub struct Agent<S: Sink> {
     /// The data plane failed to apply the replica: nothing is acked until
     /// a whole apply succeeds.
     failed: bool,
+    /// When the next whole apply is due after a failure.
+    retry: Retry,
     /// What this node's tasks did, from the executor; sent in order, kept
     /// while no session is open.
     reports: Option<mpsc::UnboundedReceiver<TaskReport>>,
@@ -144,6 +146,7 @@ impl<S: Sink> Agent<S> {
             saved_at: None,
             hold: false,
             failed: false,
+            retry: Retry::default(),
             reports: None,
             unsent: VecDeque::new(),
             assigned: watch::Sender::new(None),
@@ -372,7 +375,7 @@ impl<S: Sink> Agent<S> {
                             "nothing from the dispatcher for {} ms", heard.elapsed().as_millis()
                         ));
                     }
-                    if self.failed {
+                    if self.failed && self.retry.due(Instant::now()) {
                         // Retry the whole state until the data plane takes it.
                         self.apply_whole().await;
                     }
@@ -484,6 +487,12 @@ impl<S: Sink> Agent<S> {
     /// state is unknown, and only the whole table brings it back.
     async fn hand(&mut self, applied: &[Applied]) {
         let r = if self.failed {
+            // The replica has the change; the retry, when due, takes it
+            // with the rest. A delta is no reason to retry sooner: at scale
+            // every one would cost a whole apply.
+            if !self.retry.due(Instant::now()) {
+                return;
+            }
             self.sink.apply(&self.replica, Update::Whole).await
         } else {
             self.sink.apply(&self.replica, Update::Delta(applied)).await
@@ -532,8 +541,11 @@ impl<S: Sink> Agent<S> {
                     tracing::info!(revision = self.replica.revision, "tables applied again");
                 }
                 self.failed = false;
+                self.retry = Retry::default();
             }
             Err(e) => {
+                let wait = self.retry.failed(Instant::now());
+                tracing::debug!(?wait, "the next whole apply");
                 if !self.failed {
                     tracing::error!(
                         revision = self.replica.revision,
@@ -543,6 +555,35 @@ impl<S: Sink> Agent<S> {
                 self.failed = true;
             }
         }
+    }
+}
+
+/// When a data plane that failed is next given the whole table: 250 ms
+/// after the first failure, doubling to 5 s while it keeps failing. A
+/// failing apply can cost as much as a whole one (a node short of map room
+/// fails only at the end), and deltas keep coming.
+#[derive(Debug, Default)]
+struct Retry {
+    failures: u32,
+    at: Option<Instant>,
+}
+
+impl Retry {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(5);
+
+    /// After a failure at `now`: how long until the next try.
+    fn failed(&mut self, now: Instant) -> Duration {
+        let wait = Self::FIRST
+            .saturating_mul(1 << self.failures.min(16))
+            .min(Self::MAX);
+        self.failures = self.failures.saturating_add(1);
+        self.at = Some(now + wait);
+        wait
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        self.at.is_none_or(|t| now >= t)
     }
 }
 
@@ -597,5 +638,27 @@ struct Heartbeats(tokio::task::JoinHandle<()>);
 impl Drop for Heartbeats {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_data_plane_is_retried_later_and_later_up_to_a_bound() {
+        let t0 = Instant::now();
+        let mut r = Retry::default();
+        assert!(r.due(t0), "nothing failed: due at once");
+        let waits: Vec<Duration> = (0..8).map(|_| r.failed(t0)).collect();
+        let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [250, 500, 1000, 2000, 4000, 5000, 5000, 5000]);
+        assert!(!r.due(t0 + Duration::from_millis(4999)));
+        assert!(r.due(t0 + Duration::from_secs(5)));
+        // Thousands of failures neither overflow nor pass the bound.
+        for _ in 0..10_000 {
+            r.failed(t0);
+        }
+        assert!(r.due(t0 + Retry::MAX));
     }
 }

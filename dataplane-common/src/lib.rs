@@ -64,9 +64,15 @@ pub mod limits {
     /// it is on, plus one per published port: 10,000 services with a VIP and
     /// a published port each fit.
     pub const MAX_FRONTENDS: u32 = 32768;
-    /// Backend ids are 0..MAX_BACKENDS (a backend is address, port and
-    /// protocol: a task behind a VIP is two).
-    pub const MAX_BACKENDS: u32 = 32768;
+    /// Backend ids are 0..N, where N is the capacity of BACKENDS and
+    /// BACKEND_STATS: this compiled default (Cilium's `bpf-lb-map-max`), or
+    /// what meshd's `--lb-backends` sets at load, up to [`BACKENDS_LIMIT`].
+    /// A backend is address, port and protocol: a task behind a VIP and a
+    /// published port is two.
+    pub const BACKENDS_DEFAULT: u32 = 65536;
+    /// The largest backend capacity meshd loads (BACKEND_STATS is per CPU:
+    /// 16 bytes per backend per CPU).
+    pub const BACKENDS_LIMIT: u32 = 1 << 20;
     /// Largest Maglev table (the inner map template's size).
     pub const MAGLEV_MAX: u32 = 65521;
     pub const CONNTRACK_MAX: u32 = 262144;

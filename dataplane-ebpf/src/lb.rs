@@ -50,7 +50,7 @@ static FRONTENDS: HashMap<FrontendKey, Frontend> =
     HashMap::with_max_entries(limits::MAX_FRONTENDS, 0);
 
 #[map(name = "BACKENDS")]
-static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(limits::MAX_BACKENDS, 0);
+static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(limits::BACKENDS_DEFAULT, 0);
 
 /// BPF_F_INNER_MAP: inner tables may be smaller than the template.
 const BPF_F_INNER_MAP: usize = 1 << 12;
@@ -83,7 +83,7 @@ static FRONTEND_STATS: PerCpuArray<LbCounter> =
 
 #[map(name = "BACKEND_STATS")]
 static BACKEND_STATS: PerCpuArray<LbCounter> =
-    PerCpuArray::with_max_entries(limits::MAX_BACKENDS, 0);
+    PerCpuArray::with_max_entries(limits::BACKENDS_DEFAULT, 0);
 
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;

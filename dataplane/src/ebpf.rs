@@ -18,7 +18,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use dataplane_common::{Backend, Frontend, FrontendKey, LbConfig, maps, programs};
+use dataplane_common::{Backend, Frontend, FrontendKey, LbConfig, limits, maps, programs};
 
 use crate::lb::{BackendKey, LbMaps, LbSync, SyncError};
 
@@ -35,6 +35,12 @@ pub enum LoadError {
         pin_dir: Option<PathBuf>,
         #[source]
         source: Box<EbpfError>,
+    },
+    #[error("room for {asked} {what} asked: between 1 and {max}")]
+    Capacity {
+        what: &'static str,
+        asked: u32,
+        max: u32,
     },
     #[error("map {map}: a pinned map of another layout: {why}")]
     Stale { map: &'static str, why: String },
@@ -67,7 +73,7 @@ pub enum LoadError {
 /// starts that map afresh, where reusing it would fail verification (a
 /// program reading past the old value's end) or misread its bytes. Maps
 /// whose layout is unchanged are kept, with their flows and counters.
-fn drop_stale_pins(pins: &[(&'static str, PathBuf)]) -> Result<(), LoadError> {
+fn drop_stale_pins(pins: &[(&'static str, PathBuf)], backends: u32) -> Result<(), LoadError> {
     let object = aya_obj::Object::parse(OBJECT).map_err(|e| LoadError::Stale {
         map: "(object)",
         why: format!("parse the eBPF object: {e}"),
@@ -79,9 +85,14 @@ fn drop_stale_pins(pins: &[(&'static str, PathBuf)]) -> Result<(), LoadError> {
         let Ok(have) = aya::maps::MapInfo::from_pin(path) else {
             continue;
         };
+        let entries = if sized_by_backends(name) {
+            backends
+        } else {
+            want.max_entries()
+        };
         let (h, w) = (
             (have.key_size(), have.value_size(), have.max_entries()),
-            (want.key_size(), want.value_size(), want.max_entries()),
+            (want.key_size(), want.value_size(), entries),
         );
         if h != w {
             tracing::warn!(
@@ -99,27 +110,51 @@ fn drop_stale_pins(pins: &[(&'static str, PathBuf)]) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// The maps whose capacity is the backend capacity chosen at load.
+fn sized_by_backends(map: &str) -> bool {
+    map == maps::BACKENDS || map == maps::BACKEND_STATS
+}
+
 /// The loaded object: every program verified and loaded.
 pub struct Datapath {
     ebpf: Ebpf,
+    /// BACKENDS' capacity (BACKEND_STATS has the same).
+    backends: u32,
 }
 
 impl Datapath {
-    /// Loads the object. With `pin_dir`, every map is pinned there by name, and
-    /// maps already pinned there (by an earlier meshd) are reused, so counters,
-    /// tables and conntrack survive a daemon restart.
+    /// Loads the object with the compiled map sizes; see [`Datapath::load_with`].
     pub fn load(pin_dir: Option<&Path>) -> Result<Self, LoadError> {
+        Datapath::load_with(pin_dir, limits::BACKENDS_DEFAULT)
+    }
+
+    /// Loads the object, with room for `backends` backends (at most
+    /// [`limits::BACKENDS_LIMIT`]). With `pin_dir`, every map is pinned there
+    /// by name, and maps already pinned there (by an earlier meshd) are
+    /// reused, so counters, tables and conntrack survive a daemon restart;
+    /// a pinned map of another size starts afresh.
+    pub fn load_with(pin_dir: Option<&Path>, backends: u32) -> Result<Self, LoadError> {
+        if backends == 0 || backends > limits::BACKENDS_LIMIT {
+            return Err(LoadError::Capacity {
+                what: "backends",
+                asked: backends,
+                max: limits::BACKENDS_LIMIT,
+            });
+        }
         raise_memlock();
         let pins: Vec<(&'static str, PathBuf)> = match pin_dir {
             Some(dir) => maps::ALL.iter().map(|m| (*m, dir.join(m))).collect(),
             None => Vec::new(),
         };
         if !pins.is_empty() {
-            drop_stale_pins(&pins)?;
+            drop_stale_pins(&pins, backends)?;
         }
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
+        }
+        for map in [maps::BACKENDS, maps::BACKEND_STATS] {
+            loader.map_max_entries(map, backends);
         }
         let mut ebpf = loader.load(OBJECT).map_err(|source| LoadError::Object {
             pin_dir: pin_dir.map(Path::to_owned),
@@ -138,7 +173,7 @@ impl Datapath {
         tc_mut(&mut ebpf, programs::TC_LB)?
             .load()
             .map_err(load_err(programs::TC_LB))?;
-        Ok(Datapath { ebpf })
+        Ok(Datapath { ebpf, backends })
     }
 
     /// Attaches the parser to `interface` (in the caller's network namespace).
@@ -269,7 +304,14 @@ impl Datapath {
         let backends = backs
             .iter()
             .filter_map(|(id, b)| Some((*id, BackendKey::from_map(b)?)));
-        Ok(LbSync::recover(config, addrs, nat, fronts, backends))
+        Ok(LbSync::recover(
+            config,
+            addrs,
+            nat,
+            fronts,
+            backends,
+            self.backends,
+        ))
     }
 }
 

@@ -15,7 +15,7 @@ use control::{
     daemon::{Addresses, InitOptions, Unlock},
     units::Range,
 };
-use dataplane::bpffs;
+use dataplane::{bpffs, lb::limits};
 
 #[derive(Parser)]
 #[command(name = "meshd", version, about = "mesh node daemon")]
@@ -239,6 +239,12 @@ pub(crate) struct DataplaneArgs {
     /// fwmark services).
     #[arg(long, value_enum, default_value_t = LbBackend::Ebpf)]
     pub(crate) lb_backend: LbBackend,
+    /// Room for backends (a task's address, port and protocol) in the eBPF
+    /// load balancer: every node holds every service's. Its counters take
+    /// 16 bytes per backend per CPU.
+    #[arg(long, default_value_t = limits::BACKENDS_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(1024..=i64::from(limits::BACKENDS_LIMIT)))]
+    pub(crate) lb_backends: u32,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -363,6 +369,7 @@ impl DataplaneArgs {
                 LbBackend::Ebpf => node::LbBackend::Ebpf,
                 LbBackend::Ipvs => node::LbBackend::Ipvs,
             },
+            lb_backends: self.lb_backends,
         }))
     }
 }

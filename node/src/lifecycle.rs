@@ -53,6 +53,8 @@ pub struct Options {
     /// The `--config` file, re-read on SIGHUP.
     pub config: Option<PathBuf>,
     pub lb_backend: LbBackend,
+    /// Room in the eBPF load balancer's backend maps.
+    pub lb_backends: u32,
 }
 
 /// Where IPVS mode keeps the set of services it installed (runtime state:
@@ -123,7 +125,7 @@ impl Dataplane {
         // The LB routes NATed packets; bpf_fib_lookup refuses unless forwarding is on.
         fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").map_err(StartError::Forwarding)?;
         let underlay = &opts.underlay;
-        let mut datapath = Datapath::load(Some(&pin_dir))?;
+        let mut datapath = Datapath::load_with(Some(&pin_dir), opts.lb_backends)?;
         datapath.attach_parser(
             underlay,
             opts.xdp_mode,

@@ -55,6 +55,14 @@ fn main() {
     let Some(_root) = require_root("bench") else {
         std::process::exit(1);
     };
+    // RUST_LOG=control=debug shows the managers' and agents' logs of a
+    // profile run.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let mut md = String::new();
     writeln!(md, "# Benchmarks\n").unwrap();
     writeln!(

@@ -167,6 +167,8 @@ struct BenchSink {
 struct SinkStats {
     ns: [AtomicU64; 3],
     n: AtomicU64,
+    /// The last apply that failed, if any (the agent retries the whole).
+    failed: Mutex<Option<String>>,
 }
 
 impl Sink for BenchSink {
@@ -180,7 +182,7 @@ impl Sink for BenchSink {
         let t1 = Instant::now();
         let update_lb = if whole { Update::Whole } else { update };
         let nat = BTreeMap::new();
-        self.lb.sync(
+        let synced = self.lb.sync(
             tables,
             update_lb,
             self.view.networks(),
@@ -190,7 +192,11 @@ impl Sink for BenchSink {
                 sync: &mut self.sync,
                 maps: &mut self.maps,
             },
-        )?;
+        );
+        if let Err(e) = &synced {
+            *self.stats.failed.lock().unwrap() = Some(e.to_string());
+        }
+        synced?;
         let t2 = Instant::now();
         match update {
             Update::Whole => self.zone = Zone::from_tables(tables),
@@ -232,7 +238,13 @@ struct Agents {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-fn start_agents(ctxs: &[(Arc<Ctx>, Ipv4Addr)], stats: &Arc<SinkStats>) -> Agents {
+/// Simulated nodes' agents, each load balancer with room for `backends`
+/// (meshd's `--lb-backends`).
+fn start_agents(
+    ctxs: &[(Arc<Ctx>, Ipv4Addr)],
+    stats: &Arc<SinkStats>,
+    backends: u32,
+) -> Agents {
     let (stop, _) = tokio::sync::watch::channel(false);
     let mut applied = Vec::new();
     let mut tasks = Vec::new();
@@ -243,7 +255,7 @@ fn start_agents(ctxs: &[(Arc<Ctx>, Ipv4Addr)], stats: &Arc<SinkStats>) -> Agents
             view: NodeView::new(&ctx.node_id, *addr),
             zone: Zone::default(),
             lb: LbView::new(),
-            sync: LbSync::new(),
+            sync: LbSync::with_backends(backends),
             maps: NoKernel::default(),
             applied: slot.clone(),
             stats: stats.clone(),
@@ -425,7 +437,7 @@ impl Cluster {
         // catch up from a snapshot.
         bulk(&m, services(0, services_, &nodes)).await;
         let stats = Arc::<SinkStats>::default();
-        let agents = start_agents(&ctxs, &stats);
+        let agents = start_agents(&ctxs, &stats, dataplane::lb::limits::BACKENDS_DEFAULT);
         agents.wait_all(m.sm.with_book(|_, b| b.revision())).await;
         // The catch-up is not a change: its sink time is not counted.
         for slot in stats.ns.iter().chain([&stats.n]) {
@@ -710,7 +722,14 @@ pub fn dns_qps(md: &mut String) {
 }
 
 /// Endpoints for (g): services of `TASKS_PER_SERVICE` tasks each.
-const ENDPOINTS: usize = 100_000;
+/// `MESH_BENCH_ENDPOINTS` sets another count for a profile run (the
+/// section then prints, as any partial run, and writes nothing).
+fn endpoints_wanted() -> usize {
+    std::env::var("MESH_BENCH_ENDPOINTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
+}
 const TASKS_PER_SERVICE: usize = 100;
 /// How long the agent may take to catch up with the loaded table.
 const CATCH_UP_S: u64 = 180;
@@ -735,16 +754,24 @@ fn rss_bytes() -> u64 {
 /// map writes left out as the kernel keeps them) at 100,000 endpoints,
 /// above the same pair empty.
 pub fn memory_per_endpoint(md: &mut String) {
+    let total = endpoints_wanted();
+    // As an operator sizes a node for this many: `--lb-backends` past the
+    // endpoints (each is one backend here, behind its VIP).
+    let backends = (total as u32 + total as u32 / 4)
+        .next_power_of_two()
+        .max(dataplane::lb::limits::BACKENDS_DEFAULT);
     let base = super::control_bench::scratch("memory");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let (empty, loaded_manager, loaded_both, state_bytes, table_bytes, catch_up, reached, revision) =
+    let (empty, loaded_manager, loaded_both, state_bytes, table_bytes, catch_up, reached, revision, failed) =
         rt.block_on(async {
             let at = super::control_bench::addresses(3);
+            // The manager's own node runs no agent: it must not go down
+            // (and take its tasks' endpoints along) while the table loads.
             let opts = InitOptions {
-                heartbeat_misses: 100,
+                heartbeat_misses: 100_000,
                 ..InitOptions::default()
             };
             let (manager, _) = daemon::init(&base, &at, &opts).await.unwrap();
@@ -765,7 +792,7 @@ pub fn memory_per_endpoint(md: &mut String) {
             // per-endpoint figure: it errs high.
             let empty = rss_bytes();
             // The orchestrator places the tasks, as it would for a user.
-            let cmds = (0..ENDPOINTS / TASKS_PER_SERVICE)
+            let cmds = (0..total / TASKS_PER_SERVICE)
                 .map(|s| {
                     let mut spec = service(&format!("svc-{s}"));
                     spec.mode = ServiceMode::Replicated {
@@ -777,14 +804,14 @@ pub fn memory_per_endpoint(md: &mut String) {
                     }
                 })
                 .collect();
-            eprintln!("(g) loading {ENDPOINTS} endpoints");
+            eprintln!("(g) loading {total} endpoints");
             bulk(&m, cmds).await;
             let deadline = Instant::now() + Duration::from_secs(300);
             let mut last = (0, Instant::now());
             loop {
                 let now =
                     m.sm.with_book(|_, b| (b.tables().endpoints().count(), b.revision()));
-                if now.0 >= ENDPOINTS
+                if now.0 >= total
                     && now.1 == last.0
                     && last.1.elapsed() > Duration::from_secs(2)
                 {
@@ -795,13 +822,13 @@ pub fn memory_per_endpoint(md: &mut String) {
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "the orchestrator placed {} of {ENDPOINTS}",
+                    "the orchestrator placed {} of {total}",
                     now.0
                 );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             let loaded_manager = rss_bytes();
-            let agents = start_agents(&ctxs, &stats);
+            let agents = start_agents(&ctxs, &stats, backends);
             let revision = m.sm.with_book(|_, b| b.revision());
             // Bounded: a node that cannot take this table in is a finding to
             // report, not a hang.
@@ -818,7 +845,7 @@ pub fn memory_per_endpoint(md: &mut String) {
             }
             let loaded_both = rss_bytes();
             let endpoints = m.sm.with_book(|_, b| b.tables().endpoints().count());
-            assert_eq!(endpoints, ENDPOINTS, "every task has its endpoint");
+            assert_eq!(endpoints, total, "every task has its endpoint");
             let state_bytes = m.with_state(|s| control::codec::encode(s).unwrap().len());
             let table_bytes =
                 m.sm.with_book(|_, b| control::codec::encode(b.tables()).unwrap().len());
@@ -834,21 +861,23 @@ pub fn memory_per_endpoint(md: &mut String) {
                 catch_up,
                 reached,
                 revision,
+                stats.failed.lock().unwrap().take(),
             )
         });
     let _ = std::fs::remove_dir_all(&base);
-    let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / ENDPOINTS as f64;
+    let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / total as f64;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     writeln!(md, "## (g) Memory per endpoint\n").unwrap();
     writeln!(
         md,
         "One manager (gRPC over mTLS, redb with fsync, snapshots every 10k entries) and one \
-         agent in this process; {ENDPOINTS} endpoints ({} services of {TASKS_PER_SERVICE} \
+         agent in this process, its load balancer sized for {backends} backends \
+         (`--lb-backends`); {total} endpoints ({} services of {TASKS_PER_SERVICE} \
          tasks placed by the orchestrator, each task one endpoint on one network; the agent's \
          replica, DNS zone and load-balancer view hold every one, as every node's do). Resident \
          memory (VmRSS after `malloc_trim`) above the manager with the network and the node \
          but no service and no agent (so the agent's fixed cost counts as per-endpoint).\n",
-        ENDPOINTS / TASKS_PER_SERVICE
+        total / TASKS_PER_SERVICE
     )
     .unwrap();
     writeln!(md, "| | resident | per endpoint |").unwrap();
@@ -856,7 +885,7 @@ pub fn memory_per_endpoint(md: &mut String) {
     writeln!(md, "| empty (baseline) | {:.1} MiB | |", mib(empty)).unwrap();
     writeln!(
         md,
-        "| manager, {ENDPOINTS} endpoints | {:.1} MiB | {:.0} B |",
+        "| manager, {total} endpoints | {:.1} MiB | {:.0} B |",
         mib(loaded_manager),
         per(empty, loaded_manager)
     )
@@ -864,7 +893,7 @@ pub fn memory_per_endpoint(md: &mut String) {
     match catch_up {
         Some(t) => writeln!(
             md,
-            "| manager + agent, {ENDPOINTS} endpoints (agent caught up in {:.1} s) | {:.1} MiB | **{:.0} B** |",
+            "| manager + agent, {total} endpoints (agent caught up in {:.1} s) | {:.1} MiB | **{:.0} B** |",
             t.as_secs_f64(),
             mib(loaded_both),
             per(empty, loaded_both)
@@ -872,7 +901,8 @@ pub fn memory_per_endpoint(md: &mut String) {
         None => writeln!(
             md,
             "| manager + agent: the agent had applied revision {reached} of {revision} after \
-             {CATCH_UP_S} s (not caught up) | {:.1} MiB | |",
+             {CATCH_UP_S} s (not caught up; last apply error: {}) | {:.1} MiB | |",
+            failed.as_deref().unwrap_or("none"),
             mib(loaded_both)
         ),
     }
@@ -881,8 +911,8 @@ pub fn memory_per_endpoint(md: &mut String) {
         md,
         "\nFor scale: the state encodes to {:.0} B per endpoint (tasks, services, VIPs), the \
          tables to {:.0} B (target: at most 1 KiB in all, manager plus agent).\n",
-        state_bytes as f64 / ENDPOINTS as f64,
-        table_bytes as f64 / ENDPOINTS as f64
+        state_bytes as f64 / total as f64,
+        table_bytes as f64 / total as f64
     )
     .unwrap();
 }

@@ -22,6 +22,8 @@ pub use spec::{
 pub use sync::{ApplyReport, LbChanges, LbSync};
 pub use target::{Ebpf, LbTarget};
 pub use timeouts::Timeouts;
+/// Map capacities the load balancer is sized by.
+pub use dataplane_common::limits;
 
 #[cfg(test)]
 mod tests;

@@ -130,6 +130,12 @@ pub enum SpecError {
     ZeroPort { service: String, what: &'static str },
     #[error("service ids must be unique: {0} is used twice")]
     DuplicateServiceId(u32),
+    #[error(
+        "this node's load balancer holds at most {max} backends, and the tables need {count}: \
+         start meshd with a larger --lb-backends (at most {limit})",
+        limit = limits::BACKENDS_LIMIT
+    )]
+    BackendCapacity { count: usize, max: u32 },
     #[error("too many {what}: {count} (at most {max})")]
     TooMany {
         what: &'static str,
@@ -233,11 +239,13 @@ pub fn validate_services(services: &[ServiceSpec]) -> Result<(), SpecError> {
                 max: limits::MAX_FRONTENDS,
             });
         }
-        if backends.len() > limits::MAX_BACKENDS as usize {
+        // The hard limit; a load balancer's own capacity
+        // ([`super::LbSync::backend_capacity`]) may be smaller.
+        if backends.len() > limits::BACKENDS_LIMIT as usize {
             return Err(SpecError::TooMany {
                 what: "backends",
                 count: backends.len(),
-                max: limits::MAX_BACKENDS,
+                max: limits::BACKENDS_LIMIT,
             });
         }
         Ok(())

@@ -73,11 +73,12 @@ struct InstalledFrontend {
     installed: Option<Desired>,
 }
 
-/// Ids `0..MAX`, handed out oldest-freed first: a freed id is reused as late
+/// Ids `0..max`, handed out oldest-freed first: a freed id is reused as late
 /// as possible (a stale conntrack entry does not find a *different* entry
 /// under its old id), and in O(1) however many are in use.
-#[derive(Debug, Default)]
-pub(super) struct IdPool<const MAX: u32> {
+#[derive(Debug)]
+pub(super) struct IdPool {
+    max: u32,
     used: HashSet<u32>,
     /// Filled on first use, in order from `next`.
     free: VecDeque<u32>,
@@ -85,23 +86,30 @@ pub(super) struct IdPool<const MAX: u32> {
     next: u32,
 }
 
-impl<const MAX: u32> IdPool<MAX> {
-    /// A pool with `used` taken; new ids start after the highest of them.
-    pub(super) fn with_used(used: impl IntoIterator<Item = u32>) -> Self {
+impl IdPool {
+    /// A pool of `0..max` with `used` taken; new ids start after the
+    /// highest of them.
+    pub(super) fn with_used(max: u32, used: impl IntoIterator<Item = u32>) -> Self {
         let used: HashSet<u32> = used.into_iter().collect();
         IdPool {
-            next: used.iter().max().map_or(0, |m| (m + 1) % MAX),
+            max,
+            next: used.iter().max().map_or(0, |m| (m + 1) % max),
             used,
-            ..Self::default()
+            free: VecDeque::new(),
+            filled: false,
         }
+    }
+
+    pub(super) fn capacity(&self) -> u32 {
+        self.max
     }
 
     pub(super) fn allocate(&mut self) -> Option<u32> {
         if !self.filled {
             self.filled = true;
-            let (start, used) = (self.next, &self.used);
-            self.free = (0..MAX)
-                .map(|i| (start + i) % MAX)
+            let (start, used, max) = (self.next, &self.used, self.max);
+            self.free = (0..max)
+                .map(|i| (start + i) % max)
                 .filter(|id| !used.contains(id))
                 .collect();
         }
@@ -118,7 +126,7 @@ impl<const MAX: u32> IdPool<MAX> {
 }
 
 /// What is in the maps now, as far as this process knows.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LbSync {
     config: Option<LbConfig>,
     node_addrs: BTreeSet<Ipv4Addr>,
@@ -126,9 +134,10 @@ pub struct LbSync {
     // Hash maps: a node holds thousands of frontends, and one change looks
     // a few of them up (fewer cache misses than a B-tree's levels).
     frontends: HashMap<FrontendKey, InstalledFrontend>,
-    frontend_ids: IdPool<{ limits::MAX_FRONTENDS }>,
+    frontend_ids: IdPool,
     backends: HashMap<BackendKey, u32>,
-    backend_ids: IdPool<{ limits::MAX_BACKENDS }>,
+    /// Its capacity is the BACKENDS map's.
+    backend_ids: IdPool,
     /// Installed frontends naming each backend; exact once every frontend's
     /// table is known (`exact`), which a whole apply ensures.
     refs: HashMap<BackendKey, usize>,
@@ -175,9 +184,44 @@ fn desired(services: &[ServiceSpec]) -> BTreeMap<FrontendKey, Desired> {
     want
 }
 
+impl Default for LbSync {
+    fn default() -> Self {
+        LbSync::with_backends(limits::BACKENDS_DEFAULT)
+    }
+}
+
 impl LbSync {
     pub fn new() -> LbSync {
         LbSync::default()
+    }
+
+    /// An empty load balancer whose BACKENDS map holds `capacity` entries.
+    pub fn with_backends(capacity: u32) -> LbSync {
+        LbSync::recover(None, [], [], [], [], capacity)
+    }
+
+    /// How many backends the maps hold at most.
+    pub fn backend_capacity(&self) -> u32 {
+        self.backend_ids.capacity()
+    }
+
+    /// Refuses, before anything is written, a change whose backends would
+    /// not fit. New backends are written before the old ones go (a table
+    /// never names a missing one), so the installed and the new must fit
+    /// together.
+    fn check_capacity(&self, want: &BTreeMap<FrontendKey, Desired>) -> Result<(), SpecError> {
+        let new: HashSet<&BackendKey> = want
+            .values()
+            .flat_map(|d| &d.backends)
+            .map(|(k, _)| k)
+            .filter(|k| !self.backends.contains_key(*k))
+            .collect();
+        let count = self.backends.len() + new.len();
+        let max = self.backend_capacity();
+        if count > max as usize {
+            return Err(SpecError::BackendCapacity { count, max });
+        }
+        Ok(())
     }
 
     /// Rebuilds the sync state from what an earlier meshd left in the maps, so
@@ -194,6 +238,7 @@ impl LbSync {
         nat_interfaces: impl IntoIterator<Item = (u32, Ipv4Addr)>,
         frontends: impl IntoIterator<Item = (FrontendKey, Frontend)>,
         backends: impl IntoIterator<Item = (u32, BackendKey)>,
+        backend_capacity: u32,
     ) -> LbSync {
         let backends: HashMap<BackendKey, u32> =
             backends.into_iter().map(|(id, k)| (k, id)).collect();
@@ -213,9 +258,12 @@ impl LbSync {
             config,
             node_addrs: node_addrs.into_iter().collect(),
             nat_interfaces: nat_interfaces.into_iter().collect(),
-            frontend_ids: IdPool::with_used(frontends.values().map(|f| f.id)),
+            frontend_ids: IdPool::with_used(
+                limits::MAX_FRONTENDS,
+                frontends.values().map(|f| f.id),
+            ),
             frontends,
-            backend_ids: IdPool::with_used(backends.values().copied()),
+            backend_ids: IdPool::with_used(backend_capacity, backends.values().copied()),
             backends,
             refs: HashMap::new(),
             // Recovered frontends' tables are unknown until rewritten.
@@ -231,9 +279,10 @@ impl LbSync {
         maps: &mut impl LbMaps,
     ) -> Result<ApplyReport, SyncError> {
         spec.validate()?;
+        let want = desired(&spec.services);
+        self.check_capacity(&want)?;
         let mut report = ApplyReport::default();
         self.apply_globals(spec, maps, &mut report)?;
-        let want = desired(&spec.services);
         let gone: Vec<FrontendKey> = self
             .frontends
             .keys()
@@ -338,6 +387,7 @@ impl LbSync {
             }
             .into());
         }
+        self.check_capacity(&want)?;
         let mut report = ApplyReport::default();
         self.apply_globals(globals, maps, &mut report)?;
         let changes = want
@@ -416,10 +466,10 @@ impl LbSync {
         for (_, d) in &changes {
             for (key, _) in d.iter().flat_map(|d| &d.backends) {
                 if !self.backends.contains_key(key) {
-                    let id = self.backend_ids.allocate().ok_or(SpecError::TooMany {
-                        what: "backends",
+                    // Checked before: out of ids only if that check is wrong.
+                    let id = self.backend_ids.allocate().ok_or(SpecError::BackendCapacity {
                         count: self.backends.len() + 1,
-                        max: limits::MAX_BACKENDS,
+                        max: self.backend_ids.capacity(),
                     })?;
                     if let Err(e) = maps.set_backend(id, &key.to_map()) {
                         self.backend_ids.release(id);

@@ -108,7 +108,7 @@ fn removed_backends_and_frontends_are_deleted_after_tables_stop_naming_them() {
 
 #[test]
 fn ids_are_reused_oldest_freed_first_and_run_out_cleanly() {
-    let mut pool = IdPool::<4>::with_used([1]);
+    let mut pool = IdPool::with_used(4, [1]);
     // After the highest id in use, wrapping, skipping used ones.
     assert_eq!(
         [pool.allocate(), pool.allocate(), pool.allocate()],
@@ -182,6 +182,7 @@ fn recovery_keeps_ids_and_rewrites_each_table_once() {
         maps.backends
             .iter()
             .map(|(id, b)| (*id, BackendKey::from_map(b).unwrap())),
+        sync.backend_capacity(),
     );
     let r = again.apply(&s, &mut maps).unwrap();
     assert_eq!(r.backend_writes, 0, "backend ids survive a restart");
@@ -203,4 +204,41 @@ fn spec_parses_from_json() {
     s.validate().unwrap();
     let err = serde_json::from_str::<LbSpec>(r#"{"nat_address":"nope"}"#).unwrap_err();
     assert!(err.to_string().contains("invalid IPv4 address"), "{err}");
+}
+
+/// A load balancer sized for 4 backends: a whole spec or a change that
+/// needs a fifth is refused with the option to raise, and writes nothing;
+/// the installed state keeps working and takes changes that fit.
+#[test]
+fn backends_past_the_capacity_are_refused_before_any_write() {
+    let mut maps = FakeMaps::default();
+    let mut sync = LbSync::with_backends(4);
+    let five = spec(vec![service(1, 8080, &[(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)])]);
+    let err = sync.apply(&five, &mut maps).unwrap_err().to_string();
+    assert!(
+        err.contains("at most 4 backends") && err.contains("--lb-backends"),
+        "{err}"
+    );
+    assert_eq!(maps.writes, 0, "nothing written for a refused spec");
+    let four = spec(vec![service(1, 8080, &[(1, 1), (2, 1), (3, 1), (4, 1)])]);
+    sync.apply(&four, &mut maps).unwrap();
+    let before = (maps.backends.clone(), maps.frontends.clone(), maps.writes);
+    let changes = LbChanges {
+        upsert: vec![service(2, 9090, &[(5, 1)])],
+        remove: Vec::new(),
+    };
+    let err = sync.apply_changes(&four, &changes, &mut maps).unwrap_err();
+    assert!(err.to_string().contains("at most 4 backends"), "{err}");
+    assert_eq!(
+        (maps.backends.clone(), maps.frontends.clone(), maps.writes),
+        before,
+        "a refused change writes nothing"
+    );
+    // The new and the installed backends must fit together while a change
+    // is written: with one gone, a replacement fits.
+    let three = spec(vec![service(1, 8080, &[(1, 1), (2, 1), (3, 1)])]);
+    sync.apply(&three, &mut maps).unwrap();
+    let swap = spec(vec![service(1, 8080, &[(1, 1), (2, 1), (3, 1), (6, 1)])]);
+    sync.apply(&swap, &mut maps).unwrap();
+    assert_eq!(maps.backends.len(), 4);
 }
