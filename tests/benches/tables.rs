@@ -240,11 +240,7 @@ struct Agents {
 
 /// Simulated nodes' agents, each load balancer with room for `backends`
 /// (meshd's `--lb-backends`).
-fn start_agents(
-    ctxs: &[(Arc<Ctx>, Ipv4Addr)],
-    stats: &Arc<SinkStats>,
-    backends: u32,
-) -> Agents {
+fn start_agents(ctxs: &[(Arc<Ctx>, Ipv4Addr)], stats: &Arc<SinkStats>, backends: u32) -> Agents {
     let (stop, _) = tokio::sync::watch::channel(false);
     let mut applied = Vec::new();
     let mut tasks = Vec::new();
@@ -765,105 +761,109 @@ pub fn memory_per_endpoint(md: &mut String) {
         .enable_all()
         .build()
         .unwrap();
-    let (empty, loaded_manager, loaded_both, state_bytes, table_bytes, catch_up, reached, revision, failed) =
-        rt.block_on(async {
-            let at = super::control_bench::addresses(3);
-            // The manager's own node runs no agent: it must not go down
-            // (and take its tasks' endpoints along) while the table loads.
-            let opts = InitOptions {
-                heartbeat_misses: 100_000,
-                ..InitOptions::default()
-            };
-            let (manager, _) = daemon::init(&base, &at, &opts).await.unwrap();
-            let m = manager.ctx.manager().unwrap();
-            let (ctxs, _) = add_nodes(&m, &at.api_addr, 1).await;
-            m.propose(Command::CreateNetwork {
-                id: "net-bench".into(),
-                spec: NetworkSpec {
-                    name: "bench".into(),
-                    subnet: Some("10.128.0.0/14".parse().unwrap()),
-                    ..NetworkSpec::default()
-                },
+    let (
+        empty,
+        loaded_manager,
+        loaded_both,
+        state_bytes,
+        table_bytes,
+        catch_up,
+        reached,
+        revision,
+        failed,
+    ) = rt.block_on(async {
+        let at = super::control_bench::addresses(3);
+        // The manager's own node runs no agent: it must not go down
+        // (and take its tasks' endpoints along) while the table loads.
+        let opts = InitOptions {
+            heartbeat_misses: 100_000,
+            ..InitOptions::default()
+        };
+        let (manager, _) = daemon::init(&base, &at, &opts).await.unwrap();
+        let m = manager.ctx.manager().unwrap();
+        let (ctxs, _) = add_nodes(&m, &at.api_addr, 1).await;
+        m.propose(Command::CreateNetwork {
+            id: "net-bench".into(),
+            spec: NetworkSpec {
+                name: "bench".into(),
+                subnet: Some("10.128.0.0/14".parse().unwrap()),
+                ..NetworkSpec::default()
+            },
+        })
+        .await
+        .unwrap();
+        let stats = Arc::<SinkStats>::default();
+        // The agent's own fixed cost (a task, a channel) falls in the
+        // per-endpoint figure: it errs high.
+        let empty = rss_bytes();
+        // The orchestrator places the tasks, as it would for a user.
+        let cmds = (0..total / TASKS_PER_SERVICE)
+            .map(|s| {
+                let mut spec = service(&format!("svc-{s}"));
+                spec.mode = ServiceMode::Replicated {
+                    replicas: TASKS_PER_SERVICE as u32,
+                };
+                Command::CreateService {
+                    id: format!("s{s:05}"),
+                    spec,
+                }
             })
-            .await
-            .unwrap();
-            let stats = Arc::<SinkStats>::default();
-            // The agent's own fixed cost (a task, a channel) falls in the
-            // per-endpoint figure: it errs high.
-            let empty = rss_bytes();
-            // The orchestrator places the tasks, as it would for a user.
-            let cmds = (0..total / TASKS_PER_SERVICE)
-                .map(|s| {
-                    let mut spec = service(&format!("svc-{s}"));
-                    spec.mode = ServiceMode::Replicated {
-                        replicas: TASKS_PER_SERVICE as u32,
-                    };
-                    Command::CreateService {
-                        id: format!("s{s:05}"),
-                        spec,
-                    }
-                })
-                .collect();
-            eprintln!("(g) loading {total} endpoints");
-            bulk(&m, cmds).await;
-            let deadline = Instant::now() + Duration::from_secs(300);
-            let mut last = (0, Instant::now());
-            loop {
-                let now =
-                    m.sm.with_book(|_, b| (b.tables().endpoints().count(), b.revision()));
-                if now.0 >= total
-                    && now.1 == last.0
-                    && last.1.elapsed() > Duration::from_secs(2)
-                {
-                    break;
-                }
-                if now.1 != last.0 {
-                    last = (now.1, Instant::now());
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "the orchestrator placed {} of {total}",
-                    now.0
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            .collect();
+        eprintln!("(g) loading {total} endpoints");
+        bulk(&m, cmds).await;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut last = (0, Instant::now());
+        loop {
+            let now =
+                m.sm.with_book(|_, b| (b.tables().endpoints().count(), b.revision()));
+            if now.0 >= total && now.1 == last.0 && last.1.elapsed() > Duration::from_secs(2) {
+                break;
             }
-            let loaded_manager = rss_bytes();
-            let agents = start_agents(&ctxs, &stats, backends);
-            let revision = m.sm.with_book(|_, b| b.revision());
-            // Bounded: a node that cannot take this table in is a finding to
-            // report, not a hang.
-            let caught_up = Instant::now();
-            let waited = agents
-                .wait_for(revision, Duration::from_secs(CATCH_UP_S))
-                .await;
-            let catch_up = waited.as_ref().ok().map(|_| caught_up.elapsed());
-            let reached = waited.as_ref().map_or_else(|at| at[0], |_| revision);
-            if catch_up.is_none() {
-                eprintln!(
-                    "(g) the agent reached revision {reached} of {revision} in {CATCH_UP_S} s"
-                );
+            if now.1 != last.0 {
+                last = (now.1, Instant::now());
             }
-            let loaded_both = rss_bytes();
-            let endpoints = m.sm.with_book(|_, b| b.tables().endpoints().count());
-            assert_eq!(endpoints, total, "every task has its endpoint");
-            let state_bytes = m.with_state(|s| control::codec::encode(s).unwrap().len());
-            let table_bytes =
-                m.sm.with_book(|_, b| control::codec::encode(b.tables()).unwrap().len());
-            agents.stop().await;
-            drop(ctxs);
-            manager.stop().await;
-            (
-                empty,
-                loaded_manager,
-                loaded_both,
-                state_bytes,
-                table_bytes,
-                catch_up,
-                reached,
-                revision,
-                stats.failed.lock().unwrap().take(),
-            )
-        });
+            assert!(
+                Instant::now() < deadline,
+                "the orchestrator placed {} of {total}",
+                now.0
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let loaded_manager = rss_bytes();
+        let agents = start_agents(&ctxs, &stats, backends);
+        let revision = m.sm.with_book(|_, b| b.revision());
+        // Bounded: a node that cannot take this table in is a finding to
+        // report, not a hang.
+        let caught_up = Instant::now();
+        let waited = agents
+            .wait_for(revision, Duration::from_secs(CATCH_UP_S))
+            .await;
+        let catch_up = waited.as_ref().ok().map(|_| caught_up.elapsed());
+        let reached = waited.as_ref().map_or_else(|at| at[0], |_| revision);
+        if catch_up.is_none() {
+            eprintln!("(g) the agent reached revision {reached} of {revision} in {CATCH_UP_S} s");
+        }
+        let loaded_both = rss_bytes();
+        let endpoints = m.sm.with_book(|_, b| b.tables().endpoints().count());
+        assert_eq!(endpoints, total, "every task has its endpoint");
+        let state_bytes = m.with_state(|s| control::codec::encode(s).unwrap().len());
+        let table_bytes =
+            m.sm.with_book(|_, b| control::codec::encode(b.tables()).unwrap().len());
+        agents.stop().await;
+        drop(ctxs);
+        manager.stop().await;
+        (
+            empty,
+            loaded_manager,
+            loaded_both,
+            state_bytes,
+            table_bytes,
+            catch_up,
+            reached,
+            revision,
+            stats.failed.lock().unwrap().take(),
+        )
+    });
     let _ = std::fs::remove_dir_all(&base);
     let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / total as f64;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);

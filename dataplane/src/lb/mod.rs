@@ -13,6 +13,8 @@ mod sync;
 mod target;
 mod timeouts;
 
+/// Map capacities the load balancer is sized by.
+pub use dataplane_common::limits;
 pub use maps::{LbMaps, SyncError};
 pub use memory::MemoryMaps;
 pub use spec::{
@@ -22,8 +24,6 @@ pub use spec::{
 pub use sync::{ApplyReport, LbChanges, LbSync};
 pub use target::{Ebpf, LbTarget};
 pub use timeouts::Timeouts;
-/// Map capacities the load balancer is sized by.
-pub use dataplane_common::limits;
 
 #[cfg(test)]
 mod tests;

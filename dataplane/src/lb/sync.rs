@@ -467,10 +467,13 @@ impl LbSync {
             for (key, _) in d.iter().flat_map(|d| &d.backends) {
                 if !self.backends.contains_key(key) {
                     // Checked before: out of ids only if that check is wrong.
-                    let id = self.backend_ids.allocate().ok_or(SpecError::BackendCapacity {
-                        count: self.backends.len() + 1,
-                        max: self.backend_ids.capacity(),
-                    })?;
+                    let id = self
+                        .backend_ids
+                        .allocate()
+                        .ok_or(SpecError::BackendCapacity {
+                            count: self.backends.len() + 1,
+                            max: self.backend_ids.capacity(),
+                        })?;
                     if let Err(e) = maps.set_backend(id, &key.to_map()) {
                         self.backend_ids.release(id);
                         return Err(e);

@@ -213,7 +213,11 @@ fn spec_parses_from_json() {
 fn backends_past_the_capacity_are_refused_before_any_write() {
     let mut maps = FakeMaps::default();
     let mut sync = LbSync::with_backends(4);
-    let five = spec(vec![service(1, 8080, &[(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)])]);
+    let five = spec(vec![service(
+        1,
+        8080,
+        &[(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)],
+    )]);
     let err = sync.apply(&five, &mut maps).unwrap_err().to_string();
     assert!(
         err.contains("at most 4 backends") && err.contains("--lb-backends"),
