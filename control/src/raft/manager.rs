@@ -8,36 +8,27 @@
 //! that a quorum acknowledged it recently before it appends anything.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     path::Path,
-    sync::{Arc, Mutex, RwLock, Weak},
+    sync::{Arc, RwLock, Weak},
     time::{Duration, Instant},
 };
 
-use openraft::{
-    BasicNode, ChangeMembers, Config, RaftNetwork, RaftNetworkFactory, ServerState, SnapshotPolicy,
-    error::{
-        ChangeMembershipError, ClientWriteError, InstallSnapshotError, NetworkError, RPCError,
-        RaftError, RemoteError, Unreachable,
-    },
-    network::RPCOption,
-    raft::{
-        AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
-        InstallSnapshotResponse, VoteRequest, VoteResponse,
-    },
-};
-use proto::{Internal, cluster_client::ClusterClient, raft_client::RaftClient};
-use serde::{Serialize, de::DeserializeOwned};
-use tonic::{Code, transport::Channel};
+use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
+use proto::{Internal, cluster_client::ClusterClient};
 
 use crate::{
-    ca::tls::{self, Credentials, Trust},
+    ca::tls::Credentials,
     raft::seal::Key,
     raft::store::{self, NodeId, StateMachineStore, TypeConfig},
     state::{Command, Outcome, State},
 };
 
 pub type Raft = openraft::Raft<TypeConfig>;
+
+pub use super::network::{Contacts, PeerClient, Peers};
+pub use super::write::{NOT_LEADER, PROPOSAL_QUEUE, WriteError};
+use super::write::{Proposal, batcher};
 
 /// What a manager is started with, passed in (no process globals).
 #[derive(Debug, Clone, Copy)]
@@ -84,104 +75,11 @@ pub fn raft_config(config: &ManagerConfig) -> Config {
 /// How long a leader may go without a quorum's acknowledgement before it
 /// refuses writes.
 const QUORUM_STALE: Duration = Duration::from_millis(1000);
-/// How long a leader waits for a write to commit.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(3);
-/// RPC timeout between managers.
-const RPC_TIMEOUT: Duration = Duration::from_secs(3);
 /// A forwarded write's outer bound: longer than the leader's largest
 /// budget, so the leader's answer arrives. Each forward also tells the
 /// leader its own remaining budget (`grpc-timeout`), which the leader
 /// keeps to.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(WRITE_BUDGET.as_secs() + 2);
-
-/// Why a write did not succeed, and whether it may still have happened.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum WriteError {
-    /// The state machine refused the command; the text is for the user.
-    #[error("{0}")]
-    Refused(String),
-    /// Not applied: no leader, or the leader has no quorum. Safe to retry.
-    #[error("no quorum: {0} (not applied)")]
-    NoQuorum(String),
-    /// Not applied: the leader's queue of writes is full. Retry shortly.
-    #[error("manager busy, retry: {0} (not applied)")]
-    Busy(String),
-    /// The write may or may not have been committed: it reached a leader
-    /// that then stopped answering, or did not commit in time.
-    #[error(
-        "outcome unknown: {0}. The write may have been applied: look (meshctl service ls, \
-         network ls or node ls) before retrying"
-    )]
-    Unknown(String),
-    #[error("{0}")]
-    Internal(String),
-}
-
-/// Prefixes that carry a [`WriteError`]'s kind across a forwarded write.
-const NO_QUORUM: &str = "no quorum: ";
-const BUSY: &str = "manager busy, retry: ";
-const UNKNOWN: &str = "outcome unknown: ";
-
-impl From<WriteError> for tonic::Status {
-    fn from(e: WriteError) -> tonic::Status {
-        match e {
-            WriteError::Refused(m) => tonic::Status::failed_precondition(m),
-            e @ (WriteError::NoQuorum(_) | WriteError::Busy(_)) => {
-                tonic::Status::unavailable(e.to_string())
-            }
-            e @ WriteError::Unknown(_) => tonic::Status::unknown(e.to_string()),
-            WriteError::Internal(m) => tonic::Status::internal(m),
-        }
-    }
-}
-
-impl WriteError {
-    /// The error a forwarded write's status stands for.
-    fn from_leader(s: &tonic::Status, addr: &str) -> WriteError {
-        let m = s.message();
-        // Our own kinds first (their text ends in a note we don't repeat).
-        let inner = |prefix: &str| {
-            m.strip_prefix(prefix).map(|rest| {
-                rest.trim_end_matches(" (not applied)")
-                    .split(". The write may have been applied")
-                    .next()
-                    .unwrap_or(rest)
-                    .to_owned()
-            })
-        };
-        if let Some(r) = inner(NO_QUORUM) {
-            return WriteError::NoQuorum(r);
-        }
-        if let Some(r) = inner(BUSY) {
-            return WriteError::Busy(r);
-        }
-        if let Some(r) = inner(UNKNOWN) {
-            return WriteError::Unknown(r);
-        }
-        if m.starts_with(NOT_LEADER) {
-            return WriteError::Internal(m.to_owned());
-        }
-        let text = crate::grpc::status_text(s);
-        match s.code() {
-            Code::DeadlineExceeded | Code::Cancelled => {
-                WriteError::Unknown(format!("the leader at {addr} did not answer in time"))
-            }
-            // A connection that never opened carried nothing.
-            Code::Unavailable | Code::Unknown if never_sent(&text) => {
-                WriteError::NoQuorum(format!("cannot reach the leader at {addr}: {text}"))
-            }
-            Code::Unavailable | Code::Unknown => WriteError::Unknown(format!(
-                "the connection to the leader at {addr} failed during the write: {text}"
-            )),
-            _ => WriteError::Internal(format!("the leader at {addr} answered: {text}")),
-        }
-    }
-
-    /// Whether a retry may still have to find out about an earlier attempt.
-    fn maybe_applied(&self) -> bool {
-        matches!(self, WriteError::Unknown(_))
-    }
-}
 
 pub use model::api::never_sent;
 
@@ -213,169 +111,9 @@ fn once(cmd: &Command) -> Command {
     }
 }
 
-/// Last successful contact with each peer, as this manager saw it.
-pub type Contacts = Arc<Mutex<HashMap<NodeId, Instant>>>;
-
-/// Opens gRPC clients to peers; one channel per address, reused.
-#[derive(Clone)]
-pub struct Peers {
-    trust: Trust,
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
-    pub contacts: Contacts,
-}
-
-impl Peers {
-    pub fn new(creds: Arc<RwLock<Credentials>>) -> Peers {
-        Peers {
-            trust: Trust::Node(creds),
-            channels: Arc::default(),
-            contacts: Arc::default(),
-        }
-    }
-
-    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::Status> {
-        self.channel_with(addr, RPC_TIMEOUT)
-    }
-
-    /// A channel whose calls time out after `timeout`.
-    pub fn channel_with(&self, addr: &str, timeout: Duration) -> Result<Channel, tonic::Status> {
-        let key = format!("{addr}/{}", timeout.as_millis());
-        let mut map = self.channels.lock().expect("channels lock");
-        if let Some(c) = map.get(&key) {
-            return Ok(c.clone());
-        }
-        let c = tls::channel(addr, self.trust.clone(), timeout)
-            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-        map.insert(key, c.clone());
-        Ok(c)
-    }
-
-    /// Drops cached channels (after a certificate renewal).
-    pub fn reset(&self) {
-        self.channels.lock().expect("channels lock").clear();
-    }
-}
-
-impl RaftNetworkFactory<TypeConfig> for Peers {
-    type Network = PeerClient;
-
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        PeerClient {
-            target,
-            addr: node.addr.clone(),
-            peers: self.clone(),
-        }
-    }
-}
-
-/// Raft RPCs to one peer. The channel is looked up on every call, so a
-/// renewed certificate (which resets the cache) is used from the next RPC.
-pub struct PeerClient {
-    target: NodeId,
-    addr: String,
-    peers: Peers,
-}
-
-type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
-
-impl PeerClient {
-    async fn call<Req: Serialize, Resp: DeserializeOwned, E>(
-        &mut self,
-        kind: &'static str,
-        req: &Req,
-    ) -> Result<Resp, RpcErr<E>>
-    where
-        E: std::error::Error + DeserializeOwned,
-    {
-        let channel = self
-            .peers
-            .channel(&self.addr)
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let mut client = RaftClient::new(channel)
-            .max_decoding_message_size(crate::grpc::MAX_MESSAGE)
-            .max_encoding_message_size(crate::grpc::MAX_MESSAGE);
-        let body =
-            crate::codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let request = Internal { body };
-        let reply = match kind {
-            "append" => client.append_entries(request).await,
-            "vote" => client.vote(request).await,
-            _ => client.install_snapshot(request).await,
-        };
-        let reply = reply.map_err(|s| {
-            if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded) {
-                RPCError::Unreachable(Unreachable::new(&s))
-            } else {
-                RPCError::Network(NetworkError::new(&s))
-            }
-        })?;
-        self.peers
-            .contacts
-            .lock()
-            .expect("contacts lock")
-            .insert(self.target, Instant::now());
-        let r: Result<Resp, RaftError<NodeId, E>> = crate::codec::decode(&reply.into_inner().body)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-    }
-}
-
-impl RaftNetwork<TypeConfig> for PeerClient {
-    async fn append_entries(
-        &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        self.call("append", &rpc).await
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
-        self.call("snapshot", &rpc).await
-    }
-
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RpcErr> {
-        self.call("vote", &rpc).await
-    }
-}
-
 /// The Raft id of a node id (16 hex digits).
 pub fn raft_id(node_id: &str) -> Option<NodeId> {
     u64::from_str_radix(node_id, 16).ok().filter(|&n| n != 0)
-}
-
-/// A follower that has not matched what the leader applied this long ago
-/// is behind. Under a steady write load a healthy follower trails by the
-/// entries in flight (milliseconds' worth); one restarting, stuck or cut
-/// off trails by seconds.
-const BEHIND_AFTER: Duration = Duration::from_secs(2);
-
-/// Another voter's status: unreachable unless heard from (or, on a
-/// follower, while there is a leader); behind while its log (`matched`,
-/// known on the leader) misses entries the leader applied
-/// [`BEHIND_AFTER`] ago (`then`), by `applied - matched` entries.
-fn peer_status(
-    heard: bool,
-    then: Option<u64>,
-    applied: u64,
-    matched: Option<u64>,
-) -> ManagerStatus {
-    if !heard {
-        return ManagerStatus::Unreachable;
-    }
-    match (matched, then) {
-        (Some(at), Some(then)) if at < then => ManagerStatus::Behind {
-            entries: applied.saturating_sub(at),
-        },
-        _ => ManagerStatus::Reachable,
-    }
 }
 
 pub use model::api::ManagerStatus;
@@ -396,91 +134,7 @@ pub struct Manager {
     /// While leading: the applied index, sampled by the liveness loop
     /// (see [`Manager::sample_applied`]), to tell a follower that trails
     /// by the entries in flight from one that is behind.
-    applied_history: std::sync::Mutex<std::collections::VecDeque<(Instant, u64)>>,
-}
-
-/// A write waiting to be committed by the batcher.
-struct Proposal {
-    cmd: Command,
-    done: tokio::sync::oneshot::Sender<Result<Outcome, WriteError>>,
-}
-
-/// Batches in flight at once; while they are, new writes queue up and go
-/// out together as one log entry. Measured with 64 clients on 2 cores:
-/// 1 in flight gave 6.6k writes/s, 2 gave 5.8k, 4 gave 5.2k (bigger
-/// batches beat more of them; see docs/BENCHMARKS.md).
-const BATCHES_IN_FLIGHT: usize = 1;
-const MAX_BATCH: usize = 512;
-/// Writes queued on the leader at most; past it a write is refused as
-/// "manager busy" (not applied) instead of queueing without bound.
-pub const PROPOSAL_QUEUE: usize = 8192;
-
-/// Commits queued writes: whatever has queued up goes out as one
-/// [`Command::Batch`] entry, with a few batches in flight.
-async fn batcher(raft: Raft, mut rx: tokio::sync::mpsc::Receiver<Proposal>) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
-        let raft = raft.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            commit_batch(&raft, batch).await;
-        });
-    }
-}
-
-async fn commit_batch(raft: &Raft, mut batch: Vec<Proposal>) {
-    if batch.len() == 1 {
-        let p = batch.pop().expect("one");
-        let _ = p.done.send(commit(raft, p.cmd).await);
-        return;
-    }
-    let commands = batch.iter().map(|p| p.cmd.clone()).collect();
-    match commit(raft, Command::Batch { commands }).await {
-        Ok(Outcome::Batch(results)) if results.len() == batch.len() => {
-            for (p, r) in batch.into_iter().zip(results) {
-                let _ = p.done.send(r.map_err(WriteError::Refused));
-            }
-        }
-        Ok(other) => {
-            for p in batch {
-                let _ = p.done.send(Err(WriteError::Internal(format!(
-                    "a batch of writes answered {other:?}"
-                ))));
-            }
-        }
-        Err(e) => {
-            for p in batch {
-                let _ = p.done.send(Err(e.clone()));
-            }
-        }
-    }
-}
-
-/// One log entry through Raft, with a deadline.
-async fn commit(raft: &Raft, cmd: Command) -> Result<Outcome, WriteError> {
-    match tokio::time::timeout(COMMIT_TIMEOUT, raft.client_write(cmd)).await {
-        Ok(Ok(resp)) => resp.data.0.map_err(WriteError::Refused),
-        // Refused before it was appended.
-        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(
-            WriteError::Internal(format!("{NOT_LEADER} {:?}", f.leader_id)),
-        ),
-        Ok(Err(e)) => Err(WriteError::Unknown(format!("the leader stopped: {e}"))),
-        Err(_) => Err(WriteError::Unknown(format!(
-            "the write was not committed within {} s: a majority of managers is not answering \
-             (it is in the leader's log, and takes effect if a majority later accepts it)",
-            COMMIT_TIMEOUT.as_secs()
-        ))),
-    }
+    pub(super) applied_history: std::sync::Mutex<std::collections::VecDeque<(Instant, u64)>>,
 }
 
 impl Manager {
@@ -578,7 +232,7 @@ impl Manager {
     }
 
     /// Fails unless this manager is the leader and hears from a quorum.
-    async fn lead(&self) -> Result<(), WriteError> {
+    pub(super) async fn lead(&self) -> Result<(), WriteError> {
         if !self.is_leader() {
             return Err(WriteError::Internal(format!(
                 "{NOT_LEADER} {}",
@@ -802,83 +456,6 @@ impl Manager {
         }
     }
 
-    /// Adds a manager as a voter: first as a learner that catches up, then
-    /// into the voter set. Leader only.
-    pub async fn add_voter(&self, id: NodeId, api_addr: &str) -> Result<(), WriteError> {
-        self.lead().await?;
-        let m = self.metrics();
-        let membership = m.membership_config.membership();
-        if membership.voter_ids().any(|v| v == id) {
-            return Ok(());
-        }
-        let node = BasicNode {
-            addr: api_addr.to_owned(),
-        };
-        let change = async {
-            self.raft
-                .add_learner(id, node, true)
-                .await
-                .map_err(|e| WriteError::Internal(format!("adding learner {id:016x}: {e}")))?;
-            self.change_membership(
-                ChangeMembers::AddVoterIds(BTreeSet::from([id])),
-                &format!("adding voter {id:016x}"),
-            )
-            .await
-        };
-        tokio::time::timeout(Duration::from_secs(30), change)
-            .await
-            .map_err(|_| {
-                WriteError::NoQuorum(format!(
-                    "manager {id:016x} at {api_addr} did not catch up within 30 s"
-                ))
-            })??;
-        Ok(())
-    }
-
-    /// One membership change; while another is still committing (say a
-    /// promotion just before a demotion), waits for it, up to 5 s.
-    async fn change_membership(
-        &self,
-        members: ChangeMembers<NodeId, BasicNode>,
-        what: &str,
-    ) -> Result<(), WriteError> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match self.raft.change_membership(members.clone(), false).await {
-                Ok(_) => return Ok(()),
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
-                    ChangeMembershipError::InProgress(_),
-                ))) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => return Err(WriteError::Internal(format!("{what}: {e}"))),
-            }
-        }
-    }
-
-    /// Removes a manager from the voters (demotion). Leader only.
-    pub async fn remove_voter(&self, id: NodeId) -> Result<(), WriteError> {
-        self.lead().await?;
-        let m = self.metrics();
-        let membership = m.membership_config.membership();
-        if !membership.voter_ids().any(|v| v == id) && membership.get_node(&id).is_none() {
-            return Ok(());
-        }
-        // retain=false: out of the voters and out of the membership (no
-        // learner left behind) in one change.
-        let change = async {
-            self.change_membership(
-                ChangeMembers::RemoveVoters(BTreeSet::from([id])),
-                &format!("removing voter {id:016x}"),
-            )
-            .await
-        };
-        tokio::time::timeout(Duration::from_secs(10), change)
-            .await
-            .map_err(|_| WriteError::NoQuorum("the membership change did not commit".into()))??;
-        Ok(())
-    }
-
     /// Waits until this manager's state holds every write acknowledged
     /// before the call (a read index): on the leader, a quorum confirms it
     /// still leads; on a follower, the leader's applied index is fetched and
@@ -937,106 +514,6 @@ impl Manager {
         }
     }
 
-    /// Makes the Raft voters agree with the state (leader only): a voter
-    /// the state calls a worker is removed. Demotion commits the role first
-    /// and removes the voter after; if that step fails (the leader died,
-    /// the change timed out), this brings membership and state together.
-    /// Voters the state does not know yet (a manager between its Raft join
-    /// and its `AddNode`) are left alone.
-    pub async fn reconcile_voters(&self) {
-        if !self.is_leader() {
-            return;
-        }
-        let voters: Vec<NodeId> = self
-            .metrics()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
-        let demoted: Vec<NodeId> = self.with_state(|s| {
-            s.nodes
-                .values()
-                .filter(|n| n.spec.role == crate::state::Role::Worker)
-                .filter_map(|n| raft_id(&n.id))
-                .filter(|id| voters.contains(id))
-                .collect()
-        });
-        for id in demoted {
-            match self.remove_voter(id).await {
-                Ok(()) => tracing::info!("removed demoted manager {id:016x} from the Raft voters"),
-                Err(e) => tracing::warn!("demoted manager {id:016x} is still a voter: {e}"),
-            }
-        }
-    }
-
-    /// Records the applied index (the leader's liveness loop calls this
-    /// every tick; leadership lost, the history is dropped).
-    pub fn sample_applied(&self) {
-        let mut h = self.applied_history.lock().expect("history lock");
-        if !self.is_leader() {
-            h.clear();
-            return;
-        }
-        let applied = self.metrics().last_applied.map_or(0, |l| l.index);
-        h.push_back((Instant::now(), applied));
-        while h
-            .front()
-            .is_some_and(|(t, _)| t.elapsed() > BEHIND_AFTER * 4)
-        {
-            h.pop_front();
-        }
-    }
-
-    /// MANAGER STATUS of a Raft member, as this manager sees it (see
-    /// [`peer_status`]).
-    pub fn manager_status(&self, id: NodeId) -> Option<ManagerStatus> {
-        let m = self.metrics();
-        let membership = m.membership_config.membership();
-        if !membership.voter_ids().any(|v| v == id) {
-            return None;
-        }
-        if m.current_leader == Some(id) {
-            return Some(ManagerStatus::Leader);
-        }
-        if id == self.raft_id {
-            return Some(if m.current_leader.is_some() {
-                ManagerStatus::Reachable
-            } else {
-                ManagerStatus::Unreachable
-            });
-        }
-        let fresh = self
-            .peers
-            .contacts
-            .lock()
-            .expect("contacts lock")
-            .get(&id)
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(3));
-        // Followers only talk to the leader: they report voters as
-        // reachable while they have one, and leave liveness to its view.
-        let follower_view = m.state != ServerState::Leader && m.current_leader.is_some();
-        // The leader knows how far each follower's log matches its own.
-        let matched = m
-            .replication
-            .as_ref()
-            .and_then(|r| r.get(&id).copied())
-            .map(|l| l.map_or(0, |l| l.index));
-        let then = self
-            .applied_history
-            .lock()
-            .expect("history lock")
-            .iter()
-            .rev()
-            .find(|(t, _)| t.elapsed() >= BEHIND_AFTER)
-            .map(|(_, i)| *i);
-        Some(peer_status(
-            fresh || follower_view,
-            then,
-            m.last_applied.map_or(0, |l| l.index),
-            matched,
-        ))
-    }
-
     /// Set once [`Manager::shutdown`] starts: tasks holding the manager
     /// (dispatcher sessions, liveness) end on it.
     pub fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
@@ -1070,6 +547,7 @@ impl Manager {
 
 pub use crate::ids::now_ms;
 
+/// Waits this long after a change before looking, so that a burst of
 /// Waits this long after a change before looking, so that a burst of
 /// changes is one look and one batch.
 const ORCHESTRATE_SETTLE: Duration = Duration::from_millis(20);
@@ -1195,49 +673,5 @@ pub async fn orchestrate(m: Weak<Manager>, mut stop: tokio::sync::watch::Receive
             }
             () = tokio::time::sleep(until_wake) => {}
         }
-    }
-}
-
-/// Prefix of the error a non-leader gives to a forwarded write.
-pub const NOT_LEADER: &str = "not the leader:";
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_voter_missing_applied_entries_is_behind_not_reachable() {
-        assert_eq!(
-            peer_status(false, Some(10), 10, Some(10)),
-            ManagerStatus::Unreachable
-        );
-        assert_eq!(
-            peer_status(true, Some(10), 10, Some(10)),
-            ManagerStatus::Reachable
-        );
-        // Short of what was applied 2 s ago: behind, by all it misses now.
-        assert_eq!(
-            peer_status(true, Some(80), 100, Some(36)),
-            ManagerStatus::Behind { entries: 64 }
-        );
-        // Nothing matched yet (a new or restarted follower).
-        assert_eq!(
-            peer_status(true, Some(400), 500, Some(0)),
-            ManagerStatus::Behind { entries: 500 }
-        );
-        // Trailing by the entries in flight under load is not "behind".
-        assert_eq!(
-            peer_status(true, Some(80), 100, Some(90)),
-            ManagerStatus::Reachable
-        );
-        // No history yet (a new leader), or a follower's view.
-        assert_eq!(
-            peer_status(true, None, 100, Some(0)),
-            ManagerStatus::Reachable
-        );
-        assert_eq!(
-            peer_status(true, Some(80), 100, None),
-            ManagerStatus::Reachable
-        );
     }
 }

@@ -3,5 +3,8 @@
 //! versioned), and [`seal`], which encrypts every record at rest.
 
 pub mod manager;
+mod membership;
+mod network;
 pub mod seal;
 pub mod store;
+mod write;
