@@ -48,6 +48,8 @@ static SLOW_CONNECTS: AtomicU64 = AtomicU64::new(0);
 
 #[path = "control.rs"]
 mod control_bench;
+#[path = "memory.rs"]
+mod memory_bench;
 #[path = "tables.rs"]
 mod tables_bench;
 
@@ -114,7 +116,7 @@ fn main() {
     }
     if wanted("g") {
         let from = md.len();
-        tables_bench::memory_per_endpoint(&mut md);
+        memory_bench::memory_per_endpoint(&mut md);
         eprint!("{}", &md[from..]);
     }
     if only.is_some() {

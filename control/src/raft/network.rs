@@ -25,8 +25,6 @@ use crate::{
     raft::store::{NodeId, TypeConfig},
 };
 
-/// What a manager is started with, passed in (no process globals).
-
 /// RPC timeout between managers.
 const RPC_TIMEOUT: Duration = Duration::from_secs(3);
 

@@ -14,8 +14,6 @@ use crate::{
 
 type Raft = openraft::Raft<TypeConfig>;
 
-/// What a manager is started with, passed in (no process globals).
-
 /// Prefix of the error a non-leader gives to a forwarded write.
 pub const NOT_LEADER: &str = "not the leader:";
 /// How long a leader waits for a write to commit.

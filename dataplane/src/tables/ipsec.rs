@@ -7,6 +7,8 @@ use std::{
 
 use model::tables::Tables;
 
+/// What this node's IPsec should be: the encrypted networks it has its own
+/// address on, the other nodes with an address or a task on them, and the
 /// key ring. Cheap when no network is encrypted.
 pub fn ipsec_spec(tables: &Tables, node: &str, underlay: Ipv4Addr) -> crate::ipsec::IpsecSpec {
     use crate::ipsec::IpsecSpec;

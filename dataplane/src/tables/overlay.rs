@@ -203,9 +203,6 @@ impl NodeView {
     }
 }
 
-/// What this node's IPsec should be: the encrypted networks it has its own
-/// address on, the other nodes with an address or a task on them, and the
-
 /// The overlay this node should have: the networks it has its own address on.
 pub fn overlay_spec(tables: &Tables, node: &str, underlay: Ipv4Addr) -> OverlaySpec {
     let mine: BTreeMap<&str, &NodeEndpointEntry> = tables
