@@ -630,6 +630,11 @@ pub fn dns_qps(md: &mut String) {
     let queries = std::env::temp_dir().join(format!("mesh-dnsperf-{}.txt", std::process::id()));
     let mut q = String::new();
     let mut hosts = String::new();
+    let probe = tables
+        .services()
+        .next()
+        .map(|(_, s)| s.name.clone())
+        .unwrap();
     for (_, s) in tables.services() {
         writeln!(q, "{} A\ntasks.{} A", s.name, s.name).unwrap();
         for vip in s.vips.values() {
@@ -696,9 +701,29 @@ pub fn dns_qps(md: &mut String) {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null()),
     );
-    std::thread::sleep(Duration::from_millis(500));
-    dnsmasq.assert_running();
+    // Ready when it answers (a loaded machine can take longer than any
+    // fixed pause): dnsperf against a server not yet bound counts 0.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        dnsmasq.assert_running();
+        let out = ns.exec(
+            "dig",
+            &["+short", "+time=1", "+tries=1", "@127.0.0.12", &probe],
+        );
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dnsmasq did not answer {probe} within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let theirs = dnsperf("127.0.0.12");
+    assert!(
+        ours > 0.0 && theirs > 0.0,
+        "a DNS server answered nothing (mesh {ours}/s, dnsmasq {theirs}/s): not a measurement"
+    );
     drop(dnsmasq);
     let _ = std::fs::remove_file(&queries);
     let _ = std::fs::remove_file(&hosts_file);

@@ -18,6 +18,8 @@ pub enum DaemonError {
     Cert(#[from] mtls::CertError),
     #[error(transparent)]
     NodeFile(#[from] NodeFileError),
+    #[error("this node's manager")]
+    Manager(#[from] crate::raft::manager::StartError),
 }
 
 pub(super) fn msg(m: impl Into<String>) -> DaemonError {

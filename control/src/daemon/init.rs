@@ -191,9 +191,7 @@ async fn init_inner(
     let unlock_key = keys.unlock.clone();
     let creds_arc = Arc::new(RwLock::new(creds.clone()));
     let id = raft_id(&node_id).expect("a fresh node id is a raft id");
-    let manager = start_manager(id, dir, keys.data, creds_arc.clone(), config)
-        .await
-        .map_err(msg)?;
+    let manager = start_manager(id, dir, keys.data, creds_arc.clone(), config).await?;
     let file = NodeFile {
         node_id: node_id.clone(),
         cluster_id: cluster_id.clone(),
@@ -205,7 +203,7 @@ async fn init_inner(
     };
     let daemon = Daemon::serve(dir, &file, creds_arc, Some(manager.clone()), config).await?;
     let setup = async {
-        manager.bootstrap(&at.api_addr).await.map_err(msg)?;
+        manager.bootstrap(&at.api_addr).await?;
         manager
             .propose(Command::Init {
                 cluster_id: cluster_id.clone(),

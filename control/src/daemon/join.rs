@@ -114,11 +114,7 @@ pub async fn join_with(
             DataKeys::create_locked_by(dir, &reply.unlock_key.parse()?)?
         };
         let id = raft_id(&reply.node_id).ok_or_else(|| msg("the manager sent a bad node id"))?;
-        Some(
-            start_manager(id, dir, keys.data, creds_arc.clone(), config)
-                .await
-                .map_err(msg)?,
-        )
+        Some(start_manager(id, dir, keys.data, creds_arc.clone(), config).await?)
     } else {
         None
     };

@@ -8,7 +8,7 @@ use std::{
 
 use crate::{
     ca::tls::Credentials,
-    raft::manager::{Manager, ManagerConfig},
+    raft::manager::{Manager, ManagerConfig, StartError},
 };
 
 /// Starts this node's manager, with the dispatcher's liveness check (which
@@ -19,7 +19,7 @@ pub(super) async fn start_manager(
     key: crate::raft::seal::Key,
     creds: Arc<RwLock<Credentials>>,
     config: &ManagerConfig,
-) -> Result<Arc<Manager>, String> {
+) -> Result<Arc<Manager>, StartError> {
     let m = Manager::start(id, dir, key, creds, config).await?;
     m.keep_task(tokio::spawn(crate::dispatcher::liveness(
         Arc::downgrade(&m),

@@ -37,11 +37,7 @@ pub async fn run_with(
     let manager = if id.role == Role::Manager && dir.join("raft.redb").exists() {
         let keys = open_keys(dir, unlock).await?;
         let rid = raft_id(&file.node_id).ok_or_else(|| msg("node.json has a bad node id"))?;
-        Some(
-            start_manager(rid, dir, keys.data, creds_arc.clone(), config)
-                .await
-                .map_err(msg)?,
-        )
+        Some(start_manager(rid, dir, keys.data, creds_arc.clone(), config).await?)
     } else {
         None
     };

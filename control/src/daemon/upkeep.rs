@@ -139,7 +139,8 @@ impl Upkeep {
                     self.ctx.creds.clone(),
                     &self.ctx.manager_config,
                 )
-                .await?;
+                .await
+                .map_err(|e| mtls::client::chain(&e))?;
                 *self.ctx.manager.write().expect("manager lock") = Some(m);
                 tracing::info!("promoted: Raft started");
             }

@@ -137,6 +137,25 @@ pub struct Manager {
     pub(super) applied_history: std::sync::Mutex<std::collections::VecDeque<(Instant, u64)>>,
 }
 
+/// Why a manager did not start, or a new cluster's first manager did not
+/// become its only voter.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("opening the Raft store")]
+    Store(#[source] Box<store::OpenError>),
+    #[error("the Raft configuration")]
+    Config(#[source] Box<openraft::ConfigError>),
+    #[error("starting Raft")]
+    Raft(#[source] Box<openraft::error::Fatal<NodeId>>),
+    #[error("initializing Raft")]
+    Bootstrap(
+        #[source]
+        Box<
+            openraft::error::RaftError<NodeId, openraft::error::InitializeError<NodeId, BasicNode>>,
+        >,
+    ),
+}
+
 impl Manager {
     /// Opens the store under `dir` and starts the Raft member.
     pub async fn start(
@@ -145,10 +164,12 @@ impl Manager {
         key: Key,
         creds: Arc<RwLock<Credentials>>,
         config: &ManagerConfig,
-    ) -> Result<Arc<Manager>, String> {
-        let (log, sm) = store::open(&dir.join("raft.redb"), key)
-            .map_err(|e| format!("opening the Raft store: {e}"))?;
-        let raft_config = raft_config(config).validate().map_err(|e| e.to_string())?;
+    ) -> Result<Arc<Manager>, StartError> {
+        let (log, sm) =
+            store::open(&dir.join("raft.redb"), key).map_err(|e| StartError::Store(Box::new(e)))?;
+        let raft_config = raft_config(config)
+            .validate()
+            .map_err(|e| StartError::Config(Box::new(e)))?;
         let peers = Peers::new(creds);
         let raft = Raft::new(
             raft_id,
@@ -158,7 +179,7 @@ impl Manager {
             sm.clone(),
         )
         .await
-        .map_err(|e| format!("starting Raft: {e}"))?;
+        .map_err(|e| StartError::Raft(Box::new(e)))?;
         let (proposals, rx) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
         tokio::spawn(batcher(raft.clone(), rx));
         let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -185,7 +206,7 @@ impl Manager {
     }
 
     /// Makes this manager the only voter of a new cluster.
-    pub async fn bootstrap(&self, api_addr: &str) -> Result<(), String> {
+    pub async fn bootstrap(&self, api_addr: &str) -> Result<(), StartError> {
         let members = BTreeMap::from([(
             self.raft_id,
             BasicNode {
@@ -195,7 +216,7 @@ impl Manager {
         self.raft
             .initialize(members)
             .await
-            .map_err(|e| format!("initializing Raft: {e}"))
+            .map_err(|e| StartError::Bootstrap(Box::new(e)))
     }
 
     pub fn with_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
