@@ -73,30 +73,35 @@ struct InstalledFrontend {
     installed: Option<Desired>,
 }
 
-/// Ids `0..max`, handed out oldest-freed first: a freed id is reused as late
-/// as possible (a stale conntrack entry does not find a *different* entry
-/// under its old id), and in O(1) however many are in use.
+/// Ids `0..max`: first every id never used, in order from after the
+/// highest one in use; then freed ids, oldest-freed first. A freed id is
+/// reused as late as possible (a stale conntrack entry does not find a
+/// *different* entry under its old id). Nothing is kept per free id: a
+/// pool sized for a million backends costs what it holds, and each id is
+/// scanned past at most once (amortised O(1) per allocation).
 #[derive(Debug)]
 pub(super) struct IdPool {
     max: u32,
     used: HashSet<u32>,
-    /// Filled on first use, in order from `next`.
-    free: VecDeque<u32>,
-    filled: bool,
-    next: u32,
+    /// Where the scan of never-used ids started, and how far it got.
+    start: u32,
+    scanned: u32,
+    /// Released ids, oldest first (an entry may be stale: taken again by
+    /// the scan since; skipped then).
+    freed: VecDeque<u32>,
 }
 
 impl IdPool {
     /// A pool of `0..max` with `used` taken; new ids start after the
     /// highest of them.
     pub(super) fn with_used(max: u32, used: impl IntoIterator<Item = u32>) -> Self {
-        let used: HashSet<u32> = used.into_iter().collect();
+        let used: HashSet<u32> = used.into_iter().filter(|id| *id < max).collect();
         IdPool {
             max,
-            next: used.iter().max().map_or(0, |m| (m + 1) % max),
+            start: used.iter().max().map_or(0, |m| (m + 1) % max.max(1)),
+            scanned: 0,
             used,
-            free: VecDeque::new(),
-            filled: false,
+            freed: VecDeque::new(),
         }
     }
 
@@ -105,22 +110,25 @@ impl IdPool {
     }
 
     pub(super) fn allocate(&mut self) -> Option<u32> {
-        if !self.filled {
-            self.filled = true;
-            let (start, used, max) = (self.next, &self.used, self.max);
-            self.free = (0..max)
-                .map(|i| (start + i) % max)
-                .filter(|id| !used.contains(id))
-                .collect();
+        while self.scanned < self.max {
+            let id =
+                ((u64::from(self.start) + u64::from(self.scanned)) % u64::from(self.max)) as u32;
+            self.scanned += 1;
+            if self.used.insert(id) {
+                return Some(id);
+            }
         }
-        let id = self.free.pop_front()?;
-        self.used.insert(id);
-        Some(id)
+        while let Some(id) = self.freed.pop_front() {
+            if self.used.insert(id) {
+                return Some(id);
+            }
+        }
+        None
     }
 
     pub(super) fn release(&mut self, id: u32) {
-        if self.used.remove(&id) && self.filled {
-            self.free.push_back(id);
+        if self.used.remove(&id) {
+            self.freed.push_back(id);
         }
     }
 }

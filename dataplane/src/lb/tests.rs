@@ -124,6 +124,25 @@ fn ids_are_reused_oldest_freed_first_and_run_out_cleanly() {
     );
 }
 
+/// A recovered id released before the scan of never-used ids reaches it
+/// is handed out once, not twice; in a pool of a million, never-used ids
+/// still come before freed ones.
+#[test]
+fn a_released_id_is_handed_out_once_and_never_used_ids_come_first() {
+    let mut pool = IdPool::with_used(4, [0, 2]);
+    pool.release(0);
+    let got: Vec<Option<u32>> = (0..5).map(|_| pool.allocate()).collect();
+    assert_eq!(got, [Some(3), Some(0), Some(1), None, None]);
+    let mut big = IdPool::with_used(1 << 20, []);
+    assert_eq!([big.allocate(), big.allocate()], [Some(0), Some(1)]);
+    big.release(0);
+    assert_eq!(
+        big.allocate(),
+        Some(2),
+        "never-used ids come before freed ones"
+    );
+}
+
 #[test]
 fn backend_ids_are_not_reused_immediately() {
     let mut maps = FakeMaps::default();
