@@ -485,5 +485,45 @@ fn a_pinned_map_of_another_layout_is_replaced_and_the_others_kept() {
     );
 }
 
+/// `--lb-backends`: the backend maps take the size asked for at load, a
+/// pinned map of another size starts afresh while the rest are kept, the
+/// recovered load balancer knows its capacity, and a size out of range is
+/// refused before anything loads.
+#[test]
+fn the_backend_maps_take_the_capacity_asked_at_load() {
+    let Some(_root) = require_root("packet::the_backend_maps_take_the_capacity_asked_at_load")
+    else {
+        return;
+    };
+    use aya::maps::{HashMap, MapData, MapInfo};
+    use dataplane_common::limits;
+    let pins = PinDir::new("mesh-capacity-pins");
+    let sizes = |dir: &std::path::Path| {
+        [maps::BACKENDS, maps::BACKEND_STATS]
+            .map(|m| MapInfo::from_pin(dir.join(m)).unwrap().max_entries())
+    };
+    {
+        let mut dp = Datapath::load_with(Some(&pins.0), 2048).expect("load with 2048");
+        assert_eq!(sizes(&pins.0), [2048, 2048]);
+        assert_eq!(dp.recover_lb().unwrap().backend_capacity(), 2048);
+        let mut nodes: HashMap<&mut MapData, [u32; 4], u32> =
+            HashMap::try_from(dp.ebpf_mut().map_mut(maps::NODE_ADDRS).unwrap()).unwrap();
+        nodes
+            .insert([7, 0, 0, 0], 1, 0)
+            .expect("insert a node address");
+    }
+    let mut dp = Datapath::load_with(Some(&pins.0), 4096).expect("reload with 4096");
+    assert_eq!(sizes(&pins.0), [4096, 4096], "resized maps start afresh");
+    assert_eq!(dp.recover_lb().unwrap().backend_capacity(), 4096);
+    let nodes: HashMap<&MapData, [u32; 4], u32> =
+        HashMap::try_from(dp.ebpf().map(maps::NODE_ADDRS).unwrap()).unwrap();
+    assert_eq!(nodes.get(&[7, 0, 0, 0], 0).ok(), Some(1), "other maps kept");
+    drop(dp);
+    for bad in [0, limits::BACKENDS_LIMIT + 1] {
+        let err = Datapath::load_with(None, bad).err().expect("out of range");
+        assert!(err.to_string().contains("between 1 and"), "{err}");
+    }
+}
+
 #[path = "packet/differential.rs"]
 mod differential;
