@@ -82,6 +82,9 @@ fn hint(errno: Option<i32>) -> String {
 /// and the next apply retries the rest.
 #[derive(Debug, thiserror::Error)]
 pub enum IpsecError {
+    /// Refused before anything was written.
+    #[error("invalid IPsec spec")]
+    InvalidSpec(#[from] super::spec::IpsecSpecError),
     #[error("opening an XFRM netlink socket: {0} (this kernel has no CONFIG_XFRM_USER)")]
     Socket(#[source] std::io::Error),
     #[error(transparent)]

@@ -37,7 +37,7 @@ mod xfrm;
 pub use error::{IpsecError, XfrmError, XfrmOp};
 pub use keys::{SentRecord, sa_secret, spi};
 pub use nft::{block_plaintext, remove_rules};
-pub use spec::{ENCRYPT_MARK, IpsecReport, IpsecSpec, REQID, SaKey};
+pub use spec::{ENCRYPT_MARK, IpsecReport, IpsecSpec, IpsecSpecError, REQID, SaKey};
 pub use xfrm::{Ipsec, probe};
 
 #[cfg(test)]

@@ -16,6 +16,20 @@ pub(super) const AEAD: &str = "rfc4106(gcm(aes))";
 
 pub(super) const NFT_TABLE: &str = "mesh_ipsec";
 
+/// Why an [`IpsecSpec`] was refused before anything was written.
+#[derive(Debug, thiserror::Error)]
+pub enum IpsecSpecError {
+    #[error(
+        "network key {id} has {len} bytes; AES-128-GCM with its salt needs {}",
+        model::ring::SECRET_LEN
+    )]
+    KeyLength { id: u32, len: usize },
+    #[error("the primary network key {0} is not in the key ring")]
+    NoPrimary(u32),
+    #[error("encrypted networks, and no underlay address of this node to protect them from")]
+    NoLocal,
+}
+
 /// What this node's IPsec should be.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IpsecSpec {
@@ -34,6 +48,31 @@ impl IpsecSpec {
     /// Nothing to protect and nothing to drop.
     pub fn is_empty(&self) -> bool {
         self.vnis.is_empty()
+    }
+
+    /// Whether the kernel can take this spec, checked before anything is
+    /// written: every key is AES-128-GCM's key and salt, the primary is
+    /// one of them, and a node with encrypted networks has its address.
+    pub fn validate(&self) -> Result<(), IpsecSpecError> {
+        if let Some((id, s)) = self
+            .keys
+            .iter()
+            .find(|(_, s)| s.len() != model::ring::SECRET_LEN)
+        {
+            return Err(IpsecSpecError::KeyLength {
+                id: *id,
+                len: s.len(),
+            });
+        }
+        if let Some(p) = self.primary
+            && !self.keys.contains_key(&p)
+        {
+            return Err(IpsecSpecError::NoPrimary(p));
+        }
+        if !self.vnis.is_empty() && self.local.is_none() {
+            return Err(IpsecSpecError::NoLocal);
+        }
+        Ok(())
     }
 
     /// This spec, still covering the VNIs and peers of `before` (applied

@@ -125,3 +125,47 @@ fn the_nft_table_marks_and_drops_exactly_the_encrypted_vnis() {
     assert!(r.contains(&format!("{ENCRYPT_MARK:#x}")));
     assert!(!nft_ruleset(&BTreeSet::new()).contains("chain"));
 }
+
+/// A spec the kernel would refuse halfway (a key of another length: the
+/// drop rules and some states written, then EINVAL) is refused whole, before
+/// any write; so is a primary that is not in the ring, and encrypted
+/// networks without this node's address.
+#[test]
+fn a_spec_the_kernel_would_refuse_halfway_is_refused_before_any_write() {
+    let good = IpsecSpec {
+        local: Some(Ipv4Addr::new(10, 0, 0, 1)),
+        peers: BTreeSet::from([Ipv4Addr::new(10, 0, 0, 2)]),
+        vnis: BTreeSet::from([4097]),
+        keys: BTreeMap::from([(1, vec![7u8; 20])]),
+        primary: Some(1),
+    };
+    good.validate().unwrap();
+    IpsecSpec::default().validate().unwrap();
+    let short = IpsecSpec {
+        keys: BTreeMap::from([(1, vec![7u8; 20]), (2, vec![7u8; 5])]),
+        ..good.clone()
+    };
+    let e = short.validate().unwrap_err().to_string();
+    assert!(e.contains("network key 2 has 5 bytes"), "{e}");
+    let huge = IpsecSpec {
+        keys: BTreeMap::from([(1, vec![7u8; 1 << 16])]),
+        ..good.clone()
+    };
+    assert!(huge.validate().is_err(), "would panic in HKDF's expand");
+    let orphan = IpsecSpec {
+        primary: Some(9),
+        ..good.clone()
+    };
+    assert!(
+        orphan
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("primary network key 9")
+    );
+    let nowhere = IpsecSpec {
+        local: None,
+        ..good
+    };
+    assert!(matches!(nowhere.validate(), Err(IpsecSpecError::NoLocal)));
+}

@@ -186,6 +186,7 @@ impl Ipsec {
         if self.applied.as_ref() == Some(spec) {
             return Ok(IpsecReport::default());
         }
+        spec.validate()?;
         let applied = self.write(spec)?;
         self.applied = Some(spec.clone());
         Ok(applied)

@@ -34,6 +34,11 @@ use crate::error::ApplyError;
 /// is handed and writing only the difference. [`crate::Dataplane`] is the
 /// real one; the tests use a fake that records the calls.
 pub(crate) trait Parts: Send {
+    /// Whether the parts can take what an update hands them, checked before
+    /// any of them is touched: a spec one part would refuse must not leave
+    /// the parts before it changed. (The load balancer's spec is built and
+    /// validated inside [`Parts::lb`], which writes nothing it refuses.)
+    fn validate(&self, ipsec: &IpsecSpec, overlay: &OverlayUpdate) -> Result<(), ApplyError>;
     /// The IPsec spec last handed to [`Parts::ipsec`].
     fn ipsec_applied(&self) -> &IpsecSpec;
     fn ipsec(&mut self, spec: IpsecSpec) -> Result<(), ApplyError>;
@@ -54,9 +59,20 @@ pub(crate) trait Parts: Send {
     ) -> impl Future<Output = Result<(), ApplyError>> + Send;
 }
 
-/// Steps 1 to 4 of an update, in order; the first failure stops the rest
-/// (so nothing is taken away while what replaces it is not in place).
-/// Returns the overlay's netlink changes, if it had any to make.
+/// The specs' own checks (what the kernel would refuse partway): the IPsec
+/// spec's keys, and a whole overlay's table.
+pub(crate) fn validate_specs(ipsec: &IpsecSpec, overlay: &OverlayUpdate) -> Result<(), ApplyError> {
+    ipsec.validate().map_err(|e| ApplyError::Ipsec(e.into()))?;
+    if let OverlayUpdate::Whole(spec) = overlay {
+        spec.validate()?;
+    }
+    Ok(())
+}
+
+/// Steps 1 to 4 of an update, in order, after every part validated what it
+/// is handed; the first failure stops the rest (so nothing is taken away
+/// while what replaces it is not in place). Returns the overlay's netlink
+/// changes, if it had any to make.
 pub(crate) async fn apply_in_order<P: Parts>(
     parts: &mut P,
     view: &mut NodeView,
@@ -67,8 +83,10 @@ pub(crate) async fn apply_in_order<P: Parts>(
 ) -> Result<Option<u64>, ApplyError> {
     let exact = dataplane::tables::ipsec_spec(tables, node, underlay);
     let widened = exact.widened(parts.ipsec_applied());
-    parts.ipsec(widened)?;
     let overlay = view.overlay(tables, update);
+    parts.validate(&widened, &overlay)?;
+    parts.validate(&exact, &OverlayUpdate::Unchanged)?;
+    parts.ipsec(widened)?;
     let whole = matches!(overlay, OverlayUpdate::Whole(_));
     let changes = match overlay {
         OverlayUpdate::Unchanged => None,

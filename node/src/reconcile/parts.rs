@@ -12,6 +12,10 @@ use super::Parts;
 use crate::{Dataplane, error::ApplyError};
 
 impl Parts for Dataplane {
+    fn validate(&self, ipsec: &IpsecSpec, overlay: &OverlayUpdate) -> Result<(), ApplyError> {
+        super::validate_specs(ipsec, overlay)
+    }
+
     fn ipsec_applied(&self) -> &IpsecSpec {
         &self.ipsec_spec
     }

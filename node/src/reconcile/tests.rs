@@ -40,6 +40,9 @@ struct Fake {
 }
 
 impl Parts for Fake {
+    fn validate(&self, ipsec: &IpsecSpec, overlay: &OverlayUpdate) -> Result<(), ApplyError> {
+        super::validate_specs(ipsec, overlay)
+    }
     fn ipsec_applied(&self) -> &IpsecSpec {
         &self.applied
     }
@@ -192,5 +195,35 @@ async fn a_failed_overlay_stops_the_update_before_anything_is_taken_away() {
     assert_eq!(
         fake.applied.peers.iter().copied().collect::<Vec<_>>(),
         [PEER]
+    );
+}
+
+/// A key ring the kernel would refuse (a 5-byte key) stops the update
+/// before any part is touched: not even the widened IPsec goes in.
+#[tokio::test]
+async fn a_spec_a_part_would_refuse_touches_no_part() {
+    let mut fake = Fake::default();
+    let mut view = NodeView::new("me", ME);
+    apply(&mut fake, &mut view, &tables(1, true)).await.unwrap();
+    fake.calls.clear();
+    let mut bad = tables(2, true);
+    bad.entries.insert(
+        Key::NetworkKeys,
+        Value::NetworkKeys(NetworkKeysEntry {
+            keys: vec![NetworkKey {
+                id: 2,
+                secret: vec![7; 5],
+                created_ms: 0,
+            }],
+            primary: 2,
+        }),
+    );
+    let err = apply(&mut fake, &mut view, &bad).await.unwrap_err();
+    assert!(format!("{err:?}").contains("KeyLength"), "{err:?}");
+    assert_eq!(fake.calls, [], "nothing touched");
+    assert_eq!(
+        fake.applied.peers.iter().copied().collect::<Vec<_>>(),
+        [PEER],
+        "the applied IPsec stays"
     );
 }
