@@ -414,7 +414,10 @@ fn task_log(nodes: &[Node<'_>], m: &Node<'_>, service: &str) -> Option<String> {
             .ok()?,
     )
     .ok()?;
-    let t = ps.as_array()?.iter().find(|t| t["observed"] == "running")?;
+    let t = ps
+        .as_array()?
+        .iter()
+        .find(|t| t["desired"] == "running" && t["observed"] == "running")?;
     let node = nodes
         .iter()
         .find(|n| n.host.label() == t["node_hostname"])?;

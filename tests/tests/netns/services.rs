@@ -375,15 +375,17 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
             label(i)
         );
     }
+    // Tasks meant to run, not a stopping one that still runs while it
+    // drains (its namespace goes when it ends).
     let api_addrs: BTreeSet<String> = tasks(m, "api")
         .iter()
-        .filter(|t| t["observed"] == "running")
+        .filter(|t| t["desired"] == "running" && t["observed"] == "running")
         .flat_map(|t| t["attachments"].as_array().cloned().unwrap_or_default())
         .filter_map(|a| a["addr"].as_str().map(str::to_owned))
         .collect();
     let web_task = tasks(m, "web")
         .into_iter()
-        .find(|t| t["observed"] == "running")
+        .find(|t| t["desired"] == "running" && t["observed"] == "running")
         .expect("a running web task");
     let netns = web_task["netns"].as_str().expect("netns").to_owned();
     let ns_name = netns.trim_start_matches("/run/netns/").to_owned();
