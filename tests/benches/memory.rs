@@ -43,6 +43,20 @@ fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// What section (g) measured (bytes, and where the agent got to).
+struct Measured {
+    empty: u64,
+    loaded_manager: u64,
+    loaded_both: u64,
+    state_bytes: usize,
+    table_bytes: usize,
+    catch_up: Option<Duration>,
+    reached: u64,
+    revision: u64,
+    /// The sink's last apply error, if the agent did not catch up.
+    failed: Option<String>,
+}
+
 /// (g) Resident memory per endpoint: one manager and one agent (the real
 /// agent, its replica, overlay view, DNS zone and load-balancer view, the
 /// map writes left out as the kernel keeps them) at 100,000 endpoints,
@@ -59,7 +73,7 @@ pub fn memory_per_endpoint(md: &mut String) {
         .enable_all()
         .build()
         .unwrap();
-    let (
+    let Measured {
         empty,
         loaded_manager,
         loaded_both,
@@ -69,7 +83,7 @@ pub fn memory_per_endpoint(md: &mut String) {
         reached,
         revision,
         failed,
-    ) = rt.block_on(async {
+    } = rt.block_on(async {
         let at = super::control_bench::addresses(3);
         // The manager's own node runs no agent: it must not go down
         // (and take its tasks' endpoints along) while the table loads.
@@ -150,7 +164,7 @@ pub fn memory_per_endpoint(md: &mut String) {
         agents.stop().await;
         drop(ctxs);
         manager.stop().await;
-        (
+        Measured {
             empty,
             loaded_manager,
             loaded_both,
@@ -159,8 +173,8 @@ pub fn memory_per_endpoint(md: &mut String) {
             catch_up,
             reached,
             revision,
-            stats.failed.lock().unwrap().take(),
-        )
+            failed: stats.failed.lock().unwrap().take(),
+        }
     });
     let _ = std::fs::remove_dir_all(&base);
     let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / total as f64;
