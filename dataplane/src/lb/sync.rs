@@ -86,8 +86,8 @@ pub(super) struct IdPool {
     /// Where the scan of never-used ids started, and how far it got.
     start: u32,
     scanned: u32,
-    /// Released ids, oldest first (an entry may be stale: taken again by
-    /// the scan since; skipped then).
+    /// Released ids the scan has passed, oldest first (one the scan has not
+    /// reached yet is found by it).
     freed: VecDeque<u32>,
 }
 
@@ -127,7 +127,12 @@ impl IdPool {
     }
 
     pub(super) fn release(&mut self, id: u32) {
-        if self.used.remove(&id) {
+        if !self.used.remove(&id) {
+            return;
+        }
+        let offset = (u64::from(id) + u64::from(self.max) - u64::from(self.start))
+            % u64::from(self.max.max(1));
+        if offset < u64::from(self.scanned) {
             self.freed.push_back(id);
         }
     }
