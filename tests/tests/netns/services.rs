@@ -59,12 +59,19 @@ fn tasks(manager: &Node<'_>, service: &str) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
-/// (task name, node hostname) of each running task of `service` that is
-/// meant to run.
-fn running(manager: &Node<'_>, service: &str) -> BTreeSet<(String, String)> {
+/// The running tasks of `service` that are meant to run: not a stopping
+/// one that still runs while it drains (its namespace goes when it ends).
+fn live_tasks(manager: &Node<'_>, service: &str) -> Vec<serde_json::Value> {
     tasks(manager, service)
-        .iter()
+        .into_iter()
         .filter(|t| t["desired"] == "running" && t["observed"] == "running")
+        .collect()
+}
+
+/// (task name, node hostname) of each of [`live_tasks`].
+fn running(manager: &Node<'_>, service: &str) -> BTreeSet<(String, String)> {
+    live_tasks(manager, service)
+        .iter()
         .map(|t| {
             (
                 t["name"].as_str().unwrap_or_default().to_owned(),
@@ -375,17 +382,14 @@ fn services_are_placed_restarted_updated_and_served_by_the_mesh() {
             label(i)
         );
     }
-    // Tasks meant to run, not a stopping one that still runs while it
-    // drains (its namespace goes when it ends).
-    let api_addrs: BTreeSet<String> = tasks(m, "api")
+    let api_addrs: BTreeSet<String> = live_tasks(m, "api")
         .iter()
-        .filter(|t| t["desired"] == "running" && t["observed"] == "running")
         .flat_map(|t| t["attachments"].as_array().cloned().unwrap_or_default())
         .filter_map(|a| a["addr"].as_str().map(str::to_owned))
         .collect();
-    let web_task = tasks(m, "web")
+    let web_task = live_tasks(m, "web")
         .into_iter()
-        .find(|t| t["desired"] == "running" && t["observed"] == "running")
+        .next()
         .expect("a running web task");
     let netns = web_task["netns"].as_str().expect("netns").to_owned();
     let ns_name = netns.trim_start_matches("/run/netns/").to_owned();

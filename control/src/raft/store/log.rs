@@ -164,13 +164,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             .range(range.clone())
             .map(|(i, e)| (*i, e.clone()))
             .collect();
-        let tx = self
-            .db
-            .begin_read()
-            .map_err(|e| StorageIOError::read_logs(any(e)))?;
-        let table = tx
-            .open_table(LOG)
-            .map_err(|e| StorageIOError::read_logs(any(e)))?;
+        let table = self.log_table()?;
         let mut out = BTreeMap::new();
         for item in table
             .range(range.clone())
@@ -188,6 +182,19 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 }
 
+impl LogStore {
+    /// The log as last committed to disk, for reading.
+    fn log_table(&self) -> Result<redb::ReadOnlyTable<u64, &'static [u8]>, StoreError> {
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| StorageIOError::read_logs(any(e)))?;
+        Ok(tx
+            .open_table(LOG)
+            .map_err(|e| StorageIOError::read_logs(any(e)))?)
+    }
+}
+
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
@@ -200,13 +207,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .last_key_value()
             .map(|(_, e)| e.log_id);
         let last_purged: Option<LogId<NodeId>> = meta_get(&self.db, &self.key, PURGED)?;
-        let tx = self
-            .db
-            .begin_read()
-            .map_err(|e| StorageIOError::read_logs(any(e)))?;
-        let table = tx
-            .open_table(LOG)
-            .map_err(|e| StorageIOError::read_logs(any(e)))?;
+        let table = self.log_table()?;
         let last = match table
             .last()
             .map_err(|e| StorageIOError::read_logs(any(e)))?
