@@ -88,6 +88,11 @@ pub struct CertCheck {
     seen: std::sync::Mutex<std::collections::HashMap<[u8; 32], i64>>,
 }
 
+/// A client certificate this cluster does not accept, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("client certificate refused")]
+pub struct Refused(#[source] pub mtls::CertError);
+
 /// How many accepted certificates are remembered (32 bytes + 8 each).
 const SEEN_MAX: usize = 4096;
 
@@ -100,7 +105,7 @@ impl CertCheck {
     }
 
     /// Ok for a certificate of this cluster, valid now; else why not.
-    pub fn check(&self, der: &[u8]) -> Result<(), String> {
+    pub fn check(&self, der: &[u8]) -> Result<(), Refused> {
         let now = crate::ca::pki::now();
         let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, der)
             .as_ref()
@@ -112,7 +117,7 @@ impl CertCheck {
         }
         let not_after = crate::ca::pki::identity_der(der, &self.ca_der, now)
             .map(|id| id.not_after)
-            .map_err(|e| format!("client certificate refused: {e}"))?;
+            .map_err(Refused)?;
         let mut seen = self.seen.lock().expect("seen lock");
         if seen.len() >= SEEN_MAX {
             seen.clear();
@@ -126,7 +131,7 @@ impl CertCheck {
     fn verdict(
         &self,
         certs: Option<&[rustls::pki_types::CertificateDer<'_>]>,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, Refused> {
         match certs.and_then(|c| c.first()) {
             None => Ok(false),
             Some(c) => self.check(c.as_ref()).map(|()| true),
@@ -255,7 +260,7 @@ pub struct Gated<S> {
 
 /// Whether the request came with a client certificate of this cluster
 /// (Ok(false): none; Err: one that is refused, and why).
-fn authenticated<B>(certs: &CertCheck, req: &http::Request<B>) -> Result<bool, String> {
+fn authenticated<B>(certs: &CertCheck, req: &http::Request<B>) -> Result<bool, Refused> {
     let peer = req
         .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
@@ -282,7 +287,7 @@ where
         }
         // The body is dropped unread: h2 resets the stream.
         let status = match verdict {
-            Err(why) => tonic::Status::unauthenticated(why),
+            Err(why) => tonic::Status::unauthenticated(mtls::client::chain(&why)),
             Ok(_) => tonic::Status::unauthenticated(
                 "no client certificate: this call needs a mesh node certificate \
                  (meshctl on a manager uses the one in its data dir; elsewhere pass --cert and --key)",
@@ -314,7 +319,7 @@ mod tests {
             let mut junk = vec![0x30u8; 1024];
             junk.extend_from_slice(&i.to_be_bytes());
             assert!(check.check(&junk).is_err());
-            let e = check.check(&foreign).unwrap_err();
+            let e = mtls::client::chain(&check.check(&foreign).unwrap_err());
             assert!(e.contains("not signed by this cluster's CA"), "{e}");
         }
         assert_eq!(check.seen.lock().unwrap().len(), 0);

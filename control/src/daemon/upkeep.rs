@@ -25,6 +25,31 @@ use crate::{
 /// How often a node checks its standing (role, certificate, membership).
 pub const UPKEEP_PERIOD: Duration = Duration::from_secs(2);
 
+/// Why one upkeep check failed: which step, with its cause kept.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum UpkeepError {
+    #[error("{addr} answered an invalid record of this node: {reason}")]
+    BadWhoami { addr: String, reason: String },
+    #[error("asking {addr} about this node: {status}")]
+    Whoami { addr: String, status: String },
+    #[error("reading this node's own certificate")]
+    OwnCert(#[source] mtls::CertError),
+    #[error("making a key and CSR for renewal")]
+    Csr(#[source] pki::PkiError),
+    #[error("renewing the certificate: {0}")]
+    Renew(String),
+    #[error("installing the renewed certificate")]
+    Install(#[source] tls::TlsError),
+    #[error("this node's data keys")]
+    Keys(#[source] crate::raft::seal::SealError),
+    #[error("node id {0:?} maps to no Raft id")]
+    BadNodeId(String),
+    #[error("starting Raft after promotion")]
+    Start(#[source] crate::raft::manager::StartError),
+    #[error("joining the Raft voters: {0}")]
+    AddVoter(String),
+}
+
 pub(super) struct Upkeep {
     pub(super) ctx: Arc<Ctx>,
     pub(super) dir: PathBuf,
@@ -72,6 +97,7 @@ impl Upkeep {
         match self.check().await {
             Ok(()) => self.failures = 0,
             Err(e) => {
+                let e = mtls::client::chain(&e);
                 // One manager restarting or catching up is routine; say so
                 // only when it goes on.
                 self.failures += 1;
@@ -85,21 +111,24 @@ impl Upkeep {
         }
     }
 
-    async fn check(&mut self) -> Result<(), String> {
+    async fn check(&mut self) -> Result<(), UpkeepError> {
         let Some((addr, channel)) = self.channel() else {
             return Ok(());
         };
         let who: Whoami = match MemberClient::new(channel.clone()).whoami(Empty {}).await {
             Ok(r) => Whoami::try_from(r.into_inner())
-                .map_err(|e| format!("{addr} answered an invalid record of this node: {e}"))?,
+                .map_err(|e| UpkeepError::BadWhoami {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?,
             Err(s) => {
                 if crate::grpc::is_removal(&s) {
                     self.ctx.removed.send_replace(Some(status_text(&s)));
                 }
-                return Err(format!(
-                    "asking {addr} about this node: {}",
-                    status_text(&s)
-                ));
+                return Err(UpkeepError::Whoami {
+                    addr,
+                    status: status_text(&s),
+                });
             }
         };
         if who.managers != self.file.managers && !who.managers.is_empty() {
@@ -108,7 +137,7 @@ impl Upkeep {
             let _ = self.file.save(&self.dir);
         }
         let creds = self.ctx.creds.read().expect("creds lock").clone();
-        let me = pki::identity(&creds.cert, &creds.ca, pki::now()).map_err(|e| e.to_string())?;
+        let me = pki::identity(&creds.cert, &creds.ca, pki::now()).map_err(UpkeepError::OwnCert)?;
         let lifetime = Duration::from_secs((me.not_after - pki::now()).max(0) as u64);
         let role_changed = me.role != who.node.spec.role;
         // The cluster's setting, as the managers report it (workers have
@@ -127,11 +156,12 @@ impl Upkeep {
             (Role::Manager, None) => {
                 // Keys only where none exist: never overwrite a data key.
                 let keys = if self.dir.join("keys").exists() {
-                    DataKeys::load(&self.dir, None).map_err(|e| e.to_string())?
+                    DataKeys::load(&self.dir, None).map_err(UpkeepError::Keys)?
                 } else {
-                    DataKeys::create(&self.dir, false).map_err(|e| e.to_string())?
+                    DataKeys::create(&self.dir, false).map_err(UpkeepError::Keys)?
                 };
-                let id = raft_id(&self.file.node_id).ok_or("bad node id")?;
+                let id = raft_id(&self.file.node_id)
+                    .ok_or_else(|| UpkeepError::BadNodeId(self.file.node_id.clone()))?;
                 let m = start_manager(
                     id,
                     &self.dir,
@@ -140,7 +170,7 @@ impl Upkeep {
                     &self.ctx.manager_config,
                 )
                 .await
-                .map_err(|e| mtls::client::chain(&e))?;
+                .map_err(UpkeepError::Start)?;
                 *self.ctx.manager.write().expect("manager lock") = Some(m);
                 tracing::info!("promoted: Raft started");
             }
@@ -172,27 +202,27 @@ impl Upkeep {
                         api_addr: self.file.api_addr.clone(),
                     })
                     .await
-                    .map_err(|s| format!("joining the Raft voters: {}", status_text(&s)))?;
+                    .map_err(|s| UpkeepError::AddVoter(status_text(&s)))?;
                 tracing::info!("added to the Raft voters");
             }
         }
         Ok(())
     }
 
-    async fn renew(&mut self, channel: tonic::transport::Channel) -> Result<(), String> {
-        let (key, csr) = pki::node_key_and_csr().map_err(|e| e.to_string())?;
+    async fn renew(&mut self, channel: tonic::transport::Channel) -> Result<(), UpkeepError> {
+        let (key, csr) = pki::node_key_and_csr().map_err(UpkeepError::Csr)?;
         let reply = MemberClient::new(channel)
             .renew(RenewRequest { csr })
             .await
-            .map_err(|s| format!("renewing the certificate: {}", status_text(&s)))?
+            .map_err(|s| UpkeepError::Renew(status_text(&s)))?
             .into_inner();
         let mut creds = self.ctx.creds.read().expect("creds lock").clone();
         creds.cert = reply.cert;
         creds.key = key;
         creds
             .save(&certs_dir(&self.dir))
-            .map_err(|e| e.to_string())?;
-        self.tls.cert.set(&creds).map_err(|e| e.to_string())?;
+            .map_err(UpkeepError::Install)?;
+        self.tls.cert.set(&creds).map_err(UpkeepError::Install)?;
         *self.ctx.creds.write().expect("creds lock") = creds;
         if let Some(m) = self.ctx.manager.read().expect("manager lock").as_ref() {
             m.peers.reset();
