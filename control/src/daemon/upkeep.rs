@@ -116,11 +116,10 @@ impl Upkeep {
             return Ok(());
         };
         let who: Whoami = match MemberClient::new(channel.clone()).whoami(Empty {}).await {
-            Ok(r) => Whoami::try_from(r.into_inner())
-                .map_err(|e| UpkeepError::BadWhoami {
-                    addr: addr.clone(),
-                    reason: e.to_string(),
-                })?,
+            Ok(r) => Whoami::try_from(r.into_inner()).map_err(|e| UpkeepError::BadWhoami {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?,
             Err(s) => {
                 if crate::grpc::is_removal(&s) {
                     self.ctx.removed.send_replace(Some(status_text(&s)));
