@@ -34,6 +34,12 @@ pub use model::tables::*;
 /// behind gets a snapshot.
 pub const HISTORY: usize = 4096;
 
+/// Changes (entries set or removed) the kept deltas may hold in all. A
+/// bulk load makes deltas of hundreds of changes each, and 4096 of them
+/// would be a second copy of the table: past this, an agent that far
+/// behind is sent the table itself, which costs it no more.
+pub const HISTORY_CHANGES: usize = 16_384;
+
 /// The node address of a task that has an endpoint: it is meant to run, or
 /// it was told to stop and still runs (draining: no new flows, open ones
 /// finish), on a node that is up.
@@ -283,6 +289,10 @@ pub struct Book {
     /// The revision the history starts after.
     base: Revision,
     history: VecDeque<Arc<Delta>>,
+    /// The changes in `history`, summed.
+    history_changes: usize,
+    /// At most this many deltas and changes are kept.
+    limits: (usize, usize),
 }
 
 /// What an agent at some revision needs.
@@ -304,7 +314,16 @@ impl Book {
             tables: derive(state, revision),
             base: revision,
             history: VecDeque::new(),
+            history_changes: 0,
+            limits: (HISTORY, HISTORY_CHANGES),
         }
+    }
+
+    /// The same book keeping at most `deltas` deltas and `changes` changes
+    /// in its history (by default [`HISTORY`] and [`HISTORY_CHANGES`]).
+    pub fn with_history_limits(mut self, deltas: usize, changes: usize) -> Book {
+        self.limits = (deltas, changes);
+        self
     }
 
     pub fn revision(&self) -> Revision {
@@ -345,12 +364,18 @@ impl Book {
         }
         self.tables.revision = revision;
         let delta = Arc::new(Delta { revision, changes });
-        if self.history.len() == HISTORY
-            && let Some(old) = self.history.pop_front()
-        {
+        self.history_changes += delta.changes.len();
+        self.history.push_back(delta.clone());
+        // The oldest go first; an agent behind what is left gets the
+        // table. A delta bigger than the whole bound is not kept at all.
+        let (max_deltas, max_changes) = self.limits;
+        while self.history.len() > max_deltas || self.history_changes > max_changes {
+            let Some(old) = self.history.pop_front() else {
+                break;
+            };
+            self.history_changes -= old.changes.len();
             self.base = old.revision;
         }
-        self.history.push_back(delta.clone());
         Some(delta)
     }
 
@@ -626,6 +651,58 @@ mod tests {
         match rebuilt.since(mid) {
             Catchup::Snapshot(t) => assert_eq!(t.entries, book.tables().entries),
             other => panic!("expected a snapshot, got {other:?}"),
+        }
+    }
+
+    /// The history is bounded by the changes it holds as well as by the
+    /// deltas: a bulk load does not keep a second copy of the table.
+    #[test]
+    fn history_keeps_at_most_its_changes_and_older_agents_get_the_table() {
+        let cmds = script();
+        let (_, full, deltas) = run(&cmds);
+        // Replayed into a book that keeps at most 4 changes.
+        let mut state = State::default();
+        let mut book = Book::new(&state, 0).with_history_limits(HISTORY, 4);
+        for (i, cmd) in cmds.iter().enumerate() {
+            let touched = Touched::before(&state, cmd);
+            if state.apply(cmd).is_ok() {
+                book.update(&state, touched, i as u64 + 1);
+            }
+            assert!(book.history_changes <= 4, "after {cmd:?}");
+            assert_eq!(
+                book.history_changes,
+                book.history.iter().map(|d| d.changes.len()).sum::<usize>()
+            );
+        }
+        assert_eq!(book.tables().entries, full.tables().entries);
+        // The newest deltas that fit are still sent as deltas...
+        let last = deltas.last().unwrap();
+        let before_last = deltas[deltas.len() - 2].revision;
+        assert!(last.changes.len() <= 4, "the script ends in a small delta");
+        match book.since(before_last) {
+            Catchup::Deltas(ds) => assert_eq!(ds, vec![last.clone()]),
+            other => panic!("expected the last delta, got {other:?}"),
+        }
+        // ...and an agent from before the kept ones gets the whole table.
+        match book.since(deltas[0].revision) {
+            Catchup::Snapshot(t) => assert_eq!(t.entries, full.tables().entries),
+            other => panic!("expected a snapshot, got {other:?}"),
+        }
+        // One delta bigger than the bound is not kept: behind it, the table.
+        let big = deltas.iter().max_by_key(|d| d.changes.len()).unwrap();
+        assert!(big.changes.len() > 1, "the script has a multi-change delta");
+        let mut state = State::default();
+        let mut book = Book::new(&state, 0).with_history_limits(HISTORY, 1);
+        for (i, cmd) in cmds.iter().enumerate() {
+            let touched = Touched::before(&state, cmd);
+            if state.apply(cmd).is_ok() {
+                book.update(&state, touched, i as u64 + 1);
+            }
+            if i as u64 + 1 == big.revision {
+                assert!(book.history.is_empty());
+                assert!(matches!(book.since(big.revision - 1), Catchup::Snapshot(_)));
+                assert!(matches!(book.since(big.revision), Catchup::UpToDate));
+            }
         }
     }
 }

@@ -94,7 +94,7 @@ pub(crate) async fn converge_tasks(
             .collect();
         let running = live
             .iter()
-            .filter(|t| t.task.observed == TaskState::Running && t.task.spec == s.spec.task)
+            .filter(|t| t.task.observed == TaskState::Running && *t.task.spec == s.spec.task)
             .count();
         let desired = match s.spec.mode {
             ServiceMode::Replicated { replicas } => replicas as usize,

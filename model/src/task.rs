@@ -1,6 +1,6 @@
 //! Tasks: one slot of a service on one node, its states and attachments.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
@@ -65,9 +65,10 @@ pub struct Task {
     pub attached: bool,
     /// The service's task template when this task was created: what the
     /// node runs. A task whose template differs from its service's is out
-    /// of date, and a rolling update replaces it.
+    /// of date, and a rolling update replaces it. Shared: the tasks made
+    /// from one template hold one copy (the state interns it).
     #[serde(default)]
-    pub spec: TaskTemplate,
+    pub spec: Arc<TaskTemplate>,
 }
 
 impl Task {

@@ -43,7 +43,7 @@ pub(super) fn rolling_update(r: &mut Rollout<'_, '_>, new_id: &mut impl FnMut() 
         &svc.spec.update
     };
     let current = &svc.spec.task;
-    let ours = |t: &&&Task| t.seq > r.status.from_seq && t.spec == *current;
+    let ours = |t: &&&Task| t.seq > r.status.from_seq && *t.spec == *current;
     let newest = |key: &(u32, &str)| r.slots.get(key).and_then(|ts| ts.first()).copied();
     // Failures: a task of this update that ended by itself.
     let failed = r
@@ -106,7 +106,7 @@ pub(super) fn rolling_update(r: &mut Rollout<'_, '_>, new_id: &mut impl FnMut() 
     let outdated: Vec<(u32, &str)> = r
         .filled
         .iter()
-        .filter(|key| newest(key).is_some_and(|t| t.live() && t.spec != *current))
+        .filter(|key| newest(key).is_some_and(|t| t.live() && *t.spec != *current))
         .copied()
         .collect();
     if outdated.is_empty() && busy == 0 {

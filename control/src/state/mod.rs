@@ -13,6 +13,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -216,8 +217,12 @@ struct Allocations {
     /// with many services.
     service_names: BTreeMap<String, String>,
     /// A slot's tasks by `seq` (the last is the newest): a new task finds
-    /// its slot's previous one in O(log n).
-    slots: BTreeMap<SlotKey, BTreeMap<u64, String>>,
+    /// its slot's previous one in O(log n). One flat map, not a map per
+    /// slot: most slots hold one task, and a map's first node costs ~400 B.
+    slots: BTreeMap<(SlotKey, u64), String>,
+    /// Service id -> its current task template, the one copy its new
+    /// tasks share.
+    templates: BTreeMap<String, Arc<TaskTemplate>>,
     /// Node id -> its tasks' ids: what the dispatcher assigns a node,
     /// found without a scan of every task.
     by_node: BTreeMap<String, BTreeSet<String>>,
@@ -229,6 +234,29 @@ struct Allocations {
 
 /// (service id, slot, node id for a global service's slot 0, else "").
 type SlotKey = (String, u32, String);
+
+impl Allocations {
+    /// The id of the newest task of slot `key`.
+    fn newest_of_slot(&self, key: &SlotKey) -> Option<&String> {
+        self.slots
+            .range((key.clone(), 0)..=(key.clone(), u64::MAX))
+            .next_back()
+            .map(|(_, id)| id)
+    }
+
+    /// `current`, service `service`'s task template, as the one shared
+    /// copy its tasks hold (made anew when the template changed).
+    fn template(&mut self, service: &str, current: &TaskTemplate) -> Arc<TaskTemplate> {
+        match self.templates.get(service) {
+            Some(t) if **t == *current => t.clone(),
+            _ => {
+                let t = Arc::new(current.clone());
+                self.templates.insert(service.to_owned(), t.clone());
+                t
+            }
+        }
+    }
+}
 
 fn slot_key(t: &Task) -> SlotKey {
     let (slot, node) = t.slot();
@@ -387,10 +415,9 @@ impl State {
         let from: SlotKey = (id.to_owned(), 0, String::new());
         self.alloc
             .slots
-            .range(from..)
-            .take_while(move |(k, _)| k.0 == id)
-            .flat_map(|(_, tasks)| tasks.values())
-            .filter_map(|t| self.tasks.get(t))
+            .range((from, 0)..)
+            .take_while(move |((k, _), _)| k.0 == id)
+            .filter_map(|(_, t)| self.tasks.get(t))
     }
 
     /// The tasks recorded on `node`, in id order.
@@ -437,17 +464,20 @@ impl State {
                     .reserve(&p.protocol.to_string(), port, &s.spec.name)?;
             }
         }
-        for t in self.tasks.values() {
+        for t in self.tasks.values_mut() {
+            // Decoded, every task has its own copy of its template: tasks
+            // of a service's current template share its one again.
+            if let Some(s) = self.services.get(&t.service)
+                && *t.spec == s.spec.task
+            {
+                t.spec = alloc.template(&s.id, &s.spec.task);
+            }
             for a in &t.attachments {
                 if let Some(pool) = alloc.addresses.get_mut(&a.network) {
                     pool.reserve(a.addr)?;
                 }
             }
-            alloc
-                .slots
-                .entry(slot_key(t))
-                .or_default()
-                .insert(t.seq, t.id.clone());
+            alloc.slots.insert((slot_key(t), t.seq), t.id.clone());
             alloc
                 .by_node
                 .entry(t.node.clone())

@@ -370,6 +370,7 @@ impl State {
         self.release_endpoint(&old, None);
         self.services.remove(&old.id);
         self.alloc.service_names.remove(&old.spec.name);
+        self.alloc.templates.remove(&old.id);
         Ok(Outcome::Done)
     }
 }

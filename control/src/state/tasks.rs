@@ -15,21 +15,29 @@ impl State {
         if self.tasks.contains_key(id) {
             return Err(invalid(format!("task id {id} is already in use")));
         }
-        let svc = self
-            .service_by_ref(service)
-            .cloned()
-            .ok_or_else(|| StateError::NotFound {
-                kind: "service",
-                name: service.to_owned(),
-            })?;
-        let node = self
-            .nodes
-            .get(node)
-            .cloned()
-            .ok_or_else(|| StateError::NotFound {
+        // What the task needs of its service and node, not copies of them.
+        let (svc_id, networks) = {
+            let svc = self
+                .service_by_ref(service)
+                .ok_or_else(|| StateError::NotFound {
+                    kind: "service",
+                    name: service.to_owned(),
+                })?;
+            (svc.id.clone(), self.network_ids_of(svc))
+        };
+        let Some((node_id, node_nets)) = self.nodes.get(node).map(|n| {
+            let on: BTreeSet<String> = networks
+                .iter()
+                .filter(|net| n.lb_addrs.contains_key(*net))
+                .cloned()
+                .collect();
+            (n.id.clone(), on)
+        }) else {
+            return Err(StateError::NotFound {
                 kind: "node",
                 name: node.to_owned(),
-            })?;
+            });
+        };
         let mut attachments = Vec::new();
         let mut node_lbs: Vec<(String, Ipv4Addr)> = Vec::new();
         let give_back =
@@ -41,9 +49,9 @@ impl State {
                     }
                 }
             };
-        for net in self.network_ids_of(&svc) {
+        for net in networks {
             let pool = self.alloc.addresses.get_mut(&net).expect("indexed");
-            if !node.lb_addrs.contains_key(&net) {
+            if !node_nets.contains(&net) {
                 match pool.allocate() {
                     Ok(addr) => node_lbs.push((net.clone(), addr)),
                     Err(e) => {
@@ -67,25 +75,23 @@ impl State {
                 }
             }
         }
-        if let Some(n) = self.nodes.get_mut(&node.id) {
+        if let Some(n) = self.nodes.get_mut(&node_id) {
             n.lb_addrs.extend(node_lbs);
         }
         // The slot's previous task (a global service's slot is its node).
         let key: SlotKey = (
-            svc.id.clone(),
+            svc_id.clone(),
             slot,
             if slot == 0 {
-                node.id.clone()
+                node_id.clone()
             } else {
                 String::new()
             },
         );
         let previous = self
             .alloc
-            .slots
-            .get(&key)
-            .and_then(|s| s.last_key_value())
-            .and_then(|(_, id)| self.tasks.get(id));
+            .newest_of_slot(&key)
+            .and_then(|id| self.tasks.get(id));
         let attempt = previous.map_or(0, |p| {
             if p.ended_by_itself() {
                 p.attempt + 1
@@ -95,11 +101,15 @@ impl State {
         });
         self.task_seq += 1;
         let attached = netns.is_some();
+        let spec = {
+            let current = &self.services[&svc_id].spec.task;
+            self.alloc.template(&svc_id, current)
+        };
         let task = Task {
             id: id.to_owned(),
-            service: svc.id,
+            service: svc_id,
             slot,
-            node: node.id,
+            node: node_id,
             desired: TaskState::Running,
             observed: TaskState::New,
             attachments,
@@ -110,13 +120,9 @@ impl State {
             attempt,
             since_ms: 0,
             attached,
-            spec: svc.spec.task.clone(),
+            spec,
         };
-        self.alloc
-            .slots
-            .entry(key)
-            .or_default()
-            .insert(task.seq, task.id.clone());
+        self.alloc.slots.insert((key, task.seq), task.id.clone());
         self.alloc
             .by_node
             .entry(task.node.clone())
@@ -241,12 +247,7 @@ impl State {
             }
         }
         let key = slot_key(&task);
-        if let Some(s) = self.alloc.slots.get_mut(&key) {
-            s.remove(&task.seq);
-            if s.is_empty() {
-                self.alloc.slots.remove(&key);
-            }
-        }
+        self.alloc.slots.remove(&(key, task.seq));
         Ok(Outcome::Done)
     }
 }

@@ -209,7 +209,7 @@ impl From<Task> for pb::Task {
             attempt: t.attempt,
             since_ms: t.since_ms,
             attached: t.attached,
-            spec: Some(t.spec.into()),
+            spec: Some(std::sync::Arc::unwrap_or_clone(t.spec).into()),
         }
     }
 }
@@ -232,7 +232,7 @@ impl TryFrom<pb::Task> for Task {
             attempt: t.attempt,
             since_ms: t.since_ms,
             attached: t.attached,
-            spec: nested(t.spec, "spec")?,
+            spec: std::sync::Arc::new(nested(t.spec, "spec")?),
         })
     }
 }

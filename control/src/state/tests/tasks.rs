@@ -104,3 +104,62 @@ fn task_reports_are_bounded() {
         .unwrap_err();
     assert!(err.to_string().contains("at most 4096 bytes"), "{err}");
 }
+
+/// Tasks made from one template hold one copy of it, also after a reload;
+/// an update gives the new tasks a new one and leaves the old ones theirs.
+#[test]
+fn tasks_share_their_services_template() {
+    let mut s = init();
+    s.apply(&Command::AddNode {
+        id: "node1".into(),
+        hostname: "h1".into(),
+        addr: Ipv4Addr::new(198, 18, 0, 1),
+        api_addr: None,
+        role: Role::Manager,
+        underlay: Vec::new(),
+    })
+    .unwrap();
+    create(&mut s, "s1", spec("web", &[], &[])).unwrap();
+    let task = |s: &mut State, id: &str, slot: u32| {
+        s.apply(&Command::CreateTask {
+            id: id.into(),
+            service: "web".into(),
+            slot,
+            node: "node1".into(),
+            netns: None,
+        })
+        .unwrap();
+    };
+    task(&mut s, "t1", 1);
+    task(&mut s, "t2", 2);
+    assert!(Arc::ptr_eq(&s.tasks["t1"].spec, &s.tasks["t2"].spec));
+    assert_eq!(*s.tasks["t1"].spec, s.services["s1"].spec.task);
+    // Decoded, each task has its own copy; the reindex shares them again.
+    let mut copy: State = crate::codec::decode(&crate::codec::encode(&s).unwrap()).unwrap();
+    assert!(!Arc::ptr_eq(&copy.tasks["t1"].spec, &copy.tasks["t2"].spec));
+    copy.reindex().unwrap();
+    assert!(Arc::ptr_eq(&copy.tasks["t1"].spec, &copy.tasks["t2"].spec));
+    // A new template: new tasks share it, the old keep what they ran.
+    let mut v2 = s.services["s1"].spec.clone();
+    v2.task.command = vec!["/bin/web".into(), "v2".into()];
+    let version = s.services["s1"].version;
+    s.apply(&Command::UpdateService {
+        target: "web".into(),
+        version,
+        spec: v2.clone(),
+    })
+    .unwrap();
+    task(&mut s, "t3", 3);
+    task(&mut s, "t4", 4);
+    assert!(Arc::ptr_eq(&s.tasks["t3"].spec, &s.tasks["t4"].spec));
+    assert_eq!(*s.tasks["t3"].spec, v2.task);
+    assert_eq!(s.tasks["t1"].spec.command, ["/bin/web"]);
+    // The slot index still finds a slot's newest task after the change.
+    task(&mut s, "t1b", 1);
+    assert_eq!(
+        s.tasks_of_service("s1")
+            .map(|t| t.id.as_str())
+            .collect::<Vec<_>>(),
+        ["t1", "t1b", "t2", "t3", "t4"]
+    );
+}
