@@ -95,13 +95,13 @@ fn dump(z: &Zone) -> Dump {
         for (name, v) in m {
             let mut v = v.clone();
             v.sort();
-            names.insert((net.clone(), name.clone()), v);
+            names.insert((net.to_string(), name.to_string()), v);
         }
     }
     let mut reverse = BTreeMap::new();
     for (net, m) in &z.reverse {
         for (ip, v) in m {
-            reverse.insert((net.clone(), *ip), v.iter().min().unwrap().clone());
+            reverse.insert((net.to_string(), *ip), v.iter().min().unwrap().to_string());
         }
     }
     (names, reverse)

@@ -3,7 +3,7 @@
 //! query from them.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
     str::FromStr,
     sync::{Arc, RwLock},
@@ -18,13 +18,17 @@ use model::{
 
 use super::{TASK_TTL, VIP_TTL};
 
+/// A network id or a name, held once and shared by the maps and the
+/// contributions that name it (at 100,000 endpoints, copies add up).
+type Text = Arc<str>;
+
 /// What one service puts in the zone (so that it can be taken out again).
 #[derive(Debug, Default, Clone)]
 struct Contribution {
     /// (network, name, address)
-    names: Vec<(String, String, Ipv4Addr)>,
+    names: Vec<(Text, Text, Ipv4Addr)>,
     /// (network, address, name)
-    reverse: Vec<(String, Ipv4Addr, String)>,
+    reverse: Vec<(Text, Ipv4Addr, Text)>,
     vips: Vec<Ipv4Addr>,
 }
 
@@ -33,15 +37,17 @@ struct Contribution {
 #[derive(Debug, Default)]
 pub struct Zone {
     /// network -> name -> addresses (a multiset: contributions overlap).
-    pub(super) names: HashMap<String, HashMap<String, Vec<Ipv4Addr>>>,
+    pub(super) names: HashMap<Text, HashMap<Text, Vec<Ipv4Addr>>>,
     /// network -> address -> names (the first one answers PTR).
-    pub(super) reverse: HashMap<String, HashMap<Ipv4Addr, Vec<String>>>,
+    pub(super) reverse: HashMap<Text, HashMap<Ipv4Addr, Vec<Text>>>,
     subnets: HashMap<String, Subnet>,
     /// VIPs (counted), for the TTL.
     vips: HashMap<Ipv4Addr, usize>,
     /// service id -> its endpoints (network, task).
-    members: HashMap<String, BTreeSet<(String, String)>>,
+    members: HashMap<String, BTreeSet<(Text, String)>>,
     contributions: HashMap<String, Contribution>,
+    /// The one copy of each network id (few: kept until the network goes).
+    networks: HashSet<Text>,
 }
 
 /// What a query gets.
@@ -64,6 +70,16 @@ fn remove_one<T: PartialEq>(v: &mut Vec<T>, x: &T) {
 }
 
 impl Zone {
+    /// Network `id`, as the one copy the zone shares.
+    fn network(&mut self, id: &str) -> Text {
+        if let Some(t) = self.networks.get(id) {
+            return t.clone();
+        }
+        let t: Text = id.into();
+        self.networks.insert(t.clone());
+        t
+    }
+
     /// The whole zone of `tables`.
     pub fn from_tables(tables: &Tables) -> Zone {
         let mut z = Zone {
@@ -74,10 +90,11 @@ impl Zone {
             ..Zone::default()
         };
         for (network, task, e) in tables.endpoints() {
+            let network = z.network(network);
             z.members
                 .entry(e.service.clone())
                 .or_default()
-                .insert((network.to_owned(), task.to_owned()));
+                .insert((network, task.to_owned()));
         }
         let services: Vec<String> = tables.services().map(|(id, _)| id.to_owned()).collect();
         for id in services {
@@ -99,13 +116,14 @@ impl Zone {
                         }
                         _ => {
                             self.subnets.remove(id);
+                            self.networks.remove(id.as_str());
                         }
                     }
                     // Whether the network carries names may have changed
                     // (ingress carries none): its services are redone. A
                     // network comes and goes rarely; this costs them all.
                     for (svc, m) in &self.members {
-                        if m.iter().any(|(n, _)| n == id) {
+                        if m.iter().any(|(n, _)| **n == **id) {
                             affected.insert(svc.clone());
                         }
                     }
@@ -119,7 +137,7 @@ impl Zone {
                     affected.insert(id.clone());
                 }
                 Key::Endpoint { network, task } => {
-                    let member = (network.clone(), task.clone());
+                    let member = (self.network(network), task.clone());
                     if let Some(Value::Endpoint(old)) = &c.old {
                         if let Some(m) = self.members.get_mut(&old.service) {
                             m.remove(&member);
@@ -183,9 +201,18 @@ impl Zone {
             return;
         };
         let mut c = Contribution::default();
+        // Each name once, however many endpoints and networks carry it.
+        let svc_name: Text = svc.name.as_str().into();
+        let tasks_name: Text = format!("tasks.{}", svc.name).into();
         let names_on = |net: &str| {
-            std::iter::once(svc.name.clone())
-                .chain(svc.aliases.get(net).into_iter().flatten().cloned())
+            std::iter::once(svc_name.clone())
+                .chain(
+                    svc.aliases
+                        .get(net)
+                        .into_iter()
+                        .flatten()
+                        .map(|a| Text::from(a.as_str())),
+                )
                 .collect::<Vec<_>>()
         };
         // Swarm's ingress network carries the routing mesh, not names.
@@ -200,7 +227,7 @@ impl Zone {
                 continue;
             }
             let key = Key::Endpoint {
-                network: net.clone(),
+                network: net.to_string(),
                 task: task.clone(),
             };
             let Some(Value::Endpoint(e)) = tables.entries.get(&key) else {
@@ -210,22 +237,29 @@ impl Zone {
             if e.draining {
                 continue;
             }
-            c.names
-                .push((net.clone(), format!("tasks.{}", svc.name), e.addr));
-            c.names.push((net.clone(), e.task_name.clone(), e.addr));
-            c.reverse.push((net.clone(), e.addr, e.task_name.clone()));
+            let task_name: Text = e.task_name.as_str().into();
+            c.names.push((net.clone(), tasks_name.clone(), e.addr));
+            c.names.push((net.clone(), task_name.clone(), e.addr));
+            c.reverse.push((net.clone(), e.addr, task_name));
             if svc.endpoint_mode == EndpointMode::Dnsrr {
                 for n in names_on(net) {
                     c.names.push((net.clone(), n, e.addr));
                 }
             }
         }
-        for (net, vip) in svc.vips.iter().filter(|(net, _)| named(net)) {
-            for n in names_on(net) {
-                c.names.push((net.clone(), n, *vip));
+        let vips: Vec<(&String, Ipv4Addr)> = svc
+            .vips
+            .iter()
+            .filter(|(net, _)| named(net))
+            .map(|(net, vip)| (net, *vip))
+            .collect();
+        for (net, vip) in vips {
+            let net = self.network(net);
+            for n in names_on(&net) {
+                c.names.push((net.clone(), n, vip));
             }
-            c.reverse.push((net.clone(), *vip, svc.name.clone()));
-            c.vips.push(*vip);
+            c.reverse.push((net, vip, svc_name.clone()));
+            c.vips.push(vip);
         }
         for (net, name, ip) in &c.names {
             self.names
@@ -258,10 +292,10 @@ impl Zone {
             };
             let found = scope
                 .iter()
-                .filter_map(|n| self.reverse.get(n)?.get(&ip)?.iter().min())
+                .filter_map(|n| self.reverse.get(n.as_str())?.get(&ip)?.iter().min())
                 .min();
             if let Some(n) = found {
-                return Answer::Pointer(n.clone());
+                return Answer::Pointer(n.to_string());
             }
             let ours = scope
                 .iter()
@@ -276,7 +310,7 @@ impl Zone {
         let mut found = false;
         let mut addrs = Vec::new();
         for net in scope {
-            if let Some(a) = self.names.get(net).and_then(|m| m.get(name)) {
+            if let Some(a) = self.names.get(net.as_str()).and_then(|m| m.get(name)) {
                 found = true;
                 addrs.extend(a);
             }
