@@ -19,6 +19,10 @@
 //! change ([`Touched`]), and only those keys are recomputed and compared.
 //! A node whose tasks are on a node that goes down loses those endpoints in
 //! the same revision that records the node as down.
+//!
+//! A manager keeps no copy of the tables ([`Book`]): the touched keys'
+//! values are derived before the command and after it, and a whole table
+//! (for an agent too far behind) is derived from the state when asked.
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -175,6 +179,8 @@ pub struct Touched {
     services: BTreeSet<String>,
     /// Keys of the state before the command.
     keys: BTreeSet<Key>,
+    /// Their values before the command (the keys without one had none).
+    olds: BTreeMap<Key, Value>,
     tasks: BTreeSet<String>,
     nodes: BTreeSet<String>,
     /// Nodes whose own network addresses may change (not their tasks).
@@ -187,6 +193,13 @@ impl Touched {
         let mut t = Touched::default();
         t.add(state, cmd);
         t.collect(state);
+        // Every key an entity touched has is listed, value or not: a key
+        // listed only after the command had no value before it.
+        t.olds = t
+            .keys
+            .iter()
+            .filter_map(|k| Some((k.clone(), derive_key(state, k)?)))
+            .collect();
         t
     }
 
@@ -216,13 +229,8 @@ impl Touched {
                         self.services.insert(s.id.clone());
                         // Removing a service removes its tasks; an update
                         // may rename it, which renames its tasks' DNS names.
-                        self.tasks.extend(
-                            state
-                                .tasks
-                                .values()
-                                .filter(|t| t.service == s.id)
-                                .map(|t| t.id.clone()),
-                        );
+                        self.tasks
+                            .extend(state.tasks_of_service(&s.id).map(|t| t.id.clone()));
                     }
                 }
                 Touch::NewTask { id, node, .. } => {
@@ -260,12 +268,8 @@ impl Touched {
                 task_keys(t, &mut self.keys);
             }
         }
-        if !self.nodes.is_empty() {
-            for t in state
-                .tasks
-                .values()
-                .filter(|t| self.nodes.contains(&t.node))
-            {
+        for node in &self.nodes {
+            for t in state.tasks_on(node) {
                 task_keys(t, &mut self.keys);
             }
         }
@@ -281,11 +285,13 @@ impl Touched {
     }
 }
 
-/// What a manager keeps: the tables, the recent deltas, and what to send
-/// an agent that last applied a given revision.
+/// What a manager keeps: the tables' revision, the recent deltas, and what
+/// to send an agent that last applied a given revision. The tables
+/// themselves are a function of the state ([`derive`]), not kept twice.
 #[derive(Debug, Clone, Default)]
 pub struct Book {
-    tables: Tables,
+    /// The revision of the last change to the tables.
+    revision: Revision,
     /// The revision the history starts after.
     base: Revision,
     history: VecDeque<Arc<Delta>>,
@@ -307,11 +313,11 @@ pub enum Catchup {
 }
 
 impl Book {
-    /// A book starting from the whole state (after a restart or a Raft
-    /// snapshot): no history, so agents behind it get a snapshot.
-    pub fn new(state: &State, revision: Revision) -> Book {
+    /// A book starting from the whole state at `revision` (after a restart
+    /// or a Raft snapshot): no history, so agents behind it get a snapshot.
+    pub fn new(revision: Revision) -> Book {
         Book {
-            tables: derive(state, revision),
+            revision,
             base: revision,
             history: VecDeque::new(),
             history_changes: 0,
@@ -327,11 +333,17 @@ impl Book {
     }
 
     pub fn revision(&self) -> Revision {
-        self.tables.revision
+        self.revision
     }
 
-    pub fn tables(&self) -> &Tables {
-        &self.tables
+    /// The whole table, `state` being the state this book follows.
+    pub fn tables(&self, state: &State) -> Tables {
+        derive(state, self.revision)
+    }
+
+    /// One entry of the table, `state` being the state this book follows.
+    pub fn entry(&self, state: &State, key: &Key) -> Option<Value> {
+        derive_key(state, key)
     }
 
     /// After `touched`'s command applied at log index `revision`: recomputes
@@ -349,20 +361,15 @@ impl Book {
         let mut changes = Vec::new();
         for key in touched.keys {
             let new = derive_key(state, &key);
-            let old = self.tables.entries.get(&key);
-            if new.as_ref() == old {
+            if new.as_ref() == touched.olds.get(&key) {
                 continue;
             }
-            match &new {
-                Some(v) => self.tables.entries.insert(key.clone(), v.clone()),
-                None => self.tables.entries.remove(&key),
-            };
             changes.push(Change { key, value: new });
         }
         if changes.is_empty() {
             return None;
         }
-        self.tables.revision = revision;
+        self.revision = revision;
         let delta = Arc::new(Delta { revision, changes });
         self.history_changes += delta.changes.len();
         self.history.push_back(delta.clone());
@@ -379,16 +386,17 @@ impl Book {
         Some(delta)
     }
 
-    /// What an agent that has applied `revision` needs next.
-    pub fn since(&self, revision: Revision) -> Catchup {
-        if revision == self.tables.revision {
+    /// What an agent that has applied `revision` needs next, `state` being
+    /// the state this book follows.
+    pub fn since(&self, state: &State, revision: Revision) -> Catchup {
+        if revision == self.revision {
             return Catchup::UpToDate;
         }
         // Every delta after `base` is in the history, so an agent at or
         // after it needs exactly the deltas after its revision. An agent
         // ahead of this manager (which restarted or lags) gets a snapshot.
-        if revision < self.base || revision > self.tables.revision {
-            return Catchup::Snapshot(self.tables.clone());
+        if revision < self.base || revision > self.revision {
+            return Catchup::Snapshot(self.tables(state));
         }
         let start = self.history.partition_point(|d| d.revision <= revision);
         Catchup::Deltas(self.history.range(start..).cloned().collect())
@@ -534,18 +542,20 @@ mod tests {
     /// every delta.
     fn run(cmds: &[Command]) -> (State, Book, Vec<Arc<Delta>>) {
         let mut state = State::default();
-        let mut book = Book::new(&state, 0);
+        let mut book = Book::new(0);
+        let mut replica = Tables::default();
         let mut deltas = Vec::new();
         for (i, cmd) in cmds.iter().enumerate() {
             let touched = Touched::before(&state, cmd);
             let ok = state.apply(cmd).is_ok();
             if ok && let Some(d) = book.update(&state, touched, i as u64 + 1) {
+                replica.apply(&d).unwrap();
                 deltas.push(d);
             }
             assert_eq!(
-                book.tables().entries,
+                replica.entries,
                 derive(&state, 0).entries,
-                "after {cmd:?}: incremental tables differ from a full derivation"
+                "after {cmd:?}: the deltas' tables differ from a full derivation"
             );
         }
         (state, book, deltas)
@@ -562,7 +572,7 @@ mod tests {
             // Applying the same delta again changes nothing.
             assert!(!replica.apply(d).unwrap());
         }
-        assert_eq!(&replica, book.tables());
+        assert_eq!(replica, book.tables(&state));
         // Through JSON (snapshots on the wire, the agent's saved copy).
         let json = serde_json::to_vec(&replica).unwrap();
         assert_eq!(serde_json::from_slice::<Tables>(&json).unwrap(), replica);
@@ -634,9 +644,9 @@ mod tests {
         let cmds = script();
         let (state, book, deltas) = run(&cmds);
         let last = book.revision();
-        assert!(matches!(book.since(last), Catchup::UpToDate));
+        assert!(matches!(book.since(&state, last), Catchup::UpToDate));
         let mid = deltas[3].revision;
-        match book.since(mid) {
+        match book.since(&state, mid) {
             Catchup::Deltas(ds) => {
                 assert_eq!(ds.first().unwrap().revision, deltas[4].revision);
                 assert_eq!(ds.len(), deltas.len() - 4);
@@ -644,12 +654,12 @@ mod tests {
             other => panic!("expected deltas, got {other:?}"),
         }
         // Ahead of this manager (it restarted): a snapshot, not silence.
-        assert!(matches!(book.since(last + 5), Catchup::Snapshot(_)));
+        assert!(matches!(book.since(&state, last + 5), Catchup::Snapshot(_)));
         // A manager rebuilt from its state has no history: a snapshot for
         // anyone behind it, deltas for anyone after.
-        let rebuilt = Book::new(&state, last);
-        match rebuilt.since(mid) {
-            Catchup::Snapshot(t) => assert_eq!(t.entries, book.tables().entries),
+        let rebuilt = Book::new(last);
+        match rebuilt.since(&state, mid) {
+            Catchup::Snapshot(t) => assert_eq!(t.entries, book.tables(&state).entries),
             other => panic!("expected a snapshot, got {other:?}"),
         }
     }
@@ -659,10 +669,10 @@ mod tests {
     #[test]
     fn history_keeps_at_most_its_changes_and_older_agents_get_the_table() {
         let cmds = script();
-        let (_, full, deltas) = run(&cmds);
+        let (full_state, full, deltas) = run(&cmds);
         // Replayed into a book that keeps at most 4 changes.
         let mut state = State::default();
-        let mut book = Book::new(&state, 0).with_history_limits(HISTORY, 4);
+        let mut book = Book::new(0).with_history_limits(HISTORY, 4);
         for (i, cmd) in cmds.iter().enumerate() {
             let touched = Touched::before(&state, cmd);
             if state.apply(cmd).is_ok() {
@@ -674,25 +684,24 @@ mod tests {
                 book.history.iter().map(|d| d.changes.len()).sum::<usize>()
             );
         }
-        assert_eq!(book.tables().entries, full.tables().entries);
         // The newest deltas that fit are still sent as deltas...
         let last = deltas.last().unwrap();
         let before_last = deltas[deltas.len() - 2].revision;
         assert!(last.changes.len() <= 4, "the script ends in a small delta");
-        match book.since(before_last) {
+        match book.since(&state, before_last) {
             Catchup::Deltas(ds) => assert_eq!(ds, vec![last.clone()]),
             other => panic!("expected the last delta, got {other:?}"),
         }
         // ...and an agent from before the kept ones gets the whole table.
-        match book.since(deltas[0].revision) {
-            Catchup::Snapshot(t) => assert_eq!(t.entries, full.tables().entries),
+        match book.since(&state, deltas[0].revision) {
+            Catchup::Snapshot(t) => assert_eq!(t.entries, full.tables(&full_state).entries),
             other => panic!("expected a snapshot, got {other:?}"),
         }
         // One delta bigger than the bound is not kept: behind it, the table.
         let big = deltas.iter().max_by_key(|d| d.changes.len()).unwrap();
         assert!(big.changes.len() > 1, "the script has a multi-change delta");
         let mut state = State::default();
-        let mut book = Book::new(&state, 0).with_history_limits(HISTORY, 1);
+        let mut book = Book::new(0).with_history_limits(HISTORY, 1);
         for (i, cmd) in cmds.iter().enumerate() {
             let touched = Touched::before(&state, cmd);
             if state.apply(cmd).is_ok() {
@@ -700,8 +709,14 @@ mod tests {
             }
             if i as u64 + 1 == big.revision {
                 assert!(book.history.is_empty());
-                assert!(matches!(book.since(big.revision - 1), Catchup::Snapshot(_)));
-                assert!(matches!(book.since(big.revision), Catchup::UpToDate));
+                assert!(matches!(
+                    book.since(&state, big.revision - 1),
+                    Catchup::Snapshot(_)
+                ));
+                assert!(matches!(
+                    book.since(&state, big.revision),
+                    Catchup::UpToDate
+                ));
             }
         }
     }

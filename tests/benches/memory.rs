@@ -127,7 +127,7 @@ pub fn memory_per_endpoint(md: &mut String) {
         let mut last = (0, Instant::now());
         loop {
             let now =
-                m.sm.with_book(|_, b| (b.tables().endpoints().count(), b.revision()));
+                m.sm.with_book(|s, b| (b.tables(s).endpoints().count(), b.revision()));
             if now.0 >= total && now.1 == last.0 && last.1.elapsed() > Duration::from_secs(2) {
                 break;
             }
@@ -162,11 +162,11 @@ pub fn memory_per_endpoint(md: &mut String) {
             eprintln!("(g) exiting loaded: {} MiB", loaded_both >> 20);
             std::process::exit(0);
         }
-        let endpoints = m.sm.with_book(|_, b| b.tables().endpoints().count());
+        let endpoints = m.sm.with_book(|s, b| b.tables(s).endpoints().count());
         assert_eq!(endpoints, total, "every task has its endpoint");
         let state_bytes = m.with_state(|s| control::codec::encode(s).unwrap().len());
         let table_bytes =
-            m.sm.with_book(|_, b| control::codec::encode(b.tables()).unwrap().len());
+            m.sm.with_book(|s, b| control::codec::encode(&b.tables(s)).unwrap().len());
         agents.stop().await;
         drop(ctxs);
         manager.stop().await;

@@ -227,7 +227,7 @@ async fn send(tx: &Out, msg: &DispatcherMessage) -> Result<(), Status> {
 
 /// Sends what an agent at `*sent` is missing; advances `*sent`.
 async fn catch_up(m: &Manager, tx: &Out, sent: &mut Revision) -> Result<(), Status> {
-    match m.sm.with_book(|_, b| b.since(*sent)) {
+    match m.sm.with_book(|s, b| b.since(s, *sent)) {
         Catchup::UpToDate => {}
         Catchup::Deltas(deltas) => {
             for delta in deltas {
@@ -351,13 +351,9 @@ async fn run_session(
         if want_keys {
             // At least as new as the catch-up; a later change comes as a
             // delta like any other.
-            let entry = m.sm.with_book(|_, b| {
-                b.tables()
-                    .entries
-                    .get(&crate::tables::Key::NetworkKeys)
-                    .cloned()
-                    .map(Box::new)
-            });
+            let entry = m
+                .sm
+                .with_book(|s, b| b.entry(s, &crate::tables::Key::NetworkKeys).map(Box::new));
             send(tx, &DispatcherMessage::Keys { entry }).await?;
         }
         send(tx, &DispatcherMessage::CaughtUp { revision: sent }).await?;

@@ -26,7 +26,7 @@ fn endpoints_on(t: &control::tables::Tables, node: &str) -> usize {
 
 fn book_of(d: &Daemon) -> control::tables::Tables {
     let m = d.ctx.manager().unwrap();
-    m.sm.with_book(|_, b| b.tables().clone())
+    m.sm.with_book(|s, b| b.tables(s))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -25,7 +25,7 @@ impl Applied {
     /// Rebuilds the derived parts after loading a snapshot.
     fn rebuild(&mut self) -> Result<(), crate::state::StateError> {
         self.state.reindex()?;
-        self.book = Book::new(&self.state, self.last_applied.map_or(0, |l| l.index));
+        self.book = Book::new(self.last_applied.map_or(0, |l| l.index));
         Ok(())
     }
 }
