@@ -93,7 +93,7 @@ fn dump(z: &Zone) -> Dump {
     let mut names = BTreeMap::new();
     for (net, m) in &z.names {
         for (name, v) in m {
-            let mut v = v.clone();
+            let mut v = v.to_vec();
             v.sort();
             names.insert((net.to_string(), name.to_string()), v);
         }

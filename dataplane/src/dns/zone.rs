@@ -15,12 +15,18 @@ use model::{
     session::Applied,
     tables::{Key, Tables, Value},
 };
+use smallvec::SmallVec;
 
 use super::{TASK_TTL, VIP_TTL};
 
 /// A network id or a name, held once and shared by the maps and the
 /// contributions that name it (at 100,000 endpoints, copies add up).
 type Text = Arc<str>;
+
+/// A name's addresses: most names (a task's) have one, kept inline.
+type Addrs = SmallVec<[Ipv4Addr; 2]>;
+/// An address's names: most have one, kept inline.
+type Names = SmallVec<[Text; 1]>;
 
 /// What one service puts in the zone (so that it can be taken out again).
 #[derive(Debug, Default, Clone)]
@@ -37,9 +43,9 @@ struct Contribution {
 #[derive(Debug, Default)]
 pub struct Zone {
     /// network -> name -> addresses (a multiset: contributions overlap).
-    pub(super) names: HashMap<Text, HashMap<Text, Vec<Ipv4Addr>>>,
+    pub(super) names: HashMap<Text, HashMap<Text, Addrs>>,
     /// network -> address -> names (the first one answers PTR).
-    pub(super) reverse: HashMap<Text, HashMap<Ipv4Addr, Vec<Text>>>,
+    pub(super) reverse: HashMap<Text, HashMap<Ipv4Addr, Names>>,
     subnets: HashMap<String, Subnet>,
     /// VIPs (counted), for the TTL.
     vips: HashMap<Ipv4Addr, usize>,
@@ -63,7 +69,10 @@ pub enum Answer {
     Forward,
 }
 
-fn remove_one<T: PartialEq>(v: &mut Vec<T>, x: &T) {
+fn remove_one<A: smallvec::Array>(v: &mut SmallVec<A>, x: &A::Item)
+where
+    A::Item: PartialEq,
+{
     if let Some(i) = v.iter().position(|y| y == x) {
         v.swap_remove(i);
     }
@@ -280,6 +289,9 @@ impl Zone {
         for vip in &c.vips {
             *self.vips.entry(*vip).or_default() += 1;
         }
+        // Kept until the service's next refresh: no room to spare.
+        c.names.shrink_to_fit();
+        c.reverse.shrink_to_fit();
         self.contributions.insert(id.to_owned(), c);
     }
 
