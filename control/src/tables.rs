@@ -82,7 +82,7 @@ pub fn derive_key(state: &State, key: &Key) -> Option<Value> {
             })
         }),
         Key::Service { id } => state.services.get(id).map(|s| {
-            let mut aliases = BTreeMap::new();
+            let mut aliases = model::by_network::ByNetwork::new();
             for a in &s.spec.task.networks {
                 if let Some(n) = state.network_by_ref(&a.target)
                     && !a.aliases.is_empty()

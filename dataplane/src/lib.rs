@@ -2,6 +2,7 @@
 //! per-node bpffs directory, and reads them back. `meshd` is built from here.
 
 pub mod bpffs;
+mod compact;
 pub mod dns;
 pub mod ebpf;
 pub mod inspect;

@@ -53,6 +53,10 @@ pub(crate) enum Command {
         /// and drops the oldest (Swarm: 12h).
         #[arg(long, default_value = "12h", value_parser = KEY_ROTATION.parser())]
         network_key_rotation: Duration,
+        /// The ingress network's subnet: every node takes one address of
+        /// it, so the default 10.0.0.0/24 holds 253 nodes.
+        #[arg(long, value_name = "CIDR")]
+        ingress_subnet: Option<control::allocator::Subnet>,
         #[command(flatten)]
         dp: DataplaneArgs,
     },

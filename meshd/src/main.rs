@@ -46,6 +46,7 @@ fn main() -> Result<()> {
             heartbeat_period,
             heartbeat_misses,
             network_key_rotation,
+            ingress_subnet,
             dp,
         } => serve::serve(
             Start::Init {
@@ -57,6 +58,7 @@ fn main() -> Result<()> {
                     heartbeat: heartbeat_period,
                     heartbeat_misses,
                     network_key_rotation,
+                    ingress_subnet,
                 },
             },
             dp,

@@ -6,6 +6,7 @@
 //! the data plane in `dataplane` reads the tables through these types.
 
 pub mod api;
+pub mod by_network;
 pub mod cluster;
 pub mod command;
 pub mod constraint;

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{EndpointMode, PortConfig, Subnet};
+use crate::{EndpointMode, PortConfig, Subnet, by_network::ByNetwork};
 
 /// A cluster-wide revision: the Raft log index of the entry that produced
 /// the change. 0 means "nothing yet".
@@ -59,12 +59,12 @@ pub struct ServiceEntry {
     pub name: String,
     pub endpoint_mode: EndpointMode,
     /// Network id -> the service's virtual IP there (none in dnsrr mode).
-    pub vips: BTreeMap<String, Ipv4Addr>,
+    pub vips: ByNetwork<Ipv4Addr>,
     /// As published (`published` always set).
     pub ports: Vec<PortConfig>,
     /// Network id -> extra DNS names on that network.
     #[serde(default)]
-    pub aliases: BTreeMap<String, Vec<String>>,
+    pub aliases: ByNetwork<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

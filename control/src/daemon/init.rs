@@ -88,6 +88,9 @@ pub struct InitOptions {
     pub heartbeat_misses: u32,
     /// How often the leader rotates the encrypted networks' key ring.
     pub network_key_rotation: Duration,
+    /// The ingress network's subnet (every node takes one address of it):
+    /// by default Swarm's 10.0.0.0/24, room for 253 nodes.
+    pub ingress_subnet: Option<crate::allocator::Subnet>,
 }
 
 impl Default for InitOptions {
@@ -98,6 +101,7 @@ impl Default for InitOptions {
             heartbeat: Duration::from_secs(1),
             heartbeat_misses: 3,
             network_key_rotation: crate::keys::DEFAULT_ROTATION,
+            ingress_subnet: None,
         }
     }
 }
@@ -130,14 +134,33 @@ pub async fn init_with(
     result
 }
 
-/// The ingress subnet for a cluster whose first node is `at`: Swarm's
+/// The ingress subnet for a cluster whose first node is `at`: `wanted`
+/// if given (refused if it overlaps that node's underlay), else Swarm's
 /// 10.0.0.0/24, or the first /24 of the address pool off that node's
 /// underlay (its prefixes and its address).
-pub(super) fn ingress_subnet_for(at: &Addresses) -> Result<crate::allocator::Subnet, DaemonError> {
+pub(super) fn ingress_subnet_for(
+    at: &Addresses,
+    wanted: Option<crate::allocator::Subnet>,
+) -> Result<crate::allocator::Subnet, DaemonError> {
     use crate::allocator::{Subnet, SubnetPool};
     let defaults = ClusterSettings::default();
     let mut avoid = at.underlay.clone();
     avoid.push(Subnet::containing(at.addr, 32));
+    if let Some(s) = wanted {
+        if s.prefix() > 29 {
+            return Err(msg(format!(
+                "the ingress subnet {s} is too small: every node takes one address of it; \
+                 use /29 or larger"
+            )));
+        }
+        if let Some(p) = avoid.iter().find(|p| p.overlaps(&s)) {
+            return Err(msg(format!(
+                "the ingress subnet {s} overlaps this node's underlay ({p}): tasks and nodes \
+                 there would be unreachable; choose another --ingress-subnet"
+            )));
+        }
+        return Ok(s);
+    }
     if !avoid.iter().any(|p| p.overlaps(&defaults.ingress_subnet)) {
         return Ok(defaults.ingress_subnet);
     }
@@ -166,7 +189,7 @@ async fn init_inner(
     // Checked before anything is made: the ingress network must not
     // overlap this node's underlay (the default 10.0.0.0/24 does on many
     // hosts), else its own AddNode would be refused after Init committed.
-    let ingress_subnet = ingress_subnet_for(at)?;
+    let ingress_subnet = ingress_subnet_for(at, opts.ingress_subnet)?;
     let cluster_id = api::new_id();
     let node_id = api::new_node_id();
     let ca = Ca::create(&cluster_id)?;

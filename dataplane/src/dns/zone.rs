@@ -3,7 +3,7 @@
 //! query from them.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap},
     net::Ipv4Addr,
     str::FromStr,
     sync::{Arc, RwLock},
@@ -18,24 +18,42 @@ use model::{
 use smallvec::SmallVec;
 
 use super::{TASK_TTL, VIP_TTL};
+use crate::compact::{Interner, SortedVec, Text};
 
-/// A network id or a name, held once and shared by the maps and the
-/// contributions that name it (at 100,000 endpoints, copies add up).
-type Text = Arc<str>;
-
-/// A name's addresses: most names (a task's) have one, kept inline.
-type Addrs = SmallVec<[Ipv4Addr; 2]>;
+/// A name's addresses: most names (a task's) have one, kept inline (four
+/// fit in the room the vector's heap pointer takes anyway).
+type Addrs = SmallVec<[Ipv4Addr; 4]>;
 /// An address's names: most have one, kept inline.
 type Names = SmallVec<[Text; 1]>;
+/// A service's endpoints (network, task): most have one, kept inline.
+type Members = SortedVec<[(Text, Box<str>); 1]>;
 
-/// What one service puts in the zone (so that it can be taken out again).
-#[derive(Debug, Default, Clone)]
-struct Contribution {
-    /// (network, name, address)
-    names: Vec<(Text, Text, Ipv4Addr)>,
-    /// (network, address, name)
-    reverse: Vec<(Text, Ipv4Addr, Text)>,
-    vips: Vec<Ipv4Addr>,
+/// What a record's address answers besides A.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A only (`tasks.svc`, an alias).
+    Name,
+    /// A, and PTR back to the name (a task's name).
+    Pointer,
+    /// A and PTR, and the address is a VIP (its TTL).
+    Vip,
+}
+
+/// One record a service puts in the zone: `name` is `addr` on `network`.
+#[derive(Debug)]
+struct Record {
+    network: Text,
+    name: Text,
+    addr: Ipv4Addr,
+    kind: Kind,
+}
+
+/// What the zone keeps per service: its endpoints, and the records it put
+/// in (so that a change can take them out again).
+#[derive(Debug, Default)]
+struct ServiceZone {
+    members: Members,
+    records: Box<[Record]>,
 }
 
 /// The records of every network, kept up to date from each delta: a change
@@ -49,11 +67,10 @@ pub struct Zone {
     subnets: HashMap<String, Subnet>,
     /// VIPs (counted), for the TTL.
     vips: HashMap<Ipv4Addr, usize>,
-    /// service id -> its endpoints (network, task).
-    members: HashMap<String, BTreeSet<(Text, String)>>,
-    contributions: HashMap<String, Contribution>,
+    /// service id -> its endpoints and records.
+    services: HashMap<Box<str>, ServiceZone>,
     /// The one copy of each network id (few: kept until the network goes).
-    networks: HashSet<Text>,
+    networks: Interner,
 }
 
 /// What a query gets.
@@ -79,16 +96,6 @@ where
 }
 
 impl Zone {
-    /// Network `id`, as the one copy the zone shares.
-    fn network(&mut self, id: &str) -> Text {
-        if let Some(t) = self.networks.get(id) {
-            return t.clone();
-        }
-        let t: Text = id.into();
-        self.networks.insert(t.clone());
-        t
-    }
-
     /// The whole zone of `tables`.
     pub fn from_tables(tables: &Tables) -> Zone {
         let mut z = Zone {
@@ -99,11 +106,12 @@ impl Zone {
             ..Zone::default()
         };
         for (network, task, e) in tables.endpoints() {
-            let network = z.network(network);
-            z.members
-                .entry(e.service.clone())
+            let network = z.networks.get(network);
+            z.services
+                .entry(e.service.as_str().into())
                 .or_default()
-                .insert((network, task.to_owned()));
+                .members
+                .insert((network, task.into()));
         }
         let services: Vec<String> = tables.services().map(|(id, _)| id.to_owned()).collect();
         for id in services {
@@ -125,15 +133,15 @@ impl Zone {
                         }
                         _ => {
                             self.subnets.remove(id);
-                            self.networks.remove(id.as_str());
+                            self.networks.forget(id);
                         }
                     }
                     // Whether the network carries names may have changed
                     // (ingress carries none): its services are redone. A
                     // network comes and goes rarely; this costs them all.
-                    for (svc, m) in &self.members {
-                        if m.iter().any(|(n, _)| **n == **id) {
-                            affected.insert(svc.clone());
+                    for (svc, z) in &self.services {
+                        if z.members.iter().any(|(n, _)| **n == **id) {
+                            affected.insert(svc.to_string());
                         }
                     }
                     for (svc, s) in tables.services() {
@@ -146,17 +154,18 @@ impl Zone {
                     affected.insert(id.clone());
                 }
                 Key::Endpoint { network, task } => {
-                    let member = (self.network(network), task.clone());
+                    let member = (self.networks.get(network), Box::<str>::from(task.as_str()));
                     if let Some(Value::Endpoint(old)) = &c.old {
-                        if let Some(m) = self.members.get_mut(&old.service) {
-                            m.remove(&member);
+                        if let Some(z) = self.services.get_mut(old.service.as_str()) {
+                            z.members.remove(&member);
                         }
                         affected.insert(old.service.clone());
                     }
                     if let Some(Value::Endpoint(new)) = &c.new {
-                        self.members
-                            .entry(new.service.clone())
+                        self.services
+                            .entry(new.service.as_str().into())
                             .or_default()
+                            .members
                             .insert(member);
                         affected.insert(new.service.clone());
                     }
@@ -172,56 +181,54 @@ impl Zone {
 
     /// Replaces what service `id` contributes with what `tables` says now.
     fn refresh(&mut self, tables: &Tables, id: &str) {
-        if let Some(old) = self.contributions.remove(id) {
-            for (net, name, ip) in &old.names {
-                if let Some(m) = self.names.get_mut(net)
-                    && let Some(v) = m.get_mut(name)
-                {
-                    remove_one(v, ip);
-                    if v.is_empty() {
-                        m.remove(name);
-                    }
+        let old = match self.services.get_mut(id) {
+            Some(z) => std::mem::take(&mut z.records),
+            None => Box::default(),
+        };
+        for r in &old {
+            if let Some(m) = self.names.get_mut(&r.network)
+                && let Some(v) = m.get_mut(&r.name)
+            {
+                remove_one(v, &r.addr);
+                if v.is_empty() {
+                    m.remove(&r.name);
                 }
             }
-            for (net, ip, name) in &old.reverse {
-                if let Some(m) = self.reverse.get_mut(net)
-                    && let Some(v) = m.get_mut(ip)
-                {
-                    remove_one(v, name);
-                    if v.is_empty() {
-                        m.remove(ip);
-                    }
+            if r.kind != Kind::Name
+                && let Some(m) = self.reverse.get_mut(&r.network)
+                && let Some(v) = m.get_mut(&r.addr)
+            {
+                remove_one(v, &r.name);
+                if v.is_empty() {
+                    m.remove(&r.addr);
                 }
             }
-            for vip in &old.vips {
-                if let Some(n) = self.vips.get_mut(vip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.vips.remove(vip);
-                    }
+            if r.kind == Kind::Vip
+                && let Some(n) = self.vips.get_mut(&r.addr)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    self.vips.remove(&r.addr);
                 }
             }
         }
         let Some(Value::Service(svc)) = tables.entries.get(&Key::Service { id: id.to_owned() })
         else {
-            if self.members.get(id).is_some_and(BTreeSet::is_empty) {
-                self.members.remove(id);
+            if self.services.get(id).is_some_and(|z| z.members.is_empty()) {
+                self.services.remove(id);
             }
             return;
         };
-        let mut c = Contribution::default();
+        let mut records = Vec::new();
         // Each name once, however many endpoints and networks carry it.
         let svc_name: Text = svc.name.as_str().into();
         let tasks_name: Text = format!("tasks.{}", svc.name).into();
-        let names_on = |net: &str| {
-            std::iter::once(svc_name.clone())
-                .chain(
-                    svc.aliases
-                        .get(net)
-                        .into_iter()
-                        .flatten()
-                        .map(|a| Text::from(a.as_str())),
-                )
+        let aliases_on = |net: &str| {
+            svc.aliases
+                .get(net)
+                .into_iter()
+                .flatten()
+                .map(|a| Text::from(a.as_str()))
                 .collect::<Vec<_>>()
         };
         // Swarm's ingress network carries the routing mesh, not names.
@@ -231,13 +238,20 @@ impl Zone {
                 Some(Value::Network(n)) if n.ingress
             )
         };
-        for (net, task) in self.members.get(id).into_iter().flatten() {
+        let record = |network: &Text, name: Text, addr, kind| Record {
+            network: network.clone(),
+            name,
+            addr,
+            kind,
+        };
+        let members = self.services.get(id).map(|z| &z.members);
+        for (net, task) in members.into_iter().flatten() {
             if !named(net) {
                 continue;
             }
             let key = Key::Endpoint {
                 network: net.to_string(),
-                task: task.clone(),
+                task: task.to_string(),
             };
             let Some(Value::Endpoint(e)) = tables.entries.get(&key) else {
                 continue;
@@ -246,13 +260,17 @@ impl Zone {
             if e.draining {
                 continue;
             }
-            let task_name: Text = e.task_name.as_str().into();
-            c.names.push((net.clone(), tasks_name.clone(), e.addr));
-            c.names.push((net.clone(), task_name.clone(), e.addr));
-            c.reverse.push((net.clone(), e.addr, task_name));
+            records.push(record(net, tasks_name.clone(), e.addr, Kind::Name));
+            records.push(record(
+                net,
+                e.task_name.as_str().into(),
+                e.addr,
+                Kind::Pointer,
+            ));
             if svc.endpoint_mode == EndpointMode::Dnsrr {
-                for n in names_on(net) {
-                    c.names.push((net.clone(), n, e.addr));
+                records.push(record(net, svc_name.clone(), e.addr, Kind::Name));
+                for a in aliases_on(net) {
+                    records.push(record(net, a, e.addr, Kind::Name));
                 }
             }
         }
@@ -263,36 +281,33 @@ impl Zone {
             .map(|(net, vip)| (net, *vip))
             .collect();
         for (net, vip) in vips {
-            let net = self.network(net);
-            for n in names_on(&net) {
-                c.names.push((net.clone(), n, vip));
+            let net = self.networks.get(net);
+            records.push(record(&net, svc_name.clone(), vip, Kind::Vip));
+            for a in aliases_on(&net) {
+                records.push(record(&net, a, vip, Kind::Name));
             }
-            c.reverse.push((net, vip, svc_name.clone()));
-            c.vips.push(vip);
         }
-        for (net, name, ip) in &c.names {
+        for r in &records {
             self.names
-                .entry(net.clone())
+                .entry(r.network.clone())
                 .or_default()
-                .entry(name.clone())
+                .entry(r.name.clone())
                 .or_default()
-                .push(*ip);
-        }
-        for (net, ip, name) in &c.reverse {
-            self.reverse
-                .entry(net.clone())
-                .or_default()
-                .entry(*ip)
-                .or_default()
-                .push(name.clone());
-        }
-        for vip in &c.vips {
-            *self.vips.entry(*vip).or_default() += 1;
+                .push(r.addr);
+            if r.kind != Kind::Name {
+                self.reverse
+                    .entry(r.network.clone())
+                    .or_default()
+                    .entry(r.addr)
+                    .or_default()
+                    .push(r.name.clone());
+            }
+            if r.kind == Kind::Vip {
+                *self.vips.entry(r.addr).or_default() += 1;
+            }
         }
         // Kept until the service's next refresh: no room to spare.
-        c.names.shrink_to_fit();
-        c.reverse.shrink_to_fit();
-        self.contributions.insert(id.to_owned(), c);
+        self.services.entry(id.into()).or_default().records = records.into_boxed_slice();
     }
 
     /// The answer for `name` (lowercase, no trailing dot) of type `qtype`,

@@ -6,12 +6,15 @@ use std::{
     net::Ipv4Addr,
 };
 
+use smallvec::SmallVec;
+
 use model::{
     EndpointMode, Protocol as PortProtocol, PublishMode,
     session::Update,
     tables::{EndpointEntry, Key, ServiceEntry, Tables, Value},
 };
 
+use crate::compact::{Interner, SortedVec, Text};
 use crate::lb::{
     ApplyReport, BackendSpec, FrontendSpec, LbChanges, LbSpec, LbTarget, Protocol, ServiceSpec,
     SyncError,
@@ -29,6 +32,27 @@ fn table_size(backends: usize) -> u32 {
         .unwrap_or(PRIMES[PRIMES.len() - 1])
 }
 
+/// A service's task address on a network, and whether it is draining
+/// (kept for open flows, weight 0 for new ones). Ordered by network, then
+/// address: a network's members are a contiguous, sorted run.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Member {
+    network: Text,
+    addr: Ipv4Addr,
+    draining: bool,
+}
+
+/// One load-balancer service a service contributes: its name, its id in
+/// the counters and its frontend (what a change must take away). What it
+/// balances to is not kept: the sync below holds what it installed and
+/// skips a frontend that did not change.
+#[derive(Debug)]
+struct Contributed {
+    name: Box<str>,
+    id: u32,
+    frontend: FrontendSpec,
+}
+
 /// This node's load balancer, followed delta by delta: which services it
 /// holds and what each contributes, so that a change costs the services it
 /// touches, never the number of services.
@@ -44,17 +68,18 @@ fn table_size(backends: usize) -> u32 {
 pub struct LbView {
     /// This node's id (host-mode ports serve its own tasks only).
     node: String,
-    /// Service id -> network -> its task addresses there, and whether each
-    /// is draining (kept for open flows, weight 0 for new ones).
-    members: HashMap<String, HashMap<String, BTreeMap<Ipv4Addr, bool>>>,
+    /// Service id -> its task addresses on each network (most services
+    /// have one or two: inline, no allocation).
+    members: HashMap<Box<str>, SortedVec<[Member; 1]>>,
     /// Service id -> its live tasks' addresses on this node (one per task:
     /// the first network's).
     local: HashMap<String, BTreeMap<String, Ipv4Addr>>,
     /// Service id -> the load-balancer services it contributes.
-    specs: HashMap<String, Vec<ServiceSpec>>,
-    /// Load-balancer service name -> its id in the counters.
-    ids: HashMap<String, u32>,
+    contributed: HashMap<Box<str>, SmallVec<[Contributed; 1]>>,
+    /// The counter ids the contributions hold.
     taken: HashSet<u32>,
+    /// The one copy of each network id the members name.
+    networks: Interner,
     /// The last whole spec without its services (set by [`LbView::sync`]).
     globals: Option<LbSpec>,
 }
@@ -82,12 +107,15 @@ impl LbView {
     }
 
     fn add_member(&mut self, network: &str, e: &EndpointEntry) {
-        self.members
-            .entry(e.service.clone())
-            .or_default()
-            .entry(network.to_owned())
-            .or_default()
-            .insert(e.addr, e.draining);
+        let network = self.networks.get(network);
+        let m = self.members.entry(e.service.as_str().into()).or_default();
+        // One entry per address: a second endpoint there replaces it.
+        m.remove_by(|x| (&*x.network, x.addr).cmp(&(&*network, e.addr)));
+        m.insert(Member {
+            network,
+            addr: e.addr,
+            draining: e.draining,
+        });
         if e.node == self.node && !e.draining {
             self.local
                 .entry(e.service.clone())
@@ -98,15 +126,10 @@ impl LbView {
     }
 
     fn remove_member(&mut self, network: &str, e: &EndpointEntry) {
-        if let Some(m) = self.members.get_mut(&e.service) {
-            if let Some(set) = m.get_mut(network) {
-                set.remove(&e.addr);
-                if set.is_empty() {
-                    m.remove(network);
-                }
-            }
+        if let Some(m) = self.members.get_mut(e.service.as_str()) {
+            m.remove_by(|x| (&*x.network, x.addr).cmp(&(network, e.addr)));
             if m.is_empty() {
-                self.members.remove(&e.service);
+                self.members.remove(e.service.as_str());
             }
         }
         if let Some(l) = self.local.get_mut(&e.service)
@@ -146,7 +169,9 @@ impl LbView {
         };
         spec.nat_interfaces = nat_interfaces;
         let r = target.apply(&spec);
-        spec.services.clear();
+        // The globals only: the services' room goes too (at 10,000
+        // services, a megabyte kept for nothing).
+        spec.services = Vec::new();
         self.globals = Some(spec);
         r
     }
@@ -182,11 +207,9 @@ impl LbView {
         let (ingress_id, nat_address) = ingress(tables, networks)?;
         let mut services = Vec::new();
         for (id, s) in tables.services() {
-            let specs = self.service_specs(id, s, ingress_id, networks);
-            services.extend(specs.iter().cloned());
-            if !specs.is_empty() {
-                self.specs.insert(id.to_owned(), specs);
-            }
+            let specs = self.service_specs(id, s, ingress_id, networks, &[]);
+            self.keep(id, &specs);
+            services.extend(specs);
         }
         Some(LbSpec {
             nat_address,
@@ -232,35 +255,50 @@ impl LbView {
             return out;
         };
         for id in affected {
-            let old = self.specs.remove(&id).unwrap_or_default();
+            let old = self.contributed.remove(id.as_str()).unwrap_or_default();
             let new = match tables.entries.get(&Key::Service { id: id.clone() }) {
-                Some(Value::Service(s)) => self.service_specs(&id, s, ingress_id, networks),
+                Some(Value::Service(s)) => self.service_specs(&id, s, ingress_id, networks, &old),
                 _ => Vec::new(),
             };
             for o in &old {
-                if !new.iter().any(|n| n.frontends == o.frontends) {
-                    out.remove.extend(o.frontends.iter().cloned());
+                if !new.iter().any(|n| n.frontends[..] == [o.frontend.clone()]) {
+                    out.remove.push(o.frontend.clone());
                 }
-                if !new.iter().any(|n| n.name == o.name)
-                    && let Some(freed) = self.ids.remove(&o.name)
-                {
-                    self.taken.remove(&freed);
+                if !new.iter().any(|n| *n.name == *o.name) {
+                    self.taken.remove(&o.id);
                 }
             }
-            out.upsert
-                .extend(new.iter().filter(|n| !old.contains(n)).cloned());
-            if !new.is_empty() {
-                self.specs.insert(id, new);
-            }
+            self.keep(&id, &new);
+            // All of them: the sync skips a frontend whose table is as
+            // installed.
+            out.upsert.extend(new);
         }
         out
     }
 
-    /// A stable id for a load-balancer service in the counters: a hash of
-    /// its name, probed past ids already taken.
-    fn id_for(&mut self, name: &str) -> u32 {
-        if let Some(id) = self.ids.get(name) {
-            return *id;
+    /// Records what service `id` contributes now.
+    fn keep(&mut self, id: &str, specs: &[ServiceSpec]) {
+        if specs.is_empty() {
+            return;
+        }
+        let kept = specs
+            .iter()
+            .flat_map(|s| {
+                s.frontends.iter().map(|f| Contributed {
+                    name: s.name.as_str().into(),
+                    id: s.id,
+                    frontend: f.clone(),
+                })
+            })
+            .collect();
+        self.contributed.insert(id.into(), kept);
+    }
+
+    /// A stable id for a load-balancer service in the counters: the one it
+    /// had (in `old`), else a hash of its name, probed past ids taken.
+    fn id_for(&mut self, name: &str, old: &[Contributed]) -> u32 {
+        if let Some(o) = old.iter().find(|o| *o.name == *name) {
+            return o.id;
         }
         let mut h: u32 = 0x811c_9dc5;
         for b in name.bytes() {
@@ -269,29 +307,31 @@ impl LbView {
         while !self.taken.insert(h) {
             h = h.wrapping_add(1);
         }
-        self.ids.insert(name.to_owned(), h);
         h
     }
 
     /// What service `id` contributes: one load-balancer service per
     /// published port, and one per VIP and target port on this node's
-    /// networks.
+    /// networks. Each keeps its counter id from `old` (what the service
+    /// contributed before).
     fn service_specs(
         &mut self,
         id: &str,
         s: &ServiceEntry,
         ingress_id: &str,
         networks: &BTreeMap<String, Ipv4Addr>,
+        old: &[Contributed],
     ) -> Vec<ServiceSpec> {
         let members = self.members.get(id);
         // (address, weight): a draining task keeps its open flows and gets
         // no new ones.
         let on = |net: &str| -> Vec<(Ipv4Addr, u32)> {
-            members.and_then(|m| m.get(net)).map_or_else(Vec::new, |v| {
-                v.iter()
-                    .map(|(a, draining)| (*a, u32::from(!*draining)))
-                    .collect()
-            })
+            members
+                .into_iter()
+                .flatten()
+                .filter(|m| *m.network == *net)
+                .map(|m| (m.addr, u32::from(!m.draining)))
+                .collect()
         };
         let mut found = Vec::new();
         for p in &s.ports {
@@ -390,7 +430,7 @@ impl LbView {
         found
             .into_iter()
             .map(|(name, mut spec)| {
-                spec.id = self.id_for(&name);
+                spec.id = self.id_for(&name, old);
                 spec.name = name;
                 spec
             })

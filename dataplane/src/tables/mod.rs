@@ -21,7 +21,7 @@ mod overlay;
 #[cfg(test)]
 mod tests;
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use model::tables::{EndpointEntry, NodeEndpointEntry, Value};
 
@@ -43,7 +43,7 @@ fn node_endpoint(v: &Option<Value>) -> Option<&NodeEndpointEntry> {
     }
 }
 
-fn vips(v: &Option<Value>) -> Option<&BTreeMap<String, Ipv4Addr>> {
+fn vips(v: &Option<Value>) -> Option<&model::by_network::ByNetwork<Ipv4Addr>> {
     match v {
         Some(Value::Service(s)) => Some(&s.vips),
         _ => None,

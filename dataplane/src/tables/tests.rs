@@ -1,7 +1,7 @@
 //! The node's share of the tables, whole and by delta: the same either way.
 
 use super::*;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
     netlink::Mac,
@@ -113,7 +113,7 @@ fn table() -> Tables {
                 published: Some(8080),
                 mode: PublishMode::Ingress,
             }],
-            aliases: BTreeMap::new(),
+            aliases: Default::default(),
         }),
     );
     t
